@@ -1,0 +1,3 @@
+from synwatch.cli import main
+
+raise SystemExit(main())

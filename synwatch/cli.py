@@ -1,0 +1,324 @@
+"""The command line: parses arguments, calls the library, renders, maps errors to exit codes.
+
+Heavy imports (SQLAlchemy, alembic) happen inside the commands that need them, so `scan` starts
+in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from synwatch import __version__
+from synwatch.errors import ExitStatus, SynwatchError, UsageError
+
+if TYPE_CHECKING:
+    from synwatch.config import Config
+    from synwatch.store import Store
+
+PROGRESS_THRESHOLD = 64 << 20  # show a progress bar on a terminal for inputs larger than this
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog.replace("synwatch ", "", 1) or "synwatch", message)
+
+
+def _since(text: str) -> datetime:
+    from synwatch.durations import parse_duration  # noqa: PLC0415
+
+    try:
+        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def _load(args: argparse.Namespace) -> Config:
+    from synwatch.config import load_config  # noqa: PLC0415
+
+    return load_config(args.config)
+
+
+def _open_store(args: argparse.Namespace) -> Store:
+    from synwatch.store import Store  # noqa: PLC0415
+
+    return Store.open(_load(args).storage_url)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from synwatch.service import Service  # noqa: PLC0415
+
+    return Service(_load(args), args.config).run()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{config.path}: OK")
+    return 0
+
+
+class _ProgressBar:
+    def __init__(self, path: str, total: int) -> None:
+        self.path, self.total, self.shown = path, total, -1
+
+    def __call__(self, done: int) -> None:
+        percent = min(100, done * 100 // max(self.total, 1))
+        if percent != self.shown:
+            self.shown = percent
+            bar = "#" * (percent // 4)
+            sys.stderr.write(f"\rscanning {self.path} [{bar:<25}] {percent:3d}%")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+def _scan_inputs(paths: Sequence[str]) -> Any:
+    """(path, Hit) for every match in ``paths``, with a progress bar on a terminal."""
+    from synwatch.catalogue import load_catalogue  # noqa: PLC0415
+    from synwatch.clock import local_timezone  # noqa: PLC0415
+    from synwatch.scan import open_input, scan_stream  # noqa: PLC0415
+
+    catalogue = load_catalogue()
+    now, tz = datetime.now(timezone.utc), local_timezone()
+    for path in paths:
+        stream = open_input(path)
+        size = stream.size
+        bar = (_ProgressBar(path, size) if size and size > PROGRESS_THRESHOLD
+               and sys.stderr.isatty() else None)
+        try:
+            yield from scan_stream(stream, path, catalogue, now, tz, progress=bar)
+        finally:
+            if bar:
+                bar.close()
+            stream.close()
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from synwatch.filters import event_fields  # noqa: PLC0415
+    from synwatch.output import dumps, table  # noqa: PLC0415
+
+    hits = _scan_inputs(args.paths)
+    if args.count:
+        print(sum(1 for _ in hits))
+        return 0
+    if args.format == "json":
+        for hit in hits:
+            row = {"path": hit.path, "line_no": hit.line_no, **event_fields(hit.event)}
+            sys.stdout.write(dumps(row) + "\n")
+        return 0
+    rows = []
+    for hit in hits:
+        f = event_fields(hit.event)
+        f["where"] = f"{hit.path}:{hit.line_no}"
+        f["source"] = (f"{f['source_ip']}/{f['source_port']}" if f["source_ip"] else None)
+        rows.append(f)
+    table(rows, ["where", "time", "kind", "family", "address", "port", "mode", "source",
+                 "trusted"], sys.stdout)
+    return 0
+
+
+def cmd_test_filter(args: argparse.Namespace) -> int:
+    from synwatch import testfilter  # noqa: PLC0415
+
+    target = args.target
+    if target == "-" or os.path.isfile(target):
+        return testfilter.explain_file(target, sys.stdout, show_misses=args.max_misses)
+    return testfilter.explain_line(target, sys.stdout)
+
+
+def cmd_events_list(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, table  # noqa: PLC0415
+    from synwatch.store.views import event_view  # noqa: PLC0415
+
+    store = _open_store(args)
+    rows = [event_view(e) for e in store.events(since=args.since, limit=args.limit)]
+    if args.format == "json":
+        print(dumps(rows))
+    else:
+        table(rows, ["id", "time", "source", "trusted", "kind", "family", "address", "port",
+                     "mode", "source_ip", "incident_id"], sys.stdout,
+              headers=["id", "time", "source", "trusted", "kind", "fam", "address", "port",
+                       "mode", "source_ip", "incident"])
+    return 0
+
+
+def cmd_incidents_list(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, table  # noqa: PLC0415
+    from synwatch.store.views import incident_view  # noqa: PLC0415
+
+    store = _open_store(args)
+    incidents = store.incidents(since=args.since, port=args.port, verdict=args.verdict,
+                                limit=args.limit)
+    runs = store.actions_by_incident([i.id for i in incidents])
+    rows = [incident_view(i, runs[i.id]) for i in incidents]
+    if args.format == "json":
+        print(dumps(rows))
+        return 0
+    for row in rows:
+        row["listener"] = f"{row['address'] or '*'}:{row['port'] if row['port'] else '?'}"
+        row["prefixes"] = ", ".join(p["prefix"] for p in row["top_prefixes"][:3]) or None
+    table(rows, ["id", "opened_at", "closed_at", "status", "verdict", "trigger", "listener",
+                 "peak_syn_recv", "prefixes"], sys.stdout,
+          headers=["id", "opened", "closed", "status", "verdict", "trigger", "listener",
+                   "peak", "top prefixes"])
+    return 0
+
+
+def cmd_incidents_show(args: argparse.Namespace) -> int:
+    from synwatch.output import cell, dumps, table  # noqa: PLC0415
+    from synwatch.store.views import incident_view  # noqa: PLC0415
+
+    store = _open_store(args)
+    incident, runs = store.incident(args.id)
+    view = incident_view(incident, runs)
+    if args.format == "json":
+        print(dumps(view))
+        return 0
+    for key in ("id", "host", "netns", "address", "port", "family", "status", "verdict",
+                "trigger", "opened_at", "closed_at", "first_evidence_at", "detected_at",
+                "peak_syn_recv"):
+        print(f"{key + ':':<19}{cell(view[key])}")
+    if view["top_prefixes"]:
+        print("top prefixes:")
+        table(view["top_prefixes"], ["prefix", "count", "share"], sys.stdout)
+    for rec in view["recommendations"]:
+        print(f"recommendation: {rec}")
+    if view["actions"]:
+        print("actions:")
+        table(view["actions"], ["at", "action", "target", "status"], sys.stdout)
+    return 0
+
+
+def cmd_bans_list(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, table  # noqa: PLC0415
+    from synwatch.store.views import ban_view  # noqa: PLC0415
+
+    store = _open_store(args)
+    now = datetime.now(timezone.utc)
+    rows = [ban_view(b, now) for b in store.bans()]
+    if args.format == "json":
+        print(dumps(rows))
+    else:
+        table(rows, ["prefix", "backend", "incident_id", "created_at", "expires_at", "active"],
+              sys.stdout)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="F",
+                   help="config file (default: $SYNWATCH_CONFIG, /etc/synwatch/synwatch.toml, "
+                        "else the embedded default)")
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="synwatch", description="SYN-flood and listen-queue watcher.")
+    parser.add_argument("--version", action="version", version=f"synwatch {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], helptext: str,
+                parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=helptext, description=helptext)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("run", cmd_run, "run the service in the foreground")
+    _add_config(p)
+    p = command("check-config", cmd_check_config, "check a configuration file")
+    _add_config(p)
+    p = command("scan", cmd_scan, "find kernel SYN-flood lines in log files; records nothing")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--count", action="store_true", help="print only the number of matches")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="log file, .gz, or - for stdin")
+    p = command("test-filter", cmd_test_filter,
+                "show which pattern hits a line or a file, what it extracts, and what missed")
+    p.add_argument("target", metavar="PATH|LINE")
+    p.add_argument("--max-misses", type=int, default=20, metavar="N",
+                   help="near misses to list for a file (default 20)")
+
+    events = sub.add_parser("events", help="recorded kernel events").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    p = command("list", cmd_events_list, "list recorded kernel events, oldest first", events)
+    p.add_argument("--since", type=_since, metavar="DUR", help="only the last DUR (e.g. 1h)")
+    p.add_argument("--limit", type=_positive, metavar="N", help="only the newest N")
+    _add_format(p)
+    _add_config(p)
+
+    incidents = sub.add_parser("incidents", help="incidents").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    p = command("list", cmd_incidents_list, "list incidents, oldest first", incidents)
+    p.add_argument("--since", type=_since, metavar="DUR")
+    p.add_argument("--port", type=int, metavar="N")
+    p.add_argument("--verdict", choices=("capacity", "concentrated", "spoofed", "unknown"))
+    p.add_argument("--limit", type=_positive, metavar="N", help="only the newest N")
+    _add_format(p)
+    _add_config(p)
+    p = command("show", cmd_incidents_show, "one incident with its evidence and actions",
+                incidents)
+    p.add_argument("id", type=int, metavar="ID")
+    _add_format(p)
+    _add_config(p)
+
+    bans = sub.add_parser("bans", help="bans").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    p = command("list", cmd_bans_list, "list bans with their expiry", bans)
+    _add_format(p)
+    _add_config(p)
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    _setup_logging(debug)
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except SynwatchError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"synwatch: {exc.subject}: {exc.why}\n")
+        return int(exc.status)
+    except BrokenPipeError:  # `synwatch scan ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"synwatch: internal error: {type(exc).__name__}: {exc} "
+                         "(run with --debug for a traceback)\n")
+        return int(ExitStatus.FAILURE)

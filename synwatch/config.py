@@ -1,0 +1,275 @@
+"""The one reader of synwatch.toml: strict parse, defaults, validation; no I/O beyond the file.
+
+Unknown sections and keys are errors, and every error names its key:
+``synwatch: config /etc/synwatch/synwatch.toml: incident.quiet_period: expected a duration ...``.
+Whether the machine can do what the config asks (is there a journal? nft?) is checked elsewhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from synwatch.durations import parse_duration
+from synwatch.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SYSTEM_CONFIG = Path("/etc/synwatch/synwatch.toml")
+EMBEDDED = "<embedded default>"
+Auto = Literal["auto"] | bool
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str  # where it was read from, for messages
+    storage_url: str
+    journald: Auto
+    files: tuple[str, ...]
+    kmsg: Auto
+    netns: str
+    quiet_period: float
+    allowlist: tuple[Network, ...]
+    dry_run: bool
+    syncookies_enabled: bool
+    ban_enabled: bool
+    ban_backend: Literal["nftables", "ufw", "iptables-ipset"]
+    ban_duration: float
+    notify_enabled: bool
+    notify_urls: tuple[str, ...]
+    metrics_listen: tuple[str, int] | None
+
+
+def _show(value: Any) -> str:
+    """A value as it reads in TOML: "text", true, 3600, ["a", "b"]."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+class _Invalid(ValueError):
+    """A value is wrong; the caller adds the key and the file."""
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _auto(value: Any) -> Auto:
+    if value == "auto" or isinstance(value, bool):
+        return value  # type: ignore[no-any-return]
+    raise _Invalid(f'expected "auto", true or false, got {_show(value)}')
+
+
+def _duration(value: Any) -> float:
+    if not isinstance(value, str):
+        raise _Invalid(f'expected a duration string like "90s" or "1h", got {_show(value)}')
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from exc
+    if seconds <= 0:
+        raise _Invalid(f"must be longer than 0, got {_show(value)}")
+    return seconds
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Invalid(f"expected a list of strings, got {_show(value)}")
+    return tuple(value)
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    if value:
+        from sqlalchemy.engine import make_url  # noqa: PLC0415 - keep `scan` free of SQLAlchemy
+        from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+        try:
+            make_url(value)
+        except ArgumentError as exc:
+            raise _Invalid(f"not an SQLAlchemy URL (e.g. sqlite:////var/lib/synwatch/"
+                           f"synwatch.db): {_show(value)}") from exc
+    return value
+
+
+def _files(value: Any) -> tuple[str, ...]:
+    paths = _string_list(value)
+    for p in paths:
+        if not p.startswith("/"):
+            raise _Invalid(f"{_show(p)} is not an absolute path")
+    return paths
+
+
+def _netns(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a network namespace name, got {_show(value)}")
+    if value and (value in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.-]{1,255}", value)):
+        raise _Invalid(f"{_show(value)} is not an `ip netns` name")
+    return value
+
+
+def _networks(value: Any) -> tuple[Network, ...]:
+    out = []
+    for text in _string_list(value):
+        try:
+            out.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            hint = ""
+            try:
+                hint = f" (did you mean {ipaddress.ip_network(text, strict=False)}?)"
+            except ValueError:
+                pass
+            raise _Invalid(f"{_show(text)} is not a CIDR network: {exc}{hint}") from exc
+    return tuple(out)
+
+
+def _backend(value: Any) -> str:
+    choices = ("nftables", "ufw", "iptables-ipset")
+    if value not in choices:
+        raise _Invalid(f"expected one of {', '.join(choices)}, got {_show(value)}")
+    return str(value)
+
+
+def _notify_urls(value: Any) -> tuple[str, ...]:
+    urls = _string_list(value)
+    for url in urls:
+        if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
+            raise _Invalid(f"{_show(url)} is not an apprise URL (scheme://...)")
+    return urls
+
+
+def _listen(value: Any) -> tuple[str, int] | None:
+    if not isinstance(value, str):
+        raise _Invalid(f'expected "host:port" or "", got {_show(value)}')
+    if not value:
+        return None
+    m = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise _Invalid(f'expected "host:port" such as "127.0.0.1:9851", got {_show(value)}')
+    host = m.group(1) or "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise _Invalid(f"{_show(host)} is not an IP address to listen on") from exc
+    return host, int(m.group(2))
+
+
+# section -> key -> (validator, default). The keys of the interface contract (DESIGN.md).
+_SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "storage": {"url": (_url, "")},
+    "sources": {"journald": (_auto, "auto"), "files": (_files, []), "kmsg": (_auto, "auto")},
+    "watch": {"netns": (_netns, "")},
+    "incident": {"quiet_period": (_duration, "60s")},
+    "allowlist": {"networks": (_networks, [])},
+    "actions": {"dry_run": (_bool, False)},
+    "actions.syncookies": {"enabled": (_bool, True)},
+    "actions.ban": {"enabled": (_bool, True), "backend": (_backend, "nftables"),
+                    "duration": (_duration, "1h")},
+    "actions.notify": {"enabled": (_bool, False), "urls": (_notify_urls, [])},
+    "metrics": {"listen": (_listen, "")},
+}
+
+
+def _flatten(doc: dict[str, Any], path: str) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} with nested tables as dotted sections; unknown names are errors."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def walk(table: dict[str, Any], prefix: str) -> None:
+        for key, value in table.items():
+            dotted = f"{prefix}.{key}" if prefix else key
+            if dotted in _SCHEMA:
+                if not isinstance(value, dict):
+                    raise ConfigError(path, dotted, f"must be a table ([{dotted}]), got {_show(value)}")
+                walk(value, dotted)
+            elif prefix in _SCHEMA and key in _SCHEMA[prefix]:
+                out.setdefault(prefix, {})[key] = value
+            elif not prefix and key not in _SCHEMA:
+                raise ConfigError(path, key, "unknown section"
+                                  f" (known: {', '.join(s for s in _SCHEMA if '.' not in s)})")
+            else:
+                known = ", ".join(_SCHEMA.get(prefix, {})) or "none"
+                raise ConfigError(path, dotted, f"unknown key (known in [{prefix}]: {known})")
+
+    walk(doc, "")
+    return out
+
+
+def default_storage_url() -> str:
+    """Root keeps its history in /var/lib/synwatch; anyone else in their XDG state dir."""
+    if os.geteuid() == 0:
+        return "sqlite:////var/lib/synwatch/synwatch.db"
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return f"sqlite:///{state}/synwatch/synwatch.db"
+
+
+def parse_config(text: str, path: str) -> Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, f"not valid TOML: {exc}") from exc
+    given = _flatten(doc, path)
+    values: dict[str, Any] = {}
+    for section, keys in _SCHEMA.items():
+        for key, (validate, default) in keys.items():
+            raw = given.get(section, {}).get(key, default)
+            try:
+                values[f"{section}.{key}"] = validate(raw)
+            except _Invalid as exc:
+                raise ConfigError(path, f"{section}.{key}", str(exc)) from None
+    v = values
+    return Config(
+        path=path,
+        storage_url=v["storage.url"] or default_storage_url(),
+        journald=v["sources.journald"], files=v["sources.files"], kmsg=v["sources.kmsg"],
+        netns=v["watch.netns"], quiet_period=v["incident.quiet_period"],
+        allowlist=v["allowlist.networks"], dry_run=v["actions.dry_run"],
+        syncookies_enabled=v["actions.syncookies.enabled"],
+        ban_enabled=v["actions.ban.enabled"], ban_backend=v["actions.ban.backend"],
+        ban_duration=v["actions.ban.duration"],
+        notify_enabled=v["actions.notify.enabled"], notify_urls=v["actions.notify.urls"],
+        metrics_listen=v["metrics.listen"],
+    )
+
+
+def embedded_default_text() -> str:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "default.toml", here.parent / "packaging" / "synwatch.toml"):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    raise ConfigError(EMBEDDED, None, f"missing from the installation (looked next to {here})")
+
+
+def config_location(explicit: str | None) -> str | None:
+    """The file to read: --config, else $SYNWATCH_CONFIG, else /etc/..., else None (embedded)."""
+    if explicit:
+        return explicit
+    env = os.environ.get("SYNWATCH_CONFIG")
+    if env:
+        return env
+    return str(SYSTEM_CONFIG) if SYSTEM_CONFIG.is_file() else None
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path = config_location(explicit)
+    if path is None:
+        return parse_config(embedded_default_text(), EMBEDDED)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, None, exc.strerror or str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not UTF-8 text: {exc}") from exc
+    return parse_config(text, path)

@@ -1,0 +1,60 @@
+"""Typed errors and the exit codes they end in.
+
+Every error a user can cause carries what it was about (``subject``: a file, a key, a command)
+and why; the CLI prints ``synwatch: <subject>: <why>`` and exits with the error's status.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    OK = 0
+    FAILURE = 1  # a runtime failure: the store, the kernel, a firewall tool
+    USAGE = 2  # bad command line or bad configuration
+
+
+class SynwatchError(Exception):
+    """Base of all errors synwatch reports without a traceback."""
+
+    status: ExitStatus = ExitStatus.FAILURE
+
+    def __init__(self, subject: str, why: str) -> None:
+        super().__init__(f"{subject}: {why}")
+        self.subject = subject
+        self.why = why
+
+
+class UsageError(SynwatchError):
+    status = ExitStatus.USAGE
+
+
+class ConfigError(SynwatchError):
+    """A configuration file is unreadable or has a bad key or value.
+
+    ``subject`` is ``config <path>``; ``why`` starts with the dotted key where there is one.
+    """
+
+    status = ExitStatus.USAGE
+
+    def __init__(self, path: str, key: str | None, why: str) -> None:
+        super().__init__(f"config {path}", f"{key}: {why}" if key else why)
+        self.path = path
+        self.key = key
+
+
+class FilterError(SynwatchError):
+    """A filter or sink definition in filters/*.toml is malformed (a bug in shipped data)."""
+
+
+class StoreError(SynwatchError):
+    """The database cannot be opened, migrated, read or written."""
+
+
+class SourceUnavailable(SynwatchError):
+    """A log source cannot run here (no journal, no permission on /dev/kmsg, ...)."""
+
+
+class NotFound(SynwatchError):
+    status = ExitStatus.FAILURE

@@ -1,0 +1,86 @@
+"""Takes a raw log line apart: which sink wrote it, the kernel text, time, host, trust.
+
+Pure: the clock's ``now`` and the local zone are parameters (syslog dates have no year or zone).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, tzinfo
+from typing import Any
+
+from synwatch.catalogue import Catalogue, Sink
+from synwatch.records import LogRecord
+from synwatch.timeparse import TIME_FORMATS, from_epoch_micros
+
+
+def _facility_is_kern(pri: str | None) -> bool:
+    return pri is None or int(pri) >> 3 == 0
+
+
+def _journal_field(entry: dict[str, Any], key: str) -> str | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, list):  # journalctl prints non-UTF-8 fields as arrays of byte values
+        try:
+            return bytes(value).decode("utf-8", "replace")
+        except (TypeError, ValueError):
+            return None
+    return str(value)
+
+
+def _from_journal_json(line: str, sink: Sink, source: str, allow_trust: bool) -> LogRecord | None:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict):
+        return None
+    message = _journal_field(entry, "MESSAGE")
+    facility = _journal_field(entry, "SYSLOG_FACILITY")
+    transport = _journal_field(entry, "_TRANSPORT")
+    identifier = _journal_field(entry, "SYSLOG_IDENTIFIER")
+    if message is None or facility not in (None, "0"):
+        return None  # a record that names its facility must name kern
+    if transport != "kernel" and identifier != "kernel":
+        return None
+    trusted = allow_trust and transport == "kernel" and facility == "0"
+    realtime = _journal_field(entry, "__REALTIME_TIMESTAMP")
+    return LogRecord(
+        line=line, sink=sink.id, message=message,
+        time=from_epoch_micros(realtime) if realtime else None,
+        host=_journal_field(entry, "_HOSTNAME"), trusted=trusted, source=source,
+        position=_journal_field(entry, "__CURSOR"),
+    )
+
+
+def parse_line(line: str, catalogue: Catalogue, now: datetime, tz: tzinfo, *,
+               source: str = "scan", allow_trust: bool = True) -> LogRecord | None:
+    """The LogRecord for ``line``, or None if it is not a kernel line in any sink we know.
+
+    ``allow_trust=False`` is for readers of text files, where even a journal-JSON or kmsg-shaped
+    line may have been written by anyone.
+    """
+    line = line.rstrip("\r\n")
+    for sink in catalogue.sinks:
+        m = sink.regex.match(line)
+        if m is None:
+            continue
+        if sink.parser == "journal-json":
+            return _from_journal_json(line, sink, source, allow_trust)
+        groups = m.groupdict()
+        if not _facility_is_kern(groups.get("pri")):
+            return None  # user.notice "kernel" lines, root's writes to /dev/kmsg
+        facname = groups.get("facname")
+        if facname is not None and facname != "kern":
+            return None
+        if sink.parser == "kmsg":
+            return LogRecord(line=line, sink=sink.id, message=groups["message"], time=None,
+                             host=None, trusted=allow_trust, source=source,
+                             position=groups.get("seq"))
+        raw_time = groups.get("time")
+        time = TIME_FORMATS[sink.time_format](raw_time, now, tz) if raw_time else None
+        return LogRecord(line=line, sink=sink.id, message=groups["message"], time=time,
+                         host=groups.get("host"), trusted=False, source=source)
+    return None

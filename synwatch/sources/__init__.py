@@ -1,0 +1,69 @@
+"""Log sources: which ones to run here, and why.
+
+The sources themselves (journald, files, /dev/kmsg) stream LogRecords and raise on failure; the
+service restarts them. This module only decides, from the config and the machine, which to use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from synwatch.config import Config
+
+JOURNAL_DIRS = (Path("/run/log/journal"), Path("/var/log/journal"))
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePlan:
+    name: str  # journald | kmsg | file:<path>
+    reason: str
+
+
+def journal_present(dirs: tuple[Path, ...] = JOURNAL_DIRS) -> Path | None:
+    for d in dirs:
+        if d.is_dir() and any(d.rglob("*.journal")):
+            return d
+    return None
+
+
+def journal_reader() -> str | None:
+    if importlib.util.find_spec("systemd") is not None:
+        return "systemd-python"
+    if shutil.which("journalctl"):
+        return "journalctl -o json"
+    return None
+
+
+def plan_sources(config: Config, kmsg_path: str = "/dev/kmsg",
+                 journal_dirs: tuple[Path, ...] = JOURNAL_DIRS) -> tuple[list[SourcePlan], list[str]]:
+    """The sources to run and, separately, what was left out and why (for the log)."""
+    plans: list[SourcePlan] = []
+    skipped: list[str] = []
+    journal_dir = journal_present(journal_dirs)
+    reader = journal_reader()
+    if config.journald is True:
+        plans.append(SourcePlan("journald", f"configured (reader: {reader or 'none found'})"))
+    elif config.journald == "auto":
+        if journal_dir and reader:
+            plans.append(SourcePlan("journald", f"auto: journal in {journal_dir}, reader: {reader}"))
+        else:
+            skipped.append("journald: auto: " + ("no journal files under /run/log/journal or "
+                                                 "/var/log/journal" if not journal_dir else
+                                                 "no systemd-python and no journalctl"))
+    kmsg_readable = os.access(kmsg_path, os.R_OK)
+    if config.kmsg is True:
+        plans.append(SourcePlan("kmsg", "configured"))
+    elif config.kmsg == "auto":
+        if any(p.name == "journald" for p in plans):
+            skipped.append("kmsg: auto: journald already carries kernel messages")
+        elif kmsg_readable:
+            plans.append(SourcePlan("kmsg", f"auto: no journal, {kmsg_path} is readable"))
+        else:
+            skipped.append(f"kmsg: auto: {kmsg_path} is not readable (run as root)")
+    plans.extend(SourcePlan(f"file:{f}", "configured (untrusted: any user can write kernel-like "
+                                         "lines to a text log)") for f in config.files)
+    return plans, skipped

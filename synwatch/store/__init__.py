@@ -1,0 +1,235 @@
+"""The history: opening (and migrating) the database, recording, and querying.
+
+Only this package talks to SQLAlchemy sessions. SQLite runs in WAL mode with a busy timeout so
+the CLI can read while the service writes; migrations ship in the package and run at open.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from synwatch.errors import NotFound, StoreError
+from synwatch.store.models import ActionRun, Ban, Event, Incident, SourcePosition
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """What a source hands the store for one matched kernel line."""
+
+    time: datetime | None
+    source: str
+    trusted: bool
+    kind: str
+    family: int | None
+    address: str | None
+    port: int | None
+    mode: str | None
+    source_ip: str | None
+    source_port: int | None
+    host: str | None
+    message: str
+    pattern: str
+    dedup_key: str | None = None
+    historical: bool = False
+
+
+def _set_sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Store:
+    def __init__(self, url: str, engine: Engine) -> None:
+        self.url = url
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def display_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True) -> Store:
+        try:
+            parsed = make_url(url)
+        except SQLAlchemyError as exc:
+            raise StoreError(url, f"not an SQLAlchemy URL: {exc}") from exc
+        shown = parsed.render_as_string(hide_password=True)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            db_dir = Path(parsed.database).parent
+            try:
+                db_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(shown, f"cannot create {db_dir}: {exc.strerror}") from exc
+        try:
+            engine = create_engine(url)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise StoreError(shown, str(exc)) from exc
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _set_sqlite_pragmas)
+        store = cls(url, engine)
+        if migrate:
+            store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def _alembic_config(self) -> Any:
+        from alembic.config import Config as AlembicConfig  # noqa: PLC0415 - slow import
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        return cfg
+
+    def schema_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def head_revision(self) -> str | None:
+        from alembic.script import ScriptDirectory  # noqa: PLC0415
+
+        return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; copy an SQLite file aside first."""
+        from alembic import command  # noqa: PLC0415
+
+        try:
+            current, head = self.schema_revision(), self.head_revision()
+            if current == head:
+                return
+            db = make_url(self.url).database
+            if current is not None and self.engine.dialect.name == "sqlite" and db:
+                backup = f"{db}.before-{head}"
+                shutil.copy2(db, backup)
+                log.info("store: schema %s -> %s, copy kept at %s", current, head, backup)
+            cfg = self._alembic_config()
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(self.display_url, f"cannot migrate the schema: {exc}") from exc
+
+    # -- writing --------------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise StoreError(self.display_url, str(exc).splitlines()[0]) from exc
+
+    def record_events(self, events: Sequence[NewEvent], now: datetime,
+                      position: tuple[str, dict[str, Any]] | None = None) -> int:
+        """Record ``events`` and the source position that covers them, in one transaction.
+
+        Events whose ``dedup_key`` is already stored are skipped, so a replayed entry is never
+        counted twice. Returns how many were new.
+        """
+        keys = [e.dedup_key for e in events if e.dedup_key]
+        added = 0
+        with self.session() as s:
+            known = set(s.scalars(select(Event.dedup_key).where(Event.dedup_key.in_(keys)))
+                        ) if keys else set()
+            for e in events:
+                if e.dedup_key and e.dedup_key in known:
+                    continue
+                if e.dedup_key:
+                    known.add(e.dedup_key)
+                s.add(Event(recorded_at=now, **{f: getattr(e, f) for f in NewEvent.__slots__}))
+                added += 1
+            if position is not None:
+                s.merge(SourcePosition(source=position[0], position=position[1], updated_at=now))
+        return added
+
+    def get_position(self, source: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            row = s.get(SourcePosition, source)
+            return dict(row.position) if row else None
+
+    def add(self, *rows: Any) -> None:
+        """Insert ORM rows as they are (incidents, action runs, bans)."""
+        try:
+            with self.session() as s:
+                s.add_all(rows)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                raise StoreError(self.display_url, f"duplicate row: {exc.why}") from exc
+            raise
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def events(self, since: datetime | None = None, limit: int | None = None) -> list[Event]:
+        """Events oldest first; with ``limit``, the newest ``limit`` of them."""
+        order = func.coalesce(Event.time, Event.recorded_at)
+        q = select(Event)
+        if since is not None:
+            q = q.where(order >= since)
+        with self.session() as s:
+            if limit is not None:
+                rows = list(s.scalars(q.order_by(order.desc(), Event.id.desc()).limit(limit)))
+                return rows[::-1]
+            return list(s.scalars(q.order_by(order, Event.id)))
+
+    def incidents(self, since: datetime | None = None, port: int | None = None,
+                  verdict: str | None = None, limit: int | None = None) -> list[Incident]:
+        q = select(Incident)
+        if since is not None:
+            q = q.where(Incident.opened_at >= since)
+        if port is not None:
+            q = q.where(Incident.port == port)
+        if verdict is not None:
+            q = q.where(Incident.verdict == verdict)
+        with self.session() as s:
+            if limit is not None:
+                q = q.order_by(Incident.opened_at.desc(), Incident.id.desc()).limit(limit)
+                return list(s.scalars(q))[::-1]
+            return list(s.scalars(q.order_by(Incident.opened_at, Incident.id)))
+
+    def incident(self, incident_id: int) -> tuple[Incident, list[ActionRun]]:
+        with self.session() as s:
+            row = s.get(Incident, incident_id)
+            if row is None:
+                raise NotFound(f"incident {incident_id}", "no such incident")
+            runs = list(s.scalars(select(ActionRun).where(ActionRun.incident_id == incident_id)
+                                  .order_by(ActionRun.at, ActionRun.id)))
+            return row, runs
+
+    def actions_by_incident(self, ids: Sequence[int]) -> dict[int, list[ActionRun]]:
+        out: dict[int, list[ActionRun]] = {i: [] for i in ids}
+        if not ids:
+            return out
+        with self.session() as s:
+            for run in s.scalars(select(ActionRun).where(ActionRun.incident_id.in_(ids))
+                                 .order_by(ActionRun.at, ActionRun.id)):
+                out[run.incident_id or 0].append(run)
+        return out
+
+    def bans(self) -> list[Ban]:
+        with self.session() as s:
+            return list(s.scalars(select(Ban).order_by(Ban.created_at, Ban.id)))

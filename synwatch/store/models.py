@@ -1,0 +1,140 @@
+"""SQLAlchemy 2 tables of the history: events, incidents, evidence samples, action runs, bans,
+and the positions sources resume from. Times are stored in UTC and read back timezone-aware."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out, on SQLite (no zones) as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Event(Base):
+    """A kernel message a filter matched, as a source delivered it."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime | None]  # when the kernel (or the log) says it happened
+    recorded_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(512))  # journald | kmsg | file:<path>
+    trusted: Mapped[bool]
+    historical: Mapped[bool] = mapped_column(default=False)  # imported from old logs
+    kind: Mapped[str] = mapped_column(String(32))
+    family: Mapped[int | None]
+    address: Mapped[str | None] = mapped_column(String(64))
+    port: Mapped[int | None]
+    mode: Mapped[str | None] = mapped_column(String(16))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    source_port: Mapped[int | None]
+    host: Mapped[str | None] = mapped_column(String(255))
+    message: Mapped[str] = mapped_column(Text)
+    pattern: Mapped[str] = mapped_column(String(128))
+    # What makes an entry unique in its source (journal cursor, boot+kmsg seq, line hash):
+    # recording the same entry twice is a no-op.
+    dedup_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"))
+    __table_args__ = (Index("ix_events_time", "time"), Index("ix_events_port", "port"))
+
+
+class Incident(Base):
+    """One overflow episode of one listener in one network namespace of one host."""
+
+    __tablename__ = "incidents"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    netns: Mapped[str] = mapped_column(String(255), default="")
+    address: Mapped[str | None] = mapped_column(String(64))
+    port: Mapped[int | None]
+    family: Mapped[int | None]
+    status: Mapped[str] = mapped_column(String(16))  # open | closed
+    verdict: Mapped[str] = mapped_column(String(16))  # capacity | concentrated | spoofed | unknown
+    trigger: Mapped[str] = mapped_column(String(16))  # log | counters
+    opened_at: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+    first_evidence_at: Mapped[datetime | None]
+    detected_at: Mapped[datetime | None]
+    peak_syn_recv: Mapped[int] = mapped_column(default=0)
+    top_prefixes: Mapped[list[Any]] = mapped_column(default=list)
+    recommendations: Mapped[list[Any]] = mapped_column(default=list)
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    __table_args__ = (Index("ix_incidents_opened", "opened_at"),
+                      Index("ix_incidents_listener", "netns", "port", "status"))
+
+
+class EvidenceSample(Base):
+    """Kernel state seen while an incident lasted: counter rates, SYN-RECV count, prefixes."""
+
+    __tablename__ = "evidence_samples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"), index=True)
+    at: Mapped[datetime]
+    syn_recv: Mapped[int | None]
+    accept_queue: Mapped[int | None]
+    backlog: Mapped[int | None]
+    rates: Mapped[dict[str, Any]] = mapped_column(default=dict)  # counter deltas per second
+    top_prefixes: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class ActionRun(Base):
+    """One action rendered or run for an incident, with its outcome."""
+
+    __tablename__ = "action_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"), index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(32))  # done | failed | dry-run | skipped
+    at: Mapped[datetime]
+    rendered: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Ban(Base):
+    """A source prefix banned in a firewall backend, with its kernel-side expiry."""
+
+    __tablename__ = "bans"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(64))
+    backend: Mapped[str] = mapped_column(String(32))
+    netns: Mapped[str] = mapped_column(String(255), default="")
+    incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    removed_at: Mapped[datetime | None]
+    times_banned: Mapped[int] = mapped_column(default=1)  # for longer bans of repeat offenders
+    __table_args__ = (Index("ix_bans_prefix", "prefix"), Index("ix_bans_expires", "expires_at"))
+
+
+class SourcePosition(Base):
+    """Where a source resumes: journal cursor, kmsg boot+sequence, file inode+offset+head hash."""
+
+    __tablename__ = "source_positions"
+    source: Mapped[str] = mapped_column(String(512), primary_key=True)
+    position: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime]

@@ -1,0 +1,46 @@
+"""Rows of the store as the JSON shapes of the interface contract (DESIGN.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from synwatch.store.models import ActionRun, Ban, Event, Incident
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def event_view(e: Event) -> dict[str, Any]:
+    return {
+        "id": e.id, "time": iso(e.time), "source": e.source, "trusted": e.trusted,
+        "kind": e.kind, "family": e.family, "address": e.address, "port": e.port,
+        "mode": e.mode, "source_ip": e.source_ip, "incident_id": e.incident_id,
+    }
+
+
+def action_view(run: ActionRun) -> dict[str, Any]:
+    return {"action": run.action, "target": run.target, "status": run.status, "at": iso(run.at)}
+
+
+def incident_view(i: Incident, runs: list[ActionRun]) -> dict[str, Any]:
+    return {
+        "id": i.id, "host": i.host, "netns": i.netns, "address": i.address, "port": i.port,
+        "family": i.family, "status": i.status, "verdict": i.verdict, "trigger": i.trigger,
+        "opened_at": iso(i.opened_at), "closed_at": iso(i.closed_at),
+        "first_evidence_at": iso(i.first_evidence_at), "detected_at": iso(i.detected_at),
+        "peak_syn_recv": i.peak_syn_recv,
+        "top_prefixes": [{"prefix": p["prefix"], "count": p["count"], "share": p["share"]}
+                         for p in i.top_prefixes],
+        "recommendations": list(i.recommendations),
+        "actions": [action_view(r) for r in runs],
+    }
+
+
+def ban_view(b: Ban, now: datetime) -> dict[str, Any]:
+    return {
+        "prefix": b.prefix, "backend": b.backend, "incident_id": b.incident_id,
+        "created_at": iso(b.created_at), "expires_at": iso(b.expires_at),
+        "active": b.removed_at is None and b.expires_at > now,
+    }

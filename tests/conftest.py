@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from synwatch.catalogue import Catalogue, load_catalogue
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+# The fixed "now" of pure tests: syslog dates have no year, so it decides the year.
+NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="session")
+def catalogue() -> Catalogue:
+    return load_catalogue()
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def synwatch(*args: str, env: dict[str, str] | None = None, stdin: str | None = None,
+             timeout: float = 60) -> Result:
+    """Run the installed CLI as a user would, in a child process."""
+    full_env = {**os.environ, "TZ": "UTC", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "synwatch", *args], capture_output=True,
+                          text=True, env=full_env, input=stdin, timeout=timeout, check=False)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def store_config(tmp_path: Path) -> Iterator[Path]:
+    """A config file whose store is an SQLite file in tmp_path."""
+    path = tmp_path / "synwatch.toml"
+    path.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/history.db"\n')
+    yield path

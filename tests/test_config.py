@@ -1,0 +1,83 @@
+"""Config: strict keys, values checked with the key named, exit 2 on the command line."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from synwatch.config import load_config, parse_config
+from synwatch.errors import ConfigError
+from tests.conftest import DATA, REPO, synwatch
+
+INVALID = sorted((DATA / "config" / "invalid").glob("*.toml"))
+
+
+def _want(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# want-error: "), f"{path.name} does not state its error"
+    return first.removeprefix("# want-error: ")
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_config_states_its_error(path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value) == f"config {path}: {_want(path)}"
+
+
+@pytest.mark.parametrize("path", INVALID[:4], ids=[p.stem for p in INVALID[:4]])
+def test_check_config_prints_one_line_and_exits_2(path: Path) -> None:
+    res = synwatch("check-config", "--config", str(path))
+    assert res.code == 2
+    assert res.err == f"synwatch: config {path}: {_want(path)}\n"
+    assert res.out == ""
+
+
+def test_every_contract_key_is_read() -> None:
+    path = DATA / "config" / "valid" / "full.toml"
+    c = load_config(str(path))
+    assert c.storage_url.startswith("postgresql+psycopg://")
+    assert (c.journald, c.kmsg, c.files) == (False, True, ("/var/log/syslog", "/var/log/kern.log"))
+    assert c.netns == "web-ns" and c.quiet_period == 90
+    assert c.allowlist == (ipaddress.ip_network("192.0.2.0/24"),
+                           ipaddress.ip_network("2001:db8::/32"))
+    assert (c.dry_run, c.syncookies_enabled, c.ban_enabled) == (False, False, True)
+    assert (c.ban_backend, c.ban_duration) == ("iptables-ipset", 7200)
+    assert c.notify_enabled and len(c.notify_urls) == 2
+    assert c.metrics_listen == ("127.0.0.1", 9851)
+    assert synwatch("check-config", "--config", str(path)).out == f"{path}: OK\n"
+
+
+def test_embedded_default_is_the_packaged_file_and_safe() -> None:
+    text = (REPO / "packaging" / "synwatch.toml").read_text()
+    c = parse_config(text, "default")
+    assert c.dry_run is True, "the embedded default must not change a laptop's firewall"
+    assert c.notify_enabled is False and c.netns == ""
+    assert (c.journald, c.kmsg, c.files) == ("auto", "auto", ())
+    assert c.storage_url.startswith("sqlite:///")
+
+
+def test_where_the_config_comes_from(tmp_path: Path) -> None:
+    env_file = tmp_path / "env.toml"
+    env_file.write_text('[incident]\nquiet_period = "5m"\n')
+    res = synwatch("check-config", env={"SYNWATCH_CONFIG": str(env_file)})
+    assert res.out == f"{env_file}: OK\n"
+    # --config wins over the environment
+    other = tmp_path / "other.toml"
+    other.write_text("[incident]\nquiet_period = 5\n")
+    res = synwatch("check-config", "--config", str(other), env={"SYNWATCH_CONFIG": str(env_file)})
+    assert res.code == 2 and "incident.quiet_period" in res.err
+
+
+def test_unreadable_config_is_exit_2(tmp_path: Path) -> None:
+    res = synwatch("check-config", "--config", str(tmp_path / "missing.toml"))
+    assert res.code == 2
+    assert res.err == f"synwatch: config {tmp_path / 'missing.toml'}: No such file or directory\n"
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    bad = INVALID[0]
+    res = synwatch("--debug", "check-config", "--config", str(bad))
+    assert res.code != 0 and "Traceback" in res.err

@@ -1,0 +1,86 @@
+"""The shared corpus (../shared/corpus/kernel-lines.tsv): every row yields what its columns say.
+
+Flood rows: kind, port, address (without brackets), family and mode. drop-open-request rows: the
+source address. suppressed and lookalike rows: no match. injected-userspace rows: no match, or a
+match that is not trusted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from datetime import timezone
+from pathlib import Path
+
+import pytest
+
+from synwatch.filters import event_fields, match_record
+from synwatch.sinks import parse_line
+from tests.conftest import NOW, REPO, synwatch
+
+CORPUS = Path(os.environ.get("SYNWATCH_CORPUS",
+                             REPO.parent / "shared" / "corpus" / "kernel-lines.tsv"))
+
+
+def _rows() -> list[dict[str, str]]:
+    # A missing corpus is a failure, not a skip: CI always has shared/ beside the checkout.
+    with CORPUS.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+ROWS = _rows()
+ACCEPT = {"flood-cookies": "cookies", "flood-drop": "drop", "drop-open-request": None}
+
+
+def test_corpus_is_all_there() -> None:
+    assert len(ROWS) >= 100
+    assert {r["kind"] for r in ROWS} >= {*ACCEPT, "suppressed", "unrelated-lookalike",
+                                         "injected-userspace"}
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{i + 2}-{r['format']}-{r['kind']}"
+                                           for i, r in enumerate(ROWS)])
+def test_row(row: dict[str, str], catalogue: object) -> None:
+    record = parse_line(row["line"], catalogue, NOW, timezone.utc)  # type: ignore[arg-type]
+    event = match_record(record, catalogue) if record else None  # type: ignore[arg-type]
+    kind = row["kind"]
+    if kind == "injected-userspace":
+        assert event is None or not event.trusted
+        return
+    if kind not in ACCEPT:
+        assert event is None, f"{kind} line matched as {event and event.pattern}"
+        return
+    assert event is not None, "kernel line not recognised"
+    f = event_fields(event)
+    assert f["family"] == int(row["family"])
+    if kind == "drop-open-request":
+        assert f["kind"] == "drop_open_request"
+        redacted = "redacted" in row["source_ip"]
+        assert f["source_ip"] == (None if redacted else row["source_ip"])
+        assert f["port"] is None
+        return
+    assert f["kind"] == "syn_flood"
+    assert f["mode"] == ACCEPT[kind]
+    assert f["port"] == (int(row["port"]) if row["port"] else None)
+    assert f["address"] == (row["address"].strip("[]") or None)
+    assert f["trusted"] == (row["format"] == "journal-json")
+
+
+def test_whole_corpus_through_scan(tmp_path: Path) -> None:
+    log = tmp_path / "mixed.log"
+    log.write_text("".join(r["line"] + "\n" for r in ROWS), encoding="utf-8")
+    res = synwatch("scan", "--format", "json", str(log))
+    assert res.code == 0, res.err
+    hits = [json.loads(line) for line in res.out.splitlines()]
+    expected_lines = [i for i, r in enumerate(ROWS, start=1)
+                      if r["kind"] in ACCEPT]
+    got_lines = [h["line_no"] for h in hits if ROWS[h["line_no"] - 1]["kind"] in ACCEPT]
+    assert got_lines == expected_lines
+    for h in hits:
+        row = ROWS[h["line_no"] - 1]
+        assert row["kind"] in ACCEPT or row["kind"] == "injected-userspace"
+        assert set(h) == {"path", "line_no", "kind", "family", "address", "port", "mode",
+                          "source_ip", "source_port", "time", "trusted"}
+    count = synwatch("scan", "--count", str(log))
+    assert count.out.strip() == str(len(hits))
