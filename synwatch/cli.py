@@ -10,9 +10,9 @@ import argparse
 import logging
 import os
 import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from synwatch import __version__
@@ -92,7 +92,7 @@ class _ProgressBar:
         sys.stderr.flush()
 
 
-def _scan_inputs(paths: Sequence[str]) -> Any:
+def _scan_inputs(paths: Sequence[str], line_numbers: bool = True) -> Any:
     """(path, Hit) for every match in ``paths``, with a progress bar on a terminal."""
     from synwatch.catalogue import load_catalogue  # noqa: PLC0415
     from synwatch.clock import local_timezone  # noqa: PLC0415
@@ -106,7 +106,8 @@ def _scan_inputs(paths: Sequence[str]) -> Any:
         bar = (_ProgressBar(path, size) if size and size > PROGRESS_THRESHOLD
                and sys.stderr.isatty() else None)
         try:
-            yield from scan_stream(stream, path, catalogue, now, tz, progress=bar)
+            yield from scan_stream(stream, path, catalogue, now=now, tz=tz, progress=bar,
+                                   line_numbers=line_numbers)
         finally:
             if bar:
                 bar.close()
@@ -117,7 +118,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from synwatch.filters import event_fields  # noqa: PLC0415
     from synwatch.output import dumps, table  # noqa: PLC0415
 
-    hits = _scan_inputs(args.paths)
+    hits = _scan_inputs(args.paths, line_numbers=not args.count)
     if args.count:
         print(sum(1 for _ in hits))
         return 0
@@ -141,7 +142,7 @@ def cmd_test_filter(args: argparse.Namespace) -> int:
     from synwatch import testfilter  # noqa: PLC0415
 
     target = args.target
-    if target == "-" or os.path.isfile(target):
+    if target == "-" or Path(target).is_file():
         return testfilter.explain_file(target, sys.stdout, show_misses=args.max_misses)
     return testfilter.explain_line(target, sys.stdout)
 
@@ -295,8 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+    # Our own messages at INFO; libraries (alembic announces every plugin) only when they warn.
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("synwatch").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ Whether the machine can do what the config asks (is there a journal? nft?) is ch
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -128,10 +129,8 @@ def _networks(value: Any) -> tuple[Network, ...]:
             out.append(ipaddress.ip_network(text, strict=True))
         except ValueError as exc:
             hint = ""
-            try:
+            with contextlib.suppress(ValueError):
                 hint = f" (did you mean {ipaddress.ip_network(text, strict=False)}?)"
-            except ValueError:
-                pass
             raise _Invalid(f"{_show(text)} is not a CIDR network: {exc}{hint}") from exc
     return tuple(out)
 
@@ -192,7 +191,8 @@ def _flatten(doc: dict[str, Any], path: str) -> dict[str, dict[str, Any]]:
             dotted = f"{prefix}.{key}" if prefix else key
             if dotted in _SCHEMA:
                 if not isinstance(value, dict):
-                    raise ConfigError(path, dotted, f"must be a table ([{dotted}]), got {_show(value)}")
+                    raise ConfigError(path, dotted,
+                                      f"must be a table ([{dotted}]), got {_show(value)}")
                 walk(value, dotted)
             elif prefix in _SCHEMA and key in _SCHEMA[prefix]:
                 out.setdefault(prefix, {})[key] = value

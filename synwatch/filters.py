@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-
 from synwatch.catalogue import Catalogue, Pattern
 from synwatch.records import KernelEvent, LogRecord, Mode
 

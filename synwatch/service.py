@@ -59,7 +59,8 @@ class Service:
         try:
             new = load_config(self.config_arg)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
+            # the reason is the one-line config error; a traceback would hide it
+            log.error("reload refused, keeping the running configuration: %s", exc)  # noqa: TRY400
         else:
             if new.storage_url != self.config.storage_url:
                 log.warning("storage.url changed; it takes effect at the next restart")

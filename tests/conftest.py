@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,8 +39,8 @@ def synwatch(*args: str, env: dict[str, str] | None = None, stdin: str | None = 
 
 
 @pytest.fixture
-def store_config(tmp_path: Path) -> Iterator[Path]:
+def store_config(tmp_path: Path) -> Path:
     """A config file whose store is an SQLite file in tmp_path."""
     path = tmp_path / "synwatch.toml"
     path.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/history.db"\n')
-    yield path
+    return path

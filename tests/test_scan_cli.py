@@ -69,7 +69,8 @@ def test_crlf_lines_and_a_missing_final_newline(tmp_path: Path) -> None:
 
 def test_binary_garbage_does_not_stop_the_scan(tmp_path: Path) -> None:
     path = tmp_path / "junk.log"
-    path.write_bytes(b"\xff\xfe\x00garbage\n" + FLOOD.encode() + b"\n\x80\x81 SYN flooding on port\n")
+    path.write_bytes(b"\xff\xfe\x00garbage\n" + FLOOD.encode()
+                     + b"\n\x80\x81 SYN flooding on port\n")
     assert synwatch("scan", "--count", str(path)).out == "1\n"
 
 
@@ -109,3 +110,24 @@ def test_a_line_with_two_needles_is_reported_once() -> None:
     line = b"kernel: TCP: drop open request from 1.2.3.4/5 SYN flooding on port"
     assert len(list(candidate_lines(io.BytesIO(line + b"\n"),
                                     (b"drop open request from", b"SYN flooding on port")))) == 1
+
+
+@pytest.mark.parametrize("line_numbers", [True, False])
+def test_mapped_file_and_stream_paths_agree(tmp_path: Path, line_numbers: bool) -> None:
+    path = tmp_path / "big.log"
+    body = "".join(f"{NOISE}\n{FLOOD}\n{JOURNAL}\n" if i % 7 == 0 else f"{NOISE}\n"
+                   for i in range(5000)) + KMSG  # no final newline
+    path.write_text(body)
+    needles = (b"SYN flooding on port", b"drop open request from")
+    with path.open("rb") as f:
+        mapped = list(candidate_lines(f, needles, line_numbers=line_numbers))
+    streamed = list(candidate_lines(io.BytesIO(path.read_bytes()), needles))
+    assert [line for _, line in mapped] == [line for _, line in streamed]
+    assert len(mapped) == 2 * 715 + 1
+    if line_numbers:
+        assert mapped == streamed
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.log").write_bytes(b"")
+    assert synwatch("scan", "--count", str(tmp_path / "empty.log")).out == "0\n"

@@ -38,8 +38,9 @@ def journal_reader() -> str | None:
     return None
 
 
-def plan_sources(config: Config, kmsg_path: str = "/dev/kmsg",
-                 journal_dirs: tuple[Path, ...] = JOURNAL_DIRS) -> tuple[list[SourcePlan], list[str]]:
+def plan_sources(
+    config: Config, kmsg_path: str = "/dev/kmsg", journal_dirs: tuple[Path, ...] = JOURNAL_DIRS,
+) -> tuple[list[SourcePlan], list[str]]:
     """The sources to run and, separately, what was left out and why (for the log)."""
     plans: list[SourcePlan] = []
     skipped: list[str] = []
@@ -49,7 +50,8 @@ def plan_sources(config: Config, kmsg_path: str = "/dev/kmsg",
         plans.append(SourcePlan("journald", f"configured (reader: {reader or 'none found'})"))
     elif config.journald == "auto":
         if journal_dir and reader:
-            plans.append(SourcePlan("journald", f"auto: journal in {journal_dir}, reader: {reader}"))
+            plans.append(SourcePlan("journald",
+                                    f"auto: journal in {journal_dir}, reader: {reader}"))
         else:
             skipped.append("journald: auto: " + ("no journal files under /run/log/journal or "
                                                  "/var/log/journal" if not journal_dir else

@@ -1,0 +1,50 @@
+"""The wheel carries its data (filters, default config, migrations) and installs without the
+journald extra; the systemd unit matches what `synwatch run` speaks."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def test_wheel_ships_the_data_and_runs_without_the_journald_extra(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                    str(tmp_path / "dist"), str(REPO)], check=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("synwatch-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for toml in (REPO / "filters").glob("*.toml"):
+        assert f"synwatch/filters/{toml.name}" in names
+    assert "synwatch/default.toml" in names
+    assert "synwatch/store/migrations/env.py" in names
+    assert "synwatch/store/migrations/versions/0001_initial.py" in names
+    assert "synwatch/actions_presets/README.md" in names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check",
+                    str(wheel)], check=True, timeout=600)
+    log = tmp_path / "kern.log"
+    log.write_text("Jul 28 18:57:32 PC kernel: [538538.407269] TCP: request_sock_TCP: Possible "
+                   "SYN flooding on port 8000. Sending cookies.  Check SNMP counters.\n")
+    out = subprocess.run([venv / "bin" / "synwatch", "scan", "--count", str(log)],
+                         capture_output=True, text=True, check=True, cwd=tmp_path, timeout=60)
+    assert out.stdout == "1\n"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
+    res = subprocess.run([venv / "bin" / "synwatch", "incidents", "list", "--config", str(cfg)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr  # migrations found inside the installed package
+
+
+def test_unit_is_type_notify_and_checks_the_config() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(REPO / "packaging" / "synwatch.service")
+    service = unit["Service"]
+    assert service["Type"] == "notify"
+    assert service["ExecStart"].endswith("synwatch run")
+    assert service["ExecStartPre"].endswith("synwatch check-config")
+    assert "WatchdogSec" in service and service["StateDirectory"] == "synwatch"

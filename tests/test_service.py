@@ -1,0 +1,117 @@
+"""`synwatch run` as systemd runs it: sd_notify over a real socket, SIGHUP, SIGTERM, watchdog."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+class NotifySocket:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+
+    def wait_for(self, wanted: str, timeout: float = 20) -> list[str]:
+        """Datagrams until one holds the line ``wanted``; fails after ``timeout``."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            seen.append(data)
+            if wanted in data.split("\n"):
+                return seen
+        raise AssertionError(f"no {wanted!r} within {timeout}s; got {seen}")
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    ns = NotifySocket(tmp_path / "notify.sock")
+    yield ns
+    ns.sock.close()
+
+
+def _start(config: Path, notify: NotifySocket, **env: str) -> subprocess.Popen[str]:
+    full_env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), **env}
+    return subprocess.Popen([sys.executable, "-m", "synwatch", "run", "--config", str(config)],
+                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    return proc.returncode, err
+
+
+def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> None:
+    config = tmp_path / "synwatch.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
+                      '[sources]\njournald = false\nkmsg = false\n')
+    proc = _start(config, notify)
+    try:
+        notify.wait_for("READY=1")
+        assert (tmp_path / "h.db").exists(), "the store is opened and migrated at start"
+        # a good reload
+        config.write_text(config.read_text() + '[incident]\nquiet_period = "2m"\n')
+        proc.send_signal(signal.SIGHUP)
+        seen = notify.wait_for("READY=1")
+        assert any("RELOADING=1" in d and "MONOTONIC_USEC=" in d for d in seen)
+        # a bad reload keeps the service running on the old configuration
+        config.write_text(config.read_text() + "[nonsense]\n")
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1")
+        assert proc.poll() is None
+    finally:
+        code, err = _stop(proc)
+    assert code == 0
+    assert "STOPPING=1" in "".join(notify.wait_for("STOPPING=1"))
+    assert "configuration reloaded" in err
+    assert "reload refused, keeping the running configuration" in err
+    assert "nonsense: unknown section" in err
+
+
+def test_watchdog_pings(tmp_path: Path, notify: NotifySocket) -> None:
+    config = tmp_path / "synwatch.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
+    proc = _start(config, notify, WATCHDOG_USEC="400000")
+    try:
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1", timeout=5)
+        notify.wait_for("WATCHDOG=1", timeout=5)
+    finally:
+        assert _stop(proc)[0] == 0
+
+
+def test_bad_config_at_start_is_exit_2(tmp_path: Path, notify: NotifySocket) -> None:
+    config = tmp_path / "synwatch.toml"
+    config.write_text("[incident]\nquiet_period = 60\n")
+    proc = _start(config, notify)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert err.startswith(f"synwatch: config {config}: incident.quiet_period: ")
+
+
+def test_logs_which_sources_it_uses_and_why(tmp_path: Path, notify: NotifySocket) -> None:
+    config = tmp_path / "synwatch.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
+                      '[sources]\nfiles = ["/var/log/kern.log"]\n')
+    proc = _start(config, notify)
+    try:
+        notify.wait_for("READY=1")
+    finally:
+        _, err = _stop(proc)
+    assert "source file:/var/log/kern.log: configured (untrusted" in err
+    assert "source journald" in err and "source kmsg" in err

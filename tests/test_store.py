@@ -1,0 +1,173 @@
+"""The store: migrations at open, WAL, exactly-once events, and the list/show commands' JSON."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from synwatch.store import NewEvent, Store
+from synwatch.store.models import ActionRun, Ban, Incident
+from tests.conftest import synwatch
+
+T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
+
+
+def _event(i: int, **kw: object) -> NewEvent:
+    base: dict[str, object] = dict(
+        time=T0 + timedelta(seconds=i), source="journald", trusted=True, kind="syn_flood",
+        family=4, address="0.0.0.0", port=443, mode="cookies", source_ip=None,
+        source_port=None, host="web01", message=f"msg {i}",
+        pattern="kernel-synflood/form-f", dedup_key=f"cursor-{i}")
+    base.update(kw)
+    return NewEvent(**base)  # type: ignore[arg-type]
+
+
+def _db(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def test_open_creates_and_migrates_the_schema_in_wal_mode(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "dir" / "h.db"
+    store = Store.open(_db(db))
+    assert store.schema_revision() == store.head_revision() == "0001"
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"events", "incidents", "evidence_samples", "action_runs", "bans",
+            "source_positions", "alembic_version"} <= tables
+    store.close()
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    # a second open is a no-op
+    assert Store.open(_db(db)).schema_revision() == "0001"
+
+
+def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
+    from alembic import command
+
+    store = Store.open(_db(tmp_path / "h.db"))
+    cfg = store._alembic_config()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+    assert store.schema_revision() is None
+    store.migrate()
+    assert store.schema_revision() == "0001"
+
+
+def test_events_are_recorded_exactly_once_with_their_position(tmp_path: Path) -> None:
+    store = Store.open(_db(tmp_path / "h.db"))
+    now = T0 + timedelta(hours=1)
+    assert store.record_events([_event(1), _event(2), _event(2)], now,
+                               ("journald", {"cursor": "c2"})) == 2
+    assert store.record_events([_event(2), _event(3)], now, ("journald", {"cursor": "c3"})) == 1
+    assert store.record_events([_event(9, dedup_key=None)] * 2, now) == 2  # no key: no dedup
+    assert [e.message for e in store.events()] == ["msg 1", "msg 2", "msg 3", "msg 9", "msg 9"]
+    assert store.get_position("journald") == {"cursor": "c3"}
+    assert store.get_position("kmsg") is None
+
+
+def test_events_list_json_limit_and_since(tmp_path: Path, store_config: Path) -> None:
+    store = Store.open(_db(tmp_path / "history.db"))
+    now = datetime.now(timezone.utc)
+    store.record_events([_event(i, time=now - timedelta(hours=10 - i)) for i in range(10)], now)
+    store.record_events([_event(20, time=None, source="file:/var/log/syslog", trusted=False,
+                                kind="drop_open_request", port=None, address=None, mode=None,
+                                source_ip="203.0.113.7", source_port=5555)], now)
+    res = synwatch("events", "list", "--format", "json", "--config", str(store_config))
+    assert res.code == 0, res.err
+    rows = json.loads(res.out)
+    assert len(rows) == 11
+    assert list(rows[0]) == ["id", "time", "source", "trusted", "kind", "family", "address",
+                             "port", "mode", "source_ip", "incident_id"]
+    assert rows[0]["time"].endswith("+00:00") and rows[0]["trusted"] is True
+    last = rows[-1]  # no kernel time: ordered by when it was recorded
+    assert (last["source"], last["trusted"], last["source_ip"]) == (
+        "file:/var/log/syslog", False, "203.0.113.7")
+    limited = json.loads(synwatch("events", "list", "--format", "json", "--limit", "3",
+                                  "--config", str(store_config)).out)
+    assert [r["id"] for r in limited] == [r["id"] for r in rows[-3:]]
+    recent = json.loads(synwatch("events", "list", "--format", "json", "--since", "3h30m",
+                                 "--config", str(store_config)).out)
+    assert [r["id"] for r in recent] == [r["id"] for r in rows[7:]]
+    table = synwatch("events", "list", "--config", str(store_config)).out.splitlines()
+    assert table[0].split()[:3] == ["ID", "TIME", "SOURCE"] and len(table) == 12
+
+
+def _incident(**kw: object) -> Incident:
+    base: dict[str, object] = dict(
+        host="web01", netns="", address="0.0.0.0", port=443, family=4, status="closed",
+        verdict="concentrated", trigger="log", opened_at=T0, closed_at=T0 + timedelta(minutes=5),
+        first_evidence_at=T0 - timedelta(seconds=2), detected_at=T0, peak_syn_recv=512,
+        top_prefixes=[{"prefix": "198.51.100.0/24", "count": 300, "share": 0.6}],
+        recommendations=["raise the backlog"], evidence={})
+    base.update(kw)
+    return Incident(**base)
+
+
+def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
+    store = Store.open(_db(tmp_path / "history.db"))
+    first = _incident()
+    second = _incident(port=80, verdict="capacity", trigger="counters", status="open",
+                       opened_at=T0 + timedelta(hours=1), closed_at=None, top_prefixes=[])
+    store.add(first, second)
+    store.add(ActionRun(incident_id=first.id, action="ban", target="198.51.100.0/24",
+                        status="done", at=T0 + timedelta(seconds=1), rendered="nft ..."),
+              Ban(prefix="198.51.100.0/24", backend="nftables", incident_id=first.id,
+                  created_at=T0, expires_at=datetime.now(timezone.utc) + timedelta(hours=1)))
+    cfg = ["--config", str(store_config)]
+    rows = json.loads(synwatch("incidents", "list", "--format", "json", *cfg).out)
+    assert [r["id"] for r in rows] == [first.id, second.id]
+    assert rows[0] == {
+        "id": first.id, "host": "web01", "netns": "", "address": "0.0.0.0", "port": 443,
+        "family": 4, "status": "closed", "verdict": "concentrated", "trigger": "log",
+        "opened_at": "2026-11-20T10:00:00+00:00", "closed_at": "2026-11-20T10:05:00+00:00",
+        "first_evidence_at": "2026-11-20T09:59:58+00:00",
+        "detected_at": "2026-11-20T10:00:00+00:00", "peak_syn_recv": 512,
+        "top_prefixes": [{"prefix": "198.51.100.0/24", "count": 300, "share": 0.6}],
+        "recommendations": ["raise the backlog"],
+        "actions": [{"action": "ban", "target": "198.51.100.0/24", "status": "done",
+                     "at": "2026-11-20T10:00:01+00:00"}]}
+    by_port = json.loads(synwatch("incidents", "list", "--format", "json", "--port", "80",
+                                  *cfg).out)
+    assert [r["id"] for r in by_port] == [second.id]
+    by_verdict = json.loads(synwatch("incidents", "list", "--format", "json", "--verdict",
+                                     "concentrated", *cfg).out)
+    assert [r["id"] for r in by_verdict] == [first.id]
+    newest = json.loads(synwatch("incidents", "list", "--format", "json", "--limit", "1",
+                                 *cfg).out)
+    assert [r["id"] for r in newest] == [second.id]
+    shown = json.loads(synwatch("incidents", "show", str(first.id), "--format", "json", *cfg).out)
+    assert shown == rows[0]
+    text = synwatch("incidents", "show", str(first.id), *cfg).out
+    assert "verdict:           concentrated" in text and "198.51.100.0/24" in text
+    missing = synwatch("incidents", "show", "999", *cfg)
+    assert (missing.code, missing.err) == (1, "synwatch: incident 999: no such incident\n")
+    bans = json.loads(synwatch("bans", "list", "--format", "json", *cfg).out)
+    assert bans == [{"prefix": "198.51.100.0/24", "backend": "nftables",
+                     "incident_id": first.id, "created_at": "2026-11-20T10:00:00+00:00",
+                     "expires_at": bans[0]["expires_at"], "active": True}]
+
+
+def test_empty_history_lists_nothing(store_config: Path) -> None:
+    res = synwatch("incidents", "list", "--format", "json", "--config", str(store_config))
+    assert (res.code, json.loads(res.out)) == (0, [])
+
+
+def test_unwritable_store_is_a_one_line_failure(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\nurl = "sqlite:///{blocker}/sub/h.db"\n')
+    res = synwatch("events", "list", "--config", str(cfg))
+    assert res.code == 1
+    assert res.err.startswith(f"synwatch: sqlite:///{blocker}/sub/h.db: cannot create")
+    assert res.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_bad_limit_is_usage(store_config: Path, value: str) -> None:
+    res = synwatch("events", "list", "--limit", value, "--config", str(store_config))
+    assert res.code == 2 and res.err.startswith("synwatch: events list: argument --limit")
