@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -20,9 +20,11 @@ from synwatch.errors import ExitStatus, SynwatchError, UsageError
 
 if TYPE_CHECKING:
     from synwatch.config import Config
+    from synwatch.scan import Hit
     from synwatch.store import Store
 
-PROGRESS_THRESHOLD = 64 << 20  # show a progress bar on a terminal for inputs larger than this
+# A progress bar on a terminal for inputs larger than this (the variable is for tests).
+PROGRESS_THRESHOLD = int(os.environ.get("SYNWATCH_PROGRESS_BYTES", str(64 << 20)))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,8 +94,8 @@ class _ProgressBar:
         sys.stderr.flush()
 
 
-def _scan_inputs(paths: Sequence[str], line_numbers: bool = True) -> Any:
-    """(path, Hit) for every match in ``paths``, with a progress bar on a terminal."""
+def _scan_inputs(paths: Sequence[str], line_numbers: bool = True) -> Iterator[Hit]:
+    """Every match in ``paths``, with a progress bar on a terminal."""
     from synwatch.catalogue import load_catalogue  # noqa: PLC0415
     from synwatch.clock import local_timezone  # noqa: PLC0415
     from synwatch.scan import open_input, scan_stream  # noqa: PLC0415

@@ -47,10 +47,13 @@ class _Buffer(Protocol):
     def rfind(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
 
 
-def _line_starts(buf: _Buffer, end: int, needles: tuple[bytes, ...]) -> list[int]:
+def _line_starts(buf: _Buffer, end: int, needles: tuple[bytes, ...],
+                 progress: Progress | None = None) -> list[int]:
     """Offsets of the lines in ``buf[:end]`` that hold a needle, each once, in order."""
     starts: set[int] = set()
-    for needle in needles:
+    for i, needle in enumerate(needles):
+        if progress is not None:  # one pass over the buffer per needle
+            progress(end * i // len(needles))
         pos = buf.find(needle, 0, end)
         while pos != -1:
             starts.add(buf.rfind(b"\n", 0, pos) + 1)
@@ -68,7 +71,7 @@ def _mapped_candidates(fd: int, needles: tuple[bytes, ...], line_numbers: bool,
     if size == 0:
         return
     with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
-        starts = _line_starts(buf, size, needles)
+        starts = _line_starts(buf, size, needles, progress)
         if progress is not None:
             progress(size)
         counted_to, line_no = 0, 1
@@ -97,8 +100,8 @@ def candidate_lines(stream: Readable, needles: tuple[bytes, ...],
     while True:
         chunk = stream.read(CHUNK)
         consumed += len(chunk)
-        if progress is not None:
-            progress(consumed)
+        if progress is not None:  # a .gz reports how far into the compressed file it is
+            progress(stream.compressed_position() if isinstance(stream, _Input) else consumed)
         at_eof = not chunk
         buf = carry + chunk if carry else chunk
         if at_eof:
@@ -143,6 +146,13 @@ class _Input:
             return self.stream.read(n)
         except (OSError, EOFError, zlib.error) as exc:
             raise SynwatchError(self.path, f"cannot read: {exc}") from exc
+
+    def compressed_position(self) -> int:
+        raw = getattr(self.stream, "fileobj", self.stream)
+        try:
+            return int(raw.tell())
+        except (OSError, ValueError):
+            return 0
 
     def close(self) -> None:
         if self.stream is not sys.stdin.buffer:

@@ -131,3 +131,35 @@ def test_mapped_file_and_stream_paths_agree(tmp_path: Path, line_numbers: bool) 
 def test_empty_file(tmp_path: Path) -> None:
     (tmp_path / "empty.log").write_bytes(b"")
     assert synwatch("scan", "--count", str(tmp_path / "empty.log")).out == "0\n"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_progress_bar_on_a_terminal_only(tmp_path: Path, gz: bool) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    path = tmp_path / ("big.log.gz" if gz else "big.log")
+    data = "".join(f"{NOISE} {os.urandom(8).hex()}\n" for _ in range(3000)).encode()
+    data += f"{FLOOD}\n".encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    env = {**os.environ, "SYNWATCH_PROGRESS_BYTES": "1000"}
+    main, child = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "synwatch", "scan", "--count", str(path)],
+                          stdout=subprocess.PIPE, stderr=child, env=env, timeout=60, check=True)
+    os.close(child)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main)
+    assert proc.stdout == b"1\n"
+    assert b"scanning " in shown and b"100%" in shown
+    # not a terminal: no bar
+    assert synwatch("scan", "--count", str(path), env=env).err == ""
