@@ -149,6 +149,29 @@ def cmd_test_filter(args: argparse.Namespace) -> int:
     return testfilter.explain_line(target, sys.stdout)
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from synwatch.catalogue import load_catalogue  # noqa: PLC0415
+    from synwatch.importer import import_paths  # noqa: PLC0415
+
+    store = _open_store(args)
+    bars: list[_ProgressBar] = []
+
+    def progress_for(path: str, size: int | None) -> _ProgressBar | None:
+        if size and sys.stderr.isatty():
+            bars.append(_ProgressBar(path, size))
+            return bars[-1]
+        return None
+
+    try:
+        results = import_paths(store, load_catalogue(), args.paths, progress_for)
+    finally:
+        for bar in bars:
+            bar.close()
+    for r in results:
+        print(f"{r.path}: {r.matched} kernel lines, {r.added} new events")
+    return 0
+
+
 def cmd_events_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, table  # noqa: PLC0415
     from synwatch.store.views import event_view  # noqa: PLC0415
@@ -265,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="PATH|LINE")
     p.add_argument("--max-misses", type=int, default=20, metavar="N",
                    help="near misses to list for a file (default 20)")
+
+    p = command("import", cmd_import,
+                "read old logs (.1, .gz) into the event history, untrusted and historical; "
+                "importing twice adds nothing")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    _add_config(p)
 
     events = sub.add_parser("events", help="recorded kernel events").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=_Parser)

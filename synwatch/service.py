@@ -6,16 +6,23 @@ Signals only set flags; the main loop does the work, so nothing runs inside a si
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from types import FrameType
 
 from synwatch import sdnotify
+from synwatch.catalogue import load_catalogue
+from synwatch.clock import SystemClock
 from synwatch.config import Config, load_config
-from synwatch.errors import ConfigError
-from synwatch.sources import plan_sources
+from synwatch.errors import ConfigError, StoreError
+from synwatch.recorder import Recorder
+from synwatch.sources import build_sources, plan_sources
+from synwatch.sources.base import Batch
 from synwatch.store import Store
+from synwatch.supervisor import Supervisor
 
 log = logging.getLogger("synwatch")
 
@@ -33,6 +40,9 @@ class Service:
         self.config_arg = config_arg
         self.flags = _Flags()
         self.store: Store | None = None
+        self.supervisor: Supervisor | None = None
+        self.recorder: Recorder | None = None
+        self._pending: Batch | None = None  # a batch the store refused, retried first
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -53,6 +63,35 @@ class Service:
             log.warning("no log source to read; kernel state is still probed")
         if self.config.dry_run:
             log.info("actions: dry run (rendered and logged, nothing changed)")
+        catalogue = load_catalogue()
+        sources = build_sources(plans, catalogue, self.store.get_position)
+        self.recorder = Recorder(self.store, catalogue, SystemClock())
+        self.supervisor = Supervisor(sources)
+        self.supervisor.start()
+
+    def _drain(self, timeout: float) -> None:
+        """Record the batches the sources produced; a store failure keeps the batch for later."""
+        if self.supervisor is None or self.recorder is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not self.flags.stop:
+            batch = self._pending
+            if batch is None:
+                try:
+                    batch = self.supervisor.batches.get(
+                        timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return
+            try:
+                self.recorder.record(batch)
+                self._pending = None
+            except StoreError as exc:
+                self._pending = batch  # nothing is lost: the source is held back meanwhile
+                log.error("store: %s; retrying in 1 s", exc)  # noqa: TRY400 - one line is enough
+                self.flags.wake.wait(1)
+                return
+            if time.monotonic() >= deadline:
+                return
 
     def _reload(self) -> None:
         sdnotify.reloading()
@@ -75,16 +114,22 @@ class Service:
         sdnotify.notify("READY=1", "STATUS=watching")
         log.info("synwatch running (config: %s)", self.config.path)
         ping = sdnotify.watchdog_interval()
+        next_ping = time.monotonic()
         while not self.flags.stop:
-            self.flags.wake.wait(ping if ping else 3600)
-            self.flags.wake.clear()
-            if ping:
+            self._drain(timeout=min(ping or 1.0, 1.0))
+            if ping and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + ping
             if self.flags.reload and not self.flags.stop:
                 self.flags.reload = False
                 self._reload()
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
         log.info("synwatch stopping")
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.flags.stop = False
+            self._drain(timeout=0)  # what the sources emitted before they stopped
+            self.flags.stop = True
         if self.store is not None:
             self.store.close()
         return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,3 +45,54 @@ def store_config(tmp_path: Path) -> Path:
     path = tmp_path / "synwatch.toml"
     path.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/history.db"\n')
     return path
+
+
+JOURNALD = "/lib/systemd/systemd-journald"
+
+
+@pytest.fixture(scope="session")
+def journald() -> Iterator[Journald]:
+    """A running journald: the machine's own if it has one, else one started for the tests."""
+    jd = Journald()
+    if not jd.alive():
+        jd.start()
+    yield jd
+    jd.stop_if_ours()
+
+
+class Journald:
+    socket_path = "/run/systemd/journal/socket"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        from synwatch.sources.journald import journald_alive
+
+        return journald_alive(self.socket_path)
+
+    def start(self) -> None:
+        import time
+
+        Path("/run/systemd/journal").mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([JOURNALD], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.alive():
+            assert time.monotonic() < deadline, "journald did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        import time
+
+        assert self.proc is not None, "only a journald the tests started can be stopped"
+        self.proc.terminate()
+        self.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while self.alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    def stop_if_ours(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()

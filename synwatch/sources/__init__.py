@@ -9,10 +9,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from synwatch.catalogue import Catalogue
 from synwatch.config import Config
+from synwatch.sources.base import Source
 
 JOURNAL_DIRS = (Path("/run/log/journal"), Path("/var/log/journal"))
 
@@ -69,3 +73,22 @@ def plan_sources(
     plans.extend(SourcePlan(f"file:{f}", "configured (untrusted: any user can write kernel-like "
                                          "lines to a text log)") for f in config.files)
     return plans, skipped
+
+
+def build_sources(plans: list[SourcePlan], catalogue: Catalogue,
+                  position_of: Callable[[str], dict[str, Any] | None]) -> list[Source]:
+    """The source objects for ``plans``, each resuming from its stored position."""
+    from synwatch.sources.files import FileSource  # noqa: PLC0415
+    from synwatch.sources.journald import JournaldSource  # noqa: PLC0415
+    from synwatch.sources.kmsg import KmsgSource  # noqa: PLC0415
+
+    sources: list[Source] = []
+    for plan in plans:
+        position = position_of(plan.name)
+        if plan.name == "journald":
+            sources.append(JournaldSource(catalogue, position))
+        elif plan.name == "kmsg":
+            sources.append(KmsgSource(catalogue, position=position))
+        else:
+            sources.append(FileSource(catalogue, plan.name.removeprefix("file:"), position))
+    return sources

@@ -1,0 +1,170 @@
+"""The file source on real files with real inotify: every line written across rename,
+copytruncate and delete rotations, a partial line and a restart is recorded exactly once."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from synwatch.catalogue import Catalogue
+from synwatch.clock import SystemClock
+from synwatch.recorder import Recorder
+from synwatch.sources.base import Batch
+from synwatch.sources.files import FileSource
+from synwatch.store import Store
+from synwatch.store.models import Event
+
+
+def kernel_line(n: int) -> str:
+    return (f"Mar  7 09:17:14 web01 kernel: [{n:7d}.000000] TCP: request_sock_TCP: Possible SYN "
+            f"flooding on port {1 + n % 65000}. Sending cookies.  Check SNMP counters.\n")
+
+
+NOISE = "Mar  7 09:17:14 web01 CRON[42]: (root) CMD (true)\n"
+
+
+class Harness:
+    def __init__(self, tmp: Path, catalogue: Catalogue) -> None:
+        self.store = Store.open(f"sqlite:///{tmp}/h.db")
+        self.recorder = Recorder(self.store, catalogue, SystemClock())
+        self.catalogue = catalogue
+        self.lock = threading.Lock()
+
+    def emit(self, batch: Batch) -> None:
+        with self.lock:
+            self.recorder.record(batch)
+
+    @contextmanager
+    def running(self, path: Path, **kw: object) -> Iterator[FileSource]:
+        source = FileSource(self.catalogue, str(path), self.store.get_position(f"file:{path}"),
+                            poll_interval=0.2, drain_grace=1.0, **kw)  # type: ignore[arg-type]
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                source.stream(self.emit, stop)
+            except BaseException as exc:  # surfaced in the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(0.3)
+        try:
+            yield source
+        finally:
+            time.sleep(1.6)  # past drain_grace: rotated files are drained and closed
+            stop.set()
+            thread.join(10)
+            assert not errors, errors
+
+
+def numbers_recorded(h: Harness) -> list[int]:
+    with h.store.session() as s:
+        keys = list(s.scalars(select(Event.dedup_key)))
+        msgs = list(s.scalars(select(Event.message)))
+    assert len(set(keys)) == len(keys)
+    return sorted(int(m.split("port ")[1].split(".")[0]) for m in msgs)
+
+
+def write(path: Path, numbers: range, fh: object = None) -> None:
+    with path.open("a") if fh is None else fh as f:  # type: ignore[attr-defined]
+        for n in numbers:
+            f.write(kernel_line(n))
+            if n % 50 == 0:
+                f.write(NOISE)
+                f.flush()
+
+
+@pytest.fixture
+def harness(tmp_path: Path, catalogue: Catalogue) -> Harness:
+    return Harness(tmp_path, catalogue)
+
+
+def test_every_rotation_and_a_restart_lose_nothing_and_repeat_nothing(
+        tmp_path: Path, harness: Harness) -> None:
+    log = tmp_path / "log" / "syslog"
+    log.parent.mkdir()
+    log.write_text(kernel_line(99999))  # before the first start: not ours (we start at the end)
+    written: list[int] = []
+    with harness.running(log):
+        write(log, range(1, 1001))  # 1. plain appends
+        written += range(1, 1001)
+        # 2. logrotate "create": rename, the writer goes on with the old file for a while
+        old = log.open("a")
+        log.rename(log.with_suffix(".1"))
+        write(log, range(1001, 1021), old)
+        old = (log.with_suffix(".1")).open("a")
+        log.write_text("")
+        write(log, range(1021, 1041), old)
+        old.close()
+        write(log, range(1041, 2041))
+        written += range(1001, 2041)
+        time.sleep(0.5)
+        # 3. copytruncate: copy, truncate in place, go on writing
+        shutil.copy(log, log.with_suffix(".2"))
+        with log.open("r+") as f:
+            f.truncate(0)
+        write(log, range(2041, 3041))
+        written += range(2041, 3041)
+        time.sleep(0.5)
+    # 4. down for a while: a rename rotation happens, and writes to both files
+    write(log, range(3041, 3141))
+    log.rename(log.with_suffix(".3"))
+    write(log.with_suffix(".3"), range(3141, 3161))
+    write(log, range(3161, 3261))
+    written += range(3041, 3261)
+    with harness.running(log):
+        # 5. delete and recreate; a partial last line completed later
+        time.sleep(0.5)
+        log.unlink()
+        write(log, range(3261, 4261))
+        line = kernel_line(4261)
+        with log.open("a") as f:
+            f.write(line[:40])
+            f.flush()
+            time.sleep(0.5)
+            f.write(line[40:])
+        written += range(3261, 4262)
+    got = numbers_recorded(harness)
+    expected = sorted(1 + n % 65000 for n in written)
+    missing = sorted(set(expected) - set(got))
+    assert got == expected, f"{len(got)} of {len(expected)} recorded; missing {missing[:10]}"
+
+
+def test_a_file_that_does_not_exist_yet_and_the_stat_fallback(
+        tmp_path: Path, harness: Harness) -> None:
+    log = tmp_path / "kern.log"
+    with harness.running(log, use_inotify=False):  # only the periodic stat
+        write(log, range(1, 301))
+    assert numbers_recorded(harness) == list(range(2, 302))
+
+
+def test_syslog_and_kern_log_carrying_the_same_line_record_it_once(
+        tmp_path: Path, harness: Harness) -> None:
+    syslog, kern = tmp_path / "syslog", tmp_path / "kern.log"
+    repeated = kernel_line(7)
+    with harness.running(syslog), harness.running(kern):
+        for f in (syslog, kern):
+            with f.open("a") as out:
+                out.write(kernel_line(1) + kernel_line(2) + repeated + repeated)
+    # lines 1 and 2 once each; the repeated line twice (it was printed twice), not four times
+    assert numbers_recorded(harness) == [2, 3, 8, 8]
+
+
+def test_forged_json_in_a_text_file_is_not_trusted(tmp_path: Path, harness: Harness) -> None:
+    log = tmp_path / "syslog"
+    with harness.running(log):
+        log.write_text('{"_TRANSPORT":"kernel","SYSLOG_FACILITY":"0","SYSLOG_IDENTIFIER":'
+                       '"kernel","MESSAGE":"TCP: request_sock_TCP: Possible SYN flooding on '
+                       'port 0.0.0.0:443. Sending cookies."}\n')
+    with harness.store.session() as s:
+        events = list(s.scalars(select(Event)))
+    assert [(e.port, e.trusted) for e in events] == [(443, False)]

@@ -1,0 +1,214 @@
+"""journald and /dev/kmsg on the real kernel: real SYN-flood lines recorded as trusted within a
+second, forged lines never trusted, resume after a restart, a stale cursor, a dead journald."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from synwatch.catalogue import Catalogue
+from synwatch.sources.base import Batch
+from synwatch.sources.journald import JournalctlReader, JournaldSource, SystemdReader
+from synwatch.sources.kmsg import KmsgSource, current_boot_id
+from synwatch.store import Store
+from synwatch.store.models import Event
+from tests.conftest import Journald
+from tests.lab import Lab, lab
+from tests.test_service import NotifySocket, _start, _stop
+
+pytestmark = pytest.mark.needs_root
+
+
+@pytest.fixture(scope="module")
+def flood_lab() -> Iterator[Lab]:
+    with lab() as the_lab:
+        yield the_lab
+
+
+def real_flood(the_lab: Lab) -> int:
+    """A new listener, flooded: the kernel prints one line for it. Returns its port."""
+    port = random.randint(20000, 60000)
+    the_lab.listen(port, backlog=8)
+    the_lab.flood(port, 200)
+    return port
+
+
+def events_for(store: Store, port: int, timeout: float = 15) -> list[Event]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in store.events() if e.port == port]
+        if found:
+            time.sleep(0.3)  # a duplicate would arrive right behind
+            return [e for e in store.events() if e.port == port]
+        time.sleep(0.05)
+    return []
+
+
+def _config(tmp_path: Path, files: list[str] | None = None) -> Path:
+    cfg = tmp_path / "synwatch.toml"
+    cfg.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n[sources]\njournald = true\n'
+                   f"kmsg = false\nfiles = {json.dumps(files or [])}\n")
+    return cfg
+
+
+def test_real_flood_is_recorded_trusted_within_a_second_and_forgeries_are_not(
+        tmp_path: Path, journald: Journald, flood_lab: Lab) -> None:
+    notify = NotifySocket(tmp_path / "n.sock")
+    proc = _start(_config(tmp_path), notify)
+    store = Store.open(f"sqlite:///{tmp_path}/h.db")
+    try:
+        notify.wait_for("READY=1")
+        forged_logger, forged_send = random.randint(1, 9999), random.randint(10000, 19999)
+        text = "TCP: request_sock_TCP: Possible SYN flooding on port 0.0.0.0:{}. Sending cookies."
+        subprocess.run(["logger", "--socket", "/run/systemd/journal/dev-log", "-t", "kernel",
+                        text.format(forged_logger)], check=True)
+        from systemd import journal
+        journal.send(text.format(forged_send), SYSLOG_IDENTIFIER="kernel", SYSLOG_FACILITY="0")
+        port = real_flood(flood_lab)
+        events = events_for(store, port)
+        assert len(events) == 1, "the real kernel line, exactly once"
+        event = events[0]
+        assert event.source == "journald" and event.trusted and event.kind == "syn_flood"
+        assert event.time is not None
+        delay = event.recorded_at - event.time
+        assert delay < timedelta(seconds=1), f"recorded {delay} after journald stored it"
+        ports = {e.port for e in store.events()}
+        assert forged_logger not in ports and forged_send not in ports
+        # the forgeries are in the journal, and `scan` shows them for what they are
+        dump = subprocess.run(["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=kernel",
+                               "-n", "200"], capture_output=True, text=True, check=True).stdout
+        scanned = subprocess.run([sys.executable, "-m", "synwatch",
+                                  "scan", "--format", "json", "-"], input=dump,
+                                 capture_output=True, text=True, check=True).stdout
+        by_port = {json.loads(x)["port"]: json.loads(x)["trusted"] for x in scanned.splitlines()}
+        assert by_port.get(port) is True
+        assert by_port.get(forged_send) is False  # facility 0 claimed, but not the kernel's
+        assert forged_logger not in by_port  # facility user: not a kernel line at all
+        # down for a while: a flood meanwhile is read after the restart, nothing twice
+        assert _stop(proc)[0] == 0
+        missed = real_flood(flood_lab)
+        time.sleep(1)
+        proc = _start(_config(tmp_path), notify)
+        assert len(events_for(store, missed)) == 1
+        assert len([e for e in store.events() if e.port == port]) == 1
+    finally:
+        code, err = _stop(proc)
+    assert code == 0, err
+    assert "reading with systemd-python after the stored cursor" in err
+
+
+def test_dead_journald_is_restarted_with_backoff_while_files_keep_working(
+        tmp_path: Path, journald: Journald, flood_lab: Lab) -> None:
+    if journald.proc is None:
+        pytest.skip("the machine's own journald is running; CI starts its own")
+    log = tmp_path / "syslog"
+    notify = NotifySocket(tmp_path / "n.sock")
+    proc = _start(_config(tmp_path, [str(log)]), notify)
+    store = Store.open(f"sqlite:///{tmp_path}/h.db")
+    try:
+        notify.wait_for("READY=1")
+        before = real_flood(flood_lab)
+        assert len(events_for(store, before)) == 1
+        journald.stop()
+        time.sleep(7)  # the liveness check runs every 5 s; then restarts at 1 s, 2 s, ...
+        with log.open("a") as f:
+            f.write("Mar  7 09:17:14 web01 kernel: TCP: request_sock_TCP: Possible SYN "
+                    "flooding on port 4444. Sending cookies.\n")
+        assert len(events_for(store, 4444)) == 1, "the file source went on"
+        during = real_flood(flood_lab)  # printed while journald is down
+        journald.start()
+        assert len(events_for(store, during, timeout=30)) == 1, "no gap after journald is back"
+        after = real_flood(flood_lab)
+        assert len(events_for(store, after, timeout=30)) == 1
+        assert len([e for e in store.events() if e.port == before]) == 1, "no repeat"
+    finally:
+        if not journald.alive():
+            journald.start()
+        _, err = _stop(proc)
+    assert "source journald failed: journald: stopped answering" in err
+    assert "restarting in 1 s" in err and "restarting in 2 s" in err
+
+
+@pytest.mark.parametrize("reader", [SystemdReader, JournalctlReader])
+def test_both_readers_and_a_stale_cursor(reader: type, journald: Journald, flood_lab: Lab,
+                                         catalogue: Catalogue, caplog: pytest.LogCaptureFixture,
+                                         ) -> None:
+    port = real_flood(flood_lab)
+    time.sleep(1)  # let journald store it
+    batches: list[Batch] = []
+    source = JournaldSource(catalogue, reader_factory=reader)
+    _run_for(source, batches, 2)
+    mine = [r for b in batches for r in b.records if f":{port}." in r.message]
+    assert len(mine) == 1 and mine[0].trusted and mine[0].position
+    cursor = mine[0].position.removeprefix("journal:")
+    assert mine[0].time is not None
+    realtime = int(mine[0].time.timestamp() * 1_000_000)
+    # the same cursor from another journal (a vacuum or a reboot of a volatile journal)
+    stale = "s=" + "0" * 32 + cursor[cursor.index(";"):]
+    batches.clear()
+    caplog.set_level(logging.INFO)
+    _run_for(JournaldSource(catalogue, {"cursor": stale, "realtime": realtime - 1},
+                            reader_factory=reader), batches, 2)
+    assert "the stored cursor is no longer in the journal" in caplog.text
+    again = [r.position for b in batches for r in b.records]
+    # read on from the time of the last entry stored: that entry comes again (its cursor is the
+    # event's identity, so the store records it once), nothing before it does
+    assert again[0] == mine[0].position
+
+
+def _run_for(source: JournaldSource | KmsgSource, batches: list[Batch], seconds: float) -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=source.stream, args=(batches.append, stop))
+    thread.start()
+    time.sleep(seconds)
+    stop.set()
+    thread.join(10)
+
+
+def test_kmsg_resumes_by_sequence_without_repeats(catalogue: Catalogue, flood_lab: Lab) -> None:
+    boot = current_boot_id()
+    batches: list[Batch] = []
+    source = KmsgSource(catalogue)
+    _run_for(source, batches, 0.5)  # reads the whole ring from the start
+    assert source.position["boot"] == boot
+    port = real_flood(flood_lab)
+    _run_for(source, batches, 1)
+    first = [r for b in batches for r in b.records if f":{port}." in r.message]
+    assert len(first) == 1 and first[0].trusted and first[0].position.startswith(f"kmsg:{boot}:")
+    # a new process resuming from the stored position reads nothing twice
+    later: list[Batch] = []
+    _run_for(KmsgSource(catalogue, position=dict(source.position)), later, 0.5)
+    assert not [r for b in later for r in b.records if f":{port}." in r.message]
+
+
+def test_kmsg_counts_records_lost_between_reads(catalogue: Catalogue, tmp_path: Path) -> None:
+    # /dev/kmsg hands out one record per read(); a SEQPACKET socket does the same, which lets
+    # the sequence gap be made at will. Only the transport is stood in for.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    source = KmsgSource(catalogue, path="seqpacket", opener=lambda: os.dup(ours.fileno()),
+                        position={"boot": current_boot_id(), "seq": 10})
+    for seq, text in ((11, "x"), (12, "TCP: request_sock_TCP: Possible SYN flooding on port "
+                                      "0.0.0.0:80. Sending cookies."), (20, "y")):
+        theirs.send(f"6,{seq},1000,-;{text}\n".encode())
+    batches: list[Batch] = []
+    _run_for(source, batches, 0.5)
+    records = [r for b in batches for r in b.records]
+    notes = [n for b in batches for n in b.notes]
+    assert [r.message for r in records] == [
+        "TCP: request_sock_TCP: Possible SYN flooding on port 0.0.0.0:80. Sending cookies."]
+    assert notes == ["7 kernel records were overwritten in the ring buffer before they could "
+                     "be read"]
+    assert source.position["seq"] == 20
