@@ -47,7 +47,7 @@ class _Buffer(Protocol):
     def rfind(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
 
 
-def _line_starts(buf: _Buffer, end: int, needles: tuple[bytes, ...],
+def needle_line_starts(buf: _Buffer, end: int, needles: tuple[bytes, ...],
                  progress: Progress | None = None) -> list[int]:
     """Offsets of the lines in ``buf[:end]`` that hold a needle, each once, in order."""
     starts: set[int] = set()
@@ -71,7 +71,7 @@ def _mapped_candidates(fd: int, needles: tuple[bytes, ...], line_numbers: bool,
     if size == 0:
         return
     with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
-        starts = _line_starts(buf, size, needles, progress)
+        starts = needle_line_starts(buf, size, needles, progress)
         if progress is not None:
             progress(size)
         counted_to, line_no = 0, 1
@@ -112,7 +112,7 @@ def candidate_lines(stream: Readable, needles: tuple[bytes, ...],
                 carry = buf
                 continue
         counted_to, line_no = 0, line_base
-        for start in _line_starts(buf, end, needles):
+        for start in needle_line_starts(buf, end, needles):
             line_no += buf.count(b"\n", counted_to, start)
             counted_to = start
             stop = buf.find(b"\n", start, end)

@@ -69,12 +69,25 @@ class Service:
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
 
+    def _record(self, batch: Batch) -> bool:
+        """Store one batch; on a store failure keep it to retry first (its position is not
+        stored either, so even a stop meanwhile loses nothing: the source reads it again)."""
+        assert self.recorder is not None
+        try:
+            self.recorder.record(batch)
+        except StoreError as exc:
+            self._pending = batch
+            log.error("store: %s; retrying in 1 s", exc)  # noqa: TRY400 - one line is enough
+            return False
+        self._pending = None
+        return True
+
     def _drain(self, timeout: float) -> None:
-        """Record the batches the sources produced; a store failure keeps the batch for later."""
-        if self.supervisor is None or self.recorder is None:
+        """Record what the sources produce for up to ``timeout`` seconds."""
+        if self.supervisor is None:
             return
         deadline = time.monotonic() + timeout
-        while not self.flags.stop:
+        while not self.flags.stop and time.monotonic() < deadline:
             batch = self._pending
             if batch is None:
                 try:
@@ -82,15 +95,21 @@ class Service:
                         timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     return
-            try:
-                self.recorder.record(batch)
-                self._pending = None
-            except StoreError as exc:
-                self._pending = batch  # nothing is lost: the source is held back meanwhile
-                log.error("store: %s; retrying in 1 s", exc)  # noqa: TRY400 - one line is enough
+            if not self._record(batch):
                 self.flags.wake.wait(1)
                 return
-            if time.monotonic() >= deadline:
+
+    def _drain_queued(self) -> None:
+        """At stop: record what the sources emitted before they stopped."""
+        assert self.supervisor is not None
+        while True:
+            batch = self._pending
+            if batch is None:
+                try:
+                    batch = self.supervisor.batches.get_nowait()
+                except queue.Empty:
+                    return
+            if not self._record(batch):
                 return
 
     def _reload(self) -> None:
@@ -127,9 +146,7 @@ class Service:
         log.info("synwatch stopping")
         if self.supervisor is not None:
             self.supervisor.stop()
-            self.flags.stop = False
-            self._drain(timeout=0)  # what the sources emitted before they stopped
-            self.flags.stop = True
+            self._drain_queued()
         if self.store is not None:
             self.store.close()
         return 0

@@ -43,8 +43,9 @@ class Harness:
 
     @contextmanager
     def running(self, path: Path, **kw: object) -> Iterator[FileSource]:
+        options: dict[str, object] = {"poll_interval": 0.2, "drain_grace": 1.0, **kw}
         source = FileSource(self.catalogue, str(path), self.store.get_position(f"file:{path}"),
-                            poll_interval=0.2, drain_grace=1.0, **kw)  # type: ignore[arg-type]
+                            **options)  # type: ignore[arg-type]
         stop = threading.Event()
         errors: list[BaseException] = []
 
@@ -168,3 +169,17 @@ def test_forged_json_in_a_text_file_is_not_trusted(tmp_path: Path, harness: Harn
     with harness.store.session() as s:
         events = list(s.scalars(select(Event)))
     assert [(e.port, e.trusted) for e in events] == [(443, False)]
+
+
+def test_copytruncate_seen_by_the_first_line_when_the_file_regrew_past_our_offset(
+        tmp_path: Path, harness: Harness) -> None:
+    log = tmp_path / "syslog"
+    log.write_text("")
+    # no inotify and a slow poll: truncate and regrow happen between two looks
+    with harness.running(log, use_inotify=False, poll_interval=2.0):
+        write(log, range(1, 51))
+        time.sleep(2.5)
+        with log.open("r+") as f:
+            f.truncate(0)
+        write(log, range(1000, 1200))  # longer than before: the size alone would not tell
+    assert numbers_recorded(harness) == [*range(2, 52), *range(1001, 1201)]

@@ -130,6 +130,7 @@ def test_dead_journald_is_restarted_with_backoff_while_files_keep_working(
         during = real_flood(flood_lab)  # printed while journald is down
         journald.start()
         assert len(events_for(store, during, timeout=30)) == 1, "no gap after journald is back"
+        subprocess.run(["journalctl", "--rotate"], check=True, timeout=30)  # new journal files
         after = real_flood(flood_lab)
         assert len(events_for(store, after, timeout=30)) == 1
         assert len([e for e in store.events() if e.port == before]) == 1, "no repeat"

@@ -26,7 +26,7 @@ from synwatch.catalogue import Catalogue
 from synwatch.clock import local_timezone
 from synwatch.errors import SourceUnavailable
 from synwatch.records import LogRecord
-from synwatch.scan import _line_starts
+from synwatch.scan import needle_line_starts
 from synwatch.sinks import parse_line
 from synwatch.sources.base import Batch, Emit, OccurrenceCounter
 
@@ -153,7 +153,7 @@ class FileSource:
             f.last_growth = time.monotonic()
             data = f.partial + chunk
             end = data.rfind(b"\n") + 1
-            for start in _line_starts(data, end, self.catalogue.needles):
+            for start in needle_line_starts(data, end, self.catalogue.needles):
                 stop = data.find(b"\n", start, end)
                 self._take(data[start:stop])
             f.offset += end

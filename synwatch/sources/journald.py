@@ -38,14 +38,6 @@ BATCH = 500
 LIVENESS_EVERY = 5.0
 
 
-class JournalError(Exception):
-    pass
-
-
-class Entry(Protocol):
-    def get(self, key: str, default: Any = ..., /) -> Any: ...
-
-
 class Reader(Protocol):
     """One journal reader: systemd-python or journalctl, the same to the source."""
 
@@ -131,7 +123,7 @@ class JournalctlReader:
                                   "--output-fields=__CURSOR", "--no-pager", *self._matches()],
                                  capture_output=True, timeout=30, check=False).stdout
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise JournalError(f"journalctl: {exc}") from exc
+            raise SourceUnavailable("journald", f"journalctl: {exc}") from exc
         first = out.split(b"\n", 1)[0]
         try:
             return bool(first) and json.loads(first).get("__CURSOR") == cursor
@@ -156,7 +148,7 @@ class JournalctlReader:
             self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
                                           stderr=subprocess.DEVNULL)
         except OSError as exc:
-            raise JournalError(f"cannot run journalctl: {exc}") from exc
+            raise SourceUnavailable("journald", f"cannot run journalctl: {exc}") from exc
         return found
 
     def entries(self) -> Iterator[dict[str, str]]:
@@ -167,7 +159,7 @@ class JournalctlReader:
         while select.select([fd], [], [], 0)[0]:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                raise JournalError(f"journalctl exited with status {proc.wait()}")
+                raise SourceUnavailable("journald", f"journalctl exited with status {proc.wait()}")
             self._buf += chunk
             *lines, self._buf = self._buf.split(b"\n")
             for line in lines:
