@@ -172,6 +172,29 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, table  # noqa: PLC0415
+    from synwatch.probes.snapshot import as_json, take  # noqa: PLC0415
+
+    view = as_json(take(args.netns))
+    if args.format == "json":
+        print(dumps(view))
+        return 0
+    print(f"netns: {view['netns'] or '(own)'}   " + "  ".join(
+        f"{k.rsplit('.', 1)[1]}={v}" for k, v in view["sysctls"].items()))
+    rows = [{**li, "listener": f"{li['address']}:{li['port']}" if li["family"] == 4
+             else f"[{li['address']}]:{li['port']}",
+             "prefixes": ", ".join(f"{p['prefix']} ({p['count']})" for p in li["top_prefixes"])
+             or None} for li in view["listeners"]]
+    table(rows, ["listener", "backlog", "accept_queue", "syn_recv", "prefixes"], sys.stdout,
+          headers=["listener", "backlog", "accept-q", "syn-recv", "top source prefixes"])
+    print("counters: " + "  ".join(f"{k.split('.', 1)[1]}={v}"
+                                   for k, v in sorted(view["counters"].items())))
+    for line in view["diagnosis"]:
+        print(f"diagnosis: {line}")
+    return 0
+
+
 def cmd_events_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, table  # noqa: PLC0415
     from synwatch.store.views import event_view  # noqa: PLC0415
@@ -288,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="PATH|LINE")
     p.add_argument("--max-misses", type=int, default=20, metavar="N",
                    help="near misses to list for a file (default 20)")
+
+    p = command("snapshot", cmd_snapshot,
+                "listeners, their queues and SYN-RECV sources, counters, sysctls, a diagnosis")
+    p.add_argument("--netns", default="", metavar="NAME", help="an `ip netns` name")
+    _add_format(p)
 
     p = command("import", cmd_import,
                 "read old logs (.1, .gz) into the event history, untrusted and historical; "

@@ -56,5 +56,9 @@ class SourceUnavailable(SynwatchError):
     """A log source cannot run here (no journal, no permission on /dev/kmsg, ...)."""
 
 
+class ProbeError(SynwatchError):
+    """Kernel state cannot be read (no such namespace, no permission, netlink refused)."""
+
+
 class NotFound(SynwatchError):
     status = ExitStatus.FAILURE

@@ -9,6 +9,7 @@ on exit, also when the test fails. Traffic never leaves the namespaces the lab m
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -46,10 +47,11 @@ class Lab:
         self.in_server("sysctl", "-qw", f"{name}={value}")
 
     def listen(self, port: int, backlog: int = 8, address: str = "0.0.0.0") -> None:
-        """A listener in the server namespace that never accepts."""
+        """A listener in the server namespace that never accepts ("::" is dual-stack)."""
+        family = "AF_INET6" if ":" in address else "AF_INET"
         code = textwrap.dedent(f"""
             import socket, sys, time
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(socket.{family}, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(({address!r}, {port}))
             s.listen({backlog})
@@ -66,10 +68,11 @@ class Lab:
         """``count`` SYNs to the listener from spoofed addresses (random ones in SPOOF_NET)."""
         srcs = sources or [f"{SPOOF_NET}.{random.randint(0, 255)}.{random.randint(1, 254)}"
                            for _ in range(count)]
-        code = f"from tests.lab import send_syns; send_syns({SERVER_IP!r}, {port}, {srcs!r})"
+        code = ("import json, sys; from tests.lab import send_syns; "
+                f"send_syns({SERVER_IP!r}, {port}, json.load(sys.stdin))")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         subprocess.run(["ip", "netns", "exec", self.client_ns, sys.executable, "-c", code],
-                       check=True, timeout=120, env=env)
+                       input=json.dumps(srcs), text=True, check=True, timeout=120, env=env)
 
 
 @contextmanager

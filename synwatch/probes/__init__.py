@@ -1,0 +1,1 @@
+"""Probes: the kernel's own state, per network namespace (counters, sysctls, sockets)."""

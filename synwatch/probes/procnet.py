@@ -1,0 +1,62 @@
+"""TcpExt / Tcp counters and the sysctls that decide how a listener overflows.
+
+Paths are relative to a proc root (a parameter, so tests can hand in a fixed tree). In a network
+namespace, read through /proc/thread-self/net and /proc/sys from a thread inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+COUNTERS = (
+    "TcpExt.SyncookiesSent", "TcpExt.SyncookiesRecv", "TcpExt.SyncookiesFailed",
+    "TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop", "TcpExt.ListenOverflows",
+    "TcpExt.ListenDrops", "TcpExt.TCPSynRetrans", "Tcp.PassiveOpens", "Tcp.AttemptFails",
+)
+SYSCTLS = (
+    "net.ipv4.tcp_syncookies", "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog",
+    "net.ipv4.tcp_synack_retries", "net.ipv4.tcp_abort_on_overflow",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCounters:
+    values: dict[str, int]  # "TcpExt.SyncookiesSent" -> value; absent on kernels without it
+
+
+def parse_snmp_style(text: str) -> dict[str, int]:
+    """/proc/net/netstat and /proc/net/snmp: pairs of header and value lines per section."""
+    out: dict[str, int] = {}
+    lines = text.splitlines()
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        h_section, _, h_names = header.partition(":")
+        v_section, _, v_values = values.partition(":")
+        if h_section != v_section:
+            continue
+        for name, value in zip(h_names.split(), v_values.split(), strict=False):
+            try:
+                out[f"{h_section}.{name}"] = int(value)
+            except ValueError:
+                continue
+    return out
+
+
+def read_counters(proc: Path = Path("/proc"), net: str = "thread-self/net") -> KernelCounters:
+    values: dict[str, int] = {}
+    for name in ("netstat", "snmp"):
+        try:
+            values.update(parse_snmp_style((proc / net / name).read_text()))
+        except OSError:
+            continue
+    return KernelCounters({k: v for k, v in values.items() if k in COUNTERS})
+
+
+def read_sysctls(proc: Path = Path("/proc")) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for name in SYSCTLS:
+        try:
+            out[name] = int((proc / "sys" / name.replace(".", "/")).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            out[name] = None
+    return out

@@ -1,0 +1,96 @@
+"""One look at a network namespace: listeners and their queues, SYN-RECV sources by prefix,
+counters and sysctls, and what they mean (`synwatch snapshot`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from synwatch.netns import in_netns
+from synwatch.probes import procnet, sockdiag
+
+TOP = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerState:
+    listener: sockdiag.Listener
+    syn_recv: int
+    top_prefixes: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    netns: str
+    listeners: tuple[ListenerState, ...]
+    counters: dict[str, int]
+    sysctls: dict[str, int | None]
+
+
+def take(netns: str = "", proc: Path = Path("/proc")) -> Snapshot:
+    def collect() -> Snapshot:
+        found = sockdiag.listeners()
+        recv = sockdiag.syn_recv()
+        states = []
+        for li in found:
+            key = (li.family, li.port)
+            prefixes = sorted(((p, n) for (f, port, p), n in recv.per_prefix.items()
+                               if (f, port) == key), key=lambda x: (-x[1], x[0]))
+            states.append(ListenerState(li, recv.per_listener[key], tuple(prefixes[:TOP])))
+        return Snapshot(netns, tuple(states), procnet.read_counters(proc).values,
+                        procnet.read_sysctls(proc))
+
+    return in_netns(netns, collect)
+
+
+def diagnose(snap: Snapshot) -> list[str]:
+    """Plain statements with numbers; pure, so the rules are tested without a kernel."""
+    out: list[str] = []
+    cookies = snap.sysctls.get("net.ipv4.tcp_syncookies")
+    somaxconn = snap.sysctls.get("net.core.somaxconn")
+    if cookies == 0:
+        out.append("net.ipv4.tcp_syncookies is 0: when a SYN queue fills, new clients are "
+                   "dropped; set it to 1")
+    elif cookies == 2:
+        out.append("net.ipv4.tcp_syncookies is 2: every SYN gets a cookie and the kernel never "
+                   "logs a SYN flood; only the counters show one")
+    for st in snap.listeners:
+        li = st.listener
+        where = f"{li.address}:{li.port}" if li.family == 4 else f"[{li.address}]:{li.port}"
+        if li.backlog == 0:
+            out.append(f"{where} listens with backlog 0 (listen(fd, 0)): on kernels 4.4 to 6.12 "
+                       "its SYN queue counts as full from the first SYN")
+        elif somaxconn is not None and li.backlog == somaxconn and somaxconn <= 128:
+            out.append(f"{where}: backlog clamped to net.core.somaxconn={somaxconn}; raise it")
+        if li.backlog and st.syn_recv >= li.backlog:
+            out.append(f"{where}: SYN queue full ({st.syn_recv} request sockets, backlog "
+                       f"{li.backlog})")
+        if li.backlog and li.accept_queue >= li.backlog:
+            out.append(f"{where}: accept queue full ({li.accept_queue} of {li.backlog}): the "
+                       "application is not accepting fast enough")
+    overflowed = (snap.counters.get("TcpExt.TCPReqQFullDoCookies", 0)
+                  + snap.counters.get("TcpExt.TCPReqQFullDrop", 0))
+    if overflowed:
+        out.append(f"since boot, {overflowed} SYNs found a full SYN queue "
+                   f"({snap.counters.get('TcpExt.SyncookiesRecv', 0)} cookie handshakes "
+                   "completed)")
+    if snap.counters.get("TcpExt.ListenOverflows"):
+        out.append(f"since boot, accept queues overflowed "
+                   f"{snap.counters['TcpExt.ListenOverflows']} times")
+    return out or ["nothing overflowing"]
+
+
+def as_json(snap: Snapshot) -> dict[str, Any]:
+    listeners = []
+    for st in snap.listeners:
+        li = st.listener
+        listeners.append({
+            "address": li.address, "port": li.port, "family": li.family,
+            "backlog": li.backlog, "accept_queue": li.accept_queue, "syn_recv": st.syn_recv,
+            "top_prefixes": [{"prefix": p, "count": n,
+                              "share": round(n / st.syn_recv, 3) if st.syn_recv else 0.0}
+                             for p, n in st.top_prefixes],
+        })
+    return {"netns": snap.netns, "listeners": listeners, "counters": snap.counters,
+            "sysctls": snap.sysctls, "diagnosis": diagnose(snap)}
