@@ -70,6 +70,11 @@ class Catalogue:
         """The distinct literals a matching line must contain, for the substring pre-filter."""
         return tuple(dict.fromkeys(p.needle.encode() for p in self.patterns))
 
+    @property
+    def text_needles(self) -> tuple[str, ...]:
+        """The same needles, for sources that see decoded text."""
+        return tuple(n.decode() for n in self.needles)
+
 
 def default_filter_dir() -> Path:
     """``synwatch/filters`` in an installed wheel, else ``filters/`` at the top of a checkout."""

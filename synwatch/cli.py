@@ -94,6 +94,13 @@ class _ProgressBar:
         sys.stderr.flush()
 
 
+def _progress_bar(path: str, size: int | None, threshold: int) -> _ProgressBar | None:
+    """A bar on stderr when it is a terminal and the input is bigger than ``threshold``."""
+    if size and size > threshold and sys.stderr.isatty():
+        return _ProgressBar(path, size)
+    return None
+
+
 def _scan_inputs(paths: Sequence[str], line_numbers: bool = True) -> Iterator[Hit]:
     """Every match in ``paths``, with a progress bar on a terminal."""
     from synwatch.catalogue import load_catalogue  # noqa: PLC0415
@@ -105,8 +112,7 @@ def _scan_inputs(paths: Sequence[str], line_numbers: bool = True) -> Iterator[Hi
     for path in paths:
         stream = open_input(path)
         size = stream.size
-        bar = (_ProgressBar(path, size) if size and size > PROGRESS_THRESHOLD
-               and sys.stderr.isatty() else None)
+        bar = _progress_bar(path, size, PROGRESS_THRESHOLD)
         try:
             yield from scan_stream(stream, path, catalogue, now=now, tz=tz, progress=bar,
                                    line_numbers=line_numbers)
@@ -157,10 +163,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     bars: list[_ProgressBar] = []
 
     def progress_for(path: str, size: int | None) -> _ProgressBar | None:
-        if size and sys.stderr.isatty():
-            bars.append(_ProgressBar(path, size))
-            return bars[-1]
-        return None
+        bar = _progress_bar(path, size, 0)  # an import is always worth watching
+        if bar is not None:
+            bars.append(bar)
+        return bar
 
     try:
         results = import_paths(store, load_catalogue(), args.paths, progress_for)

@@ -3,6 +3,7 @@ counters and sysctls, and what they mean (`synwatch snapshot`)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,13 @@ def take(netns: str = "", proc: Path = Path("/proc")) -> Snapshot:
     def collect() -> Snapshot:
         found = sockdiag.listeners()
         recv = sockdiag.syn_recv()
+        by_listener: dict[tuple[int, int], list[tuple[str, int]]] = defaultdict(list)
+        for (family, port, prefix), n in recv.per_prefix.items():
+            by_listener[(family, port)].append((prefix, n))
         states = []
         for li in found:
             key = (li.family, li.port)
-            prefixes = sorted(((p, n) for (f, port, p), n in recv.per_prefix.items()
-                               if (f, port) == key), key=lambda x: (-x[1], x[0]))
+            prefixes = sorted(by_listener.get(key, ()), key=lambda x: (-x[1], x[0]))
             states.append(ListenerState(li, recv.per_listener[key], tuple(prefixes[:TOP])))
         return Snapshot(netns, tuple(states), procnet.read_counters(proc).values,
                         procnet.read_sysctls(proc))

@@ -89,33 +89,29 @@ def _ends_dump(data: bytes) -> bool:
             if rest == _DONE_SIZE and _NLMSG.unpack_from(data, len(data) - rest)[:2] == (
                     _DONE_SIZE, NLMSG_DONE):
                 return True
+    return any(kind == NLMSG_DONE for kind, _ in _walk(data))
+
+
+def _walk(data: bytes) -> Iterator[tuple[int, int]]:
+    """(type, offset of the payload) of each netlink message in a chunk, up to NLMSG_DONE or a
+    malformed header (both yielded, as the end of the dump); a netlink error raises."""
     offset = 0
     while offset + _NLMSG.size <= len(data):
         length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
-        if kind == NLMSG_DONE:
-            return True
         if kind == NLMSG_ERROR:
             code = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
             raise ProbeError("sock_diag", f"netlink error {code}")
-        if length < _NLMSG.size:
-            return True
+        if kind == NLMSG_DONE or length < _NLMSG.size:
+            yield NLMSG_DONE, offset
+            return
+        yield kind, offset + _NLMSG.size
         offset += (length + 3) & ~3
-    return False
 
 
 def _messages(chunks: Iterable[bytes]) -> list[tuple[bytes, int]]:
     """(buffer, offset of an inet_diag_msg) for every socket in the dump."""
-    out = []
-    for data in chunks:
-        offset = 0
-        while offset + _NLMSG.size <= len(data):
-            length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
-            if kind == SOCK_DIAG_BY_FAMILY:
-                out.append((data, offset + _NLMSG.size))
-            if kind in (NLMSG_DONE, NLMSG_ERROR) or length < _NLMSG.size:
-                break
-            offset += (length + 3) & ~3
-    return out
+    return [(data, off) for data in chunks for kind, off in _walk(data)
+            if kind == SOCK_DIAG_BY_FAMILY]
 
 
 def _address(family: int, raw: bytes) -> str:

@@ -49,9 +49,12 @@ def line_identity(line: str | bytes, occurrence: int) -> str:
     copy the same identity, so it is recorded once; a genuinely repeated line (reuseport sockets
     print identical lines in the same second) is its second occurrence, and recorded again.
     """
+    return f"line:{_digest(line)}#{occurrence}"
+
+
+def _digest(line: str | bytes) -> str:
     data = line.encode("utf-8", "replace") if isinstance(line, str) else line
-    digest = hashlib.sha1(data.rstrip(b"\r\n"), usedforsecurity=False).hexdigest()
-    return f"line:{digest}#{occurrence}"
+    return hashlib.sha1(data.rstrip(b"\r\n"), usedforsecurity=False).hexdigest()
 
 
 class OccurrenceCounter:
@@ -63,9 +66,10 @@ class OccurrenceCounter:
         self.counts: dict[str, int] = dict(counts or {})
 
     def identity(self, line: bytes) -> str:
-        key = line_identity(line, 0)
+        digest = _digest(line)
+        key = f"line:{digest}#0"  # the key stored positions already use
         n = self.counts.pop(key, 0) + 1
         self.counts[key] = n  # re-inserted: most recent last
         while len(self.counts) > self.LIMIT:
             del self.counts[next(iter(self.counts))]
-        return line_identity(line, n)
+        return f"line:{digest}#{n}"

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -165,10 +165,8 @@ class FileSource:
         identity = self._counter.identity(raw)
         record = parse_line(raw.decode("utf-8", "replace"), self.catalogue, self._now, self._tz,
                             source=self.name, allow_trust=False)
-        if record is not None:
-            self._records.append(LogRecord(
-                line=record.line, sink=record.sink, message=record.message, time=record.time,
-                host=record.host, trusted=False, source=self.name, position=identity))
+        if record is not None:  # allow_trust=False: never trusted
+            self._records.append(replace(record, position=identity))
 
     def _finish(self, f: _Open) -> None:
         if f.partial:  # the writer is gone: a last line without its newline is still a line

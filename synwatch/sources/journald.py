@@ -11,12 +11,10 @@ raise, so the supervisor restarts us with backoff; we resume from the cursor, wi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import select
-import shutil
 import socket
 import subprocess
 import threading
@@ -29,6 +27,7 @@ from typing import Any, Protocol
 from synwatch.catalogue import Catalogue
 from synwatch.errors import SourceUnavailable
 from synwatch.records import LogRecord
+from synwatch.sources import journal_reader
 from synwatch.sources.base import Batch, Emit
 
 log = logging.getLogger(__name__)
@@ -178,9 +177,10 @@ class JournalctlReader:
 
 
 def make_reader(directory: str | None = None) -> Reader:
-    if importlib.util.find_spec("systemd") is not None:
+    which = journal_reader()
+    if which == SystemdReader.name:
         return SystemdReader(directory)
-    if shutil.which("journalctl"):
+    if which == JournalctlReader.name:
         return JournalctlReader(directory)
     raise SourceUnavailable("journald", "neither systemd-python nor journalctl is installed")
 
@@ -206,7 +206,7 @@ class JournaldSource:
         self.directory = directory
         self.socket_path = socket_path
         self.reader_factory = reader_factory
-        self._needles = tuple(n.decode() for n in catalogue.needles)
+        self._needles = catalogue.text_needles
 
     def check_available(self) -> None:
         if not journald_alive(self.socket_path):

@@ -13,6 +13,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ class KmsgSource:
         self.opener = opener or (lambda: os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))
         self.proc = proc
         self.position: dict[str, Any] = dict(position or {})
-        self._needles = tuple(n.decode() for n in catalogue.needles)
+        self._needles = catalogue.text_needles
 
     def check_available(self) -> None:
         if self.path == "/dev/kmsg" and not os.access(self.path, os.R_OK):
@@ -94,10 +95,8 @@ class KmsgSource:
                         continue
                     record = parse_line(head, self.catalogue, boot_wall, tz, source=self.name)
                     if record is not None:
-                        records.append(LogRecord(
-                            line=record.line, sink=record.sink, message=record.message,
-                            time=boot_wall + timedelta(microseconds=usec), host=None,
-                            trusted=record.trusted, source=self.name,
+                        records.append(replace(
+                            record, time=boot_wall + timedelta(microseconds=usec),
                             position=f"kmsg:{boot}:{seq}"))
                 if last_seq is not None and (records or notes
                                              or last_seq != self.position.get("seq")):
