@@ -68,7 +68,28 @@ def _open_store(args: argparse.Namespace) -> Store:
 def cmd_run(args: argparse.Namespace) -> int:
     from synwatch.service import Service  # noqa: PLC0415
 
-    return Service(_load(args), args.config).run()
+    return Service(_load(args), args.config, record=args.record).run()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, table  # noqa: PLC0415
+    from synwatch.replay import replay  # noqa: PLC0415
+    from synwatch.store.views import change_view  # noqa: PLC0415
+
+    config = _load(args)
+    rows = [change_view(c) for c in replay(args.recording, config.thresholds,
+                                           config.quiet_period)]
+    if args.format == "json":
+        print(dumps(rows))
+        return 0
+    for row in rows:
+        row["listener"] = f"{row['address'] or '*'}:{row['port'] if row['port'] else '?'}"
+    table(rows, ["opened_at", "status", "verdict", "trigger", "listener", "peak_syn_recv"],
+          sys.stdout, headers=["opened", "status", "verdict", "trigger", "listener", "peak"])
+    for row in rows:
+        for line in row["evidence"] + row["recommendations"]:
+            print(f"  {row['listener']}: {line}")
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -201,6 +222,34 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from synwatch.doctor import examine  # noqa: PLC0415
+    from synwatch.output import dumps  # noqa: PLC0415
+    from synwatch.probes.snapshot import take  # noqa: PLC0415
+
+    config = _load(args)
+    netns = config.netns if args.netns is None else args.netns
+    history = {}
+    try:
+        history = _open_store(args).port_history(netns)
+    except SynwatchError as exc:
+        sys.stderr.write(f"synwatch: no history ({exc.subject}: {exc.why}); judging the "
+                         "present only\n")
+    before = take(netns)
+    time.sleep(args.seconds)
+    after = take(netns)
+    findings = examine(before, after, args.seconds, history)
+    if args.format == "json":
+        print(dumps([{"severity": f.severity, "subject": f.subject, "text": f.text}
+                     for f in findings]))
+    else:
+        for f in findings:
+            print(f"{f.severity.upper():<5} {f.subject}: {f.text}")
+    return 0
+
+
 def cmd_events_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, table  # noqa: PLC0415
     from synwatch.store.views import event_view  # noqa: PLC0415
@@ -241,13 +290,16 @@ def cmd_incidents_list(args: argparse.Namespace) -> int:
 
 def cmd_incidents_show(args: argparse.Namespace) -> int:
     from synwatch.output import cell, dumps, table  # noqa: PLC0415
-    from synwatch.store.views import incident_view  # noqa: PLC0415
+    from synwatch.store.views import incident_view, sample_view  # noqa: PLC0415
 
     store = _open_store(args)
     incident, runs = store.incident(args.id)
     view = incident_view(incident, runs)
+    samples = [sample_view(x) for x in store.samples(args.id)]
     if args.format == "json":
-        print(dumps(view))
+        extra = ({"evidence": list(incident.evidence.get("reasons", [])), "timeline": samples}
+                 if args.evidence else {})
+        print(dumps({**view, **extra}))
         return 0
     for key in ("id", "host", "netns", "address", "port", "family", "status", "verdict",
                 "trigger", "opened_at", "closed_at", "first_evidence_at", "detected_at",
@@ -256,12 +308,35 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
     if view["top_prefixes"]:
         print("top prefixes:")
         table(view["top_prefixes"], ["prefix", "count", "share"], sys.stdout)
+    for reason in incident.evidence.get("reasons", []):
+        print(f"evidence: {reason}")
+    _timeline(samples)
     for rec in view["recommendations"]:
         print(f"recommendation: {rec}")
     if view["actions"]:
         print("actions:")
         table(view["actions"], ["at", "action", "target", "status"], sys.stdout)
     return 0
+
+
+def _timeline(samples: list[dict[str, Any]]) -> None:
+    """The evidence over time, one sparkline per measure."""
+    from synwatch.output import sparkline  # noqa: PLC0415
+
+    if not samples:
+        return
+    print(f"timeline:          {len(samples)} probes, {samples[0]['at']} to {samples[-1]['at']}")
+    rows: list[tuple[str, list[float | None]]] = [
+        ("SYN-RECV", [x["syn_recv"] for x in samples]),
+        ("accept queue", [x["accept_queue"] for x in samples]),
+        ("SYN overflow/s", [x["rates"].get("syns_overflowed") for x in samples]),
+        ("accept overflow/s", [x["rates"].get("listen_overflows") for x in samples]),
+        ("cookies back/s", [x["rates"].get("cookies_recv") for x in samples]),
+    ]
+    for name, values in rows:
+        peak = max((v for v in values if v is not None), default=None)
+        if peak:
+            print(f"  {name:<18}{sparkline(values)}  peak {peak:.0f}")
 
 
 def cmd_bans_list(args: argparse.Namespace) -> int:
@@ -305,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("run", cmd_run, "run the service in the foreground")
+    p.add_argument("--record", metavar="FILE",
+                   help="append every probe and kernel event to FILE (JSON lines) for replay")
+    _add_config(p)
+    p = command("replay", cmd_replay,
+                "the incidents a recording (run --record) leads to with the configured "
+                "thresholds; records nothing")
+    p.add_argument("recording", metavar="FILE")
+    _add_format(p)
     _add_config(p)
     p = command("check-config", cmd_check_config, "check a configuration file")
     _add_config(p)
@@ -322,6 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "listeners, their queues and SYN-RECV sources, counters, sysctls, a diagnosis")
     p.add_argument("--netns", default="", metavar="NAME", help="an `ip netns` name")
     _add_format(p)
+
+    p = command("doctor", cmd_doctor,
+                "judge the listeners, sysctls and counters of a namespace, with tuning advice "
+                "(backlogs below the peaks in the history, listen(0), cookies off, somaxconn)")
+    p.add_argument("--netns", default=None, metavar="NAME",
+                   help="an `ip netns` name (default: watch.netns of the config)")
+    p.add_argument("--seconds", type=float, default=1.0, metavar="S",
+                   help="measure counter rates over S seconds (default 1)")
+    _add_format(p)
+    _add_config(p)
 
     p = command("import", cmd_import,
                 "read old logs (.1, .gz) into the event history, untrusted and historical; "
@@ -349,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("show", cmd_incidents_show, "one incident with its evidence and actions",
                 incidents)
     p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("--evidence", action="store_true",
+                   help='with --format json: add "evidence" (the verdict\'s reasons) and '
+                        '"timeline" (every probe while it lasted)')
     _add_format(p)
     _add_config(p)
 

@@ -33,6 +33,20 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
+class Thresholds:
+    """When counters open an incident, and how a verdict is reached ([incident], [verdict])."""
+
+    open_rate: int = 20  # overflowing SYNs (or accept-queue overflows) per second
+    capacity_completion: float = 0.5
+    spoofed_completion: float = 0.1
+    concentrated_prefixes: int = 4
+    concentrated_share: float = 0.8
+    spoofed_min_prefixes: int = 32
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str  # where it was read from, for messages
     storage_url: str
@@ -41,6 +55,9 @@ class Config:
     kmsg: Auto
     netns: str
     quiet_period: float
+    probe_interval: float
+    accounting: Auto
+    thresholds: Thresholds
     allowlist: tuple[Network, ...]
     dry_run: bool
     syncookies_enabled: bool
@@ -83,6 +100,20 @@ def _duration(value: Any) -> float:
     if seconds <= 0:
         raise _Invalid(f"must be longer than 0, got {_show(value)}")
     return seconds
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Invalid(f"expected a whole number from {low} to {high}, got {_show(value)}")
+        return value
+    return check
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise _Invalid(f"expected a fraction from 0 to 1 (0.8 = 80%), got {_show(value)}")
+    return float(value)
 
 
 def _string_list(value: Any) -> tuple[str, ...]:
@@ -166,12 +197,23 @@ def _listen(value: Any) -> tuple[str, int] | None:
     return host, int(m.group(2))
 
 
+_DEFAULTS = Thresholds()
+
 # section -> key -> (validator, default). The keys of the interface contract (DESIGN.md).
 _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "storage": {"url": (_url, "")},
     "sources": {"journald": (_auto, "auto"), "files": (_files, []), "kmsg": (_auto, "auto")},
     "watch": {"netns": (_netns, "")},
-    "incident": {"quiet_period": (_duration, "60s")},
+    "incident": {"quiet_period": (_duration, "60s"), "probe_interval": (_duration, "1s"),
+                 "open_rate": (_int_in(1, 10_000_000), _DEFAULTS.open_rate),
+                 "accounting": (_auto, "auto")},
+    "verdict": {"capacity_completion": (_fraction, _DEFAULTS.capacity_completion),
+                "spoofed_completion": (_fraction, _DEFAULTS.spoofed_completion),
+                "concentrated_prefixes": (_int_in(1, 64), _DEFAULTS.concentrated_prefixes),
+                "concentrated_share": (_fraction, _DEFAULTS.concentrated_share),
+                "spoofed_min_prefixes": (_int_in(2, 65536), _DEFAULTS.spoofed_min_prefixes),
+                "ipv4_prefix": (_int_in(8, 32), _DEFAULTS.ipv4_prefix),
+                "ipv6_prefix": (_int_in(16, 128), _DEFAULTS.ipv6_prefix)},
     "allowlist": {"networks": (_networks, [])},
     "actions": {"dry_run": (_bool, False)},
     "actions.syncookies": {"enabled": (_bool, True)},
@@ -230,11 +272,21 @@ def parse_config(text: str, path: str) -> Config:
             except _Invalid as exc:
                 raise ConfigError(path, f"{section}.{key}", str(exc)) from None
     v = values
+    if v["incident.probe_interval"] < 0.1:
+        raise ConfigError(path, "incident.probe_interval",
+                          "must be at least 0.1s (probing reads every socket of the namespace)")
+    if v["verdict.spoofed_completion"] > v["verdict.capacity_completion"]:
+        raise ConfigError(path, "verdict.spoofed_completion",
+                          f"must not exceed verdict.capacity_completion "
+                          f"({v['verdict.capacity_completion']})")
     return Config(
         path=path,
         storage_url=v["storage.url"] or default_storage_url(),
         journald=v["sources.journald"], files=v["sources.files"], kmsg=v["sources.kmsg"],
         netns=v["watch.netns"], quiet_period=v["incident.quiet_period"],
+        probe_interval=v["incident.probe_interval"], accounting=v["incident.accounting"],
+        thresholds=Thresholds(open_rate=v["incident.open_rate"],
+                              **{k: v[f"verdict.{k}"] for k in _SCHEMA["verdict"]}),
         allowlist=v["allowlist.networks"], dry_run=v["actions.dry_run"],
         syncookies_enabled=v["actions.syncookies.enabled"],
         ban_enabled=v["actions.ban.enabled"], ban_backend=v["actions.ban.backend"],

@@ -62,3 +62,7 @@ class ProbeError(SynwatchError):
 
 class NotFound(SynwatchError):
     status = ExitStatus.FAILURE
+
+
+class CommandError(SynwatchError):
+    """An external tool (nft, ufw, ipset, ip) is missing, failed or timed out."""

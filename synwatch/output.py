@@ -35,3 +35,17 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], out: TextIO,
 def json_lines(rows: Iterable[dict[str, Any]], out: TextIO) -> None:
     for row in rows:
         out.write(dumps(row) + "\n")
+
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float | None], width: int = 60) -> str:
+    """One character per value (the largest of each group beyond ``width``); blank for None."""
+    if len(values) > width:
+        step = -(-len(values) // width)
+        values = [max((v for v in values[i:i + step] if v is not None), default=None)
+                  for i in range(0, len(values), step)]
+    top = max((v for v in values if v is not None), default=0) or 1
+    return "".join(" " if v is None else BARS[min(len(BARS) - 1, int(v / top * len(BARS)))]
+                   for v in values)

@@ -11,7 +11,7 @@ import logging
 from synwatch.catalogue import Catalogue
 from synwatch.clock import Clock
 from synwatch.filters import match_record
-from synwatch.records import KernelEvent
+from synwatch.records import KernelEvent, StoredEvent
 from synwatch.sources.base import Batch
 from synwatch.store import NewEvent, Store
 
@@ -31,17 +31,18 @@ class Recorder:
     def __init__(self, store: Store, catalogue: Catalogue, clock: Clock) -> None:
         self.store, self.catalogue, self.clock = store, catalogue, clock
 
-    def record(self, batch: Batch) -> list[KernelEvent]:
-        """Store the batch's kernel events and position; returns the events it matched."""
+    def record(self, batch: Batch) -> list[StoredEvent]:
+        """Store the batch's kernel events and position; returns the events that were new."""
         for note in batch.notes:
             log.warning("source %s: %s", batch.source, note)
         events = [e for e in (match_record(r, self.catalogue) for r in batch.records) if e]
-        added = self.store.record_events([new_event(e) for e in events], self.clock.now(),
-                                         (batch.source, batch.position))
+        ids = self.store.insert_events([new_event(e) for e in events], self.clock.now(),
+                                       (batch.source, batch.position))
+        stored = [StoredEvent(i, e) for i, e in zip(ids, events, strict=True) if i is not None]
         for e in events:
             log.info("kernel event from %s (%s): %s", batch.source,
                      "trusted" if e.trusted else "untrusted", e.record.message)
-        if added != len(events):
+        if len(stored) != len(events):
             log.debug("source %s: %d of %d events were already recorded", batch.source,
-                      len(events) - added, len(events))
-        return events
+                      len(events) - len(stored), len(events))
+        return stored

@@ -6,9 +6,12 @@ No I/O and no ORM here; every stage reads these and makes new ones, never mutate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from synwatch.probes.snapshot import Snapshot
 
 EventKind = Literal["syn_flood", "drop_open_request"]
 Mode = Literal["cookies", "drop"]
@@ -57,3 +60,66 @@ class KernelEvent:
     @property
     def trusted(self) -> bool:
         return self.record.trusted
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A kernel event as the store has it: the correlator links incidents to ``id``."""
+
+    id: int
+    event: KernelEvent
+    historical: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """One probe of a network namespace: its kernel state at ``at``."""
+
+    at: datetime
+    snapshot: Snapshot
+    # SYNs per (listener port, source prefix) from the nftables accounting set, cumulative;
+    # None where there is no set.
+    accounting: dict[tuple[int, str], int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One point of an incident's evidence timeline."""
+
+    at: datetime
+    syn_recv: int | None
+    accept_queue: int | None
+    backlog: int | None
+    rates: dict[str, float]  # counter deltas per second over the last probe interval
+    top_prefixes: tuple[tuple[str, int], ...]
+
+
+IncidentStatus = Literal["open", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentChange:
+    """An incident opened, updated or closed by the correlator, in full."""
+
+    change: Literal["opened", "updated", "closed"]
+    serial: int  # the correlator's own handle; incident_id is set once the store has it
+    incident_id: int | None
+    host: str
+    netns: str
+    address: str | None
+    port: int | None
+    family: int | None
+    status: IncidentStatus
+    verdict: str
+    trigger: Literal["log", "counters"]
+    opened_at: datetime
+    closed_at: datetime | None
+    first_evidence_at: datetime | None
+    detected_at: datetime
+    peak_syn_recv: int
+    top_prefixes: tuple[tuple[str, int, float], ...]
+    recommendations: tuple[str, ...]
+    reasons: tuple[str, ...]
+    evidence: dict[str, Any]  # the tally and the last activity, to resume after a restart
+    sample: Sample | None = None
+    event_ids: tuple[int, ...] = field(default=())  # events to link to the incident

@@ -6,19 +6,28 @@ Signals only set flags; the main loop does the work, so nothing runs inside a si
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
+import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from types import FrameType
 
 from synwatch import sdnotify
 from synwatch.catalogue import load_catalogue
-from synwatch.clock import SystemClock
+from synwatch.clock import Clock, SystemClock
 from synwatch.config import Config, load_config
-from synwatch.errors import ConfigError, StoreError
+from synwatch.correlate import Correlator
+from synwatch.errors import CommandError, ConfigError, ProbeError, StoreError
+from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
+from synwatch.probes.snapshot import take
 from synwatch.recorder import Recorder
+from synwatch.records import Evidence, IncidentChange
+from synwatch.replay import Recording, event_line, evidence_line
+from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
 from synwatch.store import Store
@@ -35,14 +44,23 @@ class _Flags:
 
 
 class Service:
-    def __init__(self, config: Config, config_arg: str | None) -> None:
+    def __init__(self, config: Config, config_arg: str | None,
+                 record: str | None = None) -> None:
         self.config = config
         self.config_arg = config_arg
+        self.recording = Recording(record) if record else None
         self.flags = _Flags()
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
         self.recorder: Recorder | None = None
+        self.correlator: Correlator | None = None
+        self.clock: Clock = SystemClock()
         self._pending: Batch | None = None  # a batch the store refused, retried first
+        self._unsaved: list[IncidentChange] = []  # incident changes the store refused
+        self._ids: dict[int, int] = {}  # correlator serial -> incident id
+        self._probe_due = 0.0
+        self._probe_failure: str | None = None
+        self.accounting: SynAccounting | None = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -65,29 +83,123 @@ class Service:
             log.info("actions: dry run (rendered and logged, nothing changed)")
         catalogue = load_catalogue()
         sources = build_sources(plans, catalogue, self.store.get_position)
-        self.recorder = Recorder(self.store, catalogue, SystemClock())
+        self.recorder = Recorder(self.store, catalogue, self.clock)
+        self.correlator = self._correlator()
+        self.accounting = self._accounting()
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
+
+    def _correlator(self) -> Correlator:
+        assert self.store is not None
+        c = self.config
+        host = socket.gethostname()
+        correlator = Correlator(host, c.netns, c.thresholds, c.quiet_period, self.clock)
+        for left_open in self.store.open_incidents(host, c.netns):
+            serial = correlator.resume(left_open.incident_id or 0, left_open)
+            self._ids[serial] = left_open.incident_id or 0
+            log.info("incident %s on %s: still open from before the restart",
+                     left_open.incident_id, left_open.port or "an unknown listener")
+        return correlator
+
+    def _accounting(self) -> SynAccounting | None:
+        c = self.config
+        if c.accounting is False:
+            return None
+        if c.accounting == "auto":
+            why = ("actions are a dry run" if c.dry_run else "not root" if os.geteuid() != 0
+                   else "nft is not installed" if not available("nft") else None)
+            if why:
+                log.info("SYN accounting: off (%s); sources come from SYN-RECV sockets", why)
+                return None
+        acct = SynAccounting(c.netns, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
+        try:
+            acct.setup()
+        except CommandError as exc:
+            log.warning("SYN accounting: off: %s", exc)
+            return None
+        log.info("SYN accounting: on (nftables table inet %s, chain %s)", TABLE, CHAIN)
+        return acct
+
+    # -- incidents ------------------------------------------------------------------------------
+
+    def _save(self, changes: list[IncidentChange]) -> None:
+        """Store incident changes in order; what the store refuses is kept and retried first."""
+        assert self.store is not None
+        assert self.correlator is not None
+        self._unsaved.extend(changes)
+        while self._unsaved:
+            change = self._unsaved[0]
+            if change.incident_id is None and change.serial in self._ids:
+                change = replace(change, incident_id=self._ids[change.serial])
+            try:
+                incident_id = self.store.save_incident(change)
+            except StoreError as exc:
+                log.error("store: %s; %d incident changes kept to retry",  # noqa: TRY400
+                          exc, len(self._unsaved))
+                return
+            self._unsaved.pop(0)
+            self._ids[change.serial] = incident_id
+            self.correlator.bind(change.serial, incident_id)
+            if change.change != "updated":
+                log.info("incident %d %s: %s %s, verdict %s", incident_id, change.change,
+                         change.netns or "host", _where(change), change.verdict)
+            if change.change == "opened":
+                self._probe_due = 0.0  # fresh evidence for what just opened
+            if change.change == "closed":
+                self._ids.pop(change.serial, None)
+
+    def _probe(self) -> None:
+        assert self.correlator is not None
+        c = self.config
+        try:
+            snap = take(c.netns, v4_len=c.thresholds.ipv4_prefix,
+                        v6_len=c.thresholds.ipv6_prefix)
+        except ProbeError as exc:
+            if str(exc) != self._probe_failure:
+                log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
+                self._probe_failure = str(exc)
+            self._save(self.correlator.expire(self.clock.now()))
+            return
+        if self._probe_failure is not None:
+            log.info("probe: reading kernel state again")
+            self._probe_failure = None
+        counted = None
+        if self.accounting is not None:
+            try:
+                counted = self.accounting.read()
+            except ProbeError as exc:
+                log.warning("%s", exc)
+        evidence = Evidence(self.clock.now(), snap, counted)
+        if self.recording is not None:
+            self.recording.write(evidence_line(self.clock.now(), evidence))
+        self._save(self.correlator.on_evidence(evidence))
 
     def _record(self, batch: Batch) -> bool:
         """Store one batch; on a store failure keep it to retry first (its position is not
         stored either, so even a stop meanwhile loses nothing: the source reads it again)."""
         assert self.recorder is not None
+        assert self.correlator is not None
         try:
-            self.recorder.record(batch)
+            stored = self.recorder.record(batch)
         except StoreError as exc:
             self._pending = batch
             log.error("store: %s; retrying in 1 s", exc)  # noqa: TRY400 - one line is enough
             return False
         self._pending = None
+        for event in stored:
+            if self.recording is not None:
+                self.recording.write(event_line(self.clock.now(), event))
+            self._save(self.correlator.on_event(event))
         return True
 
     def _drain(self, timeout: float) -> None:
-        """Record what the sources produce for up to ``timeout`` seconds."""
+        """Record what the sources produce for up to ``timeout`` seconds, or until a probe is
+        due."""
         if self.supervisor is None:
             return
         deadline = time.monotonic() + timeout
-        while not self.flags.stop and time.monotonic() < deadline:
+        while (not self.flags.stop and time.monotonic() < deadline
+               and time.monotonic() < self._probe_due):
             batch = self._pending
             if batch is None:
                 try:
@@ -122,7 +234,12 @@ class Service:
         else:
             if new.storage_url != self.config.storage_url:
                 log.warning("storage.url changed; it takes effect at the next restart")
-            self.config = new
+            if new.netns != self.config.netns:
+                log.warning("watch.netns changed; it takes effect at the next restart")
+            if self.correlator is not None:
+                self.correlator.th = new.thresholds
+                self.correlator.quiet = timedelta(seconds=new.quiet_period)
+            self.config = replace(new, netns=self.config.netns)
             log.info("configuration reloaded from %s", new.path)
         sdnotify.notify("READY=1", "STATUS=watching")
 
@@ -136,6 +253,9 @@ class Service:
         next_ping = time.monotonic()
         while not self.flags.stop:
             self._drain(timeout=min(ping or 1.0, 1.0))
+            if time.monotonic() >= self._probe_due and not self.flags.stop:
+                self._probe_due = time.monotonic() + self.config.probe_interval
+                self._probe()
             if ping and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping
@@ -147,6 +267,21 @@ class Service:
         if self.supervisor is not None:
             self.supervisor.stop()
             self._drain_queued()
+        if self.accounting is not None:
+            try:
+                self.accounting.teardown()
+            except CommandError as exc:
+                log.warning("SYN accounting: could not remove its chain: %s", exc)
         if self.store is not None:
+            if self._unsaved:
+                self._save([])
             self.store.close()
+        if self.recording is not None:
+            self.recording.close()
         return 0
+
+
+def _where(c: IncidentChange) -> str:
+    if c.port is None:
+        return "an unknown listener"
+    return f"[{c.address}]:{c.port}" if c.family == 6 else f"{c.address}:{c.port}"

@@ -74,6 +74,28 @@ class Lab:
         subprocess.run(["ip", "netns", "exec", self.client_ns, sys.executable, "-c", code],
                        input=json.dumps(srcs), text=True, check=True, timeout=120, env=env)
 
+    def connect_burst(self, port: int, established: int, attempts: int,
+                      spacing: float = 0.005, hold: float = 2.0) -> None:
+        """Real clients from the client namespace: ``established`` connections one after the
+        other, then ``attempts`` non-blocking connects ``spacing`` apart, all held open for
+        ``hold`` seconds (their SYNs are retransmitted meanwhile), then closed."""
+        code = textwrap.dedent(f"""
+            import socket, time
+            held = []
+            for _ in range({established}):
+                s = socket.create_connection(({SERVER_IP!r}, {port}), timeout=5)
+                held.append(s)
+            for _ in range({attempts}):
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(({SERVER_IP!r}, {port}))
+                held.append(s)
+                time.sleep({spacing})
+            time.sleep({hold})
+        """)
+        subprocess.run(["ip", "netns", "exec", self.client_ns, sys.executable, "-c", code],
+                       check=True, timeout=120)
+
 
 @contextmanager
 def lab() -> Iterator[Lab]:

@@ -91,7 +91,7 @@ def _snap(listener: Listener, syn_recv: int = 0, **sysctls: int) -> Snapshot:
     base = {"net.ipv4.tcp_syncookies": 1, "net.core.somaxconn": 4096}
     base.update({f"net.core.{k}" if k == "somaxconn" else f"net.ipv4.{k}": v
                  for k, v in sysctls.items()})
-    return Snapshot("", (ListenerState(listener, syn_recv, ()),), {}, base)  # type: ignore[arg-type]
+    return Snapshot("", (ListenerState(listener, syn_recv, (), 0),), {}, base)  # type: ignore[arg-type]
 
 
 def test_diagnosis_rules() -> None:

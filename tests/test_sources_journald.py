@@ -213,3 +213,37 @@ def test_kmsg_counts_records_lost_between_reads(catalogue: Catalogue, tmp_path: 
     assert notes == ["7 kernel records were overwritten in the ring buffer before they could "
                      "be read"]
     assert source.position["seq"] == 20
+
+
+class _CountingReader:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float) -> None:
+        self.waits.append(timeout)
+
+
+@pytest.mark.needs_root
+def test_a_kernel_record_wakes_the_journal_reader_at_once() -> None:
+    """journald notifies readers up to 250 ms late; a /dev/kmsg record wakes us instead, and
+    for half a second after it the journal is looked at every 10 ms."""
+    from synwatch.sources.journald import KernelWake
+
+    wake = KernelWake()
+    reader = _CountingReader()
+    try:
+        assert wake.fd is not None
+        with Path("/dev/kmsg").open("w") as kmsg:
+            kmsg.write("<6>synwatch-test: wake the journal reader\n")
+        started = time.monotonic()
+        wake.wait(reader, 30)  # returns on the record, not after 30 s
+        wake.wait(reader, 30)  # eager: returns after 10 ms
+        assert time.monotonic() - started < 5
+        assert reader.waits == [0, 0]  # the reader only takes in its notifications
+    finally:
+        wake.close()
+    unreadable = KernelWake("/nonexistent/kmsg")
+    unreadable.wait(reader, 0.01)  # falls back to the reader's own wait
+    assert reader.waits[-1] == 0.01

@@ -171,3 +171,49 @@ def test_unwritable_store_is_a_one_line_failure(tmp_path: Path) -> None:
 def test_bad_limit_is_usage(store_config: Path, value: str) -> None:
     res = synwatch("events", "list", "--limit", value, "--config", str(store_config))
     assert res.code == 2 and res.err.startswith("synwatch: events list: argument --limit")
+
+
+def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from synwatch.records import IncidentChange, Sample
+
+    store = Store.open(_db(tmp_path / "h.db"))
+    ids = store.insert_events([_event(1), _event(2), _event(1)], T0)
+    assert ids[0] is not None and ids[1] is not None and ids[2] is None
+    opened = IncidentChange(
+        change="opened", serial=1, incident_id=None, host="web01", netns="", address="0.0.0.0",
+        port=443, family=4, status="open", verdict="unknown", trigger="log", opened_at=T0,
+        closed_at=None, first_evidence_at=T0, detected_at=T0 + timedelta(milliseconds=20),
+        peak_syn_recv=0, top_prefixes=(), recommendations=("r1",), reasons=("e1",),
+        evidence={"tally": {"syns_overflowed": 5}, "last_activity": T0.isoformat()},
+        sample=Sample(T0, 64, 0, 64, {"syns_overflowed": 10.0}, (("10.0.0.0/24", 64),)),
+        event_ids=(ids[0],))
+    incident_id = store.save_incident(opened)
+    closed = replace(opened, change="closed", incident_id=incident_id, status="closed",
+                     verdict="concentrated", closed_at=T0 + timedelta(minutes=1),
+                     peak_syn_recv=64, top_prefixes=(("10.0.0.0/24", 64, 1.0),), sample=None,
+                     event_ids=(ids[1],))
+    [left_open] = store.open_incidents("web01", "")
+    assert (left_open.incident_id, left_open.evidence["tally"]) == (incident_id,
+                                                                   {"syns_overflowed": 5})
+    assert store.save_incident(closed) == incident_id
+    assert store.open_incidents("web01", "") == []
+    assert [e.incident_id for e in store.events()] == [incident_id, incident_id]
+    [sample] = store.samples(incident_id)
+    assert (sample.syn_recv, sample.top_prefixes) == (64, [["10.0.0.0/24", 64]])
+    history = store.port_history("")
+    assert (history[443].incidents, history[443].peak_syn_recv) == (1, 64)
+    shown = json.loads(synwatch("incidents", "show", str(incident_id), "--format", "json",
+                                "--evidence", env={"SYNWATCH_CONFIG": str(_config(tmp_path))}
+                                ).out)
+    assert shown["evidence"] == ["e1"]
+    assert shown["timeline"] == [{"at": T0.isoformat(), "syn_recv": 64, "accept_queue": 0,
+                                  "backlog": 64, "rates": {"syns_overflowed": 10.0},
+                                  "top_prefixes": [{"prefix": "10.0.0.0/24", "count": 64}]}]
+
+
+def _config(tmp_path: Path) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[storage]\nurl = "{_db(tmp_path / "h.db")}"\n')
+    return path

@@ -11,14 +11,20 @@ from typing import Any
 from synwatch.netns import in_netns
 from synwatch.probes import procnet, sockdiag
 
-TOP = 5
+SHOWN = 5  # prefixes shown per listener
+KEPT = 64  # prefixes kept per listener for the correlator; the rest are only counted
 
 
 @dataclass(frozen=True, slots=True)
 class ListenerState:
     listener: sockdiag.Listener
     syn_recv: int
-    top_prefixes: tuple[tuple[str, int], ...]
+    prefixes: tuple[tuple[str, int], ...]  # the KEPT largest, largest first
+    prefix_count: int  # distinct source prefixes among the request sockets
+
+    @property
+    def top_prefixes(self) -> tuple[tuple[str, int], ...]:
+        return self.prefixes[:SHOWN]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +35,11 @@ class Snapshot:
     sysctls: dict[str, int | None]
 
 
-def take(netns: str = "", proc: Path = Path("/proc")) -> Snapshot:
+def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
+         v6_len: int = 64) -> Snapshot:
     def collect() -> Snapshot:
         found = sockdiag.listeners()
-        recv = sockdiag.syn_recv()
+        recv = sockdiag.syn_recv(v4_len, v6_len)
         by_listener: dict[tuple[int, int], list[tuple[str, int]]] = defaultdict(list)
         for (family, port, prefix), n in recv.per_prefix.items():
             by_listener[(family, port)].append((prefix, n))
@@ -40,7 +47,8 @@ def take(netns: str = "", proc: Path = Path("/proc")) -> Snapshot:
         for li in found:
             key = (li.family, li.port)
             prefixes = sorted(by_listener.get(key, ()), key=lambda x: (-x[1], x[0]))
-            states.append(ListenerState(li, recv.per_listener[key], tuple(prefixes[:TOP])))
+            states.append(ListenerState(li, recv.per_listener[key], tuple(prefixes[:KEPT]),
+                                        len(prefixes)))
         return Snapshot(netns, tuple(states), procnet.read_counters(proc).values,
                         procnet.read_sysctls(proc))
 

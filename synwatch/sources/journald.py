@@ -195,6 +195,55 @@ def journald_alive(socket_path: str = JOURNALD_SOCKET) -> bool:
     return True
 
 
+class KernelWake:
+    """Wakes the journal reader when the kernel logs something.
+
+    journald writes an entry at once but tells readers (inotify) up to 250 ms later, as it
+    batches its change notifications. /dev/kmsg becomes readable the moment the kernel prints,
+    so after a kernel record we look at the journal every 10 ms for half a second instead.
+    Without /dev/kmsg (not root, dmesg_restrict) the journal's own notification is used.
+    """
+
+    EAGER_FOR = 0.5
+    EAGER_EVERY = 0.01
+
+    def __init__(self, path: str = "/dev/kmsg") -> None:
+        self._eager_until = 0.0
+        try:
+            self.fd: int | None = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            self.fd = None
+        self._poll = select.poll()
+        if self.fd is not None:
+            self._poll.register(self.fd, select.POLLIN)
+
+    def _drain(self) -> None:
+        assert self.fd is not None
+        while True:
+            try:
+                os.read(self.fd, 8192)
+            except BlockingIOError:
+                return
+            except BrokenPipeError:  # records overwritten before we read them: read on
+                continue
+
+    def wait(self, reader: Reader, timeout: float) -> None:
+        if self.fd is None:
+            reader.wait(timeout)
+            return
+        eager = time.monotonic() < self._eager_until
+        if self._poll.poll((self.EAGER_EVERY if eager else timeout) * 1000):
+            self._drain()
+            self._eager_until = time.monotonic() + self.EAGER_FOR
+        reader.wait(0)  # let the reader take in new journal files (rotation)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class JournaldSource:
     name = "journald"
 
@@ -231,6 +280,9 @@ class JournaldSource:
 
     def stream(self, emit: Emit, stop: threading.Event) -> None:
         reader = self.reader_factory(self.directory)
+        # journalctl has its own notification delay, which waking us early cannot shorten
+        wake = KernelWake() if reader.name == SystemdReader.name and self.directory is None \
+            else None
         try:
             cursor = self.position.get("cursor")
             since = self.position.get("realtime")
@@ -263,9 +315,14 @@ class JournaldSource:
                     if not journald_alive(self.socket_path):
                         raise SourceUnavailable("journald", "stopped answering on "
                                                             f"{self.socket_path}")
-                reader.wait(0.5)
+                if wake is not None:
+                    wake.wait(reader, 0.5)
+                else:
+                    reader.wait(0.5)
         finally:
             reader.close()
+            if wake is not None:
+                wake.close()
 
 
 def _when(usec: int | None) -> str:

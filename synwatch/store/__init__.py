@@ -15,13 +15,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, case, create_engine, event, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from synwatch.doctor import PortHistory
 from synwatch.errors import NotFound, StoreError
-from synwatch.store.models import ActionRun, Ban, Event, Incident, SourcePosition
+from synwatch.records import IncidentChange
+from synwatch.store.models import (
+    ActionRun,
+    Ban,
+    Event,
+    EvidenceSample,
+    Incident,
+    SourcePosition,
+)
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -144,28 +153,70 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(self.display_url, str(exc).splitlines()[0]) from exc
 
-    def record_events(self, events: Sequence[NewEvent], now: datetime,
-                      position: tuple[str, dict[str, Any]] | None = None) -> int:
+    def insert_events(self, events: Sequence[NewEvent], now: datetime,
+                      position: tuple[str, dict[str, Any]] | None = None) -> list[int | None]:
         """Record ``events`` and the source position that covers them, in one transaction.
 
         Events whose ``dedup_key`` is already stored are skipped, so a replayed entry is never
-        counted twice. Returns how many were new.
+        recorded twice. Returns the new id of each event, None for those skipped.
         """
         keys = [e.dedup_key for e in events if e.dedup_key]
-        added = 0
+        rows: list[Event | None] = []
         with self.session() as s:
             known = set(s.scalars(select(Event.dedup_key).where(Event.dedup_key.in_(keys)))
                         ) if keys else set()
             for e in events:
                 if e.dedup_key and e.dedup_key in known:
+                    rows.append(None)
                     continue
                 if e.dedup_key:
                     known.add(e.dedup_key)
-                s.add(Event(recorded_at=now, **{f: getattr(e, f) for f in NewEvent.__slots__}))
-                added += 1
+                row = Event(recorded_at=now, **{f: getattr(e, f) for f in NewEvent.__slots__})
+                s.add(row)
+                rows.append(row)
             if position is not None:
                 s.merge(SourcePosition(source=position[0], position=position[1], updated_at=now))
-        return added
+            s.flush()
+            return [r.id if r is not None else None for r in rows]
+
+    def record_events(self, events: Sequence[NewEvent], now: datetime,
+                      position: tuple[str, dict[str, Any]] | None = None) -> int:
+        """Like insert_events; returns how many were new."""
+        return sum(i is not None for i in self.insert_events(events, now, position))
+
+    def save_incident(self, c: IncidentChange) -> int:
+        """Insert or update the incident of a correlator change, with its sample and events,
+        in one transaction; returns the incident's id."""
+        fields = {
+            "host": c.host, "netns": c.netns, "address": c.address, "port": c.port,
+            "family": c.family, "status": c.status, "verdict": c.verdict, "trigger": c.trigger,
+            "opened_at": c.opened_at, "closed_at": c.closed_at,
+            "first_evidence_at": c.first_evidence_at, "detected_at": c.detected_at,
+            "peak_syn_recv": c.peak_syn_recv,
+            "top_prefixes": [{"prefix": p, "count": n, "share": sh}
+                             for p, n, sh in c.top_prefixes],
+            "recommendations": list(c.recommendations),
+            "evidence": {**c.evidence, "reasons": list(c.reasons)},
+        }
+        with self.session() as s:
+            row = s.get(Incident, c.incident_id) if c.incident_id is not None else None
+            if row is None:
+                row = Incident(**fields)
+                s.add(row)
+            else:
+                for name, value in fields.items():
+                    setattr(row, name, value)
+            s.flush()
+            if c.sample is not None:
+                x = c.sample
+                s.add(EvidenceSample(
+                    incident_id=row.id, at=x.at, syn_recv=x.syn_recv,
+                    accept_queue=x.accept_queue, backlog=x.backlog, rates=x.rates,
+                    top_prefixes=[[p, n] for p, n in x.top_prefixes]))
+            if c.event_ids:
+                s.execute(update(Event).where(Event.id.in_(c.event_ids))
+                          .values(incident_id=row.id))
+            return row.id
 
     def get_position(self, source: str) -> dict[str, Any] | None:
         with self.session() as s:
@@ -229,6 +280,37 @@ class Store:
                                  .order_by(ActionRun.at, ActionRun.id)):
                 out[run.incident_id or 0].append(run)
         return out
+
+    def open_incidents(self, host: str, netns: str) -> list[IncidentChange]:
+        """Incidents left open (by a stop or a crash), as changes the correlator resumes."""
+        with self.session() as s:
+            rows = s.scalars(select(Incident).where(
+                Incident.status == "open", Incident.host == host, Incident.netns == netns))
+            return [IncidentChange(
+                change="updated", serial=0, incident_id=r.id, host=r.host, netns=r.netns,
+                address=r.address, port=r.port, family=r.family, status="open",
+                verdict=r.verdict, trigger="log" if r.trigger == "log" else "counters",
+                opened_at=r.opened_at, closed_at=None, first_evidence_at=r.first_evidence_at,
+                detected_at=r.detected_at or r.opened_at, peak_syn_recv=r.peak_syn_recv,
+                top_prefixes=(), recommendations=tuple(r.recommendations), reasons=(),
+                evidence=dict(r.evidence)) for r in rows]
+
+    def port_history(self, netns: str) -> dict[int, PortHistory]:
+        """Per port: how many incidents, their peak SYN-RECV, how many were capacity."""
+        capacity = func.sum(case((Incident.verdict == "capacity", 1), else_=0))
+        q = (select(Incident.port, func.count(), func.max(Incident.peak_syn_recv), capacity,
+                    func.max(Incident.id))
+             .where(Incident.netns == netns, Incident.port.is_not(None))
+             .group_by(Incident.port))
+        with self.session() as s:
+            return {port: PortHistory(port, n, peak or 0, int(cap or 0), last)
+                    for port, n, peak, cap, last in s.execute(q)}
+
+    def samples(self, incident_id: int) -> list[EvidenceSample]:
+        with self.session() as s:
+            return list(s.scalars(select(EvidenceSample)
+                                  .where(EvidenceSample.incident_id == incident_id)
+                                  .order_by(EvidenceSample.at, EvidenceSample.id)))
 
     def bans(self) -> list[Ban]:
         with self.session() as s:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from synwatch.store.models import ActionRun, Ban, Event, Incident
+from synwatch.records import IncidentChange
+from synwatch.store.models import ActionRun, Ban, Event, EvidenceSample, Incident
 
 
 def iso(value: datetime | None) -> str | None:
@@ -43,4 +44,24 @@ def ban_view(b: Ban, now: datetime) -> dict[str, Any]:
         "prefix": b.prefix, "backend": b.backend, "incident_id": b.incident_id,
         "created_at": iso(b.created_at), "expires_at": iso(b.expires_at),
         "active": b.removed_at is None and b.expires_at > now,
+    }
+
+
+def sample_view(x: EvidenceSample) -> dict[str, Any]:
+    return {"at": iso(x.at), "syn_recv": x.syn_recv, "accept_queue": x.accept_queue,
+            "backlog": x.backlog, "rates": dict(x.rates),
+            "top_prefixes": [{"prefix": p, "count": n} for p, n in x.top_prefixes]}
+
+
+def change_view(c: IncidentChange) -> dict[str, Any]:
+    """An incident as the correlator left it (replays): the contract shape plus evidence."""
+    return {
+        "id": c.incident_id, "host": c.host, "netns": c.netns, "address": c.address,
+        "port": c.port, "family": c.family, "status": c.status, "verdict": c.verdict,
+        "trigger": c.trigger, "opened_at": iso(c.opened_at), "closed_at": iso(c.closed_at),
+        "first_evidence_at": iso(c.first_evidence_at), "detected_at": iso(c.detected_at),
+        "peak_syn_recv": c.peak_syn_recv,
+        "top_prefixes": [{"prefix": p, "count": n, "share": s} for p, n, s in c.top_prefixes],
+        "recommendations": list(c.recommendations), "actions": [],
+        "evidence": list(c.reasons),
     }

@@ -1,0 +1,326 @@
+"""Kernel events and probe evidence in, incidents out: one per (host, netns, listener).
+
+An incident opens on a trusted SYN-flood line, or on the counters: SYNs finding a full SYN queue
+(TCPReqQFullDoCookies + TCPReqQFullDrop) or accept-queue overflows (ListenOverflows) at
+``open_rate`` per second, attributed to the listener whose queue is full. The kernel logs once
+per socket and the ratelimit may swallow even that, so the counters are what sees a second
+flood. Untrusted lines (text files anyone can write) open nothing; they are linked to an
+incident the kernel's own state opened.
+
+Time is the evidence's own (event time, probe time); the clock is only for ``detected_at``
+and for lines without a time, so recorded evidence replays to the same incidents.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from synwatch.clock import Clock
+from synwatch.config import Thresholds
+from synwatch.probes.snapshot import ListenerState, Snapshot
+from synwatch.records import Evidence, IncidentChange, Sample, StoredEvent
+from synwatch.verdict import Tally, judge
+
+ListenerKey = tuple[int, str, int] | None  # (family, address, port); None: not attributable
+OVERFLOW = ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")
+RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",),
+         "cookies_sent": ("TcpExt.SyncookiesSent",), "cookies_recv": ("TcpExt.SyncookiesRecv",),
+         "passive_opens": ("Tcp.PassiveOpens",), "listen_overflows": ("TcpExt.ListenOverflows",)}
+PENDING_UNTRUSTED = 256  # untrusted lines kept for corroboration; older ones just stay events
+
+
+@dataclass
+class _Incident:
+    serial: int
+    key: ListenerKey
+    trigger: Literal["log", "counters"]
+    opened_at: datetime
+    first_evidence_at: datetime | None
+    detected_at: datetime
+    last_activity: datetime
+    tally: Tally
+    incident_id: int | None = None
+    new_events: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """One probe, as differences from the one before."""
+
+    snap: Snapshot
+    deltas: dict[str, int]
+    rates: dict[str, float]
+    accounted: dict[tuple[int, str], int]  # new SYNs per (port, prefix) in the accounting set
+
+
+def _full_syn_queue(st: ListenerState) -> bool:
+    backlog = st.listener.backlog
+    return st.syn_recv >= backlog if backlog > 0 else st.syn_recv > 0
+
+
+def _full_accept_queue(st: ListenerState) -> bool:
+    return st.listener.backlog > 0 and st.listener.accept_queue >= st.listener.backlog
+
+
+def _key(st: ListenerState) -> tuple[int, str, int]:
+    return st.listener.family, st.listener.address, st.listener.port
+
+
+class Correlator:
+    def __init__(self, host: str, netns: str, thresholds: Thresholds, quiet_period: float,
+                 clock: Clock) -> None:
+        self.host, self.netns, self.th, self.clock = host, netns, thresholds, clock
+        self.quiet = timedelta(seconds=quiet_period)
+        self.open: dict[int, _Incident] = {}
+        self._serial = 0
+        self._last: Evidence | None = None
+        self._moving_since: datetime | None = None
+        self._untrusted: deque[tuple[datetime, int | None, int]] = deque(
+            maxlen=PENDING_UNTRUSTED)  # (time, port, event id)
+
+    @property
+    def busy(self) -> bool:
+        """An incident is open or the counters are moving."""
+        return bool(self.open) or self._moving_since is not None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def bind(self, serial: int, incident_id: int) -> None:
+        """The store has saved the incident ``serial`` as ``incident_id``."""
+        if serial in self.open:
+            self.open[serial].incident_id = incident_id
+
+    def resume(self, incident_id: int, change: IncidentChange) -> int:
+        """Carry on with an incident that was open when synwatch stopped; returns its serial."""
+        self._serial += 1
+        ev = change.evidence
+        key: ListenerKey = ((change.family, change.address, change.port)
+                            if change.port is not None and change.family is not None
+                            and change.address is not None else None)
+        last = datetime.fromisoformat(ev["last_activity"]) if ev.get("last_activity") else \
+            change.opened_at
+        self.open[self._serial] = _Incident(
+            self._serial, key, change.trigger, change.opened_at, change.first_evidence_at,
+            change.detected_at, last, Tally.from_json(ev.get("tally", {})), incident_id)
+        return self._serial
+
+    def _by_key(self, key: ListenerKey) -> _Incident | None:
+        return next((i for i in self.open.values() if i.key == key), None)
+
+    def _new(self, key: ListenerKey, trigger: Literal["log", "counters"], *, at: datetime,
+             first: datetime | None, listener: ListenerState | None,
+             snap: Snapshot | None) -> _Incident:
+        self._serial += 1
+        tally = Tally()
+        if key is not None:
+            tally.family, tally.address, tally.port = key
+        if listener is not None:
+            tally.backlog = listener.listener.backlog
+        if snap is not None:
+            tally.sysctls = dict(snap.sysctls)
+        inc = _Incident(self._serial, key, trigger, at, first, self.clock.now(), at, tally)
+        self.open[inc.serial] = inc
+        return inc
+
+    def _change(self, inc: _Incident, change: Literal["opened", "updated", "closed"],
+                closed_at: datetime | None = None, sample: Sample | None = None
+                ) -> IncidentChange:
+        j = judge(inc.tally, self.th)
+        t = inc.tally
+        events, inc.new_events = tuple(inc.new_events), []
+        return IncidentChange(
+            change=change, serial=inc.serial, incident_id=inc.incident_id, host=self.host,
+            netns=self.netns, address=t.address, port=t.port, family=t.family,
+            status="closed" if change == "closed" else "open", verdict=j.verdict,
+            trigger=inc.trigger, opened_at=inc.opened_at, closed_at=closed_at,
+            first_evidence_at=inc.first_evidence_at, detected_at=inc.detected_at,
+            peak_syn_recv=t.peak_syn_recv, top_prefixes=j.top_prefixes,
+            recommendations=j.recommendations, reasons=j.reasons,
+            evidence={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat()},
+            sample=sample, event_ids=events)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _listener_for(self, family: int | None, address: str | None,
+                      port: int | None) -> ListenerState | None:
+        """The listener a log line names: same port, then same address, then same family."""
+        if self._last is None or port is None:
+            return None
+        same_port = [st for st in self._last.snapshot.listeners if st.listener.port == port]
+        if address is not None:
+            same_port = [st for st in same_port if st.listener.address == address] or same_port
+        same_port.sort(key=lambda st: st.listener.family != family)
+        return same_port[0] if same_port else None
+
+    def on_event(self, stored: StoredEvent) -> list[IncidentChange]:
+        e = stored.event
+        now = self.clock.now()
+        at = e.time or now
+        if stored.historical or e.kind != "syn_flood":
+            return []
+        if not e.trusted:
+            inc = next((i for i in self.open.values()
+                        if i.tally.port == e.port or i.key is None), None)
+            if inc is None:
+                self._untrusted.append((at, e.port, stored.id))
+                return []
+            inc.new_events.append(stored.id)
+            return [self._change(inc, "updated")]
+        if now - at > self.quiet:
+            return []  # printed long ago (read after a restart): the kernel state is gone
+        listener = self._listener_for(e.family, e.address, e.port)
+        key: ListenerKey
+        if listener is not None:
+            key = _key(listener)
+        elif e.port is not None:
+            wildcard = "::" if e.family == 6 else "0.0.0.0"  # noqa: S104 - a name, not a bind
+            key = (e.family or 4, e.address or wildcard, e.port)
+        else:
+            key = None
+        inc = self._by_key(key)
+        if inc is not None:
+            inc.new_events.append(stored.id)
+            inc.last_activity = max(inc.last_activity, at)
+            return [self._change(inc, "updated")]
+        inc = self._new(key, "log", at=at, first=at, listener=listener,
+                        snap=self._last.snapshot if self._last else None)
+        inc.new_events.append(stored.id)
+        self._corroborate(inc)
+        return [self._change(inc, "opened")]
+
+    def _corroborate(self, inc: _Incident) -> None:
+        """Link untrusted lines about this listener from the quiet period before it opened."""
+        keep: deque[tuple[datetime, int | None, int]] = deque(maxlen=PENDING_UNTRUSTED)
+        for at, port, event_id in self._untrusted:
+            if (port == inc.tally.port or inc.key is None) and inc.opened_at - at <= self.quiet:
+                inc.new_events.append(event_id)
+            else:
+                keep.append((at, port, event_id))
+        self._untrusted = keep
+
+    # -- evidence -------------------------------------------------------------------------------
+
+    def on_evidence(self, ev: Evidence) -> list[IncidentChange]:
+        prev, self._last = self._last, ev
+        snap = ev.snapshot
+        deltas = dict.fromkeys(RATES, 0)
+        dt = 0.0
+        if prev is not None and ev.at > prev.at:
+            dt = (ev.at - prev.at).total_seconds()
+            for name, counters in RATES.items():
+                # a counter going back means the namespace was recreated: no delta this time
+                deltas[name] = sum(max(0, snap.counters.get(c, 0)
+                                       - prev.snapshot.counters.get(c, 0)) for c in counters)
+        rates = {k: round(v / dt, 1) for k, v in deltas.items()} if dt else dict.fromkeys(
+            deltas, 0.0)
+        accounted: dict[tuple[int, str], int] = {}
+        if ev.accounting is not None and prev is not None and prev.accounting is not None:
+            for k, n in ev.accounting.items():
+                before = prev.accounting.get(k, 0)
+                accounted[k] = n - before if n >= before else n  # expired and counted anew
+        moving = deltas["syns_overflowed"] > 0 or deltas["listen_overflows"] > 0
+        if not moving:
+            self._moving_since = None
+        elif self._moving_since is None and prev is not None:
+            self._moving_since = prev.at  # they moved some time in the last interval
+
+        probe = _Probe(snap, deltas, rates, accounted)
+        active = self._attribute(probe)
+        changes: list[IncidentChange] = []
+        opening = (rates["syns_overflowed"] >= self.th.open_rate
+                   or rates["listen_overflows"] >= self.th.open_rate)
+        states = {_key(st): st for st in snap.listeners}
+        if opening:
+            targets: list[ListenerKey] = list(active) or ([None] if not self.open else [])
+            for key in targets:
+                if self._by_key(key) is None:
+                    st = states.get(key) if key else None
+                    inc = self._new(key, "counters", at=ev.at,
+                                    first=self._moving_since or ev.at, listener=st, snap=snap)
+                    self._corroborate(inc)
+                    self._add(inc, st, probe, active=True)
+                    changes.append(self._change(inc, "opened",
+                                                sample=self._sample(ev, inc, states, rates)))
+        for inc in list(self.open.values()):
+            if any(c.serial == inc.serial for c in changes):
+                continue
+            is_active = inc.key in active or (inc.key is None and moving)
+            st = states.get(inc.key) if inc.key else None
+            self._add(inc, st, probe, active=is_active)
+            if is_active:
+                inc.last_activity = ev.at
+            if ev.at - inc.last_activity >= self.quiet:
+                del self.open[inc.serial]
+                changes.append(self._change(inc, "closed", closed_at=ev.at))
+            else:
+                changes.append(self._change(inc, "updated",
+                                            sample=self._sample(ev, inc, states, rates)))
+        return changes
+
+    @staticmethod
+    def _attribute(probe: _Probe) -> set[ListenerKey]:
+        """Which listeners the counters' movement belongs to: those with a full queue."""
+        snap, deltas, accounted = probe.snap, probe.deltas, probe.accounted
+        active: set[ListenerKey] = set()
+        if deltas["syns_overflowed"]:
+            full = [_key(st) for st in snap.listeners if _full_syn_queue(st)]
+            if not full and any(accounted.values()):  # syncookies=2 keeps queues empty
+                by_port: dict[int, int] = {}
+                for (port, _), n in accounted.items():
+                    by_port[port] = by_port.get(port, 0) + n
+                top_port = max(by_port, key=lambda p: by_port[p])
+                full = [_key(st) for st in snap.listeners if st.listener.port == top_port]
+            active.update(full)
+        if deltas["listen_overflows"]:
+            active.update(_key(st) for st in snap.listeners if _full_accept_queue(st))
+        return active
+
+    @staticmethod
+    def _add(inc: _Incident, st: ListenerState | None, probe: _Probe, *, active: bool) -> None:
+        """Fold one probe into the incident's tally (counters only while it is active)."""
+        t, snap, deltas, rates = inc.tally, probe.snap, probe.deltas, probe.rates
+        accounted = probe.accounted
+        t.samples += 1
+        t.sysctls = dict(snap.sysctls)
+        if active:
+            for (port, prefix), n in accounted.items():
+                if n and port == t.port:
+                    t.accounted[prefix] = t.accounted.get(prefix, 0) + n
+            for name in RATES:
+                setattr(t, name, getattr(t, name) + deltas[name])
+            t.peak_overflow_rate = max(t.peak_overflow_rate, rates["syns_overflowed"])
+            t.peak_listen_overflow_rate = max(t.peak_listen_overflow_rate,
+                                              rates["listen_overflows"])
+        if st is None:
+            return
+        t.backlog = st.listener.backlog
+        t.peak_syn_recv = max(t.peak_syn_recv, st.syn_recv)
+        t.peak_accept_queue = max(t.peak_accept_queue, st.listener.accept_queue)
+        if active and st.syn_recv:
+            t.syn_recv_sum += st.syn_recv
+            for prefix, n in st.prefixes:
+                t.prefixes[prefix] = t.prefixes.get(prefix, 0) + n
+            if len(t.prefixes) > 4096:  # bounded under a flood: keep the largest half
+                t.prefixes = dict(sorted(t.prefixes.items(), key=lambda x: -x[1])[:2048])
+            t.prefix_count = max(t.prefix_count, st.prefix_count, len(t.prefixes))
+
+    def _sample(self, ev: Evidence, inc: _Incident, states: dict[tuple[int, str, int],
+                ListenerState], rates: dict[str, float]) -> Sample:
+        st = states.get(inc.key) if inc.key else None
+        return Sample(at=ev.at, syn_recv=st.syn_recv if st else None,
+                      accept_queue=st.listener.accept_queue if st else None,
+                      backlog=st.listener.backlog if st else None, rates=dict(rates),
+                      top_prefixes=st.top_prefixes if st else ())
+
+    def expire(self, now: datetime) -> list[IncidentChange]:
+        """Close quiet incidents when there is no evidence to do it with (probes failing)."""
+        out = []
+        for inc in list(self.open.values()):
+            if now - inc.last_activity >= self.quiet:
+                del self.open[inc.serial]
+                out.append(self._change(inc, "closed", closed_at=now))
+        return out
+

@@ -1,0 +1,124 @@
+"""Recordings of what the correlator saw, and replays of them.
+
+`synwatch run --record FILE` writes every probe and every new kernel event as a JSON line, with
+the time the service handled it. `synwatch replay FILE` feeds them to a correlator on a clock
+that follows the recording, so the same evidence gives the same incidents: golden tests of the
+verdict rules, and "what would these thresholds have said" for an admin.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from synwatch.clock import FrozenClock
+from synwatch.config import Thresholds
+from synwatch.correlate import Correlator
+from synwatch.errors import UsageError
+from synwatch.probes.snapshot import ListenerState, Snapshot
+from synwatch.probes.sockdiag import Listener
+from synwatch.records import Evidence, IncidentChange, KernelEvent, LogRecord, StoredEvent
+
+
+def _snapshot_json(s: Snapshot) -> dict[str, Any]:
+    return {"netns": s.netns, "counters": s.counters, "sysctls": s.sysctls, "listeners": [
+        {"family": st.listener.family, "address": st.listener.address, "port": st.listener.port,
+         "backlog": st.listener.backlog, "accept_queue": st.listener.accept_queue,
+         "syn_recv": st.syn_recv, "prefixes": [list(p) for p in st.prefixes],
+         "prefix_count": st.prefix_count} for st in s.listeners]}
+
+
+def _snapshot(d: dict[str, Any]) -> Snapshot:
+    return Snapshot(d["netns"], tuple(
+        ListenerState(Listener(li["family"], li["address"], li["port"], li["backlog"],
+                               li["accept_queue"]), li["syn_recv"],
+                      tuple((p, n) for p, n in li["prefixes"]), li["prefix_count"])
+        for li in d["listeners"]), d["counters"], d["sysctls"])
+
+
+def evidence_line(now: datetime, ev: Evidence) -> dict[str, Any]:
+    acct = None if ev.accounting is None else [[p, pre, n] for (p, pre), n in
+                                                ev.accounting.items()]
+    return {"type": "evidence", "now": now.isoformat(), "at": ev.at.isoformat(),
+            "snapshot": _snapshot_json(ev.snapshot), "accounting": acct}
+
+
+def event_line(now: datetime, stored: StoredEvent) -> dict[str, Any]:
+    e = stored.event
+    return {"type": "event", "now": now.isoformat(), "id": stored.id,
+            "historical": stored.historical, "kind": e.kind, "family": e.family,
+            "address": e.address, "port": e.port, "mode": e.mode, "source_ip": e.source_ip,
+            "source_port": e.source_port, "filter": e.filter, "pattern": e.pattern,
+            "time": e.time.isoformat() if e.time else None, "trusted": e.trusted,
+            "source": e.record.source, "message": e.record.message}
+
+
+def _evidence(d: dict[str, Any]) -> Evidence:
+    acct = None if d.get("accounting") is None else {
+        (int(p), str(pre)): int(n) for p, pre, n in d["accounting"]}
+    return Evidence(datetime.fromisoformat(d["at"]), _snapshot(d["snapshot"]), acct)
+
+
+def _event(d: dict[str, Any]) -> StoredEvent:
+    record = LogRecord(line=d["message"], sink="replay", message=d["message"],
+                       time=datetime.fromisoformat(d["time"]) if d["time"] else None,
+                       host=None, trusted=d["trusted"], source=d["source"])
+    event = KernelEvent(d["kind"], d["family"], d["address"], d["port"], d["mode"],
+                        d["source_ip"], d["source_port"], d["filter"], d["pattern"], record)
+    return StoredEvent(d["id"], event, d["historical"])
+
+
+class Recording:
+    """Appends what the correlator sees to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._out: TextIO = Path(path).open("a", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise UsageError(f"--record {path}", exc.strerror or str(exc)) from exc
+
+    def write(self, line: dict[str, Any]) -> None:
+        self._out.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._out.flush()
+
+    def close(self) -> None:
+        self._out.close()
+
+
+def read(path: str) -> Iterator[tuple[datetime, Evidence | StoredEvent]]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(path, exc.strerror or str(exc)) from exc
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            item = _evidence(d) if d["type"] == "evidence" else _event(d)
+            yield datetime.fromisoformat(d["now"]), item
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{path}:{n}", f"not a synwatch recording line: {exc}") from exc
+
+
+def replay(path: str, thresholds: Thresholds, quiet_period: float,
+           host: str = "replay") -> list[IncidentChange]:
+    """Every incident the recording leads to, in its last state (open ones stay open)."""
+    clock: FrozenClock | None = None
+    correlator: Correlator | None = None
+    last: dict[int, IncidentChange] = {}
+    for now, item in read(path):
+        if clock is None:
+            clock = FrozenClock(now)
+            netns = item.snapshot.netns if isinstance(item, Evidence) else ""
+            correlator = Correlator(host, netns, thresholds, quiet_period, clock)
+        clock.advance((now - clock.now()).total_seconds())
+        assert correlator is not None
+        changes = (correlator.on_evidence(item) if isinstance(item, Evidence)
+                   else correlator.on_event(item))
+        for c in changes:
+            last[c.serial] = c
+    return [last[k] for k in sorted(last)]

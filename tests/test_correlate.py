@@ -1,0 +1,243 @@
+"""The correlator and the verdict rules, without a kernel: golden replays of evidence recorded in
+the lab scenarios (tests/data/replays, written by test_incidents_lab.py with
+SYNWATCH_SAVE_REPLAYS), constructed evidence for the edges, and the rules one by one."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from synwatch.clock import FrozenClock
+from synwatch.config import Thresholds
+from synwatch.correlate import Correlator
+from synwatch.probes.snapshot import ListenerState, Snapshot
+from synwatch.probes.sockdiag import Listener
+from synwatch.records import Evidence, KernelEvent, LogRecord, StoredEvent
+from synwatch.replay import replay
+from synwatch.verdict import Tally, judge, suggested_backlog
+from tests.conftest import DATA, NOW, synwatch
+
+REPLAYS = DATA / "replays"
+LAB_QUIET = 3.0  # the quiet period the lab scenarios ran with
+FIELDS = ("verdict", "trigger", "status", "opened_at", "closed_at", "peak_syn_recv",
+          "top_prefixes", "recommendations")
+
+
+def _replayed(name: str, th: Thresholds | None = None, quiet: float = LAB_QUIET) -> list[dict]:
+    from synwatch.store.views import change_view
+
+    return [{k: change_view(c)[k] for k in FIELDS}
+            for c in replay(str(REPLAYS / f"{name}.jsonl"), th or Thresholds(), quiet)]
+
+
+@pytest.mark.parametrize("name", ["concentrated", "spoofed", "capacity", "second-flood"])
+def test_golden_replay(name: str) -> None:
+    want = json.loads((REPLAYS / f"{name}.expected.json").read_text())
+    assert _replayed(name) == want
+    assert want[-1]["verdict"] == name.replace("second-flood", "concentrated")
+
+
+def test_replay_cli_gives_the_same(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[incident]\nquiet_period = "3s"\n')
+    r = synwatch("replay", str(REPLAYS / "second-flood.jsonl"), "--format", "json",
+                 "--config", str(config))
+    assert r.code == 0, r.err
+    got = [{k: i[k] for k in FIELDS} for i in json.loads(r.out)]
+    assert got == json.loads((REPLAYS / "second-flood.expected.json").read_text())
+    table = synwatch("replay", str(REPLAYS / "capacity.jsonl"), "--config", str(config))
+    assert "capacity" in table.out and "accept queue peaked at 5 of 4" in table.out
+
+
+def test_replay_of_a_bad_file_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "evidence"}\n')
+    r = synwatch("replay", str(bad))
+    assert r.code == 2 and r.err.startswith(f"synwatch: {bad}:1: not a synwatch recording")
+
+
+def test_thresholds_change_the_verdict_of_the_same_evidence() -> None:
+    # two /24s of about 50% each: concentrated for "4 prefixes carry 80%", not for "1 carries"
+    [two] = _replayed("concentrated", Thresholds(concentrated_prefixes=1))
+    assert two["verdict"] == "unknown"
+    assert "neither concentrated" in two["recommendations"][0]
+    [spread] = _replayed("spoofed", Thresholds(spoofed_min_prefixes=500))
+    assert spread["verdict"] == "unknown"
+    [cap] = _replayed("capacity", Thresholds(concentrated_share=0.0))
+    assert cap["verdict"] == "capacity"  # real load is never "concentrated"
+
+
+def test_a_long_quiet_period_makes_the_second_flood_part_of_the_first() -> None:
+    [one] = _replayed("second-flood", quiet=60)
+    assert (one["trigger"], one["status"]) == ("log", "open")
+    assert [p["prefix"] for p in one["top_prefixes"]] == ["10.232.7.0/24", "10.232.8.0/24"]
+
+
+# -- constructed evidence -----------------------------------------------------------------------
+
+PORT = 8080
+
+
+def _snap(syn_recv: int = 0, accept: int = 0, backlog: int = 64, cookies: int = 0,
+          qfull: int = 0, recv: int = 0, prefixes: tuple[tuple[str, int], ...] = ()) -> Snapshot:
+    counters = {"TcpExt.TCPReqQFullDoCookies": qfull, "TcpExt.SyncookiesSent": cookies,
+                "TcpExt.SyncookiesRecv": recv}
+    li = ListenerState(Listener(4, "0.0.0.0", PORT, backlog, accept), syn_recv, prefixes,
+                       len(prefixes))
+    return Snapshot("", (li,), counters, {"net.ipv4.tcp_syncookies": 1,
+                                          "net.core.somaxconn": 4096})
+
+
+def _event(event_id: int, trusted: bool, clock: FrozenClock, ago: float = 0) -> StoredEvent:
+    line = f"TCP: request_sock_TCP: Possible SYN flooding on port 0.0.0.0:{PORT}. Sending cookies."
+    rec = LogRecord(line, "kmsg", line, clock.now() - timedelta(seconds=ago), None, trusted)
+    return StoredEvent(event_id, KernelEvent("syn_flood", 4, "0.0.0.0", PORT, "cookies", None,
+                                             None, "kernel-synflood", "form-f", rec))
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(NOW)
+
+
+@pytest.fixture
+def corr(clock: FrozenClock) -> Correlator:
+    c = Correlator("h", "", Thresholds(), 10, clock)
+    c.on_evidence(Evidence(clock.now(), _snap()))
+    return c
+
+
+def _probe(corr: Correlator, clock: FrozenClock, snap: Snapshot) -> list:
+    clock.advance(1)
+    return corr.on_evidence(Evidence(clock.now(), snap))
+
+
+def test_untrusted_lines_open_nothing_until_the_kernel_agrees(
+        corr: Correlator, clock: FrozenClock) -> None:
+    assert corr.on_event(_event(1, False, clock)) == []
+    assert _probe(corr, clock, _snap(syn_recv=2, qfull=5)) == []  # below open_rate
+    [opened] = _probe(corr, clock, _snap(syn_recv=64, qfull=500, cookies=495,
+                                         prefixes=(("10.9.9.0/24", 64),)))
+    assert (opened.change, opened.trigger, opened.port) == ("opened", "counters", PORT)
+    assert opened.event_ids == (1,)  # the untrusted line, corroborated and linked
+    assert opened.first_evidence_at == NOW  # counters started moving in the first interval
+    assert opened.detected_at == clock.now()
+    assert opened.verdict == "concentrated"
+
+
+def test_a_trusted_line_opens_at_its_own_time_and_a_stale_one_opens_nothing(
+        corr: Correlator, clock: FrozenClock) -> None:
+    assert corr.on_event(_event(1, True, clock, ago=11)) == []  # older than the quiet period
+    [opened] = corr.on_event(_event(2, True, clock, ago=0.2))
+    assert opened.trigger == "log" and opened.opened_at == clock.now() - timedelta(seconds=0.2)
+    assert opened.verdict == "unknown"  # no kernel evidence yet
+    [again] = corr.on_event(_event(3, True, clock))  # a second socket of the same listener
+    assert (again.change, again.serial, again.event_ids) == ("updated", opened.serial, (3,))
+
+
+def test_quiet_period_closes_and_counters_keep_it_open(corr: Correlator,
+                                                       clock: FrozenClock) -> None:
+    corr.on_event(_event(1, True, clock))
+    for i in range(1, 15):  # counters keep moving for 14 s: stays open
+        [c] = _probe(corr, clock, _snap(syn_recv=64, qfull=100 * i, cookies=100 * i,
+                                        prefixes=(("10.1.1.0/24", 64),)))
+        assert c.status == "open"
+    for _ in range(9):
+        [c] = _probe(corr, clock, _snap(syn_recv=64, qfull=1400, cookies=1400))
+        assert c.status == "open"  # a full queue without new overflows is residue, not activity
+    [closed] = _probe(corr, clock, _snap(qfull=1400, cookies=1400))
+    assert closed.change == "closed" and closed.closed_at == clock.now()
+    assert closed.sample is None and corr.open == {}
+
+
+def test_counters_with_no_full_queue_open_one_unattributed_incident(
+        corr: Correlator, clock: FrozenClock) -> None:
+    # tcp_syncookies=2: every SYN gets a cookie, no request socket, no line
+    [opened] = _probe(corr, clock, _snap(qfull=300, cookies=300))
+    assert (opened.port, opened.address, opened.trigger) == (None, None, "counters")
+    assert _probe(corr, clock, _snap(qfull=600, cookies=600))[0].change == "updated"
+
+
+def test_accounting_set_attributes_when_queues_stay_empty(corr: Correlator,
+                                                          clock: FrozenClock) -> None:
+    snap = _snap(qfull=0)
+    clock.advance(1)
+    corr.on_evidence(Evidence(clock.now(), snap, {(PORT, "10.5.5.0/24"): 10}))
+    clock.advance(1)
+    [opened] = corr.on_evidence(Evidence(clock.now(), _snap(qfull=400, cookies=400),
+                                         {(PORT, "10.5.5.0/24"): 410, (PORT, "10.6.0.0/24"): 5}))
+    assert opened.port == PORT
+    assert opened.top_prefixes[0][:2] == ("10.5.5.0/24", 400)
+
+
+def test_resume_after_restart_keeps_the_tally(corr: Correlator, clock: FrozenClock) -> None:
+    corr.on_event(_event(1, True, clock))
+    [c] = _probe(corr, clock, _snap(syn_recv=64, qfull=900, cookies=900,
+                                    prefixes=(("10.1.1.0/24", 64),)))
+    fresh = Correlator("h", "", Thresholds(), 10, clock)
+    serial = fresh.resume(7, replace(c, incident_id=7))
+    fresh.on_evidence(Evidence(clock.now(), _snap(syn_recv=64, qfull=900, cookies=900)))
+    [after] = _probe(fresh, clock, _snap(syn_recv=64, qfull=1900, cookies=1900,
+                                         prefixes=(("10.1.1.0/24", 64),)))
+    assert (after.serial, after.incident_id, after.verdict) == (serial, 7, "concentrated")
+    assert after.evidence["tally"]["syns_overflowed"] == 1900
+
+
+def test_expire_closes_without_probes(corr: Correlator, clock: FrozenClock) -> None:
+    corr.on_event(_event(1, True, clock))
+    clock.advance(9)
+    assert corr.expire(clock.now()) == []
+    clock.advance(1)
+    assert [c.change for c in corr.expire(clock.now())] == ["closed"]
+
+
+def test_counter_reset_is_not_a_flood(corr: Correlator, clock: FrozenClock) -> None:
+    _probe(corr, clock, _snap(qfull=10))
+    assert _probe(corr, clock, _snap(qfull=0)) == []  # namespace recreated: counters restart
+
+
+# -- the rules ----------------------------------------------------------------------------------
+
+def _tally(**kw: object) -> Tally:
+    base: dict[str, object] = {"family": 4, "address": "0.0.0.0", "port": 80, "backlog": 128,
+                               "sysctls": {"net.ipv4.tcp_syncookies": 1,
+                                           "net.core.somaxconn": 4096}}
+    base.update(kw)
+    return Tally(**base)  # type: ignore[arg-type]
+
+
+def test_completed_handshakes_are_capacity_even_from_few_prefixes() -> None:
+    j = judge(_tally(syns_overflowed=1000, cookies_sent=1000, cookies_recv=700,
+                     peak_syn_recv=128, peak_overflow_rate=900, syn_recv_sum=128,
+                     prefixes={"192.0.2.0/24": 128}, prefix_count=1), Thresholds())
+    assert j.verdict == "capacity"
+    assert "70% of the overflowing SYNs completed a handshake" in j.recommendations[0]
+    assert "from 128 to 2048" in j.recommendations[1]  # 128 + 900/s, rounded up to 2^k
+
+
+def test_somaxconn_clamp_cookies_off_and_listen0_are_recommended() -> None:
+    j = judge(_tally(backlog=0, syns_overflowed=50, syns_dropped=50, passive_opens=0,
+                     syn_recv_sum=0, peak_overflow_rate=500, sysctls={"net.ipv4.tcp_syncookies": 0,
+                                              "net.core.somaxconn": 128}), Thresholds())
+    text = "\n".join(j.recommendations)
+    assert j.verdict == "unknown"
+    assert "listens with backlog 0 (listen(fd, 0))" in text
+    assert "give listen() a backlog of 512" in text
+    assert "net.core.somaxconn is 128 and clamps" in text
+    assert "sysctl -w net.core.somaxconn=512" in text
+    assert "net.ipv4.tcp_syncookies is 0" in text and "(50 SYNs were dropped)" in text
+
+
+def test_no_overflow_is_unknown_whatever_the_sources() -> None:
+    j = judge(_tally(syn_recv_sum=10, prefixes={"192.0.2.0/24": 10}), Thresholds())
+    assert j.verdict == "unknown" and "no SYN overflowed" in j.recommendations[0]
+
+
+def test_suggested_backlog_is_a_bounded_power_of_two() -> None:
+    assert suggested_backlog(_tally(backlog=4)) == 128
+    assert suggested_backlog(_tally(backlog=511, peak_syn_recv=512)) == 1024
+    assert suggested_backlog(_tally(backlog=60000, peak_overflow_rate=1e9)) == 65535
