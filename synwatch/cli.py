@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from synwatch import __version__
 from synwatch.errors import ExitStatus, SynwatchError, UsageError
+from synwatch.records import endpoint
 
 if TYPE_CHECKING:
     from synwatch.config import Config
@@ -83,7 +84,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(dumps(rows))
         return 0
     for row in rows:
-        row["listener"] = f"{row['address'] or '*'}:{row['port'] if row['port'] else '?'}"
+        row["listener"] = endpoint(row["address"], row["port"])
     table(rows, ["opened_at", "status", "verdict", "trigger", "listener", "peak_syn_recv"],
           sys.stdout, headers=["opened", "status", "verdict", "trigger", "listener", "peak"])
     for row in rows:
@@ -209,8 +210,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         return 0
     print(f"netns: {view['netns'] or '(own)'}   " + "  ".join(
         f"{k.rsplit('.', 1)[1]}={v}" for k, v in view["sysctls"].items()))
-    rows = [{**li, "listener": f"{li['address']}:{li['port']}" if li["family"] == 4
-             else f"[{li['address']}]:{li['port']}",
+    rows = [{**li, "listener": endpoint(li["address"], li["port"]),
              "prefixes": ", ".join(f"{p['prefix']} ({p['count']})" for p in li["top_prefixes"])
              or None} for li in view["listeners"]]
     table(rows, ["listener", "backlog", "accept_queue", "syn_recv", "prefixes"], sys.stdout,
@@ -279,7 +279,7 @@ def cmd_incidents_list(args: argparse.Namespace) -> int:
         print(dumps(rows))
         return 0
     for row in rows:
-        row["listener"] = f"{row['address'] or '*'}:{row['port'] if row['port'] else '?'}"
+        row["listener"] = endpoint(row["address"], row["port"])
         row["prefixes"] = ", ".join(p["prefix"] for p in row["top_prefixes"][:3]) or None
     table(rows, ["id", "opened_at", "closed_at", "status", "verdict", "trigger", "listener",
                  "peak_syn_recv", "prefixes"], sys.stdout,

@@ -14,6 +14,7 @@ and for lines without a time, so recorded evidence replays to the same incidents
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -29,6 +30,7 @@ OVERFLOW = ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")
 RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",),
          "cookies_sent": ("TcpExt.SyncookiesSent",), "cookies_recv": ("TcpExt.SyncookiesRecv",),
          "passive_opens": ("Tcp.PassiveOpens",), "listen_overflows": ("TcpExt.ListenOverflows",)}
+MAX_PREFIXES = 4096  # per incident and per kind of count
 PENDING_UNTRUSTED = 256  # untrusted lines kept for corroboration; older ones just stay events
 
 
@@ -42,7 +44,6 @@ class _Incident:
     detected_at: datetime
     last_activity: datetime
     tally: Tally
-    incident_id: int | None = None
     new_events: list[int] = field(default_factory=list)
 
 
@@ -54,6 +55,17 @@ class _Probe:
     deltas: dict[str, int]
     rates: dict[str, float]
     accounted: dict[tuple[int, str], int]  # new SYNs per (port, prefix) in the accounting set
+
+
+def _add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Per-prefix counts, bounded under a flood from everywhere: past MAX_PREFIXES the
+    smaller half is dropped."""
+    for prefix, n in more:
+        if n:
+            counts[prefix] = counts.get(prefix, 0) + n
+    if len(counts) > MAX_PREFIXES:
+        counts = dict(sorted(counts.items(), key=lambda x: -x[1])[:MAX_PREFIXES // 2])
+    return counts
 
 
 def _full_syn_queue(st: ListenerState) -> bool:
@@ -88,12 +100,7 @@ class Correlator:
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def bind(self, serial: int, incident_id: int) -> None:
-        """The store has saved the incident ``serial`` as ``incident_id``."""
-        if serial in self.open:
-            self.open[serial].incident_id = incident_id
-
-    def resume(self, incident_id: int, change: IncidentChange) -> int:
+    def resume(self, change: IncidentChange) -> int:
         """Carry on with an incident that was open when synwatch stopped; returns its serial."""
         self._serial += 1
         ev = change.evidence
@@ -104,7 +111,7 @@ class Correlator:
             change.opened_at
         self.open[self._serial] = _Incident(
             self._serial, key, change.trigger, change.opened_at, change.first_evidence_at,
-            change.detected_at, last, Tally.from_json(ev.get("tally", {})), incident_id)
+            change.detected_at, last, Tally.from_json(ev.get("tally", {})))
         return self._serial
 
     def _by_key(self, key: ListenerKey) -> _Incident | None:
@@ -132,7 +139,7 @@ class Correlator:
         t = inc.tally
         events, inc.new_events = tuple(inc.new_events), []
         return IncidentChange(
-            change=change, serial=inc.serial, incident_id=inc.incident_id, host=self.host,
+            change=change, serial=inc.serial, incident_id=None, host=self.host,
             netns=self.netns, address=t.address, port=t.port, family=t.family,
             status="closed" if change == "closed" else "open", verdict=j.verdict,
             trigger=inc.trigger, opened_at=inc.opened_at, closed_at=closed_at,
@@ -286,9 +293,8 @@ class Correlator:
         t.samples += 1
         t.sysctls = dict(snap.sysctls)
         if active:
-            for (port, prefix), n in accounted.items():
-                if n and port == t.port:
-                    t.accounted[prefix] = t.accounted.get(prefix, 0) + n
+            t.accounted = _add_counts(t.accounted, ((prefix, n) for (port, prefix), n
+                                                    in accounted.items() if port == t.port))
             for name in RATES:
                 setattr(t, name, getattr(t, name) + deltas[name])
             t.peak_overflow_rate = max(t.peak_overflow_rate, rates["syns_overflowed"])
@@ -301,10 +307,7 @@ class Correlator:
         t.peak_accept_queue = max(t.peak_accept_queue, st.listener.accept_queue)
         if active and st.syn_recv:
             t.syn_recv_sum += st.syn_recv
-            for prefix, n in st.prefixes:
-                t.prefixes[prefix] = t.prefixes.get(prefix, 0) + n
-            if len(t.prefixes) > 4096:  # bounded under a flood: keep the largest half
-                t.prefixes = dict(sorted(t.prefixes.items(), key=lambda x: -x[1])[:2048])
+            t.prefixes = _add_counts(t.prefixes, st.prefixes)
             t.prefix_count = max(t.prefix_count, st.prefix_count, len(t.prefixes))
 
     def _sample(self, ev: Evidence, inc: _Incident, states: dict[tuple[int, str, int],

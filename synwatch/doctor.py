@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from synwatch.probes.snapshot import Snapshot
+from synwatch.records import endpoint
 from synwatch.verdict import Tally, suggested_backlog
 
 Severity = Literal["bad", "warn", "ok"]
@@ -32,10 +33,6 @@ class PortHistory:
     peak_syn_recv: int
     capacity_incidents: int
     last_incident_id: int
-
-
-def _where(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def examine(before: Snapshot, after: Snapshot, seconds: float,
@@ -69,7 +66,7 @@ def examine(before: Snapshot, after: Snapshot, seconds: float,
 
     for st in after.listeners:
         li = st.listener
-        where = _where(li.address, li.port)
+        where = endpoint(li.address, li.port)
         seen = history.get(li.port)
         tally = Tally(family=li.family, address=li.address, port=li.port, backlog=li.backlog,
                       peak_syn_recv=max(st.syn_recv, seen.peak_syn_recv if seen else 0),

@@ -17,6 +17,15 @@ EventKind = Literal["syn_flood", "drop_open_request"]
 Mode = Literal["cookies", "drop"]
 
 
+def endpoint(address: str | None, port: int | None) -> str:
+    """A listener as people write it: 0.0.0.0:80, [::]:443, port 80, an unknown listener."""
+    if port is None:
+        return "an unknown listener"
+    if address is None:
+        return f"port {port}"
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
     """One log entry with its envelope taken apart.
@@ -102,7 +111,7 @@ class IncidentChange:
     """An incident opened, updated or closed by the correlator, in full."""
 
     change: Literal["opened", "updated", "closed"]
-    serial: int  # the correlator's own handle; incident_id is set once the store has it
+    serial: int  # the correlator's handle; the service maps it to the store's incident id
     incident_id: int | None
     host: str
     netns: str

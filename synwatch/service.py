@@ -25,7 +25,7 @@ from synwatch.errors import CommandError, ConfigError, ProbeError, StoreError
 from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
 from synwatch.probes.snapshot import take
 from synwatch.recorder import Recorder
-from synwatch.records import Evidence, IncidentChange
+from synwatch.records import Evidence, IncidentChange, endpoint
 from synwatch.replay import Recording, event_line, evidence_line
 from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
@@ -95,8 +95,8 @@ class Service:
         host = socket.gethostname()
         correlator = Correlator(host, c.netns, c.thresholds, c.quiet_period, self.clock)
         for left_open in self.store.open_incidents(host, c.netns):
-            serial = correlator.resume(left_open.incident_id or 0, left_open)
-            self._ids[serial] = left_open.incident_id or 0
+            assert left_open.incident_id is not None
+            self._ids[correlator.resume(left_open)] = left_open.incident_id
             log.info("incident %s on %s: still open from before the restart",
                      left_open.incident_id, left_open.port or "an unknown listener")
         return correlator
@@ -125,11 +125,10 @@ class Service:
     def _save(self, changes: list[IncidentChange]) -> None:
         """Store incident changes in order; what the store refuses is kept and retried first."""
         assert self.store is not None
-        assert self.correlator is not None
         self._unsaved.extend(changes)
         while self._unsaved:
             change = self._unsaved[0]
-            if change.incident_id is None and change.serial in self._ids:
+            if change.serial in self._ids:
                 change = replace(change, incident_id=self._ids[change.serial])
             try:
                 incident_id = self.store.save_incident(change)
@@ -139,10 +138,10 @@ class Service:
                 return
             self._unsaved.pop(0)
             self._ids[change.serial] = incident_id
-            self.correlator.bind(change.serial, incident_id)
             if change.change != "updated":
                 log.info("incident %d %s: %s %s, verdict %s", incident_id, change.change,
-                         change.netns or "host", _where(change), change.verdict)
+                         change.netns or "host", endpoint(change.address, change.port),
+                         change.verdict)
             if change.change == "opened":
                 self._probe_due = 0.0  # fresh evidence for what just opened
             if change.change == "closed":
@@ -280,8 +279,3 @@ class Service:
             self.recording.close()
         return 0
 
-
-def _where(c: IncidentChange) -> str:
-    if c.port is None:
-        return "an unknown listener"
-    return f"[{c.address}]:{c.port}" if c.family == 6 else f"{c.address}:{c.port}"

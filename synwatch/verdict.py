@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from synwatch.config import Thresholds
+from synwatch.records import endpoint
 
 Verdict = Literal["capacity", "concentrated", "spoofed", "unknown"]
 MAX_BACKLOG = 65535  # sk_max_ack_backlog was 16 bits before 4.4; also a sane ceiling
@@ -81,14 +82,6 @@ def shares(t: Tally, limit: int = 10) -> tuple[tuple[str, int, float], ...]:
     return tuple((p, n, round(n / total, 3)) for p, n in ranked)
 
 
-def listener_name(t: Tally) -> str:
-    if t.port is None:
-        return "an unknown listener"
-    if t.address is None:
-        return f"port {t.port}"
-    return f"[{t.address}]:{t.port}" if ":" in t.address else f"{t.address}:{t.port}"
-
-
 def suggested_backlog(t: Tally) -> int:
     """A power of two above the backlog, the queue's peak and one second of the overflow."""
     backlog = t.backlog or 0
@@ -100,7 +93,7 @@ def suggested_backlog(t: Tally) -> int:
 def _tuning(t: Tally) -> list[str]:
     """Backlog, somaxconn and application settings, with numbers."""
     out: list[str] = []
-    where = listener_name(t)
+    where = endpoint(t.address, t.port)
     want = suggested_backlog(t)
     somaxconn = t.sysctls.get("net.core.somaxconn")
     if t.backlog == 0:
@@ -132,7 +125,7 @@ def _cookies(t: Tally) -> list[str]:
 def judge(t: Tally, th: Thresholds) -> Judgement:
     top = shares(t)
     done = completion(t)
-    where = listener_name(t)
+    where = endpoint(t.address, t.port)
     facts: list[str] = []
     if t.syns_overflowed:
         facts.append(f"{t.syns_overflowed} SYNs found the SYN queue of {where} full "

@@ -10,6 +10,7 @@ from typing import Any
 
 from synwatch.netns import in_netns
 from synwatch.probes import procnet, sockdiag
+from synwatch.records import endpoint
 
 SHOWN = 5  # prefixes shown per listener
 KEPT = 64  # prefixes kept per listener for the correlator; the rest are only counted
@@ -68,7 +69,7 @@ def diagnose(snap: Snapshot) -> list[str]:
                    "logs a SYN flood; only the counters show one")
     for st in snap.listeners:
         li = st.listener
-        where = f"{li.address}:{li.port}" if li.family == 4 else f"[{li.address}]:{li.port}"
+        where = endpoint(li.address, li.port)
         if li.backlog == 0:
             out.append(f"{where} listens with backlog 0 (listen(fd, 0)): on kernels 4.4 to 6.12 "
                        "its SYN queue counts as full from the first SYN")
