@@ -77,6 +77,13 @@ def _full_accept_queue(st: ListenerState) -> bool:
     return st.listener.backlog > 0 and st.listener.accept_queue >= st.listener.backlog
 
 
+def _sample(at: datetime, st: ListenerState | None, rates: dict[str, float]) -> Sample:
+    return Sample(at=at, syn_recv=st.syn_recv if st else None,
+                  accept_queue=st.listener.accept_queue if st else None,
+                  backlog=st.listener.backlog if st else None, rates=dict(rates),
+                  top_prefixes=st.top_prefixes if st else ())
+
+
 def _key(st: ListenerState) -> tuple[int, str, int]:
     return st.listener.family, st.listener.address, st.listener.port
 
@@ -92,11 +99,6 @@ class Correlator:
         self._moving_since: datetime | None = None
         self._untrusted: deque[tuple[datetime, int | None, int]] = deque(
             maxlen=PENDING_UNTRUSTED)  # (time, port, event id)
-
-    @property
-    def busy(self) -> bool:
-        """An incident is open or the counters are moving."""
-        return bool(self.open) or self._moving_since is not None
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -249,8 +251,7 @@ class Correlator:
                                     first=self._moving_since or ev.at, listener=st, snap=snap)
                     self._corroborate(inc)
                     self._add(inc, st, probe, active=True)
-                    changes.append(self._change(inc, "opened",
-                                                sample=self._sample(ev, inc, states, rates)))
+                    changes.append(self._change(inc, "opened", sample=_sample(ev.at, st, rates)))
         for inc in list(self.open.values()):
             if any(c.serial == inc.serial for c in changes):
                 continue
@@ -263,8 +264,7 @@ class Correlator:
                 del self.open[inc.serial]
                 changes.append(self._change(inc, "closed", closed_at=ev.at))
             else:
-                changes.append(self._change(inc, "updated",
-                                            sample=self._sample(ev, inc, states, rates)))
+                changes.append(self._change(inc, "updated", sample=_sample(ev.at, st, rates)))
         return changes
 
     @staticmethod
@@ -309,14 +309,6 @@ class Correlator:
             t.syn_recv_sum += st.syn_recv
             t.prefixes = _add_counts(t.prefixes, st.prefixes)
             t.prefix_count = max(t.prefix_count, st.prefix_count, len(t.prefixes))
-
-    def _sample(self, ev: Evidence, inc: _Incident, states: dict[tuple[int, str, int],
-                ListenerState], rates: dict[str, float]) -> Sample:
-        st = states.get(inc.key) if inc.key else None
-        return Sample(at=ev.at, syn_recv=st.syn_recv if st else None,
-                      accept_queue=st.listener.accept_queue if st else None,
-                      backlog=st.listener.backlog if st else None, rates=dict(rates),
-                      top_prefixes=st.top_prefixes if st else ())
 
     def expire(self, now: datetime) -> list[IncidentChange]:
         """Close quiet incidents when there is no evidence to do it with (probes failing)."""

@@ -170,7 +170,7 @@ class Service:
                 log.warning("%s", exc)
         evidence = Evidence(self.clock.now(), snap, counted)
         if self.recording is not None:
-            self.recording.write(evidence_line(self.clock.now(), evidence))
+            self.recording.write(evidence_line(evidence.at, evidence))
         self._save(self.correlator.on_evidence(evidence))
 
     def _record(self, batch: Batch) -> bool:
