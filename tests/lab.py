@@ -29,6 +29,19 @@ CLIENT_IP = "10.231.0.2"
 SPOOF_NET = "10.232"  # sources 10.232.x.y, routed back into the client namespace
 
 
+_ports_given: set[int] = set()
+
+
+def lab_port() -> int:
+    """A listener port not used before in this test run: /dev/kmsg keeps the lines of earlier
+    tests, and a line naming an earlier test's port must not be mistaken for this one's."""
+    while True:
+        port = random.randint(20000, 60000)
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+
+
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60)
 

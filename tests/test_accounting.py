@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from synwatch.probes.accounting import SynAccounting, parse_set
 from synwatch.runner import run
-from tests.lab import SPOOF_NET, lab
+from tests.lab import SPOOF_NET, lab, lab_port
 
 SETUP_24_64 = """\
 add table inet synwatch
@@ -42,7 +40,7 @@ def test_parse() -> None:
 
 @pytest.mark.needs_root
 def test_counts_every_syn_per_prefix_and_port_in_a_namespace() -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     with lab() as the_lab:
         acct = SynAccounting(the_lab.server_ns)
         acct.setup()

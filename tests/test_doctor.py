@@ -4,7 +4,6 @@ a history that remembers a peak above a listener's backlog."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from synwatch.probes.sockdiag import Listener
 from synwatch.records import IncidentChange
 from synwatch.store import Store
 from tests.conftest import NOW, synwatch
-from tests.lab import lab
+from tests.lab import lab, lab_port
 
 
 def _snap(*listeners: tuple[int, int, int], counters: dict[str, int] | None = None,
@@ -60,7 +59,7 @@ def test_each_rule() -> None:
 
 @pytest.mark.needs_root
 def test_doctor_in_a_namespace_uses_the_history(tmp_path: Path) -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     config = tmp_path / "c.toml"
     with lab() as the_lab:
         config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'

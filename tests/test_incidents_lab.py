@@ -15,13 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import synwatch
-from tests.lab import SPOOF_NET, Lab, lab
+from tests.lab import SPOOF_NET, Lab, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 
@@ -37,6 +38,8 @@ class Service:
             f'[incident]\nquiet_period = "{quiet}"\nprobe_interval = "0.5s"\n'
             f'[actions]\ndry_run = {str(dry_run).lower()}\n')
         self.log = tmp_path / "service.log"
+        # a second of slack: kmsg times are derived from the monotonic clock
+        self.started = datetime.now(timezone.utc) - timedelta(seconds=1)
         self.recording = tmp_path / "recording.jsonl"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "synwatch", "run", "--config", str(self.config),
@@ -75,7 +78,10 @@ class Service:
 
     def events(self, port: int) -> list[dict[str, Any]]:
         r = synwatch("events", "list", "--format", "json", "--config", str(self.config))
-        return [e for e in json.loads(r.out) if e["port"] == port]
+        # kmsg is read from the start of its ring buffer: lines from before this service
+        # started belong to earlier runs
+        return [e for e in json.loads(r.out) if e["port"] == port
+                and datetime.fromisoformat(e["time"]) >= self.started]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -127,7 +133,7 @@ def _sources(*nets: str, each: int) -> list[str]:
 
 
 def test_two_slash24s_are_concentrated(the_lab: Lab, service: Service) -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=64)
     sources = _sources(f"{SPOOF_NET}.1", f"{SPOOF_NET}.2", each=1500)
     random.shuffle(sources)
@@ -150,7 +156,7 @@ def test_two_slash24s_are_concentrated(the_lab: Lab, service: Service) -> None:
 
 
 def test_spread_over_a_slash16_is_spoofed(the_lab: Lab, service: Service) -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=128)
     the_lab.flood(port, 4000)  # random sources all over 10.232.0.0/16
     [inc] = service.wait_incidents(port, 1, "closed")
@@ -163,7 +169,7 @@ def test_spread_over_a_slash16_is_spoofed(the_lab: Lab, service: Service) -> Non
 
 def test_real_clients_on_a_small_backlog_are_capacity_without_a_log_line(
         the_lab: Lab, service: Service) -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=4)  # and never accepts
     the_lab.connect_burst(port, established=5, attempts=300, hold=1.5)
     [inc] = service.wait_incidents(port, 1, "closed")
@@ -183,7 +189,7 @@ def test_real_clients_on_a_small_backlog_are_capacity_without_a_log_line(
 
 def test_second_flood_on_a_socket_is_seen_from_the_counters(
         the_lab: Lab, service: Service) -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=16)
     the_lab.flood(port, 2000, _sources(f"{SPOOF_NET}.7", each=2000))
     [first] = service.wait_incidents(port, 1, "closed")
@@ -204,7 +210,7 @@ def test_cookies_for_every_syn_are_attributed_by_the_accounting_set(
     """tcp_syncookies=2: no log line, no request sockets; only counters and the nftables set
     see the flood, and the set tells whose SYNs they are."""
     the_lab.sysctl("net.ipv4.tcp_syncookies", 2)
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=64)
     service = Service(the_lab, tmp_path, dry_run=False)  # accounting = "auto": on
     try:

@@ -4,7 +4,6 @@ sources by prefix (v4-mapped counted as IPv4), counters, sysctls; and the diagno
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ import pytest
 from synwatch.probes.snapshot import ListenerState, Snapshot, as_json, diagnose, take
 from synwatch.probes.sockdiag import Listener
 from tests.conftest import synwatch
-from tests.lab import Lab, lab
+from tests.lab import Lab, lab, lab_port
 
 
 @pytest.fixture
@@ -28,7 +27,7 @@ def _listener(snap: Snapshot, port: int) -> ListenerState:
 
 @pytest.mark.needs_root
 def test_syn_recv_sources_by_prefix_in_a_namespace(the_lab: Lab) -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=128)
     sources = [f"10.232.1.{i}" for i in range(1, 41)] + [f"10.232.2.{i}" for i in range(1, 21)]
     the_lab.flood(port, len(sources), sources)
@@ -52,7 +51,7 @@ def test_syn_recv_sources_by_prefix_in_a_namespace(the_lab: Lab) -> None:
 
 @pytest.mark.needs_root
 def test_overflow_shows_in_queues_counters_and_diagnosis(the_lab: Lab) -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=8)
     the_lab.flood(port, 200)
     time.sleep(0.3)
@@ -70,7 +69,7 @@ def test_overflow_shows_in_queues_counters_and_diagnosis(the_lab: Lab) -> None:
 
 @pytest.mark.needs_root
 def test_dual_stack_listener_counts_ipv4_sources_as_ipv4(the_lab: Lab) -> None:
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=128, address="::")
     the_lab.flood(port, 10, [f"10.232.9.{i}" for i in range(1, 11)])
     time.sleep(0.3)

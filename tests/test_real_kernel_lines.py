@@ -14,7 +14,7 @@ import pytest
 from synwatch.filters import match_record
 from synwatch.sinks import parse_line
 from tests.conftest import synwatch
-from tests.lab import Kmsg, lab
+from tests.lab import Kmsg, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 
@@ -27,7 +27,7 @@ def test_real_syn_flood_line_is_matched_and_trusted(catalogue: object, tmp_path:
     kmsg = Kmsg()
     try:
         with lab() as the_lab:
-            port = random.randint(20000, 60000)
+            port = lab_port()
             the_lab.listen(port, backlog=8)
             the_lab.flood(port, 300)
             records = kmsg.records_until(_is_flood_line(port), timeout=15)

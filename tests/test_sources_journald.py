@@ -12,20 +12,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from synwatch.catalogue import Catalogue
+from synwatch.records import LogRecord
 from synwatch.sources.base import Batch
 from synwatch.sources.journald import JournalctlReader, JournaldSource, SystemdReader
 from synwatch.sources.kmsg import KmsgSource, current_boot_id
 from synwatch.store import Store
 from synwatch.store.models import Event
 from tests.conftest import Journald
-from tests.lab import Lab, lab
+from tests.lab import Lab, lab, lab_port
 from tests.test_service import NotifySocket, _start, _stop
 
 pytestmark = pytest.mark.needs_root
@@ -39,7 +40,7 @@ def flood_lab() -> Iterator[Lab]:
 
 def real_flood(the_lab: Lab) -> int:
     """A new listener, flooded: the kernel prints one line for it. Returns its port."""
-    port = random.randint(20000, 60000)
+    port = lab_port()
     the_lab.listen(port, backlog=8)
     the_lab.flood(port, 200)
     return port
@@ -150,8 +151,12 @@ def test_both_readers_and_a_stale_cursor(reader: type, journald: Journald, flood
     time.sleep(1)  # let journald store it
     batches: list[Batch] = []
     source = JournaldSource(catalogue, reader_factory=reader)
-    _run_for(source, batches, 2)
-    mine = [r for b in batches for r in b.records if f":{port}." in r.message]
+
+    def mine_read() -> list[LogRecord]:
+        return [r for b in list(batches) for r in b.records if f":{port}." in r.message]
+
+    _run_for(source, batches, 10, until=lambda: bool(mine_read()))
+    mine = mine_read()
     assert len(mine) == 1 and mine[0].trusted and mine[0].position
     cursor = mine[0].position.removeprefix("journal:")
     assert mine[0].time is not None
@@ -161,7 +166,8 @@ def test_both_readers_and_a_stale_cursor(reader: type, journald: Journald, flood
     batches.clear()
     caplog.set_level(logging.INFO)
     _run_for(JournaldSource(catalogue, {"cursor": stale, "realtime": realtime - 1},
-                            reader_factory=reader), batches, 2)
+                            reader_factory=reader), batches, 10,
+             until=lambda: any(b.records for b in list(batches)))
     assert "the stored cursor is no longer in the journal" in caplog.text
     again = [r.position for b in batches for r in b.records]
     # read on from the time of the last entry stored: that entry comes again (its cursor is the
@@ -169,11 +175,17 @@ def test_both_readers_and_a_stale_cursor(reader: type, journald: Journald, flood
     assert again[0] == mine[0].position
 
 
-def _run_for(source: JournaldSource | KmsgSource, batches: list[Batch], seconds: float) -> None:
+def _run_for(source: JournaldSource | KmsgSource, batches: list[Batch], seconds: float,
+             until: Callable[[], bool] | None = None) -> None:
+    """Stream for ``seconds``, or until ``until()`` holds (a loaded CI machine is slow)."""
     stop = threading.Event()
     thread = threading.Thread(target=source.stream, args=(batches.append, stop))
     thread.start()
-    time.sleep(seconds)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and until()):
+        time.sleep(0.05)
+    if until:
+        time.sleep(0.2)  # what follows in the same read
     stop.set()
     thread.join(10)
 
