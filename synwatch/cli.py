@@ -354,6 +354,19 @@ def cmd_bans_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unban(args: argparse.Namespace) -> int:
+    from synwatch.actions.ban import unban  # noqa: PLC0415
+    from synwatch.store import Store  # noqa: PLC0415
+
+    config = _load(args)
+    store = Store.open(config.storage_url)
+    for ban, rendered in unban(config, store, args.prefix, datetime.now(timezone.utc)):
+        print(f"unbanned {ban.prefix} ({ban.backend}, incident {ban.incident_id})")
+        if args.verbose:
+            print(rendered)
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -452,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     p = command("list", cmd_bans_list, "list bans with their expiry", bans)
     _add_format(p)
+    _add_config(p)
+    p = command("unban", cmd_unban, "lift the active bans covering a prefix or an address")
+    p.add_argument("prefix", metavar="PREFIX")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the commands run")
     _add_config(p)
     return parser
 

@@ -46,6 +46,53 @@ class Thresholds:
     ipv6_prefix: int = 64
 
 
+VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
+# What each verdict does by default. Bans are for "concentrated" only (DESIGN.md, "Verdicts"):
+# a capacity incident is real clients, a spoofed one comes from everywhere.
+DEFAULT_POLICY = {"capacity": ["notify", "exec"], "concentrated": ["ban", "notify", "exec"],
+                  "spoofed": ["notify", "exec"], "unknown": ["notify", "exec"]}
+EXEC_CHANGES = ("opened", "verdict", "closed")
+
+
+@dataclass(frozen=True, slots=True)
+class BanSettings:
+    enabled: bool = True
+    backend: str = "nftables"
+    duration: float = 3600.0
+    increment: float = 2.0  # a prefix banned before is banned increment**n times longer ...
+    max_duration: float = 7 * 86400.0  # ... up to this
+    max_per_incident: int = 8
+    max_total: int = 256
+    min_share: float = 0.05  # a prefix carrying less of the flood is not worth a ban
+
+
+@dataclass(frozen=True, slots=True)
+class RatelimitSettings:
+    enabled: bool = False
+    rate: int = 100  # new connections a minute from one address ...
+    burst: int = 50
+    hold: float = 300.0  # ... above which its SYNs are dropped for this long
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NotifySettings:
+    enabled: bool = False
+    urls: tuple[str, ...] = ()
+    interval: float = 600.0  # at most one update per incident this often
+    timeout: float = 10.0
+    retry: float = 30.0  # first retry after a failure, doubling
+    attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ExecSettings:
+    enabled: bool = False
+    argv: tuple[str, ...] = ()
+    on: tuple[str, ...] = EXEC_CHANGES
+    timeout: float = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: str  # where it was read from, for messages
@@ -61,11 +108,11 @@ class Config:
     allowlist: tuple[Network, ...]
     dry_run: bool
     syncookies_enabled: bool
-    ban_enabled: bool
-    ban_backend: Literal["nftables", "ufw", "iptables-ipset"]
-    ban_duration: float
-    notify_enabled: bool
-    notify_urls: tuple[str, ...]
+    policy: dict[str, tuple[str, ...]]
+    ban: BanSettings
+    ratelimit: RatelimitSettings
+    notify: NotifySettings
+    exec: ExecSettings
     metrics_listen: tuple[str, int] | None
 
 
@@ -167,10 +214,60 @@ def _networks(value: Any) -> tuple[Network, ...]:
 
 
 def _backend(value: Any) -> str:
-    choices = ("nftables", "ufw", "iptables-ipset")
+    from synwatch.actions.presets import load_presets  # noqa: PLC0415 - reads the preset files
+
+    choices = [p.name for p in load_presets().values() if p.action == "ban"]
     if value not in choices:
         raise _Invalid(f"expected one of {', '.join(choices)}, got {_show(value)}")
     return str(value)
+
+
+def _positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+        raise _Invalid(f"expected a number of at least 1, got {_show(value)}")
+    return float(value)
+
+
+def _ports(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in value):
+        raise _Invalid(f"expected a list of TCP ports (1-65535), got {_show(value)}")
+    return tuple(value)
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    argv = _string_list(value)
+    if argv and not argv[0].startswith("/"):
+        raise _Invalid(f"the program must be an absolute path (no shell, no $PATH), "
+                       f"got {_show(argv[0])}")
+    return argv
+
+
+def _exec_on(value: Any) -> tuple[str, ...]:
+    changes = _string_list(value)
+    for c in changes:
+        if c not in EXEC_CHANGES:
+            raise _Invalid(f"{_show(c)}: expected some of {', '.join(EXEC_CHANGES)}")
+    return changes
+
+
+def _actions_for(verdict: str) -> Callable[[Any], tuple[str, ...]]:
+    def check(value: Any) -> tuple[str, ...]:
+        names = _string_list(value)
+        from synwatch.actions.registry import registered  # noqa: PLC0415 - entry points are slow
+
+        known = registered()
+        for name in names:
+            if name not in known:
+                raise _Invalid(f"{_show(name)} is not an action (known: {', '.join(known)})")
+            if name == "ban" and verdict != "concentrated":
+                raise _Invalid(f"{verdict} incidents are never banned: only a flood from a few "
+                               "networks (concentrated) is")
+            if not known[name].per_incident:
+                raise _Invalid(f"{_show(name)} is not run per incident (it has its own "
+                               f"[actions.{name}] section)")
+        return names
+    return check
 
 
 def _notify_urls(value: Any) -> tuple[str, ...]:
@@ -216,10 +313,22 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
                 "ipv6_prefix": (_int_in(16, 128), _DEFAULTS.ipv6_prefix)},
     "allowlist": {"networks": (_networks, [])},
     "actions": {"dry_run": (_bool, False)},
+    "actions.policy": {v: (_actions_for(v), DEFAULT_POLICY[v]) for v in VERDICTS},
     "actions.syncookies": {"enabled": (_bool, True)},
     "actions.ban": {"enabled": (_bool, True), "backend": (_backend, "nftables"),
-                    "duration": (_duration, "1h")},
-    "actions.notify": {"enabled": (_bool, False), "urls": (_notify_urls, [])},
+                    "duration": (_duration, "1h"), "increment": (_positive, 2.0),
+                    "max_duration": (_duration, "7d"),
+                    "max_per_incident": (_int_in(1, 4096), 8),
+                    "max_total": (_int_in(1, 1_000_000), 256),
+                    "min_share": (_fraction, 0.05)},
+    "actions.ratelimit": {"enabled": (_bool, False), "rate": (_int_in(1, 1_000_000), 100),
+                          "burst": (_int_in(1, 1_000_000), 50), "hold": (_duration, "5m"),
+                          "ports": (_ports, [])},
+    "actions.notify": {"enabled": (_bool, False), "urls": (_notify_urls, []),
+                       "interval": (_duration, "10m"), "timeout": (_duration, "10s"),
+                       "retry": (_duration, "30s"), "attempts": (_int_in(1, 100), 5)},
+    "actions.exec": {"enabled": (_bool, False), "argv": (_argv, []),
+                     "on": (_exec_on, list(EXEC_CHANGES)), "timeout": (_duration, "30s")},
     "metrics": {"listen": (_listen, "")},
 }
 
@@ -257,6 +366,10 @@ def default_storage_url() -> str:
     return f"sqlite:///{state}/synwatch/synwatch.db"
 
 
+def _section(values: dict[str, Any], section: str) -> dict[str, Any]:
+    return {k: values[f"{section}.{k}"] for k in _SCHEMA[section]}
+
+
 def parse_config(text: str, path: str) -> Config:
     try:
         doc = tomllib.loads(text)
@@ -275,6 +388,13 @@ def parse_config(text: str, path: str) -> Config:
     if v["incident.probe_interval"] < 0.1:
         raise ConfigError(path, "incident.probe_interval",
                           "must be at least 0.1s (probing reads every socket of the namespace)")
+    if v["actions.notify.enabled"] and not v["actions.notify.urls"]:
+        raise ConfigError(path, "actions.notify.urls", "is empty while notify is enabled")
+    if v["actions.exec.enabled"] and not v["actions.exec.argv"]:
+        raise ConfigError(path, "actions.exec.argv", "is empty while exec is enabled")
+    if v["actions.ban.max_duration"] < v["actions.ban.duration"]:
+        raise ConfigError(path, "actions.ban.max_duration",
+                          "must not be shorter than actions.ban.duration")
     if v["verdict.spoofed_completion"] > v["verdict.capacity_completion"]:
         raise ConfigError(path, "verdict.spoofed_completion",
                           f"must not exceed verdict.capacity_completion "
@@ -289,9 +409,11 @@ def parse_config(text: str, path: str) -> Config:
                               **{k: v[f"verdict.{k}"] for k in _SCHEMA["verdict"]}),
         allowlist=v["allowlist.networks"], dry_run=v["actions.dry_run"],
         syncookies_enabled=v["actions.syncookies.enabled"],
-        ban_enabled=v["actions.ban.enabled"], ban_backend=v["actions.ban.backend"],
-        ban_duration=v["actions.ban.duration"],
-        notify_enabled=v["actions.notify.enabled"], notify_urls=v["actions.notify.urls"],
+        policy={verdict: v[f"actions.policy.{verdict}"] for verdict in VERDICTS},
+        ban=BanSettings(**_section(v, "actions.ban")),
+        ratelimit=RatelimitSettings(**_section(v, "actions.ratelimit")),
+        notify=NotifySettings(**_section(v, "actions.notify")),
+        exec=ExecSettings(**_section(v, "actions.exec")),
         metrics_listen=v["metrics.listen"],
     )
 

@@ -66,3 +66,8 @@ class NotFound(SynwatchError):
 
 class CommandError(SynwatchError):
     """An external tool (nft, ufw, ipset, ip) is missing, failed or timed out."""
+
+
+class ActionFailed(SynwatchError):
+    """An action ran and did not achieve what it rendered (a refused notification, a command
+    that exited non-zero)."""

@@ -3,9 +3,11 @@ network namespace, a timeout, and a typed error that says what failed and why.""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from synwatch.errors import CommandError
 
@@ -35,3 +37,38 @@ def run(argv: Sequence[str], *, stdin: str | None = None, netns: str = "",
         raise CommandError(shown, f"exit status {proc.returncode}: "
                                   f"{why[0] if why else 'no message'}")
     return proc.stdout
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One rendered command: what an action will run, shown before it runs (and instead of
+    running it in dry-run mode)."""
+
+    argv: tuple[str, ...]
+    stdin: str | None = None
+    unless: tuple[str, ...] | None = None  # skip when this succeeds (`iptables -C` before `-I`)
+
+    def shown(self) -> str:
+        text = shlex.join(self.argv)
+        if self.unless:
+            text = f"{shlex.join(self.unless)} || {text}"
+        if self.stdin is not None:
+            text += f" <<'EOF'\n{self.stdin.rstrip()}\nEOF"
+        return text
+
+
+def show(commands: Sequence[Command]) -> str:
+    return "\n".join(c.shown() for c in commands)
+
+
+def execute(commands: Sequence[Command], netns: str = "") -> None:
+    """Run rendered commands in order; the first failure raises CommandError."""
+    for c in commands:
+        if c.unless:
+            try:
+                run(c.unless, netns=netns)
+            except CommandError:
+                pass
+            else:
+                continue
+        run(c.argv, stdin=c.stdin, netns=netns)

@@ -27,6 +27,7 @@ from synwatch.probes.snapshot import take
 from synwatch.recorder import Recorder
 from synwatch.records import Evidence, IncidentChange, endpoint
 from synwatch.replay import Recording, event_line, evidence_line
+from synwatch.respond import Responder
 from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
@@ -61,6 +62,7 @@ class Service:
         self._probe_due = 0.0
         self._probe_failure: str | None = None
         self.accounting: SynAccounting | None = None
+        self.responder: Responder | None = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -84,17 +86,21 @@ class Service:
         catalogue = load_catalogue()
         sources = build_sources(plans, catalogue, self.store.get_position)
         self.recorder = Recorder(self.store, catalogue, self.clock)
-        self.correlator = self._correlator()
+        resumed = self.store.open_incidents(socket.gethostname(), self.config.netns)
+        self.correlator = self._correlator(resumed)
         self.accounting = self._accounting()
+        self.responder = Responder(self.config, self.store, self.clock)
+        log.info("actions: %s", ", ".join(self.responder.names()) or "none")
+        self.responder.resume(resumed)
+        self.responder.start()
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
 
-    def _correlator(self) -> Correlator:
-        assert self.store is not None
+    def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
         c = self.config
-        host = socket.gethostname()
-        correlator = Correlator(host, c.netns, c.thresholds, c.quiet_period, self.clock)
-        for left_open in self.store.open_incidents(host, c.netns):
+        correlator = Correlator(socket.gethostname(), c.netns, c.thresholds, c.quiet_period,
+                                self.clock)
+        for left_open in resumed:
             assert left_open.incident_id is not None
             self._ids[correlator.resume(left_open)] = left_open.incident_id
             log.info("incident %s on %s: still open from before the restart",
@@ -138,6 +144,8 @@ class Service:
                 return
             self._unsaved.pop(0)
             self._ids[change.serial] = incident_id
+            if self.responder is not None:
+                self.responder.on_change(replace(change, incident_id=incident_id))
             if change.change != "updated":
                 log.info("incident %d %s: %s %s, verdict %s", incident_id, change.change,
                          change.netns or "host", endpoint(change.address, change.port),
@@ -238,6 +246,8 @@ class Service:
             if self.correlator is not None:
                 self.correlator.th = new.thresholds
                 self.correlator.quiet = timedelta(seconds=new.quiet_period)
+            if self.responder is not None:
+                self.responder.reload(new)
             self.config = replace(new, netns=self.config.netns)
             log.info("configuration reloaded from %s", new.path)
         sdnotify.notify("READY=1", "STATUS=watching")
@@ -255,6 +265,8 @@ class Service:
             if time.monotonic() >= self._probe_due and not self.flags.stop:
                 self._probe_due = time.monotonic() + self.config.probe_interval
                 self._probe()
+            if self.responder is not None:
+                self.responder.tick()
             if ping and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping
@@ -266,14 +278,16 @@ class Service:
         if self.supervisor is not None:
             self.supervisor.stop()
             self._drain_queued()
+        if self.store is not None and self._unsaved:
+            self._save([])
+        if self.responder is not None:
+            self.responder.stop()
         if self.accounting is not None:
             try:
                 self.accounting.teardown()
             except CommandError as exc:
                 log.warning("SYN accounting: could not remove its chain: %s", exc)
         if self.store is not None:
-            if self._unsaved:
-                self._save([])
             self.store.close()
         if self.recording is not None:
             self.recording.close()

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.config import load_config, parse_config
+from synwatch.config import (
+    BanSettings,
+    ExecSettings,
+    NotifySettings,
+    RatelimitSettings,
+    load_config,
+    parse_config,
+)
 from synwatch.errors import ConfigError
 from tests.conftest import DATA, REPO, synwatch
 
@@ -43,9 +50,17 @@ def test_every_contract_key_is_read() -> None:
     assert c.netns == "web-ns" and c.quiet_period == 90
     assert c.allowlist == (ipaddress.ip_network("192.0.2.0/24"),
                            ipaddress.ip_network("2001:db8::/32"))
-    assert (c.dry_run, c.syncookies_enabled, c.ban_enabled) == (False, False, True)
-    assert (c.ban_backend, c.ban_duration) == ("iptables-ipset", 7200)
-    assert c.notify_enabled and len(c.notify_urls) == 2
+    assert (c.dry_run, c.syncookies_enabled) == (False, False)
+    assert c.policy == {"capacity": ("notify",), "concentrated": ("ban", "notify", "exec"),
+                        "spoofed": ("exec",), "unknown": ()}
+    assert c.ban == BanSettings(enabled=True, backend="iptables-ipset", duration=7200,
+                                increment=3, max_duration=2 * 86400, max_per_incident=4,
+                                max_total=64, min_share=0.1)
+    assert c.ratelimit == RatelimitSettings(True, 300, 100, 600, (80, 443))
+    assert c.notify == NotifySettings(True, c.notify.urls, 1800, 5, 60, 3)
+    assert len(c.notify.urls) == 2
+    assert c.exec == ExecSettings(True, ("/usr/local/bin/on-synflood", "--page"),
+                                  ("opened", "closed"), 20)
     assert c.metrics_listen == ("127.0.0.1", 9851)
     assert synwatch("check-config", "--config", str(path)).out == f"{path}: OK\n"
 
@@ -54,7 +69,7 @@ def test_embedded_default_is_the_packaged_file_and_safe() -> None:
     text = (REPO / "packaging" / "synwatch.toml").read_text()
     c = parse_config(text, "default")
     assert c.dry_run is True, "the embedded default must not change a laptop's firewall"
-    assert c.notify_enabled is False and c.netns == ""
+    assert c.notify.enabled is False and c.netns == ""
     assert (c.journald, c.kmsg, c.files) == ("auto", "auto", ())
     assert c.storage_url.startswith("sqlite:///")
 

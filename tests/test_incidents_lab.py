@@ -29,29 +29,35 @@ pytestmark = pytest.mark.needs_root
 
 class Service:
     def __init__(self, the_lab: Lab, tmp_path: Path, quiet: str = "3s",
-                 dry_run: bool = True) -> None:
+                 dry_run: bool = True, extra: str = "") -> None:
         self.config = tmp_path / "synwatch.toml"
         self.config.write_text(
             f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
             '[sources]\njournald = false\nkmsg = true\n'
             f'[watch]\nnetns = "{the_lab.server_ns}"\n'
             f'[incident]\nquiet_period = "{quiet}"\nprobe_interval = "0.5s"\n'
-            f'[actions]\ndry_run = {str(dry_run).lower()}\n')
+            f'[actions]\ndry_run = {str(dry_run).lower()}\n{extra}')
         self.log = tmp_path / "service.log"
+        self.log.touch()
+        self.recording = tmp_path / "recording.jsonl"
         # a second of slack: kmsg times are derived from the monotonic clock
         self.started = datetime.now(timezone.utc) - timedelta(seconds=1)
-        self.recording = tmp_path / "recording.jsonl"
+        self.start()
+
+    def start(self) -> None:
+        """Start `synwatch run` (again, after stop() or a crash: same store, same log)."""
+        logged = len(self.log.read_text())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "synwatch", "run", "--config", str(self.config),
              "--record", str(self.recording)],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("w"), text=True,
+            stdout=subprocess.DEVNULL, stderr=self.log.open("a"), text=True,
             env={**os.environ, "TZ": "UTC"})
-        self.wait_log("synwatch running")
+        self.wait_log("synwatch running", after=logged)
 
-    def wait_log(self, text: str, timeout: float = 20) -> None:
+    def wait_log(self, text: str, timeout: float = 20, after: int = 0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log.read_text():
+            if text in self.log.read_text()[after:]:
                 return
             assert self.proc.poll() is None, self.log.read_text()
             time.sleep(0.05)

@@ -34,14 +34,14 @@ def _db(path: Path) -> str:
 def test_open_creates_and_migrates_the_schema_in_wal_mode(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "dir" / "h.db"
     store = Store.open(_db(db))
-    assert store.schema_revision() == store.head_revision() == "0001"
+    assert store.schema_revision() == store.head_revision() == "0002"
     tables = set(inspect(store.engine).get_table_names())
     assert {"events", "incidents", "evidence_samples", "action_runs", "bans",
             "source_positions", "alembic_version"} <= tables
     store.close()
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     # a second open is a no-op
-    assert Store.open(_db(db)).schema_revision() == "0001"
+    assert Store.open(_db(db)).schema_revision() == "0002"
 
 
 def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
         command.downgrade(cfg, "base")
     assert store.schema_revision() is None
     store.migrate()
-    assert store.schema_revision() == "0001"
+    assert store.schema_revision() == "0002"
 
 
 def test_events_are_recorded_exactly_once_with_their_position(tmp_path: Path) -> None:

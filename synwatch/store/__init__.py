@@ -29,6 +29,7 @@ from synwatch.store.models import (
     Event,
     EvidenceSample,
     Incident,
+    SavedSetting,
     SourcePosition,
 )
 
@@ -315,3 +316,52 @@ class Store:
     def bans(self) -> list[Ban]:
         with self.session() as s:
             return list(s.scalars(select(Ban).order_by(Ban.created_at, Ban.id)))
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def saved_setting(self, netns: str, name: str) -> str | None:
+        with self.session() as s:
+            row = s.get(SavedSetting, (netns, name))
+            return row.value if row else None
+
+    def save_setting(self, netns: str, name: str, value: str, now: datetime) -> None:
+        with self.session() as s:
+            s.merge(SavedSetting(netns=netns, name=name, value=value, saved_at=now))
+
+    def forget_setting(self, netns: str, name: str) -> None:
+        with self.session() as s:
+            row = s.get(SavedSetting, (netns, name))
+            if row is not None:
+                s.delete(row)
+
+    def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
+        q = select(Ban).where(Ban.netns == netns, Ban.removed_at.is_(None), Ban.expires_at > now)
+        if backend is not None:
+            q = q.where(Ban.backend == backend)
+        with self.session() as s:
+            return list(s.scalars(q.order_by(Ban.created_at, Ban.id)))
+
+    def expired_bans(self, netns: str, now: datetime, backend: str) -> list[Ban]:
+        """Bans past their expiry that nobody removed (for backends without kernel timeouts)."""
+        with self.session() as s:
+            return list(s.scalars(select(Ban).where(
+                Ban.netns == netns, Ban.backend == backend, Ban.removed_at.is_(None),
+                Ban.expires_at <= now)))
+
+    def times_banned(self, netns: str, prefix: str) -> int:
+        """How often ``prefix`` was banned before (for longer bans of repeat offenders)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Ban).where(
+                Ban.netns == netns, Ban.prefix == prefix)) or 0)
+
+    def incident_bans(self, incident_id: int) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(Ban.prefix).where(Ban.incident_id == incident_id)))
+
+    def mark_removed(self, ban_ids: Sequence[int], now: datetime) -> None:
+        if ban_ids:
+            with self.session() as s:
+                s.execute(update(Ban).where(Ban.id.in_(ban_ids)).values(removed_at=now))
+
+    def action_runs(self, incident_id: int) -> list[ActionRun]:
+        return self.actions_by_incident([incident_id])[incident_id]

@@ -138,3 +138,14 @@ class SourcePosition(Base):
     source: Mapped[str] = mapped_column(String(512), primary_key=True)
     position: Mapped[dict[str, Any]] = mapped_column(default=dict)
     updated_at: Mapped[datetime]
+
+
+class SavedSetting(Base):
+    """A kernel setting synwatch changed and must put back (tcp_syncookies during incidents),
+    kept in the store so a crash or a restart still restores it."""
+
+    __tablename__ = "saved_settings"
+    netns: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+    saved_at: Mapped[datetime]

@@ -1,0 +1,269 @@
+"""Subnet bans for concentrated floods, from kernel-side evidence only.
+
+The prefixes come from the incident's top prefixes, which the correlator fills from SYN-RECV
+sockets and the nftables accounting set, never from log text. A prefix is refused when it
+touches the allowlist, loopback, one of the host's own addresses or its default gateway, and the
+bans are capped per incident and in total. A prefix banned before is banned longer (like
+fail2ban's bantime.increment). The store is the truth: a ban is stored before the firewall is
+touched, and the firewall is reconciled with the store at start and every minute, so a failed
+command (a missing tool, a flushed ruleset) is repaired rather than lost.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+
+from synwatch.actions.firewall import BanItem, Firewall
+from synwatch.actions.presets import load_presets
+from synwatch.actions.registry import Action, ActionContext, Plan, skipped
+from synwatch.config import BanSettings, Config, Network
+from synwatch.durations import format_duration
+from synwatch.errors import CommandError, NotFound, UsageError
+from synwatch.records import IncidentChange
+from synwatch.runner import Command, run, show
+from synwatch.store import Store
+from synwatch.store.models import ActionRun, Ban
+
+log = logging.getLogger("synwatch")
+RECONCILE_EVERY = 60.0  # seconds
+ALWAYS_PROTECTED = ((ipaddress.ip_network("127.0.0.0/8"), "loopback"),
+                    (ipaddress.ip_network("::1/128"), "loopback"),
+                    (ipaddress.ip_network("0.0.0.0/32"), "unspecified"),
+                    (ipaddress.ip_network("::/128"), "unspecified"))
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Networks a ban must never touch, each with the reason."""
+
+    protected: tuple[tuple[Network, str], ...]
+
+    def refuses(self, prefix: str) -> str | None:
+        net = ipaddress.ip_network(prefix)
+        for other, why in self.protected:
+            if net.version == other.version and net.overlaps(other):
+                return f"{why} ({other})"
+        return None
+
+
+def host_networks(netns: str) -> list[tuple[Network, str]]:
+    """The namespace's own addresses and default gateways, from `ip -j`."""
+    found: list[tuple[Network, str]] = []
+    for entry in json.loads(run(["ip", "-j", "addr", "show"], netns=netns) or "[]"):
+        for a in entry.get("addr_info", []):
+            found.append((ipaddress.ip_network(a["local"]), "one of this host's addresses"))
+    for family in ("-4", "-6"):
+        routes = json.loads(run(["ip", "-j", family, "route", "show", "default"],
+                                netns=netns) or "[]")
+        for r in routes:
+            if "gateway" in r:
+                found.append((ipaddress.ip_network(r["gateway"]), "the default gateway"))
+    return found
+
+
+def ban_seconds(settings: BanSettings, times_before: int) -> int:
+    """The first ban lasts ``duration``; each one after it ``increment`` times longer."""
+    return int(min(settings.duration * settings.increment ** times_before,
+                   settings.max_duration))
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    ban: tuple[str, ...]
+    refused: tuple[tuple[str, str], ...]  # prefix, why
+
+
+def choose(top_prefixes: Iterable[tuple[str, int, float]], *, settings: BanSettings,
+           how_many: int, guard: Guard, seen: set[str], banned_here: int,
+           active_total: int) -> Choice:
+    """Which of an incident's top prefixes to ban now: the ``how_many`` largest carrying at
+    least ``min_share`` each, not already handled, within the guard and the caps."""
+    ban: list[str] = []
+    refused: list[tuple[str, str]] = []
+    for prefix, _count, share in list(top_prefixes)[:how_many]:
+        if prefix in seen or share < settings.min_share:
+            continue
+        why = guard.refuses(prefix)
+        if why is None and banned_here + len(ban) >= settings.max_per_incident:
+            why = f"cap of {settings.max_per_incident} bans per incident reached"
+        if why is None and active_total + len(ban) >= settings.max_total:
+            why = f"cap of {settings.max_total} active bans reached"
+        if why is None:
+            ban.append(prefix)
+        else:
+            refused.append((prefix, why))
+    return Choice(tuple(ban), tuple(refused))
+
+
+@dataclass
+class _Reconcile:
+    due: float = 0.0
+    problem: str | None = None
+
+
+class BanAction(Action):
+    name = "ban"
+    order = 20
+
+    def __init__(self, ctx: ActionContext) -> None:
+        super().__init__(ctx)
+        c = ctx.config
+        preset = load_presets()[c.ban.backend]
+        self.firewall = Firewall(preset, c.netns, c.thresholds.ipv4_prefix,
+                                 c.thresholds.ipv6_prefix)
+        self.seen: dict[int, set[str]] = {}  # incident -> prefixes banned or refused
+        self.guard = Guard(())
+        self.host: list[tuple[Network, str]] = []
+        self.reconcile_state = _Reconcile()
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return config.ban.enabled
+
+    def _refresh_guard(self) -> None:
+        try:
+            self.host = host_networks(self.ctx.netns)
+        except (CommandError, ValueError) as exc:
+            log.warning("ban: cannot read this host's addresses and gateways (%s); "
+                        "keeping the ones read before", exc)
+        allow = [(n, "allowlisted") for n in self.ctx.config.allowlist]
+        self.guard = Guard((*ALWAYS_PROTECTED, *allow, *self.host))
+
+    def start(self) -> list[Plan]:
+        self._refresh_guard()
+        plans: list[Plan] = []
+        setup = self.firewall.render_setup()
+        if setup:
+            plans.append(Plan(self.name, f"{self.firewall.name} setup", show(setup),
+                              lambda: self._apply(setup, "ready")))
+        return plans + self._reconcile()
+
+    def tick(self, now: datetime) -> list[Plan]:
+        mono = self.ctx.clock.monotonic()
+        if mono < self.reconcile_state.due:
+            return []
+        self._refresh_guard()
+        return self._reconcile()
+
+    def _apply(self, commands: Sequence[Command], outcome: str) -> str:
+        self.firewall.apply(commands)
+        return outcome
+
+    def on_change(self, change: IncidentChange) -> list[Plan]:
+        if change.change == "closed" and change.incident_id is not None:
+            self.seen.pop(change.incident_id, None)
+        if (change.verdict != "concentrated" or change.status != "open"
+                or change.incident_id is None):
+            return []  # only a flood from a few networks is banned, and only while it lasts
+        inc = change.incident_id
+        seen = self.seen.setdefault(inc, set())
+        if not seen:
+            seen |= self.ctx.store.incident_bans(inc)  # after a restart
+        now = self.ctx.clock.now()
+        active = self.ctx.store.active_bans(self.ctx.netns, now)
+        choice = choose(change.top_prefixes, settings=self.ctx.config.ban,
+                        how_many=self.ctx.config.thresholds.concentrated_prefixes,
+                        guard=self.guard, seen=seen,
+                        banned_here=sum(1 for b in active if b.incident_id == inc),
+                        active_total=len(active))
+        plans = [skipped(self.name, p, f"not banned: {why}", inc) for p, why in choice.refused]
+        for prefix in choice.ban:
+            times = self.ctx.store.times_banned(self.ctx.netns, prefix)
+            seconds = ban_seconds(self.ctx.config.ban, times)
+            item = BanItem(prefix, seconds, f"synwatch incident {inc}")
+            commands = self.firewall.render_ban([item])
+            plans.append(Plan(self.name, prefix, show(commands),
+                              partial(self._ban, inc, item, times, commands), inc))
+        seen |= set(choice.ban) | {p for p, _ in choice.refused}
+        return plans
+
+    def _ban(self, incident_id: int, item: BanItem, times: int,
+             commands: Sequence[Command]) -> str:
+        now = self.ctx.clock.now()
+        # stored first: if the firewall refuses, reconciliation puts it in later
+        self.ctx.store.add(Ban(prefix=item.prefix, backend=self.firewall.name,
+                               netns=self.ctx.netns, incident_id=incident_id, created_at=now,
+                               expires_at=now + timedelta(seconds=item.seconds),
+                               times_banned=times + 1))
+        try:
+            self.firewall.apply(commands)
+        except CommandError:
+            self.reconcile_state.due = self.ctx.clock.monotonic() + 5  # try again soon
+            raise
+        again = f", ban #{times + 1} of this prefix" if times else ""
+        return f"banned for {format_duration(item.seconds)}{again}"
+
+    # -- reconcile ------------------------------------------------------------------------------
+
+    def _reconcile(self) -> list[Plan]:
+        """Make the firewall hold exactly the store's active bans of this backend: missing ones
+        are put back with their remaining time, expired and unknown ones removed."""
+        st = self.reconcile_state
+        st.due = self.ctx.clock.monotonic() + RECONCILE_EVERY
+        now = self.ctx.clock.now()
+        store, fw = self.ctx.store, self.firewall
+        try:
+            have = fw.listed()
+        except CommandError as exc:
+            if st.problem != str(exc):
+                log.warning("ban: cannot list the %s bans: %s; retrying every %.0f s",
+                            fw.name, exc, RECONCILE_EVERY)
+                st.problem = str(exc)
+            return []
+        if st.problem is not None:
+            log.info("ban: %s answers again", fw.name)
+            st.problem = None
+        want = {b.prefix: b for b in store.active_bans(self.ctx.netns, now, fw.name)}
+        missing = [BanItem(p, max(1, int((b.expires_at - now).total_seconds())),
+                           f"synwatch incident {b.incident_id}")
+                   for p, b in want.items() if p not in have]
+        expired = store.expired_bans(self.ctx.netns, now, fw.name)
+        stale = sorted(p for p in have if p not in want)
+        if not missing and not stale:
+            if expired:
+                store.mark_removed([b.id for b in expired], now)
+            return []
+        commands = fw.render_ban(missing) + fw.render_unban(stale)
+        parts = ([f"restore {len(missing)}"] if missing else []) + (
+            [f"remove {len(stale)} expired or unknown"] if stale else [])
+
+        def apply() -> str:
+            fw.apply(commands)
+            store.mark_removed([b.id for b in expired], now)
+            return ", ".join(parts)
+
+        return [Plan(self.name, f"{fw.name} reconcile", show(commands), apply)]
+
+
+def unban(config: Config, store: Store, text: str, now: datetime) -> list[tuple[Ban, str]]:
+    """Remove the active bans overlapping ``text`` (a prefix or an address) from their firewall
+    and mark them removed; returns each ban with the commands run. An explicit admin command:
+    it acts even when the service's actions are a dry run."""
+    try:
+        wanted = ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise UsageError("unban", f"{text!r} is not a prefix or an address") from exc
+    hits = [b for b in store.active_bans(config.netns, now)
+            if ipaddress.ip_network(b.prefix).version == wanted.version
+            and ipaddress.ip_network(b.prefix).overlaps(wanted)]
+    if not hits:
+        raise NotFound(f"unban {text}", "no active ban covers it (see synwatch bans list)")
+    presets = load_presets()
+    done: list[tuple[Ban, str]] = []
+    for ban in hits:
+        fw = Firewall(presets[ban.backend], config.netns, config.thresholds.ipv4_prefix,
+                      config.thresholds.ipv6_prefix)
+        commands = fw.render_unban([ban.prefix])
+        fw.apply(commands)  # a failure leaves the ban active in the store: try again
+        store.mark_removed([ban.id], now)
+        store.add(ActionRun(incident_id=ban.incident_id, action="unban", target=ban.prefix,
+                            status="done", at=now, rendered=show(commands),
+                            detail="synwatch unban"))
+        done.append((ban, show(commands)))
+    return done

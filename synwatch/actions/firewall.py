@@ -1,0 +1,71 @@
+"""A ban backend: one preset (nftables, ufw, iptables-ipset) rendered for one namespace and ban
+granularity. Everything it does is rendered first (``render_*``), then run through the runner."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from synwatch.actions.presets import Preset
+from synwatch.runner import Command, execute, run
+
+
+def mask(family: int, length: int) -> str:
+    bits = 32 if family == 4 else 128
+    value = ((1 << length) - 1) << (bits - length)
+    return str(ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value))
+
+
+@dataclass(frozen=True, slots=True)
+class BanItem:
+    prefix: str
+    seconds: int = 0
+    comment: str = "synwatch"
+
+    def fields(self) -> dict[str, Any]:
+        net = ipaddress.ip_network(self.prefix)
+        return {"family": net.version, "prefix": self.prefix,
+                "address": str(net.network_address), "seconds": self.seconds,
+                "comment": self.comment}
+
+
+@dataclass(frozen=True, slots=True)
+class Firewall:
+    preset: Preset
+    netns: str = ""
+    v4_len: int = 24
+    v6_len: int = 64
+
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+    def context(self) -> dict[str, Any]:
+        return {"mask4": mask(4, self.v4_len), "mask6": mask(6, self.v6_len)}
+
+    def render_setup(self) -> list[Command]:
+        return self.preset.render("setup", self.context())
+
+    def render_ban(self, items: Sequence[BanItem]) -> list[Command]:
+        return self.preset.render("ban", self.context(), [i.fields() for i in items])
+
+    def render_unban(self, prefixes: Sequence[str]) -> list[Command]:
+        return self.preset.render("unban", self.context(),
+                                  [BanItem(p).fields() for p in prefixes])
+
+    def apply(self, commands: Sequence[Command]) -> None:
+        execute(commands, self.netns)
+
+    def listed(self) -> dict[str, int | None]:
+        """What the firewall holds now: prefix -> seconds left (None: no kernel timeout)."""
+        assert self.preset.lister is not None
+        found: dict[str, int | None] = {}
+        outputs: dict[tuple[str, ...], str] = {}  # ufw lists both families in one status
+        for family, length in ((4, self.v4_len), (6, self.v6_len)):
+            argv = self.preset.lister.command.fill(self.preset.values(self.context(), family)).argv
+            if argv not in outputs:
+                outputs[argv] = run(argv, netns=self.netns)
+            found.update(self.preset.parse_list(outputs[argv], family, length))
+        return found

@@ -1,0 +1,106 @@
+"""Notifications through apprise: one message when an incident opens, at most one update per
+``interval`` while it lasts, one summary when it closes.
+
+Sending runs on a worker thread with apprise's own timeout (a dead SMTP server holds a call for
+15 s), so it never delays detection or a ban; failures are recorded and retried by the responder.
+The "opened" message waits for the first verdict, so it can say what the flood is and what was
+done about it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from synwatch.actions.message import compose
+from synwatch.actions.registry import Action, ActionContext, Plan
+from synwatch.config import Config
+from synwatch.errors import ActionFailed
+from synwatch.records import IncidentChange
+
+log = logging.getLogger("synwatch")
+
+
+@dataclass
+class _Thread:
+    """What was said about one incident."""
+
+    opened_sent: bool = False
+    last_sent: float = 0.0
+    verdict: str = "unknown"
+    actions_said: int = 0
+    latest: IncidentChange | None = field(default=None, repr=False)
+    pending: bool = False
+
+
+def send(urls: tuple[str, ...], title: str, body: str, timeout: float) -> str:
+    import apprise  # noqa: PLC0415 - 90 ms to import; only the worker needs it
+
+    sender = apprise.Apprise()
+    for url in urls:
+        if not sender.add(url):
+            # the scheme only: a URL may carry a password
+            raise ActionFailed("notify", f"apprise cannot use a {url.split('://')[0]}:// URL")
+    result = sender.notify(body=body, title=title, timeout=timeout)
+    if not result:
+        raise ActionFailed("notify", f"{getattr(result, 'status', 'failed')}: "
+                                     f"{getattr(result, 'failed_count', '?')} of {len(urls)} "
+                                     "URLs failed")
+    return f"sent to {len(urls)} URL{'s' if len(urls) > 1 else ''}"
+
+
+class NotifyAction(Action):
+    name = "notify"
+    background = True
+    retries = True
+    order = 80
+
+    def __init__(self, ctx: ActionContext) -> None:
+        super().__init__(ctx)
+        self.threads: dict[int, _Thread] = {}
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return config.notify.enabled
+
+    def _plan(self, kind: str, change: IncidentChange, t: _Thread) -> Plan:
+        assert change.incident_id is not None
+        runs = self.ctx.store.action_runs(change.incident_id)
+        title, body = compose(kind, change, runs, self.ctx.clock.now())
+        t.last_sent = self.ctx.clock.monotonic()
+        t.verdict = change.verdict
+        t.actions_said = len(runs)
+        t.pending = False
+        settings = self.ctx.config.notify
+        return Plan(self.name, kind, f"{title}\n{body}",
+                    lambda: send(settings.urls, title, body, settings.timeout),
+                    change.incident_id)
+
+    def on_change(self, change: IncidentChange) -> list[Plan]:
+        if change.incident_id is None:
+            return []
+        t = self.threads.setdefault(change.incident_id, _Thread())
+        t.latest = change
+        if change.change == "closed":
+            del self.threads[change.incident_id]
+            return [self._plan("closed", change, t)]
+        if not t.opened_sent:
+            waited = (self.ctx.clock.now() - change.opened_at).total_seconds()
+            if change.verdict == "unknown" and waited < 3 * self.ctx.config.probe_interval:
+                return []  # the first samples give the verdict
+            t.opened_sent = True
+            return [self._plan("opened", change, t)]
+        runs = len(self.ctx.store.action_runs(change.incident_id))
+        if change.verdict != t.verdict or runs > t.actions_said:
+            t.pending = True
+        return self._due(t)
+
+    def _due(self, t: _Thread) -> list[Plan]:
+        if (t.pending and t.latest is not None and self.ctx.clock.monotonic() - t.last_sent
+                >= self.ctx.config.notify.interval):
+            return [self._plan("update", t.latest, t)]
+        return []
+
+    def tick(self, now: datetime) -> list[Plan]:
+        return [p for t in list(self.threads.values()) for p in self._due(t)]

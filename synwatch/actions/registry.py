@@ -1,0 +1,105 @@
+"""The action plugin interface and its registry (entry-point group ``synwatch.actions.v1``).
+
+A plugin is a subclass of ``Action`` named by its entry point; it gets the ``ActionContext`` and
+returns ``Plan``s from its hooks. The responder decides when a plan runs (inline, on a worker, or
+not at all in dry-run) and records every outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, ClassVar
+
+from synwatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from synwatch.clock import Clock
+    from synwatch.config import Config
+    from synwatch.records import IncidentChange
+    from synwatch.store import Store
+
+GROUP = "synwatch.actions.v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One thing an action will do: shown first (``rendered``), then done by ``run``, which
+    returns a line about the outcome or raises a SynwatchError."""
+
+    action: str
+    target: str
+    rendered: str
+    run: Callable[[], str]
+    incident_id: int | None = None
+    skip: str | None = None  # nothing to do, and why: recorded as "skipped"
+
+
+def skipped(action: str, target: str, why: str, incident_id: int | None) -> Plan:
+    return Plan(action, target, "", lambda: why, incident_id, skip=why)
+
+
+@dataclass
+class ActionContext:
+    """What actions share: the configuration, the store (written from the main thread only),
+    the clock, and the incidents open in the watched namespace (id -> latest change)."""
+
+    config: Config
+    store: Store
+    clock: Clock
+    open: dict[int, IncidentChange] = field(default_factory=dict)
+
+    @property
+    def netns(self) -> str:
+        return self.config.netns
+
+
+class Action:
+    """Base of every action. Hooks return plans; the default is to do nothing."""
+
+    name: ClassVar[str] = ""
+    per_incident: ClassVar[bool] = True  # chosen per verdict in [actions.policy]
+    background: ClassVar[bool] = False  # runs on a worker thread (may block: network, programs)
+    retries: ClassVar[bool] = False  # a failure is tried again (notifications)
+    order: ClassVar[int] = 50  # within one change, lower runs first (bans before notify)
+
+    def __init__(self, ctx: ActionContext) -> None:
+        self.ctx = ctx
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return True
+
+    def start(self) -> list[Plan]:
+        return []
+
+    def on_change(self, change: IncidentChange) -> list[Plan]:
+        return []
+
+    def tick(self, now: datetime) -> list[Plan]:
+        return []
+
+    def stop(self) -> list[Plan]:
+        return []
+
+
+_registered: dict[str, type[Action]] | None = None
+
+
+def registered() -> dict[str, type[Action]]:
+    """name -> Action class for every entry point of the group (built-ins included)."""
+    global _registered
+    if _registered is None:
+        found: dict[str, type[Action]] = {}
+        for ep in entry_points(group=GROUP):
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Action)):
+                raise ConfigError("actions", ep.name, f"{ep.value} is not an Action subclass")
+            found[ep.name] = cls
+        if not found:
+            raise ConfigError("actions", None, f"no entry points in group {GROUP}: is synwatch "
+                              "installed (pip install .)?")
+        _registered = found
+    return _registered

@@ -1,0 +1,208 @@
+"""The policy step: incident changes in, actions out, every outcome recorded on the incident.
+
+Which actions run for a change is the policy ([actions.policy]: verdict -> actions; syncookies
+and the rate limit are not chosen per verdict). Every plan is logged with its render first; in
+dry-run that is all. Quick actions (sysctl, firewall) run inline, so a ban lands within the
+probe that decided it; actions that may block (notify, exec) run on one worker thread each, and
+their outcomes come back through a queue, so the store is only ever written from the main
+thread. Failed notifications are retried with a doubling delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from synwatch.actions.registry import Action, ActionContext, Plan, registered
+from synwatch.clock import Clock
+from synwatch.config import Config
+from synwatch.errors import StoreError, SynwatchError
+from synwatch.records import IncidentChange
+from synwatch.store import Store
+from synwatch.store.models import ActionRun
+
+log = logging.getLogger("synwatch")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    plan: Plan
+    attempt: int
+    ok: bool
+    detail: str
+    at: datetime
+
+
+class Worker:
+    """One thread running one action's plans in order."""
+
+    def __init__(self, name: str, clock: Clock, results: queue.Queue[Outcome]) -> None:
+        self.jobs: queue.Queue[tuple[Plan, int] | None] = queue.Queue()
+        self.clock = clock
+        self.results = results
+        self.thread = threading.Thread(target=self._loop, name=f"action {name}", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            plan, attempt = job
+            try:
+                detail, ok = plan.run(), True
+            except Exception as exc:  # a plugin's failure is an outcome, not a crash
+                detail, ok = (exc.why if isinstance(exc, SynwatchError) else repr(exc)), False
+            self.results.put(Outcome(plan, attempt, ok, detail, self.clock.now()))
+
+    def submit(self, plan: Plan, attempt: int) -> None:
+        self.jobs.put((plan, attempt))
+
+    def stop(self, timeout: float) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout)
+
+
+class Responder:
+    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
+        self.ctx = ActionContext(config, store, clock)
+        chosen = {name for names in config.policy.values() for name in names}
+        self.actions: list[Action] = sorted(
+            (cls(self.ctx) for name, cls in registered().items()
+             if cls.enabled(config) and (not cls.per_incident or name in chosen)),
+            key=lambda a: a.order)
+        self.results: queue.Queue[Outcome] = queue.Queue()
+        self.workers = {a.name: Worker(a.name, clock, self.results)
+                        for a in self.actions if a.background}
+        self.by_name = {a.name: a for a in self.actions}
+        self.retry_at: list[tuple[float, Plan, int]] = []
+        self.unrecorded: list[ActionRun] = []
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    def names(self) -> list[str]:
+        return [a.name for a in self.actions]
+
+    def resume(self, changes: list[IncidentChange]) -> None:
+        """Incidents still open from before a restart."""
+        for c in changes:
+            if c.incident_id is not None:
+                self.ctx.open[c.incident_id] = c
+
+    def start(self) -> None:
+        for a in self.actions:
+            self._do_all(a, a.start)
+
+    def on_change(self, change: IncidentChange) -> None:
+        if change.incident_id is not None and change.status == "open":
+            self.ctx.open[change.incident_id] = change
+        chosen = self.config.policy.get(change.verdict, ())
+        for a in self.actions:
+            if not a.per_incident or a.name in chosen:
+                self._do_all(a, lambda a=a: a.on_change(change))  # type: ignore[misc]
+        if change.change == "closed" and change.incident_id is not None:
+            self.ctx.open.pop(change.incident_id, None)
+
+    def tick(self) -> None:
+        """Collect the workers' outcomes, resubmit retries that are due, run time-driven work
+        (ban expiry and reconciliation, delayed notification updates)."""
+        while True:
+            try:
+                outcome = self.results.get_nowait()
+            except queue.Empty:
+                break
+            self._outcome(outcome)
+        mono = self.ctx.clock.monotonic()
+        due = [r for r in self.retry_at if r[0] <= mono]
+        self.retry_at = [r for r in self.retry_at if r[0] > mono]
+        for _, plan, attempt in due:
+            self.workers[plan.action].submit(plan, attempt)
+        now = self.ctx.clock.now()
+        for a in self.actions:
+            self._do_all(a, lambda a=a: a.tick(now))  # type: ignore[misc]
+        if self.unrecorded:
+            self._flush()
+
+    def stop(self, wait: float = 5.0) -> None:
+        for a in self.actions:
+            self._do_all(a, a.stop)
+        for w in self.workers.values():
+            w.stop(wait)
+        self.tick()
+
+    # -- running and recording ------------------------------------------------------------------
+
+    def _do_all(self, action: Action, hook: Callable[[], list[Plan]]) -> None:
+        try:
+            plans = hook()
+        except SynwatchError as exc:
+            log.warning("action %s: %s", action.name, exc)
+            return
+        for plan in plans:
+            self._do(action, plan)
+
+    def _do(self, action: Action, plan: Plan) -> None:
+        about = f"incident {plan.incident_id}" if plan.incident_id is not None else "synwatch"
+        if plan.skip is not None:
+            log.info("action %s %s (%s): skipped: %s", plan.action, plan.target, about,
+                     plan.skip)
+            self._record(plan, "skipped", plan.skip)
+            return
+        log.info("action %s %s (%s)%s:\n%s", plan.action, plan.target, about,
+                 " [dry run: not done]" if self.config.dry_run else "", plan.rendered)
+        if self.config.dry_run:
+            self._record(plan, "dry-run", "")
+            return
+        if action.background:
+            self.workers[action.name].submit(plan, 1)
+            return
+        try:
+            detail = plan.run()
+        except SynwatchError as exc:
+            log.warning("action %s %s failed: %s", plan.action, plan.target, exc.why)
+            self._record(plan, "failed", exc.why)
+            return
+        log.info("action %s %s: %s", plan.action, plan.target, detail)
+        self._record(plan, "done", detail)
+
+    def _outcome(self, o: Outcome) -> None:
+        action = self.by_name.get(o.plan.action)
+        if o.ok:
+            log.info("action %s %s: %s", o.plan.action, o.plan.target, o.detail)
+            self._record(o.plan, "done", o.detail, o.at)
+            return
+        attempts = self.config.notify.attempts if action and action.retries else 1
+        detail = f"attempt {o.attempt} of {attempts}: {o.detail}"
+        if o.attempt < attempts:
+            delay = self.config.notify.retry * 2 ** (o.attempt - 1)
+            self.retry_at.append((self.ctx.clock.monotonic() + delay, o.plan, o.attempt + 1))
+            detail += f"; retrying in {delay:.0f} s"
+        log.warning("action %s %s failed: %s", o.plan.action, o.plan.target, detail)
+        self._record(o.plan, "failed", detail, o.at)
+
+    def _record(self, plan: Plan, status: str, detail: str, at: datetime | None = None) -> None:
+        self.unrecorded.append(ActionRun(
+            incident_id=plan.incident_id, action=plan.action, target=plan.target[:255],
+            status=status, at=at or self.ctx.clock.now(), rendered=plan.rendered,
+            detail=detail))
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self.ctx.store.add(*self.unrecorded)
+        except StoreError as exc:
+            log.error("store: %s; %d action outcomes kept to retry",  # noqa: TRY400
+                      exc, len(self.unrecorded))
+            return
+        self.unrecorded = []
+
+    def reload(self, config: Config) -> None:
+        """New settings for the actions already running; which actions run (their enabled
+        flags, the ban backend) is decided at start."""
+        self.ctx.config = replace(config, netns=self.ctx.config.netns)

@@ -1,0 +1,80 @@
+"""Real notification endpoints for the tests: an SMTP server (aiosmtpd), an HTTP endpoint that
+takes apprise's json:// posts, and a blackhole that accepts TCP connections and never answers
+(a dead mail relay)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from email import message_from_bytes
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, str]] = []
+
+    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
+        msg = message_from_bytes(envelope.content)
+        body = msg.get_payload(decode=True) if not msg.is_multipart() else \
+            msg.get_payload(0).get_payload(decode=True)
+        self.messages.append({"subject": str(msg["Subject"]), "to": ",".join(envelope.rcpt_tos),
+                              "body": (body or b"").decode("utf-8", "replace")})
+        return "250 OK"
+
+
+@contextmanager
+def smtp_sink() -> Iterator[tuple[int, list[dict[str, str]]]]:
+    box = _Mailbox()
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield port, box.messages
+    finally:
+        controller.stop()
+
+
+@contextmanager
+def http_sink() -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    posts: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            posts.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], posts
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
+def blackhole() -> Iterator[int]:
+    """A listener that never accepts: connects succeed, nothing is ever said."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield int(s.getsockname()[1])

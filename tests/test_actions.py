@@ -1,0 +1,244 @@
+"""Actions as pure code: every preset's golden renders, the ban choice and its guards, bantime
+increments, notification text, the exec environment, and the responder's dry run and retries."""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from synwatch.actions.ban import ALWAYS_PROTECTED, Guard, ban_seconds, choose
+from synwatch.actions.exec import incident_env
+from synwatch.actions.firewall import BanItem, Firewall, mask
+from synwatch.actions.message import compose
+from synwatch.actions.presets import load_presets, merge_batches, parse_preset
+from synwatch.actions.registry import GROUP, Action, Plan, registered
+from synwatch.config import BanSettings, parse_config
+from synwatch.errors import ActionFailed, ConfigError
+from synwatch.records import IncidentChange
+from synwatch.respond import Outcome, Responder
+from synwatch.runner import Command, show
+from synwatch.store import Store
+from synwatch.store.models import ActionRun
+
+PRESETS = load_presets()
+SAMPLES = [(name, i) for name, p in PRESETS.items() for i in range(len(p.samples))]
+NOW = datetime(2026, 11, 21, 9, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(("name", "index"), SAMPLES,
+                         ids=[f"{n}-{PRESETS[n].samples[i]['step']}" for n, i in SAMPLES])
+def test_every_preset_sample_renders_exactly(name: str, index: int) -> None:
+    preset = PRESETS[name]
+    sample = preset.samples[index]
+    if sample["step"] == "list":
+        family = sample["family"]
+        got = preset.parse_list(sample["output"], family, 24 if family == 4 else 64)
+        assert got == {p: (None if s == -1 else s) for p, s in sample["expect"].items()}
+        return
+    context = {"mask4": mask(4, 24), "mask6": mask(6, 64), **sample.get("context", {})}
+    rendered = preset.render(sample["step"], context, sample.get("items"))
+    assert show(rendered) == sample["expect"].strip("\n")
+
+
+def test_the_shipped_presets_are_the_three_backends_and_the_rate_limit() -> None:
+    assert {n: p.action for n, p in PRESETS.items()} == {
+        "nftables": "ban", "ufw": "ban", "iptables-ipset": "ban",
+        "ratelimit-nftables": "ratelimit"}
+    assert [n for n, p in PRESETS.items() if p.kernel_timeouts] == ["iptables-ipset", "nftables"]
+
+
+def test_a_preset_step_without_a_sample_is_refused(tmp_path: Path) -> None:
+    text = ('name = "x"\naction = "ban"\ndescription = "d"\n'
+            '[[ban]]\nargv = ["true", "{prefix}"]\n')
+    with pytest.raises(ConfigError, match="ban: has no sample"):
+        parse_preset(text, "x.toml")
+
+
+def test_nft_batches_merge_into_one_command_but_argv_commands_do_not() -> None:
+    fw = Firewall(PRESETS["nftables"], v4_len=24, v6_len=64)
+    rendered = fw.render_ban([BanItem("10.1.2.0/24", 60), BanItem("10.1.3.0/24", 60)])
+    assert len(rendered) == 1 and rendered[0].stdin is not None
+    assert rendered[0].stdin.count("timeout 60s") == 2
+    ipset = Firewall(PRESETS["iptables-ipset"]).render_ban(
+        [BanItem("10.1.2.0/24", 60), BanItem("10.1.3.0/24", 60)])
+    assert [c.argv[1] for c in ipset] == ["add", "add"]
+    checked = [Command(("a",), unless=("b",)), Command(("a",), unless=("b",))]
+    assert merge_batches(checked) == checked
+
+
+def test_masks_follow_the_ban_granularity() -> None:
+    assert (mask(4, 24), mask(4, 16), mask(6, 64), mask(6, 48)) == (
+        "255.255.255.0", "255.255.0.0", "ffff:ffff:ffff:ffff::", "ffff:ffff:ffff::")
+    fw = Firewall(PRESETS["nftables"], v4_len=16, v6_len=48)
+    assert "ip saddr and 255.255.0.0 @ban4" in show(fw.render_setup())
+
+
+GUARD = Guard((*ALWAYS_PROTECTED, (ipaddress.ip_network("192.0.2.0/24"), "allowlisted"),
+               (ipaddress.ip_network("203.0.113.7/32"), "one of this host's addresses"),
+               (ipaddress.ip_network("198.51.100.1/32"), "the default gateway")))
+
+
+def test_guard_refuses_allowlist_loopback_own_addresses_and_gateway() -> None:
+    assert GUARD.refuses("192.0.2.0/24") == "allowlisted (192.0.2.0/24)"
+    assert GUARD.refuses("127.0.0.0/24") == "loopback (127.0.0.0/8)"
+    assert GUARD.refuses("203.0.113.0/24") == "one of this host's addresses (203.0.113.7/32)"
+    assert GUARD.refuses("198.51.100.0/24") == "the default gateway (198.51.100.1/32)"
+    assert GUARD.refuses("10.0.0.0/24") is None
+    assert GUARD.refuses("::1/128") == "loopback (::1/128)"
+    assert GUARD.refuses("2001:db8::/64") is None
+
+
+def _top(*pairs: tuple[str, float]) -> list[tuple[str, int, float]]:
+    return [(p, int(share * 1000), share) for p, share in pairs]
+
+
+def test_choose_bans_the_large_prefixes_and_says_why_it_refuses_the_others() -> None:
+    top = _top(("10.0.1.0/24", 0.4), ("192.0.2.0/24", 0.3), ("10.0.2.0/24", 0.28),
+               ("10.0.3.0/24", 0.02))
+    c = choose(top, settings=BanSettings(), how_many=4, guard=GUARD, seen=set(),
+               banned_here=0, active_total=0)
+    assert c.ban == ("10.0.1.0/24", "10.0.2.0/24")  # 10.0.3.0/24 carries under min_share
+    assert c.refused == (("192.0.2.0/24", "allowlisted (192.0.2.0/24)"),)
+    again = choose(top, settings=BanSettings(), how_many=4, guard=GUARD,
+                   seen={"10.0.1.0/24", "192.0.2.0/24"}, banned_here=1, active_total=1)
+    assert again.ban == ("10.0.2.0/24",) and again.refused == ()
+    assert choose(top, settings=BanSettings(), how_many=1, guard=GUARD, seen=set(),
+                  banned_here=0, active_total=0).ban == ("10.0.1.0/24",)
+
+
+def test_choose_respects_both_caps() -> None:
+    top = _top(("10.0.1.0/24", 0.5), ("10.0.2.0/24", 0.5))
+    per_incident = choose(top, settings=BanSettings(max_per_incident=1), how_many=4,
+                          guard=GUARD, seen=set(), banned_here=0, active_total=0)
+    assert per_incident.ban == ("10.0.1.0/24",)
+    assert per_incident.refused == (("10.0.2.0/24", "cap of 1 bans per incident reached"),)
+    total = choose(top, settings=BanSettings(max_total=10), how_many=4, guard=GUARD,
+                   seen=set(), banned_here=0, active_total=10)
+    assert total.ban == () and len(total.refused) == 2
+
+
+def test_repeat_offenders_are_banned_longer_up_to_the_maximum() -> None:
+    s = BanSettings(duration=3600, increment=2, max_duration=86400)
+    assert [ban_seconds(s, n) for n in range(7)] == [3600, 7200, 14400, 28800, 57600,
+                                                     86400, 86400]
+    assert ban_seconds(replace(s, increment=1), 5) == 3600
+
+
+def _change(**kw: object) -> IncidentChange:
+    base = dict(change="updated", serial=1, incident_id=7, host="web1", netns="",
+                address="0.0.0.0", port=443, family=4, status="open", verdict="concentrated",
+                trigger="log", opened_at=NOW, closed_at=None, first_evidence_at=NOW,
+                detected_at=NOW, peak_syn_recv=512,
+                top_prefixes=(("10.0.1.0/24", 600, 0.6), ("10.0.2.0/24", 400, 0.4)),
+                recommendations=("raise the backlog",), reasons=("2 prefixes carry 100%",),
+                evidence={})
+    base.update(kw)
+    return IncidentChange(**base)  # type: ignore[arg-type]
+
+
+def test_notification_text_says_verdict_evidence_actions_and_advice() -> None:
+    runs = [ActionRun(incident_id=7, action="ban", target="10.0.1.0/24", status="done",
+                      at=NOW, rendered="", detail="banned for 1h"),
+            ActionRun(incident_id=7, action="notify", target="opened", status="done", at=NOW,
+                      rendered="", detail="")]
+    title, body = compose("opened", _change(), runs, NOW + timedelta(seconds=5))
+    assert title == "synwatch: SYN flood on web1 0.0.0.0:443: concentrated (incident 7)"
+    assert "Verdict: concentrated. 2 prefixes carry 100%." in body
+    assert "Top sources: 10.0.1.0/24 (60%), 10.0.2.0/24 (40%)." in body
+    assert "- ban 10.0.1.0/24: done (banned for 1h)" in body
+    assert "notify" not in body
+    assert body.endswith("Recommended:\n- raise the backlog")
+    closed = _change(change="closed", status="closed", closed_at=NOW + timedelta(minutes=3))
+    title, body = compose("closed", closed, [], NOW)
+    assert title.startswith("synwatch: over on web1 0.0.0.0:443")
+    assert body.startswith("The incident lasted 3m")
+
+
+def test_exec_environment_carries_the_incident() -> None:
+    env = incident_env("opened", _change(netns="web-ns"))
+    assert env["SYNWATCH_CHANGE"] == "opened" and env["SYNWATCH_INCIDENT_ID"] == "7"
+    assert env["SYNWATCH_VERDICT"] == "concentrated" and env["SYNWATCH_PORT"] == "443"
+    assert env["SYNWATCH_TOP_PREFIXES"] == "10.0.1.0/24 10.0.2.0/24"
+    assert env["SYNWATCH_NETNS"] == "web-ns" and env["SYNWATCH_CLOSED_AT"] == ""
+
+
+def test_builtins_are_registered_as_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group=GROUP)}
+    assert names == {"syncookies", "ban", "ratelimit", "notify", "exec"}
+    assert set(registered()) == names
+    assert all(issubclass(cls, Action) for cls in registered().values())
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> datetime:
+        return NOW + timedelta(seconds=self.t - 1000)
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+def _responder(tmp_path: Path, extra: str) -> tuple[Responder, Store, _FakeClock]:
+    config = parse_config(f'[storage]\nurl = "sqlite:///{tmp_path}/a.db"\n{extra}', "test")
+    store = Store.open(config.storage_url)
+    assert store.save_incident(_change(incident_id=None)) == 1
+    clock = _FakeClock()
+    return Responder(config, store, clock), store, clock
+
+
+def test_dry_run_records_the_render_and_runs_nothing(tmp_path: Path) -> None:
+    responder, store, _ = _responder(tmp_path, "[actions]\ndry_run = true\n"
+                                               "[actions.syncookies]\nenabled = false\n"
+                                               "[actions.ban]\nenabled = false\n")
+    ran: list[str] = []
+    plan = Plan("notify", "opened", "the text", lambda: ran.append("x") or "sent", 1)
+    responder._do(Action(responder.ctx), plan)
+    [run] = store.action_runs(1)
+    assert (run.status, run.rendered, ran) == ("dry-run", "the text", [])
+
+
+def test_failed_notifications_are_recorded_and_retried_with_a_doubling_delay(
+        tmp_path: Path) -> None:
+    responder, store, clock = _responder(
+        tmp_path, "[actions.syncookies]\nenabled = false\n[actions.ban]\nenabled = false\n"
+                  '[actions.notify]\nenabled = true\nurls = ["json://127.0.0.1:9/x"]\n'
+                  'retry = "10s"\nattempts = 3\n')
+    plan = Plan("notify", "opened", "", lambda: "sent", 1)
+    worker = responder.workers["notify"]
+    submitted: queue.Queue[tuple[Plan, int]] = queue.Queue()
+    worker.submit = lambda p, a: submitted.put((p, a))  # type: ignore[method-assign]
+    for attempt in (1, 2, 3):
+        responder.results.put(Outcome(plan, attempt, False, "refused", clock.now()))
+        responder.tick()
+        if attempt < 3:
+            assert submitted.empty()
+            clock.t += 10 * 2 ** (attempt - 1)
+            responder.tick()
+            assert submitted.get_nowait() == (plan, attempt + 1)
+    details = [r.detail for r in store.action_runs(1)]
+    assert details == ["attempt 1 of 3: refused; retrying in 10 s",
+                       "attempt 2 of 3: refused; retrying in 20 s",
+                       "attempt 3 of 3: refused"]
+    assert responder.retry_at == []
+    responder.stop(wait=1)
+
+
+def test_an_action_failure_is_an_outcome_not_a_crash(tmp_path: Path) -> None:
+    responder, store, _ = _responder(tmp_path, "[actions.syncookies]\nenabled = false\n"
+                                               "[actions.ban]\nenabled = false\n")
+
+    def fails() -> str:
+        raise ActionFailed("exec /x", "exit status 3")
+
+    responder._do(Action(responder.ctx), Plan("exec", "opened", "/x", fails, 1))
+    [run] = store.action_runs(1)
+    assert (run.status, run.detail) == ("failed", "exit status 3")
