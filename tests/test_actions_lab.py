@@ -109,7 +109,8 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
                     "mailto://127.0.0.1:{smtp_port}?from=synwatch@example.org&to=ops@example.org"]
             [actions.exec]
             enabled = true
-            argv = ["/bin/sh", "-c", "env | grep ^SYNWATCH_ > {tmp_path}/exec-$SYNWATCH_CHANGE"]
+            argv = ["/bin/sh", "-c",
+                    "env | grep ^SYNWATCH_ > {tmp_path}/$SYNWATCH_INCIDENT_ID-$SYNWATCH_CHANGE"]
             """))
         try:
             port = lab_port()
@@ -134,7 +135,13 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
             assert inc["id"] == inc_id and inc["verdict"] == "concentrated"
             # the value before the incident is back (right after the close is stored)
             wait_for("tcp_syncookies back to 0", lambda: syncookies(the_lab) == 0, 5)
-            wait_for("the closing messages", lambda: len(posts) >= 2 and len(mails) >= 2)
+            # (only this listener's: an earlier test's kernel line can open an incident here,
+            # see syncookies_runs, and it is notified like any other)
+            def mine(titles: list[str]) -> list[str]:
+                return [t for t in titles if f":{port}: " in t]
+
+            wait_for("the closing messages", lambda: len(mine([p["title"] for p in posts])) >= 2
+                     and len(mine([m["subject"] for m in mails])) >= 2)
             time.sleep(1)  # a storm would show by now
             [inc] = service.incidents(port)  # with every outcome recorded
             did = {(a["action"], a["target"], a["status"]) for a in inc["actions"]}
@@ -142,17 +149,19 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
                     ("ban", ALLOWED, "skipped"), ("notify", "opened", "done"),
                     ("notify", "closed", "done")} <= did
             assert syncookies_runs(service) == ["done net.ipv4.tcp_syncookies"] * 2
-            titles = [p["title"] for p in posts]
-            assert len(titles) == 2 and len(mails) == 2, titles
+            titles = mine([p["title"] for p in posts])
+            assert len(titles) == 2, titles
             assert titles[0].startswith("synwatch: SYN flood on ") and "concentrated" in titles[0]
             assert titles[1].startswith("synwatch: over on ")
-            assert f"ban {ONE}: done (banned for 1h)" in posts[0]["message"]
-            assert [m["subject"] for m in mails] == titles
-            assert mails[0]["to"] == "ops@example.org"
-            opened = (tmp_path / "exec-opened").read_text()
+            [opened] = [p for p in posts if p["title"] == titles[0]]
+            assert f"ban {ONE}: done (banned for 1h)" in opened["message"]
+            assert mine([m["subject"] for m in mails]) == titles
+            assert {m["to"] for m in mails} == {"ops@example.org"}
+            opened = (tmp_path / f"{inc_id}-opened").read_text()
             assert f"SYNWATCH_INCIDENT_ID={inc_id}\n" in opened
             assert f"SYNWATCH_PORT={port}\n" in opened
-            assert "SYNWATCH_VERDICT=concentrated" in (tmp_path / "exec-closed").read_text()
+            closed = (tmp_path / f"{inc_id}-closed").read_text()
+            assert "SYNWATCH_VERDICT=concentrated" in closed
         finally:
             service.stop()
 
