@@ -9,13 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from synwatch.actions.presets import Preset
+from synwatch.probes.accounting import mask
 from synwatch.runner import Command, execute, run
-
-
-def mask(family: int, length: int) -> str:
-    bits = 32 if family == 4 else 128
-    value = ((1 << length) - 1) << (bits - length)
-    return str(ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,10 +23,10 @@ ELEMENT_TIMEOUT = "2m"  # refreshed by every SYN; a quiet prefix leaves after tw
 MAX_ELEMENTS = 65536  # a bounded set: a flood from everywhere cannot grow it further
 
 
-def _mask(family: int, length: int) -> str:
+def mask(family: int, length: int) -> str:
     bits = 32 if family == 4 else 128
-    mask = ((1 << length) - 1) << (bits - length)
-    return str(ipaddress.IPv4Address(mask) if family == 4 else ipaddress.IPv6Address(mask))
+    value = ((1 << length) - 1) << (bits - length)
+    return str(ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +47,9 @@ class SynAccounting:
             "policy accept; }",
             f"flush chain {t} {CHAIN}",
             f"add rule {t} {CHAIN} tcp flags & (syn | ack) == syn update @{SETS[4]} "
-            f"{{ ip saddr and {_mask(4, self.v4_len)} . tcp dport }}",
+            f"{{ ip saddr and {mask(4, self.v4_len)} . tcp dport }}",
             f"add rule {t} {CHAIN} tcp flags & (syn | ack) == syn update @{SETS[6]} "
-            f"{{ ip6 saddr and {_mask(6, self.v6_len)} . tcp dport }}",
+            f"{{ ip6 saddr and {mask(6, self.v6_len)} . tcp dport }}",
         ]
         return "\n".join(lines) + "\n"
 
