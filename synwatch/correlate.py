@@ -1,11 +1,13 @@
 """Kernel events and probe evidence in, incidents out: one per (host, netns, listener).
 
-An incident opens on a trusted SYN-flood line, or on the counters: SYNs finding a full SYN queue
-(TCPReqQFullDoCookies + TCPReqQFullDrop) or accept-queue overflows (ListenOverflows) at
-``open_rate`` per second, attributed to the listener whose queue is full. The kernel logs once
-per socket and the ratelimit may swallow even that, so the counters are what sees a second
-flood. Untrusted lines (text files anyone can write) open nothing; they are linked to an
-incident the kernel's own state opened.
+An incident opens on a trusted SYN-flood line for a port something listens on in this namespace
+(the kernel's log is shared by all namespaces, so a line for a port the last probe did not see is
+held for the next probe, which the service takes at once), or on the counters: SYNs finding a
+full SYN queue (TCPReqQFullDoCookies + TCPReqQFullDrop) or accept-queue overflows
+(ListenOverflows) at ``open_rate`` per second, attributed to the listener whose queue is
+full. The kernel logs once per socket and the ratelimit may swallow even that, so the counters
+are what sees a second flood. Untrusted lines (text files anyone can write) open nothing; they
+are linked to an incident the kernel's own state opened.
 
 Time is the evidence's own (event time, probe time); the clock is only for ``detected_at``
 and for lines without a time, so recorded evidence replays to the same incidents.
@@ -13,6 +15,7 @@ and for lines without a time, so recorded evidence replays to the same incidents
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.records import Evidence, IncidentChange, Sample, StoredEvent
 from synwatch.verdict import Tally, judge
 
+log = logging.getLogger(__name__)
 ListenerKey = tuple[int, str, int] | None  # (family, address, port); None: not attributable
 OVERFLOW = ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")
 RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",),
@@ -32,6 +36,7 @@ RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",
          "passive_opens": ("Tcp.PassiveOpens",), "listen_overflows": ("TcpExt.ListenOverflows",)}
 MAX_PREFIXES = 4096  # per incident and per kind of count
 PENDING_UNTRUSTED = 256  # untrusted lines kept for corroboration; older ones just stay events
+PENDING_TRUSTED = 1024  # trusted lines waiting for the next probe (one line per socket)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class Correlator:
         self._moving_since: datetime | None = None
         self._untrusted: deque[tuple[datetime, int | None, int]] = deque(
             maxlen=PENDING_UNTRUSTED)  # (time, port, event id)
+        self.held: deque[StoredEvent] = deque(maxlen=PENDING_TRUSTED)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -181,6 +187,20 @@ class Correlator:
         if now - at > self.quiet:
             return []  # printed long ago (read after a restart): the kernel state is gone
         listener = self._listener_for(e.family, e.address, e.port)
+        if listener is None and self._last is not None and e.port is not None:
+            # The kernel's log is shared by every namespace: the port may be another's, or a
+            # listener newer than the last probe. The next probe (the service takes it at once)
+            # tells which; without probes, release_held() trusts the line.
+            log.debug("kernel event %d: port %s not in the last probe; held for the next",
+                      stored.id, e.port)
+            self.held.append(stored)
+            return []
+        return self._on_trusted_line(stored, listener)
+
+    def _on_trusted_line(self, stored: StoredEvent,
+                         listener: ListenerState | None) -> list[IncidentChange]:
+        e = stored.event
+        at = e.time or self.clock.now()
         key: ListenerKey
         if listener is not None:
             key = _key(listener)
@@ -200,6 +220,30 @@ class Correlator:
         self._corroborate(inc)
         return [self._change(inc, "opened")]
 
+    def _resolve_held(self) -> list[IncidentChange]:
+        """Trusted lines held for a probe: a listener on their port here now opens (or joins)
+        an incident; none means another namespace's line, which stays an event."""
+        changes: list[IncidentChange] = []
+        held, self.held = self.held, deque(maxlen=PENDING_TRUSTED)
+        for stored in held:
+            e = stored.event
+            listener = self._listener_for(e.family, e.address, e.port)
+            if listener is None:
+                log.info("kernel event %d: nothing listens on port %s in %s; another "
+                         "namespace's line, no incident", stored.id, e.port,
+                         self.netns or "the host's namespace")
+                continue
+            changes.extend(self._on_trusted_line(stored, listener))
+        return changes
+
+    def release_held(self) -> list[IncidentChange]:
+        """No probe to check held lines against (probes failing): trust the kernel's word."""
+        held, self.held = self.held, deque(maxlen=PENDING_TRUSTED)
+        changes: list[IncidentChange] = []
+        for stored in held:
+            changes.extend(self._on_trusted_line(stored, None))
+        return changes
+
     def _corroborate(self, inc: _Incident) -> None:
         """Link untrusted lines about this listener from the quiet period before it opened."""
         keep: deque[tuple[datetime, int | None, int]] = deque(maxlen=PENDING_UNTRUSTED)
@@ -214,6 +258,7 @@ class Correlator:
 
     def on_evidence(self, ev: Evidence) -> list[IncidentChange]:
         prev, self._last = self._last, ev
+        resolved = self._resolve_held()
         snap = ev.snapshot
         deltas = dict.fromkeys(RATES, 0)
         dt = 0.0
@@ -265,7 +310,7 @@ class Correlator:
                 changes.append(self._change(inc, "closed", closed_at=ev.at))
             else:
                 changes.append(self._change(inc, "updated", sample=_sample(ev.at, st, rates)))
-        return changes
+        return resolved + changes
 
     @staticmethod
     def _attribute(probe: _Probe) -> set[ListenerKey]:

@@ -16,6 +16,9 @@ from synwatch.sources.base import Batch
 from synwatch.store import NewEvent, Store
 
 log = logging.getLogger(__name__)
+# A live flood gives a line per socket; a first start reads the whole boot's history. Past this
+# many new events in one batch the log gets one summary line, the events themselves go to debug.
+LOG_EACH_UP_TO = 5
 
 
 def new_event(event: KernelEvent, *, historical: bool = False) -> NewEvent:
@@ -39,9 +42,16 @@ class Recorder:
         ids = self.store.insert_events([new_event(e) for e in events], self.clock.now(),
                                        (batch.source, batch.position))
         stored = [StoredEvent(i, e) for i, e in zip(ids, events, strict=True) if i is not None]
-        for e in events:
-            log.info("kernel event from %s (%s): %s", batch.source,
-                     "trusted" if e.trusted else "untrusted", e.record.message)
+        each = logging.INFO if len(stored) <= LOG_EACH_UP_TO else logging.DEBUG
+        for s in stored:
+            log.log(each, "kernel event from %s (%s): %s", batch.source,
+                    "trusted" if s.event.trusted else "untrusted", s.event.record.message)
+        if each == logging.DEBUG:
+            times = [s.event.record.time for s in stored if s.event.record.time]
+            log.info("source %s: %d kernel events (%d trusted)%s", batch.source, len(stored),
+                     sum(s.event.trusted for s in stored),
+                     f", printed {min(times).isoformat()} to {max(times).isoformat()}"
+                     if times else "")
         if len(stored) != len(events):
             log.debug("source %s: %d of %d events were already recorded", batch.source,
                       len(events) - len(stored), len(events))

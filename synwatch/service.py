@@ -165,6 +165,7 @@ class Service:
             if str(exc) != self._probe_failure:
                 log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
                 self._probe_failure = str(exc)
+            self._save(self.correlator.release_held())
             self._save(self.correlator.expire(self.clock.now()))
             return
         if self._probe_failure is not None:
@@ -197,6 +198,8 @@ class Service:
             if self.recording is not None:
                 self.recording.write(event_line(self.clock.now(), event))
             self._save(self.correlator.on_event(event))
+        if self.correlator.held:
+            self._probe_due = 0.0  # a line for a port the last probe did not see: look now
         return True
 
     def _drain(self, timeout: float) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -37,6 +38,26 @@ def synwatch(*args: str, env: dict[str, str] | None = None, stdin: str | None = 
     proc = subprocess.run([sys.executable, "-m", "synwatch", *args], capture_output=True,
                           text=True, env=full_env, input=stdin, timeout=timeout, check=False)
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _host_state() -> tuple[bool, str]:
+    """What synwatch could change on the host itself: its nftables table, the cookies mode."""
+    table = (os.geteuid() == 0 and shutil.which("nft") is not None
+             and subprocess.run(["nft", "list", "table", "inet", "synwatch"],
+                                capture_output=True, check=False).returncode == 0)
+    cookies = Path("/proc/sys/net/ipv4/tcp_syncookies").read_text().strip()
+    return table, cookies
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_untouched() -> Iterator[None]:
+    """Tests act only inside the namespaces they create: the host's firewall and sysctls are
+    as they were when the run began."""
+    before = _host_state()
+    yield
+    after = _host_state()
+    assert after == before, f"the tests changed the host: (nft table, tcp_syncookies) " \
+                            f"{before} -> {after}"
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ SYNWATCH_SAVE_REPLAYS), constructed evidence for the edges, and the rules one by
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -92,10 +93,11 @@ def _snap(syn_recv: int = 0, accept: int = 0, backlog: int = 64, cookies: int = 
                                           "net.core.somaxconn": 4096})
 
 
-def _event(event_id: int, trusted: bool, clock: FrozenClock, ago: float = 0) -> StoredEvent:
-    line = f"TCP: request_sock_TCP: Possible SYN flooding on port 0.0.0.0:{PORT}. Sending cookies."
+def _event(event_id: int, trusted: bool, clock: FrozenClock, ago: float = 0,
+           port: int = PORT) -> StoredEvent:
+    line = f"TCP: request_sock_TCP: Possible SYN flooding on port 0.0.0.0:{port}. Sending cookies."
     rec = LogRecord(line, "kmsg", line, clock.now() - timedelta(seconds=ago), None, trusted)
-    return StoredEvent(event_id, KernelEvent("syn_flood", 4, "0.0.0.0", PORT, "cookies", None,
+    return StoredEvent(event_id, KernelEvent("syn_flood", 4, "0.0.0.0", port, "cookies", None,
                                              None, "kernel-synflood", "form-f", rec))
 
 
@@ -137,6 +139,38 @@ def test_a_trusted_line_opens_at_its_own_time_and_a_stale_one_opens_nothing(
     assert opened.verdict == "unknown"  # no kernel evidence yet
     [again] = corr.on_event(_event(3, True, clock))  # a second socket of the same listener
     assert (again.change, again.serial, again.event_ids) == ("updated", opened.serial, (3,))
+
+
+def _listening_on(port: int) -> Snapshot:
+    snap = _snap()
+    other = ListenerState(Listener(4, "0.0.0.0", port, 128, 0), 0, (), 0)
+    return replace(snap, listeners=(*snap.listeners, other))
+
+
+def test_a_line_for_a_port_nobody_here_listens_on_waits_for_the_next_probe(
+        corr: Correlator, clock: FrozenClock, caplog: pytest.LogCaptureFixture) -> None:
+    """The kernel's log is every namespace's: a line opens an incident only where its port
+    is listened on, checked by the next probe for a listener newer than the last one."""
+    caplog.set_level(logging.INFO, logger="synwatch.correlate")
+    assert corr.on_event(_event(1, True, clock, port=9001)) == []  # held
+    assert corr.on_event(_event(2, True, clock, port=9002)) == []
+    printed = clock.now()
+    assert len(corr.held) == 2
+    opened, updated = _probe(corr, clock, _listening_on(9001))  # a new listener: 9001 is ours
+    assert (opened.change, opened.trigger, opened.port) == ("opened", "log", 9001)
+    assert opened.opened_at == printed and opened.event_ids == (1,)
+    assert (updated.change, updated.serial) == ("updated", opened.serial)
+    assert not corr.held and "event 2: nothing listens on port 9002" in caplog.text
+    assert all(c.port != 9002 for c in _probe(corr, clock, _listening_on(9001)))
+
+
+def test_held_lines_are_trusted_when_no_probe_can_check_them(
+        corr: Correlator, clock: FrozenClock) -> None:
+    assert corr.on_event(_event(1, True, clock, port=9001)) == []
+    [opened] = corr.release_held()
+    assert (opened.change, opened.trigger, opened.port, opened.event_ids) == (
+        "opened", "log", 9001, (1,))
+    assert corr.release_held() == []
 
 
 def test_quiet_period_closes_and_counters_keep_it_open(corr: Correlator,

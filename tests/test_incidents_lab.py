@@ -235,3 +235,21 @@ def test_cookies_for_every_syn_are_attributed_by_the_accounting_set(
     ruleset = subprocess.run(["ip", "netns", "exec", the_lab.server_ns, "nft", "list",
                               "ruleset"], capture_output=True, text=True, check=True).stdout
     assert "chain account" not in ruleset, "the accounting chain is removed at stop"
+
+
+def test_a_flood_in_another_namespace_opens_nothing_here(the_lab: Lab, service: Service) -> None:
+    """The kernel's log is shared by all namespaces and its lines do not say whose: a line for a
+    port nothing listens on in the watched namespace is recorded and opens no incident."""
+    port = lab_port()
+    with lab() as other:
+        other.listen(port, backlog=8)
+        other.flood(port, 300)
+        deadline = time.monotonic() + 15
+        while not service.events(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        [event] = service.events(port)
+        assert event["trusted"], "a real kernel line"
+        service.wait_log(f"nothing listens on port {port} in {the_lab.server_ns}")
+    time.sleep(1.5)  # three more probes
+    assert service.incidents(port) == []
+    assert service.events(port)[0]["incident_id"] is None

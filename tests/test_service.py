@@ -43,23 +43,35 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     ns.sock.close()
 
 
+# On the host's own namespace the tests watch, but never act: no sysctl, no firewall table.
+HOST_SAFE = "[actions]\ndry_run = true\n"
+
+
+def _log_of(config: Path) -> Path:
+    return config.with_suffix(".log")
+
+
 def _start(config: Path, notify: NotifySocket, **env: str) -> subprocess.Popen[str]:
+    """`synwatch run` with its log appended to a file next to the config: an unread pipe would
+    fill up (64 KiB) and block the service."""
     full_env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), **env}
-    return subprocess.Popen([sys.executable, "-m", "synwatch", "run", "--config", str(config)],
-                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    with _log_of(config).open("a") as err:
+        return subprocess.Popen([sys.executable, "-m", "synwatch", "run", "--config",
+                                 str(config)], env=full_env, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True)
 
 
 def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGTERM, wait; the exit code and everything the service logged (all its runs)."""
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
-    return proc.returncode, err
+    proc.wait(timeout=20)
+    return proc.returncode, _log_of(Path(proc.args[-1])).read_text()
 
 
 def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> None:
     config = tmp_path / "synwatch.toml"
     config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
-                      '[sources]\njournald = false\nkmsg = false\n')
+                      f'[sources]\njournald = false\nkmsg = false\n{HOST_SAFE}')
     proc = _start(config, notify)
     try:
         notify.wait_for("READY=1")
@@ -85,7 +97,7 @@ def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> No
 
 def test_watchdog_pings(tmp_path: Path, notify: NotifySocket) -> None:
     config = tmp_path / "synwatch.toml"
-    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n{HOST_SAFE}')
     proc = _start(config, notify, WATCHDOG_USEC="400000")
     try:
         notify.wait_for("READY=1")
@@ -99,7 +111,8 @@ def test_bad_config_at_start_is_exit_2(tmp_path: Path, notify: NotifySocket) -> 
     config = tmp_path / "synwatch.toml"
     config.write_text("[incident]\nquiet_period = 60\n")
     proc = _start(config, notify)
-    _, err = proc.communicate(timeout=20)
+    proc.wait(timeout=20)
+    err = _log_of(config).read_text()
     assert proc.returncode == 2
     assert err.startswith(f"synwatch: config {config}: incident.quiet_period: ")
 
@@ -107,7 +120,7 @@ def test_bad_config_at_start_is_exit_2(tmp_path: Path, notify: NotifySocket) -> 
 def test_logs_which_sources_it_uses_and_why(tmp_path: Path, notify: NotifySocket) -> None:
     config = tmp_path / "synwatch.toml"
     config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
-                      '[sources]\nfiles = ["/var/log/kern.log"]\n')
+                      f'[sources]\nfiles = ["/var/log/kern.log"]\n{HOST_SAFE}')
     proc = _start(config, notify)
     try:
         notify.wait_for("READY=1")

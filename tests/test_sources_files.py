@@ -3,6 +3,7 @@ copytruncate and delete rotations, a partial line and a restart is recorded exac
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -16,6 +17,7 @@ from sqlalchemy import select
 from synwatch.catalogue import Catalogue
 from synwatch.clock import SystemClock
 from synwatch.recorder import Recorder
+from synwatch.records import LogRecord
 from synwatch.sources.base import Batch
 from synwatch.sources.files import FileSource
 from synwatch.store import Store
@@ -183,3 +185,26 @@ def test_copytruncate_seen_by_the_first_line_when_the_file_regrew_past_our_offse
             f.truncate(0)
         write(log, range(1000, 1200))  # longer than before: the size alone would not tell
     assert numbers_recorded(harness) == [*range(2, 52), *range(1001, 1201)]
+
+
+def test_a_backlog_of_events_is_logged_as_one_summary_line(
+        tmp_path: Path, catalogue: Catalogue, caplog: pytest.LogCaptureFixture) -> None:
+    """A first start reads the whole boot's history: one line says so, not one per event."""
+    recorder = Recorder(Store.open(f"sqlite:///{tmp_path}/h.db"), catalogue, SystemClock())
+
+    def batch(numbers: range) -> Batch:
+        records = tuple(LogRecord(line=kernel_line(n), sink="rsyslog", time=None,
+                                  message=kernel_line(n).split("] ", 1)[1].strip(),
+                                  host="web01", trusted=False, source="file:x",
+                                  position=f"line:{n}") for n in numbers)
+        return Batch("file:x", records, {"offset": 0})
+
+    caplog.set_level(logging.INFO, logger="synwatch.recorder")
+    assert len(recorder.record(batch(range(20)))) == 20
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos == ["source file:x: 20 kernel events (0 trusted)"]
+    caplog.clear()
+    assert len(recorder.record(batch(range(18, 21)))) == 1  # 18 and 19 were recorded already
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    new = batch(range(20, 21)).records[0].message
+    assert infos == [f"kernel event from file:x (untrusted): {new}"]
