@@ -5,7 +5,8 @@ and the rate limit are not chosen per verdict). Every plan is logged with its re
 dry-run that is all. Quick actions (sysctl, firewall) run inline, so a ban lands within the
 probe that decided it; actions that may block (notify, exec) run on one worker thread each, and
 their outcomes come back through a queue, so the store is only ever written from the main
-thread. Failed notifications are retried with a doubling delay.
+thread. Failed notifications are retried with a doubling delay; what is still unsent at a stop
+is recorded as such and sent again at the next start (the notify action finds it in the store).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from synwatch.actions.registry import Action, ActionContext, Plan, registered
+from synwatch.actions.registry import RETRYING, Action, ActionContext, Plan, registered
 from synwatch.clock import Clock
 from synwatch.config import Config
 from synwatch.errors import StoreError, SynwatchError
@@ -42,6 +43,7 @@ class Worker:
 
     def __init__(self, name: str, clock: Clock, results: queue.Queue[Outcome]) -> None:
         self.jobs: queue.Queue[tuple[Plan, int] | None] = queue.Queue()
+        self.running: tuple[Plan, int] | None = None
         self.clock = clock
         self.results = results
         self.thread = threading.Thread(target=self._loop, name=f"action {name}", daemon=True)
@@ -53,18 +55,32 @@ class Worker:
             if job is None:
                 return
             plan, attempt = job
+            self.running = job
             try:
                 detail, ok = plan.run(), True
             except Exception as exc:  # a plugin's failure is an outcome, not a crash
                 detail, ok = (exc.why if isinstance(exc, SynwatchError) else repr(exc)), False
             self.results.put(Outcome(plan, attempt, ok, detail, self.clock.now()))
+            self.running = None
 
     def submit(self, plan: Plan, attempt: int) -> None:
         self.jobs.put((plan, attempt))
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float) -> list[tuple[Plan, int]]:
+        """Finish what is queued within ``timeout``; returns the jobs that did not finish
+        (one hanging on a dead server, the ones behind it)."""
         self.jobs.put(None)
         self.thread.join(timeout)
+        if not self.thread.is_alive():
+            return []
+        left = [self.running] if self.running is not None else []
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return left
+            if job is not None:
+                left.append(job)
 
 
 class Responder:
@@ -112,12 +128,7 @@ class Responder:
     def tick(self) -> None:
         """Collect the workers' outcomes, resubmit retries that are due, run time-driven work
         (ban expiry and reconciliation, delayed notification updates)."""
-        while True:
-            try:
-                outcome = self.results.get_nowait()
-            except queue.Empty:
-                break
-            self._outcome(outcome)
+        self._collect()
         mono = self.ctx.clock.monotonic()
         due = [r for r in self.retry_at if r[0] <= mono]
         self.retry_at = [r for r in self.retry_at if r[0] > mono]
@@ -132,11 +143,29 @@ class Responder:
     def stop(self, wait: float = 5.0) -> None:
         for a in self.actions:
             self._do_all(a, a.stop)
-        for w in self.workers.values():
-            w.stop(wait)
-        self.tick()
+        unfinished = [job for w in self.workers.values() for job in w.stop(wait)]
+        self._collect()  # not tick(): nothing may be submitted to the stopped workers
+        # retries not yet due already have their "retrying" row; these have none yet
+        for plan, attempt in unfinished:
+            if self.by_name[plan.action].retries:
+                detail = f"attempt {attempt}: not done when synwatch stopped{RETRYING}at the " \
+                         "next start"
+            else:
+                detail = f"attempt {attempt}: not done when synwatch stopped"
+            log.warning("action %s %s: %s", plan.action, plan.target, detail)
+            self._record(plan, "failed", detail)
+        for _, plan, _attempt in self.retry_at:
+            log.info("action %s %s: retried at the next start", plan.action, plan.target)
 
     # -- running and recording ------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                outcome = self.results.get_nowait()
+            except queue.Empty:
+                return
+            self._outcome(outcome)
 
     def _do_all(self, action: Action, hook: Callable[[], list[Plan]]) -> None:
         try:
@@ -182,7 +211,7 @@ class Responder:
         if o.attempt < attempts:
             delay = self.config.notify.retry * 2 ** (o.attempt - 1)
             self.retry_at.append((self.ctx.clock.monotonic() + delay, o.plan, o.attempt + 1))
-            detail += f"; retrying in {delay:.0f} s"
+            detail += f"{RETRYING}in {delay:.0f} s"
         log.warning("action %s %s failed: %s", o.plan.action, o.plan.target, detail)
         self._record(o.plan, "failed", detail, o.at)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -20,7 +21,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +31,42 @@ SPOOF_NET = "10.232"  # sources 10.232.x.y, routed back into the client namespac
 
 
 _ports_given: set[int] = set()
+_FLOOD_PORT = re.compile(r"SYN flooding on port (?:\S*:)?(\d+)\.")
+
+
+def _ports_in_kernel_log() -> set[int]:
+    """Ports the kernel's log already names this boot (the kmsg ring, and the journal, which
+    keeps what the ring has lost): earlier test runs' floods."""
+    text = []
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            while True:
+                try:
+                    text.append(os.read(fd, 8192).decode("utf-8", "replace"))
+                except BrokenPipeError:  # overwritten while we read: read on
+                    continue
+                except BlockingIOError:
+                    break
+        finally:
+            os.close(fd)
+    with suppress(OSError, subprocess.TimeoutExpired):  # no journal: the ring is all there is
+        text.append(subprocess.run(["journalctl", "-k", "-b", "-o", "cat", "--no-pager"],
+                                   capture_output=True, text=True, timeout=60,
+                                   check=False).stdout)
+    return {int(m) for m in _FLOOD_PORT.findall("\n".join(text))}
 
 
 def lab_port() -> int:
-    """A listener port not used before in this test run: /dev/kmsg keeps the lines of earlier
-    tests, and a line naming an earlier test's port must not be mistaken for this one's."""
+    """A listener port no kernel line of this boot names yet: /dev/kmsg and the journal keep
+    the lines of earlier tests (and earlier runs), and a line naming an earlier flood's port
+    must not be mistaken for this one's."""
+    if not _ports_given:
+        _ports_given.update(_ports_in_kernel_log())
+        _ports_given.add(0)  # read once, even when the log names none
     while True:
         port = random.randint(20000, 60000)
         if port not in _ports_given:

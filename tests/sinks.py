@@ -48,13 +48,20 @@ def smtp_sink() -> Iterator[tuple[int, list[dict[str, str]]]]:
 
 
 @contextmanager
-def http_sink() -> Iterator[tuple[int, list[dict[str, Any]]]]:
+def http_sink(up: threading.Event | None = None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """A JSON endpoint keeping what it is sent; with ``up``, it answers 503 (and keeps
+    nothing) until ``up`` is set."""
     posts: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
-            posts.append(json.loads(self.rfile.read(length)))
+            body = self.rfile.read(length)
+            if up is not None and not up.is_set():
+                self.send_response(503)
+                self.end_headers()
+                return
+            posts.append(json.loads(body))
             self.send_response(200)
             self.end_headers()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import queue
+import threading
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -242,3 +243,64 @@ def test_an_action_failure_is_an_outcome_not_a_crash(tmp_path: Path) -> None:
     responder._do(Action(responder.ctx), Plan("exec", "opened", "/x", fails, 1))
     [run] = store.action_runs(1)
     assert (run.status, run.detail) == ("failed", "exit status 3")
+
+
+_NOTIFY = ('[actions.syncookies]\nenabled = false\n[actions.ban]\nenabled = false\n'
+           '[actions.notify]\nenabled = true\nurls = ["json://127.0.0.1:9/x"]\n')
+
+
+def test_messages_unsent_at_a_stop_are_recorded_for_the_next_start(tmp_path: Path) -> None:
+    """A server that hangs holds the worker past the stop's wait: the message in flight and the
+    one queued behind it are recorded as not done, to be sent at the next start."""
+    responder, store, _ = _responder(tmp_path, _NOTIFY)
+    release = threading.Event()
+    hangs = Plan("notify", "opened", "T1\nbody 1", lambda: str(release.wait(10)), 1)
+    queued = Plan("notify", "closed", "T2\nbody 2", lambda: "sent", 1)
+    notify = responder.by_name["notify"]
+    responder._do(notify, hangs)
+    responder._do(notify, queued)
+    responder.stop(wait=0.3)
+    release.set()
+    runs = store.action_runs(1)
+    assert [(r.target, r.status) for r in runs] == [("opened", "failed"), ("closed", "failed")]
+    assert all(r.detail == "attempt 1: not done when synwatch stopped; retrying at the next start"
+               for r in runs)
+
+
+def test_a_start_resends_what_was_left_unsent_and_nothing_else(tmp_path: Path) -> None:
+    responder, store, clock = _responder(tmp_path, _NOTIFY)
+    responder.ctx.host = "web1"
+    other = store.save_incident(_change(incident_id=None, host="web2"))  # a fleet's other host
+
+    def run(incident: int, target: str, status: str, detail: str, ago: float = 60) -> ActionRun:
+        return ActionRun(incident_id=incident, action="notify", target=target, status=status,
+                         at=clock.now() - timedelta(seconds=ago), rendered=f"{target} title\n"
+                         f"{target} body", detail=detail)
+
+    store.add(run(1, "opened", "failed", "attempt 1 of 5: refused; retrying in 60 s", 120),
+              run(1, "opened", "done", "sent to 1 URL"),  # sent later: nothing to do
+              run(1, "closed", "failed", "attempt 1: not done when synwatch stopped; "
+                                         "retrying at the next start"),
+              run(1, "update", "failed", "attempt 5 of 5: refused"),  # given up
+              run(other, "closed", "failed", "attempt 1 of 5: refused; retrying in 60 s"),
+              run(1, "update", "failed", "old; retrying in 60 s", ago=2 * 86400))
+    [plan] = responder.by_name["notify"].start()
+    assert (plan.target, plan.incident_id, plan.rendered) == ("closed", 1,
+                                                              "closed title\nclosed body")
+    responder.stop(wait=1)
+
+
+def test_an_incident_resumed_after_a_restart_is_not_announced_again(tmp_path: Path) -> None:
+    responder, store, clock = _responder(tmp_path, _NOTIFY)
+    store.add(ActionRun(incident_id=1, action="notify", target="opened", status="done",
+                        at=clock.now(), rendered="", detail="sent to 1 URL"))
+    notify = responder.by_name["notify"]
+    assert notify.on_change(_change(incident_id=1)) == []  # no second "opened"
+    [closed] = notify.on_change(_change(incident_id=1, change="closed", status="closed",
+                                        closed_at=NOW))
+    assert closed.target == "closed"
+    # a new incident is announced as before
+    new = store.save_incident(_change(incident_id=None))
+    [opened] = notify.on_change(_change(incident_id=new))
+    assert opened.target == "opened"
+    responder.stop(wait=1)

@@ -4,22 +4,26 @@
 Sending runs on a worker thread with apprise's own timeout (a dead SMTP server holds a call for
 15 s), so it never delays detection or a ban; failures are recorded and retried by the responder.
 The "opened" message waits for the first verdict, so it can say what the flood is and what was
-done about it.
+done about it. A message still unsent at a stop (a retry not yet due, a server hanging) is sent
+at the next start, as it was written, and an incident resumed after a restart is not announced
+a second time.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from functools import partial
 
 from synwatch.actions.message import compose
-from synwatch.actions.registry import Action, ActionContext, Plan
+from synwatch.actions.registry import RETRYING, Action, ActionContext, Plan
 from synwatch.config import Config
 from synwatch.errors import ActionFailed
 from synwatch.records import IncidentChange
 
 log = logging.getLogger("synwatch")
+RESEND_WITHIN = timedelta(days=1)  # older unsent messages are news no longer
 
 
 @dataclass
@@ -77,10 +81,39 @@ class NotifyAction(Action):
                     lambda: send(settings.urls, title, body, settings.timeout),
                     change.incident_id)
 
+    def start(self) -> list[Plan]:
+        """Messages the last run did not get out, as they were rendered then."""
+        settings = self.ctx.config.notify
+        since = self.ctx.clock.now() - RESEND_WITHIN
+        plans = []
+        for run in self.ctx.store.latest_runs(self.name, self.ctx.host, self.ctx.netns, since):
+            if run.status != "failed" or RETRYING not in run.detail:
+                continue
+            title, _, body = run.rendered.partition("\n")
+            plans.append(Plan(self.name, run.target, run.rendered,
+                              partial(send, settings.urls, title, body, settings.timeout),
+                              run.incident_id))
+        return plans
+
+    def _thread(self, incident_id: int) -> _Thread:
+        """What was said about this incident, also before a restart (from the store)."""
+        t = self.threads.get(incident_id)
+        if t is None:
+            runs = self.ctx.store.action_runs(incident_id)
+            t = self.threads[incident_id] = _Thread(opened_sent=any(
+                r.action == self.name and r.target == "opened"
+                for r in runs))
+            if t.opened_sent:  # resumed: say what changes from now on
+                t.actions_said = len(runs)
+                t.last_sent = self.ctx.clock.monotonic()
+        return t
+
     def on_change(self, change: IncidentChange) -> list[Plan]:
         if change.incident_id is None:
             return []
-        t = self.threads.setdefault(change.incident_id, _Thread())
+        t = self._thread(change.incident_id)
+        if t.opened_sent and t.latest is None:
+            t.verdict = change.verdict
         t.latest = change
         if change.change == "closed":
             del self.threads[change.incident_id]

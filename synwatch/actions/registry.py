@@ -7,6 +7,7 @@ not at all in dry-run) and records every outcome.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from synwatch.store import Store
 
 GROUP = "synwatch.actions.v1"
+
+# In the detail of a failed run that will be tried again ("...; retrying in 60 s"); a start
+# resends the notifications whose latest run says it.
+RETRYING = "; retrying "
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,7 @@ class ActionContext:
     store: Store
     clock: Clock
     open: dict[int, IncidentChange] = field(default_factory=dict)
+    host: str = field(default_factory=socket.gethostname)  # as the incidents have it
 
     @property
     def netns(self) -> str:

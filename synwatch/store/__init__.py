@@ -282,6 +282,20 @@ class Store:
                 out[run.incident_id or 0].append(run)
         return out
 
+    def latest_runs(self, action: str, host: str, netns: str,
+                    since: datetime) -> list[ActionRun]:
+        """The latest run of ``action`` for each (incident, target) of this host and namespace
+        (a fleet shares the store) recorded since ``since``."""
+        latest: dict[tuple[int | None, str], ActionRun] = {}
+        with self.session() as s:
+            for run in s.scalars(
+                    select(ActionRun).join(Incident, ActionRun.incident_id == Incident.id)
+                    .where(ActionRun.action == action, ActionRun.at >= since,
+                           Incident.host == host, Incident.netns == netns)
+                    .order_by(ActionRun.at, ActionRun.id)):
+                latest[run.incident_id, run.target] = run
+        return list(latest.values())
+
     def open_incidents(self, host: str, netns: str) -> list[IncidentChange]:
         """Incidents left open (by a stop or a crash), as changes the correlator resumes."""
         with self.session() as s:
