@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -39,11 +40,15 @@ class Outcome:
 
 
 class Worker:
-    """One thread running one action's plans in order."""
+    """One thread running one action's plans in order.
+
+    A job leaves the queue only once its outcome is out (both under one lock), so at a stop
+    the queue holds exactly what did not finish: no job is lost or reported twice."""
 
     def __init__(self, name: str, clock: Clock, results: queue.Queue[Outcome]) -> None:
-        self.jobs: queue.Queue[tuple[Plan, int] | None] = queue.Queue()
-        self.running: tuple[Plan, int] | None = None
+        self.jobs: deque[tuple[Plan, int]] = deque()
+        self.stopping = False
+        self.cv = threading.Condition()
         self.clock = clock
         self.results = results
         self.thread = threading.Thread(target=self._loop, name=f"action {name}", daemon=True)
@@ -51,36 +56,34 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            plan, attempt = job
-            self.running = job
+            with self.cv:
+                while not self.jobs and not self.stopping:
+                    self.cv.wait()
+                if not self.jobs:
+                    return
+                plan, attempt = self.jobs[0]
             try:
                 detail, ok = plan.run(), True
             except Exception as exc:  # a plugin's failure is an outcome, not a crash
                 detail, ok = (exc.why if isinstance(exc, SynwatchError) else repr(exc)), False
-            self.results.put(Outcome(plan, attempt, ok, detail, self.clock.now()))
-            self.running = None
+            with self.cv:
+                self.jobs.popleft()
+                self.results.put(Outcome(plan, attempt, ok, detail, self.clock.now()))
 
     def submit(self, plan: Plan, attempt: int) -> None:
-        self.jobs.put((plan, attempt))
+        with self.cv:
+            self.jobs.append((plan, attempt))
+            self.cv.notify()
 
     def stop(self, timeout: float) -> list[tuple[Plan, int]]:
         """Finish what is queued within ``timeout``; returns the jobs that did not finish
         (one hanging on a dead server, the ones behind it)."""
-        self.jobs.put(None)
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
         self.thread.join(timeout)
-        if not self.thread.is_alive():
-            return []
-        left = [self.running] if self.running is not None else []
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                return left
-            if job is not None:
-                left.append(job)
+        with self.cv:
+            return list(self.jobs)
 
 
 class Responder:

@@ -101,8 +101,7 @@ class NotifyAction(Action):
         if t is None:
             runs = self.ctx.store.action_runs(incident_id)
             t = self.threads[incident_id] = _Thread(opened_sent=any(
-                r.action == self.name and r.target == "opened"
-                for r in runs))
+                r.action == self.name and r.target == "opened" for r in runs))
             if t.opened_sent:  # resumed: say what changes from now on
                 t.actions_said = len(runs)
                 t.last_sent = self.ctx.clock.monotonic()
