@@ -43,8 +43,14 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     ns.sock.close()
 
 
-# On the host's own namespace the tests watch, but never act: no sysctl, no firewall table.
-HOST_SAFE = "[actions]\ndry_run = true\n"
+def host_config(tmp_path: Path, body: str = "") -> Path:
+    """A config for `synwatch run` on the host's own namespace: its store in tmp_path, ``body``
+    (TOML sections), and a dry run, so the tests watch the host but never act on it (no
+    sysctl, no firewall table)."""
+    config = tmp_path / "synwatch.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n{body}'
+                      "[actions]\ndry_run = true\n")
+    return config
 
 
 def _log_of(config: Path) -> Path:
@@ -69,9 +75,7 @@ def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 
 def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> None:
-    config = tmp_path / "synwatch.toml"
-    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
-                      f'[sources]\njournald = false\nkmsg = false\n{HOST_SAFE}')
+    config = host_config(tmp_path, "[sources]\njournald = false\nkmsg = false\n")
     proc = _start(config, notify)
     try:
         notify.wait_for("READY=1")
@@ -96,8 +100,7 @@ def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> No
 
 
 def test_watchdog_pings(tmp_path: Path, notify: NotifySocket) -> None:
-    config = tmp_path / "synwatch.toml"
-    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n{HOST_SAFE}')
+    config = host_config(tmp_path)
     proc = _start(config, notify, WATCHDOG_USEC="400000")
     try:
         notify.wait_for("READY=1")
@@ -118,9 +121,7 @@ def test_bad_config_at_start_is_exit_2(tmp_path: Path, notify: NotifySocket) -> 
 
 
 def test_logs_which_sources_it_uses_and_why(tmp_path: Path, notify: NotifySocket) -> None:
-    config = tmp_path / "synwatch.toml"
-    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
-                      f'[sources]\nfiles = ["/var/log/kern.log"]\n{HOST_SAFE}')
+    config = host_config(tmp_path, '[sources]\nfiles = ["/var/log/kern.log"]\n')
     proc = _start(config, notify)
     try:
         notify.wait_for("READY=1")

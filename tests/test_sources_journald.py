@@ -27,7 +27,7 @@ from synwatch.store import Store
 from synwatch.store.models import Event
 from tests.conftest import Journald
 from tests.lab import Lab, lab, lab_port
-from tests.test_service import HOST_SAFE, NotifySocket, _start, _stop
+from tests.test_service import NotifySocket, _start, _stop, host_config
 
 pytestmark = pytest.mark.needs_root
 
@@ -58,10 +58,8 @@ def events_for(store: Store, port: int, timeout: float = 15) -> list[Event]:
 
 
 def _config(tmp_path: Path, files: list[str] | None = None) -> Path:
-    cfg = tmp_path / "synwatch.toml"
-    cfg.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n[sources]\njournald = true\n'
-                   f"kmsg = false\nfiles = {json.dumps(files or [])}\n{HOST_SAFE}")
-    return cfg
+    return host_config(tmp_path, "[sources]\njournald = true\nkmsg = false\n"
+                                 f"files = {json.dumps(files or [])}\n")
 
 
 def test_real_flood_is_recorded_trusted_within_a_second_and_forgeries_are_not(
