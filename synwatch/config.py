@@ -44,6 +44,12 @@ class Thresholds:
     spoofed_min_prefixes: int = 32
     ipv4_prefix: int = 24
     ipv6_prefix: int = 64
+    # a listener whose SYN-RECV stays at or above max(half_open_min, backlog / 4) for
+    # half_open_for seconds while most requests never complete opens a "half_open" incident
+    half_open_min: int = 64
+    half_open_for: float = 10.0
+    widest_v4: int = 16  # aggregated prefixes are never wider than these ([actions.ban])
+    widest_v6: int = 48
 
 
 VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
@@ -64,6 +70,8 @@ class BanSettings:
     max_per_incident: int = 8
     max_total: int = 256
     min_share: float = 0.05  # a prefix carrying less of the flood is not worth a ban
+    widest_v4: int = 16  # prefixes that fill a larger block are banned as it, up to this wide
+    widest_v6: int = 48
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +112,7 @@ class Config:
     quiet_period: float
     probe_interval: float
     accounting: Auto
+    sampler: Auto
     thresholds: Thresholds
     allowlist: tuple[Network, ...]
     dry_run: bool
@@ -303,7 +312,9 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "watch": {"netns": (_netns, "")},
     "incident": {"quiet_period": (_duration, "60s"), "probe_interval": (_duration, "1s"),
                  "open_rate": (_int_in(1, 10_000_000), _DEFAULTS.open_rate),
-                 "accounting": (_auto, "auto")},
+                 "accounting": (_auto, "auto"), "sampler": (_auto, "auto"),
+                 "half_open_for": (_duration, "10s"),
+                 "half_open_min": (_int_in(1, 65535), _DEFAULTS.half_open_min)},
     "verdict": {"capacity_completion": (_fraction, _DEFAULTS.capacity_completion),
                 "spoofed_completion": (_fraction, _DEFAULTS.spoofed_completion),
                 "concentrated_prefixes": (_int_in(1, 64), _DEFAULTS.concentrated_prefixes),
@@ -320,7 +331,9 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
                     "max_duration": (_duration, "7d"),
                     "max_per_incident": (_int_in(1, 4096), 8),
                     "max_total": (_int_in(1, 1_000_000), 256),
-                    "min_share": (_fraction, 0.05)},
+                    "min_share": (_fraction, 0.05),
+                    "widest_v4": (_int_in(8, 32), _DEFAULTS.widest_v4),
+                    "widest_v6": (_int_in(16, 128), _DEFAULTS.widest_v6)},
     "actions.ratelimit": {"enabled": (_bool, False), "rate": (_int_in(1, 1_000_000), 100),
                           "burst": (_int_in(1, 1_000_000), 50), "hold": (_duration, "5m"),
                           "ports": (_ports, [])},
@@ -405,7 +418,12 @@ def parse_config(text: str, path: str) -> Config:
         journald=v["sources.journald"], files=v["sources.files"], kmsg=v["sources.kmsg"],
         netns=v["watch.netns"], quiet_period=v["incident.quiet_period"],
         probe_interval=v["incident.probe_interval"], accounting=v["incident.accounting"],
+        sampler=v["incident.sampler"],
         thresholds=Thresholds(open_rate=v["incident.open_rate"],
+                              half_open_min=v["incident.half_open_min"],
+                              half_open_for=v["incident.half_open_for"],
+                              widest_v4=v["actions.ban.widest_v4"],
+                              widest_v6=v["actions.ban.widest_v6"],
                               **{k: v[f"verdict.{k}"] for k in _SCHEMA["verdict"]}),
         allowlist=v["allowlist.networks"], dry_run=v["actions.dry_run"],
         syncookies_enabled=v["actions.syncookies.enabled"],

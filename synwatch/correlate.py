@@ -25,7 +25,8 @@ from typing import Literal
 from synwatch.clock import Clock
 from synwatch.config import Thresholds
 from synwatch.probes.snapshot import ListenerState, Snapshot
-from synwatch.records import Evidence, IncidentChange, Sample, StoredEvent
+from synwatch.probes.synsample import SynSample
+from synwatch.records import Evidence, IncidentChange, Sample, StoredEvent, Trigger
 from synwatch.verdict import Tally, judge
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,14 @@ RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",
 MAX_PREFIXES = 4096  # per incident and per kind of count
 PENDING_UNTRUSTED = 256  # untrusted lines kept for corroboration; older ones just stay events
 PENDING_TRUSTED = 1024  # trusted lines waiting for the next probe (one line per socket)
+RECENT_PROBES = 120  # probes kept for an incident that opens after its build-up
 
 
 @dataclass
 class _Incident:
     serial: int
     key: ListenerKey
-    trigger: Literal["log", "counters"]
+    trigger: Trigger
     opened_at: datetime
     first_evidence_at: datetime | None
     detected_at: datetime
@@ -60,6 +62,7 @@ class _Probe:
     deltas: dict[str, int]
     rates: dict[str, float]
     accounted: dict[tuple[int, str], int]  # new SYNs per (port, prefix) in the accounting set
+    sampled: SynSample | None  # SYNs sampled from packets over the same interval
 
 
 def _add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -71,6 +74,19 @@ def _add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict
     if len(counts) > MAX_PREFIXES:
         counts = dict(sorted(counts.items(), key=lambda x: -x[1])[:MAX_PREFIXES // 2])
     return counts
+
+
+def _add_sampled(t: Tally, sampled: SynSample | None) -> None:
+    """Fold one interval of the packet sampler into the tally (this listener's port only)."""
+    got = sampled.port(t.port) if sampled is not None and t.port is not None else None
+    if sampled is None or got is None or not got.samples:
+        return
+    t.one_in = sampled.one_in
+    t.sampled_n += got.samples
+    t.sampled_syns += got.syns
+    t.sampled = _add_counts(t.sampled, ((p, n) for p, n, _ in got.prefixes))
+    t.sampled_seen = _add_counts(t.sampled_seen, ((p, k) for p, _, k in got.prefixes))
+    t.sampled_distinct = max(t.sampled_distinct, got.distinct)
 
 
 def _full_syn_queue(st: ListenerState) -> bool:
@@ -101,6 +117,10 @@ class Correlator:
         self.open: dict[int, _Incident] = {}
         self._serial = 0
         self._last: Evidence | None = None
+        self._last_probe: _Probe | None = None
+        self._recent: deque[tuple[datetime, _Probe]] = deque(maxlen=RECENT_PROBES)
+        # listeners whose SYN-RECV is high: since when, and PassiveOpens then
+        self._high_since: dict[tuple[int, str, int], tuple[datetime, int]] = {}
         self._moving_since: datetime | None = None
         self._untrusted: deque[tuple[datetime, int | None, int]] = deque(
             maxlen=PENDING_UNTRUSTED)  # (time, port, event id)
@@ -125,7 +145,7 @@ class Correlator:
     def _by_key(self, key: ListenerKey) -> _Incident | None:
         return next((i for i in self.open.values() if i.key == key), None)
 
-    def _new(self, key: ListenerKey, trigger: Literal["log", "counters"], *, at: datetime,
+    def _new(self, key: ListenerKey, trigger: Trigger, *, at: datetime,
              first: datetime | None, listener: ListenerState | None,
              snap: Snapshot | None) -> _Incident:
         self._serial += 1
@@ -218,6 +238,13 @@ class Correlator:
                         snap=self._last.snapshot if self._last else None)
         inc.new_events.append(stored.id)
         self._corroborate(inc)
+        last = self._last_probe
+        if last is not None and (last.deltas["syns_overflowed"] or last.deltas["listen_overflows"]):
+            # The line is printed when the overflow begins; a burst shorter than a probe
+            # interval is over by the next probe, so the interval it happened in is its evidence.
+            assert self._last is not None
+            inc.first_evidence_at = min(at, self._moving_since or self._last.at)
+            self._add(inc, listener, last, active=True)
         return [self._change(inc, "opened")]
 
     def _resolve_held(self) -> list[IncidentChange]:
@@ -281,7 +308,9 @@ class Correlator:
         elif self._moving_since is None and prev is not None:
             self._moving_since = prev.at  # they moved some time in the last interval
 
-        probe = _Probe(snap, deltas, rates, accounted)
+        probe = _Probe(snap, deltas, rates, accounted, ev.sampled)
+        self._last_probe = probe
+        self._recent.append((ev.at, probe))
         active = self._attribute(probe)
         changes: list[IncidentChange] = []
         opening = (rates["syns_overflowed"] >= self.th.open_rate
@@ -297,10 +326,24 @@ class Correlator:
                     self._corroborate(inc)
                     self._add(inc, st, probe, active=True)
                     changes.append(self._change(inc, "opened", sample=_sample(ev.at, st, rates)))
+        half_open = self._half_open(ev.at, snap)
+        for key in sorted(half_open, key=str):
+            if self._by_key(key) is None:
+                st = states[key]
+                since, _ = self._high_since[key]
+                inc = self._new(key, "half_open", at=ev.at, first=since, listener=st, snap=snap)
+                inc.tally.half_open = True
+                self._corroborate(inc)
+                for at, earlier in list(self._recent)[:-1]:
+                    if at > since:  # the build-up is this incident's evidence
+                        self._add(inc, None, earlier, active=True)
+                self._add(inc, st, probe, active=True)
+                changes.append(self._change(inc, "opened", sample=_sample(ev.at, st, rates)))
         for inc in list(self.open.values()):
             if any(c.serial == inc.serial for c in changes):
                 continue
-            is_active = inc.key in active or (inc.key is None and moving)
+            is_active = (inc.key in active or (inc.key is None and moving)
+                         or (inc.tally.half_open and inc.key in self._high_since))
             st = states.get(inc.key) if inc.key else None
             self._add(inc, st, probe, active=is_active)
             if is_active:
@@ -317,9 +360,20 @@ class Correlator:
         """Which listeners the counters' movement belongs to: those with a full queue."""
         snap, deltas, accounted = probe.snap, probe.deltas, probe.accounted
         active: set[ListenerKey] = set()
+        sampled_ports = ({p.port for p in probe.sampled.ports if p.samples}
+                         if probe.sampled is not None else set())
         if deltas["syns_overflowed"]:
             full = [_key(st) for st in snap.listeners if _full_syn_queue(st)]
-            if not full and any(accounted.values()):  # syncookies=2 keeps queues empty
+            fresh = [k for k in full if k[2] in sampled_ports]
+            if fresh:
+                # a queue still full of an earlier flood's request sockets (they retransmit for
+                # up to a minute) gets no new SYNs: the sample says which queue this flood fills
+                full = fresh
+            if not full and sampled_ports:  # syncookies=2 keeps queues empty
+                assert probe.sampled is not None
+                top_sampled = max(probe.sampled.ports, key=lambda p: p.syns).port
+                full = [_key(st) for st in snap.listeners if st.listener.port == top_sampled]
+            if not full and any(accounted.values()):
                 by_port: dict[int, int] = {}
                 for (port, _), n in accounted.items():
                     by_port[port] = by_port.get(port, 0) + n
@@ -340,6 +394,7 @@ class Correlator:
         if active:
             t.accounted = _add_counts(t.accounted, ((prefix, n) for (port, prefix), n
                                                     in accounted.items() if port == t.port))
+            _add_sampled(t, probe.sampled)
             for name in RATES:
                 setattr(t, name, getattr(t, name) + deltas[name])
             t.peak_overflow_rate = max(t.peak_overflow_rate, rates["syns_overflowed"])
@@ -354,6 +409,31 @@ class Correlator:
             t.syn_recv_sum += st.syn_recv
             t.prefixes = _add_counts(t.prefixes, st.prefixes)
             t.prefix_count = max(t.prefix_count, st.prefix_count, len(t.prefixes))
+            if st.syn_recv > t.socket_n:
+                t.socket_n, t.socket_distinct = st.syn_recv, st.prefix_count
+                t.socket_singletons, t.socket_doubletons = st.singletons, st.doubletons
+
+    def _half_open(self, at: datetime, snap: Snapshot) -> set[tuple[int, str, int]]:
+        """Listeners whose SYN-RECV has stayed high for ``half_open_for`` while most of those
+        requests never completed: a slow flood parks a queue at half its backlog without a log
+        line or an overflow (reqsk_timer_handler prunes old requests once half full)."""
+        passive = snap.counters.get("Tcp.PassiveOpens", 0)
+        found: set[tuple[int, str, int]] = set()
+        high: dict[tuple[int, str, int], tuple[datetime, int]] = {}
+        for st in snap.listeners:
+            floor = max(self.th.half_open_min, st.listener.backlog // 4)
+            if st.syn_recv < floor:
+                continue
+            key = _key(st)
+            since, opens_then = self._high_since.get(key, (at, passive))
+            high[key] = (since, opens_then)
+            if (at - since).total_seconds() < self.th.half_open_for:
+                continue
+            completed = max(0, passive - opens_then)  # the namespace's: an upper bound
+            if completed / (completed + st.syn_recv) < self.th.capacity_completion:
+                found.add(key)
+        self._high_since = high
+        return found
 
     def expire(self, now: datetime) -> list[IncidentChange]:
         """Close quiet incidents when there is no evidence to do it with (probes failing)."""

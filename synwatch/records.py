@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from synwatch.probes.snapshot import Snapshot
+    from synwatch.probes.synsample import SynSample
 
 EventKind = Literal["syn_flood", "drop_open_request"]
 Mode = Literal["cookies", "drop"]
@@ -89,6 +90,8 @@ class Evidence:
     # SYNs per (listener port, source prefix) from the nftables accounting set, cumulative;
     # None where there is no set.
     accounting: dict[tuple[int, str], int] | None = None
+    # SYNs sampled from packets since the previous probe; None where there is no sampler.
+    sampled: SynSample | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,7 @@ class Sample:
 
 
 IncidentStatus = Literal["open", "closed"]
+Trigger = Literal["log", "counters", "half_open"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +124,7 @@ class IncidentChange:
     family: int | None
     status: IncidentStatus
     verdict: str
-    trigger: Literal["log", "counters"]
+    trigger: Trigger
     opened_at: datetime
     closed_at: datetime | None
     first_evidence_at: datetime | None

@@ -20,6 +20,7 @@ from synwatch.correlate import Correlator
 from synwatch.errors import UsageError
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
+from synwatch.probes.synsample import PortSample, SynSample
 from synwatch.records import Evidence, IncidentChange, KernelEvent, LogRecord, StoredEvent
 
 
@@ -28,22 +29,44 @@ def _snapshot_json(s: Snapshot) -> dict[str, Any]:
         {"family": st.listener.family, "address": st.listener.address, "port": st.listener.port,
          "backlog": st.listener.backlog, "accept_queue": st.listener.accept_queue,
          "syn_recv": st.syn_recv, "prefixes": [list(p) for p in st.prefixes],
-         "prefix_count": st.prefix_count} for st in s.listeners]}
+         "prefix_count": st.prefix_count, "singletons": st.singletons,
+         "doubletons": st.doubletons} for st in s.listeners]}
 
 
 def _snapshot(d: dict[str, Any]) -> Snapshot:
     return Snapshot(d["netns"], tuple(
         ListenerState(Listener(li["family"], li["address"], li["port"], li["backlog"],
                                li["accept_queue"]), li["syn_recv"],
-                      tuple((p, n) for p, n in li["prefixes"]), li["prefix_count"])
+                      tuple((p, n) for p, n in li["prefixes"]), li["prefix_count"],
+                      li.get("singletons", 0), li.get("doubletons", 0))
         for li in d["listeners"]), d["counters"], d["sysctls"])
+
+
+def _sample_json(s: SynSample | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    return {"one_in": s.one_in, "seconds": s.seconds, "lost": s.lost, "ports": [
+        {"port": p.port, "samples": p.samples, "syns": p.syns, "distinct": p.distinct,
+         "singletons": p.singletons, "doubletons": p.doubletons,
+         "prefixes": [list(x) for x in p.prefixes]} for p in s.ports]}
+
+
+def _sample(d: dict[str, Any] | None) -> SynSample | None:
+    if d is None:
+        return None
+    return SynSample(d["one_in"], d["seconds"], tuple(
+        PortSample(p["port"], p["samples"], p["syns"],
+                   tuple((str(x), int(n), int(k)) for x, n, k in p["prefixes"]),
+                   p["distinct"], p["singletons"], p["doubletons"]) for p in d["ports"]),
+        d.get("lost", 0))
 
 
 def evidence_line(now: datetime, ev: Evidence) -> dict[str, Any]:
     acct = None if ev.accounting is None else [[p, pre, n] for (p, pre), n in
                                                 ev.accounting.items()]
     return {"type": "evidence", "now": now.isoformat(), "at": ev.at.isoformat(),
-            "snapshot": _snapshot_json(ev.snapshot), "accounting": acct}
+            "snapshot": _snapshot_json(ev.snapshot), "accounting": acct,
+            "sampled": _sample_json(ev.sampled)}
 
 
 def event_line(now: datetime, stored: StoredEvent) -> dict[str, Any]:
@@ -59,7 +82,8 @@ def event_line(now: datetime, stored: StoredEvent) -> dict[str, Any]:
 def _evidence(d: dict[str, Any]) -> Evidence:
     acct = None if d.get("accounting") is None else {
         (int(p), str(pre)): int(n) for p, pre, n in d["accounting"]}
-    return Evidence(datetime.fromisoformat(d["at"]), _snapshot(d["snapshot"]), acct)
+    return Evidence(datetime.fromisoformat(d["at"]), _snapshot(d["snapshot"]), acct,
+                    _sample(d.get("sampled")))
 
 
 def _event(d: dict[str, Any]) -> StoredEvent:

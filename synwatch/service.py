@@ -24,6 +24,7 @@ from synwatch.correlate import Correlator
 from synwatch.errors import CommandError, ConfigError, ProbeError, StoreError
 from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
 from synwatch.probes.snapshot import take
+from synwatch.probes.synsample import SynSampler, open_sampler
 from synwatch.recorder import Recorder
 from synwatch.records import Evidence, IncidentChange, endpoint
 from synwatch.replay import Recording, event_line, evidence_line
@@ -62,6 +63,7 @@ class Service:
         self._probe_due = 0.0
         self._probe_failure: str | None = None
         self.accounting: SynAccounting | None = None
+        self.sampler: SynSampler | None = None
         self.responder: Responder | None = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -89,6 +91,7 @@ class Service:
         resumed = self.store.open_incidents(socket.gethostname(), self.config.netns)
         self.correlator = self._correlator(resumed)
         self.accounting = self._accounting()
+        self.sampler = self._sampler()
         self.responder = Responder(self.config, self.store, self.clock)
         log.info("actions: %s", ", ".join(self.responder.names()) or "none")
         self.responder.resume(resumed)
@@ -125,6 +128,22 @@ class Service:
             return None
         log.info("SYN accounting: on (nftables table inet %s, chain %s)", TABLE, CHAIN)
         return acct
+
+    def _sampler(self) -> SynSampler | None:
+        c = self.config
+        if c.sampler is False:
+            log.info("SYN sampler: off (incident.sampler = false)")
+            return None
+        try:
+            sampler = open_sampler(c.netns, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
+        except ProbeError as exc:
+            level = logging.WARNING if c.sampler is True else logging.INFO
+            log.log(level, "SYN sampler: off: %s; sources come from SYN-RECV sockets%s", exc.why,
+                    "" if self.accounting is None else " and the accounting set")
+            return None
+        log.info("SYN sampler: on (packet socket in %s, 1 in N adapting to the rate)",
+                 c.netns or "the host's namespace")
+        return sampler
 
     # -- incidents ------------------------------------------------------------------------------
 
@@ -177,7 +196,8 @@ class Service:
                 counted = self.accounting.read()
             except ProbeError as exc:
                 log.warning("%s", exc)
-        evidence = Evidence(self.clock.now(), snap, counted)
+        sampled = self.sampler.read() if self.sampler is not None else None
+        evidence = Evidence(self.clock.now(), snap, counted, sampled)
         if self.recording is not None:
             self.recording.write(evidence_line(evidence.at, evidence))
         self._save(self.correlator.on_evidence(evidence))
@@ -285,6 +305,8 @@ class Service:
             self._save([])
         if self.responder is not None:
             self.responder.stop()
+        if self.sampler is not None:
+            self.sampler.stop()
         if self.accounting is not None:
             try:
                 self.accounting.teardown()

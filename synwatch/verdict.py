@@ -12,6 +12,7 @@ from typing import Literal
 
 from synwatch.config import Thresholds
 from synwatch.records import endpoint
+from synwatch.stats import aggregate, chao1, wilson
 
 Verdict = Literal["capacity", "concentrated", "spoofed", "unknown"]
 MAX_BACKLOG = 65535  # sk_max_ack_backlog was 16 bits before 4.4; also a sane ceiling
@@ -41,6 +42,20 @@ class Tally:
     prefix_count: int = 0  # distinct prefixes seen (at least)
     accounted: dict[str, int] = field(default_factory=dict)  # SYNs per prefix (nft set)
     sysctls: dict[str, int | None] = field(default_factory=dict)
+    half_open: bool = False  # opened on a half-open build-up (no overflow, no log line)
+    # The probe with the most request sockets while the incident was active: the socket table's
+    # one sample of independent sources (summing probes would count a socket many times).
+    socket_n: int = 0
+    socket_distinct: int = 0
+    socket_singletons: int = 0
+    socket_doubletons: int = 0
+    # The packet sampler (AF_PACKET, 1 in N): estimated SYNs and samples per prefix.
+    sampled: dict[str, int] = field(default_factory=dict)
+    sampled_seen: dict[str, int] = field(default_factory=dict)
+    sampled_n: int = 0
+    sampled_syns: int = 0
+    sampled_distinct: int = 0  # distinct prefixes in the busiest interval (the dicts are bounded)
+    one_in: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -69,15 +84,57 @@ def completion(t: Tally) -> float | None:
         return min(1.0, t.cookies_recv / t.cookies_sent)
     if t.syns_dropped > 0:  # no cookies: real clients retry and get in as passive opens
         return t.passive_opens / (t.passive_opens + t.syns_dropped)
+    if t.half_open:  # requests that stayed half-open against handshakes that completed
+        stuck = max(t.peak_syn_recv, t.sampled_syns)
+        return t.passive_opens / (t.passive_opens + stuck) if stuck else None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Basis:
+    """Where the source shares come from, and how much they can be trusted."""
+
+    name: str  # "accounting set" | "packet sample" | "request sockets"
+    counts: dict[str, int]
+    total: int
+    n: int  # independent samples behind the shares
+    seen: int  # distinct prefixes seen
+    spread: int  # distinct prefixes, with those never sampled estimated
+    detail: str
+
+
+def basis(t: Tally) -> Basis | None:
+    """The best evidence of who sends the SYNs: the nftables set counts every SYN, the packet
+    sampler samples every SYN, the socket table keeps only the sources of live requests."""
+    if t.accounted:
+        total = sum(t.accounted.values())
+        return Basis("accounting set", t.accounted, total, total, len(t.accounted),
+                     len(t.accounted), f"every SYN counted: {total}")
+    if t.sampled_n:
+        seen = max(len(t.sampled_seen), t.sampled_distinct)
+        f1 = sum(1 for n in t.sampled_seen.values() if n == 1)
+        f2 = sum(1 for n in t.sampled_seen.values() if n == 2)
+        rate = f", 1 in {t.one_in}" if t.one_in > 1 else ""
+        return Basis("packet sample", t.sampled, t.sampled_syns or 1, t.sampled_n, seen,
+                     max(seen, chao1(len(t.sampled_seen), f1, f2)),
+                     f"{t.sampled_n} SYNs sampled{rate}, ~{t.sampled_syns} SYNs")
+    if t.syn_recv_sum:
+        n = t.socket_n or t.peak_syn_recv
+        seen = max(t.prefix_count, t.socket_distinct)
+        return Basis("request sockets", t.prefixes, t.syn_recv_sum, n, seen,
+                     max(seen, chao1(t.socket_distinct, t.socket_singletons,
+                                     t.socket_doubletons)),
+                     f"{n} request sockets")
     return None
 
 
 def shares(t: Tally, limit: int = 10) -> tuple[tuple[str, int, float], ...]:
-    """Prefixes by SYNs counted in the accounting set, else by request sockets sampled."""
-    counts, total = ((t.accounted, sum(t.accounted.values())) if t.accounted
-                     else (t.prefixes, t.syn_recv_sum))
-    if not total:
+    """Prefixes by SYNs counted in the accounting set, else sampled from packets, else by
+    request sockets."""
+    b = basis(t)
+    if b is None or not b.total:
         return ()
+    counts, total = b.counts, b.total
     ranked = sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:limit]
     return tuple((p, n, round(n / total, 3)) for p, n in ranked)
 
@@ -122,11 +179,30 @@ def _cookies(t: Tally) -> list[str]:
     return []
 
 
+def _half_open_facts(t: Tally, where: str) -> list[str]:
+    if not t.half_open:
+        return []
+    held = f"{t.peak_syn_recv} request sockets stayed half-open on {where}"
+    if t.backlog:
+        held += (f" ({_pct(t.peak_syn_recv / t.backlog)} of its SYN queue, backlog "
+                 f"{t.backlog}); the kernel logs nothing and no overflow counter moves until "
+                 "the queue is full")
+    return [held]
+
+
+def _ban_targets(top: tuple[tuple[str, int, float], ...], k: int, th: Thresholds) -> str:
+    blocks = aggregate([p for p, _, _ in top[:k]], th.widest_v4, th.widest_v6)
+    listed = ", ".join(p for p, _, _ in top[:k])
+    if len(blocks) < min(k, len(top)):
+        return f"{', '.join(blocks)} (together {listed})"
+    return listed
+
+
 def judge(t: Tally, th: Thresholds) -> Judgement:
     top = shares(t)
     done = completion(t)
     where = endpoint(t.address, t.port)
-    facts: list[str] = []
+    facts: list[str] = _half_open_facts(t, where)
     if t.syns_overflowed:
         facts.append(f"{t.syns_overflowed} SYNs found the SYN queue of {where} full "
                      f"(peak {t.peak_overflow_rate:.0f}/s; backlog {t.backlog}, "
@@ -136,18 +212,28 @@ def judge(t: Tally, th: Thresholds) -> Judgement:
                      f"{t.peak_listen_overflow_rate:.0f}/s; accept queue peak "
                      f"{t.peak_accept_queue} of {t.backlog})")
     if done is not None:
-        basis = (f"{t.cookies_recv} of {t.cookies_sent} SYN cookies came back" if t.cookies_sent
-                 else f"{t.passive_opens} handshakes completed, {t.syns_dropped} SYNs dropped")
-        facts.append(f"handshakes completed: {_pct(done)} ({basis})")
+        basis_text = (f"{t.cookies_recv} of {t.cookies_sent} SYN cookies came back"
+                      if t.cookies_sent else
+                      f"{t.passive_opens} handshakes completed, {t.syns_dropped} SYNs dropped"
+                      if t.syns_dropped else
+                      f"{t.passive_opens} handshakes completed in the namespace while "
+                      f"{max(t.peak_syn_recv, t.sampled_syns)} requests stayed half-open")
+        facts.append(f"handshakes completed: {_pct(done)} ({basis_text})")
     k = th.concentrated_prefixes
     top_share = sum(s for _, _, s in top[:k])
-    if top:
-        facts.append(f"the top {min(k, len(top))} of {max(t.prefix_count, len(top))} source "
-                     f"prefixes carry {_pct(top_share)}: "
-                     + ", ".join(f"{p} ({_pct(s)})" for p, _, s in top[:k]))
+    b = basis(t)
+    low, high = wilson(top_share, b.n) if b else (0.0, 1.0)
+    if top and b:
+        facts.append(f"the top {min(k, len(top))} of {b.seen} source prefixes carry "
+                     f"{_pct(top_share)} (95% bound {_pct(low)}-{_pct(high)}; {b.name}: "
+                     f"{b.detail}): " + ", ".join(f"{p} ({_pct(s)})" for p, _, s in top[:k]))
+        if b.spread > b.seen:
+            facts.append(f"about {b.spread} source prefixes in all: {b.seen} seen, most of "
+                         "them once, so many more were not sampled (Chao1 estimate)")
 
     accept_overflowed = (t.listen_overflows > 0 and t.backlog is not None
                          and t.peak_accept_queue >= max(t.backlog, 1))
+    flooded = t.syns_overflowed > 0 or t.half_open
     verdict: Verdict
     recs: list[str] = []
     if accept_overflowed:
@@ -161,38 +247,48 @@ def judge(t: Tally, th: Thresholds) -> Judgement:
         recs.append(f"real clients: {_pct(done)} of the overflowing SYNs completed a handshake "
                     f"(threshold {_pct(th.capacity_completion)}); do not block them")
         recs += _tuning(t)
-    elif not t.syns_overflowed or not top:
+    elif not flooded or not top or b is None:
         verdict = "unknown"
         recs.append("not enough kernel-side evidence for a verdict: "
                     + ("no SYN overflowed a queue while synwatch watched"
-                       if not t.syns_overflowed else "no source prefix was sampled "
-                       "(SYN-RECV empty and no accounting set)"))
+                       if not flooded else "no source prefix was sampled "
+                       "(no packet sample, SYN-RECV empty and no accounting set)"))
         recs += _tuning(t) if t.syns_overflowed else []
-    elif top_share >= th.concentrated_share:
+    elif low >= th.concentrated_share:
         verdict = "concentrated"
         few = (f"{top[0][0]} carries" if len(top) == 1 or k == 1
                else f"{min(k, len(top))} prefixes carry")
-        recs.append(f"{few} {_pct(top_share)} of the SYNs "
-                    f"(threshold {_pct(th.concentrated_share)}): block "
-                    + ", ".join(p for p, _, _ in top[:k])
-                    + " ([actions.ban] does it with a timeout)")
+        recs.append(f"{few} {_pct(top_share)} of the SYNs (at least {_pct(low)} at 95% "
+                    f"confidence from {b.n} samples; threshold {_pct(th.concentrated_share)}): "
+                    f"block {_ban_targets(top, k, th)} ([actions.ban] does it with a timeout)")
+        if t.half_open and not t.syns_overflowed and t.backlog:
+            recs.append(f"harmless at this rate so far: {t.peak_syn_recv} request sockets, "
+                        f"{_pct(t.peak_syn_recv / t.backlog)} of the queue; with "
+                        "tcp_syncookies=1 new clients still get in when it fills")
     elif (done is not None and done <= th.spoofed_completion
-          and t.prefix_count >= th.spoofed_min_prefixes):
+          and high < th.concentrated_share and b.spread >= th.spoofed_min_prefixes):
         verdict = "spoofed"
         retries = t.sysctls.get("net.ipv4.tcp_synack_retries")
-        recs.append(f"the sources are forged: {t.prefix_count} prefixes (threshold "
-                    f"{th.spoofed_min_prefixes}), the top {k} carry {_pct(top_share)}, and "
+        recs.append(f"the sources are forged: about {b.spread} prefixes (threshold "
+                    f"{th.spoofed_min_prefixes}; {b.seen} seen in {b.n} samples), the top "
+                    f"{k} carry {_pct(top_share)} (at most {_pct(high)} at 95% confidence), and "
                     f"{_pct(done)} of the handshakes completed; bans would not help")
+        rate = (f"the flood peaked at {t.peak_overflow_rate:.0f} SYNs/s over the queue"
+                if t.syns_overflowed else
+                f"{max(t.peak_syn_recv, t.sampled_syns)} SYNs never completed")
         recs.append(f"ask the upstream provider to filter SYNs to {where} (BCP 38, scrubbing): "
-                    f"the flood peaked at {t.peak_overflow_rate:.0f} SYNs/s over the queue")
+                    + rate)
         if retries is not None and retries > 2:
             recs.append(f"`sysctl -w net.ipv4.tcp_synack_retries=2` (now {retries}) frees "
                         "request sockets sooner during the flood")
     else:
         verdict = "unknown"
-        recs.append(f"neither concentrated (top {k} prefixes carry {_pct(top_share)}, "
-                    f"threshold {_pct(th.concentrated_share)}) nor spread enough to be spoofed "
-                    f"({t.prefix_count} prefixes, threshold {th.spoofed_min_prefixes})")
+        recs.append(f"neither concentrated (top {k} prefixes carry {_pct(top_share)}, at least "
+                    f"{_pct(low)} at 95% confidence from {b.n} samples; threshold "
+                    f"{_pct(th.concentrated_share)}) nor spread enough to be spoofed (about "
+                    f"{b.spread} prefixes, threshold {th.spoofed_min_prefixes}"
+                    + (f"; {_pct(done)} of the handshakes completed" if done is not None else "")
+                    + ")")
     if t.syns_overflowed or t.sysctls.get("net.ipv4.tcp_syncookies") == 0:
         recs += _cookies(t)
     return Judgement(verdict, tuple(facts), tuple(recs), top)

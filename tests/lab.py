@@ -28,6 +28,9 @@ from pathlib import Path
 SERVER_IP = "10.231.0.1"
 CLIENT_IP = "10.231.0.2"
 SPOOF_NET = "10.232"  # sources 10.232.x.y, routed back into the client namespace
+SERVER_IP6 = "fd31::1"
+CLIENT_IP6 = "fd31::2"
+SPOOF_NET6 = "fd32"  # sources fd32:..., routed back into the client namespace
 
 
 _ports_given: set[int] = set()
@@ -111,13 +114,25 @@ class Lab:
 
     def flood(self, port: int, count: int, sources: list[str] | None = None) -> None:
         """``count`` SYNs to the listener from spoofed addresses (random ones in SPOOF_NET)."""
+        assert self.start_flood(port, count, sources).wait(timeout=120) == 0
+
+    def start_flood(self, port: int, count: int, sources: list[str] | None = None,
+                    rate: float = 0) -> subprocess.Popen[str]:
+        """The flood in the background, ``rate`` SYNs a second (0: as fast as it goes); the
+        sources are IPv4 or IPv6 (then sent to SERVER_IP6). Stopped with the lab."""
         srcs = sources or [f"{SPOOF_NET}.{random.randint(0, 255)}.{random.randint(1, 254)}"
                            for _ in range(count)]
+        dst = SERVER_IP6 if ":" in srcs[0] else SERVER_IP
         code = ("import json, sys; from tests.lab import send_syns; "
-                f"send_syns({SERVER_IP!r}, {port}, json.load(sys.stdin))")
+                f"send_syns({dst!r}, {port}, json.load(sys.stdin), {rate})")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        subprocess.run(["ip", "netns", "exec", self.client_ns, sys.executable, "-c", code],
-                       input=json.dumps(srcs), text=True, check=True, timeout=120, env=env)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
+                                 code], stdin=subprocess.PIPE, text=True, env=env)
+        self.processes.append(proc)
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(srcs))
+        proc.stdin.close()
+        return proc
 
     def connect_burst(self, port: int, established: int, attempts: int,
                       spacing: float = 0.005, hold: float = 2.0) -> None:
@@ -162,6 +177,11 @@ def lab() -> Iterator[Lab]:
         sh("ip", "netns", "exec", the_lab.server_ns, "tc", "qdisc", "add", "dev", veth_s, "root",
            "pfifo", "limit", "200000")
         sh("ip", "-n", the_lab.server_ns, "route", "add", f"{SPOOF_NET}.0.0/16", "via", CLIENT_IP)
+        for ns, dev, ip in ((the_lab.server_ns, veth_s, SERVER_IP6),
+                            (the_lab.client_ns, veth_c, CLIENT_IP6)):
+            sh("ip", "-n", ns, "-6", "addr", "add", f"{ip}/64", "dev", dev, "nodad")
+        sh("ip", "-n", the_lab.server_ns, "-6", "route", "add", f"{SPOOF_NET6}::/16", "via",
+           CLIENT_IP6)
         yield the_lab
     finally:
         for proc in the_lab.processes:
@@ -191,12 +211,36 @@ def syn_packet(src: str, dst: str, sport: int, dport: int) -> bytes:
     return ip + tcp
 
 
-def send_syns(dst: str, dport: int, sources: list[str]) -> None:
-    """Runs inside the client namespace: one raw SYN per source address."""
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+def syn_packet6(src: str, dst: str, sport: int, dport: int) -> bytes:
+    seq = random.getrandbits(32)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    pseudo = s + d + struct.pack("!I3xB", len(tcp), 6)
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    return struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, s, d) + tcp
+
+
+IPV6_HDRINCL = 36  # linux/in6.h
+
+
+def send_syns(dst: str, dport: int, sources: list[str], rate: float = 0) -> None:
+    """Runs inside the client namespace: one raw SYN per source address, ``rate`` a second
+    (0: as fast as the server side drains them)."""
+    v6 = ":" in dst
+    raw = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                        socket.IPPROTO_RAW)
+    if v6:
+        raw.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+    start = time.monotonic()
+    with raw:
         for i, src in enumerate(sources):
-            raw.sendto(syn_packet(src, dst, random.randint(1024, 65535), dport), (dst, 0))
-            if i % 200 == 199:
+            sport = random.randint(1024, 65535)
+            packet = syn_packet6(src, dst, sport, dport) if v6 else syn_packet(src, dst, sport,
+                                                                              dport)
+            raw.sendto(packet, (dst, 0))
+            if rate:
+                time.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
+            elif i % 200 == 199:
                 time.sleep(0.001)  # let the server side drain its softirq backlog
 
 

@@ -37,6 +37,7 @@ class Service:
             f'[watch]\nnetns = "{the_lab.server_ns}"\n'
             f'[incident]\nquiet_period = "{quiet}"\nprobe_interval = "0.5s"\n'
             f'[actions]\ndry_run = {str(dry_run).lower()}\n{extra}')
+        self.netns = the_lab.server_ns
         self.log = tmp_path / "service.log"
         self.log.touch()
         self.recording = tmp_path / "recording.jsonl"
@@ -88,6 +89,12 @@ class Service:
         # started belong to earlier runs
         return [e for e in json.loads(r.out) if e["port"] == port
                 and datetime.fromisoformat(e["time"]) >= self.started]
+
+    def snapshot(self) -> str:
+        """`synwatch snapshot --format json` of the watched namespace."""
+        r = synwatch("snapshot", "--netns", self.netns, "--format", "json")
+        assert r.code == 0, r.err
+        return r.out
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -11,6 +11,8 @@ from synwatch.records import IncidentChange, endpoint
 from synwatch.store.models import ActionRun
 
 HEADLINES = {"opened": "SYN flood", "update": "update", "closed": "over"}
+TRIGGERS = {"log": "the kernel log", "counters": "the kernel counters",
+            "half_open": "request sockets left half-open (no overflow, no log line)"}
 
 
 def compose(kind: str, c: IncidentChange, runs: Sequence[ActionRun],
@@ -28,7 +30,7 @@ def compose(kind: str, c: IncidentChange, runs: Sequence[ActionRun],
                      f"closed {end.isoformat()}).")
     else:
         lines.append(f"Open since {c.opened_at.isoformat()} ({lasted}), found from "
-                     f"{'the kernel log' if c.trigger == 'log' else 'the kernel counters'}.")
+                     f"{TRIGGERS[c.trigger]}.")
     lines.append(f"Verdict: {c.verdict}." + (f" {'; '.join(c.reasons)}." if c.reasons else ""))
     lines.append(f"Peak SYN-RECV: {c.peak_syn_recv}.")
     if c.top_prefixes:

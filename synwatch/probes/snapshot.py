@@ -22,6 +22,9 @@ class ListenerState:
     syn_recv: int
     prefixes: tuple[tuple[str, int], ...]  # the KEPT largest, largest first
     prefix_count: int  # distinct source prefixes among the request sockets
+    # prefixes with exactly one and two request sockets: how many sources the table never saw
+    singletons: int = 0
+    doubletons: int = 0
 
     @property
     def top_prefixes(self) -> tuple[tuple[str, int], ...]:
@@ -49,7 +52,9 @@ def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
             key = (li.family, li.port)
             prefixes = sorted(by_listener.get(key, ()), key=lambda x: (-x[1], x[0]))
             states.append(ListenerState(li, recv.per_listener[key], tuple(prefixes[:KEPT]),
-                                        len(prefixes)))
+                                        len(prefixes),
+                                        sum(1 for _, n in prefixes if n == 1),
+                                        sum(1 for _, n in prefixes if n == 2)))
         return Snapshot(netns, tuple(states), procnet.read_counters(proc).values,
                         procnet.read_sysctls(proc))
 

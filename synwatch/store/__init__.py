@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from synwatch.doctor import PortHistory
 from synwatch.errors import NotFound, StoreError
-from synwatch.records import IncidentChange
+from synwatch.records import IncidentChange, Trigger
 from synwatch.store.models import (
     ActionRun,
     Ban,
@@ -65,6 +65,10 @@ def _set_sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA busy_timeout=5000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _trigger(text: str) -> Trigger:
+    return "log" if text == "log" else "half_open" if text == "half_open" else "counters"
 
 
 class Store:
@@ -304,7 +308,7 @@ class Store:
             return [IncidentChange(
                 change="updated", serial=0, incident_id=r.id, host=r.host, netns=r.netns,
                 address=r.address, port=r.port, family=r.family, status="open",
-                verdict=r.verdict, trigger="log" if r.trigger == "log" else "counters",
+                verdict=r.verdict, trigger=_trigger(r.trigger),
                 opened_at=r.opened_at, closed_at=None, first_evidence_at=r.first_evidence_at,
                 detected_at=r.detected_at or r.opened_at, peak_syn_recv=r.peak_syn_recv,
                 top_prefixes=(), recommendations=tuple(r.recommendations), reasons=(),

@@ -74,7 +74,7 @@ class Incident(Base):
     family: Mapped[int | None]
     status: Mapped[str] = mapped_column(String(16))  # open | closed
     verdict: Mapped[str] = mapped_column(String(16))  # capacity | concentrated | spoofed | unknown
-    trigger: Mapped[str] = mapped_column(String(16))  # log | counters
+    trigger: Mapped[str] = mapped_column(String(16))  # log | counters | half_open
     opened_at: Mapped[datetime]
     closed_at: Mapped[datetime | None]
     first_evidence_at: Mapped[datetime | None]

@@ -1,0 +1,288 @@
+"""The SYN sampler: its classic BPF filter run on recorded packets by a small cBPF interpreter
+(pure), its parser fuzzed, and the real thing in a lab namespace."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synwatch.probes import synsample
+from synwatch.probes.synsample import (
+    ETH_P_IP,
+    ETH_P_IPV6,
+    PACKET_OUTGOING,
+    SNAPLEN,
+    _Interval,
+    next_one_in,
+    parse_syn,
+    program,
+)
+
+PACKET_HOST = 0
+
+
+def run_cbpf(prog: list[tuple[int, int, int, int]], packet: bytes, *, protocol: int,
+             pkttype: int = PACKET_HOST, rand: int = 0) -> int:
+    """What the kernel's classic BPF interpreter returns for ``packet`` (net/core/filter.c
+    semantics for the instructions the sampler uses; an out-of-range load returns 0)."""
+    a = x = 0
+    mem = [0] * 16
+    pc = 0
+    ancillary = {synsample.SKF_AD_OFF + synsample.SKF_AD_PKTTYPE: pkttype,
+                 synsample.SKF_AD_OFF + synsample.SKF_AD_PROTOCOL: protocol,
+                 synsample.SKF_AD_OFF + synsample.SKF_AD_RANDOM: rand}
+    size = {0x00: 4, 0x08: 2, 0x10: 1}
+
+    def load(offset: int, width: int) -> int | None:
+        if offset < 0 or offset + width > len(packet):
+            return None
+        return int.from_bytes(packet[offset:offset + width], "big")
+
+    while True:
+        code, jt, jf, k = prog[pc]
+        signed_k = k - (1 << 32) if k >= 1 << 31 else k
+        cls, pc = code & 0x07, pc + 1
+        if cls == synsample.BPF_LD:
+            mode = code & 0xE0
+            if mode == synsample.BPF_ABS and signed_k < 0:
+                a = ancillary[signed_k]
+            elif mode in (synsample.BPF_ABS, synsample.BPF_IND):
+                got = load(signed_k + (x if mode == synsample.BPF_IND else 0), size[code & 0x18])
+                if got is None:
+                    return 0
+                a = got
+            elif mode == synsample.BPF_MEM:
+                a = mem[k]
+            else:
+                a = k
+        elif cls == synsample.BPF_LDX:
+            mode = code & 0xE0
+            if mode == synsample.BPF_MSH:
+                got = load(k, 1)
+                if got is None:
+                    return 0
+                x = (got & 0xF) * 4
+            elif mode == synsample.BPF_MEM:
+                x = mem[k]
+            else:
+                x = k
+        elif cls == synsample.BPF_ST:
+            mem[k] = a
+        elif cls == synsample.BPF_ALU:
+            operand = x if code & synsample.BPF_X else k
+            op = code & 0xF0
+            if op == synsample.BPF_ADD:
+                a = (a + operand) & 0xFFFFFFFF
+            elif op == synsample.BPF_AND:
+                a &= operand
+            elif op == synsample.BPF_LSH:
+                a = (a << operand) & 0xFFFFFFFF
+            elif op == synsample.BPF_MOD:
+                a %= operand
+            else:
+                raise AssertionError(f"ALU op {op:#x} not modelled")
+        elif cls == synsample.BPF_JMP:
+            op = code & 0xF0
+            if op == synsample.BPF_JA:
+                pc += k
+            elif op == synsample.BPF_JEQ:
+                pc += jt if a == k else jf
+            elif op == synsample.BPF_JSET:
+                pc += jt if a & k else jf
+            else:
+                raise AssertionError(f"jump {op:#x} not modelled")
+        elif cls == synsample.BPF_RET:
+            return k
+        elif cls == synsample.BPF_MISC:
+            if code & 0xF8 == synsample.BPF_TXA:
+                a = x
+            else:
+                x = a
+
+
+def tcp(flags: int, dport: int = 443, options: bytes = b"") -> bytes:
+    offset = (20 + len(options)) // 4
+    return struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, offset << 4, flags, 64240, 0, 0) + \
+        options
+
+
+def ipv4(payload: bytes, src: str = "198.51.100.7", proto: int = 6, frag: int = 0,
+         options: bytes = b"") -> bytes:
+    ihl = (20 + len(options)) // 4
+    return struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(options) + len(payload), 1,
+                       frag, 64, proto, 0, socket.inet_aton(src),
+                       socket.inet_aton("192.0.2.1")) + options + payload
+
+
+def ipv6(payload: bytes, src: str = "2001:db8:5::9", next_header: int = 6,
+         extensions: list[tuple[int, bytes]] | None = None) -> bytes:
+    """``extensions``: (this header's type, its body after the two-byte head) in order."""
+    chain = b""
+    headers = extensions or []
+    first = headers[0][0] if headers else next_header
+    for i, (_, body) in enumerate(headers):
+        following = headers[i + 1][0] if i + 1 < len(headers) else next_header
+        full = bytes([following, 0]) + body
+        full += b"\0" * (-len(full) % 8)
+        chain += bytes([full[0], len(full) // 8 - 1]) + full[2:]
+    return struct.pack("!IHBB16s16s", 6 << 28, len(chain) + len(payload), first, 64,
+                       socket.inet_pton(socket.AF_INET6, src),
+                       socket.inet_pton(socket.AF_INET6, "2001:db8::1")) + chain + payload
+
+
+SYN, SYN_ACK, ACK, RST = 0x02, 0x12, 0x10, 0x04
+HOP, ROUTING, DEST, FRAGMENT = 0, 43, 60, 44
+
+# (what it is, packet, its ethertype, its pkttype, sampled?)
+RECORDED = [
+    ("IPv4 SYN", ipv4(tcp(SYN, 80)), ETH_P_IP, PACKET_HOST, (4, "198.51.100.7", 80)),
+    ("IPv4 SYN with TCP options", ipv4(tcp(SYN, 80, b"\x02\x04\x05\xb4" * 5)), ETH_P_IP,
+     PACKET_HOST, (4, "198.51.100.7", 80)),
+    ("IPv4 SYN with IP options", ipv4(tcp(SYN, 8080), options=b"\x01" * 8), ETH_P_IP,
+     PACKET_HOST, (4, "198.51.100.7", 8080)),
+    ("IPv4 SYN-ACK", ipv4(tcp(SYN_ACK)), ETH_P_IP, PACKET_HOST, None),
+    ("IPv4 ACK", ipv4(tcp(ACK)), ETH_P_IP, PACKET_HOST, None),
+    ("IPv4 RST", ipv4(tcp(RST)), ETH_P_IP, PACKET_HOST, None),
+    ("IPv4 SYN+ECN flags", ipv4(tcp(SYN | 0xC0)), ETH_P_IP, PACKET_HOST,
+     (4, "198.51.100.7", 443)),
+    ("outgoing IPv4 SYN", ipv4(tcp(SYN)), ETH_P_IP, PACKET_OUTGOING, None),
+    ("IPv4 UDP", ipv4(tcp(SYN), proto=17), ETH_P_IP, PACKET_HOST, None),
+    ("IPv4 non-first fragment", ipv4(tcp(SYN), frag=0x0010), ETH_P_IP, PACKET_HOST, None),
+    ("IPv4 first fragment (MF set)", ipv4(tcp(SYN), frag=0x2000), ETH_P_IP, PACKET_HOST,
+     (4, "198.51.100.7", 443)),
+    ("IPv4 truncated before the flags", ipv4(tcp(SYN))[:33], ETH_P_IP, PACKET_HOST, None),
+    ("IPv6 SYN", ipv6(tcp(SYN, 443)), ETH_P_IPV6, PACKET_HOST, (6, "2001:db8:5::9", 443)),
+    ("IPv6 SYN-ACK", ipv6(tcp(SYN_ACK)), ETH_P_IPV6, PACKET_HOST, None),
+    ("outgoing IPv6 SYN", ipv6(tcp(SYN)), ETH_P_IPV6, PACKET_OUTGOING, None),
+    ("IPv6 SYN behind hop-by-hop", ipv6(tcp(SYN, 22), extensions=[(HOP, b"\x01\x04" + b"\0" * 4)]),
+     ETH_P_IPV6, PACKET_HOST, (6, "2001:db8:5::9", 22)),
+    ("IPv6 SYN behind hop-by-hop and destination options",
+     ipv6(tcp(SYN, 22), extensions=[(HOP, b"\0" * 6), (DEST, b"\0" * 14)]), ETH_P_IPV6,
+     PACKET_HOST, (6, "2001:db8:5::9", 22)),
+    ("IPv6 SYN behind three extension headers (not walked)",
+     ipv6(tcp(SYN), extensions=[(HOP, b"\0" * 6), (DEST, b"\0" * 6), (ROUTING, b"\0" * 6)]),
+     ETH_P_IPV6, PACKET_HOST, None),
+    ("IPv6 fragment", ipv6(tcp(SYN), extensions=[(FRAGMENT, b"\0" * 6)]), ETH_P_IPV6,
+     PACKET_HOST, None),
+    ("IPv6 UDP", ipv6(tcp(SYN), next_header=17), ETH_P_IPV6, PACKET_HOST, None),
+    ("ARP", b"\x00\x01\x08\x00\x06\x04\x00\x01" + b"\0" * 20, 0x0806, PACKET_HOST, None),
+    ("IPv4 ethertype but IPv6 bytes", ipv6(tcp(SYN)), ETH_P_IP, PACKET_HOST, None),
+]
+
+
+@pytest.mark.parametrize(("what", "packet", "protocol", "pkttype", "want"), RECORDED,
+                         ids=[r[0] for r in RECORDED])
+def test_filter_and_parser_agree_on_recorded_packets(what: str, packet: bytes, protocol: int,
+                                                     pkttype: int, want: object) -> None:
+    kept = run_cbpf(program(1), packet, protocol=protocol, pkttype=pkttype)
+    assert kept == (SNAPLEN if want else 0), what
+    if want is None:
+        if pkttype == PACKET_HOST and protocol in (ETH_P_IP, ETH_P_IPV6) and (
+                packet[0] >> 4 == (4 if protocol == ETH_P_IP else 6)):
+            assert parse_syn(packet) is None, what
+        return
+    family, source, port = parse_syn(packet[:SNAPLEN])  # type: ignore[misc]
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    assert (family, socket.inet_ntop(af, source), port) == want
+
+
+def test_one_in_n_keeps_only_where_the_random_number_divides() -> None:
+    packet = ipv4(tcp(SYN))
+    prog = program(7)
+    kept = [r for r in range(70)
+            if run_cbpf(prog, packet, protocol=ETH_P_IP, rand=r) == SNAPLEN]
+    assert kept == list(range(0, 70, 7))
+    assert run_cbpf(prog, ipv4(tcp(SYN_ACK)), protocol=ETH_P_IP, rand=0) == 0
+
+
+def test_program_bounds() -> None:
+    with pytest.raises(ValueError, match="one_in"):
+        program(0)
+    assert len(program(1)) < len(program(2))  # no random load when every SYN is kept
+    assert all(0 <= jt < 256 and 0 <= jf < 256 for _, jt, jf, _ in program(1000))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=200))
+def test_parser_takes_any_bytes(data: bytes) -> None:
+    got = parse_syn(data)
+    assert got is None or (got[0] in (4, 6) and 0 <= got[2] < 65536
+                           and len(got[1]) == (4 if got[0] == 4 else 16))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([ETH_P_IP, ETH_P_IPV6]))
+def test_filter_and_parser_agree_on_any_bytes(data: bytes, protocol: int) -> None:
+    """Whatever the kernel keeps, the parser reads as a SYN, and the other way round (for
+    packets whose version matches their ethertype, as the kernel guarantees)."""
+    if not data or data[0] >> 4 != (4 if protocol == ETH_P_IP else 6):
+        return
+    kept = run_cbpf(program(1), data, protocol=protocol) == SNAPLEN
+    assert kept == (parse_syn(data) is not None)
+
+
+def test_sampling_rate_follows_the_flood() -> None:
+    assert next_one_in(1, 500) == 1
+    assert next_one_in(1, 30_000) >= 30  # down to about half the target
+    assert next_one_in(18, 100) == 2  # the flood slowed: ~1,800 SYN/s, 1 in 2
+    assert next_one_in(18, 10) == 1
+    assert next_one_in(18, 0) == 1
+    assert next_one_in(synsample.MAX_ONE_IN, 1e9) == synsample.MAX_ONE_IN
+
+
+def test_interval_counts_are_weighted_and_bounded() -> None:
+    iv = _Interval()
+    iv.add(80, "10.0.1.0/24", 5)
+    iv.add(80, "10.0.1.0/24", 5)
+    iv.add(80, "10.0.2.0/24", 5)
+    iv.add(443, "10.0.3.0/24", 1)
+    s = iv.summary(5, 0)
+    p80 = s.port(80)
+    assert p80 is not None
+    assert (p80.samples, p80.syns, p80.distinct, p80.singletons, p80.doubletons) == (3, 15, 2, 1, 1)
+    assert p80.prefixes[0] == ("10.0.1.0/24", 10, 2)
+    for i in range(synsample.MAX_PREFIXES + 1):
+        iv.add(22, f"10.{i // 256}.{i % 256}.0/24", 1)
+    p22 = iv.summary(1, 0).port(22)
+    assert p22 is not None
+    assert p22.distinct == synsample.MAX_PREFIXES + 1  # evicted ones still counted
+    assert len(p22.prefixes) == synsample.KEPT
+
+
+@pytest.mark.needs_root
+def test_real_sampler_counts_a_lab_flood_by_port_and_prefix() -> None:
+    from tests.lab import SPOOF_NET, lab, lab_port
+
+    with lab() as the_lab:
+        port = lab_port()
+        the_lab.listen(port, backlog=16)
+        sampler = synsample.SynSampler(the_lab.server_ns).start()
+        try:
+            sources = [f"{SPOOF_NET}.5.{i % 250 + 1}" for i in range(3000)] + \
+                      [f"{SPOOF_NET}.6.{i % 250 + 1}" for i in range(1000)]
+            the_lab.flood(port, len(sources), sources)
+            deadline, seen = time.monotonic() + 10, []
+            while time.monotonic() < deadline:
+                got = sampler.read().port(port)
+                if got:
+                    seen.append(got)
+                if sum(p.syns for p in seen) >= 4000:
+                    break
+                time.sleep(0.2)
+        finally:
+            sampler.stop()
+    syns = sum(p.syns for p in seen)
+    by_prefix: dict[str, int] = {}
+    for p in seen:
+        for prefix, n, _ in p.prefixes:
+            by_prefix[prefix] = by_prefix.get(prefix, 0) + n
+    # every SYN is sampled at these rates, or 1 in N with each sample counting N: within 15 %
+    assert 3400 <= syns <= 4600, syns
+    assert set(by_prefix) == {f"{SPOOF_NET}.5.0/24", f"{SPOOF_NET}.6.0/24"}
+    share = by_prefix[f"{SPOOF_NET}.5.0/24"] / syns
+    assert 0.65 <= share <= 0.85, share
