@@ -240,7 +240,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     before = take(netns)
     time.sleep(args.seconds)
     after = take(netns)
-    findings = examine(before, after, args.seconds, history)
+    findings = examine(before, after, args.seconds, history, config.thresholds.half_open_min)
     if args.format == "json":
         print(dumps([{"severity": f.severity, "subject": f.subject, "text": f.text}
                      for f in findings]))
@@ -297,7 +297,9 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
     view = incident_view(incident, runs)
     samples = [sample_view(x) for x in store.samples(args.id)]
     if args.format == "json":
-        extra = ({"evidence": list(incident.evidence.get("reasons", [])), "timeline": samples}
+        # phases: a flood that changed character, each phase with its verdict ([]: one phase)
+        extra = ({"evidence": list(incident.evidence.get("reasons", [])), "timeline": samples,
+                  "phases": list(incident.evidence.get("phases", []))}
                  if args.evidence else {})
         print(dumps({**view, **extra}))
         return 0
@@ -310,6 +312,8 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
         table(view["top_prefixes"], ["prefix", "count", "share"], sys.stdout)
     for reason in incident.evidence.get("reasons", []):
         print(f"evidence: {reason}")
+    for phase in incident.evidence.get("phases", []):
+        print(f"phase:             {phase['verdict']} from {phase['at']}")
     _timeline(samples)
     for rec in view["recommendations"]:
         print(f"recommendation: {rec}")
@@ -360,10 +364,14 @@ def cmd_unban(args: argparse.Namespace) -> int:
 
     config = _load(args)
     store = Store.open(config.storage_url)
-    for ban, rendered in unban(config, store, args.prefix, datetime.now(timezone.utc)):
+    for done in unban(config, store, args.prefix, datetime.now(timezone.utc)):
+        ban = done.ban
         print(f"unbanned {ban.prefix} ({ban.backend}, incident {ban.incident_id})")
+        if done.kept:
+            print(f"  {args.prefix} was inside it; the rest stays banned until "
+                  f"{ban.expires_at.isoformat()}: {', '.join(done.kept)}")
         if args.verbose:
-            print(rendered)
+            print(done.rendered)
     return 0
 
 
@@ -456,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                 incidents)
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--evidence", action="store_true",
-                   help='with --format json: add "evidence" (the verdict\'s reasons) and '
+                   help='with --format json: add "evidence" (the verdict\'s reasons), "phases" and '
                         '"timeline" (every probe while it lasted)')
     _add_format(p)
     _add_config(p)

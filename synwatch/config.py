@@ -48,6 +48,7 @@ class Thresholds:
     # half_open_for seconds while most requests never complete opens a "half_open" incident
     half_open_min: int = 64
     half_open_for: float = 10.0
+    verdict_window: float = 10.0  # a verdict on this much recent evidence can start a phase
     widest_v4: int = 16  # aggregated prefixes are never wider than these ([actions.ban])
     widest_v6: int = 48
 
@@ -314,7 +315,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
                  "open_rate": (_int_in(1, 10_000_000), _DEFAULTS.open_rate),
                  "accounting": (_auto, "auto"), "sampler": (_auto, "auto"),
                  "half_open_for": (_duration, "10s"),
-                 "half_open_min": (_int_in(1, 65535), _DEFAULTS.half_open_min)},
+                 "half_open_min": (_int_in(1, 65535), _DEFAULTS.half_open_min),
+                 "verdict_window": (_duration, "10s")},
     "verdict": {"capacity_completion": (_fraction, _DEFAULTS.capacity_completion),
                 "spoofed_completion": (_fraction, _DEFAULTS.spoofed_completion),
                 "concentrated_prefixes": (_int_in(1, 64), _DEFAULTS.concentrated_prefixes),
@@ -422,6 +424,7 @@ def parse_config(text: str, path: str) -> Config:
         thresholds=Thresholds(open_rate=v["incident.open_rate"],
                               half_open_min=v["incident.half_open_min"],
                               half_open_for=v["incident.half_open_for"],
+                              verdict_window=v["incident.verdict_window"],
                               widest_v4=v["actions.ban.widest_v4"],
                               widest_v6=v["actions.ban.widest_v6"],
                               **{k: v[f"verdict.{k}"] for k in _SCHEMA["verdict"]}),

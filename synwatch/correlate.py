@@ -38,6 +38,7 @@ RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",
 MAX_PREFIXES = 4096  # per incident and per kind of count
 PENDING_UNTRUSTED = 256  # untrusted lines kept for corroboration; older ones just stay events
 PENDING_TRUSTED = 1024  # trusted lines waiting for the next probe (one line per socket)
+MAX_PHASES = 32
 RECENT_PROBES = 120  # probes kept for an incident that opens after its build-up
 
 
@@ -50,8 +51,13 @@ class _Incident:
     first_evidence_at: datetime | None
     detected_at: datetime
     last_activity: datetime
-    tally: Tally
+    tally: Tally  # the current phase's evidence: the verdict is judged on it
     new_events: list[int] = field(default_factory=list)
+    # evidence of the last verdict_window only; a confident verdict there that differs from the
+    # phase's starts a new phase (a spoofed flood followed by a bannable one gets its bans)
+    window: Tally | None = None
+    window_start: datetime | None = None
+    phases: list[tuple[datetime, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,7 @@ class _Probe:
     rates: dict[str, float]
     accounted: dict[tuple[int, str], int]  # new SYNs per (port, prefix) in the accounting set
     sampled: SynSample | None  # SYNs sampled from packets over the same interval
+    dropped: dict[tuple[int, str, int], int]  # listeners' own drops (sk_drops) over it
 
 
 def _add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -137,9 +144,12 @@ class Correlator:
                             and change.address is not None else None)
         last = datetime.fromisoformat(ev["last_activity"]) if ev.get("last_activity") else \
             change.opened_at
-        self.open[self._serial] = _Incident(
+        inc = _Incident(
             self._serial, key, change.trigger, change.opened_at, change.first_evidence_at,
             change.detected_at, last, Tally.from_json(ev.get("tally", {})))
+        inc.phases = [(datetime.fromisoformat(p["at"]), str(p["verdict"]))
+                      for p in ev.get("phases", [])]
+        self.open[self._serial] = inc
         return self._serial
 
     def _by_key(self, key: ListenerKey) -> _Incident | None:
@@ -157,6 +167,7 @@ class Correlator:
         if snap is not None:
             tally.sysctls = dict(snap.sysctls)
         inc = _Incident(self._serial, key, trigger, at, first, self.clock.now(), at, tally)
+        inc.window, inc.window_start = _fresh(tally), at
         self.open[inc.serial] = inc
         return inc
 
@@ -174,7 +185,8 @@ class Correlator:
             first_evidence_at=inc.first_evidence_at, detected_at=inc.detected_at,
             peak_syn_recv=t.peak_syn_recv, top_prefixes=j.top_prefixes,
             recommendations=j.recommendations, reasons=j.reasons,
-            evidence={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat()},
+            evidence={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat(),
+                      "phases": [{"at": at.isoformat(), "verdict": v} for at, v in inc.phases]},
             sample=sample, event_ids=events)
 
     # -- events ---------------------------------------------------------------------------------
@@ -308,7 +320,14 @@ class Correlator:
         elif self._moving_since is None and prev is not None:
             self._moving_since = prev.at  # they moved some time in the last interval
 
-        probe = _Probe(snap, deltas, rates, accounted, ev.sampled)
+        dropped: dict[tuple[int, str, int], int] = {}
+        if prev is not None:
+            drops_before = {_key(li): li.listener.drops for li in prev.snapshot.listeners}
+            for li in snap.listeners:
+                n = li.listener.drops - drops_before.get(_key(li), li.listener.drops)
+                if n > 0:
+                    dropped[_key(li)] = n
+        probe = _Probe(snap, deltas, rates, accounted, ev.sampled, dropped)
         self._last_probe = probe
         self._recent.append((ev.at, probe))
         active = self._attribute(probe)
@@ -346,6 +365,7 @@ class Correlator:
                          or (inc.tally.half_open and inc.key in self._high_since))
             st = states.get(inc.key) if inc.key else None
             self._add(inc, st, probe, active=is_active)
+            self._next_phase(inc, ev.at)
             if is_active:
                 inc.last_activity = ev.at
             if ev.at - inc.last_activity >= self.quiet:
@@ -364,10 +384,11 @@ class Correlator:
                          if probe.sampled is not None else set())
         if deltas["syns_overflowed"]:
             full = [_key(st) for st in snap.listeners if _full_syn_queue(st)]
-            fresh = [k for k in full if k[2] in sampled_ports]
+            fresh = [k for k in full if k[2] in sampled_ports or k in probe.dropped]
             if fresh:
                 # a queue still full of an earlier flood's request sockets (they retransmit for
-                # up to a minute) gets no new SYNs: the sample says which queue this flood fills
+                # up to a minute) gets no new SYNs: the sample (or, without cookies, the
+                # listener's own drop count) says which queue this flood fills
                 full = fresh
             if not full and sampled_ports:  # syncookies=2 keeps queues empty
                 assert probe.sampled is not None
@@ -382,36 +403,36 @@ class Correlator:
             active.update(full)
         if deltas["listen_overflows"]:
             active.update(_key(st) for st in snap.listeners if _full_accept_queue(st))
+        if deltas["listen_overflows"]:
+            # the listener that dropped says so itself (tcp_listendrop() counts per socket)
+            active.update(probe.dropped)
         return active
 
     @staticmethod
     def _add(inc: _Incident, st: ListenerState | None, probe: _Probe, *, active: bool) -> None:
-        """Fold one probe into the incident's tally (counters only while it is active)."""
-        t, snap, deltas, rates = inc.tally, probe.snap, probe.deltas, probe.rates
-        accounted = probe.accounted
-        t.samples += 1
-        t.sysctls = dict(snap.sysctls)
-        if active:
-            t.accounted = _add_counts(t.accounted, ((prefix, n) for (port, prefix), n
-                                                    in accounted.items() if port == t.port))
-            _add_sampled(t, probe.sampled)
-            for name in RATES:
-                setattr(t, name, getattr(t, name) + deltas[name])
-            t.peak_overflow_rate = max(t.peak_overflow_rate, rates["syns_overflowed"])
-            t.peak_listen_overflow_rate = max(t.peak_listen_overflow_rate,
-                                              rates["listen_overflows"])
-        if st is None:
+        """Fold one probe into the incident's phase and its recent window."""
+        _fold(inc.tally, st, probe, active=active)
+        if inc.window is not None:
+            _fold(inc.window, st, probe, active=active)
+
+    def _next_phase(self, inc: _Incident, at: datetime) -> None:
+        """At the end of each verdict window: a confident verdict on the window's evidence that
+        differs from the phase's starts a new phase, judged on that evidence from then on."""
+        if inc.window is None or inc.window_start is None:
+            inc.window, inc.window_start = _fresh(inc.tally), at
             return
-        t.backlog = st.listener.backlog
-        t.peak_syn_recv = max(t.peak_syn_recv, st.syn_recv)
-        t.peak_accept_queue = max(t.peak_accept_queue, st.listener.accept_queue)
-        if active and st.syn_recv:
-            t.syn_recv_sum += st.syn_recv
-            t.prefixes = _add_counts(t.prefixes, st.prefixes)
-            t.prefix_count = max(t.prefix_count, st.prefix_count, len(t.prefixes))
-            if st.syn_recv > t.socket_n:
-                t.socket_n, t.socket_distinct = st.syn_recv, st.prefix_count
-                t.socket_singletons, t.socket_doubletons = st.singletons, st.doubletons
+        if (at - inc.window_start).total_seconds() < self.th.verdict_window:
+            return
+        recent = judge(inc.window, self.th).verdict
+        if recent != "unknown" and recent != judge(inc.tally, self.th).verdict \
+                and len(inc.phases) < MAX_PHASES:
+            if not inc.phases:
+                inc.phases.append((inc.opened_at, judge(inc.tally, self.th).verdict))
+            inc.phases.append((inc.window_start, recent))
+            log.info("incident on port %s: the flood changed: %s from %s", inc.tally.port,
+                     recent, inc.window_start.isoformat())
+            inc.tally = inc.window
+        inc.window, inc.window_start = _fresh(inc.tally), at
 
     def _half_open(self, at: datetime, snap: Snapshot) -> set[tuple[int, str, int]]:
         """Listeners whose SYN-RECV has stayed high for ``half_open_for`` while most of those
@@ -444,3 +465,36 @@ class Correlator:
                 out.append(self._change(inc, "closed", closed_at=now))
         return out
 
+
+def _fresh(t: Tally) -> Tally:
+    """An empty tally for the same listener and settings."""
+    return Tally(family=t.family, address=t.address, port=t.port, backlog=t.backlog,
+                 sysctls=dict(t.sysctls), half_open=t.half_open)
+
+
+def _fold(t: Tally, st: ListenerState | None, probe: _Probe, *, active: bool) -> None:
+    """Fold one probe into a tally (counters only while the incident is active)."""
+    snap, deltas, rates = probe.snap, probe.deltas, probe.rates
+    accounted = probe.accounted
+    t.samples += 1
+    t.sysctls = dict(snap.sysctls)
+    if active:
+        t.accounted = _add_counts(t.accounted, ((prefix, n) for (port, prefix), n
+                                                in accounted.items() if port == t.port))
+        _add_sampled(t, probe.sampled)
+        t.absorb_counters(deltas)
+        t.peak_overflow_rate = max(t.peak_overflow_rate, rates["syns_overflowed"])
+        t.peak_listen_overflow_rate = max(t.peak_listen_overflow_rate,
+                                          rates["listen_overflows"])
+    if st is None:
+        return
+    t.backlog = st.listener.backlog
+    t.peak_syn_recv = max(t.peak_syn_recv, st.syn_recv)
+    t.peak_accept_queue = max(t.peak_accept_queue, st.listener.accept_queue)
+    if active and st.syn_recv:
+        t.syn_recv_sum += st.syn_recv
+        t.prefixes = _add_counts(t.prefixes, st.prefixes)
+        t.prefix_count = max(t.prefix_count, st.prefix_count, len(t.prefixes))
+        if st.syn_recv > t.socket_n:
+            t.socket_n, t.socket_distinct = st.syn_recv, st.prefix_count
+            t.socket_singletons, t.socket_doubletons = st.singletons, st.doubletons

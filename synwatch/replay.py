@@ -28,6 +28,7 @@ def _snapshot_json(s: Snapshot) -> dict[str, Any]:
     return {"netns": s.netns, "counters": s.counters, "sysctls": s.sysctls, "listeners": [
         {"family": st.listener.family, "address": st.listener.address, "port": st.listener.port,
          "backlog": st.listener.backlog, "accept_queue": st.listener.accept_queue,
+         "drops": st.listener.drops,
          "syn_recv": st.syn_recv, "prefixes": [list(p) for p in st.prefixes],
          "prefix_count": st.prefix_count, "singletons": st.singletons,
          "doubletons": st.doubletons} for st in s.listeners]}
@@ -36,7 +37,7 @@ def _snapshot_json(s: Snapshot) -> dict[str, Any]:
 def _snapshot(d: dict[str, Any]) -> Snapshot:
     return Snapshot(d["netns"], tuple(
         ListenerState(Listener(li["family"], li["address"], li["port"], li["backlog"],
-                               li["accept_queue"]), li["syn_recv"],
+                               li["accept_queue"], li.get("drops", 0)), li["syn_recv"],
                       tuple((p, n) for p, n in li["prefixes"]), li["prefix_count"],
                       li.get("singletons", 0), li.get("doubletons", 0))
         for li in d["listeners"]), d["counters"], d["sysctls"])

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from synwatch import rules
 from synwatch.config import Thresholds
 from synwatch.records import endpoint
 from synwatch.stats import aggregate, chao1, wilson
 
 Verdict = Literal["capacity", "concentrated", "spoofed", "unknown"]
-MAX_BACKLOG = 65535  # sk_max_ack_backlog was 16 bits before 4.4; also a sane ceiling
 
 
 @dataclass
@@ -56,6 +56,15 @@ class Tally:
     sampled_syns: int = 0
     sampled_distinct: int = 0  # distinct prefixes in the busiest interval (the dicts are bounded)
     one_in: int = 0
+
+    def absorb_counters(self, deltas: dict[str, int]) -> None:
+        """Add one probe interval's counter movements (keys as in correlate.RATES)."""
+        self.syns_overflowed += deltas["syns_overflowed"]
+        self.syns_dropped += deltas["syns_dropped"]
+        self.cookies_sent += deltas["cookies_sent"]
+        self.cookies_recv += deltas["cookies_recv"]
+        self.passive_opens += deltas["passive_opens"]
+        self.listen_overflows += deltas["listen_overflows"]
 
     def to_json(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -141,10 +150,8 @@ def shares(t: Tally, limit: int = 10) -> tuple[tuple[str, int, float], ...]:
 
 def suggested_backlog(t: Tally) -> int:
     """A power of two above the backlog, the queue's peak and one second of the overflow."""
-    backlog = t.backlog or 0
-    need = max(128, 2 * backlog, t.peak_syn_recv + int(t.peak_overflow_rate),
-               t.peak_accept_queue + int(t.peak_listen_overflow_rate))
-    return min(MAX_BACKLOG, 1 << (need - 1).bit_length())
+    return rules.suggested_backlog(t.backlog, t.peak_syn_recv, t.peak_overflow_rate,
+                                   t.peak_accept_queue, t.peak_listen_overflow_rate)
 
 
 def _tuning(t: Tally) -> list[str]:
@@ -160,23 +167,15 @@ def _tuning(t: Tally) -> list[str]:
         out.append(f"raise the listen backlog of {where} from {t.backlog} to {want} "
                    f"(nginx: `listen {t.port} backlog={want};`, Apache: `ListenBacklog {want}`, "
                    f"or the application's own listen() argument)")
-    if somaxconn is not None and somaxconn < want:
-        out.append(f"net.core.somaxconn is {somaxconn} and clamps every listen() backlog: "
-                   f"`sysctl -w net.core.somaxconn={want}` (and in /etc/sysctl.d/)")
+    clamp = rules.somaxconn(somaxconn, want)
+    if clamp is not None:
+        out.append(clamp.sentence)
     return out
 
 
 def _cookies(t: Tally) -> list[str]:
-    mode = t.sysctls.get("net.ipv4.tcp_syncookies")
-    if mode == 0:
-        lost = f" ({t.syns_dropped} SYNs were dropped)" if t.syns_dropped else ""
-        return [f"net.ipv4.tcp_syncookies is 0: a full SYN queue drops new clients{lost}; "
-                "`sysctl -w net.ipv4.tcp_syncookies=1`"]
-    if mode == 2:
-        return ["net.ipv4.tcp_syncookies is 2: every SYN gets a cookie (TCP options such as "
-                "window scaling are reduced) and the kernel never logs a flood; 1 is the usual "
-                "setting"]
-    return []
+    found = rules.syncookies(t.sysctls.get("net.ipv4.tcp_syncookies"), t.syns_dropped)
+    return [found.sentence] if found else []
 
 
 def _half_open_facts(t: Tally, where: str) -> list[str]:

@@ -72,11 +72,14 @@ def test_nft_batches_merge_into_one_command_but_argv_commands_do_not() -> None:
     assert merge_batches(checked) == checked
 
 
-def test_masks_follow_the_ban_granularity() -> None:
+def test_masks_and_blocks_of_mixed_length() -> None:
     assert (mask(4, 24), mask(4, 16), mask(6, 64), mask(6, 48)) == (
         "255.255.255.0", "255.255.0.0", "ffff:ffff:ffff:ffff::", "ffff:ffff:ffff::")
     fw = Firewall(PRESETS["nftables"], v4_len=16, v6_len=48)
-    assert "ip saddr and 255.255.0.0 @ban4" in show(fw.render_setup())
+    assert "flags interval, timeout" in show(fw.render_setup())
+    rendered = show(fw.render_ban([BanItem("10.99.32.0/22", 60), BanItem("10.98.7.0/24", 60)]))
+    assert "{ 10.99.32.0/22 timeout 60s }" in rendered and "{ 10.98.7.0/24 timeout 60s }" in \
+        rendered
 
 
 GUARD = Guard((*ALWAYS_PROTECTED, (ipaddress.ip_network("192.0.2.0/24"), "allowlisted"),
@@ -110,6 +113,28 @@ def test_choose_bans_the_large_prefixes_and_says_why_it_refuses_the_others() -> 
     assert again.ban == ("10.0.2.0/24",) and again.refused == ()
     assert choose(top, settings=BanSettings(), how_many=1, guard=GUARD, seen=set(),
                   banned_here=0, active_total=0).ban == ("10.0.1.0/24",)
+
+
+def test_prefixes_that_fill_a_block_are_banned_as_that_block() -> None:
+    quad = _top(*((f"10.99.{n}.0/24", 0.25) for n in (32, 33, 34, 35)))
+    c = choose(quad, settings=BanSettings(), how_many=4, guard=GUARD, seen=set(),
+               banned_here=0, active_total=0)
+    assert c.ban == ("10.99.32.0/22",) and c.refused == ()
+    assert set(c.handled) == {p for p, _, _ in quad}
+    narrow = choose(quad, settings=BanSettings(widest_v4=23), how_many=4, guard=GUARD,
+                    seen=set(), banned_here=0, active_total=0)
+    assert narrow.ban == ("10.99.32.0/23", "10.99.34.0/23")  # never wider than widest_v4
+    # a block would cover the allowlist: its prefixes one by one, the allowlisted one refused
+    around = _top(*((f"192.0.{n}.0/24", 0.25) for n in (0, 1, 2, 3)))
+    c = choose(around, settings=BanSettings(), how_many=4, guard=GUARD, seen=set(),
+               banned_here=0, active_total=0)
+    assert c.ban == ("192.0.0.0/24", "192.0.1.0/24", "192.0.3.0/24")
+    assert c.refused == (("192.0.2.0/24", "allowlisted (192.0.2.0/24)"),)
+    # inside a block banned before: nothing to add (an interval set refuses overlaps)
+    inside = choose(_top(("10.99.33.0/24", 0.9)), settings=BanSettings(), how_many=4,
+                    guard=GUARD, seen=set(), banned_here=1, active_total=1,
+                    active=["10.99.32.0/22"])
+    assert inside.ban == () and inside.handled == ("10.99.33.0/24",)
 
 
 def test_choose_respects_both_caps() -> None:

@@ -51,11 +51,12 @@ def syncookies(the_lab: Lab) -> int:
 
 
 def banned_in_nft(the_lab: Lab) -> dict[str, dict[str, Any]]:
-    out = the_lab.in_server("nft", "-j", "list", "set", "inet", "synwatch", "ban4").stdout
+    out = the_lab.in_server("nft", "-j", "list", "set", "inet", "synwatch", "bannet4").stdout
     found = {}
     for item in json.loads(out)["nftables"]:
         for e in item.get("set", {}).get("elem", []):
-            found[f"{e['elem']['val']}/24"] = e["elem"]
+            block = e["elem"]["val"]["prefix"]
+            found[f"{block['addr']}/{block['len']}"] = e["elem"]
     return found
 
 
@@ -203,7 +204,7 @@ def test_a_restart_after_a_crash_restores_lost_bans_and_the_syncookies_value(
     assert syncookies(the_lab) == 1
     service.proc.send_signal(signal.SIGKILL)  # a crash: nothing is cleaned up
     service.proc.wait(10)
-    the_lab.in_server("nft", "flush", "set", "inet", "synwatch", "ban4")  # and the bans are lost
+    the_lab.in_server("nft", "flush", "set", "inet", "synwatch", "bannet4")  # and the bans are lost
     assert banned_in_nft(the_lab) == {}
     time.sleep(1)
     service.start()

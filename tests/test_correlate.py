@@ -4,6 +4,7 @@ SYNWATCH_SAVE_REPLAYS), constructed evidence for the edges, and the rules one by
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import replace
@@ -295,3 +296,181 @@ def test_prefix_counts_stay_bounded_under_a_flood_from_everywhere(
         assert len(c.evidence["tally"]["prefixes"]) <= MAX_PREFIXES
     assert c.verdict == "spoofed"
     assert c.evidence["tally"]["prefix_count"] == MAX_PREFIXES  # the widest it has seen
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+def test_wilson_bounds_are_honest_for_small_samples() -> None:
+    from synwatch.stats import wilson
+
+    low, high = wilson(1.0, 16)
+    assert 0.80 < low < 0.81 and high == 1.0  # 16 of 16: at least 80.6 %
+    low, high = wilson(0.25, 16)
+    assert high < 0.5  # 4 of 16 can never be "80 % from four prefixes"
+    assert wilson(0.5, 0) == (0.0, 1.0)
+    low, high = wilson(0.5, 10_000)
+    assert high - low < 0.02
+
+
+def test_chao1_sees_the_prefixes_a_sample_missed() -> None:
+    from synwatch.stats import chao1
+
+    assert chao1(16, 16, 0) == 16 + 120  # all different: far more out there
+    assert chao1(4, 0, 0) == 4  # every prefix seen repeatedly: that is all of them
+    assert chao1(10, 2, 4) == 10 + 1
+
+
+def test_aggregate_joins_complete_blocks_only_and_never_too_wide() -> None:
+    from synwatch.stats import aggregate
+
+    quad = [f"10.99.{n}.0/24" for n in (32, 33, 34, 35)]
+    assert aggregate(quad) == ["10.99.32.0/22"]
+    assert aggregate(quad[:3]) == ["10.99.32.0/23", "10.99.34.0/24"]  # nothing unseen covered
+    assert aggregate([f"10.7.{n}.0/24" for n in range(256)]) == ["10.7.0.0/16"]
+    assert aggregate([f"10.{a}.{b}.0/24" for a in (6, 7) for b in range(256)], 16) == [
+        "10.6.0.0/16", "10.7.0.0/16"]  # a /15 is split back at the widest allowed
+    assert aggregate(["2001:db8:0:0::/64", "2001:db8:0:1::/64"]) == ["2001:db8::/63"]
+
+
+def test_sixteen_sockets_from_sixteen_networks_are_already_spoofed() -> None:
+    """The socket table's sample is small, but sixteen different /24s in sixteen request sockets
+    with no handshake completing cannot be a few networks."""
+    prefixes = {f"198.51.{n}.0/24": 1 for n in range(16)}
+    j = judge(_tally(backlog=16, syns_overflowed=6000, cookies_sent=6000, peak_syn_recv=16,
+                     peak_overflow_rate=3000, syn_recv_sum=16, prefixes=prefixes,
+                     prefix_count=16, socket_n=16, socket_distinct=16, socket_singletons=16),
+              Thresholds())
+    assert j.verdict == "spoofed", j
+    assert "about 136 prefixes" in j.recommendations[0]
+    assert any("request sockets: 16 request sockets" in r for r in j.reasons)
+
+
+def test_a_few_sockets_from_one_network_are_not_enough_to_ban() -> None:
+    j = judge(_tally(backlog=5, syns_overflowed=600, cookies_sent=600, peak_syn_recv=5,
+                     peak_overflow_rate=300, syn_recv_sum=5, prefixes={"198.51.7.0/24": 5},
+                     prefix_count=1, socket_n=5, socket_distinct=1), Thresholds())
+    assert j.verdict == "unknown"  # 5 of 5 is at least 57 %: not the 80 % a ban needs
+    assert "at least 57% at 95% confidence from 5 samples" in j.recommendations[0]
+
+
+def test_the_packet_sample_outranks_the_sockets_and_says_so() -> None:
+    sampled = {"198.51.7.0/24": 900, "198.51.8.0/24": 80, "203.0.113.0/24": 20}
+    j = judge(_tally(backlog=16, syns_overflowed=1000, cookies_sent=1000, peak_syn_recv=16,
+                     syn_recv_sum=16, prefixes={"203.0.113.0/24": 16}, prefix_count=1,
+                     sampled=sampled, sampled_seen={"198.51.7.0/24": 90, "198.51.8.0/24": 8,
+                                                    "203.0.113.0/24": 2},
+                     sampled_n=100, sampled_syns=1000, one_in=10), Thresholds())
+    assert j.verdict == "concentrated"
+    assert [p for p, _, _ in j.top_prefixes] == list(sampled)
+    assert any("packet sample: 100 SYNs sampled, 1 in 10, ~1000 SYNs" in r for r in j.reasons)
+
+
+def test_half_open_build_up_is_judged_without_an_overflow() -> None:
+    base = {"half_open": True, "backlog": 511, "peak_syn_recv": 200, "syn_recv_sum": 200,
+            "socket_n": 200}
+    quad = {f"10.99.{n}.0/24": 50 for n in (32, 33, 34, 35)}
+    j = judge(_tally(**base, prefixes=quad, prefix_count=4, socket_distinct=4), Thresholds())
+    assert j.verdict == "concentrated"
+    assert "block 10.99.32.0/22 (together" in j.recommendations[0]
+    assert "harmless at this rate so far: 200 request sockets, 39% of the queue" in \
+        j.recommendations[1]
+    assert any("200 request sockets stayed half-open" in r for r in j.reasons)
+    spread = {f"10.{n // 250}.{n % 250}.0/24": 1 for n in range(200)}
+    j = judge(_tally(**base, prefixes=spread, prefix_count=200, socket_distinct=200,
+                     socket_singletons=200), Thresholds())
+    assert j.verdict == "spoofed"
+    assert "200 SYNs never completed" in j.recommendations[1]
+    real = judge(_tally(**base, passive_opens=5000, prefixes=spread, prefix_count=200),
+                 Thresholds())
+    assert real.verdict == "unknown"  # handshakes complete: not forged
+
+
+def _listener(port: int, syn_recv: int, backlog: int = 511,
+              prefixes: tuple[tuple[str, int], ...] = ()) -> ListenerState:
+    return ListenerState(Listener(4, "0.0.0.0", port, backlog, 0), syn_recv, prefixes,
+                         len(prefixes))
+
+
+def test_half_open_opens_after_the_build_up_lasts_and_not_for_completing_clients(
+        clock: FrozenClock) -> None:
+    th = Thresholds(half_open_for=5)
+    corr = Correlator("h", "", th, 10, clock)
+    quad = tuple((f"10.99.{n}.0/24", 40) for n in (32, 33, 34, 35))
+    passive = 0
+    opened = []
+    for _ in range(12):
+        snap = Snapshot("", (_listener(80, 160, prefixes=quad), _listener(443, 200)),
+                        {"Tcp.PassiveOpens": passive}, {"net.ipv4.tcp_syncookies": 1})
+        passive += 300  # port 443's clients complete 300 handshakes a second
+        got = corr.on_evidence(Evidence(clock.now(), snap))
+        opened += [c for c in got if c.change == "opened"]
+        clock.advance(1)
+    # 443 is high too, but the namespace completes handshakes far faster than requests pile up
+    assert opened == []
+    corr = Correlator("h", "", th, 10, clock)
+    start = clock.now()
+    for second in range(8):
+        snap = Snapshot("", (_listener(80, 160 if second else 10, prefixes=quad),),
+                        {"Tcp.PassiveOpens": 3}, {"net.ipv4.tcp_syncookies": 1})
+        opened += [c for c in corr.on_evidence(Evidence(clock.now(), snap))
+                   if c.change == "opened"]
+        clock.advance(1)
+    [inc] = opened
+    assert (inc.trigger, inc.port, inc.verdict) == ("half_open", 80, "concentrated")
+    assert inc.first_evidence_at == start + timedelta(seconds=1)
+    assert inc.opened_at == start + timedelta(seconds=6)
+
+
+def test_a_burst_between_two_probes_is_the_log_lines_evidence(
+        corr: Correlator, clock: FrozenClock) -> None:
+    """The kernel prints its line when the overflow begins; the probe after a one-second burst
+    sees the counters already still. The interval it happened in is its evidence."""
+    _probe(corr, clock, _snap(syn_recv=0, qfull=0))
+    _probe(corr, clock, _snap(syn_recv=0, qfull=9, cookies=3000, recv=2900))  # below open_rate
+    [opened] = corr.on_event(_event(1, True, clock, ago=0.5))
+    assert opened.trigger == "log"
+    assert opened.evidence["tally"]["syns_overflowed"] == 9
+
+
+def test_a_flood_that_changes_character_gets_a_new_phase_and_its_verdict(
+        clock: FrozenClock) -> None:
+    """Spoofed noise first, then a flood from one /24 within the quiet period: one incident,
+    a second phase judged on its own evidence, so the bannable part is banned."""
+    corr = Correlator("h", "", Thresholds(verdict_window=3), 10, clock)
+    corr.on_evidence(Evidence(clock.now(), _snap()))
+    qfull, changes = 0, []
+    spread = tuple((f"10.{n // 200}.{n % 200}.0/24", 1) for n in range(64))
+    for i in range(14):
+        qfull += 1000
+        prefixes = spread if i < 6 else (("10.98.5.0/24", 64),)
+        changes += _probe(corr, clock, _snap(syn_recv=64, qfull=qfull, cookies=qfull,
+                                             prefixes=prefixes))
+    assert changes[0].verdict == "spoofed"
+    assert changes[-1].verdict == "concentrated"
+    assert {c.serial for c in changes} == {changes[0].serial}, "one incident"
+    assert changes[-1].top_prefixes[0][0] == "10.98.5.0/24"
+    phases = changes[-1].evidence["phases"]
+    assert [p["verdict"] for p in phases] == ["spoofed", "concentrated"]
+    assert phases[0]["at"] == changes[0].opened_at.isoformat()
+    # the verdict flips once, not back and forth every window
+    flips = [b for a, b in itertools.pairwise(changes) if a.verdict != b.verdict]
+    assert len(flips) == 1
+
+
+def test_without_cookies_the_listener_that_dropped_gets_the_incident(
+        clock: FrozenClock) -> None:
+    """tcp_syncookies=0: both queues are full (one of an earlier flood's residue), the
+    namespace's TCPReqQFullDrop moves, and only the listener whose own drops rose is flooded."""
+    corr = Correlator("h", "", Thresholds(), 10, clock)
+
+    def snap(dropped: int, drops_b: int) -> Snapshot:
+        residue = ListenerState(Listener(4, "0.0.0.0", 80, 16, 0, drops=7), 16, (), 0)
+        fresh = ListenerState(Listener(4, "0.0.0.0", 443, 16, 0, drops=drops_b), 16,
+                              (("10.98.5.0/24", 16),), 1)
+        return Snapshot("", (residue, fresh), {"TcpExt.TCPReqQFullDrop": dropped},
+                        {"net.ipv4.tcp_syncookies": 0})
+
+    corr.on_evidence(Evidence(clock.now(), snap(100, 50)))
+    clock.advance(1)
+    opened = corr.on_evidence(Evidence(clock.now(), snap(600, 550)))
+    assert [(c.change, c.port) for c in opened] == [("opened", 443)]

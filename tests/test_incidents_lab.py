@@ -29,13 +29,13 @@ pytestmark = pytest.mark.needs_root
 
 class Service:
     def __init__(self, the_lab: Lab, tmp_path: Path, quiet: str = "3s",
-                 dry_run: bool = True, extra: str = "") -> None:
+                 dry_run: bool = True, extra: str = "", incident: str = "") -> None:
         self.config = tmp_path / "synwatch.toml"
         self.config.write_text(
             f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
             '[sources]\njournald = false\nkmsg = true\n'
             f'[watch]\nnetns = "{the_lab.server_ns}"\n'
-            f'[incident]\nquiet_period = "{quiet}"\nprobe_interval = "0.5s"\n'
+            f'[incident]\nquiet_period = "{quiet}"\nprobe_interval = "0.5s"\n{incident}'
             f'[actions]\ndry_run = {str(dry_run).lower()}\n{extra}')
         self.netns = the_lab.server_ns
         self.log = tmp_path / "service.log"

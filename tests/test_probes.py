@@ -43,7 +43,7 @@ def test_syn_recv_sources_by_prefix_in_a_namespace(the_lab: Lab) -> None:
     view = json.loads(synwatch("snapshot", "--netns", the_lab.server_ns, "--format", "json").out)
     row = next(li for li in view["listeners"] if li["port"] == port)
     assert row == {"address": "0.0.0.0", "port": port, "family": 4, "backlog": 128,
-                   "accept_queue": 0, "syn_recv": 60,
+                   "accept_queue": 0, "drops": 0, "syn_recv": 60,
                    "top_prefixes": [{"prefix": "10.232.1.0/24", "count": 40, "share": 0.667},
                                     {"prefix": "10.232.2.0/24", "count": 20, "share": 0.333}]}
     assert set(view) == {"netns", "listeners", "counters", "sysctls", "diagnosis"}
@@ -65,6 +65,23 @@ def test_overflow_shows_in_queues_counters_and_diagnosis(the_lab: Lab) -> None:
         in diagnosis
     assert any(d.startswith("since boot, ") and "SYNs found a full SYN queue" in d
                for d in diagnosis)
+
+
+@pytest.mark.needs_root
+def test_drops_are_counted_on_the_listener_that_dropped(the_lab: Lab) -> None:
+    """The namespace's ListenDrops, per listener: the one whose accept queue overflowed."""
+    full, quiet = lab_port(), lab_port()
+    the_lab.listen(full, backlog=2)  # never accepts
+    the_lab.listen(quiet, backlog=2)
+    before = take(the_lab.server_ns)
+    the_lab.connect_burst(full, established=3, attempts=20, hold=1.0)
+    after = take(the_lab.server_ns)
+    dropped = (after.counters["TcpExt.ListenDrops"]
+               - before.counters.get("TcpExt.ListenDrops", 0))
+    assert dropped > 0
+    assert _listener(after, full).listener.drops - _listener(before, full).listener.drops \
+        == dropped
+    assert _listener(after, quiet).listener.drops == 0
 
 
 @pytest.mark.needs_root
@@ -95,16 +112,40 @@ def _snap(listener: Listener, syn_recv: int = 0, **sysctls: int) -> Snapshot:
 
 def test_diagnosis_rules() -> None:
     assert diagnose(_snap(Listener(4, "0.0.0.0", 80, 0, 0))) == [
-        "0.0.0.0:80 listens with backlog 0 (listen(fd, 0)): on kernels 4.4 to 6.12 its SYN "
-        "queue counts as full from the first SYN"]
+        "0.0.0.0:80: listens with backlog 0 (listen(fd, 0)): on kernels 4.4 to 6.12 its SYN "
+        "queue is full from the first SYN; use 128"]
     assert diagnose(_snap(Listener(6, "::", 443, 128, 128), somaxconn=128)) == [
-        "[::]:443: backlog clamped to net.core.somaxconn=128; raise it",
-        "[::]:443: accept queue full (128 of 128): the application is not accepting fast enough"]
+        "net.core.somaxconn is 128 and clamps every listen() backlog (the default has been "
+        "4096 since 5.4): `sysctl -w net.core.somaxconn=4096` (and in /etc/sysctl.d/)",
+        "[::]:443: backlog 128 is net.core.somaxconn: the application asked for more and was "
+        "clamped",
+        "[::]:443: accept queue full now (128 of 128): the application is not accepting"]
     assert diagnose(_snap(Listener(4, "0.0.0.0", 80, 511, 0), tcp_syncookies=2))[0].startswith(
         "net.ipv4.tcp_syncookies is 2")
     assert diagnose(_snap(Listener(4, "0.0.0.0", 80, 511, 0))) == ["nothing overflowing"]
+    assert diagnose(_snap(Listener(4, "0.0.0.0", 80, 511, 0), syn_recv=200)) == [
+        "0.0.0.0:80: 200 requests half-open now (39% of the SYN queue): if they stay and do "
+        "not complete, a slow SYN flood (`synwatch run` opens a half_open incident)"]
     view = as_json(_snap(Listener(4, "0.0.0.0", 80, 511, 3), syn_recv=0))
     assert view["listeners"][0]["accept_queue"] == 3
+
+
+def test_snapshot_doctor_and_verdict_share_one_rule_table() -> None:
+    """The same namespace judged three ways says the same about somaxconn and cookies."""
+    from synwatch.config import Thresholds
+    from synwatch.doctor import examine
+    from synwatch.verdict import Tally, judge
+
+    snap = _snap(Listener(4, "0.0.0.0", 80, 1024, 0), somaxconn=1024, tcp_syncookies=0)
+    said = "\n".join(diagnose(snap))
+    doctor = "\n".join(f.sentence for f in examine(snap, snap, 1, {}))
+    tally = Tally(family=4, address="0.0.0.0", port=80, backlog=1024, syns_overflowed=9000,
+                  syns_dropped=9000, peak_syn_recv=1024, peak_overflow_rate=9000,
+                  sysctls=dict(snap.sysctls))
+    recs = "\n".join(judge(tally, Thresholds()).recommendations)
+    for text in (said, doctor, recs):
+        assert "net.core.somaxconn is 1024 and clamps every listen() backlog" in text, text
+        assert "net.ipv4.tcp_syncookies is 0: a full SYN queue drops every new client" in text
 
 
 def test_missing_namespace_is_one_line() -> None:

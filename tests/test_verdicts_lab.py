@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import synwatch
 from tests.lab import SPOOF_NET, SPOOF_NET6, Lab, lab, lab_port
 from tests.test_incidents_lab import Service
 
@@ -27,8 +28,6 @@ def the_lab() -> Iterator[Lab]:
 
 
 def _evidence(inc: dict[str, Any], service: Service) -> str:
-    from tests.conftest import synwatch
-
     shown = synwatch("incidents", "show", str(inc["id"]), "--config", str(service.config))
     assert shown.code == 0, shown.err
     return shown.out
@@ -163,3 +162,63 @@ def test_a_new_flood_next_to_an_earlier_floods_residue_opens_one_incident(
                for a, b in itertools.pairwise(probes))
     assert two["verdict"] == "concentrated"
     assert two["top_prefixes"][0]["prefix"] == f"{SPOOF_NET}.10.0/24"
+
+
+def _banned(the_lab: Lab) -> set[str]:
+    out = the_lab.in_server("nft", "-j", "list", "set", "inet", "synwatch", "bannet4").stdout
+    return {f"{e['elem']['val']['prefix']['addr']}/{e['elem']['val']['prefix']['len']}"
+            for item in json.loads(out)["nftables"] for e in item.get("set", {}).get("elem", [])}
+
+
+def test_a_spoofed_flood_followed_by_a_concentrated_one_gets_a_second_phase_and_its_ban(
+        the_lab: Lab, tmp_path: Path) -> None:
+    """An attacker opens with spoofed noise and follows with a bannable flood within the quiet
+    period: one incident, a second phase judged on its own evidence, and the ban."""
+    service = Service(the_lab, tmp_path, quiet="20s", dry_run=False,
+                      incident='verdict_window = "3s"\n')
+    try:
+        port = lab_port()
+        the_lab.listen(port, backlog=128)
+        the_lab.flood(port, 6000)  # all over 10.232.0.0/16
+        first = _wait_verdict(service, port, "spoofed")
+        assert _banned(the_lab) == set()
+        sources = [f"{SPOOF_NET}.11.{random.randint(1, 254)}" for _ in range(2400)]
+        the_lab.start_flood(port, len(sources), sources, rate=300)
+        second = _wait_verdict(service, port, "concentrated", timeout=30)
+        deadline = time.monotonic() + 10
+        while f"{SPOOF_NET}.11.0/24" not in _banned(the_lab) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        service.stop()
+    assert second["id"] == first["id"], "one incident, not a storm"
+    assert second["status"] == "open"
+    assert _banned(the_lab) == {f"{SPOOF_NET}.11.0/24"}
+    shown = _evidence(second, service)
+    assert "phase:             spoofed from" in shown
+    assert "phase:             concentrated from" in shown
+    assert [i["id"] for i in service.incidents(port)] == [first["id"]]
+
+
+def test_the_slow_build_up_is_banned_as_one_slash22(the_lab: Lab, tmp_path: Path) -> None:
+    service = Service(the_lab, tmp_path, quiet="60s", dry_run=False,
+                      incident='half_open_for = "4s"\n')
+    try:
+        port = lab_port()
+        the_lab.listen(port, backlog=256)  # half_open_min 64 = a quarter of the backlog
+        sources = [f"{SPOOF_NET}.{4 + i % 4}.{random.randint(1, 254)}" for i in range(400)]
+        the_lab.start_flood(port, len(sources), sources, rate=16)
+        inc = _wait_verdict(service, port, "concentrated", timeout=30)
+        deadline = time.monotonic() + 10
+        while not _banned(the_lab) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        service.stop()
+    assert inc["trigger"] == "half_open"
+    assert _banned(the_lab) == {f"{SPOOF_NET}.4.0/22"}
+    r = synwatch("bans", "list", "--format", "json", "--config", str(service.config))
+    assert [b["prefix"] for b in json.loads(r.out)] == [f"{SPOOF_NET}.4.0/22"]
+    # the admin lets one /24 back in: the rest of the /22 stays banned
+    r = synwatch("unban", f"{SPOOF_NET}.5.0/24", "--config", str(service.config))
+    assert r.code == 0, r.err
+    assert f"{SPOOF_NET}.5.0/24 was inside it; the rest stays banned" in r.out
+    assert _banned(the_lab) == {f"{SPOOF_NET}.4.0/24", f"{SPOOF_NET}.6.0/23"}

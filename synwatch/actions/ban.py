@@ -27,6 +27,7 @@ from synwatch.durations import format_duration
 from synwatch.errors import CommandError, NotFound, UsageError
 from synwatch.records import IncidentChange
 from synwatch.runner import Command, run, show
+from synwatch.stats import aggregate
 from synwatch.store import Store
 from synwatch.store.models import ActionRun, Ban
 
@@ -75,30 +76,58 @@ def ban_seconds(settings: BanSettings, times_before: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    ban: tuple[str, ...]
+    ban: tuple[str, ...]  # blocks to ban: a prefix, or prefixes that fill a block, as that block
     refused: tuple[tuple[str, str], ...]  # prefix, why
+    handled: tuple[str, ...] = ()  # every prefix of the incident these decide for
+
+
+def _overlaps(prefix: str, others: Iterable[str]) -> str | None:
+    net = ipaddress.ip_network(prefix)
+    for other in others:
+        o = ipaddress.ip_network(other)
+        if o.version == net.version and o.overlaps(net):
+            return other
+    return None
 
 
 def choose(top_prefixes: Iterable[tuple[str, int, float]], *, settings: BanSettings,
            how_many: int, guard: Guard, seen: set[str], banned_here: int,
-           active_total: int) -> Choice:
+           active_total: int, active: Sequence[str] = ()) -> Choice:
     """Which of an incident's top prefixes to ban now: the ``how_many`` largest carrying at
-    least ``min_share`` each, not already handled, within the guard and the caps."""
+    least ``min_share`` each, not already handled or inside an active ban, within the guard and
+    the caps. Prefixes that together fill a larger block (four /24s of one /22) are banned as
+    that block, never wider than ``widest_v4``/``widest_v6``; a block the guard refuses is
+    tried prefix by prefix, so the allowlist is never covered."""
     ban: list[str] = []
     refused: list[tuple[str, str]] = []
+    handled: list[str] = []
+    candidates = []
     for prefix, _count, share in list(top_prefixes)[:how_many]:
         if prefix in seen or share < settings.min_share:
             continue
-        why = guard.refuses(prefix)
-        if why is None and banned_here + len(ban) >= settings.max_per_incident:
-            why = f"cap of {settings.max_per_incident} bans per incident reached"
-        if why is None and active_total + len(ban) >= settings.max_total:
-            why = f"cap of {settings.max_total} active bans reached"
-        if why is None:
-            ban.append(prefix)
-        else:
-            refused.append((prefix, why))
-    return Choice(tuple(ban), tuple(refused))
+        inside = _overlaps(prefix, active)
+        if inside is not None:
+            handled.append(prefix)  # already dropped by the ban of ``inside``
+            continue
+        candidates.append(prefix)
+    blocks = aggregate(candidates, settings.widest_v4, settings.widest_v6)
+    for block in blocks:
+        net = ipaddress.ip_network(block)
+        members = [p for p in candidates if ipaddress.ip_network(p).version == net.version
+                   and ipaddress.ip_network(p).subnet_of(net)]  # type: ignore[arg-type]
+        tries = [block] if guard.refuses(block) is None or len(members) == 1 else members
+        for prefix in tries:
+            why = guard.refuses(prefix)
+            if why is None and banned_here + len(ban) >= settings.max_per_incident:
+                why = f"cap of {settings.max_per_incident} bans per incident reached"
+            if why is None and active_total + len(ban) >= settings.max_total:
+                why = f"cap of {settings.max_total} active bans reached"
+            if why is None:
+                ban.append(prefix)
+            else:
+                refused.append((prefix, why))
+        handled += members
+    return Choice(tuple(ban), tuple(refused), tuple(handled))
 
 
 @dataclass
@@ -171,7 +200,7 @@ class BanAction(Action):
                         how_many=self.ctx.config.thresholds.concentrated_prefixes,
                         guard=self.guard, seen=seen,
                         banned_here=sum(1 for b in active if b.incident_id == inc),
-                        active_total=len(active))
+                        active_total=len(active), active=[b.prefix for b in active])
         plans = [skipped(self.name, p, f"not banned: {why}", inc) for p, why in choice.refused]
         for prefix in choice.ban:
             times = self.ctx.store.times_banned(self.ctx.netns, prefix)
@@ -180,7 +209,7 @@ class BanAction(Action):
             commands = self.firewall.render_ban([item])
             plans.append(Plan(self.name, prefix, show(commands),
                               partial(self._ban, inc, item, times, commands), inc))
-        seen |= set(choice.ban) | {p for p, _ in choice.refused}
+        seen |= set(choice.ban) | {p for p, _ in choice.refused} | set(choice.handled)
         return plans
 
     def _ban(self, incident_id: int, item: BanItem, times: int,
@@ -241,10 +270,18 @@ class BanAction(Action):
         return [Plan(self.name, f"{fw.name} reconcile", show(commands), apply)]
 
 
-def unban(config: Config, store: Store, text: str, now: datetime) -> list[tuple[Ban, str]]:
+@dataclass(frozen=True, slots=True)
+class Unbanned:
+    ban: Ban
+    rendered: str
+    kept: tuple[str, ...] = ()  # the rest of a wider block, still banned until it expires
+
+
+def unban(config: Config, store: Store, text: str, now: datetime) -> list[Unbanned]:
     """Remove the active bans overlapping ``text`` (a prefix or an address) from their firewall
-    and mark them removed; returns each ban with the commands run. An explicit admin command:
-    it acts even when the service's actions are a dry run."""
+    and mark them removed. A prefix inside a wider banned block lifts only itself: the block is
+    replaced by the rest of it (a /24 out of a /22 leaves a /23 and a /24), with the same
+    expiry. An explicit admin command: it acts even when the service's actions are a dry run."""
     try:
         wanted = ipaddress.ip_network(text, strict=False)
     except ValueError as exc:
@@ -255,15 +292,28 @@ def unban(config: Config, store: Store, text: str, now: datetime) -> list[tuple[
     if not hits:
         raise NotFound(f"unban {text}", "no active ban covers it (see synwatch bans list)")
     presets = load_presets()
-    done: list[tuple[Ban, str]] = []
+    done: list[Unbanned] = []
     for ban in hits:
         fw = Firewall(presets[ban.backend], config.netns, config.thresholds.ipv4_prefix,
                       config.thresholds.ipv6_prefix)
-        commands = fw.render_unban([ban.prefix])
+        block = ipaddress.ip_network(ban.prefix)
+        rest: list[str] = []
+        if block.prefixlen < wanted.prefixlen:
+            parts = block.address_exclude(wanted)  # type: ignore[arg-type]
+            rest = [str(n) for n in sorted(parts)]
+        seconds = max(1, int((ban.expires_at - now).total_seconds()))
+        commands = fw.render_unban([ban.prefix]) + fw.render_ban(
+            [BanItem(r, seconds, f"synwatch incident {ban.incident_id}") for r in rest])
         fw.apply(commands)  # a failure leaves the ban active in the store: try again
         store.mark_removed([ban.id], now)
+        for r in rest:
+            store.add(Ban(prefix=r, backend=ban.backend, netns=ban.netns,
+                          incident_id=ban.incident_id, created_at=now,
+                          expires_at=ban.expires_at, times_banned=ban.times_banned))
+        kept = f"; {', '.join(rest)} stay banned until {ban.expires_at.isoformat()}" \
+            if rest else ""
         store.add(ActionRun(incident_id=ban.incident_id, action="unban", target=ban.prefix,
                             status="done", at=now, rendered=show(commands),
-                            detail="synwatch unban"))
-        done.append((ban, show(commands)))
+                            detail=f"synwatch unban {text}{kept}"))
+        done.append(Unbanned(ban, show(commands), tuple(rest)))
     return done

@@ -38,6 +38,7 @@ class Firewall:
         return self.preset.name
 
     def context(self) -> dict[str, Any]:
+        """Values a preset may use besides its own vars: the ban granularity's masks."""
         return {"mask4": mask(4, self.v4_len), "mask6": mask(6, self.v6_len)}
 
     def render_setup(self) -> list[Command]:

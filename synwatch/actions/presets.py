@@ -93,7 +93,12 @@ class Preset:
         found: dict[str, int | None] = {}
         for m in self.lister.pattern.finditer(output):
             groups = m.groupdict()
-            prefix = groups.get("prefix") or f"{groups['address']}/{prefix_len}"
+            if groups.get("prefix"):
+                prefix = groups["prefix"]
+            elif groups.get("host"):  # a lone address: the longest prefix
+                prefix = f"{groups['host']}/{128 if ':' in groups['host'] else 32}"
+            else:
+                prefix = f"{groups['address']}/{groups.get('length') or prefix_len}"
             if (":" in prefix) != (family == 6):
                 continue
             remaining = groups.get("remaining")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from synwatch import rules
 from synwatch.netns import in_netns
 from synwatch.probes import procnet, sockdiag
-from synwatch.records import endpoint
 
 SHOWN = 5  # prefixes shown per listener
 KEPT = 64  # prefixes kept per listener for the correlator; the rest are only counted
@@ -62,30 +62,13 @@ def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
 
 
 def diagnose(snap: Snapshot) -> list[str]:
-    """Plain statements with numbers; pure, so the rules are tested without a kernel."""
-    out: list[str] = []
-    cookies = snap.sysctls.get("net.ipv4.tcp_syncookies")
+    """Plain statements with numbers, from the one rule table (synwatch.rules)."""
+    found = rules.sysctls(snap.sysctls)
     somaxconn = snap.sysctls.get("net.core.somaxconn")
-    if cookies == 0:
-        out.append("net.ipv4.tcp_syncookies is 0: when a SYN queue fills, new clients are "
-                   "dropped; set it to 1")
-    elif cookies == 2:
-        out.append("net.ipv4.tcp_syncookies is 2: every SYN gets a cookie and the kernel never "
-                   "logs a SYN flood; only the counters show one")
     for st in snap.listeners:
-        li = st.listener
-        where = endpoint(li.address, li.port)
-        if li.backlog == 0:
-            out.append(f"{where} listens with backlog 0 (listen(fd, 0)): on kernels 4.4 to 6.12 "
-                       "its SYN queue counts as full from the first SYN")
-        elif somaxconn is not None and li.backlog == somaxconn and somaxconn <= 128:
-            out.append(f"{where}: backlog clamped to net.core.somaxconn={somaxconn}; raise it")
-        if li.backlog and st.syn_recv >= li.backlog:
-            out.append(f"{where}: SYN queue full ({st.syn_recv} request sockets, backlog "
-                       f"{li.backlog})")
-        if li.backlog and li.accept_queue >= li.backlog:
-            out.append(f"{where}: accept queue full ({li.accept_queue} of {li.backlog}): the "
-                       "application is not accepting fast enough")
+        want = rules.suggested_backlog(st.listener.backlog, st.syn_recv)
+        found += rules.listener(st.listener, st.syn_recv, somaxconn, want)
+    out = [f.sentence for f in found]
     overflowed = (snap.counters.get("TcpExt.TCPReqQFullDoCookies", 0)
                   + snap.counters.get("TcpExt.TCPReqQFullDrop", 0))
     if overflowed:
@@ -104,7 +87,8 @@ def as_json(snap: Snapshot) -> dict[str, Any]:
         li = st.listener
         listeners.append({
             "address": li.address, "port": li.port, "family": li.family,
-            "backlog": li.backlog, "accept_queue": li.accept_queue, "syn_recv": st.syn_recv,
+            "backlog": li.backlog, "accept_queue": li.accept_queue, "drops": li.drops,
+            "syn_recv": st.syn_recv,
             "top_prefixes": [{"prefix": p, "count": n,
                               "share": round(n / st.syn_recv, 3) if st.syn_recv else 0.0}
                              for p, n in st.top_prefixes],

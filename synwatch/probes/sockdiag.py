@@ -21,6 +21,8 @@ SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCP_SYN_RECV, TCP_LISTEN = 3, 10
+INET_DIAG_SKMEMINFO, SK_MEMINFO_DROPS = 7, 8  # linux/inet_diag.h, linux/sock_diag.h
+_RTA = struct.Struct("=HH")
 _NLMSG = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBBI" "HH16s16sI8s")  # inet_diag_req_v2 with inet_diag_sockid
 _MSG = struct.Struct("=BBBB" "HH16s16sI8s" "IIIII")  # inet_diag_msg
@@ -38,6 +40,9 @@ class Listener:
     port: int
     backlog: int  # sk_max_ack_backlog: min(listen() argument, somaxconn)
     accept_queue: int  # sk_ack_backlog: connections waiting for accept()
+    # sk_drops: SYNs and final ACKs this listener dropped (tcp_listendrop(); accept-queue
+    # overflow, a full SYN queue without cookies); cookies sent are not drops
+    drops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +61,9 @@ class SynRecvSummary:
         return sum(self.per_listener.values())
 
 
-def _dump(family: int, states: int) -> Iterator[bytes]:
+def _dump(family: int, states: int, ext: int = 0) -> Iterator[bytes]:
     """The raw chunks of a sock_diag dump, as the kernel hands them over."""
-    req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states, 0, 0, b"", b"", 0, b"")
+    req = _REQ.pack(family, socket.IPPROTO_TCP, ext, 0, states, 0, 0, b"", b"", 0, b"")
     try:
         nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                            NETLINK_SOCK_DIAG)
@@ -120,14 +125,31 @@ def _address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
+def skmeminfo_drops(data: bytes, offset: int, end: int) -> int:
+    """SK_MEMINFO_DROPS from the attributes between ``offset`` and ``end`` (0 without one);
+    every length is checked, so a short or odd attribute ends the walk."""
+    while offset + _RTA.size <= end:
+        length, kind = _RTA.unpack_from(data, offset)
+        if length < _RTA.size or offset + length > end:
+            return 0
+        if kind == INET_DIAG_SKMEMINFO and length >= _RTA.size + 4 * (SK_MEMINFO_DROPS + 1):
+            return int(struct.unpack_from("=I", data, offset + _RTA.size
+                                          + 4 * SK_MEMINFO_DROPS)[0])
+        offset += (length + 3) & ~3
+    return 0
+
+
 def listeners() -> list[Listener]:
     out = []
     for family in (socket.AF_INET, socket.AF_INET6):
-        for data, off in _messages(_dump(family, 1 << TCP_LISTEN)):
+        chunks = _dump(family, 1 << TCP_LISTEN, 1 << (INET_DIAG_SKMEMINFO - 1))
+        for data, off in _messages(chunks):
             fam, _state, _t, _r, sport, _dport, src, _dst, _if, _c, _exp, rq, wq, _uid, _ino = \
                 _MSG.unpack_from(data, off)
+            end = off - _NLMSG.size + _NLMSG.unpack_from(data, off - _NLMSG.size)[0]
             out.append(Listener(4 if fam == socket.AF_INET else 6, _address(fam, src),
-                                socket.ntohs(sport), backlog=wq, accept_queue=rq))
+                                socket.ntohs(sport), backlog=wq, accept_queue=rq,
+                                drops=skmeminfo_drops(data, off + _MSG.size, min(end, len(data)))))
     return sorted(out, key=lambda li: (li.port, li.family, li.address))
 
 
