@@ -76,9 +76,10 @@ def test_cookies_for_every_syn_in_a_dry_run_are_spoofed_from_sampled_prefixes(
         port = lab_port()
         the_lab.listen(port, backlog=64)
         the_lab.flood(port, 5000)
-        inc = _wait_verdict(service, port, "spoofed")
+        inc = _wait_verdict(service, port, "spoofed", status="closed")
     finally:
         service.stop()
+    service.check_replay(port, "cookies2-sampled")
     assert (inc["trigger"], inc["peak_syn_recv"]) == ("counters", 0)
     assert len(inc["top_prefixes"]) == 10 and all(p["prefix"].startswith(f"{SPOOF_NET}.")
                                                   for p in inc["top_prefixes"])
