@@ -228,13 +228,13 @@ class Service:
         if self.supervisor is None:
             return
         deadline = time.monotonic() + timeout
-        while (not self.flags.stop and time.monotonic() < deadline
-               and time.monotonic() < self._probe_due):
+        while not self.flags.stop and time.monotonic() < min(deadline, self._probe_due):
             batch = self._pending
             if batch is None:
                 try:
+                    # wake for the probe too: a probe interval under a second was a second
                     batch = self.supervisor.batches.get(
-                        timeout=max(0.0, deadline - time.monotonic()))
+                        timeout=max(0.0, min(deadline, self._probe_due) - time.monotonic()))
                 except queue.Empty:
                     return
             if not self._record(batch):

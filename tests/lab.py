@@ -112,6 +112,77 @@ class Lab:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "listening"
 
+    def serve(self, port: int, backlog: int = 128) -> None:
+        """A listener in the server namespace that accepts and closes every connection."""
+        code = textwrap.dedent(f"""
+            import socket
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", {port}))
+            s.listen({backlog})
+            print("listening", flush=True)
+            while True:
+                c, _ = s.accept()
+                c.close()
+        """)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.server_ns, sys.executable, "-c",
+                                 code], stdout=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "listening"
+
+    def slow_clients(self, port: int, seconds: float, per_second: int = 150) -> (
+            subprocess.Popen[str]):
+        """Real clients on a congested link: the client side's egress is a 1 Mbit/s token
+        bucket kept full by a UDP stream, so every ACK waits up to ~0.8 s behind it and the
+        server holds each request half-open that long (or retransmits its SYN-ACK). Every
+        handshake completes in the end; prints "completed failed" when done."""
+        self.in_client("tc", "qdisc", "add", "dev", f"sw{self.tag}c", "root", "tbf", "rate",
+                       "1mbit", "burst", "4kb", "latency", "800ms")
+        filler = textwrap.dedent(f"""
+            import socket, time
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            end = time.monotonic() + {seconds} + 2
+            while time.monotonic() < end:
+                for _ in range(25):
+                    s.sendto(b"x" * 1000, ({SERVER_IP!r}, 9))
+                time.sleep(0.1)
+        """)
+        clients = textwrap.dedent(f"""
+            import select, socket, time
+            end, pending, ok, failed = time.monotonic() + {seconds}, [], 0, 0
+            while time.monotonic() < end or pending:
+                if time.monotonic() < end:
+                    for _ in range({per_second} // 10):
+                        s = socket.socket()
+                        s.setblocking(False)
+                        s.connect_ex(({SERVER_IP!r}, {port}))
+                        pending.append((time.monotonic(), s))
+                time.sleep(0.1)
+                _, ready, _ = select.select([], [s for _, s in pending], [], 0)
+                ready, keep = set(ready), []
+                for t, s in pending:
+                    if s in ready:
+                        good = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                        ok, failed = ok + good, failed + (not good)
+                        s.close()
+                    elif time.monotonic() - t > 10:
+                        failed += 1
+                        s.close()
+                    else:
+                        keep.append((t, s))
+                pending = keep
+            print(ok, failed)
+        """)
+        for code, out in ((filler, subprocess.DEVNULL), (clients, subprocess.PIPE)):
+            proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable,
+                                     "-c", code], stdout=out, text=True)
+            self.processes.append(proc)
+        return proc
+
+    def in_client(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.client_ns, *argv)
+
     def flood(self, port: int, count: int, sources: list[str] | None = None) -> None:
         """``count`` SYNs to the listener from spoofed addresses (random ones in SPOOF_NET)."""
         assert self.start_flood(port, count, sources).wait(timeout=120) == 0

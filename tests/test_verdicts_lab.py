@@ -7,15 +7,19 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
+import subprocess
+import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import synwatch
-from tests.lab import SPOOF_NET, SPOOF_NET6, Lab, lab, lab_port
+from tests.lab import SERVER_IP, SPOOF_NET, SPOOF_NET6, Lab, lab, lab_port
 from tests.test_incidents_lab import Service
 
 pytestmark = pytest.mark.needs_root
@@ -223,3 +227,109 @@ def test_the_slow_build_up_is_banned_as_one_slash22(the_lab: Lab, tmp_path: Path
     assert r.code == 0, r.err
     assert f"{SPOOF_NET}.5.0/24 was inside it; the rest stays banned" in r.out
     assert _banned(the_lab) == {f"{SPOOF_NET}.4.0/24", f"{SPOOF_NET}.6.0/23"}
+
+
+@contextmanager
+def nginx(the_lab: Lab, tmp_path: Path, port: int, backlog: int) -> Iterator[None]:
+    """Debian's nginx in the server namespace, `listen ... backlog=N`, answering 200."""
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""
+        worker_processes 1;
+        pid {tmp_path}/nginx.pid;
+        error_log {tmp_path}/nginx-error.log;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            server {{
+                listen {SERVER_IP}:{port} backlog={backlog};
+                location / {{ return 200 "ok"; }}
+            }}
+        }}
+    """))
+    proc = subprocess.Popen(["ip", "netns", "exec", the_lab.server_ns, "nginx", "-c", str(conf),
+                             "-p", str(tmp_path), "-g", "daemon off;"])
+    try:
+        deadline = time.monotonic() + 10
+        while port not in {li["port"] for li in _listeners(the_lab)}:
+            assert proc.poll() is None and time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()  # the master stops its workers (SIGKILL would orphan them)
+        proc.wait(timeout=10)
+
+
+def _listeners(the_lab: Lab) -> list[dict[str, Any]]:
+    out = the_lab.in_server("ss", "-Hltn").stdout
+    return [{"port": int(line.split()[3].rsplit(":", 1)[1])} for line in out.splitlines()]
+
+
+def test_a_real_burst_against_nginx_with_a_small_backlog_is_capacity(
+        the_lab: Lab, tmp_path: Path) -> None:
+    """ab's 1,000 concurrent clients against `listen ... backlog=64`: the kernel prints its
+    line, every request is served, and the burst is over before the next probe."""
+    port = lab_port()
+    with nginx(the_lab, tmp_path, port, backlog=64):
+        service = Service(the_lab, tmp_path)
+        try:
+            ab = subprocess.run(["ip", "netns", "exec", the_lab.client_ns, "sh", "-c",
+                                 f"ulimit -n 8192; ab -q -c 1000 -n 30000 "
+                                 f"http://{SERVER_IP}:{port}/"],
+                                capture_output=True, text=True, timeout=120, check=False)
+            assert ab.returncode == 0, ab.stderr
+            assert "Complete requests:      30000" in ab.stdout
+            inc = _wait_verdict(service, port, "capacity", status="closed")
+        finally:
+            service.stop()
+    recs = " ".join(inc["recommendations"])
+    assert "real clients" in recs or "does not accept() fast enough" in recs, recs
+    assert re.search(rf"nginx: `listen {port} backlog=\d+;`", recs), recs
+    assert inc["top_prefixes"][0]["prefix"] == "10.231.0.0/24"  # the client namespace itself
+    assert not any(a["action"] == "ban" for a in inc["actions"])
+
+
+def test_nginx_spoofed_then_concentrated_is_banned_in_its_second_phase(
+        the_lab: Lab, tmp_path: Path) -> None:
+    port = lab_port()
+    with nginx(the_lab, tmp_path, port, backlog=511):
+        service = Service(the_lab, tmp_path, quiet="20s", dry_run=False,
+                          incident='verdict_window = "3s"\n')
+        try:
+            the_lab.flood(port, 6000)
+            first = _wait_verdict(service, port, "spoofed")
+            sources = [f"{SPOOF_NET}.5.{random.randint(1, 254)}" for _ in range(3000)]
+            the_lab.start_flood(port, len(sources), sources, rate=400)
+            second = _wait_verdict(service, port, "concentrated", timeout=30)
+            deadline = time.monotonic() + 10
+            while not _banned(the_lab) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            service.stop()
+    assert second["id"] == first["id"]
+    assert _banned(the_lab) == {f"{SPOOF_NET}.5.0/24"}
+
+
+def test_real_clients_on_a_slow_link_hold_requests_half_open_and_open_nothing(
+        the_lab: Lab, tmp_path: Path) -> None:
+    """Handshakes that complete late keep SYN-RECV high for as long as the build-up rule waits,
+    but PassiveOpens keeps up: no half_open incident, no incident at all."""
+    service = Service(the_lab, tmp_path, incident='half_open_for = "5s"\n')
+    try:
+        port = lab_port()
+        the_lab.serve(port, backlog=256)  # half_open_min 64 = a quarter of the backlog
+        clients = the_lab.slow_clients(port, seconds=12)
+        out, _ = clients.communicate(timeout=60)
+        completed, failed = map(int, out.split())
+    finally:
+        service.stop()
+    assert completed >= 1500 and failed == 0, out
+    # the rule had its chance: the listener stayed at or above 64 half-open requests for longer
+    # than half_open_for, probe after probe, while nothing overflowed
+    probes = [json.loads(line) for line in service.recording.read_text().splitlines()]
+    held = [next(li["syn_recv"] for li in p["snapshot"]["listeners"] if li["port"] == port)
+            for p in probes if p["type"] == "evidence"
+            and any(li["port"] == port for li in p["snapshot"]["listeners"])]
+    longest = max(len(list(run)) for high, run in itertools.groupby(x >= 64 for x in held)
+                  if high)
+    assert longest * 0.5 > 7, held  # probes are 0.5 s apart: over 7 s, past the 5 s rule
+    assert service.incidents(port) == []
