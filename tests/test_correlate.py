@@ -81,7 +81,8 @@ def test_thresholds_change_the_verdict_of_the_same_evidence() -> None:
 def test_a_long_quiet_period_makes_the_second_flood_part_of_the_first() -> None:
     [one] = _replayed("second-flood", quiet=60)
     assert (one["trigger"], one["status"]) == ("log", "open")
-    assert [p["prefix"] for p in one["top_prefixes"]] == ["10.232.7.0/24", "10.232.8.0/24"]
+    # both floods' sources (2,000 SYNs each: which one the sample ranks first is chance)
+    assert {p["prefix"] for p in one["top_prefixes"]} == {"10.232.7.0/24", "10.232.8.0/24"}
 
 
 # -- constructed evidence -----------------------------------------------------------------------
