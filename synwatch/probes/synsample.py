@@ -46,14 +46,18 @@ SKF_AD_OFF = -0x1000
 SKF_AD_PROTOCOL, SKF_AD_PKTTYPE, SKF_AD_RANDOM = 0, 4, 56
 PACKET_OUTGOING = 4
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
-SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33
+SO_ATTACH_FILTER, SO_RCVBUFFORCE, SO_TIMESTAMPNS = 26, 33, 35
+TIMESTAMP_SPACE = socket.CMSG_SPACE(16)  # struct timespec
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 IPPROTO_TCP = 6
 V6_EXTENSIONS = (0, 43, 60)  # hop-by-hop, routing, destination options: walked
 V6_WALKED = 2  # extension headers walked before giving up
+V4_MAPPED = b"\x00" * 10 + b"\xff\xff"  # counted as IPv4 by prefix_of: never cached
 
 SNAPLEN: Final = 128  # IPv6 + two small extension headers + the TCP ports and flags
-TARGET_RATE: Final = 2000  # samples a second userspace is asked to handle, at most
+TARGET_RATE: Final = 1000  # samples a second userspace is asked to handle, at most
+LINGER: Final = 0.02  # after a wake-up, let samples gather so one read loop takes many
+PREFIX_CACHE: Final = 65536  # source prefixes kept as strings (cleared when full)
 MAX_ONE_IN: Final = 1 << 20
 MAX_PORTS: Final = 256  # ports tracked per interval; the rest are only counted
 MAX_PREFIXES: Final = 4096  # prefixes tracked per port and interval
@@ -274,6 +278,7 @@ def _open(netns: str, one_in: int) -> socket.socket:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             while True:
                 try:
                     sock.recv(1, socket.MSG_DONTWAIT)
@@ -313,6 +318,9 @@ class SynSampler:
         self._lock = threading.Lock()
         self._interval = _Interval()
         self._lost = 0
+        self._prefixes: dict[tuple[int, bytes], str] = {}
+        # the last filter swap: began, ended (ns, CLOCK_REALTIME), the 1-in-N before it
+        self._switched = (0, 0, 1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="syn sampler", daemon=True)
 
@@ -333,34 +341,60 @@ class SynSampler:
             self._thread.join(timeout=5)
         self._sock.close()
 
-    def _count(self, packets: Iterable[bytes], weight: int) -> None:
+    def _prefix(self, family: int, source: bytes) -> str:
+        """The source's prefix as text, cached: a flood repeats its networks."""
+        length = self.v4_len if family == 4 else self.v6_len
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        if length % 8 or (family == 6 and source[:12] == V4_MAPPED):
+            return prefix_of(af, source, self.v4_len, self.v6_len)
+        key = (family, source[:length // 8])  # whole bytes: the key is the prefix
+        text = self._prefixes.get(key)
+        if text is None:
+            if len(self._prefixes) >= PREFIX_CACHE:
+                self._prefixes.clear()
+            text = self._prefixes[key] = prefix_of(af, source, self.v4_len, self.v6_len)
+        return text
+
+    def _count(self, samples: Iterable[tuple[bytes, int]]) -> None:
         with self._lock:
-            for packet in packets:
+            for packet, weight in samples:
                 syn = parse_syn(packet)
-                if syn is None:
-                    continue
-                family, source, port = syn
-                af = socket.AF_INET if family == 4 else socket.AF_INET6
-                full = source if family == 6 else source[:4]
-                self._interval.add(port, prefix_of(af, full, self.v4_len, self.v6_len), weight)
+                if syn is not None:
+                    family, source, port = syn
+                    self._interval.add(port, self._prefix(family, source), weight)
 
     def _drain(self) -> int:
-        """Read every queued sample; returns how many there were."""
-        got: list[bytes] = []
-        buf = bytearray(SNAPLEN)
+        """Read every queued sample; returns how many there were.
+
+        Each sample counts for the 1-in-N of the filter that kept it. A filter swapped while
+        a burst is in flight leaves samples of the old filter queued behind the swap, so the
+        kernel's receive timestamp (SO_TIMESTAMPNS, taken before the filter runs) tells which
+        filter a sample went through."""
+        samples: list[tuple[bytes, int]] = []
+        started, ended, before = self._switched
         while True:
             try:
-                n = self._sock.recv_into(buf, SNAPLEN, socket.MSG_DONTWAIT)
+                data, ancillary, _flags, _addr = self._sock.recvmsg(
+                    SNAPLEN, TIMESTAMP_SPACE, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 log.warning("SYN sampler: %s", exc)
                 break
-            got.append(bytes(buf[:n]))
-            if len(got) >= 4 * self.target:
+            weight = self.one_in
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                    sec, nsec = struct.unpack_from("qq", value)
+                    at = sec * 1_000_000_000 + nsec
+                    if at < started:
+                        weight = before
+                    elif at < ended:  # during the swap: most likely the filter that kept more
+                        weight = min(before, self.one_in)
+            samples.append((data, weight))
+            if len(samples) >= 4 * self.target:
                 break
-        self._count(got, self.one_in)
-        return len(got)
+        self._count(samples)
+        return len(samples)
 
     def _stats_lost(self) -> int:
         try:
@@ -377,15 +411,21 @@ class SynSampler:
         try:
             while not self._stop.is_set():
                 if poller.poll(200):
+                    self._stop.wait(LINGER)
                     seen += self._drain()
                 elapsed = time.monotonic() - window
-                if elapsed >= 1.0:
+                # faster than the target: act at once (a flood's first second at 1 in 1 would
+                # cost more than the rest of it); slower: wait a whole second before lowering N
+                if (seen > self.target / 10 and elapsed >= 0.05) or elapsed >= 1.0:
                     lost = self._stats_lost()
                     rate = (seen + lost) / elapsed
                     want = next_one_in(self.one_in, rate, self.target)
+                    if want < self.one_in and elapsed < 1.0:
+                        want = self.one_in
                     if want != self.one_in:
-                        seen += self._drain()  # what was queued was sampled at the old rate
+                        started = time.time_ns()
                         _attach(self._sock, want)
+                        self._switched = (started, time.time_ns(), self.one_in)
                         log.debug("SYN sampler: %.0f samples/s at 1 in %d; now 1 in %d",
                                   rate, self.one_in, want)
                         self.one_in = want
