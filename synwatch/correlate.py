@@ -27,6 +27,7 @@ from synwatch.config import Thresholds
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.synsample import SynSample
 from synwatch.records import Evidence, IncidentChange, Sample, StoredEvent, Trigger
+from synwatch.rules import half_open_floor
 from synwatch.verdict import Tally, judge
 
 log = logging.getLogger(__name__)
@@ -403,7 +404,6 @@ class Correlator:
             active.update(full)
         if deltas["listen_overflows"]:
             active.update(_key(st) for st in snap.listeners if _full_accept_queue(st))
-        if deltas["listen_overflows"]:
             # the listener that dropped says so itself (tcp_listendrop() counts per socket)
             active.update(probe.dropped)
         return active
@@ -423,14 +423,14 @@ class Correlator:
             return
         if (at - inc.window_start).total_seconds() < self.th.verdict_window:
             return
-        recent = judge(inc.window, self.th).verdict
-        if recent != "unknown" and recent != judge(inc.tally, self.th).verdict \
-                and len(inc.phases) < MAX_PHASES:
+        recent, current = judge(inc.window, self.th).verdict, judge(inc.tally, self.th).verdict
+        if recent not in ("unknown", current) and len(inc.phases) < MAX_PHASES:
             if not inc.phases:
-                inc.phases.append((inc.opened_at, judge(inc.tally, self.th).verdict))
+                inc.phases.append((inc.opened_at, current))
             inc.phases.append((inc.window_start, recent))
             log.info("incident on port %s: the flood changed: %s from %s", inc.tally.port,
                      recent, inc.window_start.isoformat())
+            inc.window.keep_peaks(inc.tally)  # the incident's peaks, whatever the phase
             inc.tally = inc.window
         inc.window, inc.window_start = _fresh(inc.tally), at
 
@@ -442,8 +442,7 @@ class Correlator:
         found: set[tuple[int, str, int]] = set()
         high: dict[tuple[int, str, int], tuple[datetime, int]] = {}
         for st in snap.listeners:
-            floor = max(self.th.half_open_min, st.listener.backlog // 4)
-            if st.syn_recv < floor:
+            if st.syn_recv < half_open_floor(st.listener.backlog, self.th.half_open_min):
                 continue
             key = _key(st)
             since, opens_then = self._high_since.get(key, (at, passive))

@@ -66,6 +66,14 @@ class Tally:
         self.passive_opens += deltas["passive_opens"]
         self.listen_overflows += deltas["listen_overflows"]
 
+    def keep_peaks(self, earlier: Tally) -> None:
+        """Carry an earlier phase's peaks into this one."""
+        self.peak_syn_recv = max(self.peak_syn_recv, earlier.peak_syn_recv)
+        self.peak_accept_queue = max(self.peak_accept_queue, earlier.peak_accept_queue)
+        self.peak_overflow_rate = max(self.peak_overflow_rate, earlier.peak_overflow_rate)
+        self.peak_listen_overflow_rate = max(self.peak_listen_overflow_rate,
+                                             earlier.peak_listen_overflow_rate)
+
     def to_json(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 

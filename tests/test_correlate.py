@@ -440,16 +440,17 @@ def test_a_flood_that_changes_character_gets_a_new_phase_and_its_verdict(
     corr = Correlator("h", "", Thresholds(verdict_window=3), 10, clock)
     corr.on_evidence(Evidence(clock.now(), _snap()))
     qfull, changes = 0, []
-    spread = tuple((f"10.{n // 200}.{n % 200}.0/24", 1) for n in range(64))
+    spread = tuple((f"10.{n // 200}.{n % 200}.0/24", 1) for n in range(65))
     for i in range(14):
         qfull += 1000
         prefixes = spread if i < 6 else (("10.98.5.0/24", 64),)
-        changes += _probe(corr, clock, _snap(syn_recv=64, qfull=qfull, cookies=qfull,
-                                             prefixes=prefixes))
+        changes += _probe(corr, clock, _snap(syn_recv=65 if i < 6 else 64, qfull=qfull,
+                                             cookies=qfull, prefixes=prefixes))
     assert changes[0].verdict == "spoofed"
     assert changes[-1].verdict == "concentrated"
     assert {c.serial for c in changes} == {changes[0].serial}, "one incident"
     assert changes[-1].top_prefixes[0][0] == "10.98.5.0/24"
+    assert changes[-1].peak_syn_recv == 65  # the first phase's: the incident's peak
     phases = changes[-1].evidence["phases"]
     assert [p["verdict"] for p in phases] == ["spoofed", "concentrated"]
     assert phases[0]["at"] == changes[0].opened_at.isoformat()

@@ -50,18 +50,28 @@ def _wait_verdict(service: Service, port: int, verdict: str, timeout: float = 40
                          f"{service.log.read_text()[-4000:]}")
 
 
-def test_spoofed_slash16_against_a_backlog_of_16_is_spoofed(the_lab: Lab,
-                                                            tmp_path: Path) -> None:
-    """16 request sockets cannot tell a /16 apart from a few networks; the packet sample can."""
-    service = Service(the_lab, tmp_path)  # dry run, sampler "auto", accounting off
+def _flood_until_spoofed(the_lab: Lab, tmp_path: Path, backlog: int, count: int,
+                         sources: list[str] | None = None,
+                         address: str = "0.0.0.0") -> tuple[Service, int, dict[str, Any]]:
+    """`synwatch run` on its defaults (dry run, sampler "auto", no accounting set), a listener
+    that never accepts, a spoofed flood, and the incident once it is closed as spoofed."""
+    service = Service(the_lab, tmp_path)
     try:
         service.wait_log("SYN sampler: on")
         port = lab_port()
-        the_lab.listen(port, backlog=16)
-        the_lab.flood(port, 6000)
+        the_lab.listen(port, backlog=backlog, address=address)
+        flood = the_lab.start_flood(port, count, sources)
+        assert flood.wait(timeout=120) == 0
         inc = _wait_verdict(service, port, "spoofed", status="closed")
     finally:
         service.stop()
+    return service, port, inc
+
+
+def test_spoofed_slash16_against_a_backlog_of_16_is_spoofed(the_lab: Lab,
+                                                            tmp_path: Path) -> None:
+    """16 request sockets cannot tell a /16 apart from a few networks; the packet sample can."""
+    service, port, inc = _flood_until_spoofed(the_lab, tmp_path, backlog=16, count=6000)
     service.check_replay(port, "spoofed-sampled")
     assert inc["peak_syn_recv"] <= 17
     assert inc["top_prefixes"][0]["share"] < 0.05
@@ -74,15 +84,7 @@ def test_cookies_for_every_syn_in_a_dry_run_are_spoofed_from_sampled_prefixes(
     """tcp_syncookies=2: no request socket, no log line, no accounting set in a dry run; the
     sample alone names the port and the sources."""
     the_lab.sysctl("net.ipv4.tcp_syncookies", 2)
-    service = Service(the_lab, tmp_path)
-    try:
-        service.wait_log("SYN sampler: on")
-        port = lab_port()
-        the_lab.listen(port, backlog=64)
-        the_lab.flood(port, 5000)
-        inc = _wait_verdict(service, port, "spoofed", status="closed")
-    finally:
-        service.stop()
+    service, port, inc = _flood_until_spoofed(the_lab, tmp_path, backlog=64, count=5000)
     service.check_replay(port, "cookies2-sampled")
     assert (inc["trigger"], inc["peak_syn_recv"]) == ("counters", 0)
     assert len(inc["top_prefixes"]) == 10 and all(p["prefix"].startswith(f"{SPOOF_NET}.")
@@ -91,17 +93,10 @@ def test_cookies_for_every_syn_in_a_dry_run_are_spoofed_from_sampled_prefixes(
 
 
 def test_ipv6_flood_over_a_slash48_is_spoofed(the_lab: Lab, tmp_path: Path) -> None:
-    service = Service(the_lab, tmp_path)
-    try:
-        service.wait_log("SYN sampler: on")
-        port = lab_port()
-        the_lab.listen(port, backlog=32, address="::")
-        sources = [f"{SPOOF_NET6}:0:7:{random.randrange(65536):x}::{random.randrange(1, 65535):x}"
-                   for _ in range(5000)]
-        assert the_lab.start_flood(port, len(sources), sources).wait(timeout=120) == 0
-        inc = _wait_verdict(service, port, "spoofed")
-    finally:
-        service.stop()
+    sources = [f"{SPOOF_NET6}:0:7:{random.randrange(65536):x}::{random.randrange(1, 65535):x}"
+               for _ in range(5000)]
+    _, _, inc = _flood_until_spoofed(the_lab, tmp_path, backlog=32, count=len(sources),
+                                     sources=sources, address="::")
     assert inc["family"] == 6
     assert all(p["prefix"].startswith(f"{SPOOF_NET6}:0:7:") and p["prefix"].endswith("::/64")
                for p in inc["top_prefixes"])
@@ -169,39 +164,19 @@ def test_a_new_flood_next_to_an_earlier_floods_residue_opens_one_incident(
     assert two["top_prefixes"][0]["prefix"] == f"{SPOOF_NET}.10.0/24"
 
 
+def _wait_banned(the_lab: Lab, timeout: float = 10) -> set[str]:
+    """The bans in the namespace's nftables once there are any (a ban lands within the probe
+    that decided it, after the incident's change is stored)."""
+    deadline = time.monotonic() + timeout
+    while not _banned(the_lab) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _banned(the_lab)
+
+
 def _banned(the_lab: Lab) -> set[str]:
     out = the_lab.in_server("nft", "-j", "list", "set", "inet", "synwatch", "bannet4").stdout
     return {f"{e['elem']['val']['prefix']['addr']}/{e['elem']['val']['prefix']['len']}"
             for item in json.loads(out)["nftables"] for e in item.get("set", {}).get("elem", [])}
-
-
-def test_a_spoofed_flood_followed_by_a_concentrated_one_gets_a_second_phase_and_its_ban(
-        the_lab: Lab, tmp_path: Path) -> None:
-    """An attacker opens with spoofed noise and follows with a bannable flood within the quiet
-    period: one incident, a second phase judged on its own evidence, and the ban."""
-    service = Service(the_lab, tmp_path, quiet="20s", dry_run=False,
-                      incident='verdict_window = "3s"\n')
-    try:
-        port = lab_port()
-        the_lab.listen(port, backlog=128)
-        the_lab.flood(port, 6000)  # all over 10.232.0.0/16
-        first = _wait_verdict(service, port, "spoofed")
-        assert _banned(the_lab) == set()
-        sources = [f"{SPOOF_NET}.11.{random.randint(1, 254)}" for _ in range(2400)]
-        the_lab.start_flood(port, len(sources), sources, rate=300)
-        second = _wait_verdict(service, port, "concentrated", timeout=30)
-        deadline = time.monotonic() + 10
-        while f"{SPOOF_NET}.11.0/24" not in _banned(the_lab) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        service.stop()
-    assert second["id"] == first["id"], "one incident, not a storm"
-    assert second["status"] == "open"
-    assert _banned(the_lab) == {f"{SPOOF_NET}.11.0/24"}
-    shown = _evidence(second, service)
-    assert "phase:             spoofed from" in shown
-    assert "phase:             concentrated from" in shown
-    assert [i["id"] for i in service.incidents(port)] == [first["id"]]
 
 
 def test_the_slow_build_up_is_banned_as_one_slash22(the_lab: Lab, tmp_path: Path) -> None:
@@ -213,9 +188,7 @@ def test_the_slow_build_up_is_banned_as_one_slash22(the_lab: Lab, tmp_path: Path
         sources = [f"{SPOOF_NET}.{4 + i % 4}.{random.randint(1, 254)}" for i in range(400)]
         the_lab.start_flood(port, len(sources), sources, rate=16)
         inc = _wait_verdict(service, port, "concentrated", timeout=30)
-        deadline = time.monotonic() + 10
-        while not _banned(the_lab) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_banned(the_lab)
     finally:
         service.stop()
     assert inc["trigger"] == "half_open"
@@ -290,23 +263,29 @@ def test_a_real_burst_against_nginx_with_a_small_backlog_is_capacity(
 
 def test_nginx_spoofed_then_concentrated_is_banned_in_its_second_phase(
         the_lab: Lab, tmp_path: Path) -> None:
+    """An attacker opens with spoofed noise and follows with a bannable flood within the quiet
+    period: one incident, a second phase judged on its own evidence, and the ban."""
     port = lab_port()
     with nginx(the_lab, tmp_path, port, backlog=511):
         service = Service(the_lab, tmp_path, quiet="20s", dry_run=False,
                           incident='verdict_window = "3s"\n')
         try:
-            the_lab.flood(port, 6000)
+            the_lab.flood(port, 6000)  # all over 10.232.0.0/16
             first = _wait_verdict(service, port, "spoofed")
+            assert _banned(the_lab) == set()
             sources = [f"{SPOOF_NET}.5.{random.randint(1, 254)}" for _ in range(3000)]
             the_lab.start_flood(port, len(sources), sources, rate=400)
             second = _wait_verdict(service, port, "concentrated", timeout=30)
-            deadline = time.monotonic() + 10
-            while not _banned(the_lab) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            _wait_banned(the_lab)
         finally:
             service.stop()
-    assert second["id"] == first["id"]
+    assert second["id"] == first["id"], "one incident, not a storm"
+    assert second["status"] == "open"
     assert _banned(the_lab) == {f"{SPOOF_NET}.5.0/24"}
+    shown = _evidence(second, service)
+    assert "phase:             spoofed from" in shown
+    assert "phase:             concentrated from" in shown
+    assert [i["id"] for i in service.incidents(port)] == [first["id"]]
 
 
 def test_real_clients_on_a_slow_link_hold_requests_half_open_and_open_nothing(
