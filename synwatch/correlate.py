@@ -71,6 +71,7 @@ class _Probe:
     accounted: dict[tuple[int, str], int]  # new SYNs per (port, prefix) in the accounting set
     sampled: SynSample | None  # SYNs sampled from packets over the same interval
     dropped: dict[tuple[int, str, int], int]  # listeners' own drops (sk_drops) over it
+    grew: frozenset[tuple[int, str, int]]  # listeners whose SYN-RECV rose over it
 
 
 def _add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -322,13 +323,17 @@ class Correlator:
             self._moving_since = prev.at  # they moved some time in the last interval
 
         dropped: dict[tuple[int, str, int], int] = {}
+        grew: set[tuple[int, str, int]] = set()
         if prev is not None:
-            drops_before = {_key(li): li.listener.drops for li in prev.snapshot.listeners}
+            last_seen = {_key(li): li for li in prev.snapshot.listeners}
             for li in snap.listeners:
-                n = li.listener.drops - drops_before.get(_key(li), li.listener.drops)
+                was = last_seen.get(_key(li))
+                if was is None or li.syn_recv > was.syn_recv:
+                    grew.add(_key(li))
+                n = li.listener.drops - (was.listener.drops if was else li.listener.drops)
                 if n > 0:
                     dropped[_key(li)] = n
-        probe = _Probe(snap, deltas, rates, accounted, ev.sampled, dropped)
+        probe = _Probe(snap, deltas, rates, accounted, ev.sampled, dropped, frozenset(grew))
         self._last_probe = probe
         self._recent.append((ev.at, probe))
         active = self._attribute(probe)
@@ -385,11 +390,12 @@ class Correlator:
                          if probe.sampled is not None else set())
         if deltas["syns_overflowed"]:
             full = [_key(st) for st in snap.listeners if _full_syn_queue(st)]
-            fresh = [k for k in full if k[2] in sampled_ports or k in probe.dropped]
+            fresh = [k for k in full if k[2] in sampled_ports or k in probe.dropped
+                     or k in probe.grew]
             if fresh:
                 # a queue still full of an earlier flood's request sockets (they retransmit for
-                # up to a minute) gets no new SYNs: the sample (or, without cookies, the
-                # listener's own drop count) says which queue this flood fills
+                # up to a minute) gets no new SYNs: the sample, the listener's own drop count
+                # (without cookies) or a queue that just filled says which one this flood fills
                 full = fresh
             if not full and sampled_ports:  # syncookies=2 keeps queues empty
                 assert probe.sampled is not None

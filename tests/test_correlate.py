@@ -476,3 +476,25 @@ def test_without_cookies_the_listener_that_dropped_gets_the_incident(
     clock.advance(1)
     opened = corr.on_evidence(Evidence(clock.now(), snap(600, 550)))
     assert [(c.change, c.port) for c in opened] == [("opened", 443)]
+
+
+def test_a_queue_that_just_filled_is_the_flooded_one_when_the_sample_lags(
+        clock: FrozenClock) -> None:
+    """A probe taken right after a log line can come before the sampler has read the burst:
+    the queue that filled since the last probe is the new flood's, not the residue's."""
+    from synwatch.probes.synsample import SynSample
+
+    corr = Correlator("h", "", Thresholds(), 10, clock)
+
+    def snap(fresh_syn_recv: int, overflowed: int) -> Snapshot:
+        residue = ListenerState(Listener(4, "0.0.0.0", 80, 16, 0), 17, (), 0)
+        fresh = ListenerState(Listener(4, "0.0.0.0", 443, 16, 0), fresh_syn_recv,
+                              (("10.98.5.0/24", fresh_syn_recv),), 1)
+        return Snapshot("", (residue, fresh), {"TcpExt.TCPReqQFullDoCookies": overflowed},
+                        {"net.ipv4.tcp_syncookies": 1})
+
+    nothing_yet = SynSample(one_in=1, seconds=0.02, ports=())
+    corr.on_evidence(Evidence(clock.now(), snap(0, 1000), sampled=nothing_yet))
+    clock.advance(0.5)
+    opened = corr.on_evidence(Evidence(clock.now(), snap(17, 1600), sampled=nothing_yet))
+    assert [(c.change, c.port) for c in opened] == [("opened", 443)]

@@ -329,7 +329,10 @@ class SynSampler:
         return self
 
     def read(self) -> SynSample:
-        """What was sampled since the last read (each read starts a new interval)."""
+        """What was sampled since the last read (each read starts a new interval), including
+        what is queued on the socket now: a probe must not miss a burst the sampler thread
+        has not woken up for yet."""
+        self._drain()
         with self._lock:
             interval, self._interval = self._interval, _Interval()
             lost, self._lost = self._lost, 0
