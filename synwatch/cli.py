@@ -172,7 +172,11 @@ def cmd_test_filter(args: argparse.Namespace) -> int:
     from synwatch import testfilter  # noqa: PLC0415
 
     target = args.target
-    if target == "-" or Path(target).is_file():
+    try:
+        is_file = target == "-" or Path(target).is_file()
+    except OSError:  # a log line longer than a file name may be (ENAMETOOLONG)
+        is_file = False
+    if is_file:
         return testfilter.explain_file(target, sys.stdout, show_misses=args.max_misses)
     return testfilter.explain_line(target, sys.stdout)
 

@@ -325,7 +325,9 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
                 "ipv4_prefix": (_int_in(8, 32), _DEFAULTS.ipv4_prefix),
                 "ipv6_prefix": (_int_in(16, 128), _DEFAULTS.ipv6_prefix)},
     "allowlist": {"networks": (_networks, [])},
-    "actions": {"dry_run": (_bool, False)},
+    # a dry run unless the file says otherwise: a minimal /etc/synwatch/synwatch.toml must not
+    # change sysctls and the firewall (the embedded default says so too)
+    "actions": {"dry_run": (_bool, True)},
     "actions.policy": {v: (_actions_for(v), DEFAULT_POLICY[v]) for v in VERDICTS},
     "actions.syncookies": {"enabled": (_bool, True)},
     "actions.ban": {"enabled": (_bool, True), "backend": (_backend, "nftables"),

@@ -42,6 +42,16 @@ def _family(pattern: Pattern, address: str | None, proto: str | None) -> int | N
     return None
 
 
+def _port(text: str | None, what: str) -> int | None:
+    """A TCP port as printed, bounded before int(): a line of 5,000 digits is a forgery, and
+    int() of it raises past Python's 4,300-digit limit (a ValueError nobody expects)."""
+    if text is None:
+        return None
+    if len(text) > 5 or not text.isdigit() or int(text) > 65535:
+        raise FieldError(f"{what} {text[:12]}{'...' if len(text) > 12 else ''} is out of range")
+    return int(text)
+
+
 def _event(pattern: Pattern, record: LogRecord, groups: dict[str, str | None]) -> KernelEvent:
     address = groups.get("address")
     if address is not None:
@@ -50,10 +60,7 @@ def _event(pattern: Pattern, record: LogRecord, groups: dict[str, str | None]) -
             ipaddress.ip_address(address)
         except ValueError as exc:
             raise FieldError(f"address {address!r} is not an IP address") from exc
-    port_text = groups.get("port")
-    port = int(port_text) if port_text is not None else None
-    if port is not None and not 0 <= port <= 65535:
-        raise FieldError(f"port {port} is out of range")
+    port = _port(groups.get("port"), "port")
     source_ip = groups.get("source_ip")
     family = _family(pattern, address, groups.get("proto"))
     if source_ip is not None:
@@ -62,10 +69,7 @@ def _event(pattern: Pattern, record: LogRecord, groups: dict[str, str | None]) -
         except ValueError as exc:
             raise FieldError(f"source {source_ip!r} is not an IP address") from exc
         source_ip, family = str(parsed), parsed.version
-    source_port_text = groups.get("source_port")
-    source_port = int(source_port_text) if source_port_text is not None else None
-    if source_port is not None and not 0 <= source_port <= 65535:
-        raise FieldError(f"source port {source_port} is out of range")
+    source_port = _port(groups.get("source_port"), "source port")
     action = groups.get("action")
     return KernelEvent(
         kind=pattern.kind, family=family, address=address, port=port,

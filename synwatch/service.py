@@ -84,7 +84,12 @@ class Service:
         if not plans:
             log.warning("no log source to read; kernel state is still probed")
         if self.config.dry_run:
-            log.info("actions: dry run (rendered and logged, nothing changed)")
+            log.info("actions: dry run (rendered and logged, nothing changed; "
+                     "[actions] dry_run = false acts)")
+        else:
+            log.warning("actions: LIVE: synwatch changes sysctls and firewall rules in %s "
+                        "([actions] dry_run = false in %s)", self.config.netns or
+                        "this host's namespace", self.config.path)
         catalogue = load_catalogue()
         sources = build_sources(plans, catalogue, self.store.get_position)
         self.recorder = Recorder(self.store, catalogue, self.clock)

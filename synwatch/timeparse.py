@@ -93,11 +93,13 @@ def parse_none(text: str, now: datetime, tz: tzinfo) -> datetime | None:
 
 def from_epoch_micros(value: str | int) -> datetime | None:
     """journald's __REALTIME_TIMESTAMP (microseconds since the epoch) in UTC."""
+    if isinstance(value, str) and (len(value) > 20 or not value.isdigit()):
+        return None  # more digits than any time a datetime can hold (and int() would choke)
     try:
         micros = int(value)
-    except (TypeError, ValueError):
+        return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=micros)
+    except (TypeError, ValueError, OverflowError):
         return None
-    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=micros)
 
 
 TimeParser = Callable[[str, datetime, tzinfo], "datetime | None"]

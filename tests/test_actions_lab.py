@@ -30,7 +30,7 @@ from synwatch.actions.ratelimit import ratelimit_context
 from synwatch.config import parse_config
 from synwatch.runner import execute
 from tests.conftest import synwatch
-from tests.lab import CLIENT_IP, SERVER_IP, SPOOF_NET, Lab, lab, lab_port
+from tests.lab import CLIENT_IP, SERVER_IP, SPOOF_NET, Lab, lab, lab_port, sh
 from tests.sinks import blackhole, http_sink, smtp_sink
 from tests.test_incidents_lab import Service
 
@@ -51,7 +51,11 @@ def syncookies(the_lab: Lab) -> int:
 
 
 def banned_in_nft(the_lab: Lab) -> dict[str, dict[str, Any]]:
-    out = the_lab.in_server("nft", "-j", "list", "set", "inet", "synwatch", "bannet4").stdout
+    listed = sh("ip", "netns", "exec", the_lab.server_ns, "nft", "-j", "list", "set", "inet",
+                "synwatch", "bannet4", check=False)
+    if listed.returncode != 0:  # no table (yet, or flushed): nothing banned
+        return {}
+    out = listed.stdout
     found = {}
     for item in json.loads(out)["nftables"]:
         for e in item.get("set", {}).get("elem", []):
@@ -218,6 +222,30 @@ def test_a_restart_after_a_crash_restores_lost_bans_and_the_syncookies_value(
         wait_for("tcp_syncookies back to 0", lambda: syncookies(the_lab) == 0, 5)
         time.sleep(0.5)
         assert syncookies_runs(service) == ["done net.ipv4.tcp_syncookies"] * 2
+    finally:
+        service.stop()
+
+
+def test_bans_are_back_at_once_after_a_flushed_ruleset_and_a_restart(
+        the_lab: Lab, tmp_path: Path) -> None:
+    """A reboot or `nft flush ruleset` takes synwatch's table with it. The start puts the bans
+    back, not the reconciliation a minute later (the listing of a table that is not there yet
+    used to fail, and the next try was 60 s away)."""
+    service = Service(the_lab, tmp_path, dry_run=False, quiet="30s")
+    port = lab_port()
+    the_lab.listen(port, backlog=64)
+    flood_from(the_lab, port, [ONE, TWO], each=1500)
+    wait_for("two bans", lambda: len(banned_in_nft(the_lab)) == 2)
+    service.stop()
+    the_lab.in_server("nft", "flush", "ruleset")
+    logged = len(service.log.read_text())
+    service.start()
+    try:
+        started = time.monotonic()  # start() returns once the log says "synwatch running"
+        restored = wait_for("the bans back", lambda: banned_in_nft(the_lab) or None, 10)
+        assert time.monotonic() - started < 1.0, "restored at the start"
+        assert set(restored) == {ONE, TWO}
+        assert "cannot list" not in service.log.read_text()[logged:]
     finally:
         service.stop()
 

@@ -96,3 +96,10 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     bad = INVALID[0]
     res = synwatch("--debug", "check-config", "--config", str(bad))
     assert res.code != 0 and "Traceback" in res.err
+
+
+def test_a_file_that_does_not_say_dry_run_is_a_dry_run() -> None:
+    """One default everywhere: a minimal /etc/synwatch/synwatch.toml must not act."""
+    assert parse_config("", "minimal").dry_run is True
+    assert parse_config("[actions]\n", "minimal").dry_run is True
+    assert parse_config("[actions]\ndry_run = false\n", "live").dry_run is False

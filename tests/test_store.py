@@ -217,3 +217,21 @@ def _config(tmp_path: Path) -> Path:
     path = tmp_path / "c.toml"
     path.write_text(f'[storage]\nurl = "{_db(tmp_path / "h.db")}"\n')
     return path
+
+
+def test_a_new_sqlite_history_is_for_its_owner_only(tmp_path: Path) -> None:
+    """It names attackers, listeners and bans: 0600 in a 0700 directory, whatever the umask."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = Store.open(f"sqlite:///{tmp_path}/state/synwatch.db")
+        store.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    for name in ("synwatch.db", "synwatch.db-wal", "synwatch.db-shm"):
+        path = tmp_path / "state" / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, name

@@ -192,6 +192,8 @@ def test_the_slow_build_up_is_banned_as_one_slash22(the_lab: Lab, tmp_path: Path
     finally:
         service.stop()
     assert inc["trigger"] == "half_open"
+    assert "WARNING synwatch: actions: LIVE: synwatch changes sysctls and firewall rules" in \
+        service.log.read_text()
     assert _banned(the_lab) == {f"{SPOOF_NET}.4.0/22"}
     r = synwatch("bans", "list", "--format", "json", "--config", str(service.config))
     assert [b["prefix"] for b in json.loads(r.out)] == [f"{SPOOF_NET}.4.0/22"]

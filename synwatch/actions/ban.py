@@ -130,6 +130,11 @@ def choose(top_prefixes: Iterable[tuple[str, int, float]], *, settings: BanSetti
     return Choice(tuple(ban), tuple(refused), tuple(handled))
 
 
+def _absent(exc: CommandError) -> bool:
+    """Did listing fail because synwatch's table or set is not there (nft, ipset)?"""
+    return "No such file or directory" in exc.why or "does not exist" in exc.why
+
+
 @dataclass
 class _Reconcile:
     due: float = 0.0
@@ -240,10 +245,18 @@ class BanAction(Action):
         try:
             have = fw.listed()
         except CommandError as exc:
-            if st.problem != str(exc):
-                log.warning("ban: cannot list the %s bans: %s; retrying every %.0f s",
-                            fw.name, exc, RECONCILE_EVERY)
-                st.problem = str(exc)
+            if _absent(exc):
+                # no table or set of ours (a reboot, `nft flush ruleset`, a dry run, a first
+                # start): the firewall holds none of our bans, and the setup that runs before
+                # these plans creates what they go into
+                have = {}
+            else:
+                have = None
+                if st.problem != str(exc):
+                    log.warning("ban: cannot list the %s bans: %s; retrying every %.0f s",
+                                fw.name, exc, RECONCILE_EVERY)
+                    st.problem = str(exc)
+        if have is None:
             return []
         if st.problem is not None:
             log.info("ban: %s answers again", fw.name)

@@ -6,7 +6,9 @@ the CLI can read while the service writes; migrations ship in the package and ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -89,11 +91,17 @@ class Store:
             raise StoreError(url, f"not an SQLAlchemy URL: {exc}") from exc
         shown = parsed.render_as_string(hide_password=True)
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            db_dir = Path(parsed.database).parent
+            db_file = Path(parsed.database)
             try:
-                db_dir.mkdir(parents=True, exist_ok=True)
+                # the history names attackers, listeners and bans: for its owner only (SQLite
+                # gives its -wal and -shm files the database file's mode)
+                db_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if not db_file.exists():
+                    with contextlib.suppress(FileExistsError):
+                        os.close(os.open(db_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY
+                                         | os.O_CLOEXEC, 0o600))
             except OSError as exc:
-                raise StoreError(shown, f"cannot create {db_dir}: {exc.strerror}") from exc
+                raise StoreError(shown, f"cannot create {db_file}: {exc.strerror}") from exc
         try:
             engine = create_engine(url)
         except (SQLAlchemyError, ImportError) as exc:

@@ -1,0 +1,149 @@
+"""Any line in, a record or a typed rejection out, never another exception: the sink parsers
+(every log format, journal JSON, raw kmsg records), the filters, and the time parsers.
+
+A local user can write anything into a followed syslog file (`logger`), so one line must never
+stop synwatch. Property-based tests shrink what they find; a deterministic run of 100,000
+mutated real lines (the corpus and every annotated sample, with digit runs blown up, bytes
+flipped, lines cut and joined) covers the shapes a random string rarely hits. Crashing inputs
+found once stay below as regression samples.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from synwatch.catalogue import Catalogue
+from synwatch.filters import match_record
+from synwatch.records import KernelEvent, LogRecord
+from synwatch.sinks import parse_line
+from tests.conftest import NOW, REPO
+
+MUTATED_LINES = 100_000
+# Inputs that once raised (issue: "nothing a local user writes can stop synwatch").
+REGRESSIONS = [
+    "Nov 21 12:00:00 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding on port "
+    "0.0.0.0:" + "9" * 5000 + ". Sending cookies.",
+    json.dumps({"MESSAGE": "TCP: request_sock_TCP: Possible SYN flooding on port 0.0.0.0:80. "
+                "Sending cookies.", "_TRANSPORT": "kernel", "SYSLOG_FACILITY": "0",
+                "__REALTIME_TIMESTAMP": "9" * 40}),
+    json.dumps({"MESSAGE": "x", "_TRANSPORT": "kernel", "__REALTIME_TIMESTAMP": "9" * 5000}),
+    "<" + "6" * 5000 + ">Nov 21 12:00:00 web01 kernel: TCP: Possible SYN flooding on port 80. "
+    "Sending cookies.",
+    "[" * 100_000 + "]" * 100_000,
+    "6," + "1" * 5000 + "," + "2" * 5000 + ",-;TCP: request_sock_TCP: Possible SYN flooding on "
+    "port 0.0.0.0:80. Sending cookies.",
+    "TCP: drop open request from 203.0.113.7/" + "5" * 5000,
+]
+
+
+def _check(line: str, catalogue: Catalogue) -> None:
+    record = parse_line(line, catalogue, NOW, timezone.utc)
+    assert record is None or isinstance(record, LogRecord)
+    if record is not None:
+        event = match_record(record, catalogue)
+        assert event is None or isinstance(event, KernelEvent)
+        if event is not None and event.port is not None:
+            assert 0 <= event.port <= 65535
+
+
+@pytest.mark.parametrize("line", REGRESSIONS, ids=range(len(REGRESSIONS)))
+def test_lines_that_once_raised_are_rejected(line: str, catalogue: Catalogue) -> None:
+    _check(line, catalogue)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=300))
+def test_any_text_is_a_record_or_nothing(catalogue: Catalogue, line: str) -> None:
+    _check(line, catalogue)
+
+
+_FIELD = st.one_of(st.text(max_size=40), st.integers(), st.floats(), st.none(), st.booleans(),
+                   st.lists(st.integers(-5, 300), max_size=10),
+                   st.text(alphabet="0123456789", min_size=1, max_size=6000))
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["MESSAGE", "_TRANSPORT", "SYSLOG_FACILITY",
+                                        "SYSLOG_IDENTIFIER", "__REALTIME_TIMESTAMP",
+                                        "__CURSOR", "_HOSTNAME", "PRIORITY"]), _FIELD))
+def test_any_journal_entry_is_a_record_or_nothing(catalogue: Catalogue,
+                                                  entry: dict[str, object]) -> None:
+    _check(json.dumps(entry), catalogue)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet="0123456789,;-c", max_size=40), st.text(max_size=120))
+def test_any_kmsg_record_is_a_record_or_nothing(catalogue: Catalogue, head: str,
+                                               message: str) -> None:
+    _check(f"{head};{message}", catalogue)
+
+
+def _seed_lines(catalogue: Catalogue) -> list[str]:
+    lines = [s.line for s in catalogue.samples]
+    corpus = REPO.parent / "shared" / "corpus" / "kernel-lines.tsv"
+    if corpus.is_file():
+        for row in corpus.read_text(encoding="utf-8").splitlines()[1:]:
+            lines.append(row.split("\t", 1)[0])
+    return [line for line in lines if line]
+
+
+def _mutate(line: str, rng: random.Random) -> str:
+    choice = rng.randrange(7)
+    if choice == 0:  # a digit run blown up
+        digits = [i for i, c in enumerate(line) if c.isdigit()]
+        if digits:
+            i = rng.choice(digits)
+            return line[:i] + "9" * rng.choice((6, 50, 5000)) + line[i:]
+    if choice == 1:  # bytes flipped
+        chars = list(line)
+        for _ in range(rng.randint(1, 4)):
+            if chars:
+                chars[rng.randrange(len(chars))] = chr(rng.randrange(0x20, 0x2FF))
+        return "".join(chars)
+    if choice == 2:  # cut short
+        return line[:rng.randrange(len(line) + 1)]
+    if choice == 3:  # two lines run together
+        return line + line[rng.randrange(len(line) + 1):]
+    if choice == 4:  # a field removed
+        parts = line.split(" ")
+        if len(parts) > 1:
+            del parts[rng.randrange(len(parts))]
+        return " ".join(parts)
+    if choice == 5:  # a number made negative or huge
+        return line.replace(":", ":-", 1) if rng.random() < 0.5 else line.replace(
+            "port ", "port 99999999999999999999", 1)
+    return line + rng.choice(["\x00", "\ufffd", "]]", "}", '"', "\\", " " * 300])
+
+
+def test_a_hundred_thousand_mutated_lines(catalogue: Catalogue) -> None:
+    rng = random.Random(20261202)  # fixed: a failure names its line and reproduces
+    seeds = _seed_lines(catalogue)
+    assert len(seeds) > 100
+    matched = 0
+    for n in range(MUTATED_LINES):
+        line = _mutate(rng.choice(seeds), rng)
+        try:
+            record = parse_line(line, catalogue, NOW, timezone.utc)
+            event = match_record(record, catalogue) if record is not None else None
+        except Exception as exc:  # the test names the line that raised
+            pytest.fail(f"line {n} raised {exc!r}: {line[:300]!r}")
+        matched += event is not None
+    assert 0 < matched < MUTATED_LINES  # the mutations kept some lines kernel lines
+
+
+def test_scan_reports_and_skips_a_poison_line(tmp_path: Path) -> None:
+    from tests.conftest import synwatch
+
+    log = tmp_path / "syslog"
+    good = ("Nov 21 12:00:00 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding on "
+            "port 0.0.0.0:443. Sending cookies.")
+    log.write_text("\n".join([good, REGRESSIONS[0], good]) + "\n")
+    r = synwatch("scan", "--count", str(log))
+    assert (r.code, r.out.strip()) == (0, "2"), r.err
