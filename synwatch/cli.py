@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from synwatch import __version__
-from synwatch.errors import ExitStatus, SynwatchError, UsageError
+from synwatch.errors import ConfigError, ExitStatus, SynwatchError, UsageError
 from synwatch.records import endpoint
 
 if TYPE_CHECKING:
@@ -93,8 +93,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tcp_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text[:6]) < 65536:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from synwatch.netns import NETNS_DIR  # noqa: PLC0415
+
     config = _load(args)
+    if config.netns and not (NETNS_DIR / config.netns).exists():
+        # a watched namespace that is not there would leave every kernel line unattributable
+        raise ConfigError(config.path, "watch.netns",
+                          f'there is no network namespace "{config.netns}" (`ip netns list`)')
     print(f"{config.path}: OK")
     return 0
 
@@ -459,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     p = command("list", cmd_incidents_list, "list incidents, oldest first", incidents)
     p.add_argument("--since", type=_since, metavar="DUR")
-    p.add_argument("--port", type=int, metavar="N")
+    p.add_argument("--port", type=_tcp_port, metavar="N")
     p.add_argument("--verdict", choices=("capacity", "concentrated", "spoofed", "unknown"))
     p.add_argument("--limit", type=_positive, metavar="N", help="only the newest N")
     _add_format(p)

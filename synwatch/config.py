@@ -205,7 +205,9 @@ def _files(value: Any) -> tuple[str, ...]:
 def _netns(value: Any) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"expected a network namespace name, got {_show(value)}")
-    if value and (value in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.-]{1,255}", value)):
+    # not "-x": `ip netns exec -x` would read it as an option
+    if value and (value in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,254}",
+                                                            value)):
         raise _Invalid(f"{_show(value)} is not an `ip netns` name")
     return value
 
@@ -402,6 +404,10 @@ def parse_config(text: str, path: str) -> Config:
             except _Invalid as exc:
                 raise ConfigError(path, f"{section}.{key}", str(exc)) from None
     v = values
+    if v["sources.journald"] is True and v["sources.kmsg"] is True:
+        raise ConfigError(path, "sources.kmsg", "is true while sources.journald is true: journald "
+                          "already carries every kernel line, so each would be recorded twice "
+                          '(use "auto", which takes kmsg only where there is no journal)')
     if v["incident.probe_interval"] < 0.1:
         raise ConfigError(path, "incident.probe_interval",
                           "must be at least 0.1s (probing reads every socket of the namespace)")

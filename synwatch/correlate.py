@@ -221,10 +221,11 @@ class Correlator:
         if now - at > self.quiet:
             return []  # printed long ago (read after a restart): the kernel state is gone
         listener = self._listener_for(e.family, e.address, e.port)
-        if listener is None and self._last is not None and e.port is not None:
+        if listener is None and e.port is not None:
             # The kernel's log is shared by every namespace: the port may be another's, or a
             # listener newer than the last probe. The next probe (the service takes it at once)
-            # tells which; without probes, release_held() trusts the line.
+            # tells which; without probes, release_held() trusts the line (drop_held() where the
+            # watched namespace does not exist).
             log.debug("kernel event %d: port %s not in the last probe; held for the next",
                       stored.id, e.port)
             self.held.append(stored)
@@ -276,6 +277,12 @@ class Correlator:
                 continue
             changes.extend(self._on_trusted_line(stored, listener))
         return changes
+
+    def drop_held(self) -> int:
+        """Forget the held lines (they stay recorded events); returns how many there were."""
+        count = len(self.held)
+        self.held = deque(maxlen=PENDING_TRUSTED)
+        return count
 
     def release_held(self) -> list[IncidentChange]:
         """No probe to check held lines against (probes failing): trust the kernel's word."""

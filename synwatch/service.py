@@ -22,6 +22,7 @@ from synwatch.clock import Clock, SystemClock
 from synwatch.config import Config, load_config
 from synwatch.correlate import Correlator
 from synwatch.errors import CommandError, ConfigError, ProbeError, StoreError
+from synwatch.netns import NETNS_DIR
 from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
 from synwatch.probes.snapshot import take
 from synwatch.probes.synsample import SynSampler, open_sampler
@@ -189,7 +190,16 @@ class Service:
             if str(exc) != self._probe_failure:
                 log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
                 self._probe_failure = str(exc)
-            self._save(self.correlator.release_held())
+            if c.netns and not (NETNS_DIR / c.netns).exists():
+                # The watched namespace is gone (or not there yet): a kernel line can belong to
+                # no listener of it, so held lines stay events. Trusting them would widen what
+                # synwatch acts on to every namespace of the machine.
+                dropped = self.correlator.drop_held()
+                if dropped:
+                    log.warning("netns %s does not exist: %d kernel lines open no incident",
+                                c.netns, dropped)
+            else:
+                self._save(self.correlator.release_held())
             self._save(self.correlator.expire(self.clock.now()))
             return
         if self._probe_failure is not None:

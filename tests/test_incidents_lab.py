@@ -260,3 +260,40 @@ def test_a_flood_in_another_namespace_opens_nothing_here(the_lab: Lab, service: 
     time.sleep(1.5)  # three more probes
     assert service.incidents(port) == []
     assert service.events(port)[0]["incident_id"] is None
+
+
+def test_a_watched_namespace_that_does_not_exist_opens_nothing(tmp_path: Path) -> None:
+    """Probes fail for a namespace that is not there; held kernel lines are then dropped, not
+    trusted: a missing namespace must never widen synwatch to every namespace's floods."""
+    missing = f"swt-missing-{os.getpid()}"
+    config = tmp_path / "synwatch.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
+                      '[sources]\njournald = false\nkmsg = true\n'
+                      f'[watch]\nnetns = "{missing}"\n'
+                      '[incident]\nquiet_period = "3s"\nprobe_interval = "0.5s"\n')
+    r = synwatch("check-config", "--config", str(config))
+    assert r.code == 2 and f'there is no network namespace "{missing}"' in r.err
+    log = tmp_path / "service.log"
+    proc = subprocess.Popen([sys.executable, "-m", "synwatch", "run", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
+    try:
+        port = lab_port()
+        with lab() as other:
+            other.listen(port, backlog=8)
+            deadline = time.monotonic() + 20
+            while "synwatch running" not in log.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.05)
+            other.flood(port, 300)
+            deadline = time.monotonic() + 20
+            while f"netns {missing} does not exist" not in log.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    listed = synwatch("incidents", "list", "--format", "json", "--config", str(config))
+    assert json.loads(listed.out) == []
+    events = json.loads(synwatch("events", "list", "--format", "json", "--config",
+                                 str(config)).out)
+    assert any(e["port"] == port and e["trusted"] for e in events), "recorded, as an event"

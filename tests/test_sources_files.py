@@ -208,3 +208,21 @@ def test_a_backlog_of_events_is_logged_as_one_summary_line(
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     new = batch(range(20, 21)).records[0].message
     assert infos == [f"kernel event from file:x (untrusted): {new}"]
+
+
+def test_a_line_without_end_is_skipped_not_buffered(tmp_path: Path, harness: Harness) -> None:
+    """Anyone who can write to a followed file could grow synwatch's memory with one endless
+    line; past MAX_LINE it is skipped to its newline, and the lines after it still count."""
+    from synwatch.sources.files import MAX_LINE
+
+    log = tmp_path / "syslog"
+    log.write_text("")
+    with harness.running(log) as source, log.open("a") as f:
+        for _ in range(8):
+            f.write("x" * (MAX_LINE // 2))
+            f.flush()
+            time.sleep(0.25)
+            assert all(len(o.partial) <= MAX_LINE for o in source._files)
+        f.write(kernel_line(7).replace("\n", "") + "\n")  # the end of the long line
+        f.write(kernel_line(8))
+    assert numbers_recorded(harness) == [9]  # kernel_line(8)'s port, not the skipped one's

@@ -235,3 +235,13 @@ def test_a_new_sqlite_history_is_for_its_owner_only(tmp_path: Path) -> None:
         path = tmp_path / "state" / name
         if path.exists():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+
+
+def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
+    for bad in ("70000", "0", "-1", "9" * 5000):
+        r = synwatch("incidents", "list", "--port", bad, "--config", str(config))
+        assert r.code == 2, bad
+        assert "is not a TCP port (1-65535)" in r.err and "Traceback" not in r.err
+    assert synwatch("incidents", "list", "--port", "443", "--config", str(config)).code == 0

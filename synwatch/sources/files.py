@@ -32,6 +32,9 @@ from synwatch.sources.base import Batch, Emit, OccurrenceCounter
 
 log = logging.getLogger(__name__)
 READ = 1 << 20
+# A kernel line is under 1 KiB (printk's LOG_LINE_MAX); a "line" without a newline past this
+# is skipped, not buffered: a local user could otherwise grow our memory without bound.
+MAX_LINE = 64 << 10
 HEAD = 512  # bytes of the first line that identify a file's content
 
 
@@ -55,6 +58,7 @@ class _Open:
     head: str | None
     generation: int = 0
     partial: bytes = b""
+    overlong: bool = False  # inside a line longer than MAX_LINE: skipped to its newline
     last_growth: float = field(default_factory=time.monotonic)
     draining: bool = False
 
@@ -152,12 +156,24 @@ class FileSource:
                 return
             f.last_growth = time.monotonic()
             data = f.partial + chunk
+            if f.overlong:
+                newline = data.find(b"\n")
+                f.offset += len(data) if newline < 0 else newline + 1
+                f.partial, f.overlong = b"", newline < 0
+                if newline < 0:
+                    continue
+                data = data[newline + 1:]
             end = data.rfind(b"\n") + 1
             for start in needle_line_starts(data, end, self.catalogue.needles):
                 stop = data.find(b"\n", start, end)
                 self._take(data[start:stop])
             f.offset += end
             f.partial = data[end:]
+            if len(f.partial) > MAX_LINE:
+                log.warning("%s: a line longer than %d bytes at offset %d is skipped (no kernel "
+                            "line is that long)", self.path, MAX_LINE, f.offset)
+                f.offset += len(f.partial)
+                f.partial, f.overlong = b"", True
             if f.head is None:
                 f.head = _head_hash(f.fd)
 
