@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from synwatch.catalogue import Catalogue, Pattern
 from synwatch.records import KernelEvent, LogRecord, Mode
+from synwatch.sinks import BAD_LINES, LINE_ERRORS
 
 _MODES: dict[str, Mode] = {
     "Sending cookies": "cookies",
@@ -93,12 +94,16 @@ def try_pattern(pattern: Pattern, record: LogRecord) -> Attempt:
 
 
 def match_record(record: LogRecord, catalogue: Catalogue) -> KernelEvent | None:
-    """The event of the first pattern that matches, or None."""
-    for pattern in catalogue.patterns:
-        if pattern.needle in record.message:
-            attempt = try_pattern(pattern, record)
-            if attempt.event is not None:
-                return attempt.event
+    """The event of the first pattern that matches, or None (also for a line that makes a
+    pattern's field parsing raise: counted and skipped, see sinks.BadLines)."""
+    try:
+        for pattern in catalogue.patterns:
+            if pattern.needle in record.message:
+                attempt = try_pattern(pattern, record)
+                if attempt.event is not None:
+                    return attempt.event
+    except LINE_ERRORS as exc:
+        BAD_LINES.add(record.source, record.line, exc)
     return None
 
 

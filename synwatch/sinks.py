@@ -6,12 +6,39 @@ Pure: the clock's ``now`` and the local zone are parameters (syslog dates have n
 from __future__ import annotations
 
 import json
+import logging
+import time
 from datetime import datetime, tzinfo
 from typing import Any
 
 from synwatch.catalogue import Catalogue, Sink
 from synwatch.records import LogRecord
 from synwatch.timeparse import TIME_FORMATS, from_epoch_micros
+
+log = logging.getLogger(__name__)
+# What one malformed line may raise in a parser; anything else is a bug and propagates.
+LINE_ERRORS = (ValueError, OverflowError, RecursionError, LookupError, TypeError, UnicodeError)
+BAD_LINE_LOG_EVERY = 60.0  # seconds: one warning per source this often, however many lines
+
+
+class BadLines:
+    """Lines that made a parser raise: counted per source, logged once a minute per source, and
+    skipped, so one line written by anyone can never stop a reader (its position moves on)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def add(self, source: str, line: str, exc: BaseException) -> None:
+        self.counts[source] = self.counts.get(source, 0) + 1
+        now = time.monotonic()
+        if now - self._logged.get(source, -BAD_LINE_LOG_EVERY) >= BAD_LINE_LOG_EVERY:
+            self._logged[source] = now
+            log.warning("%s: a line that cannot be parsed is skipped (%s: %s; %d so far): %.120r",
+                        source, type(exc).__name__, exc, self.counts[source], line)
+
+
+BAD_LINES = BadLines()
 
 
 def _facility_is_kern(pri: str | None) -> bool:
@@ -63,6 +90,15 @@ def parse_line(line: str, catalogue: Catalogue, now: datetime, tz: tzinfo, *,
     line may have been written by anyone.
     """
     line = line.rstrip("\r\n")
+    try:
+        return _parse(line, catalogue, now, tz, source=source, allow_trust=allow_trust)
+    except LINE_ERRORS as exc:
+        BAD_LINES.add(source, line, exc)
+        return None
+
+
+def _parse(line: str, catalogue: Catalogue, now: datetime, tz: tzinfo, *, source: str,
+           allow_trust: bool) -> LogRecord | None:
     for sink in catalogue.sinks:
         m = sink.regex.match(line)
         if m is None:

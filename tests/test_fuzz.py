@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from synwatch.catalogue import Catalogue
 from synwatch.filters import match_record
 from synwatch.records import KernelEvent, LogRecord
-from synwatch.sinks import parse_line
+from synwatch.sinks import BAD_LINES, BadLines, parse_line
 from tests.conftest import NOW, REPO
 
 MUTATED_LINES = 100_000
@@ -44,6 +44,9 @@ REGRESSIONS = [
 
 
 def _check(line: str, catalogue: Catalogue) -> None:
+    """Rejected by design, not by an exception the isolation swallowed (BAD_LINES counts those:
+    they are for bugs still unknown, and a fuzz test is how they become known)."""
+    before = sum(BAD_LINES.counts.values())
     record = parse_line(line, catalogue, NOW, timezone.utc)
     assert record is None or isinstance(record, LogRecord)
     if record is not None:
@@ -51,6 +54,7 @@ def _check(line: str, catalogue: Catalogue) -> None:
         assert event is None or isinstance(event, KernelEvent)
         if event is not None and event.port is not None:
             assert 0 <= event.port <= 65535
+    assert sum(BAD_LINES.counts.values()) == before, line[:300]
 
 
 @pytest.mark.parametrize("line", REGRESSIONS, ids=range(len(REGRESSIONS)))
@@ -126,7 +130,7 @@ def test_a_hundred_thousand_mutated_lines(catalogue: Catalogue) -> None:
     rng = random.Random(20261202)  # fixed: a failure names its line and reproduces
     seeds = _seed_lines(catalogue)
     assert len(seeds) > 100
-    matched = 0
+    matched, bad = 0, sum(BAD_LINES.counts.values())
     for n in range(MUTATED_LINES):
         line = _mutate(rng.choice(seeds), rng)
         try:
@@ -135,6 +139,8 @@ def test_a_hundred_thousand_mutated_lines(catalogue: Catalogue) -> None:
         except Exception as exc:  # the test names the line that raised
             pytest.fail(f"line {n} raised {exc!r}: {line[:300]!r}")
         matched += event is not None
+        if sum(BAD_LINES.counts.values()) != bad:
+            pytest.fail(f"line {n} made a parser raise: {line[:300]!r}")
     assert 0 < matched < MUTATED_LINES  # the mutations kept some lines kernel lines
 
 
@@ -147,3 +153,26 @@ def test_scan_reports_and_skips_a_poison_line(tmp_path: Path) -> None:
     log.write_text("\n".join([good, REGRESSIONS[0], good]) + "\n")
     r = synwatch("scan", "--count", str(log))
     assert (r.code, r.out.strip()) == (0, "2"), r.err
+
+
+def test_a_line_that_makes_a_parser_raise_is_counted_logged_once_and_skipped(
+        catalogue: Catalogue, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """For the bugs no fuzzer found yet: the line is skipped, counted per source, and logged
+    once a minute per source, and the reader goes on."""
+    from synwatch import sinks
+
+    def explode(*_args: object, **_kw: object) -> None:
+        raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+
+    bad = BadLines()
+    monkeypatch.setattr(sinks, "BAD_LINES", bad)
+    monkeypatch.setattr(sinks, "_parse", explode)
+    caplog.set_level("WARNING", logger="synwatch.sinks")
+    for _ in range(3):
+        assert parse_line("poison", catalogue, NOW, timezone.utc, source="file:/x") is None
+    assert parse_line("poison", catalogue, NOW, timezone.utc, source="kmsg") is None
+    assert bad.counts == {"file:/x": 3, "kmsg": 1}
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2  # once per source within the minute
+    assert warned[0].startswith("file:/x: a line that cannot be parsed is skipped (ValueError")

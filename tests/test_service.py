@@ -129,3 +129,54 @@ def test_logs_which_sources_it_uses_and_why(tmp_path: Path, notify: NotifySocket
         _, err = _stop(proc)
     assert "source file:/var/log/kern.log: configured (untrusted" in err
     assert "source journald" in err and "source kmsg" in err
+
+
+def test_a_poison_line_in_a_followed_file_stops_nothing(tmp_path: Path,
+                                                        notify: NotifySocket) -> None:
+    """`logger` lets any local user put a line with a 5,000-digit port into syslog. It used to
+    raise out of the filters, stop the service, and stop it again at every restart (its offset
+    was never saved). It is skipped and counted; the lines after it are recorded."""
+    import json
+
+    from tests.conftest import synwatch
+
+    syslog = tmp_path / "syslog"
+    syslog.write_text("")
+    config = host_config(tmp_path, f'[sources]\njournald = false\nkmsg = false\n'
+                                   f'files = ["{syslog}"]\n')
+
+    def line(port: str) -> str:
+        return (f"Nov 21 12:00:00 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding "
+                f"on port 0.0.0.0:{port}. Sending cookies.\n")
+
+    def ports() -> list[int]:
+        out = synwatch("events", "list", "--format", "json", "--config", str(config)).out
+        return [e["port"] for e in json.loads(out)]
+
+    def follow(want: int, write: str = "") -> None:
+        deadline = time.monotonic() + 20
+        while want not in ports():
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                _log_of(config).read_text()
+            if write:
+                with syslog.open("a") as f:
+                    f.write(write)
+            time.sleep(0.5)
+
+    proc = _start(config, notify)
+    notify.wait_for("READY=1")
+    follow(7000, write=line("7000"))  # the source follows the file (it opens at its end)
+    with syslog.open("a") as f:
+        f.write(line("9" * 5000) + line("8080"))
+    follow(8080)
+    code, log = _stop(proc)
+    assert code == 0
+    assert "Traceback" not in log and "internal error" not in log
+    proc = _start(config, notify)  # the restart does not choke on it either
+    notify.wait_for("READY=1")
+    with syslog.open("a") as f:
+        f.write(line("9" * 5000) + line("8443"))
+    follow(8443)
+    code, _ = _stop(proc)
+    assert code == 0
+    assert [p for p in ports() if p != 7000] == [8080, 8443]  # each once; the poison never
