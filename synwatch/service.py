@@ -37,6 +37,8 @@ from synwatch.store import Store
 from synwatch.supervisor import Supervisor
 
 log = logging.getLogger("synwatch")
+STORE_WAIT = 0.2  # seconds a write waits for a locked store before it is kept for later
+STORE_RETRY = 1.0  # seconds between tries while the store refuses writes
 
 
 @dataclass
@@ -63,6 +65,8 @@ class Service:
         self._ids: dict[int, int] = {}  # correlator serial -> incident id
         self._probe_due = 0.0
         self._probe_failure: str | None = None
+        self._store_retry_at = 0.0  # while the store refuses writes: when to try again
+        self._store_problem: str | None = None
         self.accounting: SynAccounting | None = None
         self.sampler: SynSampler | None = None
         self.responder: Responder | None = None
@@ -77,6 +81,9 @@ class Service:
     def _start(self) -> None:
         self.store = Store.open(self.config.storage_url)
         log.info("store: %s (schema %s)", self.store.display_url, self.store.schema_revision())
+        # past the migration, a write waits only briefly for another writer's lock: what the
+        # store refuses is kept and retried, and probes and correlation go on meanwhile
+        self.store.set_busy_timeout(STORE_WAIT)
         plans, skipped = plan_sources(self.config)
         for plan in plans:
             log.info("source %s: %s", plan.name, plan.reason)
@@ -153,20 +160,35 @@ class Service:
 
     # -- incidents ------------------------------------------------------------------------------
 
+    def _store_refused(self, exc: StoreError, kept: str) -> None:
+        """Log an outage once (not every retry) and wait STORE_RETRY before the next write."""
+        log.debug("store: %s", exc)
+        self._store_retry_at = time.monotonic() + STORE_RETRY
+        if self._store_problem is None:  # one line an outage; its errors vary in wording
+            self._store_problem = str(exc)
+            log.error("store: %s; %s kept, retrying every %.0f s; detection goes on",
+                      exc, kept, STORE_RETRY)
+
+    def _store_ok(self) -> None:
+        if self._store_problem is not None:
+            self._store_problem = None
+            log.info("store: writable again")
+
     def _save(self, changes: list[IncidentChange]) -> None:
-        """Store incident changes in order; what the store refuses is kept and retried first."""
+        """Store incident changes in order; what the store refuses is kept and retried first.
+        Their times are the evidence's, whenever the write succeeds."""
         assert self.store is not None
         self._unsaved.extend(changes)
-        while self._unsaved:
+        while self._unsaved and time.monotonic() >= self._store_retry_at:
             change = self._unsaved[0]
             if change.serial in self._ids:
                 change = replace(change, incident_id=self._ids[change.serial])
             try:
                 incident_id = self.store.save_incident(change)
             except StoreError as exc:
-                log.error("store: %s; %d incident changes kept to retry",  # noqa: TRY400
-                          exc, len(self._unsaved))
+                self._store_refused(exc, f"{len(self._unsaved)} incident changes")
                 return
+            self._store_ok()
             self._unsaved.pop(0)
             self._ids[change.serial] = incident_id
             if self.responder is not None:
@@ -226,8 +248,9 @@ class Service:
             stored = self.recorder.record(batch)
         except StoreError as exc:
             self._pending = batch
-            log.error("store: %s; retrying in 1 s", exc)  # noqa: TRY400 - one line is enough
+            self._store_refused(exc, f"a batch of {len(batch.records)} log records")
             return False
+        self._store_ok()
         self._pending = None
         for event in stored:
             if self.recording is not None:
@@ -245,6 +268,12 @@ class Service:
         deadline = time.monotonic() + timeout
         while not self.flags.stop and time.monotonic() < min(deadline, self._probe_due):
             batch = self._pending
+            if batch is not None and time.monotonic() < self._store_retry_at:
+                # the store refused it: later batches wait behind it (the sources' positions
+                # are not stored meanwhile, so nothing is lost), and probes go on
+                self.flags.wake.wait(max(0.0, min(deadline, self._probe_due,
+                                                  self._store_retry_at) - time.monotonic()))
+                continue
             if batch is None:
                 try:
                     # wake for the probe too: a probe interval under a second was a second
@@ -252,9 +281,7 @@ class Service:
                         timeout=max(0.0, min(deadline, self._probe_due) - time.monotonic()))
                 except queue.Empty:
                     return
-            if not self._record(batch):
-                self.flags.wake.wait(1)
-                return
+            self._record(batch)
 
     def _drain_queued(self) -> None:
         """At stop: record what the sources emitted before they stopped."""
@@ -317,6 +344,7 @@ class Service:
             self.supervisor.stop()
             self._drain_queued()
         if self.store is not None and self._unsaved:
+            self._store_retry_at = 0.0  # one last try, whenever the last one was
             self._save([])
         if self.responder is not None:
             self.responder.stop()

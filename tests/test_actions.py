@@ -214,7 +214,11 @@ class _FakeClock:
 
 
 def _responder(tmp_path: Path, extra: str) -> tuple[Responder, Store, _FakeClock]:
-    config = parse_config(f'[storage]\nurl = "sqlite:///{tmp_path}/a.db"\n{extra}', "test")
+    """A responder whose actions run (a file that does not say dry_run is a dry run) unless
+    ``extra`` has its own [actions]; the plans the tests hand it act on nothing real."""
+    live = "" if "[actions]\n" in extra else "[actions]\ndry_run = false\n"
+    config = parse_config(f'[storage]\nurl = "sqlite:///{tmp_path}/a.db"\n{live}{extra}',
+                          "test")
     store = Store.open(config.storage_url)
     assert store.save_incident(_change(incident_id=None)) == 1
     clock = _FakeClock()

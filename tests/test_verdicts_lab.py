@@ -9,10 +9,12 @@ import json
 import random
 import re
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +316,52 @@ def test_real_clients_on_a_slow_link_hold_requests_half_open_and_open_nothing(
                   if high)
     assert longest * 0.5 > 7, held  # probes are 0.5 s apart: over 7 s, past the 5 s rule
     assert service.incidents(port) == []
+
+
+def test_floods_during_a_held_store_lock_are_detected_at_their_own_times(
+        the_lab: Lab, tmp_path: Path) -> None:
+    """Another process holds the SQLite history exclusively for 8 s while three floods come
+    2 s apart. Probes and correlation go on; the incidents are written when the lock goes,
+    with the times of their evidence, their verdicts, and the kernel lines linked."""
+    service = Service(the_lab, tmp_path, quiet="30s")
+    ports = [lab_port() for _ in range(3)]
+    for port in ports:
+        the_lab.listen(port, backlog=16)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sqlite3, sys, time
+            db = sqlite3.connect({str(tmp_path / "h.db")!r}, isolation_level=None)
+            db.execute("BEGIN EXCLUSIVE")
+            print("locked", flush=True)
+            time.sleep(8)
+            db.execute("COMMIT")
+        """)], stdout=subprocess.PIPE, text=True)
+    started: dict[int, datetime] = {}
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for n, port in enumerate(ports):
+            started[port] = datetime.now(timezone.utc)
+            the_lab.flood(port, 1500, [f"{SPOOF_NET}.{30 + n}.{i % 250 + 1}" for i in range(1500)])
+            time.sleep(2)
+        assert holder.wait(timeout=20) == 0
+        deadline = time.monotonic() + 20
+        while not all(service.incidents(p) and service.events(p)
+                      and service.events(p)[0]["incident_id"] for p in ports):
+            assert time.monotonic() < deadline, service.log.read_text()[-3000:]
+            time.sleep(0.3)
+    finally:
+        holder.kill()
+        service.stop()
+    for n, port in enumerate(ports):
+        [inc] = service.incidents(port)
+        first = datetime.fromisoformat(inc["first_evidence_at"])
+        opened = datetime.fromisoformat(inc["opened_at"])
+        # the store was locked: these are the evidence's times, not the write's (a probe
+        # interval is 0.5 s, the kernel line is printed as the flood starts)
+        assert abs((first - started[port]).total_seconds()) < 1.5, (n, inc)
+        assert (opened - started[port]).total_seconds() < 1.5, (n, inc)
+        assert inc["verdict"] == "concentrated"
+        assert inc["top_prefixes"][0]["prefix"] == f"{SPOOF_NET}.{30 + n}.0/24"
+        [event] = service.events(port)
+        assert event["incident_id"] == inc["id"]
+    assert service.log.read_text().count("detection goes on") == 1, "logged once, not per try"

@@ -60,13 +60,18 @@ class NewEvent:
     historical: bool = False
 
 
-def _set_sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock (the CLI, migrations)
+
+
+def _sqlite_pragmas(store: Store) -> Any:
+    def set_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={int(store.busy_timeout * 1000)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+    return set_pragmas
 
 
 def _trigger(text: str) -> Trigger:
@@ -78,6 +83,13 @@ class Store:
         self.url = url
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.busy_timeout = BUSY_TIMEOUT
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a write waits for another writer's lock from now on. The service waits
+        briefly and retries later, so a locked store never holds detection up."""
+        self.busy_timeout = seconds
+        self.engine.dispose()  # pooled connections reconnect with the new pragma
 
     @property
     def display_url(self) -> str:
@@ -106,9 +118,9 @@ class Store:
             engine = create_engine(url)
         except (SQLAlchemyError, ImportError) as exc:
             raise StoreError(shown, str(exc)) from exc
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _set_sqlite_pragmas)
         store = cls(url, engine)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas(store))
         if migrate:
             store.migrate()
         return store
