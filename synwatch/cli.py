@@ -156,7 +156,24 @@ def _scan_inputs(paths: Sequence[str], line_numbers: bool = True) -> Iterator[Hi
             stream.close()
 
 
+def _bad_lines_status(command: str, code: int) -> int:
+    """Exit 1 when some lines made a parser raise: they were skipped (and logged), and the
+    admin should know that the output is short of them."""
+    from synwatch.sinks import BAD_LINES  # noqa: PLC0415
+
+    bad = sum(BAD_LINES.counts.values())
+    if bad and code == 0:
+        sys.stderr.write(f"synwatch: {command}: {bad} lines could not be parsed and were "
+                         "skipped (see the warnings above)\n")
+        return int(ExitStatus.FAILURE)
+    return code
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
+    return _bad_lines_status("scan", _scan(args))
+
+
+def _scan(args: argparse.Namespace) -> int:
     from synwatch.filters import event_fields  # noqa: PLC0415
     from synwatch.output import dumps, table  # noqa: PLC0415
 
@@ -213,7 +230,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             bar.close()
     for r in results:
         print(f"{r.path}: {r.matched} kernel lines, {r.added} new events")
-    return 0
+    return _bad_lines_status("import", 0)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

@@ -176,3 +176,37 @@ def test_a_line_that_makes_a_parser_raise_is_counted_logged_once_and_skipped(
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 2  # once per source within the minute
     assert warned[0].startswith("file:/x: a line that cannot be parsed is skipped (ValueError")
+
+
+def test_scan_and_import_exit_1_when_lines_were_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The output is short of the lines a parser choked on: the exit status says so."""
+    from synwatch import cli, sinks
+
+    log = tmp_path / "syslog"
+    good = ("Nov 21 12:00:00 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding on "
+            "port 0.0.0.0:443. Sending cookies.")
+    log.write_text(f"{good}\n{good.replace('443', '444')}\n")
+    real = sinks._parse
+
+    def choke_on_444(line: str, *args: object, **kw: object) -> object:
+        if "0.0.0.0:444" in line:
+            raise ValueError("a bug no fuzzer found")
+        return real(line, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "_setup_logging", lambda _debug: None)  # pytest's logging stays
+    monkeypatch.setattr(sinks, "BAD_LINES", BadLines())
+    monkeypatch.setattr(sinks, "_parse", choke_on_444)
+    assert cli.main(["scan", "--count", str(log)]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip() == "1"
+    assert "synwatch: scan: 1 lines could not be parsed and were skipped" in err
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
+    assert cli.main(["import", "--config", str(config), str(log)]) == 1
+    out, err = capsys.readouterr()
+    assert "1 kernel lines, 1 new events" in out
+    monkeypatch.setattr(sinks, "BAD_LINES", BadLines())
+    monkeypatch.setattr(sinks, "_parse", real)
+    assert cli.main(["scan", "--count", str(log)]) == 0
