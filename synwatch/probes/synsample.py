@@ -426,12 +426,12 @@ class SynSampler:
                     if want < self.one_in and elapsed < 1.0:
                         want = self.one_in
                     if want != self.one_in:
-                        started = time.time_ns()
-                        _attach(self._sock, want)
-                        self._switched = (started, time.time_ns(), self.one_in)
                         log.debug("SYN sampler: %.0f samples/s at 1 in %d; now 1 in %d",
                                   rate, self.one_in, want)
-                        self.one_in = want
+                        started = time.time_ns()
+                        _attach(self._sock, want)
+                        # together, so a read() on the probe's thread weighs consistently
+                        self._switched, self.one_in = (started, time.time_ns(), self.one_in), want
                     with self._lock:
                         self._lost += lost
                     window, seen = time.monotonic(), 0
