@@ -300,12 +300,12 @@ def test_real_clients_on_a_slow_link_hold_requests_half_open_and_open_nothing(
     try:
         port = lab_port()
         the_lab.serve(port, backlog=256)  # half_open_min 64 = a quarter of the backlog
-        clients = the_lab.slow_clients(port, seconds=12)
+        clients = the_lab.slow_clients(port, seconds=20)  # a congested link has lulls
         out, _ = clients.communicate(timeout=60)
         completed, failed = map(int, out.split())
     finally:
         service.stop()
-    assert completed >= 1500 and failed == 0, out
+    assert completed >= 2500 and failed == 0, out
     # the rule had its chance: the listener stayed at or above 64 half-open requests for longer
     # than half_open_for, probe after probe, while nothing overflowed
     probes = [json.loads(line) for line in service.recording.read_text().splitlines()]
@@ -314,7 +314,7 @@ def test_real_clients_on_a_slow_link_hold_requests_half_open_and_open_nothing(
             and any(li["port"] == port for li in p["snapshot"]["listeners"])]
     longest = max(len(list(run)) for high, run in itertools.groupby(x >= 64 for x in held)
                   if high)
-    assert longest * 0.5 > 7, held  # probes are 0.5 s apart: over 7 s, past the 5 s rule
+    assert longest * 0.5 > 6, held  # probes are 0.5 s apart: past the 5 s rule, and a probe
     assert service.incidents(port) == []
 
 
