@@ -106,6 +106,11 @@ class Lab:
             print("listening", flush=True)
             time.sleep(3600)
         """)
+        self._listening(code)
+
+    def _listening(self, code: str) -> None:
+        """Run ``code`` in the server namespace until it prints "listening"; killed with the
+        lab."""
         proc = subprocess.Popen(["ip", "netns", "exec", self.server_ns, sys.executable, "-c",
                                  code], stdout=subprocess.PIPE, text=True)
         self.processes.append(proc)
@@ -125,11 +130,7 @@ class Lab:
                 c, _ = s.accept()
                 c.close()
         """)
-        proc = subprocess.Popen(["ip", "netns", "exec", self.server_ns, sys.executable, "-c",
-                                 code], stdout=subprocess.PIPE, text=True)
-        self.processes.append(proc)
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "listening"
+        self._listening(code)
 
     def slow_clients(self, port: int, seconds: float, per_second: int = 150) -> (
             subprocess.Popen[str]):
@@ -159,10 +160,12 @@ class Lab:
                         s.connect_ex(({SERVER_IP!r}, {port}))
                         pending.append((time.monotonic(), s))
                 time.sleep(0.1)
-                _, ready, _ = select.select([], [s for _, s in pending], [], 0)
-                ready, keep = set(ready), []
+                poller = select.poll()  # select() stops at fd 1024
+                for _, s in pending:
+                    poller.register(s, select.POLLOUT)
+                ready, keep = {{fd for fd, _ in poller.poll(0)}}, []
                 for t, s in pending:
-                    if s in ready:
+                    if s.fileno() in ready:
                         good = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
                         ok, failed = ok + good, failed + (not good)
                         s.close()
