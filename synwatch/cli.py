@@ -100,10 +100,10 @@ def _tcp_port(text: str) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from synwatch.netns import NETNS_DIR  # noqa: PLC0415
+    from synwatch import netns  # noqa: PLC0415
 
     config = _load(args)
-    if config.netns and not (NETNS_DIR / config.netns).exists():
+    if not netns.exists(config.netns):
         # a watched namespace that is not there would leave every kernel line unattributable
         raise ConfigError(config.path, "watch.netns",
                           f'there is no network namespace "{config.netns}" (`ip netns list`)')

@@ -28,6 +28,11 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def exists(name: str, netns_dir: Path = NETNS_DIR) -> bool:
+    """Is there an `ip netns` namespace of that name ("" is our own: always)?"""
+    return not name or (netns_dir / name).exists()
+
+
 def in_netns(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T:
     """``func()`` run in network namespace ``name``; "" runs it right here."""
     if not name:

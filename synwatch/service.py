@@ -16,13 +16,12 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from types import FrameType
 
-from synwatch import sdnotify
+from synwatch import netns, sdnotify
 from synwatch.catalogue import load_catalogue
 from synwatch.clock import Clock, SystemClock
 from synwatch.config import Config, load_config
 from synwatch.correlate import Correlator
 from synwatch.errors import CommandError, ConfigError, ProbeError, StoreError
-from synwatch.netns import NETNS_DIR
 from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
 from synwatch.probes.snapshot import take
 from synwatch.probes.synsample import SynSampler, open_sampler
@@ -212,7 +211,7 @@ class Service:
             if str(exc) != self._probe_failure:
                 log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
                 self._probe_failure = str(exc)
-            if c.netns and not (NETNS_DIR / c.netns).exists():
+            if not netns.exists(c.netns):
                 # The watched namespace is gone (or not there yet): a kernel line can belong to
                 # no listener of it, so held lines stay events. Trusting them would widen what
                 # synwatch acts on to every namespace of the machine.

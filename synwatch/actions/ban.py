@@ -81,15 +81,6 @@ class Choice:
     handled: tuple[str, ...] = ()  # every prefix of the incident these decide for
 
 
-def _overlaps(prefix: str, others: Iterable[str]) -> str | None:
-    net = ipaddress.ip_network(prefix)
-    for other in others:
-        o = ipaddress.ip_network(other)
-        if o.version == net.version and o.overlaps(net):
-            return other
-    return None
-
-
 def choose(top_prefixes: Iterable[tuple[str, int, float]], *, settings: BanSettings,
            how_many: int, guard: Guard, seen: set[str], banned_here: int,
            active_total: int, active: Sequence[str] = ()) -> Choice:
@@ -102,12 +93,12 @@ def choose(top_prefixes: Iterable[tuple[str, int, float]], *, settings: BanSetti
     refused: list[tuple[str, str]] = []
     handled: list[str] = []
     candidates = []
+    banned = Guard(tuple((ipaddress.ip_network(p), "banned") for p in active))
     for prefix, _count, share in list(top_prefixes)[:how_many]:
         if prefix in seen or share < settings.min_share:
             continue
-        inside = _overlaps(prefix, active)
-        if inside is not None:
-            handled.append(prefix)  # already dropped by the ban of ``inside``
+        if banned.refuses(prefix) is not None:
+            handled.append(prefix)  # already dropped by an active ban (a block around it)
             continue
         candidates.append(prefix)
     blocks = aggregate(candidates, settings.widest_v4, settings.widest_v6)
