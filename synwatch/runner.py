@@ -33,10 +33,18 @@ def run(argv: Sequence[str], *, stdin: str | None = None, netns: str = "",
     except subprocess.TimeoutExpired as exc:
         raise CommandError(shown, f"no answer within {timeout:.0f} s") from exc
     if proc.returncode != 0:
-        why = (proc.stderr or proc.stdout).strip().splitlines()
         raise CommandError(shown, f"exit status {proc.returncode}: "
-                                  f"{why[0] if why else 'no message'}")
+                                  f"{reason(proc.stderr or proc.stdout)}")
     return proc.stdout
+
+
+def reason(output: str) -> str:
+    """The line of a tool's error output that says why: the first, except for a Python tool
+    (ufw) that died with a traceback, whose last line is the exception."""
+    lines = output.strip().splitlines()
+    if not lines:
+        return "no message"
+    return lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
 
 
 @dataclass(frozen=True, slots=True)

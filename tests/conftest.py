@@ -40,13 +40,22 @@ def synwatch(*args: str, env: dict[str, str] | None = None, stdin: str | None = 
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def _host_state() -> tuple[bool, str]:
-    """What synwatch could change on the host itself: its nftables table, the cookies mode."""
+def _host_state() -> dict[str, object]:
+    """What synwatch or its lab could change on the host itself: its nftables table, the cookies
+    mode, network namespaces, the per-namespace /etc and the firewall tools' lock files."""
     table = (os.geteuid() == 0 and shutil.which("nft") is not None
              and subprocess.run(["nft", "list", "table", "inet", "synwatch"],
                                 capture_output=True, check=False).returncode == 0)
-    cookies = Path("/proc/sys/net/ipv4/tcp_syncookies").read_text().strip()
-    return table, cookies
+
+    def names(folder: str) -> list[str]:
+        return sorted(p.name for p in Path(folder).iterdir()) if Path(folder).is_dir() else []
+
+    return {"nft table inet synwatch": table,
+            "tcp_syncookies": Path("/proc/sys/net/ipv4/tcp_syncookies").read_text().strip(),
+            "/run/netns": names("/run/netns"), "/etc/netns": Path("/etc/netns").exists(),
+            "/etc/netns/*": names("/etc/netns"),
+            "/run/ufw.lock": Path("/run/ufw.lock").exists(),
+            "/run/xtables.lock": Path("/run/xtables.lock").exists()}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,8 +65,8 @@ def host_untouched() -> Iterator[None]:
     before = _host_state()
     yield
     after = _host_state()
-    assert after == before, f"the tests changed the host: (nft table, tcp_syncookies) " \
-                            f"{before} -> {after}"
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, f"the tests changed the host: {changed}"
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from synwatch.config import BanSettings, parse_config
 from synwatch.errors import ActionFailed, ConfigError
 from synwatch.records import IncidentChange
 from synwatch.respond import Outcome, Responder
-from synwatch.runner import Command, show
+from synwatch.runner import Command, reason, show
 from synwatch.store import Store
 from synwatch.store.models import ActionRun
 
@@ -333,3 +333,11 @@ def test_an_incident_resumed_after_a_restart_is_not_announced_again(tmp_path: Pa
     [opened] = notify.on_change(_change(incident_id=new))
     assert opened.target == "opened"
     responder.stop(wait=1)
+
+
+def test_a_failing_tool_is_reported_by_the_line_that_says_why() -> None:
+    assert reason("nft: No such file or directory\nmore\n") == "nft: No such file or directory"
+    assert reason("") == "no message"
+    traceback = ('Traceback (most recent call last):\n  File "/usr/sbin/ufw", line 130\n'
+                 "OSError: [Errno 30] Read-only file system: '/run/ufw.lock'\n")
+    assert reason(traceback) == "OSError: [Errno 30] Read-only file system: '/run/ufw.lock'"

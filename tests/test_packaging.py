@@ -48,3 +48,16 @@ def test_unit_is_type_notify_and_checks_the_config() -> None:
     assert service["ExecStart"].endswith("synwatch run")
     assert service["ExecStartPre"].endswith("synwatch check-config")
     assert "WatchdogSec" in service and service["StateDirectory"] == "synwatch"
+
+
+def test_the_unit_opens_exactly_the_lock_files_tmpfiles_creates() -> None:
+    """ReadWritePaths= of a file that is missing at the start is skipped (the `-`), so every
+    lock file the unit opens must come from synwatch.tmpfiles, and the other way round."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(REPO / "packaging" / "synwatch.service")
+    opened = {p.lstrip("-") for p in unit["Service"]["ReadWritePaths"].split()
+              if p.lstrip("-").startswith("/run/")}
+    created = {line.split()[1] for line
+               in (REPO / "packaging" / "synwatch.tmpfiles").read_text().splitlines()
+               if line.startswith("f ")}
+    assert opened == created == {"/run/ufw.lock", "/run/xtables.lock"}
