@@ -100,13 +100,17 @@ def _tcp_port(text: str) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from synwatch import netns  # noqa: PLC0415
+    from synwatch.preflight import preflight  # noqa: PLC0415
 
-    config = _load(args)
-    if not netns.exists(config.netns):
-        # a watched namespace that is not there would leave every kernel line unattributable
-        raise ConfigError(config.path, "watch.netns",
-                          f'there is no network namespace "{config.netns}" (`ip netns list`)')
+    config = _load(args)  # a malformed file stops here, with one line naming the key
+    checks = preflight(config)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if c.outcome == "fail"]
+    if failed:
+        first = failed[0]
+        raise ConfigError(config.path, first.subject, first.text
+                          + (f" (and {len(failed) - 1} more above)" if len(failed) > 1 else ""))
     print(f"{config.path}: OK")
     return 0
 

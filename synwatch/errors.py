@@ -42,6 +42,7 @@ class ConfigError(SynwatchError):
         super().__init__(f"config {path}", f"{key}: {why}" if key else why)
         self.path = path
         self.key = key
+        self.reason = why  # without the key
 
 
 class FilterError(SynwatchError):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from synwatch.actions.registry import RETRYING, Action, ActionContext, Plan, registered
+from synwatch.actions.registry import RETRYING, Action, ActionContext, Plan, resolve_policy
 from synwatch.clock import Clock
 from synwatch.config import Config
 from synwatch.errors import StoreError, SynwatchError
@@ -91,7 +91,7 @@ class Responder:
         self.ctx = ActionContext(config, store, clock)
         chosen = {name for names in config.policy.values() for name in names}
         self.actions: list[Action] = sorted(
-            (cls(self.ctx) for name, cls in registered().items()
+            (cls(self.ctx) for name, cls in resolve_policy(config).items()
              if cls.enabled(config) and (not cls.per_incident or name in chosen)),
             key=lambda a: a.order)
         self.results: queue.Queue[Outcome] = queue.Queue()

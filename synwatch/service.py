@@ -17,6 +17,7 @@ from datetime import timedelta
 from types import FrameType
 
 from synwatch import netns, sdnotify
+from synwatch.actions.registry import resolve_policy
 from synwatch.catalogue import load_catalogue
 from synwatch.clock import Clock, SystemClock
 from synwatch.config import Config, load_config
@@ -78,6 +79,7 @@ class Service:
         self.flags.wake.set()
 
     def _start(self) -> None:
+        resolve_policy(self.config)  # a plugin that is not installed stops the start (exit 2)
         self.store = Store.open(self.config.storage_url)
         log.info("store: %s (schema %s)", self.store.display_url, self.store.schema_revision())
         # past the migration, a write waits only briefly for another writer's lock: what the

@@ -55,6 +55,7 @@ def _host_state() -> dict[str, object]:
             "/run/netns": names("/run/netns"), "/etc/netns": Path("/etc/netns").exists(),
             "/etc/netns/*": names("/etc/netns"),
             "/run/ufw.lock": Path("/run/ufw.lock").exists(),
+            "/var/lib/synwatch": Path("/var/lib/synwatch").exists(),
             "/run/xtables.lock": Path("/run/xtables.lock").exists()}
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from synwatch.config import (
+    BAN_BACKENDS,
+    BUILTIN_ACTIONS,
     BanSettings,
     ExecSettings,
     NotifySettings,
@@ -64,8 +68,9 @@ def test_every_contract_key_is_read() -> None:
     assert c.metrics_listen == ("127.0.0.1", 9851)
     # every key parses; the machine check then finds the watched namespace missing
     r = synwatch("check-config", "--config", str(path))
-    assert (r.code, r.err) == (2, f"synwatch: config {path}: watch.netns: there is no network "
-                                  'namespace "web-ns" (`ip netns list`)\n')
+    missing = 'watch.netns: there is no network namespace "web-ns" (`ip netns list`)'
+    assert r.code == 2 and r.err.startswith(f"synwatch: config {path}: {missing}"), r.err
+    assert f"fail  {missing}\n" in r.out
 
 
 def test_embedded_default_is_the_packaged_file_and_safe() -> None:
@@ -81,7 +86,7 @@ def test_where_the_config_comes_from(tmp_path: Path) -> None:
     env_file = tmp_path / "env.toml"
     env_file.write_text('[incident]\nquiet_period = "5m"\n')
     res = synwatch("check-config", env={"SYNWATCH_CONFIG": str(env_file)})
-    assert res.out == f"{env_file}: OK\n"
+    assert res.code == 0 and res.out.endswith(f"{env_file}: OK\n"), res.out
     # --config wins over the environment
     other = tmp_path / "other.toml"
     other.write_text("[incident]\nquiet_period = 5\n")
@@ -106,3 +111,67 @@ def test_a_file_that_does_not_say_dry_run_is_a_dry_run() -> None:
     assert parse_config("", "minimal").dry_run is True
     assert parse_config("[actions]\n", "minimal").dry_run is True
     assert parse_config("[actions]\ndry_run = false\n", "live").dry_run is False
+
+
+def test_parsing_is_pure_it_imports_no_store_and_no_action() -> None:
+    """issue 11: parsing loaded the presets and the entry points (26 modules and SQLAlchemy)."""
+    code = ("import sys; from synwatch.config import load_config; "
+            f"load_config({str(DATA / 'config' / 'valid' / 'full.toml')!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith(('sqlalchemy', "
+            "'synwatch.actions', 'synwatch.store', 'importlib.metadata'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    assert out == "[]\n"
+
+
+def test_the_built_in_names_are_what_is_shipped() -> None:
+    from synwatch.actions.presets import load_presets
+    from synwatch.actions.registry import registered
+
+    assert {n: c.per_incident for n, c in registered().items()} == BUILTIN_ACTIONS
+    assert tuple(sorted(p.name for p in load_presets().values()
+                                        if p.action == "ban")) == BAN_BACKENDS
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "synwatch.toml"
+    path.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n{body}')
+    return path
+
+
+def test_check_config_fails_when_the_ban_tool_is_missing_and_actions_are_live(
+        tmp_path: Path) -> None:
+    """It printed OK on a machine without nft; now a live ban backend needs its tool."""
+    no_tools = {"PATH": str(tmp_path)}  # a PATH with no nft on it
+    live = _config(tmp_path, "[actions]\ndry_run = false\n")
+    r = synwatch("check-config", "--config", str(live), env=no_tools)
+    why = "actions.ban.backend: nftables needs nft, which is not installed"
+    assert r.code == 2 and r.err == f"synwatch: config {live}: {why}\n", r
+    assert f"fail  {why}\n" in r.out
+    dry = _config(tmp_path, "[actions]\ndry_run = true\n")
+    r = synwatch("check-config", "--config", str(dry), env=no_tools)
+    assert r.code == 0 and f"warn  {why}\n" in r.out, r  # a dry run only renders
+    r = synwatch("check-config", "--config", str(live))
+    assert r.code == 0 and "ok    actions.ban.backend: nftables: nft installed\n" in r.out, r
+
+
+def test_check_config_opens_the_history_without_creating_it(tmp_path: Path) -> None:
+    path = _config(tmp_path, "")
+    r = synwatch("check-config", "--config", str(path))
+    assert r.code == 0 and f"{tmp_path}/h.db will be created" in r.out, r
+    assert not (tmp_path / "h.db").exists()
+    (tmp_path / "h.db").write_bytes(b"not a database" * 100)
+    r = synwatch("check-config", "--config", str(path))
+    assert r.code == 2 and "storage.url: " in r.err and "not a database" in r.err, r
+
+
+def test_a_plugin_that_is_not_installed_is_found_at_the_start_not_by_parsing(
+        tmp_path: Path) -> None:
+    path = _config(tmp_path, '[actions.policy]\nspoofed = ["page"]\n')
+    assert load_config(str(path)).policy["spoofed"] == ("page",)  # it could be a plugin
+    why = ('actions.policy.spoofed: "page" is not an action (known: ban, exec, notify, '
+           "ratelimit, syncookies)")
+    for command in ("check-config", "run"):
+        r = synwatch(command, "--config", str(path))
+        assert r.code == 2 and r.err.endswith(f"synwatch: config {path}: {why}\n"), (command, r)
+    assert not (tmp_path / "h.db").exists()  # refused before the history was opened

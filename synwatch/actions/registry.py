@@ -109,3 +109,20 @@ def registered() -> dict[str, type[Action]]:
                               "installed (pip install .)?")
         _registered = found
     return _registered
+
+
+def resolve_policy(config: Config) -> dict[str, type[Action]]:
+    """Every action: the policy's names looked up among the entry points. Parsing knows only
+    the built-in actions, so a plugin's name is checked here, at the start and by
+    `check-config`."""
+    known = registered()
+    for verdict, names in config.policy.items():
+        for name in names:
+            key = f"actions.policy.{verdict}"
+            if name not in known:
+                raise ConfigError(config.path, key, f'"{name}" is not an action '
+                                                    f"(known: {', '.join(sorted(known))})")
+            if not known[name].per_incident:
+                raise ConfigError(config.path, key, f'"{name}" is not run per incident (it has '
+                                                    f"its own [actions.{name}] section)")
+    return known

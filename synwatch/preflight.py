@@ -1,0 +1,142 @@
+"""Can this machine run this configuration? The other half of `check-config`.
+
+Parsing (config.py) says whether the file is well formed and touches nothing; this looks at the
+machine, as CrowdSec's data sources answer ``CanRun()`` before they are started: is the
+watched namespace there, which log sources will run, are the chosen actions installed, does
+the ban backend's tool exist, can the history be opened. One ``Check`` per question, each
+printed as one line; a failure makes `check-config` exit 2 (and `run` would fail the same way).
+Nothing here writes: a history that does not exist yet is reported as "will be created".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from synwatch import netns
+from synwatch.config import Config
+from synwatch.errors import ConfigError
+
+Outcome = Literal["ok", "warn", "fail"]
+
+# The programs each ban backend runs (its preset's argv[0]s), and `ip` for `ip netns exec`.
+BACKEND_TOOLS = {"nftables": ("nft",), "ufw": ("ufw",),
+                 "iptables-ipset": ("ipset", "iptables", "ip6tables")}
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    outcome: Outcome
+    subject: str  # the config key it is about
+    text: str
+
+    def line(self) -> str:
+        return f"{self.outcome:<4}  {self.subject}: {self.text}"
+
+
+def check_netns(config: Config) -> list[Check]:
+    if not config.netns:
+        return [Check("ok", "watch.netns", "the service's own namespace")]
+    if not netns.exists(config.netns):
+        # a watched namespace that is not there would leave every kernel line unattributable
+        return [Check("fail", "watch.netns",
+                      f'there is no network namespace "{config.netns}" (`ip netns list`)')]
+    return [Check("ok", "watch.netns", f'"{config.netns}" exists')]
+
+
+def check_sources(config: Config, kmsg_path: str = "/dev/kmsg") -> list[Check]:
+    from synwatch.sources import journal_reader, plan_sources  # noqa: PLC0415
+
+    plans, skipped = plan_sources(config, kmsg_path)
+    out = [Check("ok", f"sources.{p.name.split(':', 1)[0]}", f"{p.name}: {p.reason}")
+           for p in plans if not p.name.startswith("file:")]
+    if config.journald is True and journal_reader() is None:
+        out.append(Check("fail", "sources.journald",
+                         "true, but there is no systemd-python and no journalctl"))
+    if config.kmsg is True and not os.access(kmsg_path, os.R_OK):
+        out.append(Check("fail", "sources.kmsg", f"true, but {kmsg_path} is not readable"))
+    for path in config.files:
+        if os.access(path, os.R_OK):
+            out.append(Check("ok", "sources.files", f"{path} is readable"))
+        else:  # the file source waits for it (a log that is not written yet)
+            out.append(Check("warn", "sources.files",
+                             f"{path} is not there or not readable yet; followed once it is"))
+    out += [Check("ok", "sources", f"not used: {why}") for why in skipped]
+    if not plans:
+        out.append(Check("fail", "sources", "no log source will run; only counters and "
+                                             "sockets will be watched"))
+    return out
+
+
+def check_actions(config: Config,
+                  which: Callable[[str], str | None] = shutil.which) -> list[Check]:
+    from synwatch.actions.registry import resolve_policy  # noqa: PLC0415 - entry points
+
+    try:
+        resolve_policy(config)
+    except ConfigError as exc:
+        return [Check("fail", exc.key or "actions.policy", exc.reason)]
+    chosen = sorted({name for names in config.policy.values() for name in names})
+    out = [Check("ok", "actions.policy", f"installed: {', '.join(chosen) or 'none chosen'}")]
+    mode = "a dry run: nothing is changed" if config.dry_run else "live"
+    out.append(Check("ok" if config.dry_run else "warn", "actions.dry_run", mode))
+    if config.ban.enabled and "ban" in config.policy.get("concentrated", ()):
+        missing = [t for t in BACKEND_TOOLS[config.ban.backend] if which(t) is None]
+        if config.netns and which("ip") is None:
+            missing.append("ip")
+        if missing:
+            # a dry run only renders, so it can run without them
+            out.append(Check("warn" if config.dry_run else "fail", "actions.ban.backend",
+                             f"{config.ban.backend} needs {', '.join(missing)}, which "
+                             "is not installed"))
+        else:
+            out.append(Check("ok", "actions.ban.backend",
+                             f"{config.ban.backend}: {', '.join(BACKEND_TOOLS[config.ban.backend])}"
+                             " installed"))
+    return out
+
+
+def check_store(config: Config) -> list[Check]:
+    """Opens the history read-only when it exists; never creates it."""
+    from sqlalchemy import create_engine, text  # noqa: PLC0415
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError  # noqa: PLC0415
+
+    try:
+        url = make_url(config.storage_url)
+    except ArgumentError as exc:
+        return [Check("fail", "storage.url", str(exc))]
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        db = Path(url.database)
+        if not db.exists():
+            parent = db.parent
+            while not parent.exists():
+                parent = parent.parent
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return [Check("fail", "storage.url",
+                              f"{db} does not exist and {parent} is not writable")]
+            return [Check("ok", "storage.url", f"{db} will be created (0600)")]
+        if not os.access(db, os.R_OK | os.W_OK):
+            return [Check("fail", "storage.url", f"{db} is not readable and writable")]
+        url = make_url(f"sqlite:///file:{db}?mode=ro&uri=true")
+    try:
+        # a database across the network answers within seconds or is reported as down
+        engine = create_engine(url, connect_args={"connect_timeout": 5}
+                               if url.get_backend_name() == "postgresql" else {})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT count(*) FROM sqlite_master"
+                                      if url.get_backend_name() == "sqlite" else "SELECT 1"))
+        engine.dispose()
+    except (SQLAlchemyError, ImportError) as exc:
+        return [Check("fail", "storage.url", f"{shown}: {str(exc).splitlines()[0]}")]
+    return [Check("ok", "storage.url", f"{shown} opens")]
+
+
+def preflight(config: Config) -> list[Check]:
+    return [*check_netns(config), *check_sources(config), *check_actions(config),
+            *check_store(config)]
