@@ -1,10 +1,16 @@
-"""Rendering for the CLI: JSON, JSON lines and plain aligned tables."""
+"""Rendering for the CLI: JSON, JSON lines, plain aligned tables, and each command's text view
+(the commands in ``synwatch/cli/`` parse and call; what a user reads is drawn here)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+from synwatch.records import endpoint
+
+if TYPE_CHECKING:
+    from synwatch.scan import Hit
 
 
 def dumps(value: Any) -> str:
@@ -49,3 +55,116 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> str:
     top = max((v for v in values if v is not None), default=0) or 1
     return "".join(" " if v is None else BARS[min(len(BARS) - 1, int(v / top * len(BARS)))]
                    for v in values)
+
+
+class ProgressBar:
+    """``scanning PATH [#####    ]  40%`` on one line of a terminal, redrawn per percent."""
+
+    def __init__(self, path: str, total: int, out: TextIO) -> None:
+        self.path, self.total, self.out, self.shown = path, total, out, -1
+
+    def __call__(self, done: int) -> None:
+        percent = min(100, done * 100 // max(self.total, 1))
+        if percent != self.shown:
+            self.shown = percent
+            bar = "#" * (percent // 4)
+            self.out.write(f"\rscanning {self.path} [{bar:<25}] {percent:3d}%")
+            self.out.flush()
+
+    def close(self) -> None:
+        self.out.write("\r\033[K")
+        self.out.flush()
+
+
+def print_hits(hits: Iterable[Hit], fmt: str, out: TextIO) -> None:
+    """`synwatch scan`: JSON lines as they come, or a table."""
+    from synwatch.filters import event_fields  # noqa: PLC0415
+
+    if fmt == "json":
+        for hit in hits:
+            out.write(dumps({"path": hit.path, "line_no": hit.line_no,
+                             **event_fields(hit.event)}) + "\n")
+        return
+    rows = []
+    for hit in hits:
+        f = event_fields(hit.event)
+        f["where"] = f"{hit.path}:{hit.line_no}"
+        f["source"] = (f"{f['source_ip']}/{f['source_port']}" if f["source_ip"] else None)
+        rows.append(f)
+    table(rows, ["where", "time", "kind", "family", "address", "port", "mode", "source",
+                 "trusted"], out)
+
+
+def print_snapshot(view: dict[str, Any], out: TextIO) -> None:
+    out.write(f"netns: {view['netns'] or '(own)'}   " + "  ".join(
+        f"{k.rsplit('.', 1)[1]}={v}" for k, v in view["sysctls"].items()) + "\n")
+    rows = [{**li, "listener": endpoint(li["address"], li["port"]),
+             "prefixes": ", ".join(f"{p['prefix']} ({p['count']})" for p in li["top_prefixes"])
+             or None} for li in view["listeners"]]
+    table(rows, ["listener", "backlog", "accept_queue", "syn_recv", "prefixes"], out,
+          headers=["listener", "backlog", "accept-q", "syn-recv", "top source prefixes"])
+    out.write("counters: " + "  ".join(f"{k.split('.', 1)[1]}={v}"
+                                       for k, v in sorted(view["counters"].items())) + "\n")
+    for line in view["diagnosis"]:
+        out.write(f"diagnosis: {line}\n")
+
+
+def print_incident_rows(rows: list[dict[str, Any]], out: TextIO, with_ids: bool = False) -> None:
+    """`incidents list` (stored, with ids) or `replay` (what a recording leads to, with each
+    incident's evidence and recommendations below the table)."""
+    for row in rows:
+        row["listener"] = endpoint(row["address"], row["port"])
+    if with_ids:
+        for row in rows:
+            row["prefixes"] = ", ".join(p["prefix"] for p in row["top_prefixes"][:3]) or None
+        table(rows, ["id", "opened_at", "closed_at", "status", "verdict", "trigger", "listener",
+                     "peak_syn_recv", "prefixes"], out,
+              headers=["id", "opened", "closed", "status", "verdict", "trigger", "listener",
+                       "peak", "top prefixes"])
+        return
+    table(rows, ["opened_at", "status", "verdict", "trigger", "listener", "peak_syn_recv"],
+          out, headers=["opened", "status", "verdict", "trigger", "listener", "peak"])
+    for row in rows:
+        for line in row["evidence"] + row["recommendations"]:
+            out.write(f"  {row['listener']}: {line}\n")
+
+
+def print_incident(view: dict[str, Any], evidence: dict[str, Any],
+                   samples: list[dict[str, Any]], out: TextIO) -> None:
+    """`incidents show`: the incident, its evidence, its timeline, its actions."""
+    for key in ("id", "host", "netns", "address", "port", "family", "status", "verdict",
+                "trigger", "opened_at", "closed_at", "first_evidence_at", "detected_at",
+                "peak_syn_recv"):
+        out.write(f"{key + ':':<19}{cell(view[key])}\n")
+    if view["top_prefixes"]:
+        out.write("top prefixes:\n")
+        table(view["top_prefixes"], ["prefix", "count", "share"], out)
+    for reason in evidence.get("reasons", []):
+        out.write(f"evidence: {reason}\n")
+    for phase in evidence.get("phases", []):
+        out.write(f"phase:             {phase['verdict']} from {phase['at']}\n")
+    timeline(samples, out)
+    for rec in view["recommendations"]:
+        out.write(f"recommendation: {rec}\n")
+    if view["actions"]:
+        out.write("actions:\n")
+        table(view["actions"], ["at", "action", "target", "status"], out)
+
+
+def timeline(samples: list[dict[str, Any]], out: TextIO) -> None:
+    """The evidence over time, one sparkline per measure."""
+    if not samples:
+        return
+    out.write(f"timeline:          {len(samples)} probes, {samples[0]['at']} to "
+              f"{samples[-1]['at']}\n")
+    rows: list[tuple[str, list[float | None]]] = [
+        ("SYN-RECV", [x["syn_recv"] for x in samples]),
+        ("accept queue", [x["accept_queue"] for x in samples]),
+        ("SYN overflow/s", [x["rates"].get("syns_overflowed") for x in samples]),
+        ("accept overflow/s", [x["rates"].get("listen_overflows") for x in samples]),
+        ("cookies back/s", [x["rates"].get("cookies_recv") for x in samples]),
+    ]
+    for name, values in rows:
+        peak = max((v for v in values if v is not None), default=None)
+        if peak:
+            out.write(f"  {name:<18}{sparkline(values)}  peak {peak:.0f}\n")

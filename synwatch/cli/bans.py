@@ -1,0 +1,52 @@
+"""`synwatch bans list` and `synwatch unban`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from synwatch.cli.common import add_config, add_format, command, group, load, open_store
+
+
+def cmd_bans_list(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, table  # noqa: PLC0415
+    from synwatch.store.views import ban_view  # noqa: PLC0415
+
+    now = datetime.now(timezone.utc)
+    rows = [ban_view(b, now) for b in open_store(args).bans()]
+    if args.format == "json":
+        print(dumps(rows))
+    else:
+        table(rows, ["prefix", "backend", "incident_id", "created_at", "expires_at", "active"],
+              sys.stdout)
+    return 0
+
+
+def cmd_unban(args: argparse.Namespace) -> int:
+    from synwatch.actions.ban import unban  # noqa: PLC0415
+    from synwatch.store import Store  # noqa: PLC0415
+
+    config = load(args)
+    store = Store.open(config.storage_url)
+    for done in unban(config, store, args.prefix, datetime.now(timezone.utc)):
+        ban = done.ban
+        print(f"unbanned {ban.prefix} ({ban.backend}, incident {ban.incident_id})")
+        if done.kept:
+            print(f"  {args.prefix} was inside it; the rest stays banned until "
+                  f"{ban.expires_at.isoformat()}: {', '.join(done.kept)}")
+        if args.verbose:
+            print(done.rendered)
+    return 0
+
+
+def register(sub: Any) -> None:
+    bans = group(sub, "bans", "bans")
+    p = command(bans, "list", cmd_bans_list, "list bans with their expiry")
+    add_format(p)
+    add_config(p)
+    p = command(sub, "unban", cmd_unban, "lift the active bans covering a prefix or an address")
+    p.add_argument("prefix", metavar="PREFIX")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the commands run")
+    add_config(p)

@@ -1,0 +1,91 @@
+"""What the command modules share: argument types, the --config and --format options, loading
+the configuration and opening the store. Heavy imports stay inside the functions."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from synwatch.errors import UsageError
+
+if TYPE_CHECKING:
+    from synwatch.config import Config
+    from synwatch.store import Store
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors become UsageError: one line, exit 2, never a traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        # prog is "synwatch incidents list": the subject is the command without "synwatch"
+        raise UsageError(self.prog.removeprefix("synwatch").strip(), message)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    # accepted after the command too (`synwatch incidents list --debug`); main() reads it
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def command(parent: Any, name: str, func: Handler, helptext: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = parent.add_parser(name, help=helptext, description=helptext)
+    p.set_defaults(func=func)
+    add_common(p)
+    return p
+
+
+def group(sub: Any, name: str, helptext: str) -> Any:
+    """A noun with verbs under it: `synwatch incidents list`."""
+    p = sub.add_parser(name, help=helptext, description=helptext)
+    add_common(p)
+    return p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=Parser)
+
+
+def add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="F",
+                   help="config file (default: $SYNWATCH_CONFIG, /etc/synwatch/synwatch.toml, "
+                        "else the embedded default)")
+
+
+def add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def since(text: str) -> datetime:
+    from synwatch.durations import parse_duration  # noqa: PLC0415
+
+    try:
+        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def tcp_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text[:6]) < 65536:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def load(args: argparse.Namespace) -> Config:
+    from synwatch.config import load_config  # noqa: PLC0415
+
+    return load_config(args.config)
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    from synwatch.store import Store  # noqa: PLC0415
+
+    return Store.open(load(args).storage_url)

@@ -1,0 +1,33 @@
+"""`synwatch events list`: the recorded kernel events."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from synwatch.cli.common import add_config, add_format, command, group, open_store, positive, since
+
+
+def cmd_events_list(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, table  # noqa: PLC0415
+    from synwatch.store.views import event_view  # noqa: PLC0415
+
+    rows = [event_view(e) for e in open_store(args).events(since=args.since, limit=args.limit)]
+    if args.format == "json":
+        print(dumps(rows))
+    else:
+        table(rows, ["id", "time", "source", "trusted", "kind", "family", "address", "port",
+                     "mode", "source_ip", "incident_id"], sys.stdout,
+              headers=["id", "time", "source", "trusted", "kind", "fam", "address", "port",
+                       "mode", "source_ip", "incident"])
+    return 0
+
+
+def register(sub: Any) -> None:
+    events = group(sub, "events", "recorded kernel events")
+    p = command(events, "list", cmd_events_list, "list recorded kernel events, oldest first")
+    p.add_argument("--since", type=since, metavar="DUR", help="only the last DUR (e.g. 1h)")
+    p.add_argument("--limit", type=positive, metavar="N", help="only the newest N")
+    add_format(p)
+    add_config(p)

@@ -1,0 +1,73 @@
+"""`synwatch incidents list` and `incidents show`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from synwatch.cli.common import (
+    add_config,
+    add_format,
+    command,
+    group,
+    open_store,
+    positive,
+    since,
+    tcp_port,
+)
+from synwatch.config import VERDICTS
+
+
+def cmd_incidents_list(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, print_incident_rows  # noqa: PLC0415
+    from synwatch.store.views import incident_view  # noqa: PLC0415
+
+    store = open_store(args)
+    incidents = store.incidents(since=args.since, port=args.port, verdict=args.verdict,
+                                limit=args.limit)
+    runs = store.actions_by_incident([i.id for i in incidents])
+    rows = [incident_view(i, runs[i.id]) for i in incidents]
+    if args.format == "json":
+        print(dumps(rows))
+    else:
+        print_incident_rows(rows, sys.stdout, with_ids=True)
+    return 0
+
+
+def cmd_incidents_show(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, print_incident  # noqa: PLC0415
+    from synwatch.store.views import incident_view, sample_view  # noqa: PLC0415
+
+    store = open_store(args)
+    incident, runs = store.incident(args.id)
+    view = incident_view(incident, runs)
+    samples = [sample_view(x) for x in store.samples(args.id)]
+    if args.format == "json":
+        # phases: a flood that changed character, each phase with its verdict ([]: one phase)
+        extra = ({"evidence": list(incident.evidence.get("reasons", [])), "timeline": samples,
+                  "phases": list(incident.evidence.get("phases", []))}
+                 if args.evidence else {})
+        print(dumps({**view, **extra}))
+    else:
+        print_incident(view, incident.evidence, samples, sys.stdout)
+    return 0
+
+
+def register(sub: Any) -> None:
+    incidents = group(sub, "incidents", "incidents")
+    p = command(incidents, "list", cmd_incidents_list, "list incidents, oldest first")
+    p.add_argument("--since", type=since, metavar="DUR")
+    p.add_argument("--port", type=tcp_port, metavar="N")
+    p.add_argument("--verdict", choices=VERDICTS)
+    p.add_argument("--limit", type=positive, metavar="N", help="only the newest N")
+    add_format(p)
+    add_config(p)
+    p = command(incidents, "show", cmd_incidents_show,
+                "one incident with its evidence and actions")
+    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("--evidence", action="store_true",
+                   help='with --format json: add "evidence" (the verdict\'s reasons), "phases" and '
+                        '"timeline" (every probe while it lasted)')
+    add_format(p)
+    add_config(p)

@@ -1,0 +1,64 @@
+"""`synwatch run`, `replay` and `check-config`: the service, what it would have done with a
+recording, and whether a configuration and this machine can run it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from synwatch.cli.common import add_config, add_format, command, load
+from synwatch.errors import ConfigError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from synwatch.service import Service  # noqa: PLC0415
+
+    return Service(load(args), args.config, record=args.record).run()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, print_incident_rows  # noqa: PLC0415
+    from synwatch.replay import replay  # noqa: PLC0415
+    from synwatch.store.views import change_view  # noqa: PLC0415
+
+    config = load(args)
+    rows = [change_view(c) for c in replay(args.recording, config.thresholds,
+                                           config.quiet_period)]
+    if args.format == "json":
+        print(dumps(rows))
+        return 0
+    print_incident_rows(rows, sys.stdout)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from synwatch.preflight import preflight  # noqa: PLC0415
+
+    config = load(args)  # a malformed file stops here, with one line naming the key
+    checks = preflight(config)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if c.outcome == "fail"]
+    if failed:
+        first = failed[0]
+        raise ConfigError(config.path, first.subject, first.text
+                          + (f" (and {len(failed) - 1} more above)" if len(failed) > 1 else ""))
+    print(f"{config.path}: OK")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = command(sub, "run", cmd_run, "run the service in the foreground")
+    p.add_argument("--record", metavar="FILE",
+                   help="append every probe and kernel event to FILE (JSON lines) for replay")
+    add_config(p)
+    p = command(sub, "replay", cmd_replay,
+                "the incidents a recording (run --record) leads to with the configured "
+                "thresholds; records nothing")
+    p.add_argument("recording", metavar="FILE")
+    add_format(p)
+    add_config(p)
+    p = command(sub, "check-config", cmd_check_config,
+                "check a configuration file, then this machine against it")
+    add_config(p)
