@@ -17,9 +17,9 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from synwatch.actions.registry import RETRYING, Action, ActionContext, Plan, resolve_policy
+from synwatch.actions.registry import Action, ActionContext, Plan, resolve_policy
 from synwatch.clock import Clock
 from synwatch.config import Config
 from synwatch.errors import StoreError, SynwatchError
@@ -150,13 +150,13 @@ class Responder:
         self._collect()  # not tick(): nothing may be submitted to the stopped workers
         # retries not yet due already have their "retrying" row; these have none yet
         for plan, attempt in unfinished:
+            detail = f"attempt {attempt}: not done when synwatch stopped"
+            retry_at = None
             if self.by_name[plan.action].retries:
-                detail = f"attempt {attempt}: not done when synwatch stopped{RETRYING}at the " \
-                         "next start"
-            else:
-                detail = f"attempt {attempt}: not done when synwatch stopped"
+                detail += "; retrying at the next start"
+                retry_at = self.ctx.clock.now()
             log.warning("action %s %s: %s", plan.action, plan.target, detail)
-            self._record(plan, "failed", detail)
+            self._record(plan, "failed", detail, retry_at=retry_at)
         for _, plan, _attempt in self.retry_at:
             log.info("action %s %s: retried at the next start", plan.action, plan.target)
 
@@ -211,18 +211,21 @@ class Responder:
             return
         attempts = self.config.notify.attempts if action and action.retries else 1
         detail = f"attempt {o.attempt} of {attempts}: {o.detail}"
+        retry_at = None
         if o.attempt < attempts:
             delay = self.config.notify.retry * 2 ** (o.attempt - 1)
             self.retry_at.append((self.ctx.clock.monotonic() + delay, o.plan, o.attempt + 1))
-            detail += f"{RETRYING}in {delay:.0f} s"
+            detail += f"; retrying in {delay:.0f} s"
+            retry_at = o.at + timedelta(seconds=delay)
         log.warning("action %s %s failed: %s", o.plan.action, o.plan.target, detail)
-        self._record(o.plan, "failed", detail, o.at)
+        self._record(o.plan, "failed", detail, o.at, retry_at)
 
-    def _record(self, plan: Plan, status: str, detail: str, at: datetime | None = None) -> None:
+    def _record(self, plan: Plan, status: str, detail: str, at: datetime | None = None,
+                retry_at: datetime | None = None) -> None:
         self.unrecorded.append(ActionRun(
             incident_id=plan.incident_id, action=plan.action, target=plan.target[:255],
             status=status, at=at or self.ctx.clock.now(), rendered=plan.rendered,
-            detail=detail))
+            detail=detail, retry_at=retry_at))
         self._flush()
 
     def _flush(self) -> None:

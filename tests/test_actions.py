@@ -294,6 +294,7 @@ def test_messages_unsent_at_a_stop_are_recorded_for_the_next_start(tmp_path: Pat
     assert [(r.target, r.status) for r in runs] == [("opened", "failed"), ("closed", "failed")]
     assert all(r.detail == "attempt 1: not done when synwatch stopped; retrying at the next start"
                for r in runs)
+    assert all(r.retry_at is not None for r in runs)
 
 
 def test_a_start_resends_what_was_left_unsent_and_nothing_else(tmp_path: Path) -> None:
@@ -302,15 +303,19 @@ def test_a_start_resends_what_was_left_unsent_and_nothing_else(tmp_path: Path) -
     other = store.save_incident(_change(incident_id=None, host="web2"))  # a fleet's other host
 
     def run(incident: int, target: str, status: str, detail: str, ago: float = 60) -> ActionRun:
+        at = clock.now() - timedelta(seconds=ago)
+        # the retry is the column, not the prose: "given up" below says "retrying" in words
+        retry_at = at if "; retrying" in detail else None
         return ActionRun(incident_id=incident, action="notify", target=target, status=status,
-                         at=clock.now() - timedelta(seconds=ago), rendered=f"{target} title\n"
-                         f"{target} body", detail=detail)
+                         at=at, rendered=f"{target} title\n{target} body", detail=detail,
+                         retry_at=retry_at)
 
     store.add(run(1, "opened", "failed", "attempt 1 of 5: refused; retrying in 60 s", 120),
               run(1, "opened", "done", "sent to 1 URL"),  # sent later: nothing to do
               run(1, "closed", "failed", "attempt 1: not done when synwatch stopped; "
                                          "retrying at the next start"),
               run(1, "update", "failed", "attempt 5 of 5: refused"),  # given up
+              run(1, "probe", "failed", "refused; not retrying"),  # prose is not state
               run(other, "closed", "failed", "attempt 1 of 5: refused; retrying in 60 s"),
               run(1, "update", "failed", "old; retrying in 60 s", ago=2 * 86400))
     [plan] = responder.by_name["notify"].start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -34,14 +35,14 @@ def _db(path: Path) -> str:
 def test_open_creates_and_migrates_the_schema_in_wal_mode(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "dir" / "h.db"
     store = Store.open(_db(db))
-    assert store.schema_revision() == store.head_revision() == "0002"
+    assert store.schema_revision() == store.head_revision() == "0003"
     tables = set(inspect(store.engine).get_table_names())
     assert {"events", "incidents", "evidence_samples", "action_runs", "bans",
             "source_positions", "alembic_version"} <= tables
     store.close()
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     # a second open is a no-op
-    assert Store.open(_db(db)).schema_revision() == "0002"
+    assert Store.open(_db(db)).schema_revision() == "0003"
 
 
 def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
@@ -54,7 +55,41 @@ def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
         command.downgrade(cfg, "base")
     assert store.schema_revision() is None
     store.migrate()
-    assert store.schema_revision() == "0002"
+    assert store.schema_revision() == "0003"
+
+
+OLD_HISTORIES = sorted((Path(__file__).parent / "data" / "store").glob("schema_*.db"))
+
+
+@pytest.mark.parametrize("old", OLD_HISTORIES, ids=[p.stem for p in OLD_HISTORIES])
+def test_a_history_written_by_an_older_schema_keeps_its_data(tmp_path: Path, old: Path) -> None:
+    """Real files written at each older schema (tests/data/store/make_old_histories.py), opened
+    by today's synwatch: migrated, a copy kept, every row still there and readable, and the
+    retries that were prose in the detail converted to the retry_at column."""
+    db = tmp_path / "h.db"
+    shutil.copy(old, db)
+    store = Store.open(_db(db))
+    assert store.schema_revision() == store.head_revision()
+    revision = old.stem.removeprefix("schema_")
+    assert (tmp_path / f"h.db.before-{store.head_revision()}").exists()
+    [event] = store.events()
+    assert (event.time, event.port, event.incident_id) == (T0 + timedelta(seconds=1), 443, 1)
+    incident, runs = store.incident(1)
+    assert (incident.verdict, incident.peak_syn_recv, incident.opened_at) == (
+        "concentrated", 200, T0 + timedelta(seconds=1))
+    assert incident.evidence["reasons"] == ["4 prefixes carry 90% of SYN-RECV"]
+    assert incident.top_prefixes[0]["prefix"] == "203.0.113.0/24"
+    assert [(r.target, r.retry_at) for r in runs] == [
+        ("203.0.113.0/24", None),
+        ("opened", T0 + timedelta(minutes=1)),  # "retrying in 30 s"
+        ("closed", T0 + timedelta(minutes=1)),  # "retrying at the next start"
+        ("update", None)]  # given up
+    [ban] = store.bans()
+    assert (ban.prefix, ban.expires_at) == ("203.0.113.0/24", T0 + timedelta(hours=1, minutes=1))
+    assert store.samples(1)[0].rates == {"syns_overflowed": 950.0}
+    assert store.get_position("journald") == {"cursor": "c1"}
+    saved = store.saved_setting("", "net.ipv4.tcp_syncookies")
+    assert saved == (None if revision == "0001" else "0")
 
 
 def test_events_are_recorded_exactly_once_with_their_position(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from functools import partial
 
 from synwatch.actions.message import compose
-from synwatch.actions.registry import RETRYING, Action, ActionContext, Plan
+from synwatch.actions.registry import Action, ActionContext, Plan
 from synwatch.config import Config
 from synwatch.errors import ActionFailed
 from synwatch.records import IncidentChange
@@ -87,7 +87,7 @@ class NotifyAction(Action):
         since = self.ctx.clock.now() - RESEND_WITHIN
         plans = []
         for run in self.ctx.store.latest_runs(self.name, self.ctx.host, self.ctx.netns, since):
-            if run.status != "failed" or RETRYING not in run.detail:
+            if run.status != "failed" or run.retry_at is None:
                 continue
             title, _, body = run.rendered.partition("\n")
             plans.append(Plan(self.name, run.target, run.rendered,

@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 
 GROUP = "synwatch.actions.v1"
 
-# In the detail of a failed run that will be tried again ("...; retrying in 60 s"); a start
-# resends the notifications whose latest run says it.
-RETRYING = "; retrying "
-
 
 @dataclass(frozen=True, slots=True)
 class Plan:

@@ -113,6 +113,9 @@ class ActionRun(Base):
     at: Mapped[datetime]
     rendered: Mapped[str] = mapped_column(Text, default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+    # a failed run that will be tried again: when (the stop time for "at the next start");
+    # None for every other run. Before 0003 this was prose in ``detail`` ("; retrying ").
+    retry_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Ban(Base):
