@@ -308,47 +308,167 @@ def _listen(value: Any) -> tuple[str, int] | None:
 
 _DEFAULTS = Thresholds()
 
-# section -> key -> (validator, default). The keys of the interface contract (DESIGN.md).
-_SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
-    "storage": {"url": (_url, "")},
-    "sources": {"journald": (_auto, "auto"), "files": (_files, []), "kmsg": (_auto, "auto")},
-    "watch": {"netns": (_netns, "")},
-    "incident": {"quiet_period": (_duration, "60s"), "probe_interval": (_duration, "1s"),
-                 "open_rate": (_int_in(1, 10_000_000), _DEFAULTS.open_rate),
-                 "accounting": (_auto, "auto"), "sampler": (_auto, "auto"),
-                 "half_open_for": (_duration, "10s"),
-                 "half_open_min": (_int_in(1, 65535), _DEFAULTS.half_open_min),
-                 "verdict_window": (_duration, "10s")},
-    "verdict": {"capacity_completion": (_fraction, _DEFAULTS.capacity_completion),
-                "spoofed_completion": (_fraction, _DEFAULTS.spoofed_completion),
-                "concentrated_prefixes": (_int_in(1, 64), _DEFAULTS.concentrated_prefixes),
-                "concentrated_share": (_fraction, _DEFAULTS.concentrated_share),
-                "spoofed_min_prefixes": (_int_in(2, 65536), _DEFAULTS.spoofed_min_prefixes),
-                "ipv4_prefix": (_int_in(8, 32), _DEFAULTS.ipv4_prefix),
-                "ipv6_prefix": (_int_in(16, 128), _DEFAULTS.ipv6_prefix)},
-    "allowlist": {"networks": (_networks, [])},
-    # a dry run unless the file says otherwise: a minimal /etc/synwatch/synwatch.toml must not
-    # change sysctls and the firewall (the embedded default says so too)
-    "actions": {"dry_run": (_bool, True)},
-    "actions.policy": {v: (_actions_for(v), DEFAULT_POLICY[v]) for v in VERDICTS},
-    "actions.syncookies": {"enabled": (_bool, True)},
-    "actions.ban": {"enabled": (_bool, True), "backend": (_backend, "nftables"),
-                    "duration": (_duration, "1h"), "increment": (_positive, 2.0),
-                    "max_duration": (_duration, "7d"),
-                    "max_per_incident": (_int_in(1, 4096), 8),
-                    "max_total": (_int_in(1, 1_000_000), 256),
-                    "min_share": (_fraction, 0.05),
-                    "widest_v4": (_int_in(8, 32), _DEFAULTS.widest_v4),
-                    "widest_v6": (_int_in(16, 128), _DEFAULTS.widest_v6)},
-    "actions.ratelimit": {"enabled": (_bool, False), "rate": (_int_in(1, 1_000_000), 100),
-                          "burst": (_int_in(1, 1_000_000), 50), "hold": (_duration, "5m"),
-                          "ports": (_ports, [])},
-    "actions.notify": {"enabled": (_bool, False), "urls": (_notify_urls, []),
-                       "interval": (_duration, "10m"), "timeout": (_duration, "10s"),
-                       "retry": (_duration, "30s"), "attempts": (_int_in(1, 100), 5)},
-    "actions.exec": {"enabled": (_bool, False), "argv": (_argv, []),
-                     "on": (_exec_on, list(EXEC_CHANGES)), "timeout": (_duration, "30s")},
-    "metrics": {"listen": (_listen, "")},
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One key: how its value is checked, its default, and what it means (the README's key
+    table and the default file, packaging/synwatch.toml, are generated from these:
+    `python scripts/settings_docs.py --write`, checked by tests/test_docs.py)."""
+
+    validate: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+def _s(validate: Callable[[Any], Any], default: Any, help_text: str) -> Setting:
+    return Setting(validate, default, help_text)
+
+
+_POLICY_HELP = {
+    "capacity": "the actions a *capacity* incident runs",
+    "concentrated": "... a *concentrated* one (the only verdict that may ban)",
+    "spoofed": "... a *spoofed* one",
+    "unknown": "... one with no verdict yet",
+}
+
+# section -> key -> Setting. The keys of the interface contract (DESIGN.md).
+SCHEMA: dict[str, dict[str, Setting]] = {
+    "storage": {
+        "url": _s(_url, "", 'any SQLAlchemy URL; `""` = `/var/lib/synwatch/synwatch.db` (root) '
+                  "or `$XDG_STATE_HOME/synwatch/synwatch.db` (`~/.local/state/...`)"),
+    },
+    "sources": {
+        "journald": _s(_auto, "auto", '`"auto"` | `true` | `false`; auto = when the machine '
+                       "has a journal"),
+        "files": _s(_files, [], 'syslog files to follow, e.g. `["/var/log/syslog"]`; never '
+                    "trusted (any user can write kernel-like lines to them)"),
+        "kmsg": _s(_auto, "auto", "`/dev/kmsg`; auto = when there is no journal and it is "
+                   "readable"),
+    },
+    "watch": {
+        "netns": _s(_netns, "", 'an `ip netns` name to probe and act in; `""` = our own'),
+    },
+    "incident": {
+        "quiet_period": _s(_duration, "60s", "an incident closes after this long without "
+                           "kernel evidence"),
+        "probe_interval": _s(_duration, "1s", "how often counters, listeners and SYN-RECV "
+                             "sockets are read (at least `0.1s`)"),
+        "open_rate": _s(_int_in(1, 10_000_000), _DEFAULTS.open_rate,
+                        "SYNs/s finding a full SYN queue, or accept-queue overflows/s, that open "
+                        "an incident with no log line (the kernel logs once per socket)"),
+        "accounting": _s(_auto, "auto", "count SYNs per source prefix and port in an nftables "
+                         "set (`table inet synwatch`, chain `account`); auto = nft installed, "
+                         "root, and `dry_run` off"),
+        "sampler": _s(_auto, "auto", "sample inbound SYNs on a packet socket with a BPF filter "
+                      "(1 in N, N following the rate; no firewall rule, works in dry run and "
+                      "with `tcp_syncookies=2`); auto = when a packet socket can be opened (root "
+                      "or `CAP_NET_RAW`); `true` warns when it cannot"),
+        "half_open_min": _s(_int_in(1, 65535), _DEFAULTS.half_open_min,
+                            "SYN-RECV at or above this (or a quarter of the backlog, if more) "
+                            "..."),
+        "half_open_for": _s(_duration, "10s", "... for this long, with most requests never "
+                            "completing, opens a `half_open` incident (a slow flood that never "
+                            "overflows)"),
+        "verdict_window": _s(_duration, "10s", "the recent evidence a verdict follows; a "
+                             "different confident verdict there starts a new phase"),
+    },
+    "verdict": {
+        "capacity_completion": _s(_fraction, _DEFAULTS.capacity_completion,
+                                  "share of overflowing SYNs that completed a handshake (SYN "
+                                  "cookies received / sent) at or above which the load is real "
+                                  "(*capacity*)"),
+        "spoofed_completion": _s(_fraction, _DEFAULTS.spoofed_completion,
+                                 "at or below this, with sources spread thin, the flood is "
+                                 "*spoofed*"),
+        "concentrated_prefixes": _s(_int_in(1, 64), _DEFAULTS.concentrated_prefixes,
+                                    'how many prefixes "a few" is'),
+        "concentrated_share": _s(_fraction, _DEFAULTS.concentrated_share,
+                                 "share of SYNs those few must carry for *concentrated* (its "
+                                 "lower 95% Wilson bound, from the sample size)"),
+        "spoofed_min_prefixes": _s(_int_in(2, 65536), _DEFAULTS.spoofed_min_prefixes,
+                                   'how many prefixes "spread thin" is (estimated from those '
+                                   "sampled once and twice: Chao1)"),
+        "ipv4_prefix": _s(_int_in(8, 32), _DEFAULTS.ipv4_prefix,
+                          "prefix length of IPv4 sources (and of bans)"),
+        "ipv6_prefix": _s(_int_in(16, 128), _DEFAULTS.ipv6_prefix,
+                          "prefix length of IPv6 sources (and of bans)"),
+    },
+    "allowlist": {
+        "networks": _s(_networks, [], "CIDRs never banned (loopback and our own addresses "
+                       "never are)"),
+    },
+    "actions": {
+        # a dry run unless the file says otherwise: a minimal /etc/synwatch/synwatch.toml must
+        # not change sysctls and the firewall (the embedded default says so too)
+        "dry_run": _s(_bool, True, "render and log actions, change nothing (also when the key "
+                      "is missing); `run` warns when it is `false`"),
+    },
+    "actions.policy": {v: _s(_actions_for(v), DEFAULT_POLICY[v], _POLICY_HELP[v])
+                       for v in VERDICTS},
+    "actions.syncookies": {
+        "enabled": _s(_bool, True, "keep `tcp_syncookies` >= 1 during an incident, restore "
+                      "after"),
+    },
+    "actions.ban": {
+        "enabled": _s(_bool, True, "ban source prefixes of *concentrated* incidents, only "
+                      "from kernel-side evidence"),
+        "backend": _s(_backend, "nftables", '`"nftables"` | `"ufw"` | `"iptables-ipset"` '
+                      "(presets in `actions/`)"),
+        "duration": _s(_duration, "1h", "the first ban of a prefix"),
+        "increment": _s(_positive, 2, "each later ban of the same prefix lasts this many times "
+                        "longer ..."),
+        "max_duration": _s(_duration, "7d", "... up to this"),
+        "max_per_incident": _s(_int_in(1, 4096), 8, "cap on prefixes banned for one incident"),
+        "max_total": _s(_int_in(1, 1_000_000), 256, "cap on active bans"),
+        "min_share": _s(_fraction, 0.05, "a prefix carrying less of the flood is not banned"),
+        "widest_v4": _s(_int_in(8, 32), _DEFAULTS.widest_v4,
+                        "IPv4 prefixes that fill a larger block (four /24s of a /22) are banned "
+                        "as that block, never wider than this"),
+        "widest_v6": _s(_int_in(16, 128), _DEFAULTS.widest_v6,
+                        "the same for IPv6"),
+    },
+    "actions.ratelimit": {
+        "enabled": _s(_bool, False, "opt-in per-source SYN rate limit (nftables)"),
+        "rate": _s(_int_in(1, 1_000_000), 100, "new connections a minute from one address ..."),
+        "burst": _s(_int_in(1, 1_000_000), 50, "... after a burst of this many (browsers open "
+                    "~6 connections per site, crawlers a few dozen) ..."),
+        "hold": _s(_duration, "5m", "... above which its SYNs are dropped for this long"),
+        "ports": _s(_ports, [], "TCP ports it applies to; `[]` = all"),
+    },
+    "actions.notify": {
+        "enabled": _s(_bool, False, "send notifications"),
+        "urls": _s(_notify_urls, [], "apprise URLs (`mailto://`, `json://`, `slack://`, "
+                   "`tgram://`, ...)"),
+        "interval": _s(_duration, "10m", "at most one update per incident this often (besides "
+                       "opened and closed)"),
+        "timeout": _s(_duration, "10s", "per message: a dead mail server cannot hold synwatch "
+                      "longer"),
+        "retry": _s(_duration, "30s", "first retry of a failed message, doubling after"),
+        "attempts": _s(_int_in(1, 100), 5, "tries per message"),
+    },
+    "actions.exec": {
+        "enabled": _s(_bool, False, "run a program on incident changes"),
+        "argv": _s(_argv, [], 'its argv, absolute path first, no shell (e.g. '
+                   '`["/usr/local/bin/on-synflood"]`); run with `SYNWATCH_*` variables'),
+        "on": _s(_exec_on, list(EXEC_CHANGES), "which changes run it"),
+        "timeout": _s(_duration, "30s", "after which it is killed and the run recorded as "
+                      "failed"),
+    },
+    "metrics": {
+        "listen": _s(_listen, "", '`"127.0.0.1:9851"` serves Prometheus text at `/metrics`; '
+                     '`""` = off'),
+    },
+}
+
+# What a section is about, above its keys in the default file.
+SECTION_HELP = {
+    "incident": "When an incident opens and closes, and what is read while it lasts.",
+    "verdict": "How an incident is judged (README, \"Verdicts\"): capacity, concentrated or "
+               "spoofed.",
+    "actions": "Actions are rendered and logged first; in a dry run that is all that happens.",
+    "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies and the rate "
+                      "limit are not chosen here: cookies are kept on during every incident, "
+                      "the rate limit is a standing rule.",
 }
 
 
@@ -359,18 +479,18 @@ def _flatten(doc: dict[str, Any], path: str) -> dict[str, dict[str, Any]]:
     def walk(table: dict[str, Any], prefix: str) -> None:
         for key, value in table.items():
             dotted = f"{prefix}.{key}" if prefix else key
-            if dotted in _SCHEMA:
+            if dotted in SCHEMA:
                 if not isinstance(value, dict):
                     raise ConfigError(path, dotted,
                                       f"must be a table ([{dotted}]), got {_show(value)}")
                 walk(value, dotted)
-            elif prefix in _SCHEMA and key in _SCHEMA[prefix]:
+            elif prefix in SCHEMA and key in SCHEMA[prefix]:
                 out.setdefault(prefix, {})[key] = value
-            elif not prefix and key not in _SCHEMA:
+            elif not prefix and key not in SCHEMA:
                 raise ConfigError(path, key, "unknown section"
-                                  f" (known: {', '.join(s for s in _SCHEMA if '.' not in s)})")
+                                  f" (known: {', '.join(s for s in SCHEMA if '.' not in s)})")
             else:
-                known = ", ".join(_SCHEMA.get(prefix, {})) or "none"
+                known = ", ".join(SCHEMA.get(prefix, {})) or "none"
                 raise ConfigError(path, dotted, f"unknown key (known in [{prefix}]: {known})")
 
     walk(doc, "")
@@ -386,7 +506,7 @@ def default_storage_url() -> str:
 
 
 def _section(values: dict[str, Any], section: str) -> dict[str, Any]:
-    return {k: values[f"{section}.{k}"] for k in _SCHEMA[section]}
+    return {k: values[f"{section}.{k}"] for k in SCHEMA[section]}
 
 
 def parse_config(text: str, path: str) -> Config:
@@ -396,11 +516,11 @@ def parse_config(text: str, path: str) -> Config:
         raise ConfigError(path, None, f"not valid TOML: {exc}") from exc
     given = _flatten(doc, path)
     values: dict[str, Any] = {}
-    for section, keys in _SCHEMA.items():
-        for key, (validate, default) in keys.items():
-            raw = given.get(section, {}).get(key, default)
+    for section, keys in SCHEMA.items():
+        for key, setting in keys.items():
+            raw = given.get(section, {}).get(key, setting.default)
             try:
-                values[f"{section}.{key}"] = validate(raw)
+                values[f"{section}.{key}"] = setting.validate(raw)
             except _Invalid as exc:
                 raise ConfigError(path, f"{section}.{key}", str(exc)) from None
     v = values
@@ -435,7 +555,7 @@ def parse_config(text: str, path: str) -> Config:
                               verdict_window=v["incident.verdict_window"],
                               widest_v4=v["actions.ban.widest_v4"],
                               widest_v6=v["actions.ban.widest_v6"],
-                              **{k: v[f"verdict.{k}"] for k in _SCHEMA["verdict"]}),
+                              **{k: v[f"verdict.{k}"] for k in SCHEMA["verdict"]}),
         allowlist=v["allowlist.networks"], dry_run=v["actions.dry_run"],
         syncookies_enabled=v["actions.syncookies.enabled"],
         policy={verdict: v[f"actions.policy.{verdict}"] for verdict in VERDICTS},
