@@ -30,9 +30,9 @@ from synwatch.actions.ratelimit import ratelimit_context
 from synwatch.config import parse_config
 from synwatch.runner import execute
 from tests.conftest import synwatch
+from tests.harness import Service
 from tests.lab import CLIENT_IP, SERVER_IP, SPOOF_NET, Lab, lab, lab_port, sh
 from tests.sinks import blackhole, http_sink, smtp_sink
-from tests.test_incidents_lab import Service
 
 pytestmark = pytest.mark.needs_root
 ONE, TWO, ALLOWED = (f"{SPOOF_NET}.{n}.0/24" for n in (1, 2, 9))
@@ -147,7 +147,7 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
 
             wait_for("the closing messages", lambda: len(mine([p["title"] for p in posts])) >= 2
                      and len(mine([m["subject"] for m in mails])) >= 2)
-            time.sleep(1)  # a storm would show by now
+            service.wait_probes(3)  # a storm would show by now
             [inc] = service.incidents(port)  # with every outcome recorded
             did = {(a["action"], a["target"], a["status"]) for a in inc["actions"]}
             assert {("ban", ONE, "done"), ("ban", TWO, "done"),
@@ -220,7 +220,7 @@ def test_a_restart_after_a_crash_restores_lost_bans_and_the_syncookies_value(
         service.wait_incidents(port, 1, "closed")
         # restored from the value kept in the store
         wait_for("tcp_syncookies back to 0", lambda: syncookies(the_lab) == 0, 5)
-        time.sleep(0.5)
+        service.wait_probes(2)
         assert syncookies_runs(service) == ["done net.ipv4.tcp_syncookies"] * 2
     finally:
         service.stop()
@@ -312,7 +312,7 @@ def test_messages_a_down_endpoint_missed_are_sent_once_after_a_restart(
             up.set()
             service.start()
             wait_for("the missed messages", lambda: len(posts) >= 2)
-            time.sleep(1)
+            service.wait_probes(3)
             assert [p["title"].split(" on ")[0] for p in posts] == [
                 "synwatch: SYN flood", "synwatch: over"]
             assert all(f"(incident {inc['id']})" in p["title"] for p in posts)
@@ -323,7 +323,7 @@ def test_messages_a_down_endpoint_missed_are_sent_once_after_a_restart(
                 ("closed", "done")]
             service.stop()
             service.start()  # nothing left to send
-            time.sleep(1.5)
+            service.wait_probes(3)
             assert len(posts) == 2
         finally:
             service.stop()

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-
-class NotifySocket:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-
-    def wait_for(self, wanted: str, timeout: float = 20) -> list[str]:
-        """Datagrams until one holds the line ``wanted``; fails after ``timeout``."""
-        seen: list[str] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                data = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            seen.append(data)
-            if wanted in data.split("\n"):
-                return seen
-        raise AssertionError(f"no {wanted!r} within {timeout}s; got {seen}")
+from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
 
 
 @pytest.fixture
@@ -43,40 +19,9 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     ns.sock.close()
 
 
-def host_config(tmp_path: Path, body: str = "") -> Path:
-    """A config for `synwatch run` on the host's own namespace: its store in tmp_path, ``body``
-    (TOML sections), and a dry run, so the tests watch the host but never act on it (no
-    sysctl, no firewall table)."""
-    config = tmp_path / "synwatch.toml"
-    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n{body}'
-                      "[actions]\ndry_run = true\n")
-    return config
-
-
-def _log_of(config: Path) -> Path:
-    return config.with_suffix(".log")
-
-
-def _start(config: Path, notify: NotifySocket, **env: str) -> subprocess.Popen[str]:
-    """`synwatch run` with its log appended to a file next to the config: an unread pipe would
-    fill up (64 KiB) and block the service."""
-    full_env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), **env}
-    with _log_of(config).open("a") as err:
-        return subprocess.Popen([sys.executable, "-m", "synwatch", "run", "--config",
-                                 str(config)], env=full_env, stdout=subprocess.DEVNULL,
-                                stderr=err, text=True)
-
-
-def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    """SIGTERM, wait; the exit code and everything the service logged (all its runs)."""
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=20)
-    return proc.returncode, _log_of(Path(proc.args[-1])).read_text()
-
-
 def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> None:
     config = host_config(tmp_path, "[sources]\njournald = false\nkmsg = false\n")
-    proc = _start(config, notify)
+    proc = start_service(config, notify)
     try:
         notify.wait_for("READY=1")
         assert (tmp_path / "h.db").exists(), "the store is opened and migrated at start"
@@ -91,7 +36,7 @@ def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> No
         notify.wait_for("READY=1")
         assert proc.poll() is None
     finally:
-        code, err = _stop(proc)
+        code, err = stop_service(proc)
     assert code == 0
     assert "STOPPING=1" in "".join(notify.wait_for("STOPPING=1"))
     assert "configuration reloaded" in err
@@ -101,32 +46,32 @@ def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> No
 
 def test_watchdog_pings(tmp_path: Path, notify: NotifySocket) -> None:
     config = host_config(tmp_path)
-    proc = _start(config, notify, WATCHDOG_USEC="400000")
+    proc = start_service(config, notify, WATCHDOG_USEC="400000")
     try:
         notify.wait_for("READY=1")
         notify.wait_for("WATCHDOG=1", timeout=5)
         notify.wait_for("WATCHDOG=1", timeout=5)
     finally:
-        assert _stop(proc)[0] == 0
+        assert stop_service(proc)[0] == 0
 
 
 def test_bad_config_at_start_is_exit_2(tmp_path: Path, notify: NotifySocket) -> None:
     config = tmp_path / "synwatch.toml"
     config.write_text("[incident]\nquiet_period = 60\n")
-    proc = _start(config, notify)
+    proc = start_service(config, notify)
     proc.wait(timeout=20)
-    err = _log_of(config).read_text()
+    err = log_of(config).read_text()
     assert proc.returncode == 2
     assert err.startswith(f"synwatch: config {config}: incident.quiet_period: ")
 
 
 def test_logs_which_sources_it_uses_and_why(tmp_path: Path, notify: NotifySocket) -> None:
     config = host_config(tmp_path, '[sources]\nfiles = ["/var/log/kern.log"]\n')
-    proc = _start(config, notify)
+    proc = start_service(config, notify)
     try:
         notify.wait_for("READY=1")
     finally:
-        _, err = _stop(proc)
+        _, err = stop_service(proc)
     assert "source file:/var/log/kern.log: configured (untrusted" in err
     assert "source journald" in err and "source kmsg" in err
 
@@ -157,26 +102,26 @@ def test_a_poison_line_in_a_followed_file_stops_nothing(tmp_path: Path,
         deadline = time.monotonic() + 20
         while want not in ports():
             assert time.monotonic() < deadline and proc.poll() is None, \
-                _log_of(config).read_text()
+                log_of(config).read_text()
             if write:
                 with syslog.open("a") as f:
                     f.write(write)
             time.sleep(0.5)
 
-    proc = _start(config, notify)
+    proc = start_service(config, notify)
     notify.wait_for("READY=1")
     follow(7000, write=line("7000"))  # the source follows the file (it opens at its end)
     with syslog.open("a") as f:
         f.write(line("9" * 5000) + line("8080"))
     follow(8080)
-    code, log = _stop(proc)
+    code, log = stop_service(proc)
     assert code == 0
     assert "Traceback" not in log and "internal error" not in log
-    proc = _start(config, notify)  # the restart does not choke on it either
+    proc = start_service(config, notify)  # the restart does not choke on it either
     notify.wait_for("READY=1")
     with syslog.open("a") as f:
         f.write(line("9" * 5000) + line("8443"))
     follow(8443)
-    code, _ = _stop(proc)
+    code, _ = stop_service(proc)
     assert code == 0
     assert [p for p in ports() if p != 7000] == [8080, 8443]  # each once; the poison never

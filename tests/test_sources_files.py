@@ -7,7 +7,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,14 +59,35 @@ class Harness:
 
         thread = threading.Thread(target=run)
         thread.start()
-        time.sleep(0.3)
+        self.wait(lambda: source.rounds > 0, errors)  # it has opened the file, or found none
         try:
             yield source
         finally:
-            time.sleep(1.6)  # past drain_grace: rotated files are drained and closed
+            self.wait(lambda: self.caught_up(source, path), errors)
+            rounds = source.rounds
+            self.wait(lambda: source.rounds > rounds, errors)  # its batch is recorded too
             stop.set()
             thread.join(10)
             assert not errors, errors
+
+    @staticmethod
+    def wait(condition: Callable[[], bool], errors: list[BaseException],
+             timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert not errors, errors
+            assert time.monotonic() < deadline, "the file source did not get there"
+            time.sleep(0.02)
+
+    @staticmethod
+    def caught_up(source: FileSource, path: Path) -> bool:
+        """Everything written is read (the position is past it), and rotated files are drained
+        and closed (after drain_grace without growth): what a stop may safely cut."""
+        files = source.position.get("files", [])
+        size = path.stat().st_size if path.exists() else None
+        current = [f for f in files if not f["draining"]]
+        return (not any(f["draining"] for f in files)
+                and (size is None or (len(current) == 1 and current[0]["offset"] == size)))
 
 
 def numbers_recorded(h: Harness) -> list[int]:

@@ -26,8 +26,8 @@ from synwatch.sources.kmsg import KmsgSource, current_boot_id
 from synwatch.store import Store
 from synwatch.store.models import Event
 from tests.conftest import Journald
+from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
 from tests.lab import Lab, lab, lab_port
-from tests.test_service import NotifySocket, _start, _stop, host_config
 
 pytestmark = pytest.mark.needs_root
 
@@ -57,6 +57,14 @@ def events_for(store: Store, port: int, timeout: float = 15) -> list[Event]:
     return []
 
 
+def wait_log(tmp_path: Path, text: str, timeout: float) -> None:
+    log = log_of(tmp_path / "synwatch.toml")
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log.read_text()}"
+        time.sleep(0.1)
+
+
 def _config(tmp_path: Path, files: list[str] | None = None) -> Path:
     return host_config(tmp_path, "[sources]\njournald = true\nkmsg = false\n"
                                  f"files = {json.dumps(files or [])}\n")
@@ -65,7 +73,7 @@ def _config(tmp_path: Path, files: list[str] | None = None) -> Path:
 def test_real_flood_is_recorded_trusted_within_a_second_and_forgeries_are_not(
         tmp_path: Path, journald: Journald, flood_lab: Lab) -> None:
     notify = NotifySocket(tmp_path / "n.sock")
-    proc = _start(_config(tmp_path), notify)
+    proc = start_service(_config(tmp_path), notify)
     store = Store.open(f"sqlite:///{tmp_path}/h.db")
     try:
         notify.wait_for("READY=1")
@@ -96,14 +104,14 @@ def test_real_flood_is_recorded_trusted_within_a_second_and_forgeries_are_not(
         assert by_port.get(forged_send) is False  # facility 0 claimed, but not the kernel's
         assert forged_logger not in by_port  # facility user: not a kernel line at all
         # down for a while: a flood meanwhile is read after the restart, nothing twice
-        assert _stop(proc)[0] == 0
+        assert stop_service(proc)[0] == 0
         missed = real_flood(flood_lab)
         time.sleep(1)
-        proc = _start(_config(tmp_path), notify)
+        proc = start_service(_config(tmp_path), notify)
         assert len(events_for(store, missed)) == 1
         assert len([e for e in store.events() if e.port == port]) == 1
     finally:
-        code, err = _stop(proc)
+        code, err = stop_service(proc)
     assert code == 0, err
     assert "reading with systemd-python after the stored cursor" in err
 
@@ -114,14 +122,15 @@ def test_dead_journald_is_restarted_with_backoff_while_files_keep_working(
         pytest.skip("the machine's own journald is running; CI starts its own")
     log = tmp_path / "syslog"
     notify = NotifySocket(tmp_path / "n.sock")
-    proc = _start(_config(tmp_path, [str(log)]), notify)
+    proc = start_service(_config(tmp_path, [str(log)]), notify)
     store = Store.open(f"sqlite:///{tmp_path}/h.db")
     try:
         notify.wait_for("READY=1")
         before = real_flood(flood_lab)
         assert len(events_for(store, before)) == 1
         journald.stop()
-        time.sleep(7)  # the liveness check runs every 5 s; then restarts at 1 s, 2 s, ...
+        # the liveness check runs every 5 s; then restarts at 1 s, 2 s, ...
+        wait_log(tmp_path, "restarting in 2 s", timeout=20)
         with log.open("a") as f:
             f.write("Mar  7 09:17:14 web01 kernel: TCP: request_sock_TCP: Possible SYN "
                     "flooding on port 4444. Sending cookies.\n")
@@ -136,7 +145,7 @@ def test_dead_journald_is_restarted_with_backoff_while_files_keep_working(
     finally:
         if not journald.alive():
             journald.start()
-        _, err = _stop(proc)
+        _, err = stop_service(proc)
     assert "source journald failed: journald: stopped answering" in err
     assert "restarting in 1 s" in err and "restarting in 2 s" in err
 
@@ -175,17 +184,30 @@ def test_both_readers_and_a_stale_cursor(reader: type, journald: Journald, flood
 
 def _run_for(source: JournaldSource | KmsgSource, batches: list[Batch], seconds: float,
              until: Callable[[], bool] | None = None) -> None:
-    """Stream for ``seconds``, or until ``until()`` holds (a loaded CI machine is slow)."""
+    """Stream for ``seconds``, or until ``until()`` holds (a loaded CI machine is slow). The
+    source runs on a thread, and what it raises is raised here: a source that crashed must not
+    pass a test that asserts it read nothing."""
     stop = threading.Event()
-    thread = threading.Thread(target=source.stream, args=(batches.append, stop))
+    failure: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            source.stream(batches.append, stop)
+        except BaseException as exc:  # handed to the test's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=stream)
     thread.start()
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not (until and until()):
+    while time.monotonic() < deadline and not (until and until()) and thread.is_alive():
         time.sleep(0.05)
     if until:
         time.sleep(0.2)  # what follows in the same read
     stop.set()
     thread.join(10)
+    assert not thread.is_alive(), "the source did not stop when asked"
+    if failure:
+        raise failure[0]
 
 
 def test_kmsg_resumes_by_sequence_without_repeats(catalogue: Catalogue, flood_lab: Lab) -> None:
@@ -198,9 +220,17 @@ def test_kmsg_resumes_by_sequence_without_repeats(catalogue: Catalogue, flood_la
     _run_for(source, batches, 1)
     first = [r for b in batches for r in b.records if f":{port}." in r.message]
     assert len(first) == 1 and first[0].trusted and first[0].position.startswith(f"kmsg:{boot}:")
-    # a new process resuming from the stored position reads nothing twice
+    # a new process resuming from the stored position reads nothing twice, and it does read:
+    # a flood after the position is its positive marker (a source that read nothing at all
+    # would otherwise pass)
     later: list[Batch] = []
-    _run_for(KmsgSource(catalogue, position=dict(source.position)), later, 0.5)
+    marker = real_flood(flood_lab)
+
+    def read_marker() -> bool:
+        return any(f":{marker}." in r.message for b in list(later) for r in b.records)
+
+    _run_for(KmsgSource(catalogue, position=dict(source.position)), later, 10, until=read_marker)
+    assert read_marker()
     assert not [r for b in later for r in b.records if f":{port}." in r.message]
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import synwatch
+from tests.harness import Service
 from tests.lab import SERVER_IP, SPOOF_NET, SPOOF_NET6, Lab, lab, lab_port
-from tests.test_incidents_lab import Service
 
 pytestmark = pytest.mark.needs_root
 

@@ -84,6 +84,7 @@ class FileSource:
         self._notes: list[str] = []
         self._now = datetime.now(timezone.utc)
         self._tz = local_timezone()
+        self.rounds = 0  # checks done (and their batches emitted): a caller can wait on it
 
     def check_available(self) -> None:
         directory = Path(self.path).parent
@@ -244,6 +245,7 @@ class FileSource:
                 batch = self._batch()
                 if batch is not None:
                     emit(batch)
+                self.rounds += 1
                 poke.wait(self.poll_interval)
                 poke.clear()
         finally:
