@@ -1,0 +1,63 @@
+"""Records the /proc files synwatch's counter and sysctl parsing reads into a tree here, so the
+parsing is tested without root against real kernels' text (as prometheus client_python and
+node_exporter keep /proc fixtures).
+
+    sudo .venv/bin/python -m tests.data.proc.record NAME [NETNS]
+
+NAME is the folder to write (e.g. linux-6.1-lab-flood); NETNS an `ip netns` name to record
+inside. It writes net/netstat, net/snmp, the sysctls of ``procnet.SYSCTLS`` under sys/, and
+expected.json: every counter and sysctl as this kernel states it, read by a parser written
+separately from synwatch's (a word-by-word walk of header and value lines), so the test compares
+two readings of the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+from synwatch.netns import in_netns
+from synwatch.probes.procnet import COUNTERS, SYSCTLS
+
+HERE = Path(__file__).resolve().parent
+
+
+def independent_counters(netstat: str, snmp: str) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for text in (netstat, snmp):
+        words = [line.split() for line in text.splitlines()]
+        for i in range(0, len(words) - 1, 2):
+            names, values = words[i], words[i + 1]
+            section = names[0].rstrip(":")
+            for k in range(1, len(names)):
+                if f"{section}.{names[k]}" in COUNTERS:
+                    found[f"{section}.{names[k]}"] = int(values[k])
+    return found
+
+
+def record(name: str, netns: str = "") -> Path:
+    def read() -> dict[str, str]:
+        files = {f"net/{n}": Path(f"/proc/thread-self/net/{n}").read_text()
+                 for n in ("netstat", "snmp")}
+        for sysctl in SYSCTLS:
+            rel = "sys/" + sysctl.replace(".", "/")
+            files[rel] = Path(f"/proc/{rel}").read_text()
+        return files
+
+    files = in_netns(netns, read)
+    out = HERE / name
+    for rel, text in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    expected = {"kernel": platform.release(),
+                "counters": independent_counters(files["net/netstat"], files["net/snmp"]),
+                "sysctls": {s: int(files["sys/" + s.replace(".", "/")].split()[0])
+                            for s in SYSCTLS}}
+    (out / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    print(record(*sys.argv[1:3]))
