@@ -2,7 +2,7 @@
 `ss -tan state syn-recv` alone, with 60,000 request sockets in a lab namespace (needs root).
 
 The server keeps every request socket: syncookies off, huge backlogs, long SYN-ACK retries, and
-a queue on its veth so retransmit bursts are not dropped (DEPENDENCIES.md §3).
+a queue on its veth so retransmit bursts are not dropped (docs/dependencies.md).
 """
 
 from __future__ import annotations

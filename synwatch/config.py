@@ -54,7 +54,8 @@ class Thresholds:
 
 
 VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
-# What each verdict does by default. Bans are for "concentrated" only (DESIGN.md, "Verdicts"):
+# What each verdict does by default. Bans are for "concentrated" only (README, "Incidents and
+# verdicts"):
 # a capacity incident is real clients, a spoofed one comes from everywhere.
 DEFAULT_POLICY = {"capacity": ["notify", "exec"], "concentrated": ["ban", "notify", "exec"],
                   "spoofed": ["notify", "exec"], "unknown": ["notify", "exec"]}
@@ -331,7 +332,7 @@ _POLICY_HELP = {
     "unknown": "... one with no verdict yet",
 }
 
-# section -> key -> Setting. The keys of the interface contract (DESIGN.md).
+# section -> key -> Setting. The keys are an interface: scripts and tests outside rely on them.
 SCHEMA: dict[str, dict[str, Setting]] = {
     "storage": {
         "url": _s(_url, "", 'any SQLAlchemy URL; `""` = `/var/lib/synwatch/synwatch.db` (root) '
@@ -463,7 +464,7 @@ SCHEMA: dict[str, dict[str, Setting]] = {
 # What a section is about, above its keys in the default file.
 SECTION_HELP = {
     "incident": "When an incident opens and closes, and what is read while it lasts.",
-    "verdict": "How an incident is judged (README, \"Verdicts\"): capacity, concentrated or "
+    "verdict": "How an incident is judged (README, \"Incidents and verdicts\"): capacity, concentrated or "
                "spoofed.",
     "actions": "Actions are rendered and logged first; in a dry run that is all that happens.",
     "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies and the rate "

@@ -1,4 +1,4 @@
-"""A SYN-flood lab on the real kernel (DESIGN.md, "Testing on a real kernel").
+"""A SYN-flood lab on the real kernel (docs/kernel.md §5: spoofed ranges are routed, never on-link).
 
 Two network namespaces joined by a veth pair; a listener with a small backlog in the server
 namespace; raw SYNs with spoofed sources from the client namespace. The server routes the spoofed

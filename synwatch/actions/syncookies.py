@@ -1,7 +1,7 @@
 """Keep SYN cookies on while an incident is open, and put the old value back afterwards.
 
 With ``tcp_syncookies = 0`` a full SYN queue drops every new client; with 1 the kernel answers
-with cookies once the queue is full (kernel-facts.md). The value to restore is written to the
+with cookies once the queue is full (docs/kernel.md §4). The value to restore is written to the
 store *before* the sysctl is changed, so a crash in between, or a restart while the incident is
 open, still ends with the admin's value back.
 """

@@ -1,6 +1,6 @@
 """Listeners and SYN-RECV request sockets through sock_diag netlink (inet_diag), stdlib only.
 
-pyroute2 took 2.5 s and 340 MB for 60k sockets (DEPENDENCIES.md §3); this reader parses the
+pyroute2 took 2.5 s and 340 MB for 60k sockets (docs/dependencies.md); this reader parses the
 dump in place and aggregates SYN-RECV sources per listener port and source prefix as it goes,
 so no per-socket object is ever built. Both families; ``::ffff:a.b.c.d`` sources count as IPv4.
 """

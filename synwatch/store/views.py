@@ -1,4 +1,4 @@
-"""Rows of the store as the JSON shapes of the interface contract (DESIGN.md)."""
+"""Rows of the store as the JSON shapes the CLI prints (README, "The CLI")."""
 
 from __future__ import annotations
 
