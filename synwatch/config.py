@@ -55,8 +55,7 @@ class Thresholds:
 
 VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
 # What each verdict does by default. Bans are for "concentrated" only (README, "Incidents and
-# verdicts"):
-# a capacity incident is real clients, a spoofed one comes from everywhere.
+# verdicts"): a capacity incident is real clients, a spoofed one comes from everywhere.
 DEFAULT_POLICY = {"capacity": ["notify", "exec"], "concentrated": ["ban", "notify", "exec"],
                   "spoofed": ["notify", "exec"], "unknown": ["notify", "exec"]}
 EXEC_CHANGES = ("opened", "verdict", "closed")
@@ -464,8 +463,8 @@ SCHEMA: dict[str, dict[str, Setting]] = {
 # What a section is about, above its keys in the default file.
 SECTION_HELP = {
     "incident": "When an incident opens and closes, and what is read while it lasts.",
-    "verdict": "How an incident is judged (README, \"Incidents and verdicts\"): capacity, concentrated or "
-               "spoofed.",
+    "verdict": "How an incident is judged (README, \"Incidents and verdicts\"): capacity, "
+               "concentrated or spoofed.",
     "actions": "Actions are rendered and logged first; in a dry run that is all that happens.",
     "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies and the rate "
                       "limit are not chosen here: cookies are kept on during every incident, "
