@@ -52,7 +52,7 @@ class Pattern:
 
 
 @dataclass(frozen=True, slots=True)
-class Sample:
+class AnnotatedLine:
     file: str
     index: int
     line: str
@@ -63,7 +63,7 @@ class Sample:
 class Catalogue:
     sinks: tuple[Sink, ...]
     patterns: tuple[Pattern, ...]
-    samples: tuple[Sample, ...]
+    samples: tuple[AnnotatedLine, ...]
 
     @property
     def needles(self) -> tuple[bytes, ...]:
@@ -109,7 +109,7 @@ def _str(table: dict[str, Any], key: str, where: str, default: str | None = None
     return value
 
 
-def _samples(doc: dict[str, Any], file: str) -> list[Sample]:
+def _samples(doc: dict[str, Any], file: str) -> list[AnnotatedLine]:
     out = []
     for i, raw in enumerate(doc.get("sample", []), start=1):
         where = f"{file}: sample {i}"
@@ -119,7 +119,7 @@ def _samples(doc: dict[str, Any], file: str) -> list[Sample]:
         expect = raw.get("expect")
         if not isinstance(expect, dict) or not isinstance(expect.get("match"), bool):
             raise FilterError(where, "needs expect = { match = true|false, ... }")
-        out.append(Sample(file, i, line, expect))
+        out.append(AnnotatedLine(file, i, line, expect))
     return out
 
 
@@ -173,7 +173,7 @@ def load_catalogue(directory: Path | None = None) -> Catalogue:
     directory = directory or default_filter_dir()
     sinks: list[Sink] = []
     patterns: list[Pattern] = []
-    samples: list[Sample] = []
+    samples: list[AnnotatedLine] = []
     files = sorted(directory.glob("*.toml"))
     if not files:
         raise FilterError(str(directory), "holds no *.toml filter files")

@@ -26,7 +26,7 @@ from synwatch.clock import Clock
 from synwatch.config import Thresholds
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.synsample import SynSample
-from synwatch.records import Evidence, IncidentChange, Sample, StoredEvent, Trigger
+from synwatch.records import Evidence, IncidentChange, StoredEvent, TimelinePoint, Trigger
 from synwatch.rules import half_open_floor
 from synwatch.verdict import Tally, judge
 
@@ -107,8 +107,8 @@ def _full_accept_queue(st: ListenerState) -> bool:
     return st.listener.backlog > 0 and st.listener.accept_queue >= st.listener.backlog
 
 
-def _sample(at: datetime, st: ListenerState | None, rates: dict[str, float]) -> Sample:
-    return Sample(at=at, syn_recv=st.syn_recv if st else None,
+def _sample(at: datetime, st: ListenerState | None, rates: dict[str, float]) -> TimelinePoint:
+    return TimelinePoint(at=at, syn_recv=st.syn_recv if st else None,
                   accept_queue=st.listener.accept_queue if st else None,
                   backlog=st.listener.backlog if st else None, rates=dict(rates),
                   top_prefixes=st.top_prefixes if st else ())
@@ -174,7 +174,7 @@ class Correlator:
         return inc
 
     def _change(self, inc: _Incident, change: Literal["opened", "updated", "closed"],
-                closed_at: datetime | None = None, sample: Sample | None = None
+                closed_at: datetime | None = None, sample: TimelinePoint | None = None
                 ) -> IncidentChange:
         j = judge(inc.tally, self.th)
         t = inc.tally

@@ -6,25 +6,12 @@ tested without a kernel; the CLI does the probing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from synwatch import rules
 from synwatch.probes.snapshot import Snapshot
-from synwatch.records import endpoint
+from synwatch.records import PortHistory, endpoint
 from synwatch.rules import Finding
 
 __all__ = ["Finding", "PortHistory", "examine"]
-
-
-@dataclass(frozen=True, slots=True)
-class PortHistory:
-    """What the history remembers of one port: for "backlog below the observed peak"."""
-
-    port: int
-    incidents: int
-    peak_syn_recv: int
-    capacity_incidents: int
-    last_incident_id: int
 
 
 def examine(before: Snapshot, after: Snapshot, seconds: float,

@@ -129,7 +129,7 @@ def print_incident_rows(rows: list[dict[str, Any]], out: TextIO, with_ids: bool 
             out.write(f"  {row['listener']}: {line}\n")
 
 
-def print_incident(view: dict[str, Any], evidence: dict[str, Any],
+def print_incident(view: dict[str, Any], reasons: list[str], phases: list[dict[str, Any]],
                    samples: list[dict[str, Any]], out: TextIO) -> None:
     """`incidents show`: the incident, its evidence, its timeline, its actions."""
     for key in ("id", "host", "netns", "address", "port", "family", "status", "verdict",
@@ -139,9 +139,9 @@ def print_incident(view: dict[str, Any], evidence: dict[str, Any],
     if view["top_prefixes"]:
         out.write("top prefixes:\n")
         table(view["top_prefixes"], ["prefix", "count", "share"], out)
-    for reason in evidence.get("reasons", []):
+    for reason in reasons:
         out.write(f"evidence: {reason}\n")
-    for phase in evidence.get("phases", []):
+    for phase in phases:
         out.write(f"phase:             {phase['verdict']} from {phase['at']}\n")
     timeline(samples, out)
     for rec in view["recommendations"]:

@@ -95,8 +95,8 @@ class Evidence:
 
 
 @dataclass(frozen=True, slots=True)
-class Sample:
-    """One point of an incident's evidence timeline."""
+class TimelinePoint:
+    """One point of an incident's timeline: the listener and the counter rates at one probe."""
 
     at: datetime
     syn_recv: int | None
@@ -108,6 +108,7 @@ class Sample:
 
 IncidentStatus = Literal["open", "closed"]
 Trigger = Literal["log", "counters", "half_open"]
+Verdict = Literal["capacity", "concentrated", "spoofed", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,7 @@ class IncidentChange:
     port: int | None
     family: int | None
     status: IncidentStatus
-    verdict: str
+    verdict: Verdict
     trigger: Trigger
     opened_at: datetime
     closed_at: datetime | None
@@ -134,5 +135,123 @@ class IncidentChange:
     recommendations: tuple[str, ...]
     reasons: tuple[str, ...]
     evidence: dict[str, Any]  # the tally and the last activity, to resume after a restart
-    sample: Sample | None = None
+    sample: TimelinePoint | None = None
     event_ids: tuple[int, ...] = field(default=())  # events to link to the incident
+
+
+# -- what the history returns (synwatch/store): records, never ORM rows -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """A kernel event as the history keeps it."""
+
+    id: int
+    time: datetime | None  # when the kernel (or the log) says it happened
+    recorded_at: datetime
+    source: str  # journald | kmsg | file:<path>
+    trusted: bool
+    historical: bool  # imported from old logs
+    kind: str
+    family: int | None
+    address: str | None
+    port: int | None
+    mode: str | None
+    source_ip: str | None
+    source_port: int | None
+    host: str | None
+    message: str
+    pattern: str
+    dedup_key: str | None
+    incident_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """An incident as the history keeps it (``state`` is what the correlator resumes from:
+    its tally, phases and the verdict's reasons)."""
+
+    id: int
+    host: str
+    netns: str
+    address: str | None
+    port: int | None
+    family: int | None
+    status: str
+    verdict: str
+    trigger: str
+    opened_at: datetime
+    closed_at: datetime | None
+    first_evidence_at: datetime | None
+    detected_at: datetime | None
+    peak_syn_recv: int
+    top_prefixes: tuple[dict[str, Any], ...]  # {"prefix", "count", "share"}
+    recommendations: tuple[str, ...]
+    state: dict[str, Any]
+
+    @property
+    def reasons(self) -> list[str]:
+        return list(self.state.get("reasons", []))
+
+    @property
+    def phases(self) -> list[dict[str, Any]]:
+        return list(self.state.get("phases", []))
+
+
+ActionStatus = Literal["done", "failed", "dry-run", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRun:
+    """One action rendered or run for an incident, with its outcome; ``id`` is None until
+    the history has it."""
+
+    incident_id: int | None
+    action: str
+    target: str
+    status: str
+    at: datetime
+    rendered: str = ""
+    detail: str = ""
+    retry_at: datetime | None = None  # a failed run that will be tried again: when
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """A source prefix banned in a firewall backend; ``id`` is None until the history has it."""
+
+    prefix: str
+    backend: str
+    netns: str
+    incident_id: int | None
+    created_at: datetime
+    expires_at: datetime
+    removed_at: datetime | None = None
+    times_banned: int = 1
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPoint:
+    """A timeline point as the history keeps it."""
+
+    id: int
+    incident_id: int
+    at: datetime
+    syn_recv: int | None
+    accept_queue: int | None
+    backlog: int | None
+    rates: dict[str, float]
+    top_prefixes: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PortHistory:
+    """What the history remembers of one port: for "backlog below the observed peak"."""
+
+    port: int
+    incidents: int
+    peak_syn_recv: int
+    capacity_incidents: int
+    last_incident_id: int

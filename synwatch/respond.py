@@ -23,9 +23,8 @@ from synwatch.actions.registry import Action, ActionContext, Plan, resolve_polic
 from synwatch.clock import Clock
 from synwatch.config import Config
 from synwatch.errors import StoreError, SynwatchError
-from synwatch.records import IncidentChange
+from synwatch.records import ActionRun, IncidentChange
 from synwatch.store import Store
-from synwatch.store.models import ActionRun
 
 log = logging.getLogger("synwatch")
 
@@ -230,7 +229,7 @@ class Responder:
 
     def _flush(self) -> None:
         try:
-            self.ctx.store.add(*self.unrecorded)
+            self.ctx.store.add_action_runs(self.unrecorded)
         except StoreError as exc:
             log.error("store: %s; %d action outcomes kept to retry",  # noqa: TRY400
                       exc, len(self.unrecorded))

@@ -20,11 +20,10 @@ from synwatch.actions.presets import load_presets, merge_batches, parse_preset
 from synwatch.actions.registry import GROUP, Action, Plan, registered
 from synwatch.config import BanSettings, parse_config
 from synwatch.errors import ActionFailed, ConfigError
-from synwatch.records import IncidentChange
+from synwatch.records import ActionRun, IncidentChange
 from synwatch.respond import Outcome, Responder
 from synwatch.runner import Command, reason, show
 from synwatch.store import Store
-from synwatch.store.models import ActionRun
 
 PRESETS = load_presets()
 SAMPLES = [(name, i) for name, p in PRESETS.items() for i in range(len(p.samples))]
@@ -310,14 +309,15 @@ def test_a_start_resends_what_was_left_unsent_and_nothing_else(tmp_path: Path) -
                          at=at, rendered=f"{target} title\n{target} body", detail=detail,
                          retry_at=retry_at)
 
-    store.add(run(1, "opened", "failed", "attempt 1 of 5: refused; retrying in 60 s", 120),
+    store.add_action_runs([
+              run(1, "opened", "failed", "attempt 1 of 5: refused; retrying in 60 s", 120),
               run(1, "opened", "done", "sent to 1 URL"),  # sent later: nothing to do
               run(1, "closed", "failed", "attempt 1: not done when synwatch stopped; "
                                          "retrying at the next start"),
               run(1, "update", "failed", "attempt 5 of 5: refused"),  # given up
               run(1, "probe", "failed", "refused; not retrying"),  # prose is not state
               run(other, "closed", "failed", "attempt 1 of 5: refused; retrying in 60 s"),
-              run(1, "update", "failed", "old; retrying in 60 s", ago=2 * 86400))
+              run(1, "update", "failed", "old; retrying in 60 s", ago=2 * 86400)])
     [plan] = responder.by_name["notify"].start()
     assert (plan.target, plan.incident_id, plan.rendered) == ("closed", 1,
                                                               "closed title\nclosed body")
@@ -326,8 +326,9 @@ def test_a_start_resends_what_was_left_unsent_and_nothing_else(tmp_path: Path) -
 
 def test_an_incident_resumed_after_a_restart_is_not_announced_again(tmp_path: Path) -> None:
     responder, store, clock = _responder(tmp_path, _NOTIFY)
-    store.add(ActionRun(incident_id=1, action="notify", target="opened", status="done",
-                        at=clock.now(), rendered="", detail="sent to 1 URL"))
+    store.add_action_runs([ActionRun(incident_id=1, action="notify", target="opened",
+                                     status="done", at=clock.now(), rendered="",
+                                     detail="sent to 1 URL")])
     notify = responder.by_name["notify"]
     assert notify.on_change(_change(incident_id=1)) == []  # no second "opened"
     [closed] = notify.on_change(_change(incident_id=1, change="closed", status="closed",

@@ -32,7 +32,7 @@ from synwatch.runner import execute
 from tests.conftest import synwatch
 from tests.harness import Service
 from tests.lab import CLIENT_IP, SERVER_IP, SPOOF_NET, Lab, lab, lab_port, sh
-from tests.sinks import blackhole, http_sink, smtp_sink
+from tests.receivers import blackhole, http_receiver, smtp_receiver
 
 pytestmark = pytest.mark.needs_root
 ONE, TWO, ALLOWED = (f"{SPOOF_NET}.{n}.0/24" for n in (1, 2, 9))
@@ -104,7 +104,7 @@ def flood_from(the_lab: Lab, port: int, nets: list[str], each: int) -> None:
 
 def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
         the_lab: Lab, tmp_path: Path) -> None:
-    with http_sink() as (http_port, posts), smtp_sink() as (smtp_port, mails):
+    with http_receiver() as (http_port, posts), smtp_receiver() as (smtp_port, mails):
         service = Service(the_lab, tmp_path, dry_run=False, extra=textwrap.dedent(f"""
             [allowlist]
             networks = ["{ALLOWED}"]
@@ -140,7 +140,7 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
             assert inc["id"] == inc_id and inc["verdict"] == "concentrated"
             # the value before the incident is back (right after the close is stored)
             wait_for("tcp_syncookies back to 0", lambda: syncookies(the_lab) == 0, 5)
-            # this listener's only (the sinks are the test's own, but a message is cheap to
+            # this listener's only (the receivers are the test's own, but a message is cheap to
             # misaddress)
             def mine(titles: list[str]) -> list[str]:
                 return [t for t in titles if f":{port}: " in t]
@@ -287,7 +287,7 @@ def test_a_dead_mail_server_does_not_delay_a_ban(the_lab: Lab, tmp_path: Path) -
 def test_messages_a_down_endpoint_missed_are_sent_once_after_a_restart(
         the_lab: Lab, tmp_path: Path) -> None:
     up = threading.Event()
-    with http_sink(up) as (http_port, posts):
+    with http_receiver(up) as (http_port, posts):
         service = Service(the_lab, tmp_path, dry_run=False, extra=textwrap.dedent(f"""
             [actions.notify]
             enabled = true

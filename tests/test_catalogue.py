@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.catalogue import Sample, load_catalogue
+from synwatch.catalogue import AnnotatedLine, load_catalogue
 from synwatch.errors import FilterError
 from synwatch.filters import event_fields, match_record, try_pattern
 from synwatch.sinks import parse_line
@@ -19,7 +19,7 @@ SINK_SAMPLES = [s for s in CATALOGUE.samples if s.file == "sinks.toml"]
 FILTER_SAMPLES = [s for s in CATALOGUE.samples if s.file != "sinks.toml"]
 
 
-def _id(sample: Sample) -> str:
+def _id(sample: AnnotatedLine) -> str:
     return f"{sample.file}#{sample.index}"
 
 
@@ -28,7 +28,7 @@ def _expect_value(value: object) -> object:
 
 
 @pytest.mark.parametrize("sample", SINK_SAMPLES, ids=_id)
-def test_sink_sample(sample: Sample) -> None:
+def test_sink_sample(sample: AnnotatedLine) -> None:
     record = parse_line(sample.line, CATALOGUE, NOW, timezone.utc)
     expect = dict(sample.expect)
     if not expect.pop("match"):
@@ -41,7 +41,7 @@ def test_sink_sample(sample: Sample) -> None:
 
 
 @pytest.mark.parametrize("sample", FILTER_SAMPLES, ids=_id)
-def test_filter_sample(sample: Sample) -> None:
+def test_filter_sample(sample: AnnotatedLine) -> None:
     record = parse_line(sample.line, CATALOGUE, NOW, timezone.utc)
     hits = [a for a in (try_pattern(p, record) for p in CATALOGUE.patterns) if a.event] \
         if record else []

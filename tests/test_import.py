@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from synwatch.store import Store
-from synwatch.store.models import Event
+from synwatch.store.models import EventRow
 from tests.conftest import synwatch
 
 LINE = ("Jul 28 18:57:32 PC kernel: [538538.407269] TCP: request_sock_TCP: Possible SYN flooding "
@@ -31,7 +31,7 @@ def test_import_is_idempotent_untrusted_and_historical(tmp_path: Path,
                                       f"{rotated}: 2 kernel lines, 0 new events"]
     store = Store.open(f"sqlite:///{tmp_path}/history.db")
     with store.session() as s:
-        rows = list(s.scalars(select(Event).order_by(Event.id)))
+        rows = list(s.scalars(select(EventRow).order_by(EventRow.id)))
     assert [(e.port, e.trusted, e.historical, e.source) for e in rows] == [
         (80, False, True, f"file:{rotated}"), (443, False, True, f"file:{rotated}"),
         (8080, False, True, f"file:{current}")]

@@ -21,7 +21,7 @@ from synwatch.records import LogRecord
 from synwatch.sources.base import Batch
 from synwatch.sources.files import FileSource
 from synwatch.store import Store
-from synwatch.store.models import Event
+from synwatch.store.models import EventRow
 
 
 def kernel_line(n: int) -> str:
@@ -92,8 +92,8 @@ class Harness:
 
 def numbers_recorded(h: Harness) -> list[int]:
     with h.store.session() as s:
-        keys = list(s.scalars(select(Event.dedup_key)))
-        msgs = list(s.scalars(select(Event.message)))
+        keys = list(s.scalars(select(EventRow.dedup_key)))
+        msgs = list(s.scalars(select(EventRow.message)))
     assert len(set(keys)) == len(keys)
     return sorted(int(m.split("port ")[1].split(".")[0]) for m in msgs)
 
@@ -190,7 +190,7 @@ def test_forged_json_in_a_text_file_is_not_trusted(tmp_path: Path, harness: Harn
                        '"kernel","MESSAGE":"TCP: request_sock_TCP: Possible SYN flooding on '
                        'port 0.0.0.0:443. Sending cookies."}\n')
     with harness.store.session() as s:
-        events = list(s.scalars(select(Event)))
+        events = list(s.scalars(select(EventRow)))
     assert [(e.port, e.trusted) for e in events] == [(443, False)]
 
 

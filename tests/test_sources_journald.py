@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 
 from synwatch.catalogue import Catalogue
-from synwatch.records import LogRecord
+from synwatch.records import LogRecord, RecordedEvent
 from synwatch.sources.base import Batch
 from synwatch.sources.journald import JournalctlReader, JournaldSource, SystemdReader
 from synwatch.sources.kmsg import KmsgSource, current_boot_id
 from synwatch.store import Store
-from synwatch.store.models import Event
 from tests.conftest import Journald
 from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
 from tests.lab import Lab, lab, lab_port
@@ -46,7 +45,7 @@ def real_flood(the_lab: Lab) -> int:
     return port
 
 
-def events_for(store: Store, port: int, timeout: float = 15) -> list[Event]:
+def events_for(store: Store, port: int, timeout: float = 15) -> list[RecordedEvent]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [e for e in store.events() if e.port == port]

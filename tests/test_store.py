@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
+from synwatch.records import ActionRun, Ban
 from synwatch.store import NewEvent, Store
-from synwatch.store.models import ActionRun, Ban, Incident
+from synwatch.store.models import IncidentRow
 from tests.conftest import synwatch
 
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
@@ -77,7 +78,7 @@ def test_a_history_written_by_an_older_schema_keeps_its_data(tmp_path: Path, old
     incident, runs = store.incident(1)
     assert (incident.verdict, incident.peak_syn_recv, incident.opened_at) == (
         "concentrated", 200, T0 + timedelta(seconds=1))
-    assert incident.evidence["reasons"] == ["4 prefixes carry 90% of SYN-RECV"]
+    assert incident.reasons == ["4 prefixes carry 90% of SYN-RECV"]
     assert incident.top_prefixes[0]["prefix"] == "203.0.113.0/24"
     assert [(r.target, r.retry_at) for r in runs] == [
         ("203.0.113.0/24", None),
@@ -86,7 +87,9 @@ def test_a_history_written_by_an_older_schema_keeps_its_data(tmp_path: Path, old
         ("update", None)]  # given up
     [ban] = store.bans()
     assert (ban.prefix, ban.expires_at) == ("203.0.113.0/24", T0 + timedelta(hours=1, minutes=1))
-    assert store.samples(1)[0].rates == {"syns_overflowed": 950.0}
+    [point] = store.samples(1)
+    assert (point.rates, point.top_prefixes) == ({"syns_overflowed": 950.0},
+                                                 (("203.0.113.0/24", 180),))
     assert store.get_position("journald") == {"cursor": "c1"}
     saved = store.saved_setting("", "net.ipv4.tcp_syncookies")
     assert saved == (None if revision == "0001" else "0")
@@ -131,7 +134,7 @@ def test_events_list_json_limit_and_since(tmp_path: Path, store_config: Path) ->
     assert table[0].split()[:3] == ["ID", "TIME", "SOURCE"] and len(table) == 12
 
 
-def _incident(**kw: object) -> Incident:
+def _incident(**kw: object) -> IncidentRow:
     base: dict[str, object] = dict(
         host="web01", netns="", address="0.0.0.0", port=443, family=4, status="closed",
         verdict="concentrated", trigger="log", opened_at=T0, closed_at=T0 + timedelta(minutes=5),
@@ -139,7 +142,7 @@ def _incident(**kw: object) -> Incident:
         top_prefixes=[{"prefix": "198.51.100.0/24", "count": 300, "share": 0.6}],
         recommendations=["raise the backlog"], evidence={})
     base.update(kw)
-    return Incident(**base)
+    return IncidentRow(**base)
 
 
 def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
@@ -147,11 +150,14 @@ def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
     first = _incident()
     second = _incident(port=80, verdict="capacity", trigger="counters", status="open",
                        opened_at=T0 + timedelta(hours=1), closed_at=None, top_prefixes=[])
-    store.add(first, second)
-    store.add(ActionRun(incident_id=first.id, action="ban", target="198.51.100.0/24",
-                        status="done", at=T0 + timedelta(seconds=1), rendered="nft ..."),
-              Ban(prefix="198.51.100.0/24", backend="nftables", incident_id=first.id,
-                  created_at=T0, expires_at=datetime.now(timezone.utc) + timedelta(hours=1)))
+    with store.session() as s:  # rows as an older synwatch may have left them
+        s.add_all([first, second])
+    store.add_action_runs([ActionRun(incident_id=first.id, action="ban",
+                                     target="198.51.100.0/24", status="done",
+                                     at=T0 + timedelta(seconds=1), rendered="nft ...")])
+    store.add_bans([Ban(prefix="198.51.100.0/24", backend="nftables", netns="",
+                        incident_id=first.id, created_at=T0,
+                        expires_at=datetime.now(timezone.utc) + timedelta(hours=1))])
     cfg = ["--config", str(store_config)]
     rows = json.loads(synwatch("incidents", "list", "--format", "json", *cfg).out)
     assert [r["id"] for r in rows] == [first.id, second.id]
@@ -211,7 +217,7 @@ def test_bad_limit_is_usage(store_config: Path, value: str) -> None:
 def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from synwatch.records import IncidentChange, Sample
+    from synwatch.records import IncidentChange, TimelinePoint
 
     store = Store.open(_db(tmp_path / "h.db"))
     ids = store.insert_events([_event(1), _event(2), _event(1)], T0)
@@ -222,7 +228,7 @@ def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
         closed_at=None, first_evidence_at=T0, detected_at=T0 + timedelta(milliseconds=20),
         peak_syn_recv=0, top_prefixes=(), recommendations=("r1",), reasons=("e1",),
         evidence={"tally": {"syns_overflowed": 5}, "last_activity": T0.isoformat()},
-        sample=Sample(T0, 64, 0, 64, {"syns_overflowed": 10.0}, (("10.0.0.0/24", 64),)),
+        sample=TimelinePoint(T0, 64, 0, 64, {"syns_overflowed": 10.0}, (("10.0.0.0/24", 64),)),
         event_ids=(ids[0],))
     incident_id = store.save_incident(opened)
     closed = replace(opened, change="closed", incident_id=incident_id, status="closed",
@@ -236,7 +242,7 @@ def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
     assert store.open_incidents("web01", "") == []
     assert [e.incident_id for e in store.events()] == [incident_id, incident_id]
     [sample] = store.samples(incident_id)
-    assert (sample.syn_recv, sample.top_prefixes) == (64, [["10.0.0.0/24", 64]])
+    assert (sample.syn_recv, sample.top_prefixes) == (64, (("10.0.0.0/24", 64),))
     history = store.port_history("")
     assert (history[443].incidents, history[443].peak_syn_recv) == (1, 64)
     shown = json.loads(synwatch("incidents", "show", str(incident_id), "--format", "json",

@@ -25,11 +25,10 @@ from synwatch.actions.registry import Action, ActionContext, Plan, skipped
 from synwatch.config import BanSettings, Config, Network
 from synwatch.durations import format_duration
 from synwatch.errors import CommandError, NotFound, UsageError
-from synwatch.records import IncidentChange
+from synwatch.records import ActionRun, Ban, IncidentChange
 from synwatch.runner import Command, run, show
 from synwatch.stats import aggregate
 from synwatch.store import Store
-from synwatch.store.models import ActionRun, Ban
 
 log = logging.getLogger("synwatch")
 RECONCILE_EVERY = 60.0  # seconds
@@ -212,10 +211,11 @@ class BanAction(Action):
              commands: Sequence[Command]) -> str:
         now = self.ctx.clock.now()
         # stored first: if the firewall refuses, reconciliation puts it in later
-        self.ctx.store.add(Ban(prefix=item.prefix, backend=self.firewall.name,
-                               netns=self.ctx.netns, incident_id=incident_id, created_at=now,
-                               expires_at=now + timedelta(seconds=item.seconds),
-                               times_banned=times + 1))
+        self.ctx.store.add_bans([Ban(prefix=item.prefix, backend=self.firewall.name,
+                                     netns=self.ctx.netns, incident_id=incident_id,
+                                     created_at=now,
+                                     expires_at=now + timedelta(seconds=item.seconds),
+                                     times_banned=times + 1)])
         try:
             self.firewall.apply(commands)
         except CommandError:
@@ -310,14 +310,14 @@ def unban(config: Config, store: Store, text: str, now: datetime) -> list[Unbann
             [BanItem(r, seconds, f"synwatch incident {ban.incident_id}") for r in rest])
         fw.apply(commands)  # a failure leaves the ban active in the store: try again
         store.mark_removed([ban.id], now)
-        for r in rest:
-            store.add(Ban(prefix=r, backend=ban.backend, netns=ban.netns,
-                          incident_id=ban.incident_id, created_at=now,
-                          expires_at=ban.expires_at, times_banned=ban.times_banned))
+        store.add_bans([Ban(prefix=r, backend=ban.backend, netns=ban.netns,
+                            incident_id=ban.incident_id, created_at=now,
+                            expires_at=ban.expires_at, times_banned=ban.times_banned)
+                        for r in rest])
         kept = f"; {', '.join(rest)} stay banned until {ban.expires_at.isoformat()}" \
             if rest else ""
-        store.add(ActionRun(incident_id=ban.incident_id, action="unban", target=ban.prefix,
-                            status="done", at=now, rendered=show(commands),
-                            detail=f"synwatch unban {text}{kept}"))
+        store.add_action_runs([ActionRun(
+            incident_id=ban.incident_id, action="unban", target=ban.prefix, status="done",
+            at=now, rendered=show(commands), detail=f"synwatch unban {text}{kept}")])
         done.append(Unbanned(ban, show(commands), tuple(rest)))
     return done

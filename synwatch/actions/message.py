@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from synwatch.durations import format_duration
-from synwatch.records import IncidentChange, endpoint
-from synwatch.store.models import ActionRun
+from synwatch.records import ActionRun, IncidentChange, endpoint
 
 HEADLINES = {"opened": "SYN flood", "update": "update", "closed": "over"}
 TRIGGERS = {"log": "the kernel log", "counters": "the kernel counters",

@@ -27,7 +27,7 @@ RESEND_WITHIN = timedelta(days=1)  # older unsent messages are news no longer
 
 
 @dataclass
-class _Thread:
+class _IncidentMessages:
     """What was said about one incident."""
 
     opened_sent: bool = False
@@ -62,13 +62,13 @@ class NotifyAction(Action):
 
     def __init__(self, ctx: ActionContext) -> None:
         super().__init__(ctx)
-        self.threads: dict[int, _Thread] = {}
+        self.threads: dict[int, _IncidentMessages] = {}
 
     @classmethod
     def enabled(cls, config: Config) -> bool:
         return config.notify.enabled
 
-    def _plan(self, kind: str, change: IncidentChange, t: _Thread) -> Plan:
+    def _plan(self, kind: str, change: IncidentChange, t: _IncidentMessages) -> Plan:
         assert change.incident_id is not None
         runs = self.ctx.store.action_runs(change.incident_id)
         title, body = compose(kind, change, runs, self.ctx.clock.now())
@@ -95,12 +95,12 @@ class NotifyAction(Action):
                               run.incident_id))
         return plans
 
-    def _thread(self, incident_id: int) -> _Thread:
+    def _thread(self, incident_id: int) -> _IncidentMessages:
         """What was said about this incident, also before a restart (from the store)."""
         t = self.threads.get(incident_id)
         if t is None:
             runs = self.ctx.store.action_runs(incident_id)
-            t = self.threads[incident_id] = _Thread(opened_sent=any(
+            t = self.threads[incident_id] = _IncidentMessages(opened_sent=any(
                 r.action == self.name and r.target == "opened" for r in runs))
             if t.opened_sent:  # resumed: say what changes from now on
                 t.actions_said = len(runs)
@@ -128,7 +128,7 @@ class NotifyAction(Action):
             t.pending = True
         return self._due(t)
 
-    def _due(self, t: _Thread) -> list[Plan]:
+    def _due(self, t: _IncidentMessages) -> list[Plan]:
         if (t.pending and t.latest is not None and self.ctx.clock.monotonic() - t.last_sent
                 >= self.ctx.config.notify.interval):
             return [self._plan("update", t.latest, t)]

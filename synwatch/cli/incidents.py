@@ -45,12 +45,12 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
     samples = [sample_view(x) for x in store.samples(args.id)]
     if args.format == "json":
         # phases: a flood that changed character, each phase with its verdict ([]: one phase)
-        extra = ({"evidence": list(incident.evidence.get("reasons", [])), "timeline": samples,
-                  "phases": list(incident.evidence.get("phases", []))}
+        extra = ({"evidence": incident.reasons, "timeline": samples,
+                  "phases": incident.phases}
                  if args.evidence else {})
         print(dumps({**view, **extra}))
     else:
-        print_incident(view, incident.evidence, samples, sys.stdout)
+        print_incident(view, incident.reasons, incident.phases, samples, sys.stdout)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""SQLAlchemy 2 tables of the history: events, incidents, evidence samples, action runs, bans,
-and the positions sources resume from. Times are stored in UTC and read back timezone-aware."""
+"""SQLAlchemy 2 tables of the history: events, incidents, their timelines, action runs, bans,
+saved settings, and the positions sources resume from. Times are stored in UTC and read back
+timezone-aware. These rows never leave synwatch/store: it returns records (records.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class Event(Base):
+class EventRow(Base):
     """A kernel message a filter matched, as a source delivered it."""
 
     __tablename__ = "events"
@@ -62,7 +63,7 @@ class Event(Base):
     __table_args__ = (Index("ix_events_time", "time"), Index("ix_events_port", "port"))
 
 
-class Incident(Base):
+class IncidentRow(Base):
     """One overflow episode of one listener in one network namespace of one host."""
 
     __tablename__ = "incidents"
@@ -87,7 +88,7 @@ class Incident(Base):
                       Index("ix_incidents_listener", "netns", "port", "status"))
 
 
-class EvidenceSample(Base):
+class TimelineRow(Base):
     """Kernel state seen while an incident lasted: counter rates, SYN-RECV count, prefixes."""
 
     __tablename__ = "evidence_samples"
@@ -101,7 +102,7 @@ class EvidenceSample(Base):
     top_prefixes: Mapped[list[Any]] = mapped_column(default=list)
 
 
-class ActionRun(Base):
+class ActionRunRow(Base):
     """One action rendered or run for an incident, with its outcome."""
 
     __tablename__ = "action_runs"
@@ -118,7 +119,7 @@ class ActionRun(Base):
     retry_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
-class Ban(Base):
+class BanRow(Base):
     """A source prefix banned in a firewall backend, with its kernel-side expiry."""
 
     __tablename__ = "bans"
@@ -134,7 +135,7 @@ class Ban(Base):
     __table_args__ = (Index("ix_bans_prefix", "prefix"), Index("ix_bans_expires", "expires_at"))
 
 
-class SourcePosition(Base):
+class SourcePositionRow(Base):
     """Where a source resumes: journal cursor, kmsg boot+sequence, file inode+offset+head hash."""
 
     __tablename__ = "source_positions"
@@ -143,7 +144,7 @@ class SourcePosition(Base):
     updated_at: Mapped[datetime]
 
 
-class SavedSetting(Base):
+class SavedSettingRow(Base):
     """A kernel setting synwatch changed and must put back (tcp_syncookies during incidents),
     kept in the store so a crash or a restart still restores it."""
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from synwatch.records import IncidentChange
-from synwatch.store.models import ActionRun, Ban, Event, EvidenceSample, Incident
+from synwatch.records import ActionRun, Ban, Incident, IncidentChange, RecordedEvent, StoredPoint
 
 
 def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def event_view(e: Event) -> dict[str, Any]:
+def event_view(e: RecordedEvent) -> dict[str, Any]:
     return {
         "id": e.id, "time": iso(e.time), "source": e.source, "trusted": e.trusted,
         "kind": e.kind, "family": e.family, "address": e.address, "port": e.port,
@@ -47,7 +46,7 @@ def ban_view(b: Ban, now: datetime) -> dict[str, Any]:
     }
 
 
-def sample_view(x: EvidenceSample) -> dict[str, Any]:
+def sample_view(x: StoredPoint) -> dict[str, Any]:
     return {"at": iso(x.at), "syn_recv": x.syn_recv, "accept_queue": x.accept_queue,
             "backlog": x.backlog, "rates": dict(x.rates),
             "top_prefixes": [{"prefix": p, "count": n} for p, n in x.top_prefixes]}

@@ -53,7 +53,7 @@ def _rows(db: sqlite3.Connection, revision: str) -> None:
     db.execute(
         "INSERT INTO evidence_samples (id, incident_id, at, syn_recv, accept_queue, backlog, "
         "rates, top_prefixes) VALUES (1, 1, '2026-11-20 10:00:02.000000', 200, 0, 511, ?, ?)",
-        (json.dumps({"syns_overflowed": 950.0}), top))
+        (json.dumps({"syns_overflowed": 950.0}), json.dumps([["203.0.113.0/24", 180]])))
     runs = [
         (1, "ban", "203.0.113.0/24", "done", "banned for 3600 s", "nft -f -"),
         (2, "notify", "opened", "failed", "attempt 1 of 5: refused; retrying in 30 s", "T\nB"),

@@ -36,7 +36,7 @@ class _Mailbox:
 
 
 @contextmanager
-def smtp_sink() -> Iterator[tuple[int, list[dict[str, str]]]]:
+def smtp_receiver() -> Iterator[tuple[int, list[dict[str, str]]]]:
     box = _Mailbox()
     port = free_port()
     controller = Controller(box, hostname="127.0.0.1", port=port)
@@ -48,7 +48,7 @@ def smtp_sink() -> Iterator[tuple[int, list[dict[str, str]]]]:
 
 
 @contextmanager
-def http_sink(up: threading.Event | None = None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+def http_receiver(up: threading.Event | None = None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """A JSON endpoint keeping what it is sent; with ``up``, it answers 503 (and keeps
     nothing) until ``up`` is set."""
     posts: list[dict[str, Any]] = []

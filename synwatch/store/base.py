@@ -1,0 +1,110 @@
+"""What every part of the store shares: the engine, sessions that turn SQLAlchemy's errors into
+StoreError, and the rows-to-records conversions (rows never leave the store)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal, cast
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from synwatch.errors import StoreError
+from synwatch.records import (
+    ActionRun,
+    Ban,
+    Incident,
+    RecordedEvent,
+    StoredPoint,
+    Trigger,
+    Verdict,
+)
+from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, TimelineRow
+
+BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock (the CLI, migrations)
+
+
+class StoreBase:
+    def __init__(self, url: str, engine: Engine) -> None:
+        self.url = url
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.busy_timeout = BUSY_TIMEOUT
+
+    @property
+    def display_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise StoreError(self.display_url, str(exc).splitlines()[0]) from exc
+
+
+def trigger(text: str) -> Trigger:
+    return "log" if text == "log" else "half_open" if text == "half_open" else "counters"
+
+
+VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
+
+
+def verdict(text: str) -> Verdict:
+    return cast(Verdict, text) if text in VERDICTS else "unknown"
+
+
+def event_record(r: EventRow) -> RecordedEvent:
+    return RecordedEvent(
+        id=r.id, time=r.time, recorded_at=r.recorded_at, source=r.source, trusted=r.trusted,
+        historical=r.historical, kind=r.kind, family=r.family, address=r.address, port=r.port,
+        mode=r.mode, source_ip=r.source_ip, source_port=r.source_port, host=r.host,
+        message=r.message, pattern=r.pattern, dedup_key=r.dedup_key, incident_id=r.incident_id)
+
+
+def incident_record(r: IncidentRow) -> Incident:
+    return Incident(
+        id=r.id, host=r.host, netns=r.netns, address=r.address, port=r.port, family=r.family,
+        status=r.status, verdict=r.verdict, trigger=r.trigger, opened_at=r.opened_at,
+        closed_at=r.closed_at, first_evidence_at=r.first_evidence_at,
+        detected_at=r.detected_at, peak_syn_recv=r.peak_syn_recv,
+        top_prefixes=tuple(dict(p) for p in r.top_prefixes),
+        recommendations=tuple(r.recommendations), state=dict(r.evidence))
+
+
+def run_record(r: ActionRunRow) -> ActionRun:
+    return ActionRun(incident_id=r.incident_id, action=r.action, target=r.target,
+                     status=r.status, at=r.at, rendered=r.rendered, detail=r.detail,
+                     retry_at=r.retry_at, id=r.id)
+
+
+def run_row(run: ActionRun) -> ActionRunRow:
+    return ActionRunRow(incident_id=run.incident_id, action=run.action, target=run.target[:255],
+                        status=run.status, at=run.at, rendered=run.rendered,
+                        detail=run.detail, retry_at=run.retry_at)
+
+
+def ban_record(r: BanRow) -> Ban:
+    return Ban(prefix=r.prefix, backend=r.backend, netns=r.netns, incident_id=r.incident_id,
+               created_at=r.created_at, expires_at=r.expires_at, removed_at=r.removed_at,
+               times_banned=r.times_banned, id=r.id)
+
+
+def ban_row(ban: Ban) -> BanRow:
+    return BanRow(prefix=ban.prefix, backend=ban.backend, netns=ban.netns,
+                  incident_id=ban.incident_id, created_at=ban.created_at,
+                  expires_at=ban.expires_at, removed_at=ban.removed_at,
+                  times_banned=ban.times_banned)
+
+
+def point_record(r: TimelineRow) -> StoredPoint:
+    return StoredPoint(id=r.id, incident_id=r.incident_id, at=r.at, syn_recv=r.syn_recv,
+                       accept_queue=r.accept_queue, backlog=r.backlog, rates=dict(r.rates),
+                       top_prefixes=tuple((str(p), int(n)) for p, n in r.top_prefixes))
+
+
+Status = Literal["open", "closed"]

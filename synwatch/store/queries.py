@@ -1,0 +1,96 @@
+"""Reading the history for people: the CLI's lists and views, and the doctor's port history.
+Every method returns records (synwatch/records.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import case, func, select
+
+from synwatch.errors import NotFound
+from synwatch.records import ActionRun, Ban, Incident, PortHistory, RecordedEvent, StoredPoint
+from synwatch.store.base import (
+    StoreBase,
+    ban_record,
+    event_record,
+    incident_record,
+    point_record,
+    run_record,
+)
+from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, TimelineRow
+
+
+class Queries(StoreBase):
+    def events(self, since: datetime | None = None,
+               limit: int | None = None) -> list[RecordedEvent]:
+        """Events oldest first; with ``limit``, the newest ``limit`` of them."""
+        order = func.coalesce(EventRow.time, EventRow.recorded_at)
+        q = select(EventRow)
+        if since is not None:
+            q = q.where(order >= since)
+        with self.session() as s:
+            if limit is not None:
+                rows = list(s.scalars(q.order_by(order.desc(), EventRow.id.desc()).limit(limit)))
+                return [event_record(r) for r in rows[::-1]]
+            return [event_record(r) for r in s.scalars(q.order_by(order, EventRow.id))]
+
+    def incidents(self, since: datetime | None = None, port: int | None = None,
+                  verdict: str | None = None, limit: int | None = None) -> list[Incident]:
+        q = select(IncidentRow)
+        if since is not None:
+            q = q.where(IncidentRow.opened_at >= since)
+        if port is not None:
+            q = q.where(IncidentRow.port == port)
+        if verdict is not None:
+            q = q.where(IncidentRow.verdict == verdict)
+        with self.session() as s:
+            if limit is not None:
+                q = q.order_by(IncidentRow.opened_at.desc(), IncidentRow.id.desc()).limit(limit)
+                return [incident_record(r) for r in list(s.scalars(q))[::-1]]
+            return [incident_record(r)
+                    for r in s.scalars(q.order_by(IncidentRow.opened_at, IncidentRow.id))]
+
+    def incident(self, incident_id: int) -> tuple[Incident, list[ActionRun]]:
+        with self.session() as s:
+            row = s.get(IncidentRow, incident_id)
+            if row is None:
+                raise NotFound(f"incident {incident_id}", "no such incident")
+            incident = incident_record(row)
+        return incident, self.action_runs(incident_id)
+
+    def actions_by_incident(self, ids: Sequence[int]) -> dict[int, list[ActionRun]]:
+        out: dict[int, list[ActionRun]] = {i: [] for i in ids}
+        if not ids:
+            return out
+        with self.session() as s:
+            for run in s.scalars(select(ActionRunRow).where(ActionRunRow.incident_id.in_(ids))
+                                 .order_by(ActionRunRow.at, ActionRunRow.id)):
+                out[run.incident_id or 0].append(run_record(run))
+        return out
+
+    def action_runs(self, incident_id: int) -> list[ActionRun]:
+        return self.actions_by_incident([incident_id])[incident_id]
+
+    def port_history(self, netns: str) -> dict[int, PortHistory]:
+        """Per port: how many incidents, their peak SYN-RECV, how many were capacity."""
+        capacity = func.sum(case((IncidentRow.verdict == "capacity", 1), else_=0))
+        q = (select(IncidentRow.port, func.count(), func.max(IncidentRow.peak_syn_recv),
+                    capacity, func.max(IncidentRow.id))
+             .where(IncidentRow.netns == netns, IncidentRow.port.is_not(None))
+             .group_by(IncidentRow.port))
+        with self.session() as s:
+            return {port: PortHistory(port, n, peak or 0, int(cap or 0), last)
+                    for port, n, peak, cap, last in s.execute(q)}
+
+    def samples(self, incident_id: int) -> list[StoredPoint]:
+        """The incident's timeline, one point per probe while it lasted."""
+        with self.session() as s:
+            return [point_record(r) for r in s.scalars(
+                select(TimelineRow).where(TimelineRow.incident_id == incident_id)
+                .order_by(TimelineRow.at, TimelineRow.id))]
+
+    def bans(self) -> list[Ban]:
+        with self.session() as s:
+            return [ban_record(r) for r in s.scalars(select(BanRow)
+                                                     .order_by(BanRow.created_at, BanRow.id))]

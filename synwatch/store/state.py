@@ -1,0 +1,108 @@
+"""What the service keeps in the history to carry on after a restart: where each source was,
+the incidents left open, the notifications to resend, the kernel settings to restore and the
+bans to keep. Every method returns records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from synwatch.records import ActionRun, Ban, IncidentChange
+from synwatch.store.base import StoreBase, ban_record, run_record, trigger, verdict
+from synwatch.store.models import (
+    ActionRunRow,
+    BanRow,
+    IncidentRow,
+    SavedSettingRow,
+    SourcePositionRow,
+)
+
+
+class ServiceState(StoreBase):
+    def get_position(self, source: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            row = s.get(SourcePositionRow, source)
+            return dict(row.position) if row else None
+
+    def open_incidents(self, host: str, netns: str) -> list[IncidentChange]:
+        """Incidents left open (by a stop or a crash), as changes the correlator resumes."""
+        with self.session() as s:
+            rows = s.scalars(select(IncidentRow).where(
+                IncidentRow.status == "open", IncidentRow.host == host,
+                IncidentRow.netns == netns))
+            return [IncidentChange(
+                change="updated", serial=0, incident_id=r.id, host=r.host, netns=r.netns,
+                address=r.address, port=r.port, family=r.family, status="open",
+                verdict=verdict(r.verdict), trigger=trigger(r.trigger),
+                opened_at=r.opened_at, closed_at=None, first_evidence_at=r.first_evidence_at,
+                detected_at=r.detected_at or r.opened_at, peak_syn_recv=r.peak_syn_recv,
+                top_prefixes=(), recommendations=tuple(r.recommendations), reasons=(),
+                evidence=dict(r.evidence)) for r in rows]
+
+    def latest_runs(self, action: str, host: str, netns: str,
+                    since: datetime) -> list[ActionRun]:
+        """The latest run of ``action`` for each (incident, target) of this host and namespace
+        (a fleet shares the store) recorded since ``since``."""
+        latest: dict[tuple[int | None, str], ActionRun] = {}
+        with self.session() as s:
+            for run in s.scalars(
+                    select(ActionRunRow)
+                    .join(IncidentRow, ActionRunRow.incident_id == IncidentRow.id)
+                    .where(ActionRunRow.action == action, ActionRunRow.at >= since,
+                           IncidentRow.host == host, IncidentRow.netns == netns)
+                    .order_by(ActionRunRow.at, ActionRunRow.id)):
+                latest[run.incident_id, run.target] = run_record(run)
+        return list(latest.values())
+
+    # -- kernel settings to restore ---------------------------------------------------------
+
+    def saved_setting(self, netns: str, name: str) -> str | None:
+        with self.session() as s:
+            row = s.get(SavedSettingRow, (netns, name))
+            return row.value if row else None
+
+    def save_setting(self, netns: str, name: str, value: str, now: datetime) -> None:
+        with self.session() as s:
+            s.merge(SavedSettingRow(netns=netns, name=name, value=value, saved_at=now))
+
+    def forget_setting(self, netns: str, name: str) -> None:
+        with self.session() as s:
+            row = s.get(SavedSettingRow, (netns, name))
+            if row is not None:
+                s.delete(row)
+
+    # -- bans -------------------------------------------------------------------------------
+
+    def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
+        q = select(BanRow).where(BanRow.netns == netns, BanRow.removed_at.is_(None),
+                                 BanRow.expires_at > now)
+        if backend is not None:
+            q = q.where(BanRow.backend == backend)
+        with self.session() as s:
+            return [ban_record(r) for r in s.scalars(q.order_by(BanRow.created_at, BanRow.id))]
+
+    def expired_bans(self, netns: str, now: datetime, backend: str) -> list[Ban]:
+        """Bans past their expiry that nobody removed (for backends without kernel timeouts)."""
+        with self.session() as s:
+            return [ban_record(r) for r in s.scalars(select(BanRow).where(
+                BanRow.netns == netns, BanRow.backend == backend, BanRow.removed_at.is_(None),
+                BanRow.expires_at <= now))]
+
+    def times_banned(self, netns: str, prefix: str) -> int:
+        """How often ``prefix`` was banned before (for longer bans of repeat offenders)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(BanRow).where(
+                BanRow.netns == netns, BanRow.prefix == prefix)) or 0)
+
+    def incident_bans(self, incident_id: int) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(BanRow.prefix).where(BanRow.incident_id == incident_id)))
+
+    def mark_removed(self, ban_ids: Sequence[int | None], now: datetime) -> None:
+        ids = [i for i in ban_ids if i is not None]
+        if ids:
+            with self.session() as s:
+                s.execute(update(BanRow).where(BanRow.id.in_(ids)).values(removed_at=now))
