@@ -13,10 +13,8 @@ from datetime import datetime, timezone
 
 from synwatch.catalogue import Catalogue
 from synwatch.clock import local_timezone
-from synwatch.filters import match_record
 from synwatch.recorder import new_event
-from synwatch.scan import Progress, candidate_lines, open_input
-from synwatch.sinks import parse_line
+from synwatch.scan import Progress, candidates, open_input
 from synwatch.sources.base import OccurrenceCounter
 from synwatch.store import NewEvent, Store
 
@@ -43,11 +41,10 @@ def import_paths(store: Store, catalogue: Catalogue, paths: Sequence[str],
         pending: list[NewEvent] = []
         matched = added = 0
         try:
-            for _, raw in candidate_lines(stream, catalogue.needles, progress, False):
-                identity = counter.identity(raw)
-                record = parse_line(raw.decode("utf-8", "replace"), catalogue, now, tz,
-                                    source=f"file:{path}", allow_trust=False)
-                event = match_record(record, catalogue) if record else None
+            for c in candidates(stream, catalogue, now=now, tz=tz, source=f"file:{path}",
+                                allow_trust=False, progress=progress, line_numbers=False):
+                identity = counter.identity(c.raw)  # every candidate counts for the identity
+                event = c.event
                 if event is None:
                     continue
                 matched += 1

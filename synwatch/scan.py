@@ -23,7 +23,7 @@ from typing import BinaryIO, Protocol
 from synwatch.catalogue import Catalogue
 from synwatch.errors import SynwatchError, UsageError
 from synwatch.filters import match_record
-from synwatch.records import KernelEvent
+from synwatch.records import KernelEvent, LogRecord
 from synwatch.sinks import parse_line
 
 CHUNK = 8 << 20
@@ -175,12 +175,32 @@ def open_input(path: str) -> _Input:
     return _Input(path, raw, size)
 
 
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A line holding a needle, taken apart (``record``: None when it is not a kernel line)
+    and matched (``event``: None when no pattern matches its message)."""
+
+    line_no: int
+    raw: bytes
+    record: LogRecord | None
+    event: KernelEvent | None
+
+
+def candidates(stream: Readable, catalogue: Catalogue, *, now: datetime, tz: tzinfo,
+               source: str = "scan", allow_trust: bool = True, progress: Progress | None = None,
+               line_numbers: bool = True) -> Iterator[Candidate]:
+    """The one loop of every reader of log files (scan, test-filter, import): candidate lines
+    by their needles, each parsed by its sink and matched by the filters."""
+    for line_no, raw in candidate_lines(stream, catalogue.needles, progress, line_numbers):
+        record = parse_line(raw.decode("utf-8", "replace"), catalogue, now, tz, source=source,
+                            allow_trust=allow_trust)
+        event = match_record(record, catalogue) if record is not None else None
+        yield Candidate(line_no, raw, record, event)
+
+
 def scan_stream(stream: Readable, path: str, catalogue: Catalogue, *, now: datetime, tz: tzinfo,
                 progress: Progress | None = None, line_numbers: bool = True) -> Iterator[Hit]:
-    for line_no, raw in candidate_lines(stream, catalogue.needles, progress, line_numbers):
-        record = parse_line(raw.decode("utf-8", "replace"), catalogue, now, tz, source="scan")
-        if record is None:
-            continue
-        event = match_record(record, catalogue)
-        if event is not None:
-            yield Hit(path, line_no, event)
+    for c in candidates(stream, catalogue, now=now, tz=tz, progress=progress,
+                        line_numbers=line_numbers):
+        if c.event is not None:
+            yield Hit(path, c.line_no, c.event)

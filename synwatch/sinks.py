@@ -57,6 +57,13 @@ def _journal_field(entry: dict[str, Any], key: str) -> str | None:
     return str(value)
 
 
+def journal_entry_is_kernels(transport: str | None, facility: str | None) -> bool:
+    """Is a journal entry the kernel's own line? Only journald's kernel transport (what it read
+    from /dev/kmsg) with facility kern: any client can set SYSLOG_FACILITY and
+    SYSLOG_IDENTIFIER, none can set a field starting with "_" (systemd.journal-fields(7))."""
+    return transport == "kernel" and facility == "0"
+
+
 def _from_journal_json(line: str, sink: Sink, source: str, allow_trust: bool) -> LogRecord | None:
     try:
         entry = json.loads(line)
@@ -72,7 +79,7 @@ def _from_journal_json(line: str, sink: Sink, source: str, allow_trust: bool) ->
         return None  # a record that names its facility must name kern
     if transport != "kernel" and identifier != "kernel":
         return None
-    trusted = allow_trust and transport == "kernel" and facility == "0"
+    trusted = allow_trust and journal_entry_is_kernels(transport, facility)
     realtime = _journal_field(entry, "__REALTIME_TIMESTAMP")
     return LogRecord(
         line=line, sink=sink.id, message=message,

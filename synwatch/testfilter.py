@@ -13,10 +13,10 @@ from typing import TextIO
 
 from synwatch.catalogue import Catalogue, load_catalogue
 from synwatch.clock import local_timezone
-from synwatch.filters import explain, match_record
+from synwatch.filters import explain
 from synwatch.output import cell
 from synwatch.records import KernelEvent
-from synwatch.scan import candidate_lines, open_input
+from synwatch.scan import candidates, open_input
 from synwatch.sinks import parse_line
 
 
@@ -65,15 +65,14 @@ def explain_file(path: str, out: TextIO, show_misses: int = 20,
     now, tz = datetime.now(timezone.utc), local_timezone()
     per_pattern: Counter[str] = Counter()
     per_sink: Counter[str] = Counter()
-    trusted = candidates = 0
+    trusted = seen = 0
     misses: list[tuple[int, str, str]] = []
     stream = open_input(path)
     try:
-        for line_no, raw in candidate_lines(stream, catalogue.needles):
-            candidates += 1
-            line = raw.decode("utf-8", "replace")
-            record = parse_line(line, catalogue, now, tz)
-            event = match_record(record, catalogue) if record else None
+        for c in candidates(stream, catalogue, now=now, tz=tz):
+            seen += 1
+            line, record, event = c.raw.decode("utf-8", "replace"), c.record, c.event
+            line_no = c.line_no
             if event is None:
                 why = (f"sink {record.sink}: no pattern matches the message" if record
                        else "not a kernel line (facility, userspace journal entry)")
@@ -85,7 +84,7 @@ def explain_file(path: str, out: TextIO, show_misses: int = 20,
     finally:
         stream.close()
     matched = sum(per_pattern.values())
-    out.write(f"Lines with a needle: {candidates}, matched: {matched} "
+    out.write(f"Lines with a needle: {seen}, matched: {matched} "
               f"({trusted} trusted), near misses: {len(misses)}\n\n")
     out.write("Patterns:\n")
     width = max(len(p.qualified_id) for p in catalogue.patterns)

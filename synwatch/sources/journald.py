@@ -27,8 +27,10 @@ from typing import Any, Protocol
 from synwatch.catalogue import Catalogue
 from synwatch.errors import SourceUnavailable
 from synwatch.records import LogRecord
+from synwatch.sinks import journal_entry_is_kernels
 from synwatch.sources import journal_reader
 from synwatch.sources.base import Batch, Emit
+from synwatch.timeparse import from_epoch_micros
 
 log = logging.getLogger(__name__)
 MATCH = {"_TRANSPORT": "kernel", "SYSLOG_FACILITY": "0"}
@@ -270,12 +272,12 @@ class JournaldSource:
         if not any(n in message for n in self._needles):
             return None
         realtime = entry.get("__REALTIME_TIMESTAMP")
-        when = (datetime.fromtimestamp(int(realtime) / 1e6, timezone.utc)
-                if realtime and realtime.isdigit() else None)
         return LogRecord(
-            line=message, sink="journald", message=message, time=when,
+            line=message, sink="journald", message=message,
+            time=from_epoch_micros(realtime) if realtime else None,  # bounded: never raises
             host=entry.get("_HOSTNAME"),
-            trusted=entry.get("_TRANSPORT") == "kernel" and entry.get("SYSLOG_FACILITY") == "0",
+            trusted=journal_entry_is_kernels(entry.get("_TRANSPORT"),
+                                             entry.get("SYSLOG_FACILITY")),
             source=self.name, position=f"journal:{entry.get('__CURSOR', '')}")
 
     def stream(self, emit: Emit, stop: threading.Event) -> None:
