@@ -1,135 +1,28 @@
-"""The one reader of synwatch.toml: strict parse, defaults, validation; no I/O beyond the file.
-
-Unknown sections and keys are errors, and every error names its key:
-``synwatch: config /etc/synwatch/synwatch.toml: incident.quiet_period: expected a duration ...``.
-Whether the machine can do what the config asks (is there a journal? nft?) is checked elsewhere.
-"""
+"""The settings schema: every key with its validator, default and help text. Parsing
+(synwatch/config/__init__.py) applies it; scripts/settings_docs.py writes the README's key table
+and the default file from it. Validators are pure: no file, no import of what they name."""
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
 import json
-import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from synwatch.config.types import (
+    BAN_BACKENDS,
+    BUILTIN_ACTIONS,
+    DEFAULT_POLICY,
+    EXEC_CHANGES,
+    VERDICTS,
+    Auto,
+    Network,
+    Thresholds,
+)
 from synwatch.durations import parse_duration
-from synwatch.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-SYSTEM_CONFIG = Path("/etc/synwatch/synwatch.toml")
-EMBEDDED = "<embedded default>"
-Auto = Literal["auto"] | bool
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True, slots=True)
-class Thresholds:
-    """When counters open an incident, and how a verdict is reached ([incident], [verdict])."""
-
-    open_rate: int = 20  # overflowing SYNs (or accept-queue overflows) per second
-    capacity_completion: float = 0.5
-    spoofed_completion: float = 0.1
-    concentrated_prefixes: int = 4
-    concentrated_share: float = 0.8
-    spoofed_min_prefixes: int = 32
-    ipv4_prefix: int = 24
-    ipv6_prefix: int = 64
-    # a listener whose SYN-RECV stays at or above max(half_open_min, backlog / 4) for
-    # half_open_for seconds while most requests never complete opens a "half_open" incident
-    half_open_min: int = 64
-    half_open_for: float = 10.0
-    verdict_window: float = 10.0  # a verdict on this much recent evidence can start a phase
-    widest_v4: int = 16  # aggregated prefixes are never wider than these ([actions.ban])
-    widest_v6: int = 48
-
-
-VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
-# What each verdict does by default. Bans are for "concentrated" only (README, "Incidents and
-# verdicts"): a capacity incident is real clients, a spoofed one comes from everywhere.
-DEFAULT_POLICY = {"capacity": ["notify", "exec"], "concentrated": ["ban", "notify", "exec"],
-                  "spoofed": ["notify", "exec"], "unknown": ["notify", "exec"]}
-EXEC_CHANGES = ("opened", "verdict", "closed")
-# The actions synwatch ships (entry points in pyproject.toml) -> whether [actions.policy] chooses
-# them per incident; the others run on their own section. A test holds this to the entry points.
-BUILTIN_ACTIONS = {"ban": True, "exec": True, "notify": True, "ratelimit": False,
-                   "syncookies": False}
-# The ban presets synwatch ships (actions/*.toml with action = "ban"); a test holds this to them.
-BAN_BACKENDS = ("iptables-ipset", "nftables", "ufw")
-
-
-@dataclass(frozen=True, slots=True)
-class BanSettings:
-    enabled: bool = True
-    backend: str = "nftables"
-    duration: float = 3600.0
-    increment: float = 2.0  # a prefix banned before is banned increment**n times longer ...
-    max_duration: float = 7 * 86400.0  # ... up to this
-    max_per_incident: int = 8
-    max_total: int = 256
-    min_share: float = 0.05  # a prefix carrying less of the flood is not worth a ban
-    widest_v4: int = 16  # prefixes that fill a larger block are banned as it, up to this wide
-    widest_v6: int = 48
-
-
-@dataclass(frozen=True, slots=True)
-class RatelimitSettings:
-    enabled: bool = False
-    rate: int = 100  # new connections a minute from one address ...
-    burst: int = 50
-    hold: float = 300.0  # ... above which its SYNs are dropped for this long
-    ports: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class NotifySettings:
-    enabled: bool = False
-    urls: tuple[str, ...] = ()
-    interval: float = 600.0  # at most one update per incident this often
-    timeout: float = 10.0
-    retry: float = 30.0  # first retry after a failure, doubling
-    attempts: int = 5
-
-
-@dataclass(frozen=True, slots=True)
-class ExecSettings:
-    enabled: bool = False
-    argv: tuple[str, ...] = ()
-    on: tuple[str, ...] = EXEC_CHANGES
-    timeout: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    path: str  # where it was read from, for messages
-    storage_url: str
-    journald: Auto
-    files: tuple[str, ...]
-    kmsg: Auto
-    netns: str
-    quiet_period: float
-    probe_interval: float
-    accounting: Auto
-    sampler: Auto
-    thresholds: Thresholds
-    allowlist: tuple[Network, ...]
-    dry_run: bool
-    syncookies_enabled: bool
-    policy: dict[str, tuple[str, ...]]
-    ban: BanSettings
-    ratelimit: RatelimitSettings
-    notify: NotifySettings
-    exec: ExecSettings
-    metrics_listen: tuple[str, int] | None
 
 
 def _show(value: Any) -> str:
@@ -470,129 +363,3 @@ SECTION_HELP = {
                       "limit are not chosen here: cookies are kept on during every incident, "
                       "the rate limit is a standing rule.",
 }
-
-
-def _flatten(doc: dict[str, Any], path: str) -> dict[str, dict[str, Any]]:
-    """{section: {key: value}} with nested tables as dotted sections; unknown names are errors."""
-    out: dict[str, dict[str, Any]] = {}
-
-    def walk(table: dict[str, Any], prefix: str) -> None:
-        for key, value in table.items():
-            dotted = f"{prefix}.{key}" if prefix else key
-            if dotted in SCHEMA:
-                if not isinstance(value, dict):
-                    raise ConfigError(path, dotted,
-                                      f"must be a table ([{dotted}]), got {_show(value)}")
-                walk(value, dotted)
-            elif prefix in SCHEMA and key in SCHEMA[prefix]:
-                out.setdefault(prefix, {})[key] = value
-            elif not prefix and key not in SCHEMA:
-                raise ConfigError(path, key, "unknown section"
-                                  f" (known: {', '.join(s for s in SCHEMA if '.' not in s)})")
-            else:
-                known = ", ".join(SCHEMA.get(prefix, {})) or "none"
-                raise ConfigError(path, dotted, f"unknown key (known in [{prefix}]: {known})")
-
-    walk(doc, "")
-    return out
-
-
-def default_storage_url() -> str:
-    """Root keeps its history in /var/lib/synwatch; anyone else in their XDG state dir."""
-    if os.geteuid() == 0:
-        return "sqlite:////var/lib/synwatch/synwatch.db"
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return f"sqlite:///{state}/synwatch/synwatch.db"
-
-
-def _section(values: dict[str, Any], section: str) -> dict[str, Any]:
-    return {k: values[f"{section}.{k}"] for k in SCHEMA[section]}
-
-
-def parse_config(text: str, path: str) -> Config:
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, None, f"not valid TOML: {exc}") from exc
-    given = _flatten(doc, path)
-    values: dict[str, Any] = {}
-    for section, keys in SCHEMA.items():
-        for key, setting in keys.items():
-            raw = given.get(section, {}).get(key, setting.default)
-            try:
-                values[f"{section}.{key}"] = setting.validate(raw)
-            except _Invalid as exc:
-                raise ConfigError(path, f"{section}.{key}", str(exc)) from None
-    v = values
-    if v["sources.journald"] is True and v["sources.kmsg"] is True:
-        raise ConfigError(path, "sources.kmsg", "is true while sources.journald is true: journald "
-                          "already carries every kernel line, so each would be recorded twice "
-                          '(use "auto", which takes kmsg only where there is no journal)')
-    if v["incident.probe_interval"] < 0.1:
-        raise ConfigError(path, "incident.probe_interval",
-                          "must be at least 0.1s (probing reads every socket of the namespace)")
-    if v["actions.notify.enabled"] and not v["actions.notify.urls"]:
-        raise ConfigError(path, "actions.notify.urls", "is empty while notify is enabled")
-    if v["actions.exec.enabled"] and not v["actions.exec.argv"]:
-        raise ConfigError(path, "actions.exec.argv", "is empty while exec is enabled")
-    if v["actions.ban.max_duration"] < v["actions.ban.duration"]:
-        raise ConfigError(path, "actions.ban.max_duration",
-                          "must not be shorter than actions.ban.duration")
-    if v["verdict.spoofed_completion"] > v["verdict.capacity_completion"]:
-        raise ConfigError(path, "verdict.spoofed_completion",
-                          f"must not exceed verdict.capacity_completion "
-                          f"({v['verdict.capacity_completion']})")
-    return Config(
-        path=path,
-        storage_url=v["storage.url"] or default_storage_url(),
-        journald=v["sources.journald"], files=v["sources.files"], kmsg=v["sources.kmsg"],
-        netns=v["watch.netns"], quiet_period=v["incident.quiet_period"],
-        probe_interval=v["incident.probe_interval"], accounting=v["incident.accounting"],
-        sampler=v["incident.sampler"],
-        thresholds=Thresholds(open_rate=v["incident.open_rate"],
-                              half_open_min=v["incident.half_open_min"],
-                              half_open_for=v["incident.half_open_for"],
-                              verdict_window=v["incident.verdict_window"],
-                              widest_v4=v["actions.ban.widest_v4"],
-                              widest_v6=v["actions.ban.widest_v6"],
-                              **{k: v[f"verdict.{k}"] for k in SCHEMA["verdict"]}),
-        allowlist=v["allowlist.networks"], dry_run=v["actions.dry_run"],
-        syncookies_enabled=v["actions.syncookies.enabled"],
-        policy={verdict: v[f"actions.policy.{verdict}"] for verdict in VERDICTS},
-        ban=BanSettings(**_section(v, "actions.ban")),
-        ratelimit=RatelimitSettings(**_section(v, "actions.ratelimit")),
-        notify=NotifySettings(**_section(v, "actions.notify")),
-        exec=ExecSettings(**_section(v, "actions.exec")),
-        metrics_listen=v["metrics.listen"],
-    )
-
-
-def embedded_default_text() -> str:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "default.toml", here.parent / "packaging" / "synwatch.toml"):
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
-    raise ConfigError(EMBEDDED, None, f"missing from the installation (looked next to {here})")
-
-
-def config_location(explicit: str | None) -> str | None:
-    """The file to read: --config, else $SYNWATCH_CONFIG, else /etc/..., else None (embedded)."""
-    if explicit:
-        return explicit
-    env = os.environ.get("SYNWATCH_CONFIG")
-    if env:
-        return env
-    return str(SYSTEM_CONFIG) if SYSTEM_CONFIG.is_file() else None
-
-
-def load_config(explicit: str | None = None) -> Config:
-    path = config_location(explicit)
-    if path is None:
-        return parse_config(embedded_default_text(), EMBEDDED)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(path, None, exc.strerror or str(exc)) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path, None, f"not UTF-8 text: {exc}") from exc
-    return parse_config(text, path)
