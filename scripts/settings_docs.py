@@ -34,7 +34,7 @@ HEADER = """\
 # `synwatch incidents list` shows what synwatch would have done.
 # Unknown keys are errors; `synwatch check-config` checks a file, then the machine.
 #
-# Generated from the settings schema (synwatch/config.py) by scripts/settings_docs.py.
+# Generated from the settings schema (synwatch/config/schema.py) by scripts/settings_docs.py.
 """
 
 

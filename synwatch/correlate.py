@@ -17,26 +17,20 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
 from synwatch.clock import Clock
 from synwatch.config import Thresholds
+from synwatch.delta import ListenerId, ProbeDelta, listener_id, measure
 from synwatch.probes.snapshot import ListenerState, Snapshot
-from synwatch.probes.synsample import SynSample
 from synwatch.records import Evidence, IncidentChange, StoredEvent, TimelinePoint, Trigger
 from synwatch.rules import half_open_floor
 from synwatch.verdict import Tally, judge
 
 log = logging.getLogger(__name__)
 ListenerKey = tuple[int, str, int] | None  # (family, address, port); None: not attributable
-OVERFLOW = ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")
-RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",),
-         "cookies_sent": ("TcpExt.SyncookiesSent",), "cookies_recv": ("TcpExt.SyncookiesRecv",),
-         "passive_opens": ("Tcp.PassiveOpens",), "listen_overflows": ("TcpExt.ListenOverflows",)}
-MAX_PREFIXES = 4096  # per incident and per kind of count
 PENDING_UNTRUSTED = 256  # untrusted lines kept for corroboration; older ones just stay events
 PENDING_TRUSTED = 1024  # trusted lines waiting for the next probe (one line per socket)
 MAX_PHASES = 32
@@ -61,43 +55,6 @@ class _Incident:
     phases: list[tuple[datetime, str]] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class _Probe:
-    """One probe, as differences from the one before."""
-
-    snap: Snapshot
-    deltas: dict[str, int]
-    rates: dict[str, float]
-    accounted: dict[tuple[int, str], int]  # new SYNs per (port, prefix) in the accounting set
-    sampled: SynSample | None  # SYNs sampled from packets over the same interval
-    dropped: dict[tuple[int, str, int], int]  # listeners' own drops (sk_drops) over it
-    grew: frozenset[tuple[int, str, int]]  # listeners whose SYN-RECV rose over it
-
-
-def _add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:
-    """Per-prefix counts, bounded under a flood from everywhere: past MAX_PREFIXES the
-    smaller half is dropped."""
-    for prefix, n in more:
-        if n:
-            counts[prefix] = counts.get(prefix, 0) + n
-    if len(counts) > MAX_PREFIXES:
-        counts = dict(sorted(counts.items(), key=lambda x: -x[1])[:MAX_PREFIXES // 2])
-    return counts
-
-
-def _add_sampled(t: Tally, sampled: SynSample | None) -> None:
-    """Fold one interval of the packet sampler into the tally (this listener's port only)."""
-    got = sampled.port(t.port) if sampled is not None and t.port is not None else None
-    if sampled is None or got is None or not got.samples:
-        return
-    t.one_in = sampled.one_in
-    t.sampled_n += got.samples
-    t.sampled_syns += got.syns
-    t.sampled = _add_counts(t.sampled, ((p, n) for p, n, _ in got.prefixes))
-    t.sampled_seen = _add_counts(t.sampled_seen, ((p, k) for p, _, k in got.prefixes))
-    t.sampled_distinct = max(t.sampled_distinct, got.distinct)
-
-
 def _full_syn_queue(st: ListenerState) -> bool:
     backlog = st.listener.backlog
     return st.syn_recv >= backlog if backlog > 0 else st.syn_recv > 0
@@ -114,10 +71,6 @@ def _sample(at: datetime, st: ListenerState | None, rates: dict[str, float]) -> 
                   top_prefixes=st.top_prefixes if st else ())
 
 
-def _key(st: ListenerState) -> tuple[int, str, int]:
-    return st.listener.family, st.listener.address, st.listener.port
-
-
 class Correlator:
     def __init__(self, host: str, netns: str, thresholds: Thresholds, quiet_period: float,
                  clock: Clock) -> None:
@@ -126,8 +79,8 @@ class Correlator:
         self.open: dict[int, _Incident] = {}
         self._serial = 0
         self._last: Evidence | None = None
-        self._last_probe: _Probe | None = None
-        self._recent: deque[tuple[datetime, _Probe]] = deque(maxlen=RECENT_PROBES)
+        self._last_probe: ProbeDelta | None = None
+        self._recent: deque[tuple[datetime, ProbeDelta]] = deque(maxlen=RECENT_PROBES)
         # listeners whose SYN-RECV is high: since when, and PassiveOpens then
         self._high_since: dict[tuple[int, str, int], tuple[datetime, int]] = {}
         self._moving_since: datetime | None = None
@@ -169,7 +122,7 @@ class Correlator:
         if snap is not None:
             tally.sysctls = dict(snap.sysctls)
         inc = _Incident(self._serial, key, trigger, at, first, self.clock.now(), at, tally)
-        inc.window, inc.window_start = _fresh(tally), at
+        inc.window, inc.window_start = tally.fresh(), at
         self.open[inc.serial] = inc
         return inc
 
@@ -238,7 +191,7 @@ class Correlator:
         at = e.time or self.clock.now()
         key: ListenerKey
         if listener is not None:
-            key = _key(listener)
+            key = listener_id(listener)
         elif e.port is not None:
             wildcard = "::" if e.family == 6 else "0.0.0.0"  # noqa: S104 - a name, not a bind
             key = (e.family or 4, e.address or wildcard, e.port)
@@ -307,96 +260,93 @@ class Correlator:
     def on_evidence(self, ev: Evidence) -> list[IncidentChange]:
         prev, self._last = self._last, ev
         resolved = self._resolve_held()
-        snap = ev.snapshot
-        deltas = dict.fromkeys(RATES, 0)
-        dt = 0.0
-        if prev is not None and ev.at > prev.at:
-            dt = (ev.at - prev.at).total_seconds()
-            for name, counters in RATES.items():
-                # a counter going back means the namespace was recreated: no delta this time
-                deltas[name] = sum(max(0, snap.counters.get(c, 0)
-                                       - prev.snapshot.counters.get(c, 0)) for c in counters)
-        rates = {k: round(v / dt, 1) for k, v in deltas.items()} if dt else dict.fromkeys(
-            deltas, 0.0)
-        accounted: dict[tuple[int, str], int] = {}
-        if ev.accounting is not None and prev is not None and prev.accounting is not None:
-            for k, n in ev.accounting.items():
-                before = prev.accounting.get(k, 0)
-                accounted[k] = n - before if n >= before else n  # expired and counted anew
-        moving = deltas["syns_overflowed"] > 0 or deltas["listen_overflows"] > 0
-        if not moving:
+        probe = measure(prev, ev)
+        if not probe.moving:
             self._moving_since = None
         elif self._moving_since is None and prev is not None:
             self._moving_since = prev.at  # they moved some time in the last interval
-
-        dropped: dict[tuple[int, str, int], int] = {}
-        grew: set[tuple[int, str, int]] = set()
-        if prev is not None:
-            last_seen = {_key(li): li for li in prev.snapshot.listeners}
-            for li in snap.listeners:
-                was = last_seen.get(_key(li))
-                if was is None or li.syn_recv > was.syn_recv:
-                    grew.add(_key(li))
-                n = li.listener.drops - (was.listener.drops if was else li.listener.drops)
-                if n > 0:
-                    dropped[_key(li)] = n
-        probe = _Probe(snap, deltas, rates, accounted, ev.sampled, dropped, frozenset(grew))
         self._last_probe = probe
         self._recent.append((ev.at, probe))
         active = self._attribute(probe)
-        changes: list[IncidentChange] = []
-        opening = (rates["syns_overflowed"] >= self.th.open_rate
-                   or rates["listen_overflows"] >= self.th.open_rate)
-        states = {_key(st): st for st in snap.listeners}
-        if opening:
-            targets: list[ListenerKey] = list(active) or ([None] if not self.open else [])
-            for key in targets:
-                if self._by_key(key) is None:
-                    st = states.get(key) if key else None
-                    inc = self._new(key, "counters", at=ev.at,
-                                    first=self._moving_since or ev.at, listener=st, snap=snap)
-                    self._corroborate(inc)
-                    self._add(inc, st, probe, active=True)
-                    changes.append(self._change(inc, "opened", sample=_sample(ev.at, st, rates)))
-        half_open = self._half_open(ev.at, snap)
-        for key in sorted(half_open, key=str):
+        states = {listener_id(st): st for st in probe.snap.listeners}
+        changes = self._open_on_counters(ev.at, probe, active, states)
+        changes += self._open_half_open(ev.at, probe, states)
+        changes += self._follow_open(ev.at, probe, active, states,
+                                     {c.serial for c in changes})
+        return resolved + changes
+
+    def _open_on_counters(self, at: datetime, probe: ProbeDelta, active: set[ListenerKey],
+                          states: dict[ListenerId, ListenerState]) -> list[IncidentChange]:
+        """Overflows at ``open_rate``: an incident for each listener they belong to (one not
+        attributable to any, if no incident is open)."""
+        rates = probe.rates
+        if (rates["syns_overflowed"] < self.th.open_rate
+                and rates["listen_overflows"] < self.th.open_rate):
+            return []
+        changes = []
+        for key in list(active) or ([None] if not self.open else []):
+            if self._by_key(key) is None:
+                st = states.get(key) if key else None
+                inc = self._new(key, "counters", at=at, first=self._moving_since or at,
+                                listener=st, snap=probe.snap)
+                self._corroborate(inc)
+                self._add(inc, st, probe, active=True)
+                changes.append(self._change(inc, "opened", sample=_sample(at, st, rates)))
+        return changes
+
+    def _open_half_open(self, at: datetime, probe: ProbeDelta,
+                        states: dict[ListenerId, ListenerState]) -> list[IncidentChange]:
+        """A build-up of half-open requests held long enough opens an incident whose
+        evidence is the build-up."""
+        changes = []
+        for key in sorted(self._half_open(at, probe.snap), key=str):
             if self._by_key(key) is None:
                 st = states[key]
                 since, _ = self._high_since[key]
-                inc = self._new(key, "half_open", at=ev.at, first=since, listener=st, snap=snap)
+                inc = self._new(key, "half_open", at=at, first=since, listener=st,
+                                snap=probe.snap)
                 inc.tally.half_open = True
                 self._corroborate(inc)
-                for at, earlier in list(self._recent)[:-1]:
-                    if at > since:  # the build-up is this incident's evidence
+                for when, earlier in list(self._recent)[:-1]:
+                    if when > since:  # the build-up is this incident's evidence
                         self._add(inc, None, earlier, active=True)
                 self._add(inc, st, probe, active=True)
-                changes.append(self._change(inc, "opened", sample=_sample(ev.at, st, rates)))
+                changes.append(self._change(inc, "opened", sample=_sample(at, st, probe.rates)))
+        return changes
+
+    def _follow_open(self, at: datetime, probe: ProbeDelta, active: set[ListenerKey],
+                     states: dict[ListenerId, ListenerState],
+                     just_opened: set[int]) -> list[IncidentChange]:
+        """Every other open incident takes the probe, moves to a new phase if its flood
+        changed, and closes after ``quiet_period`` without activity."""
+        changes = []
         for inc in list(self.open.values()):
-            if any(c.serial == inc.serial for c in changes):
+            if inc.serial in just_opened:
                 continue
-            is_active = (inc.key in active or (inc.key is None and moving)
+            is_active = (inc.key in active or (inc.key is None and probe.moving)
                          or (inc.tally.half_open and inc.key in self._high_since))
             st = states.get(inc.key) if inc.key else None
             self._add(inc, st, probe, active=is_active)
-            self._next_phase(inc, ev.at)
+            self._next_phase(inc, at)
             if is_active:
-                inc.last_activity = ev.at
-            if ev.at - inc.last_activity >= self.quiet:
+                inc.last_activity = at
+            if at - inc.last_activity >= self.quiet:
                 del self.open[inc.serial]
-                changes.append(self._change(inc, "closed", closed_at=ev.at))
+                changes.append(self._change(inc, "closed", closed_at=at))
             else:
-                changes.append(self._change(inc, "updated", sample=_sample(ev.at, st, rates)))
-        return resolved + changes
+                changes.append(self._change(inc, "updated",
+                                            sample=_sample(at, st, probe.rates)))
+        return changes
 
     @staticmethod
-    def _attribute(probe: _Probe) -> set[ListenerKey]:
+    def _attribute(probe: ProbeDelta) -> set[ListenerKey]:
         """Which listeners the counters' movement belongs to: those with a full queue."""
         snap, deltas, accounted = probe.snap, probe.deltas, probe.accounted
         active: set[ListenerKey] = set()
         sampled_ports = ({p.port for p in probe.sampled.ports if p.samples}
                          if probe.sampled is not None else set())
         if deltas["syns_overflowed"]:
-            full = [_key(st) for st in snap.listeners if _full_syn_queue(st)]
+            full = [listener_id(st) for st in snap.listeners if _full_syn_queue(st)]
             fresh = [k for k in full if k[2] in sampled_ports or k in probe.dropped
                      or k in probe.grew]
             if fresh:
@@ -407,32 +357,32 @@ class Correlator:
             if not full and sampled_ports:  # syncookies=2 keeps queues empty
                 assert probe.sampled is not None
                 top_sampled = max(probe.sampled.ports, key=lambda p: p.syns).port
-                full = [_key(st) for st in snap.listeners if st.listener.port == top_sampled]
+                full = [listener_id(st) for st in snap.listeners if st.listener.port == top_sampled]
             if not full and any(accounted.values()):
                 by_port: dict[int, int] = {}
                 for (port, _), n in accounted.items():
                     by_port[port] = by_port.get(port, 0) + n
                 top_port = max(by_port, key=lambda p: by_port[p])
-                full = [_key(st) for st in snap.listeners if st.listener.port == top_port]
+                full = [listener_id(st) for st in snap.listeners if st.listener.port == top_port]
             active.update(full)
         if deltas["listen_overflows"]:
-            active.update(_key(st) for st in snap.listeners if _full_accept_queue(st))
+            active.update(listener_id(st) for st in snap.listeners if _full_accept_queue(st))
             # the listener that dropped says so itself (tcp_listendrop() counts per socket)
             active.update(probe.dropped)
         return active
 
     @staticmethod
-    def _add(inc: _Incident, st: ListenerState | None, probe: _Probe, *, active: bool) -> None:
+    def _add(inc: _Incident, st: ListenerState | None, probe: ProbeDelta, *, active: bool) -> None:
         """Fold one probe into the incident's phase and its recent window."""
-        _fold(inc.tally, st, probe, active=active)
+        inc.tally.absorb(st, probe, active=active)
         if inc.window is not None:
-            _fold(inc.window, st, probe, active=active)
+            inc.window.absorb(st, probe, active=active)
 
     def _next_phase(self, inc: _Incident, at: datetime) -> None:
         """At the end of each verdict window: a confident verdict on the window's evidence that
         differs from the phase's starts a new phase, judged on that evidence from then on."""
         if inc.window is None or inc.window_start is None:
-            inc.window, inc.window_start = _fresh(inc.tally), at
+            inc.window, inc.window_start = inc.tally.fresh(), at
             return
         if (at - inc.window_start).total_seconds() < self.th.verdict_window:
             return
@@ -445,7 +395,7 @@ class Correlator:
                      recent, inc.window_start.isoformat())
             inc.window.keep_peaks(inc.tally)  # the incident's peaks, whatever the phase
             inc.tally = inc.window
-        inc.window, inc.window_start = _fresh(inc.tally), at
+        inc.window, inc.window_start = inc.tally.fresh(), at
 
     def _half_open(self, at: datetime, snap: Snapshot) -> set[tuple[int, str, int]]:
         """Listeners whose SYN-RECV has stayed high for ``half_open_for`` while most of those
@@ -457,7 +407,7 @@ class Correlator:
         for st in snap.listeners:
             if st.syn_recv < half_open_floor(st.listener.backlog, self.th.half_open_min):
                 continue
-            key = _key(st)
+            key = listener_id(st)
             since, opens_then = self._high_since.get(key, (at, passive))
             high[key] = (since, opens_then)
             if (at - since).total_seconds() < self.th.half_open_for:
@@ -477,36 +427,3 @@ class Correlator:
                 out.append(self._change(inc, "closed", closed_at=now))
         return out
 
-
-def _fresh(t: Tally) -> Tally:
-    """An empty tally for the same listener and settings."""
-    return Tally(family=t.family, address=t.address, port=t.port, backlog=t.backlog,
-                 sysctls=dict(t.sysctls), half_open=t.half_open)
-
-
-def _fold(t: Tally, st: ListenerState | None, probe: _Probe, *, active: bool) -> None:
-    """Fold one probe into a tally (counters only while the incident is active)."""
-    snap, deltas, rates = probe.snap, probe.deltas, probe.rates
-    accounted = probe.accounted
-    t.samples += 1
-    t.sysctls = dict(snap.sysctls)
-    if active:
-        t.accounted = _add_counts(t.accounted, ((prefix, n) for (port, prefix), n
-                                                in accounted.items() if port == t.port))
-        _add_sampled(t, probe.sampled)
-        t.absorb_counters(deltas)
-        t.peak_overflow_rate = max(t.peak_overflow_rate, rates["syns_overflowed"])
-        t.peak_listen_overflow_rate = max(t.peak_listen_overflow_rate,
-                                          rates["listen_overflows"])
-    if st is None:
-        return
-    t.backlog = st.listener.backlog
-    t.peak_syn_recv = max(t.peak_syn_recv, st.syn_recv)
-    t.peak_accept_queue = max(t.peak_accept_queue, st.listener.accept_queue)
-    if active and st.syn_recv:
-        t.syn_recv_sum += st.syn_recv
-        t.prefixes = _add_counts(t.prefixes, st.prefixes)
-        t.prefix_count = max(t.prefix_count, st.prefix_count, len(t.prefixes))
-        if st.syn_recv > t.socket_n:
-            t.socket_n, t.socket_distinct = st.syn_recv, st.prefix_count
-            t.socket_singletons, t.socket_doubletons = st.singletons, st.doubletons

@@ -8,14 +8,19 @@ documents the same rules; keep the two in step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING
 
 from synwatch import rules
 from synwatch.config import Thresholds
-from synwatch.records import endpoint
+from synwatch.delta import add_counts
+from synwatch.records import Verdict, endpoint
 from synwatch.stats import aggregate, chao1, wilson
 
-Verdict = Literal["capacity", "concentrated", "spoofed", "unknown"]
+if TYPE_CHECKING:
+    from synwatch.delta import ProbeDelta
+    from synwatch.probes.snapshot import ListenerState
+    from synwatch.probes.synsample import SynSample
+
 
 
 @dataclass
@@ -58,13 +63,58 @@ class Tally:
     one_in: int = 0
 
     def absorb_counters(self, deltas: dict[str, int]) -> None:
-        """Add one probe interval's counter movements (keys as in correlate.RATES)."""
+        """Add one probe interval's counter movements (keys as in delta.RATES)."""
         self.syns_overflowed += deltas["syns_overflowed"]
         self.syns_dropped += deltas["syns_dropped"]
         self.cookies_sent += deltas["cookies_sent"]
         self.cookies_recv += deltas["cookies_recv"]
         self.passive_opens += deltas["passive_opens"]
         self.listen_overflows += deltas["listen_overflows"]
+
+    def absorb(self, st: ListenerState | None, probe: ProbeDelta, *, active: bool) -> None:
+        """Add one probe: this listener's state, and while the incident is active the
+        counters, the accounting set's and the sampler's SYNs for its port."""
+        snap, rates = probe.snap, probe.rates
+        self.samples += 1
+        self.sysctls = dict(snap.sysctls)
+        if active:
+            self.accounted = add_counts(self.accounted, ((prefix, n) for (port, prefix), n
+                                                         in probe.accounted.items()
+                                                         if port == self.port))
+            self._absorb_sampled(probe.sampled)
+            self.absorb_counters(probe.deltas)
+            self.peak_overflow_rate = max(self.peak_overflow_rate, rates["syns_overflowed"])
+            self.peak_listen_overflow_rate = max(self.peak_listen_overflow_rate,
+                                                 rates["listen_overflows"])
+        if st is None:
+            return
+        self.backlog = st.listener.backlog
+        self.peak_syn_recv = max(self.peak_syn_recv, st.syn_recv)
+        self.peak_accept_queue = max(self.peak_accept_queue, st.listener.accept_queue)
+        if active and st.syn_recv:
+            self.syn_recv_sum += st.syn_recv
+            self.prefixes = add_counts(self.prefixes, st.prefixes)
+            self.prefix_count = max(self.prefix_count, st.prefix_count, len(self.prefixes))
+            if st.syn_recv > self.socket_n:
+                self.socket_n, self.socket_distinct = st.syn_recv, st.prefix_count
+                self.socket_singletons, self.socket_doubletons = st.singletons, st.doubletons
+
+    def _absorb_sampled(self, sampled: SynSample | None) -> None:
+        """One interval of the packet sampler (this listener's port only)."""
+        got = sampled.port(self.port) if sampled is not None and self.port is not None else None
+        if sampled is None or got is None or not got.samples:
+            return
+        self.one_in = sampled.one_in
+        self.sampled_n += got.samples
+        self.sampled_syns += got.syns
+        self.sampled = add_counts(self.sampled, ((p, n) for p, n, _ in got.prefixes))
+        self.sampled_seen = add_counts(self.sampled_seen, ((p, k) for p, _, k in got.prefixes))
+        self.sampled_distinct = max(self.sampled_distinct, got.distinct)
+
+    def fresh(self) -> Tally:
+        """An empty tally for the same listener and settings (a new phase, a window)."""
+        return Tally(family=self.family, address=self.address, port=self.port,
+                     backlog=self.backlog, sysctls=dict(self.sysctls), half_open=self.half_open)
 
     def keep_peaks(self, earlier: Tally) -> None:
         """Carry an earlier phase's peaks into this one."""
@@ -205,10 +255,28 @@ def _ban_targets(top: tuple[tuple[str, int, float], ...], k: int, th: Thresholds
     return listed
 
 
-def judge(t: Tally, th: Thresholds) -> Judgement:
-    top = shares(t)
-    done = completion(t)
-    where = endpoint(t.address, t.port)
+@dataclass(frozen=True, slots=True)
+class _Sources:
+    """Where the SYNs came from, as far as the best evidence tells: the top prefixes, the share
+    of the top ``k`` and its 95% bounds from the sample size."""
+
+    top: tuple[tuple[str, int, float], ...]
+    k: int
+    share: float
+    low: float
+    high: float
+    basis: Basis | None
+
+
+def _sources(t: Tally, th: Thresholds) -> _Sources:
+    top, k, b = shares(t), th.concentrated_prefixes, basis(t)
+    share = sum(s for _, _, s in top[:k])
+    low, high = wilson(share, b.n) if b else (0.0, 1.0)
+    return _Sources(top, k, share, low, high, b)
+
+
+def _facts(t: Tally, where: str, done: float | None, src: _Sources) -> list[str]:
+    """What the kernel's evidence says, in numbers: the incident's evidence lines."""
     facts: list[str] = _half_open_facts(t, where)
     if t.syns_overflowed:
         facts.append(f"{t.syns_overflowed} SYNs found the SYN queue of {where} full "
@@ -226,76 +294,92 @@ def judge(t: Tally, th: Thresholds) -> Judgement:
                       f"{t.passive_opens} handshakes completed in the namespace while "
                       f"{max(t.peak_syn_recv, t.sampled_syns)} requests stayed half-open")
         facts.append(f"handshakes completed: {_pct(done)} ({basis_text})")
-    k = th.concentrated_prefixes
-    top_share = sum(s for _, _, s in top[:k])
-    b = basis(t)
-    low, high = wilson(top_share, b.n) if b else (0.0, 1.0)
+    b, top, k = src.basis, src.top, src.k
     if top and b:
         facts.append(f"the top {min(k, len(top))} of {b.seen} source prefixes carry "
-                     f"{_pct(top_share)} (95% bound {_pct(low)}-{_pct(high)}; {b.name}: "
-                     f"{b.detail}): " + ", ".join(f"{p} ({_pct(s)})" for p, _, s in top[:k]))
+                     f"{_pct(src.share)} (95% bound {_pct(src.low)}-{_pct(src.high)}; "
+                     f"{b.name}: {b.detail}): "
+                     + ", ".join(f"{p} ({_pct(s)})" for p, _, s in top[:k]))
         if b.spread > b.seen:
             facts.append(f"about {b.spread} source prefixes in all: {b.seen} seen, most of "
                          "them once, so many more were not sampled (Chao1 estimate)")
+    return facts
 
+
+def _concentrated(t: Tally, th: Thresholds, src: _Sources, n: int) -> list[str]:
+    top, k = src.top, src.k
+    few = (f"{top[0][0]} carries" if len(top) == 1 or k == 1
+           else f"{min(k, len(top))} prefixes carry")
+    recs = [f"{few} {_pct(src.share)} of the SYNs (at least {_pct(src.low)} at 95% "
+            f"confidence from {n} samples; threshold {_pct(th.concentrated_share)}): "
+            f"block {_ban_targets(top, k, th)} ([actions.ban] does it with a timeout)"]
+    if t.half_open and not t.syns_overflowed and t.backlog:
+        recs.append(f"harmless at this rate so far: {t.peak_syn_recv} request sockets, "
+                    f"{_pct(t.peak_syn_recv / t.backlog)} of the queue; with "
+                    "tcp_syncookies=1 new clients still get in when it fills")
+    return recs
+
+
+def _spoofed(t: Tally, th: Thresholds, src: _Sources, done: float, where: str) -> list[str]:
+    b = src.basis
+    assert b is not None
+    retries = t.sysctls.get("net.ipv4.tcp_synack_retries")
+    recs = [f"the sources are forged: about {b.spread} prefixes (threshold "
+            f"{th.spoofed_min_prefixes}; {b.seen} seen in {b.n} samples), the top "
+            f"{src.k} carry {_pct(src.share)} (at most {_pct(src.high)} at 95% confidence), "
+            f"and {_pct(done)} of the handshakes completed; bans would not help"]
+    rate = (f"the flood peaked at {t.peak_overflow_rate:.0f} SYNs/s over the queue"
+            if t.syns_overflowed else
+            f"{max(t.peak_syn_recv, t.sampled_syns)} SYNs never completed")
+    recs.append(f"ask the upstream provider to filter SYNs to {where} (BCP 38, scrubbing): "
+                + rate)
+    if retries is not None and retries > 2:
+        recs.append(f"`sysctl -w net.ipv4.tcp_synack_retries=2` (now {retries}) frees "
+                    "request sockets sooner during the flood")
+    return recs
+
+
+def _decide(t: Tally, th: Thresholds, where: str, done: float | None,
+            src: _Sources) -> tuple[Verdict, list[str]]:
+    """The verdict, first rule that holds, with what to do about it."""
+    b = src.basis
     accept_overflowed = (t.listen_overflows > 0 and t.backlog is not None
                          and t.peak_accept_queue >= max(t.backlog, 1))
     flooded = t.syns_overflowed > 0 or t.half_open
-    verdict: Verdict
-    recs: list[str] = []
     if accept_overflowed:
-        verdict = "capacity"
-        recs.append(f"the application behind {where} does not accept() fast enough (accept "
-                    f"queue peaked at {t.peak_accept_queue} of {t.backlog}): add workers or "
-                    "find what blocks its accept loop")
-        recs += _tuning(t)
-    elif done is not None and t.syns_overflowed and done >= th.capacity_completion:
-        verdict = "capacity"
-        recs.append(f"real clients: {_pct(done)} of the overflowing SYNs completed a handshake "
-                    f"(threshold {_pct(th.capacity_completion)}); do not block them")
-        recs += _tuning(t)
-    elif not flooded or not top or b is None:
-        verdict = "unknown"
-        recs.append("not enough kernel-side evidence for a verdict: "
-                    + ("no SYN overflowed a queue while synwatch watched"
-                       if not flooded else "no source prefix was sampled "
-                       "(no packet sample, SYN-RECV empty and no accounting set)"))
-        recs += _tuning(t) if t.syns_overflowed else []
-    elif low >= th.concentrated_share:
-        verdict = "concentrated"
-        few = (f"{top[0][0]} carries" if len(top) == 1 or k == 1
-               else f"{min(k, len(top))} prefixes carry")
-        recs.append(f"{few} {_pct(top_share)} of the SYNs (at least {_pct(low)} at 95% "
-                    f"confidence from {b.n} samples; threshold {_pct(th.concentrated_share)}): "
-                    f"block {_ban_targets(top, k, th)} ([actions.ban] does it with a timeout)")
-        if t.half_open and not t.syns_overflowed and t.backlog:
-            recs.append(f"harmless at this rate so far: {t.peak_syn_recv} request sockets, "
-                        f"{_pct(t.peak_syn_recv / t.backlog)} of the queue; with "
-                        "tcp_syncookies=1 new clients still get in when it fills")
-    elif (done is not None and done <= th.spoofed_completion
-          and high < th.concentrated_share and b.spread >= th.spoofed_min_prefixes):
-        verdict = "spoofed"
-        retries = t.sysctls.get("net.ipv4.tcp_synack_retries")
-        recs.append(f"the sources are forged: about {b.spread} prefixes (threshold "
-                    f"{th.spoofed_min_prefixes}; {b.seen} seen in {b.n} samples), the top "
-                    f"{k} carry {_pct(top_share)} (at most {_pct(high)} at 95% confidence), and "
-                    f"{_pct(done)} of the handshakes completed; bans would not help")
-        rate = (f"the flood peaked at {t.peak_overflow_rate:.0f} SYNs/s over the queue"
-                if t.syns_overflowed else
-                f"{max(t.peak_syn_recv, t.sampled_syns)} SYNs never completed")
-        recs.append(f"ask the upstream provider to filter SYNs to {where} (BCP 38, scrubbing): "
-                    + rate)
-        if retries is not None and retries > 2:
-            recs.append(f"`sysctl -w net.ipv4.tcp_synack_retries=2` (now {retries}) frees "
-                        "request sockets sooner during the flood")
-    else:
-        verdict = "unknown"
-        recs.append(f"neither concentrated (top {k} prefixes carry {_pct(top_share)}, at least "
-                    f"{_pct(low)} at 95% confidence from {b.n} samples; threshold "
-                    f"{_pct(th.concentrated_share)}) nor spread enough to be spoofed (about "
-                    f"{b.spread} prefixes, threshold {th.spoofed_min_prefixes}"
-                    + (f"; {_pct(done)} of the handshakes completed" if done is not None else "")
-                    + ")")
+        return "capacity", [
+            f"the application behind {where} does not accept() fast enough (accept queue "
+            f"peaked at {t.peak_accept_queue} of {t.backlog}): add workers or find what "
+            "blocks its accept loop", *_tuning(t)]
+    if done is not None and t.syns_overflowed and done >= th.capacity_completion:
+        return "capacity", [
+            f"real clients: {_pct(done)} of the overflowing SYNs completed a handshake "
+            f"(threshold {_pct(th.capacity_completion)}); do not block them", *_tuning(t)]
+    if not flooded or not src.top or b is None:
+        return "unknown", [
+            "not enough kernel-side evidence for a verdict: "
+            + ("no SYN overflowed a queue while synwatch watched" if not flooded else
+               "no source prefix was sampled (no packet sample, SYN-RECV empty and no "
+               "accounting set)"),
+            *(_tuning(t) if t.syns_overflowed else [])]
+    if src.low >= th.concentrated_share:
+        return "concentrated", _concentrated(t, th, src, b.n)
+    if (done is not None and done <= th.spoofed_completion
+            and src.high < th.concentrated_share and b.spread >= th.spoofed_min_prefixes):
+        return "spoofed", _spoofed(t, th, src, done, where)
+    return "unknown", [
+        f"neither concentrated (top {src.k} prefixes carry {_pct(src.share)}, at least "
+        f"{_pct(src.low)} at 95% confidence from {b.n} samples; threshold "
+        f"{_pct(th.concentrated_share)}) nor spread enough to be spoofed (about "
+        f"{b.spread} prefixes, threshold {th.spoofed_min_prefixes}"
+        + (f"; {_pct(done)} of the handshakes completed" if done is not None else "") + ")"]
+
+
+def judge(t: Tally, th: Thresholds) -> Judgement:
+    done = completion(t)
+    where = endpoint(t.address, t.port)
+    src = _sources(t, th)
+    verdict, recs = _decide(t, th, where, done, src)
     if t.syns_overflowed or t.sysctls.get("net.ipv4.tcp_syncookies") == 0:
         recs += _cookies(t)
-    return Judgement(verdict, tuple(facts), tuple(recs), top)
+    return Judgement(verdict, tuple(_facts(t, where, done, src)), tuple(recs), src.top)

@@ -286,7 +286,7 @@ def test_suggested_backlog_is_a_bounded_power_of_two() -> None:
 
 def test_prefix_counts_stay_bounded_under_a_flood_from_everywhere(
         corr: Correlator, clock: FrozenClock) -> None:
-    from synwatch.correlate import MAX_PREFIXES
+    from synwatch.delta import MAX_PREFIXES
 
     corr.on_event(_event(1, True, clock))
     qfull = 0

@@ -1,0 +1,84 @@
+"""One probe as differences from the one before: counter movements and their rates, new SYNs per
+(port, prefix) in the accounting set, the listeners' own drops and whose SYN-RECV grew. The
+correlator decides on these; a Tally (verdict.py) adds them up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from synwatch.probes.snapshot import ListenerState, Snapshot
+from synwatch.probes.synsample import SynSample
+from synwatch.records import Evidence
+
+OVERFLOW = ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")
+# the movements an incident adds up, each the sum of these counters (docs/kernel.md §3)
+RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",),
+         "cookies_sent": ("TcpExt.SyncookiesSent",), "cookies_recv": ("TcpExt.SyncookiesRecv",),
+         "passive_opens": ("Tcp.PassiveOpens",), "listen_overflows": ("TcpExt.ListenOverflows",)}
+MAX_PREFIXES = 4096  # per incident and per kind of count
+ListenerId = tuple[int, str, int]  # (family, address, port)
+
+
+def listener_id(st: ListenerState) -> ListenerId:
+    return st.listener.family, st.listener.address, st.listener.port
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeDelta:
+    """One probe, as differences from the one before."""
+
+    snap: Snapshot
+    deltas: dict[str, int]
+    rates: dict[str, float]
+    accounted: dict[tuple[int, str], int]  # new SYNs per (port, prefix) in the accounting set
+    sampled: SynSample | None  # SYNs sampled from packets over the same interval
+    dropped: dict[ListenerId, int]  # listeners' own drops (sk_drops) over it
+    grew: frozenset[ListenerId]  # listeners whose SYN-RECV rose over it
+
+    @property
+    def moving(self) -> bool:
+        """Did SYNs find a full queue, or the accept queue overflow, in this interval?"""
+        return self.deltas["syns_overflowed"] > 0 or self.deltas["listen_overflows"] > 0
+
+
+def measure(prev: Evidence | None, ev: Evidence) -> ProbeDelta:
+    snap = ev.snapshot
+    deltas = dict.fromkeys(RATES, 0)
+    dt = 0.0
+    if prev is not None and ev.at > prev.at:
+        dt = (ev.at - prev.at).total_seconds()
+        for name, counters in RATES.items():
+            # a counter going back means the namespace was recreated: no delta this time
+            deltas[name] = sum(max(0, snap.counters.get(c, 0)
+                                   - prev.snapshot.counters.get(c, 0)) for c in counters)
+    rates = ({k: round(v / dt, 1) for k, v in deltas.items()} if dt
+             else dict.fromkeys(deltas, 0.0))
+    accounted: dict[tuple[int, str], int] = {}
+    if ev.accounting is not None and prev is not None and prev.accounting is not None:
+        for k, n in ev.accounting.items():
+            before = prev.accounting.get(k, 0)
+            accounted[k] = n - before if n >= before else n  # expired and counted anew
+    dropped: dict[ListenerId, int] = {}
+    grew: set[ListenerId] = set()
+    if prev is not None:
+        last_seen = {listener_id(li): li for li in prev.snapshot.listeners}
+        for li in snap.listeners:
+            was = last_seen.get(listener_id(li))
+            if was is None or li.syn_recv > was.syn_recv:
+                grew.add(listener_id(li))
+            n = li.listener.drops - (was.listener.drops if was else li.listener.drops)
+            if n > 0:
+                dropped[listener_id(li)] = n
+    return ProbeDelta(snap, deltas, rates, accounted, ev.sampled, dropped, frozenset(grew))
+
+
+def add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Per-prefix counts, bounded under a flood from everywhere: past MAX_PREFIXES the
+    smaller half is dropped."""
+    for prefix, n in more:
+        if n:
+            counts[prefix] = counts.get(prefix, 0) + n
+    if len(counts) > MAX_PREFIXES:
+        counts = dict(sorted(counts.items(), key=lambda x: -x[1])[:MAX_PREFIXES // 2])
+    return counts
