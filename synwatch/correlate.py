@@ -93,7 +93,7 @@ class Correlator:
     def resume(self, change: IncidentChange) -> int:
         """Carry on with an incident that was open when synwatch stopped; returns its serial."""
         self._serial += 1
-        ev = change.evidence
+        ev = change.state
         key: ListenerKey = ((change.family, change.address, change.port)
                             if change.port is not None and change.family is not None
                             and change.address is not None else None)
@@ -140,7 +140,7 @@ class Correlator:
             first_evidence_at=inc.first_evidence_at, detected_at=inc.detected_at,
             peak_syn_recv=t.peak_syn_recv, top_prefixes=j.top_prefixes,
             recommendations=j.recommendations, reasons=j.reasons,
-            evidence={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat(),
+            state={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat(),
                       "phases": [{"at": at.isoformat(), "verdict": v} for at, v in inc.phases]},
             sample=sample, event_ids=events)
 

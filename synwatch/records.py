@@ -134,7 +134,7 @@ class IncidentChange:
     top_prefixes: tuple[tuple[str, int, float], ...]
     recommendations: tuple[str, ...]
     reasons: tuple[str, ...]
-    evidence: dict[str, Any]  # the tally and the last activity, to resume after a restart
+    state: dict[str, Any]  # the tally, phases and last activity, to resume after a restart
     sample: TimelinePoint | None = None
     event_ids: tuple[int, ...] = field(default=())  # events to link to the incident
 

@@ -161,7 +161,7 @@ def _change(**kw: object) -> IncidentChange:
                 detected_at=NOW, peak_syn_recv=512,
                 top_prefixes=(("10.0.1.0/24", 600, 0.6), ("10.0.2.0/24", 400, 0.4)),
                 recommendations=("raise the backlog",), reasons=("2 prefixes carry 100%",),
-                evidence={})
+                state={})
     base.update(kw)
     return IncidentChange(**base)  # type: ignore[arg-type]
 

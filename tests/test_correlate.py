@@ -225,7 +225,7 @@ def test_resume_after_restart_keeps_the_tally(corr: Correlator, clock: FrozenClo
     [after] = _probe(fresh, clock, _snap(syn_recv=64, qfull=1900, cookies=1900,
                                          prefixes=(("10.1.1.0/24", 64),)))
     assert (after.serial, after.verdict) == (serial, "concentrated")
-    assert after.evidence["tally"]["syns_overflowed"] == 1900
+    assert after.state["tally"]["syns_overflowed"] == 1900
 
 
 def test_expire_closes_without_probes(corr: Correlator, clock: FrozenClock) -> None:
@@ -294,9 +294,9 @@ def test_prefix_counts_stay_bounded_under_a_flood_from_everywhere(
         qfull += 1000
         many = tuple((f"10.{i}.{j}.0/24", 1) for j in range(64))
         [c] = _probe(corr, clock, _snap(syn_recv=64, qfull=qfull, cookies=qfull, prefixes=many))
-        assert len(c.evidence["tally"]["prefixes"]) <= MAX_PREFIXES
+        assert len(c.state["tally"]["prefixes"]) <= MAX_PREFIXES
     assert c.verdict == "spoofed"
-    assert c.evidence["tally"]["prefix_count"] == MAX_PREFIXES  # the widest it has seen
+    assert c.state["tally"]["prefix_count"] == MAX_PREFIXES  # the widest it has seen
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -430,7 +430,7 @@ def test_a_burst_between_two_probes_is_the_log_lines_evidence(
     _probe(corr, clock, _snap(syn_recv=0, qfull=9, cookies=3000, recv=2900))  # below open_rate
     [opened] = corr.on_event(_event(1, True, clock, ago=0.5))
     assert opened.trigger == "log"
-    assert opened.evidence["tally"]["syns_overflowed"] == 9
+    assert opened.state["tally"]["syns_overflowed"] == 9
 
 
 def test_a_flood_that_changes_character_gets_a_new_phase_and_its_verdict(
@@ -451,7 +451,7 @@ def test_a_flood_that_changes_character_gets_a_new_phase_and_its_verdict(
     assert {c.serial for c in changes} == {changes[0].serial}, "one incident"
     assert changes[-1].top_prefixes[0][0] == "10.98.5.0/24"
     assert changes[-1].peak_syn_recv == 65  # the first phase's: the incident's peak
-    phases = changes[-1].evidence["phases"]
+    phases = changes[-1].state["phases"]
     assert [p["verdict"] for p in phases] == ["spoofed", "concentrated"]
     assert phases[0]["at"] == changes[0].opened_at.isoformat()
     # the verdict flips once, not back and forth every window

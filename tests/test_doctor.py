@@ -70,7 +70,7 @@ def test_doctor_in_a_namespace_uses_the_history(tmp_path: Path) -> None:
             address="0.0.0.0", port=port, family=4, status="closed", verdict="capacity",
             trigger="counters", opened_at=NOW, closed_at=NOW, first_evidence_at=NOW,
             detected_at=NOW, peak_syn_recv=300, top_prefixes=(), recommendations=(),
-            reasons=(), evidence={}))
+            reasons=(), state={}))
         store.close()
         the_lab.listen(port, backlog=64)
         the_lab.sysctl("net.ipv4.tcp_syncookies", 0)

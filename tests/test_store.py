@@ -227,7 +227,7 @@ def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
         port=443, family=4, status="open", verdict="unknown", trigger="log", opened_at=T0,
         closed_at=None, first_evidence_at=T0, detected_at=T0 + timedelta(milliseconds=20),
         peak_syn_recv=0, top_prefixes=(), recommendations=("r1",), reasons=("e1",),
-        evidence={"tally": {"syns_overflowed": 5}, "last_activity": T0.isoformat()},
+        state={"tally": {"syns_overflowed": 5}, "last_activity": T0.isoformat()},
         sample=TimelinePoint(T0, 64, 0, 64, {"syns_overflowed": 10.0}, (("10.0.0.0/24", 64),)),
         event_ids=(ids[0],))
     incident_id = store.save_incident(opened)
@@ -236,7 +236,7 @@ def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
                      peak_syn_recv=64, top_prefixes=(("10.0.0.0/24", 64, 1.0),), sample=None,
                      event_ids=(ids[1],))
     [left_open] = store.open_incidents("web01", "")
-    assert (left_open.incident_id, left_open.evidence["tally"]) == (incident_id,
+    assert (left_open.incident_id, left_open.state["tally"]) == (incident_id,
                                                                    {"syns_overflowed": 5})
     assert store.save_incident(closed) == incident_id
     assert store.open_incidents("web01", "") == []

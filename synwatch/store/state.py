@@ -40,7 +40,7 @@ class ServiceState(StoreBase):
                 opened_at=r.opened_at, closed_at=None, first_evidence_at=r.first_evidence_at,
                 detected_at=r.detected_at or r.opened_at, peak_syn_recv=r.peak_syn_recv,
                 top_prefixes=(), recommendations=tuple(r.recommendations), reasons=(),
-                evidence=dict(r.evidence)) for r in rows]
+                state=dict(r.evidence)) for r in rows]
 
     def latest_runs(self, action: str, host: str, netns: str,
                     since: datetime) -> list[ActionRun]:

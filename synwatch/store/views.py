@@ -62,5 +62,5 @@ def change_view(c: IncidentChange) -> dict[str, Any]:
         "peak_syn_recv": c.peak_syn_recv,
         "top_prefixes": [{"prefix": p, "count": n, "share": s} for p, n, s in c.top_prefixes],
         "recommendations": list(c.recommendations), "actions": [],
-        "phases": list(c.evidence.get("phases", [])), "evidence": list(c.reasons),
+        "phases": list(c.state.get("phases", [])), "evidence": list(c.reasons),
     }

@@ -84,7 +84,7 @@ class Writes(StoreBase):
             "top_prefixes": [{"prefix": p, "count": n, "share": sh}
                              for p, n, sh in c.top_prefixes],
             "recommendations": list(c.recommendations),
-            "evidence": {**c.evidence, "reasons": list(c.reasons)},
+            "evidence": {**c.state, "reasons": list(c.reasons)},  # the column keeps its name
         }
         with self.session() as s:
             row = s.get(IncidentRow, c.incident_id) if c.incident_id is not None else None
