@@ -11,17 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synwatch.probes import synsample
-from synwatch.probes.synsample import (
+from synwatch.probes import synfilter, synsample
+from synwatch.probes.synfilter import (
     ETH_P_IP,
     ETH_P_IPV6,
     PACKET_OUTGOING,
     SNAPLEN,
-    _Interval,
-    next_one_in,
     parse_syn,
     program,
 )
+from synwatch.probes.synsample import _Interval, next_one_in
 
 PACKET_HOST = 0
 
@@ -33,9 +32,9 @@ def run_cbpf(prog: list[tuple[int, int, int, int]], packet: bytes, *, protocol: 
     a = x = 0
     mem = [0] * 16
     pc = 0
-    ancillary = {synsample.SKF_AD_OFF + synsample.SKF_AD_PKTTYPE: pkttype,
-                 synsample.SKF_AD_OFF + synsample.SKF_AD_PROTOCOL: protocol,
-                 synsample.SKF_AD_OFF + synsample.SKF_AD_RANDOM: rand}
+    ancillary = {synfilter.SKF_AD_OFF + synfilter.SKF_AD_PKTTYPE: pkttype,
+                 synfilter.SKF_AD_OFF + synfilter.SKF_AD_PROTOCOL: protocol,
+                 synfilter.SKF_AD_OFF + synfilter.SKF_AD_RANDOM: rand}
     size = {0x00: 4, 0x08: 2, 0x10: 1}
 
     def load(offset: int, width: int) -> int | None:
@@ -47,59 +46,59 @@ def run_cbpf(prog: list[tuple[int, int, int, int]], packet: bytes, *, protocol: 
         code, jt, jf, k = prog[pc]
         signed_k = k - (1 << 32) if k >= 1 << 31 else k
         cls, pc = code & 0x07, pc + 1
-        if cls == synsample.BPF_LD:
+        if cls == synfilter.BPF_LD:
             mode = code & 0xE0
-            if mode == synsample.BPF_ABS and signed_k < 0:
+            if mode == synfilter.BPF_ABS and signed_k < 0:
                 a = ancillary[signed_k]
-            elif mode in (synsample.BPF_ABS, synsample.BPF_IND):
-                got = load(signed_k + (x if mode == synsample.BPF_IND else 0), size[code & 0x18])
+            elif mode in (synfilter.BPF_ABS, synfilter.BPF_IND):
+                got = load(signed_k + (x if mode == synfilter.BPF_IND else 0), size[code & 0x18])
                 if got is None:
                     return 0
                 a = got
-            elif mode == synsample.BPF_MEM:
+            elif mode == synfilter.BPF_MEM:
                 a = mem[k]
             else:
                 a = k
-        elif cls == synsample.BPF_LDX:
+        elif cls == synfilter.BPF_LDX:
             mode = code & 0xE0
-            if mode == synsample.BPF_MSH:
+            if mode == synfilter.BPF_MSH:
                 got = load(k, 1)
                 if got is None:
                     return 0
                 x = (got & 0xF) * 4
-            elif mode == synsample.BPF_MEM:
+            elif mode == synfilter.BPF_MEM:
                 x = mem[k]
             else:
                 x = k
-        elif cls == synsample.BPF_ST:
+        elif cls == synfilter.BPF_ST:
             mem[k] = a
-        elif cls == synsample.BPF_ALU:
-            operand = x if code & synsample.BPF_X else k
+        elif cls == synfilter.BPF_ALU:
+            operand = x if code & synfilter.BPF_X else k
             op = code & 0xF0
-            if op == synsample.BPF_ADD:
+            if op == synfilter.BPF_ADD:
                 a = (a + operand) & 0xFFFFFFFF
-            elif op == synsample.BPF_AND:
+            elif op == synfilter.BPF_AND:
                 a &= operand
-            elif op == synsample.BPF_LSH:
+            elif op == synfilter.BPF_LSH:
                 a = (a << operand) & 0xFFFFFFFF
-            elif op == synsample.BPF_MOD:
+            elif op == synfilter.BPF_MOD:
                 a %= operand
             else:
                 raise AssertionError(f"ALU op {op:#x} not modelled")
-        elif cls == synsample.BPF_JMP:
+        elif cls == synfilter.BPF_JMP:
             op = code & 0xF0
-            if op == synsample.BPF_JA:
+            if op == synfilter.BPF_JA:
                 pc += k
-            elif op == synsample.BPF_JEQ:
+            elif op == synfilter.BPF_JEQ:
                 pc += jt if a == k else jf
-            elif op == synsample.BPF_JSET:
+            elif op == synfilter.BPF_JSET:
                 pc += jt if a & k else jf
             else:
                 raise AssertionError(f"jump {op:#x} not modelled")
-        elif cls == synsample.BPF_RET:
+        elif cls == synfilter.BPF_RET:
             return k
-        elif cls == synsample.BPF_MISC:
-            if code & 0xF8 == synsample.BPF_TXA:
+        elif cls == synfilter.BPF_MISC:
+            if code & 0xF8 == synfilter.BPF_TXA:
                 a = x
             else:
                 x = a
@@ -232,7 +231,7 @@ def test_sampling_rate_follows_the_flood() -> None:
     assert next_one_in(18, 100) == 4  # the flood slowed: ~1,800 SYN/s, 1 in 4
     assert next_one_in(18, 10) == 1
     assert next_one_in(18, 0) == 1
-    assert next_one_in(synsample.MAX_ONE_IN, 1e9) == synsample.MAX_ONE_IN
+    assert next_one_in(synfilter.MAX_ONE_IN, 1e9) == synfilter.MAX_ONE_IN
 
 
 def test_interval_counts_are_weighted_and_bounded() -> None:
