@@ -192,10 +192,17 @@ def candidates(stream: Readable, catalogue: Catalogue, *, now: datetime, tz: tzi
     """The one loop of every reader of log files (scan, test-filter, import): candidate lines
     by their needles, each parsed by its sink and matched by the filters."""
     for line_no, raw in candidate_lines(stream, catalogue.needles, progress, line_numbers):
-        record = parse_line(raw.decode("utf-8", "replace"), catalogue, now, tz, source=source,
-                            allow_trust=allow_trust)
+        record = parse_candidate(raw, catalogue, now, tz, source=source, allow_trust=allow_trust)
         event = match_record(record, catalogue) if record is not None else None
         yield Candidate(line_no, raw, record, event)
+
+
+def parse_candidate(raw: bytes, catalogue: Catalogue, now: datetime, tz: tzinfo, *,
+                    source: str, allow_trust: bool) -> LogRecord | None:
+    """A candidate line's bytes taken apart by its sink (the file source's step too, which
+    hands records on and leaves the matching to the recorder)."""
+    return parse_line(raw.decode("utf-8", "replace"), catalogue, now, tz, source=source,
+                      allow_trust=allow_trust)
 
 
 def scan_stream(stream: Readable, path: str, catalogue: Catalogue, *, now: datetime, tz: tzinfo,

@@ -45,15 +45,36 @@ def real_flood(the_lab: Lab) -> int:
     return port
 
 
-def events_for(store: Store, port: int, timeout: float = 15) -> list[RecordedEvent]:
+def events_for(store: Store, port: int, mark: Callable[[], int],
+               timeout: float = 15) -> list[RecordedEvent]:
+    """The events recorded for ``port``, once one is, and once a later line is too: ``mark()``
+    sends one through the same source and returns its port. A duplicate of the first would
+    have been recorded before the mark, so "exactly one" is asserted on a positive marker,
+    not after a sleep."""
+
+    def recorded(wanted: int) -> list[RecordedEvent]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in store.events() if e.port == wanted]
+            if found:
+                return found
+            time.sleep(0.05)
+        return []
+
+    if not recorded(port):
+        return []
+    assert recorded(mark()), "the marker line was not recorded"
+    return [e for e in store.events() if e.port == port]
+
+
+def in_journal(port: int, timeout: float = 15) -> None:
+    """Wait until journald has stored the kernel's line for ``port``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [e for e in store.events() if e.port == port]
-        if found:
-            time.sleep(0.3)  # a duplicate would arrive right behind
-            return [e for e in store.events() if e.port == port]
-        time.sleep(0.05)
-    return []
+    while f":{port}." not in subprocess.run(
+            ["journalctl", "-k", "-o", "cat", "--no-pager", "-n", "50"],
+            capture_output=True, text=True, check=False).stdout:
+        assert time.monotonic() < deadline, f"the line for port {port} is not in the journal"
+        time.sleep(0.1)
 
 
 def wait_log(tmp_path: Path, text: str, timeout: float) -> None:
@@ -83,7 +104,7 @@ def test_real_flood_is_recorded_trusted_within_a_second_and_forgeries_are_not(
         from systemd import journal
         journal.send(text.format(forged_send), SYSLOG_IDENTIFIER="kernel", SYSLOG_FACILITY="0")
         port = real_flood(flood_lab)
-        events = events_for(store, port)
+        events = events_for(store, port, lambda: real_flood(flood_lab))
         assert len(events) == 1, "the real kernel line, exactly once"
         event = events[0]
         assert event.source == "journald" and event.trusted and event.kind == "syn_flood"
@@ -105,9 +126,9 @@ def test_real_flood_is_recorded_trusted_within_a_second_and_forgeries_are_not(
         # down for a while: a flood meanwhile is read after the restart, nothing twice
         assert stop_service(proc)[0] == 0
         missed = real_flood(flood_lab)
-        time.sleep(1)
+        in_journal(missed)
         proc = start_service(_config(tmp_path), notify)
-        assert len(events_for(store, missed)) == 1
+        assert len(events_for(store, missed, lambda: real_flood(flood_lab))) == 1
         assert len([e for e in store.events() if e.port == port]) == 1
     finally:
         code, err = stop_service(proc)
@@ -127,20 +148,26 @@ def test_dead_journald_is_restarted_with_backoff_while_files_keep_working(
     try:
         notify.wait_for("READY=1")
         before = real_flood(flood_lab)
-        assert len(events_for(store, before)) == 1
+        assert len(events_for(store, before, lambda: real_flood(flood_lab))) == 1
         journald.stop()
         # the liveness check runs every 5 s; then restarts at 1 s, 2 s, ...
         wait_log(tmp_path, "restarting in 2 s", timeout=20)
-        with log.open("a") as f:
-            f.write("Mar  7 09:17:14 web01 kernel: TCP: request_sock_TCP: Possible SYN "
-                    "flooding on port 4444. Sending cookies.\n")
-        assert len(events_for(store, 4444)) == 1, "the file source went on"
+        def file_line(port: int) -> int:
+            with log.open("a") as f:
+                f.write("Mar  7 09:17:14 web01 kernel: TCP: request_sock_TCP: Possible SYN "
+                        f"flooding on port {port}. Sending cookies.\n")
+            return port
+
+        file_line(4444)
+        assert len(events_for(store, 4444, lambda: file_line(4445))) == 1, \
+            "the file source went on"
         during = real_flood(flood_lab)  # printed while journald is down
         journald.start()
-        assert len(events_for(store, during, timeout=30)) == 1, "no gap after journald is back"
+        assert len(events_for(store, during, lambda: real_flood(flood_lab), timeout=30)) == 1, \
+            "no gap after journald is back"
         subprocess.run(["journalctl", "--rotate"], check=True, timeout=30)  # new journal files
         after = real_flood(flood_lab)
-        assert len(events_for(store, after, timeout=30)) == 1
+        assert len(events_for(store, after, lambda: real_flood(flood_lab), timeout=30)) == 1
         assert len([e for e in store.events() if e.port == before]) == 1, "no repeat"
     finally:
         if not journald.alive():
@@ -155,7 +182,7 @@ def test_both_readers_and_a_stale_cursor(reader: type, journald: Journald, flood
                                          catalogue: Catalogue, caplog: pytest.LogCaptureFixture,
                                          ) -> None:
     port = real_flood(flood_lab)
-    time.sleep(1)  # let journald store it
+    in_journal(port)
     batches: list[Batch] = []
     source = JournaldSource(catalogue, reader_factory=reader)
 

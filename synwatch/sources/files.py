@@ -26,8 +26,7 @@ from synwatch.catalogue import Catalogue
 from synwatch.clock import local_timezone
 from synwatch.errors import SourceUnavailable
 from synwatch.records import LogRecord
-from synwatch.scan import needle_line_starts
-from synwatch.sinks import parse_line
+from synwatch.scan import needle_line_starts, parse_candidate
 from synwatch.sources.base import Batch, Emit, OccurrenceCounter
 
 log = logging.getLogger(__name__)
@@ -180,8 +179,8 @@ class FileSource:
 
     def _take(self, raw: bytes) -> None:
         identity = self._counter.identity(raw)
-        record = parse_line(raw.decode("utf-8", "replace"), self.catalogue, self._now, self._tz,
-                            source=self.name, allow_trust=False)
+        record = parse_candidate(raw, self.catalogue, self._now, self._tz, source=self.name,
+                                 allow_trust=False)
         if record is not None:  # allow_trust=False: never trusted
             self._records.append(replace(record, position=identity))
 
