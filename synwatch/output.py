@@ -168,3 +168,19 @@ def timeline(samples: list[dict[str, Any]], out: TextIO) -> None:
         peak = max((v for v in values if v is not None), default=None)
         if peak:
             out.write(f"  {name:<18}{sparkline(values)}  peak {peak:.0f}\n")
+
+
+def print_status(view: dict[str, Any], out: TextIO) -> None:
+    """`synwatch status`: one line each, as `systemctl status` reads."""
+    state = (f"running (pid {view['pid']}) since {view['since']}" if view["running"]
+             else "not running")
+    out.write(f"synwatch: {state}\n")
+    if view.get("summary") and view["running"]:
+        out.write(f"  {view['summary']}\n")
+    for s in view["sources"]:
+        lag = f", lag {s['lag_seconds']:.1f} s" if s.get("lag_seconds") is not None else ""
+        out.write(f"source {s['name']}: {s['state']}{lag}\n")
+    ids = ", ".join(f"#{i}" for i in view["open_incidents"]) or "none"
+    out.write(f"open incidents: {ids}\nactive bans: {view['active_bans']}\n")
+    for e in view["last_errors"]:
+        out.write(f"error {e['at'] or ''}: {e['what']}\n")

@@ -86,8 +86,10 @@ class Worker:
 
 
 class Responder:
-    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
+    def __init__(self, config: Config, store: Store, clock: Clock,
+                 on_record: Callable[[ActionRun], None] | None = None) -> None:
         self.ctx = ActionContext(config, store, clock)
+        self.on_record = on_record  # every outcome, as it is recorded (metrics)
         chosen = {name for names in config.policy.values() for name in names}
         self.actions: list[Action] = sorted(
             (cls(self.ctx) for name, cls in resolve_policy(config).items()
@@ -221,10 +223,13 @@ class Responder:
 
     def _record(self, plan: Plan, status: str, detail: str, at: datetime | None = None,
                 retry_at: datetime | None = None) -> None:
-        self.unrecorded.append(ActionRun(
-            incident_id=plan.incident_id, action=plan.action, target=plan.target[:255],
-            status=status, at=at or self.ctx.clock.now(), rendered=plan.rendered,
-            detail=detail, retry_at=retry_at))
+        run = ActionRun(incident_id=plan.incident_id, action=plan.action,
+                        target=plan.target[:255], status=status,
+                        at=at or self.ctx.clock.now(), rendered=plan.rendered, detail=detail,
+                        retry_at=retry_at)
+        self.unrecorded.append(run)
+        if self.on_record is not None:
+            self.on_record(run)
         self._flush()
 
     def _flush(self) -> None:

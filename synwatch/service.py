@@ -35,10 +35,12 @@ from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
 from synwatch.store import Store
 from synwatch.supervisor import Supervisor
+from synwatch.telemetry import Telemetry
 
 log = logging.getLogger("synwatch")
 STORE_WAIT = 0.2  # seconds a write waits for a locked store before it is kept for later
 STORE_RETRY = 1.0  # seconds between tries while the store refuses writes
+STATUS_EVERY = 1.0  # seconds between writes of the status file (and STATUS= updates)
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Service:
         self.accounting: SynAccounting | None = None
         self.sampler: SynSampler | None = None
         self.responder: Responder | None = None
+        self.telemetry = Telemetry(config)
+        self._status_due = 0.0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -106,12 +110,14 @@ class Service:
         self.correlator = self._correlator(resumed)
         self.accounting = self._accounting()
         self.sampler = self._sampler()
-        self.responder = Responder(self.config, self.store, self.clock)
+        self.responder = Responder(self.config, self.store, self.clock,
+                                   on_record=self.telemetry.action)
         log.info("actions: %s", ", ".join(self.responder.names()) or "none")
         self.responder.resume(resumed)
         self.responder.start()
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
+        self.telemetry.start([s.name for s in sources])
 
     def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
         c = self.config
@@ -192,6 +198,7 @@ class Service:
             self._store_ok()
             self._unsaved.pop(0)
             self._ids[change.serial] = incident_id
+            self.telemetry.incident(replace(change, incident_id=incident_id))
             if self.responder is not None:
                 self.responder.on_change(replace(change, incident_id=incident_id))
             if change.change != "updated":
@@ -206,6 +213,7 @@ class Service:
     def _probe(self) -> None:
         assert self.correlator is not None
         c = self.config
+        started = time.monotonic()
         try:
             snap = take(c.netns, v4_len=c.thresholds.ipv4_prefix,
                         v6_len=c.thresholds.ipv6_prefix)
@@ -236,6 +244,9 @@ class Service:
                 log.warning("%s", exc)
         sampled = self.sampler.read() if self.sampler is not None else None
         evidence = Evidence(self.clock.now(), snap, counted, sampled)
+        self.telemetry.probe(snap, time.monotonic() - started)
+        if self._store_problem is None:
+            self.telemetry.count_bans(self.store)
         if self.recording is not None:
             self.recording.write(evidence_line(evidence.at, evidence))
         self._save(self.correlator.on_evidence(evidence))
@@ -253,6 +264,7 @@ class Service:
             return False
         self._store_ok()
         self._pending = None
+        self.telemetry.batch(batch, stored, self.clock.now())
         for event in stored:
             if self.recording is not None:
                 self.recording.write(event_line(self.clock.now(), event))
@@ -333,6 +345,9 @@ class Service:
                 self._probe()
             if self.responder is not None:
                 self.responder.tick()
+            if time.monotonic() >= self._status_due:
+                self._status_due = time.monotonic() + STATUS_EVERY
+                self.telemetry.tell(self.supervisor, self._store_problem)
             if ping and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping
@@ -341,6 +356,7 @@ class Service:
                 self._reload()
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
         log.info("synwatch stopping")
+        self.telemetry.stop_serving()
         if self.supervisor is not None:
             self.supervisor.stop()
             self._drain_queued()
@@ -360,5 +376,5 @@ class Service:
             self.store.close()
         if self.recording is not None:
             self.recording.close()
+        self.telemetry.status.write("stopped")
         return 0
-

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import synwatch
 from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
 
 
@@ -25,6 +26,10 @@ def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> No
     try:
         notify.wait_for("READY=1")
         assert (tmp_path / "h.db").exists(), "the store is opened and migrated at start"
+        # the one-line summary `systemctl status` shows, also in the status file
+        notify.wait_for("STATUS=watching the host: 0 sources, 0 open incidents, 0 bans")
+        status = synwatch("status", "--config", str(config))
+        assert status.code == 0 and f"running (pid {proc.pid})" in status.out, status
         # a good reload
         config.write_text(config.read_text() + '[incident]\nquiet_period = "2m"\n')
         proc.send_signal(signal.SIGHUP)
@@ -39,6 +44,9 @@ def test_ready_reload_and_clean_stop(tmp_path: Path, notify: NotifySocket) -> No
         code, err = stop_service(proc)
     assert code == 0
     assert "STOPPING=1" in "".join(notify.wait_for("STOPPING=1"))
+    config.write_text(config.read_text().replace("[nonsense]\n", ""))
+    status = synwatch("status", "--config", str(config))
+    assert status.code == 3 and "synwatch: not running" in status.out, status
     assert "configuration reloaded" in err
     assert "reload refused, keeping the running configuration" in err
     assert "nonsense: unknown section" in err

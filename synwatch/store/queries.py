@@ -36,8 +36,11 @@ class Queries(StoreBase):
             return [event_record(r) for r in s.scalars(q.order_by(order, EventRow.id))]
 
     def incidents(self, since: datetime | None = None, port: int | None = None,
-                  verdict: str | None = None, limit: int | None = None) -> list[Incident]:
+                  verdict: str | None = None, limit: int | None = None,
+                  status: str | None = None) -> list[Incident]:
         q = select(IncidentRow)
+        if status is not None:
+            q = q.where(IncidentRow.status == status)
         if since is not None:
             q = q.where(IncidentRow.opened_at >= since)
         if port is not None:

@@ -1,0 +1,52 @@
+"""`synwatch status`: is the daemon running, since when, its sources, open incidents, active
+bans, its last errors. It reads the status file the daemon keeps and the history, so it works
+without the daemon; exit 3 when it is not running, as `systemctl status` does."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from synwatch.cli.common import add_config, add_format, command, load
+from synwatch.errors import SynwatchError
+
+NOT_RUNNING = 3
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, print_status  # noqa: PLC0415
+    from synwatch.status import alive, read_status, status_path  # noqa: PLC0415
+    from synwatch.store import Store  # noqa: PLC0415
+
+    config = load(args)
+    found = read_status(status_path(config)) or {}
+    running = alive(found.get("pid"))
+    view: dict[str, Any] = {
+        "running": running, "pid": found.get("pid") if running else None,
+        "since": found.get("since") if running else None,
+        "sources": found.get("sources", []) if running else [],
+        "open_incidents": [], "active_bans": 0, "last_errors": found.get("last_errors", []),
+        "summary": found.get("summary") if running else "not running",
+    }
+    try:
+        store = Store.open(config.storage_url)
+        view["open_incidents"] = [i.id for i in store.incidents(status="open")]
+        view["active_bans"] = len(store.active_bans(config.netns, datetime.now(timezone.utc)))
+        store.close()
+    except SynwatchError as exc:
+        view["last_errors"] = [*view["last_errors"], {"at": None, "what": str(exc)}]
+    if args.format == "json":
+        print(dumps(view))
+    else:
+        print_status(view, sys.stdout)
+    return 0 if running else NOT_RUNNING
+
+
+def register(sub: Any) -> None:
+    p = command(sub, "status", cmd_status,
+                "is the service running, its sources, open incidents, active bans, last errors "
+                "(exit 3 when it is not running)")
+    add_format(p)
+    add_config(p)

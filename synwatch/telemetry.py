@@ -1,0 +1,110 @@
+"""What the running service tells about itself: Prometheus metrics (``metrics.listen``), the
+status file `synwatch status` reads, and the one-line summary sd_notify's STATUS= carries. The
+service calls it at each step; nothing here acts or decides."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from synwatch import sdnotify
+from synwatch.config import Config
+from synwatch.errors import StoreError
+from synwatch.metrics import Metrics
+from synwatch.probes.snapshot import Snapshot
+from synwatch.records import ActionRun, IncidentChange, StoredEvent, endpoint
+from synwatch.sources.base import Batch
+from synwatch.status import DaemonStatus, SourceState, status_path
+from synwatch.store import Store
+from synwatch.supervisor import Supervisor
+
+
+class Telemetry:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics() if config.metrics_listen else None
+        self.status = DaemonStatus(status_path(config), config.path)
+        logging.getLogger("synwatch").addHandler(self.status.errors)
+        self.open: dict[int, str] = {}  # incident id -> "concentrated on 0.0.0.0:80"
+        self.bans = 0
+        self._summary = ""
+
+    def start(self, sources: list[str]) -> None:
+        self.status.sources = {name: SourceState(name) for name in sources}
+        if self.metrics is not None and self.config.metrics_listen is not None:
+            self.metrics.serve(*self.config.metrics_listen)
+
+    def stop_serving(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+
+    def probe(self, snap: Snapshot, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.probe_duration.observe(seconds)
+            self.metrics.kernel.snapshot = snap
+
+    def batch(self, batch: Batch, stored: list[StoredEvent], now: datetime) -> None:
+        source = self.status.sources.get(batch.source)
+        if source is not None:
+            source.position = batch.position
+            times = [r.time for r in batch.records if r.time is not None]
+            if times:
+                source.lag_seconds = round(max(0.0, (now - max(times)).total_seconds()), 3)
+                if self.metrics is not None:
+                    self.metrics.source_lag.labels(batch.source).set(source.lag_seconds)
+        if self.metrics is not None:
+            for s in stored:
+                self.metrics.events.labels(batch.source, str(s.event.trusted).lower(),
+                                           s.event.kind).inc()
+
+    def incident(self, change: IncidentChange) -> None:
+        assert change.incident_id is not None
+        if change.status == "closed":
+            self.open.pop(change.incident_id, None)
+        else:
+            self.open[change.incident_id] = (f"{change.verdict} on "
+                                             f"{endpoint(change.address, change.port)}")
+        if self.metrics is not None:
+            self.metrics.incident(change)
+
+    def action(self, run: ActionRun) -> None:
+        if self.metrics is not None:
+            self.metrics.actions.labels(run.action, run.status).inc()
+
+    def count_bans(self, store: Store | None) -> None:
+        if store is None or not self.config.ban.enabled:
+            return
+        try:
+            bans = store.active_bans(self.config.netns, datetime.now(tz=UTC))
+        except StoreError:
+            return  # counted again at the next probe
+        self.bans = len(bans)
+        if self.metrics is not None:
+            per: dict[str, int] = {}
+            for b in bans:
+                per[b.backend] = per.get(b.backend, 0) + 1
+            self.metrics.bans(per, [self.config.ban.backend, *per])
+
+    def summary(self, supervisor: Supervisor | None, store_problem: str | None) -> str:
+        """One line: what synwatch is doing, for sd_notify STATUS= and `synwatch status`."""
+        if supervisor is not None:
+            for name, source in self.status.sources.items():
+                why = supervisor.failures.get(name)
+                source.state = f"failed: {why}" if why else "running"
+        failing = [n for n, s in self.status.sources.items() if s.state != "running"]
+        n = len(self.open)
+        incidents = (f"{n} open incident{'s' if n != 1 else ''}"
+                     + (f" ({'; '.join(f'#{i} {t}' for i, t in sorted(self.open.items()))})"
+                        if self.open else ""))
+        return (f"watching {self.config.netns or 'the host'}: "
+                f"{len(self.status.sources)} sources"
+                + (f" ({', '.join(failing)} failing)" if failing else "")
+                + f", {incidents}, {self.bans} bans"
+                + ("" if store_problem is None else ", store refusing writes"))
+
+    def tell(self, supervisor: Supervisor | None, store_problem: str | None) -> None:
+        summary = self.summary(supervisor, store_problem)
+        self.status.write(summary)
+        if summary != self._summary:
+            self._summary = summary
+            sdnotify.notify(f"STATUS={summary}")

@@ -1,0 +1,202 @@
+"""Seeing synwatch work: a real flood in the lab shows in /metrics (scraped over HTTP while it
+lasts, and linted by promtool), in `synwatch status` (running, its source, the open incident;
+exit 3 once stopped) and in the status line sd_notify would carry."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import REPO, synwatch
+from tests.harness import Service
+from tests.lab import SPOOF_NET, Lab, lab, lab_port
+
+pytestmark = pytest.mark.needs_root
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.2)
+
+
+def scrape(port: int) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}
+    return text, values
+
+
+def value(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float | None:
+    return values.get((name, tuple(sorted(labels.items()))))
+
+
+class Scraper:
+    """Scrapes /metrics every half second on a thread, as Prometheus would (faster)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.scrapes: list[dict[Any, float]] = [scrape(port)[1]]  # before the flood
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.5):
+            self.scrapes.append(scrape(self.port)[1])
+
+    def stop(self, name: str, **labels: str) -> list[float]:
+        self.done.set()
+        self.thread.join(10)
+        return [value(v, name, **labels) or 0 for v in self.scrapes]
+
+
+def fires_on_the_flood(open_series: list[float], tmp_path: Path) -> None:
+    """The shipped alert rules, run by promtool on what this flood's scrapes said (each scrape
+    one 15 s step): SynFloodInProgress fires once the incident was open for 30 s of steps, and
+    is quiet before the flood and after it."""
+    ones = [i for i in range(2, len(open_series)) if open_series[i - 2:i + 1] == [1, 1, 1]]
+    assert ones and open_series[0] == 0 and open_series[-1] == 0, open_series
+    alert = {"exp_labels": {"instance": "lab", "verdict": "concentrated",
+                            "severity": "critical"},
+             "exp_annotations": {
+                 "summary": "concentrated SYN flood on lab",
+                 "description": "1 open concentrated incident(s); `synwatch incidents list "
+                                "--verdict concentrated` has the evidence and the "
+                                "recommendations."}}
+    test = {"rule_files": [str(REPO / "packaging" / "prometheus" / "synwatch.rules.yml")],
+            "evaluation_interval": "15s",
+            "tests": [{"interval": "15s",
+                       "input_series": [{
+                           "series": 'synwatch_incidents_open{job="synwatch",instance="lab",'
+                                     'verdict="concentrated"}',
+                           "values": " ".join(f"{v:g}" for v in open_series)}],
+                       "alert_rule_test": [
+                           {"eval_time": "0s", "alertname": "SynFloodInProgress",
+                            "exp_alerts": []},
+                           {"eval_time": f"{ones[0] * 15}s", "alertname": "SynFloodInProgress",
+                            "exp_alerts": [alert]},
+                           {"eval_time": f"{(len(open_series) - 1) * 15}s",
+                            "alertname": "SynFloodInProgress", "exp_alerts": []}]}]}
+    path = tmp_path / "flood.rules.test.yml"
+    path.write_text(json.dumps(test))  # JSON is YAML
+    run = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def status_of(service: Service) -> dict[str, Any]:
+    view: dict[str, Any] = json.loads(synwatch("status", "--format", "json", "--config",
+                                               str(service.config)).out)
+    return view
+
+
+@pytest.fixture
+def the_lab() -> Iterator[Lab]:
+    with lab() as made:
+        yield made
+
+
+def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
+                                                             tmp_path: Path) -> None:
+    metrics_port = free_port()
+    service = Service(the_lab, tmp_path, quiet="4s",
+                      extra=f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
+    try:
+        port = lab_port()
+        the_lab.listen(port, backlog=64)
+        listener = {"netns": the_lab.server_ns, "address": "0.0.0.0", "port": str(port)}
+
+        def probed() -> dict[Any, float] | None:  # the next probe sees the new listener
+            _, now = scrape(metrics_port)
+            return now if value(now, "synwatch_listener_backlog", **listener) == 64 else None
+
+        before = wait_for("the listener in /metrics", probed, timeout=10)
+        assert value(before, "synwatch_incidents_open", verdict="concentrated") == 0
+        sources = [f"{SPOOF_NET}.{n}.{random.randint(1, 254)}" for n in (7, 8)
+                   for _ in range(1500)]
+        random.shuffle(sources)
+        overflow_before = value(before, "synwatch_syn_overflow_total",
+                                netns=the_lab.server_ns) or 0
+        scraper = Scraper(metrics_port)  # every scrape, for the alert rules below
+        the_lab.flood(port, len(sources), sources)
+        [inc] = service.wait_incidents(port, 1, "open", timeout=20)
+
+        def during() -> dict[Any, float] | None:
+            _, now = scrape(metrics_port)
+            return now if value(now, "synwatch_incidents_open",
+                                verdict="concentrated") == 1 else None
+
+        values = wait_for("the concentrated incident in /metrics", during)
+        assert (value(values, "synwatch_listener_syn_recv", **listener) or 0) >= 60
+        assert (value(values, "synwatch_syn_overflow_total", netns=the_lab.server_ns)
+                or 0) > overflow_before + 1000
+        assert (value(values, "synwatch_events_total", source="kmsg", trusted="true",
+                      kind="syn_flood") or 0) >= 1
+        assert (value(values, "synwatch_probe_duration_seconds_count") or 0) >= 2
+        assert value(values, "synwatch_bans_active", backend="nftables") == 0  # a dry run
+        assert (value(values, "synwatch_actions_total", action="ban", status="dry-run")
+                or 0) >= 2
+        assert (value(values, "process_resident_memory_bytes") or 0) > 0
+        # cardinality: listeners only, never a source prefix
+        assert all(key != "prefix" for (_, labels) in values for key, _ in labels)
+
+        status = synwatch("status", "--format", "json", "--config", str(service.config))
+        view = json.loads(status.out)
+        assert status.code == 0 and view["running"] and view["pid"] == service.proc.pid
+        assert inc["id"] in view["open_incidents"]
+        [kmsg] = view["sources"]
+        assert (kmsg["name"], kmsg["state"]) == ("kmsg", "running")
+        assert kmsg["position"]["seq"] > 0 and kmsg["lag_seconds"] is not None
+
+        def summary() -> str | None:
+            said = status_of(service)["summary"]
+            return said if "concentrated" in said else None
+
+        assert (f"1 open incident (#{inc['id']} concentrated on 0.0.0.0:{port})"
+                in wait_for("the verdict in the status line", summary))
+
+        service.wait_incidents(port, 1, "closed")
+
+        def closed() -> dict[Any, float] | None:
+            _, now = scrape(metrics_port)
+            return now if value(now, "synwatch_incidents_total",
+                                verdict="concentrated") == 1 else None
+
+        after = wait_for("the close in /metrics", closed)
+        assert value(after, "synwatch_incidents_open", verdict="concentrated") == 0
+        open_series = scraper.stop("synwatch_incidents_open", verdict="concentrated")
+        fires_on_the_flood(open_series, tmp_path)
+        text, _ = scrape(metrics_port)
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text,
+                              capture_output=True, text=True, check=False)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+    finally:
+        service.stop()
+    stopped = synwatch("status", "--format", "json", "--config", str(service.config))
+    assert stopped.code == 3 and json.loads(stopped.out)["running"] is False
+    assert json.loads(stopped.out)["open_incidents"] == []
