@@ -5,9 +5,12 @@ exit 3 once stopped) and in the status line sd_notify would carry."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -33,13 +36,14 @@ def free_port() -> int:
         return port
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30) -> T:
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30,
+             seen: Callable[[], object] = lambda: "") -> T:
     deadline = time.monotonic() + timeout
     while True:
         got = check()
         if got:
             return got
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s\n{seen()}"
         time.sleep(0.2)
 
 
@@ -200,3 +204,59 @@ def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
     stopped = synwatch("status", "--format", "json", "--config", str(service.config))
     assert stopped.code == 3 and json.loads(stopped.out)["running"] is False
     assert json.loads(stopped.out)["open_incidents"] == []
+
+
+class Tmux:
+    """A real terminal: a tmux server of the test's own (its own socket), killed at the end."""
+
+    def __init__(self, name: str) -> None:
+        self.socket = f"synwatch-test-{name}-{os.getpid()}"
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
+                              text=True, check=False, timeout=20)
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "top").stdout
+
+    def alive(self) -> bool:
+        return self.run("has-session", "-t", "top").returncode == 0
+
+    def kill(self) -> None:
+        self.run("kill-server")
+
+
+def test_top_shows_the_flooded_listener_its_prefixes_and_the_incident(the_lab: Lab,
+                                                                     tmp_path: Path) -> None:
+    service = Service(the_lab, tmp_path, quiet="20s")
+    term = Tmux("top")
+    try:
+        port = lab_port()
+        the_lab.listen(port, backlog=64)
+        started = term.run("new-session", "-d", "-s", "top", "-x", "200", "-y", "50",
+                           # the pane's size, not one the test's environment may carry
+                           f"env -u COLUMNS -u LINES {sys.executable} -m synwatch top "
+                           "--interval 0.5 "
+                           f"--config {service.config}")
+        assert started.returncode == 0, started.stderr
+        term.run("resize-window", "-t", "top", "-x", "200", "-y", "50")  # as wide as asked
+        wait_for("the listener on the screen", lambda: f"0.0.0.0:{port}" in term.screen())
+        sources = [f"{SPOOF_NET}.{n}.{random.randint(1, 254)}" for n in (7, 8)
+                   for _ in range(1500)]
+        the_lab.flood(port, len(sources), sources)
+        service.wait_incidents(port, 1, "open", timeout=20)
+
+        def flooded() -> str | None:
+            screen = term.screen()
+            return screen if (f"{SPOOF_NET}.7.0/24" in screen
+                              and "concentrated" in screen) else None
+
+        screen = wait_for("the flood on the screen", flooded, timeout=20, seen=term.screen)
+        row = next(line for line in screen.splitlines() if f"0.0.0.0:{port}" in line)
+        assert f"{SPOOF_NET}.7.0/24" in row, screen  # the listener's own prefixes
+        assert re.search(r"6[45]/64", row), screen  # its SYN-RECV against its backlog
+        term.run("send-keys", "-t", "top", "q")
+        wait_for("top to quit on q", lambda: not term.alive(), timeout=10)
+    finally:
+        term.kill()
+        service.stop()

@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 
 from synwatch import __version__
-from synwatch.cli import bans, events, incidents, kernel, logs, service, status
+from synwatch.cli import bans, events, incidents, kernel, logs, service, status, top
 from synwatch.cli.common import Parser, add_common
 from synwatch.errors import ExitStatus, SynwatchError, UsageError
 
 # in the order `synwatch --help` lists them
-NOUNS = (service, status, logs, kernel, events, incidents, bans)
+NOUNS = (service, status, logs, kernel, top, events, incidents, bans)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,91 @@
+"""What `synwatch top` draws (rich): every listener with its queues as bars, drop rates and top
+source prefixes, the namespace's overflow rates, and the open incidents with their verdicts.
+Pure: it gets two snapshots and the incidents, so it is tested without a terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from synwatch.delta import listener_id
+from synwatch.probes.snapshot import Snapshot
+from synwatch.records import Incident, endpoint
+
+BAR = 20
+
+
+def _bar(value: int, limit: int) -> Group | Text:
+    if limit <= 0:
+        return Text(str(value))
+    full = value >= limit
+    return Group(ProgressBar(total=limit, completed=min(value, limit), width=BAR,
+                             complete_style="red" if full else "yellow" if value * 2 >= limit
+                             else "green"),
+                 Text(f"{value}/{limit}", style="bold red" if full else ""))
+
+
+def _rate(now: int, before: int | None, seconds: float) -> str:
+    if before is None or seconds <= 0:
+        return "-"
+    return f"{max(0, now - before) / seconds:.0f}/s"
+
+
+def listeners_table(snap: Snapshot, prev: Snapshot | None, seconds: float) -> Table:
+    table = Table(title=f"listeners in {snap.netns or 'the host namespace'}", expand=True)
+    for name in ("listener", "accept queue", "SYN-RECV", "drops", "top source prefixes"):
+        table.add_column(name, no_wrap=name != "top source prefixes")
+    before = {listener_id(st): st.listener.drops for st in prev.listeners} if prev else {}
+    busiest = sorted(snap.listeners, key=lambda st: (-st.syn_recv, -st.listener.accept_queue,
+                                                     st.listener.port))
+    for st in busiest:
+        li = st.listener
+        table.add_row(endpoint(li.address, li.port), _bar(li.accept_queue, li.backlog),
+                      _bar(st.syn_recv, li.backlog),
+                      _rate(li.drops, before.get(listener_id(st)), seconds),
+                      ", ".join(f"{p} ({n})" for p, n in st.top_prefixes) or "-")
+    return table
+
+
+COUNTERS = (("SYN queue full", ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")),
+            ("dropped", ("TcpExt.TCPReqQFullDrop",)),
+            ("accept queue overflow", ("TcpExt.ListenOverflows",)),
+            ("cookies sent", ("TcpExt.SyncookiesSent",)),
+            ("cookies back", ("TcpExt.SyncookiesRecv",)))
+
+
+def counters_line(snap: Snapshot, prev: Snapshot | None, seconds: float) -> Text:
+    parts = []
+    for label, names in COUNTERS:
+        now = sum(snap.counters.get(n, 0) for n in names)
+        then = sum(prev.counters.get(n, 0) for n in names) if prev else None
+        parts.append(f"{label} {_rate(now, then, seconds)}")
+    cookies = snap.sysctls.get("net.ipv4.tcp_syncookies")
+    return Text("  ".join(parts) + f"   tcp_syncookies={cookies}")
+
+
+def incidents_table(incidents: Sequence[Incident] | None) -> Table | Text:
+    if incidents is None:
+        return Text("incidents: no history here (synwatch status tells why)", style="dim")
+    if not incidents:
+        return Text("no open incident", style="green")
+    table = Table(title="open incidents", expand=True)
+    for name in ("id", "listener", "verdict", "since", "top prefixes"):
+        table.add_column(name)
+    for i in incidents:
+        table.add_row(str(i.id), endpoint(i.address, i.port),
+                      Text(i.verdict, style="bold red" if i.verdict != "capacity" else "yellow"),
+                      i.opened_at.strftime("%H:%M:%S"),
+                      ", ".join(p["prefix"] for p in i.top_prefixes[:3]) or "-")
+    return table
+
+
+def view(snap: Snapshot, prev: Snapshot | None, seconds: float,
+         incidents: Sequence[Incident] | None, now: datetime) -> Group:
+    return Group(Text(f"synwatch top   {now:%H:%M:%S}   q quits", style="bold"),
+                 listeners_table(snap, prev, seconds), counters_line(snap, prev, seconds),
+                 incidents_table(incidents))
