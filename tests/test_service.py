@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import synwatch
+from tests.conftest import Journald, synwatch
 from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
 
 
@@ -133,3 +136,32 @@ def test_a_poison_line_in_a_followed_file_stops_nothing(tmp_path: Path,
     code, _ = stop_service(proc)
     assert code == 0
     assert [p for p in ports() if p != 7000] == [8080, 8443]  # each once; the poison never
+
+
+def test_logs_to_the_journal_carry_their_priority(tmp_path: Path, journald: Journald) -> None:
+    """Under systemd, stderr is the journal (JOURNAL_STREAM says so): each line starts with its
+    syslog priority, so `journalctl -p warning` shows the warnings and not the rest."""
+    tag = f"synwatch-test-{os.getpid()}"
+    config = host_config(tmp_path, "[sources]\njournald = false\nkmsg = false\n")
+    # what systemd does for a unit: stderr connected to a journal stream, JOURNAL_STREAM set
+    proc = subprocess.Popen(
+        ["systemd-cat", "-t", tag, "sh", "-c",
+         'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@"', "sh",
+         sys.executable, "-m", "synwatch", "run", "--config", str(config)])
+
+    def journal(*args: str) -> str:
+        return subprocess.run(["journalctl", "-t", tag, "-o", "cat", "--no-pager", *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    try:
+        deadline = time.monotonic() + 20
+        while "synwatch running" not in journal():
+            assert time.monotonic() < deadline and proc.poll() is None, journal()
+            time.sleep(0.1)
+    finally:
+        subprocess.run(["pkill", "-TERM", "-f", f"synwatch run --config {config}"], check=False)
+        proc.wait(20)
+    warnings = journal("-p", "warning")
+    assert "synwatch: no log source to read; kernel state is still probed" in warnings
+    assert "synwatch running" not in warnings and "INFO" not in journal()
+    assert not any(line.startswith("<") for line in journal().splitlines())  # parsed, not shown

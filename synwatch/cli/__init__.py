@@ -33,10 +33,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# syslog priorities (sd-daemon(3)): journald reads a "<N>" line prefix as the entry's priority
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+            logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """For a stderr that is the journal: a priority on every line (so `journalctl -p warning`
+    works, and a multi-line message keeps its level), no level name, no time of our own."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{PRIORITY.get(record.levelno, 6)}>"
+        return prefix + super().format(record).replace("\n", "\n" + prefix)
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device and inode of the stream it connected
+    (systemd.exec(5)); it only counts while stderr is still that stream."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
 def _setup_logging(debug: bool) -> None:
     # Our own messages at INFO; libraries (alembic announces every plugin) only when they warn.
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter() if stderr_is_journal()
+                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     logging.getLogger("synwatch").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
