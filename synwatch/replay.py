@@ -8,6 +8,7 @@ verdict rules, and "what would these thresholds have said" for an admin.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from datetime import datetime
@@ -96,14 +97,25 @@ def _event(d: dict[str, Any]) -> StoredEvent:
     return StoredEvent(d["id"], event, d["historical"])
 
 
-class Recording:
-    """Appends what the correlator sees to a JSON-lines file."""
+def settings_line(thresholds: Thresholds, quiet_period: float) -> dict[str, Any]:
+    """The settings a recording was made with: its first line, so a replay reproduces the
+    incidents without being told them."""
+    return {"type": "settings", "quiet_period": quiet_period,
+            "thresholds": dataclasses.asdict(thresholds)}
 
-    def __init__(self, path: str) -> None:
+
+class Recording:
+    """Appends what the correlator sees to a JSON-lines file, after the settings it runs
+    with (each start writes them again: a reload or a restart may change them)."""
+
+    def __init__(self, path: str, thresholds: Thresholds | None = None,
+                 quiet_period: float | None = None) -> None:
         try:
             self._out: TextIO = Path(path).open("a", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise UsageError(f"--record {path}", exc.strerror or str(exc)) from exc
+        if thresholds is not None and quiet_period is not None:
+            self.write(settings_line(thresholds, quiet_period))
 
     def write(self, line: dict[str, Any]) -> None:
         self._out.write(json.dumps(line, separators=(",", ":")) + "\n")
@@ -123,10 +135,26 @@ def read(path: str) -> Iterator[tuple[datetime, Evidence | StoredEvent]]:
             continue
         try:
             d = json.loads(line)
+            if d["type"] == "settings":
+                continue
             item = _evidence(d) if d["type"] == "evidence" else _event(d)
             yield datetime.fromisoformat(d["now"]), item
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{path}:{n}", f"not a synwatch recording line: {exc}") from exc
+
+
+def recorded_settings(path: str) -> tuple[Thresholds, float] | None:
+    """The settings on a recording's first line, if it has them."""
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+        if first.get("type") != "settings":
+            return None
+        known = {f.name for f in dataclasses.fields(Thresholds)}
+        return (Thresholds(**{k: v for k, v in first["thresholds"].items() if k in known}),
+                float(first["quiet_period"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path}:1", f"not a synwatch recording's settings: {exc}") from exc
 
 
 def replay(path: str, thresholds: Thresholds, quiet_period: float,

@@ -55,7 +55,8 @@ class Service:
                  record: str | None = None) -> None:
         self.config = config
         self.config_arg = config_arg
-        self.recording = Recording(record) if record else None
+        self.recording = (Recording(record, config.thresholds, config.quiet_period)
+                          if record else None)
         self.flags = _Flags()
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None

@@ -180,7 +180,8 @@ class Service:
                 if d["type"] == "evidence":
                     d["snapshot"]["listeners"] = [li for li in d["snapshot"]["listeners"]
                                                   if li["port"] == port]
-            lines = [d for d in lines if d["type"] == "evidence" or d["port"] == port]
+            lines = [d for d in lines if d["type"] in ("settings", "evidence")
+                     or d["port"] == port]
             (keep / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
             (keep / f"{name}.expected.json").write_text(
                 json.dumps([{k: i[k] for k in fields} for i in replayed], indent=1) + "\n")

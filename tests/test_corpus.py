@@ -1,4 +1,5 @@
-"""The shared corpus (../shared/corpus/kernel-lines.tsv): every row yields what its columns say.
+"""The kernel-line corpus (tests/data/corpus/kernel-lines.tsv, kept in the repository so a clone
+is self-contained): every row yields what its columns say.
 
 Flood rows: kind, port, address (without brackets), family and mode. drop-open-request rows: the
 source address. suppressed and lookalike rows: no match. injected-userspace rows: no match, or a
@@ -20,11 +21,10 @@ from synwatch.sinks import parse_line
 from tests.conftest import NOW, REPO, synwatch
 
 CORPUS = Path(os.environ.get("SYNWATCH_CORPUS",
-                             REPO.parent / "shared" / "corpus" / "kernel-lines.tsv"))
+                             REPO / "tests" / "data" / "corpus" / "kernel-lines.tsv"))
 
 
 def _rows() -> list[dict[str, str]]:
-    # A missing corpus is a failure, not a skip: CI always has shared/ beside the checkout.
     with CORPUS.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 

@@ -49,15 +49,19 @@ def test_golden_replay(name: str) -> None:
 
 
 def test_replay_cli_gives_the_same(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text('[incident]\nquiet_period = "3s"\n')
-    r = synwatch("replay", str(REPLAYS / "second-flood.jsonl"), "--format", "json",
-                 "--config", str(config))
+    """A recording carries the settings it was made with (quiet_period 3 s in the lab), so the
+    CLI replays it as it happened without being told; --config overrides them."""
+    r = synwatch("replay", str(REPLAYS / "second-flood.jsonl"), "--format", "json")
     assert r.code == 0, r.err
     got = [{k: i[k] for k in FIELDS} for i in json.loads(r.out)]
     assert got == json.loads((REPLAYS / "second-flood.expected.json").read_text())
-    table = synwatch("replay", str(REPLAYS / "capacity.jsonl"), "--config", str(config))
+    table = synwatch("replay", str(REPLAYS / "capacity.jsonl"))
     assert "capacity" in table.out and "accept queue peaked at 5 of 4" in table.out
+    longer = tmp_path / "c.toml"
+    longer.write_text('[incident]\nquiet_period = "10m"\n')
+    r = synwatch("replay", str(REPLAYS / "second-flood.jsonl"), "--format", "json",
+                 "--config", str(longer))
+    assert [i["status"] for i in json.loads(r.out)] == ["open"]  # one incident, not closed
 
 
 def test_replay_of_a_bad_file_is_a_usage_error(tmp_path: Path) -> None:

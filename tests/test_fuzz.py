@@ -91,7 +91,7 @@ def test_any_kmsg_record_is_a_record_or_nothing(catalogue: Catalogue, head: str,
 
 def _seed_lines(catalogue: Catalogue) -> list[str]:
     lines = [s.line for s in catalogue.samples]
-    corpus = REPO.parent / "shared" / "corpus" / "kernel-lines.tsv"
+    corpus = REPO / "tests" / "data" / "corpus" / "kernel-lines.tsv"
     if corpus.is_file():
         for row in corpus.read_text(encoding="utf-8").splitlines()[1:]:
             lines.append(row.split("\t", 1)[0])

@@ -314,3 +314,18 @@ def test_a_kernel_record_wakes_the_journal_reader_at_once() -> None:
     unreadable = KernelWake("/nonexistent/kmsg")
     unreadable.wait(reader, 0.01)  # falls back to the reader's own wait
     assert reader.waits[-1] == 0.01
+
+
+def test_journalctl_is_out_of_reach_of_the_terminals_signals(journald: Journald) -> None:
+    """Ctrl-C (or systemd's SIGTERM to the process group) used to kill journalctl before
+    synwatch itself, which then logged 'journalctl exited with status -15; restarting'. It runs
+    in a session of its own now, and synwatch closes it."""
+    reader = JournalctlReader(None)
+    reader.start(None, None)
+    try:
+        assert reader._proc is not None
+        assert os.getsid(reader._proc.pid) != os.getsid(0)
+        assert os.getpgid(reader._proc.pid) != os.getpgid(0)
+    finally:
+        reader.close()
+    assert reader._proc is None or reader._proc.poll() is not None

@@ -231,6 +231,10 @@ class BanAction(Action):
         are put back with their remaining time, expired and unknown ones removed."""
         st = self.reconcile_state
         st.due = self.ctx.clock.monotonic() + RECONCILE_EVERY
+        if self.ctx.config.dry_run:
+            # a dry run never bans, so there is nothing of ours to list (and as a user, nft
+            # would refuse to list anything: a warning at every start for nothing)
+            return []
         now = self.ctx.clock.now()
         store, fw = self.ctx.store, self.firewall
         try:

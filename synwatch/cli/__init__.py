@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from synwatch import __version__
@@ -87,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(exc)
         return int(exc.status)
     except SynwatchError as exc:
-        if debug:
-            raise
+        if debug:  # the traceback too, and still the error's own exit status
+            traceback.print_exc()
         _report(exc)
         return int(exc.status)
     except BrokenPipeError:  # `synwatch scan ... | head`

@@ -19,12 +19,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, print_incident_rows  # noqa: PLC0415
-    from synwatch.replay import replay  # noqa: PLC0415
+    from synwatch.replay import recorded_settings, replay  # noqa: PLC0415
     from synwatch.store.views import change_view  # noqa: PLC0415
 
-    config = load(args)
-    rows = [change_view(c) for c in replay(args.recording, config.thresholds,
-                                           config.quiet_period)]
+    # the settings the recording was made with, unless a configuration is named
+    recorded = None if args.config else recorded_settings(args.recording)
+    if recorded is not None:
+        thresholds, quiet = recorded
+    else:
+        config = load(args)
+        thresholds, quiet = config.thresholds, config.quiet_period
+    rows = [change_view(c) for c in replay(args.recording, thresholds, quiet)]
     if args.format == "json":
         print(dumps(rows))
         return 0
@@ -54,8 +59,8 @@ def register(sub: Any) -> None:
                    help="append every probe and kernel event to FILE (JSON lines) for replay")
     add_config(p)
     p = command(sub, "replay", cmd_replay,
-                "the incidents a recording (run --record) leads to with the configured "
-                "thresholds; records nothing")
+                "the incidents a recording (run --record) leads to, with the settings it was "
+                "recorded with (or those of --config); records nothing")
     p.add_argument("recording", metavar="FILE")
     add_format(p)
     add_config(p)

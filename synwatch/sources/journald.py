@@ -146,8 +146,12 @@ class JournalctlReader:
         argv = ["journalctl", *self._dir, "-o", "json", "--follow", "--no-tail", "--all",
                 "--no-pager", *where, *self._matches()]
         try:
+            # its own session: Ctrl-C in a terminal (the process group's SIGINT) stops
+            # synwatch, which then closes journalctl, instead of killing journalctl first and
+            # logging that as a failed source (the unit's KillMode=mixed does the same for a
+            # stop by systemd)
             self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL)
+                                          stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             raise SourceUnavailable("journald", f"cannot run journalctl: {exc}") from exc
         return found
