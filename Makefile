@@ -1,5 +1,5 @@
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench
+.PHONY: help run test lint bench deb
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -15,3 +15,6 @@ lint: ## ruff and mypy --strict
 
 bench: ## benchmarks: synwatch vs grep vs fail2ban-regex
 	./scripts/bench
+
+deb: ## dist/synwatch_VERSION_ARCH.deb (dpkg-deb; a venv in /opt/synwatch)
+	./scripts/build-deb

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -127,3 +128,14 @@ class Journald:
     def stop_if_ours(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+def cli_commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
+    """Every command the CLI takes, as "incidents show"."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = cli_commands(sub, f"{prefix}{name} ")
+                out.extend(nested or [f"{prefix}{name}"])
+    return out

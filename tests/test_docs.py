@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 
 from synwatch.cli import build_parser
 from synwatch.config import SCHEMA, parse_config
-from tests.conftest import REPO, synwatch
+from tests.conftest import REPO, cli_commands, synwatch
 
 README = (REPO / "README.md").read_text()
 
@@ -34,18 +33,8 @@ def test_the_default_file_says_every_default() -> None:
     assert text.count("\n[") + text.startswith("[") == len(SCHEMA)
 
 
-def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
-    out = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                nested = _commands(sub, f"{prefix}{name} ")
-                out.extend(nested or [f"{prefix}{name}"])
-    return out
-
-
 def test_every_command_is_in_the_readme() -> None:
-    commands = _commands(build_parser())
+    commands = cli_commands(build_parser())
     assert "incidents show" in commands and "scan" in commands
     for command in commands:
         assert f"synwatch {command}" in README, command

@@ -68,6 +68,11 @@ class ServiceState(StoreBase):
         with self.session() as s:
             s.merge(SavedSettingRow(netns=netns, name=name, value=value, saved_at=now))
 
+    def saved_settings(self) -> list[tuple[str, str, str]]:
+        """(netns, name, value) of every setting synwatch changed and has not put back."""
+        with self.session() as s:
+            return [(r.netns, r.name, r.value) for r in s.scalars(select(SavedSettingRow))]
+
     def forget_setting(self, netns: str, name: str) -> None:
         with self.session() as s:
             row = s.get(SavedSettingRow, (netns, name))

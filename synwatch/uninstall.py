@@ -1,0 +1,54 @@
+"""What the Debian package runs when synwatch is removed (``prerm``), after the service has
+stopped: put back every kernel setting synwatch changed and still holds (the service does it
+when an incident closes or it stops cleanly; after a crash the value waits in the history).
+
+    python -m synwatch.uninstall
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from synwatch.actions.syncookies import SYSCTL, write_syncookies
+from synwatch.config import load_config
+from synwatch.errors import SynwatchError
+from synwatch.store import Store
+
+log = logging.getLogger("synwatch.uninstall")
+
+
+def restore_settings(storage_url: str) -> int:
+    """Settings put back; a history that does not exist holds none."""
+    if storage_url.startswith("sqlite:///") and \
+            not Path(storage_url.removeprefix("sqlite:///")).exists():
+        return 0
+    store = Store.open(storage_url)
+    done = 0
+    for netns, name, value in store.saved_settings():
+        if name != SYSCTL:
+            continue
+        try:
+            write_syncookies(netns, int(value))
+        except (OSError, SynwatchError, ValueError) as exc:
+            log.warning("cannot put back %s=%s in %s: %s", name, value, netns or "the host", exc)
+            continue
+        store.forget_setting(netns, name)
+        log.info("put back %s=%s in %s", name, value, netns or "the host's namespace")
+        done += 1
+    store.close()
+    return done
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="synwatch: %(message)s")
+    try:
+        restore_settings(load_config(None).storage_url)
+    except SynwatchError as exc:
+        log.warning("%s", exc)  # a removal must not fail on it
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
