@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from synwatch import sdnotify
 from synwatch.config import Config
 from synwatch.errors import StoreError
-from synwatch.metrics import Metrics
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import ActionRun, IncidentChange, StoredEvent, endpoint
 from synwatch.sources.base import Batch
@@ -18,11 +18,18 @@ from synwatch.status import DaemonStatus, SourceState, status_path
 from synwatch.store import Store
 from synwatch.supervisor import Supervisor
 
+if TYPE_CHECKING:
+    from synwatch.metrics import Metrics
+
 
 class Telemetry:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.metrics = Metrics() if config.metrics_listen else None
+        self.metrics: Metrics | None = None
+        if config.metrics_listen:  # prometheus_client costs 14 MB: only when asked for
+            from synwatch.metrics import Metrics  # noqa: PLC0415
+
+            self.metrics = Metrics()
         self.status = DaemonStatus(status_path(config), config.path)
         logging.getLogger("synwatch").addHandler(self.status.errors)
         self.open: dict[int, str] = {}  # incident id -> "concentrated on 0.0.0.0:80"
