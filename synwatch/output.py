@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -58,22 +59,28 @@ def sparkline(values: Sequence[float | None], width: int = 60) -> str:
 
 
 class ProgressBar:
-    """``scanning PATH [#####    ]  40%`` on one line of a terminal, redrawn per percent."""
+    """``scanning PATH ━━━━━━━━━╺━━━━━━━  40%`` on a terminal (rich), cleared when done."""
 
     def __init__(self, path: str, total: int, out: TextIO) -> None:
-        self.path, self.total, self.out, self.shown = path, total, out, -1
+        from rich.console import Console  # noqa: PLC0415 - only on a terminal
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn  # noqa: PLC0415
+
+        self.progress = Progress(TextColumn("scanning {task.description}"), BarColumn(30),
+                                 TaskProgressColumn(),
+                                 # the terminal's width, 80 where it reports none (a new pty)
+                                 console=Console(file=out,
+                                                 width=shutil.get_terminal_size().columns),
+                                 transient=True)
+        # the file's name: a long path would leave the bar and the percentage no room
+        self.task = self.progress.add_task(path.rsplit("/", 1)[-1], total=max(total, 1))
+        self.progress.start()
 
     def __call__(self, done: int) -> None:
-        percent = min(100, done * 100 // max(self.total, 1))
-        if percent != self.shown:
-            self.shown = percent
-            bar = "#" * (percent // 4)
-            self.out.write(f"\rscanning {self.path} [{bar:<25}] {percent:3d}%")
-            self.out.flush()
+        self.progress.update(self.task, completed=done)
 
     def close(self) -> None:
-        self.out.write("\r\033[K")
-        self.out.flush()
+        self.progress.refresh()
+        self.progress.stop()
 
 
 def print_hits(hits: Iterable[Hit], fmt: str, out: TextIO) -> None:
