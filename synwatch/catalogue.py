@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _FRAGMENT = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")
-_KINDS: tuple[EventKind, ...] = ("syn_flood", "drop_open_request")
+_KINDS: tuple[EventKind, ...] = ("syn_flood", "drop_open_request", "conntrack_full")
 _PARSERS = ("journal-json", "kmsg")
 
 

@@ -35,6 +35,7 @@ class ProbeDelta:
     sampled: SynSample | None  # SYNs sampled from packets over the same interval
     dropped: dict[ListenerId, int]  # listeners' own drops (sk_drops) over it
     grew: frozenset[ListenerId]  # listeners whose SYN-RECV rose over it
+    conntrack_dropped: int = 0  # new flows connection tracking dropped over it (table full)
 
     @property
     def moving(self) -> bool:
@@ -70,7 +71,11 @@ def measure(prev: Evidence | None, ev: Evidence) -> ProbeDelta:
             n = li.listener.drops - (was.listener.drops if was else li.listener.drops)
             if n > 0:
                 dropped[listener_id(li)] = n
-    return ProbeDelta(snap, deltas, rates, accounted, ev.sampled, dropped, frozenset(grew))
+    ct_dropped = 0
+    if prev is not None and snap.conntrack is not None and prev.snapshot.conntrack is not None:
+        ct_dropped = max(0, snap.conntrack.drop - prev.snapshot.conntrack.drop)
+    return ProbeDelta(snap, deltas, rates, accounted, ev.sampled, dropped, frozenset(grew),
+                      ct_dropped)
 
 
 def add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:

@@ -19,6 +19,11 @@ def examine(before: Snapshot, after: Snapshot, seconds: float,
     sysctls = after.sysctls
     somaxconn = sysctls.get("net.core.somaxconn")
     out = rules.sysctls(sysctls)
+    if after.conntrack is not None:
+        dropped = after.conntrack.drop - (before.conntrack.drop if before.conntrack else 0)
+        table = rules.conntrack(after.conntrack, max(0, dropped))
+        if table is not None:
+            out.append(table)
     for st in after.listeners:
         li = st.listener
         where = endpoint(li.address, li.port)

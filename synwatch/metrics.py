@@ -76,6 +76,18 @@ class _KernelCollector(Collector):
             drops.add_metric(labels, li.drops)
         yield from gauges.values()
         yield drops
+        table = snap.conntrack
+        if table is not None:  # connection tracking in the namespace (docs/kernel.md §7)
+            entries = GaugeMetricFamily("synwatch_conntrack_entries", "entries in the "
+                                        "connection-tracking table", labels=["netns"])
+            entries.add_metric([snap.netns], table.count)
+            limit = GaugeMetricFamily("synwatch_conntrack_max", "the table's size "
+                                      "(net.netfilter.nf_conntrack_max)", labels=["netns"])
+            limit.add_metric([snap.netns], table.max)
+            dropped = CounterMetricFamily("synwatch_conntrack_dropped", "new flows dropped "
+                                          "because the table was full", labels=["netns"])
+            dropped.add_metric([snap.netns], table.drop)
+            yield from (entries, limit, dropped)
         for name, (counters, text) in NAMESPACE_COUNTERS.items():
             family = CounterMetricFamily(name, f"the namespace's {text}", labels=["netns"])
             family.add_metric([snap.netns], sum(snap.counters.get(c, 0) for c in counters))

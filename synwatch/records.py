@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from synwatch.probes.snapshot import Snapshot
     from synwatch.probes.synsample import SynSample
 
-EventKind = Literal["syn_flood", "drop_open_request"]
+EventKind = Literal["syn_flood", "drop_open_request", "conntrack_full"]
 Mode = Literal["cookies", "drop"]
 
 

@@ -19,6 +19,7 @@ from synwatch.clock import FrozenClock
 from synwatch.config import Thresholds
 from synwatch.correlate import Correlator
 from synwatch.errors import UsageError
+from synwatch.probes.conntrack import Conntrack
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.probes.synsample import PortSample, SynSample
@@ -32,7 +33,8 @@ def _snapshot_json(s: Snapshot) -> dict[str, Any]:
          "drops": st.listener.drops,
          "syn_recv": st.syn_recv, "prefixes": [list(p) for p in st.prefixes],
          "prefix_count": st.prefix_count, "singletons": st.singletons,
-         "doubletons": st.doubletons} for st in s.listeners]}
+         "doubletons": st.doubletons} for st in s.listeners],
+        "conntrack": None if s.conntrack is None else dataclasses.asdict(s.conntrack)}
 
 
 def _snapshot(d: dict[str, Any]) -> Snapshot:
@@ -41,7 +43,8 @@ def _snapshot(d: dict[str, Any]) -> Snapshot:
                                li["accept_queue"], li.get("drops", 0)), li["syn_recv"],
                       tuple((p, n) for p, n in li["prefixes"]), li["prefix_count"],
                       li.get("singletons", 0), li.get("doubletons", 0))
-        for li in d["listeners"]), d["counters"], d["sysctls"])
+        for li in d["listeners"]), d["counters"], d["sysctls"],
+        Conntrack(**d["conntrack"]) if d.get("conntrack") else None)
 
 
 def _sample_json(s: SynSample | None) -> dict[str, Any] | None:

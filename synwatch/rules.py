@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from synwatch.probes.conntrack import Conntrack
 from synwatch.probes.sockdiag import Listener
 from synwatch.records import endpoint
 
@@ -77,6 +78,30 @@ def sysctls(values: dict[str, int | None]) -> list[Finding]:
                            f"{2 ** (retries + 1) - 1} s; 5 (63 s) is the default, 2 is enough "
                            "under attack"))
     return out
+
+
+CONNTRACK_FULL = 0.9  # a table this full drops new flows at the next burst
+
+
+def conntrack(table: Conntrack | None, dropped_now: int = 0) -> Finding | None:
+    """The connection-tracking table: full (or dropping) is every new flow refused, real
+    clients' and outgoing ones included; a spoofed SYN flood fills it long before SYN cookies
+    matter (docs/kernel.md §7)."""
+    if table is None or table.max <= 0:
+        return None
+    fill = f"{table.count} of {table.max} entries ({table.fill:.0%})"
+    if dropped_now:
+        return Finding("bad", "net.netfilter.nf_conntrack_max",
+                       f"the connection-tracking table is full: {fill}, {dropped_now} new flows "
+                       "dropped just now (every new connection, real clients' included); "
+                       "keep the flooded port's SYNs out of it (SYNPROXY: notrack + synproxy "
+                       "in nftables) or raise nf_conntrack_max")
+    if table.fill >= CONNTRACK_FULL:
+        return Finding("warn", "net.netfilter.nf_conntrack_max",
+                       f"the connection-tracking table is nearly full: {fill}; at the next "
+                       "burst of new flows (a spoofed SYN flood makes one per forged source) "
+                       "new connections are dropped")
+    return None
 
 
 def half_open_floor(backlog: int, minimum: int) -> int:

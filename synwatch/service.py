@@ -118,7 +118,7 @@ class Service:
         self.responder.start()
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
-        self.telemetry.start([s.name for s in sources])
+        self.telemetry.start(sources)
 
     def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
         c = self.config

@@ -13,7 +13,7 @@ from synwatch.config import Config
 from synwatch.errors import StoreError
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import ActionRun, IncidentChange, StoredEvent, endpoint
-from synwatch.sources.base import Batch
+from synwatch.sources.base import Batch, Source
 from synwatch.status import DaemonStatus, SourceState, status_path
 from synwatch.store import Store
 from synwatch.supervisor import Supervisor
@@ -32,12 +32,14 @@ class Telemetry:
             self.metrics = Metrics()
         self.status = DaemonStatus(status_path(config), config.path)
         logging.getLogger("synwatch").addHandler(self.status.errors)
+        self._sources: list[Source] = []
         self.open: dict[int, str] = {}  # incident id -> "concentrated on 0.0.0.0:80"
         self.bans = 0
         self._summary = ""
 
-    def start(self, sources: list[str]) -> None:
-        self.status.sources = {name: SourceState(name) for name in sources}
+    def start(self, sources: list[Source]) -> None:
+        self._sources = list(sources)
+        self.status.sources = {s.name: SourceState(s.name) for s in sources}
         if self.metrics is not None and self.config.metrics_listen is not None:
             self.metrics.serve(*self.config.metrics_listen)
 
@@ -98,6 +100,10 @@ class Telemetry:
             for name, source in self.status.sources.items():
                 why = supervisor.failures.get(name)
                 source.state = f"failed: {why}" if why else "running"
+        for live in self._sources:  # where each has read to, recorded or not yet
+            position = getattr(live, "position", None)
+            if position and live.name in self.status.sources:
+                self.status.sources[live.name].position = position
         failing = [n for n, s in self.status.sources.items() if s.state != "running"]
         n = len(self.open)
         incidents = (f"{n} open incident{'s' if n != 1 else ''}"

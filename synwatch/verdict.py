@@ -61,6 +61,11 @@ class Tally:
     sampled_syns: int = 0
     sampled_distinct: int = 0  # distinct prefixes in the busiest interval (the dicts are bounded)
     one_in: int = 0
+    # Connection tracking in the namespace (none where it is not loaded): the table's peak and
+    # the new flows it dropped while the incident was active (docs/kernel.md §7).
+    conntrack_max: int = 0
+    conntrack_peak: int = 0
+    conntrack_dropped: int = 0
 
     def absorb_counters(self, deltas: dict[str, int]) -> None:
         """Add one probe interval's counter movements (keys as in delta.RATES)."""
@@ -86,6 +91,12 @@ class Tally:
             self.peak_overflow_rate = max(self.peak_overflow_rate, rates["syns_overflowed"])
             self.peak_listen_overflow_rate = max(self.peak_listen_overflow_rate,
                                                  rates["listen_overflows"])
+        table = snap.conntrack
+        if table is not None:
+            self.conntrack_max = table.max
+            self.conntrack_peak = max(self.conntrack_peak, table.count)
+            if active:
+                self.conntrack_dropped += probe.conntrack_dropped
         if st is None:
             return
         self.backlog = st.listener.backlog
@@ -110,6 +121,12 @@ class Tally:
         self.sampled = add_counts(self.sampled, ((p, n) for p, n, _ in got.prefixes))
         self.sampled_seen = add_counts(self.sampled_seen, ((p, k) for p, _, k in got.prefixes))
         self.sampled_distinct = max(self.sampled_distinct, got.distinct)
+
+    def conntrack_filled(self) -> bool:
+        """Did connection tracking refuse flows, or come near to it, during the incident?"""
+        return self.conntrack_dropped > 0 or (
+            self.conntrack_max > 0 and self.conntrack_peak >= rules.CONNTRACK_FULL
+            * self.conntrack_max)
 
     def fresh(self) -> Tally:
         """An empty tally for the same listener and settings (a new phase, a window)."""
@@ -294,6 +311,10 @@ def _facts(t: Tally, where: str, done: float | None, src: _Sources) -> list[str]
                       f"{t.passive_opens} handshakes completed in the namespace while "
                       f"{max(t.peak_syn_recv, t.sampled_syns)} requests stayed half-open")
         facts.append(f"handshakes completed: {_pct(done)} ({basis_text})")
+    if t.conntrack_max and (t.conntrack_filled() or t.conntrack_peak * 2 >= t.conntrack_max):
+        facts.append(f"connection tracking: the table held up to {t.conntrack_peak} of "
+                     f"{t.conntrack_max} entries ({_pct(t.conntrack_peak / t.conntrack_max)}), "
+                     f"{t.conntrack_dropped} new flows dropped")
     b, top, k = src.basis, src.top, src.k
     if top and b:
         facts.append(f"the top {min(k, len(top))} of {b.seen} source prefixes carry "
@@ -382,4 +403,10 @@ def judge(t: Tally, th: Thresholds) -> Judgement:
     verdict, recs = _decide(t, th, where, done, src)
     if t.syns_overflowed or t.sysctls.get("net.ipv4.tcp_syncookies") == 0:
         recs += _cookies(t)
+    if t.conntrack_filled():
+        recs.append(f"the connection-tracking table filled ({t.conntrack_peak} of "
+                    f"{t.conntrack_max} entries, {t.conntrack_dropped} new flows dropped: "
+                    "every new connection, real clients' and outgoing ones included): keep "
+                    f"the SYNs to {where} out of it (nftables `notrack` and `synproxy`) or raise "
+                    "net.netfilter.nf_conntrack_max")
     return Judgement(verdict, tuple(_facts(t, where, done, src)), tuple(recs), src.top)

@@ -502,3 +502,22 @@ def test_a_queue_that_just_filled_is_the_flooded_one_when_the_sample_lags(
     clock.advance(0.5)
     opened = corr.on_evidence(Evidence(clock.now(), snap(17, 1600), sampled=nothing_yet))
     assert [(c.change, c.port) for c in opened] == [("opened", 443)]
+
+
+def test_a_filling_conntrack_table_is_evidence_and_a_recommendation() -> None:
+    """A spoofed flood on a host that tracks connections: the incident says how full the
+    table got and how many new flows it dropped, and what to do about it."""
+    from synwatch.verdict import Tally, judge
+
+    t = Tally(family=4, address="0.0.0.0", port=443, backlog=511, syns_overflowed=50_000,
+              cookies_sent=50_000, conntrack_max=262_144, conntrack_peak=262_144,
+              conntrack_dropped=12_400)
+    j = judge(t, Thresholds())
+    assert any("262144 of 262144 entries (100%), 12400 new flows dropped" in r
+               for r in j.reasons), j.reasons
+    assert any("connection-tracking table filled" in r and "synproxy" in r
+               for r in j.recommendations), j.recommendations
+    quiet = judge(Tally(family=4, address="0.0.0.0", port=443, backlog=511,
+                        syns_overflowed=500, conntrack_max=262_144, conntrack_peak=900),
+                  Thresholds())
+    assert not any("connection" in r for r in quiet.reasons + quiet.recommendations)

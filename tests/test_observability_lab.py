@@ -66,16 +66,20 @@ class Scraper:
         self.port = port
         self.scrapes: list[dict[Any, float]] = [scrape(port)[1]]  # before the flood
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run)
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.done.wait(0.5):
-            self.scrapes.append(scrape(self.port)[1])
+            try:
+                self.scrapes.append(scrape(self.port)[1])
+            except OSError:  # the service stopped (a failed test's cleanup): stop too
+                return
 
     def stop(self, name: str, **labels: str) -> list[float]:
         self.done.set()
         self.thread.join(10)
+        self.scrapes.append(scrape(self.port)[1])  # after what the caller waited for
         return [value(v, name, **labels) or 0 for v in self.scrapes]
 
 
@@ -175,7 +179,7 @@ def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
         assert inc["id"] in view["open_incidents"]
         [kmsg] = view["sources"]
         assert (kmsg["name"], kmsg["state"]) == ("kmsg", "running")
-        assert kmsg["position"]["seq"] > 0 and kmsg["lag_seconds"] is not None
+        assert kmsg["position"]["seq"] > 0  # where it has read to in the ring buffer
 
         def summary() -> str | None:
             said = status_of(service)["summary"]

@@ -10,6 +10,7 @@ import subprocess
 from prometheus_client import generate_latest
 
 from synwatch.metrics import Metrics
+from synwatch.probes.conntrack import Conntrack
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from tests.conftest import REPO
@@ -26,7 +27,7 @@ def exported() -> set[str]:
     metrics = Metrics()
     metrics.kernel.snapshot = Snapshot(
         "", (ListenerState(Listener(4, "0.0.0.0", 80, 128, 0, 0), 3, (("10.0.0.0/24", 3),), 1),),
-        {"TcpExt.TCPReqQFullDoCookies": 5}, {})
+        {"TcpExt.TCPReqQFullDoCookies": 5}, {}, Conntrack(10, 262144, 2))
     metrics.events.labels("kmsg", "true", "syn_flood").inc()
     metrics.source_lag.labels("kmsg").set(0.1)
     metrics.actions.labels("ban", "done").inc()
@@ -57,7 +58,8 @@ def _names(expr: str) -> set[str]:
 def test_every_dashboard_and_rule_expression_names_an_exported_series() -> None:
     have = exported() | {"up"}
     assert {"synwatch_listener_syn_recv", "synwatch_syn_overflow_total",
-            "synwatch_incidents_open", "synwatch_probe_duration_seconds_bucket"} <= have
+            "synwatch_incidents_open", "synwatch_probe_duration_seconds_bucket",
+            "synwatch_conntrack_entries", "synwatch_conntrack_dropped_total"} <= have
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     exprs.append(dashboard["templating"]["list"][1]["query"])

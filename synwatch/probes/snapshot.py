@@ -11,6 +11,7 @@ from typing import Any
 from synwatch import rules
 from synwatch.netns import in_netns
 from synwatch.probes import procnet, sockdiag
+from synwatch.probes.conntrack import Conntrack, read_conntrack
 
 SHOWN = 5  # prefixes shown per listener
 KEPT = 64  # prefixes kept per listener for the correlator; the rest are only counted
@@ -37,6 +38,7 @@ class Snapshot:
     listeners: tuple[ListenerState, ...]
     counters: dict[str, int]
     sysctls: dict[str, int | None]
+    conntrack: Conntrack | None = None  # None: no connection tracking here
 
 
 def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
@@ -56,7 +58,7 @@ def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
                                         sum(1 for _, n in prefixes if n == 1),
                                         sum(1 for _, n in prefixes if n == 2)))
         return Snapshot(netns, tuple(states), procnet.read_counters(proc).values,
-                        procnet.read_sysctls(proc))
+                        procnet.read_sysctls(proc), read_conntrack(proc))
 
     return in_netns(netns, collect)
 
@@ -68,6 +70,9 @@ def diagnose(snap: Snapshot) -> list[str]:
     for st in snap.listeners:
         want = rules.suggested_backlog(st.listener.backlog, st.syn_recv)
         found += rules.listener(st.listener, st.syn_recv, somaxconn, want)
+    table = rules.conntrack(snap.conntrack)
+    if table is not None:
+        found.append(table)
     out = [f.sentence for f in found]
     overflowed = (snap.counters.get("TcpExt.TCPReqQFullDoCookies", 0)
                   + snap.counters.get("TcpExt.TCPReqQFullDrop", 0))
@@ -93,5 +98,9 @@ def as_json(snap: Snapshot) -> dict[str, Any]:
                               "share": round(n / st.syn_recv, 3) if st.syn_recv else 0.0}
                              for p, n in st.top_prefixes],
         })
+    ct = snap.conntrack
+    conntrack = None if ct is None else {
+        "count": ct.count, "max": ct.max, "fill": round(ct.fill, 3), "drop": ct.drop,
+        "early_drop": ct.early_drop, "insert_failed": ct.insert_failed}
     return {"netns": snap.netns, "listeners": listeners, "counters": snap.counters,
-            "sysctls": snap.sysctls, "diagnosis": diagnose(snap)}
+            "sysctls": snap.sysctls, "conntrack": conntrack, "diagnosis": diagnose(snap)}

@@ -37,6 +37,19 @@ def independent_counters(netstat: str, snmp: str) -> dict[str, int]:
     return found
 
 
+def independent_conntrack(files: dict[str, str]) -> dict[str, int] | None:
+    """count, max and the drop counters summed over the CPUs' hex rows."""
+    if "sys/net/netfilter/nf_conntrack_count" not in files:
+        return None
+    rows = [line.split() for line in files.get("net/stat/nf_conntrack", "").splitlines()]
+    sums = {}
+    for column in ("drop", "early_drop", "insert_failed"):
+        k = rows[0].index(column) if rows else -1
+        sums[column] = sum(int(r[k], 16) for r in rows[1:]) if k >= 0 else 0
+    return {"count": int(files["sys/net/netfilter/nf_conntrack_count"]),
+            "max": int(files["sys/net/netfilter/nf_conntrack_max"]), **sums}
+
+
 def record(name: str, netns: str = "") -> Path:
     def read() -> dict[str, str]:
         files = {f"net/{n}": Path(f"/proc/thread-self/net/{n}").read_text()
@@ -44,6 +57,12 @@ def record(name: str, netns: str = "") -> Path:
         for sysctl in SYSCTLS:
             rel = "sys/" + sysctl.replace(".", "/")
             files[rel] = Path(f"/proc/{rel}").read_text()
+        for rel in ("sys/net/netfilter/nf_conntrack_count", "sys/net/netfilter/nf_conntrack_max"):
+            if Path(f"/proc/{rel}").exists():  # connection tracking loaded
+                files[rel] = Path(f"/proc/{rel}").read_text()
+        if Path("/proc/thread-self/net/stat/nf_conntrack").exists():
+            files["net/stat/nf_conntrack"] = Path(
+                "/proc/thread-self/net/stat/nf_conntrack").read_text()
         return files
 
     files = in_netns(netns, read)
@@ -54,7 +73,8 @@ def record(name: str, netns: str = "") -> Path:
     expected = {"kernel": platform.release(),
                 "counters": independent_counters(files["net/netstat"], files["net/snmp"]),
                 "sysctls": {s: int(files["sys/" + s.replace(".", "/")].split()[0])
-                            for s in SYSCTLS}}
+                            for s in SYSCTLS},
+                "conntrack": independent_conntrack(files)}
     (out / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
     return out
 
