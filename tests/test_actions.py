@@ -196,7 +196,7 @@ def test_builtins_are_registered_as_entry_points() -> None:
     from importlib.metadata import entry_points
 
     names = {ep.name for ep in entry_points(group=GROUP)}
-    assert names == {"syncookies", "ban", "ratelimit", "notify", "exec"}
+    assert names == {"syncookies", "synproxy", "ban", "ratelimit", "notify", "exec"}
     assert set(registered()) == names
     assert all(issubclass(cls, Action) for cls in registered().values())
 
@@ -347,3 +347,29 @@ def test_a_failing_tool_is_reported_by_the_line_that_says_why() -> None:
     traceback = ('Traceback (most recent call last):\n  File "/usr/sbin/ufw", line 130\n'
                  "OSError: [Errno 30] Read-only file system: '/run/ufw.lock'\n")
     assert reason(traceback) == "OSError: [Errno 30] Read-only file system: '/run/ufw.lock'"
+
+
+def test_synproxy_renders_the_standard_rules_for_one_port() -> None:
+    """wiki.nftables.org's SYNPROXY, in synwatch's table, in chains of the port's own (so
+    removing it is deleting them), and the input chain before the admin's filter (priority 0)."""
+    from synwatch.actions.synproxy import render_off, render_on
+
+    assert show([render_on(8080, 1460, 7)]).splitlines() == [
+        "nft -f - <<'EOF'",
+        "add table inet synwatch",
+        "add chain inet synwatch synproxy_raw_8080 "
+        "{ type filter hook prerouting priority raw; policy accept; }",
+        "add chain inet synwatch synproxy_in_8080 "
+        "{ type filter hook input priority filter - 1; policy accept; }",
+        "flush chain inet synwatch synproxy_raw_8080",
+        "flush chain inet synwatch synproxy_in_8080",
+        "add rule inet synwatch synproxy_raw_8080 tcp dport 8080 "
+        "tcp flags & (syn|ack) == syn notrack",
+        "add rule inet synwatch synproxy_in_8080 tcp dport 8080 "
+        "ct state invalid,untracked synproxy mss 1460 wscale 7 timestamp sack-perm",
+        "add rule inet synwatch synproxy_in_8080 tcp dport 8080 ct state invalid drop",
+        "EOF"]
+    assert show([render_off(8080)]) == """nft -f - <<'EOF'
+delete chain inet synwatch synproxy_raw_8080
+delete chain inet synwatch synproxy_in_8080
+EOF"""

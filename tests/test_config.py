@@ -170,7 +170,7 @@ def test_a_plugin_that_is_not_installed_is_found_at_the_start_not_by_parsing(
     path = _config(tmp_path, '[actions.policy]\nspoofed = ["page"]\n')
     assert load_config(str(path)).policy["spoofed"] == ("page",)  # it could be a plugin
     why = ('actions.policy.spoofed: "page" is not an action (known: ban, exec, notify, '
-           "ratelimit, syncookies)")
+           "ratelimit, syncookies, synproxy)")
     for command in ("check-config", "run"):
         r = synwatch(command, "--config", str(path))
         assert r.code == 2 and r.err.endswith(f"synwatch: config {path}: {why}\n"), (command, r)

@@ -46,7 +46,7 @@ def test_syn_recv_sources_by_prefix_in_a_namespace(the_lab: Lab) -> None:
                    "accept_queue": 0, "drops": 0, "syn_recv": 60,
                    "top_prefixes": [{"prefix": "10.232.1.0/24", "count": 40, "share": 0.667},
                                     {"prefix": "10.232.2.0/24", "count": 20, "share": 0.333}]}
-    assert set(view) == {"netns", "listeners", "counters", "sysctls", "diagnosis"}
+    assert set(view) == {"netns", "listeners", "counters", "sysctls", "conntrack", "diagnosis"}
 
 
 @pytest.mark.needs_root

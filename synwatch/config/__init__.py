@@ -26,6 +26,7 @@ from synwatch.config.types import (
     Network,
     NotifySettings,
     RatelimitSettings,
+    SynproxySettings,
     Thresholds,
 )
 from synwatch.errors import ConfigError
@@ -38,8 +39,8 @@ else:  # pragma: no cover
 __all__ = ["BAN_BACKENDS", "BUILTIN_ACTIONS", "DEFAULT_POLICY", "EMBEDDED", "EXEC_CHANGES",
            "SCHEMA", "SECTION_HELP", "SYSTEM_CONFIG", "VERDICTS", "Auto", "BanSettings", "Config",
            "ExecSettings", "Network", "NotifySettings", "RatelimitSettings", "Setting",
-           "Thresholds", "config_location", "default_storage_url", "embedded_default_text",
-           "load_config", "parse_config"]
+           "SynproxySettings", "Thresholds", "config_location", "default_storage_url",
+           "embedded_default_text", "load_config", "parse_config"]
 
 SYSTEM_CONFIG = Path("/etc/synwatch/synwatch.toml")
 EMBEDDED = "<embedded default>"
@@ -137,6 +138,7 @@ def parse_config(text: str, path: str) -> Config:
         notify=NotifySettings(**_section(v, "actions.notify")),
         exec=ExecSettings(**_section(v, "actions.exec")),
         metrics_listen=v["metrics.listen"],
+        synproxy=SynproxySettings(enabled=v["actions.synproxy.enabled"]),
     )
 
 

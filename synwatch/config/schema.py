@@ -302,6 +302,11 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "enabled": _s(_bool, True, "keep `tcp_syncookies` >= 1 during an incident, restore "
                       "after"),
     },
+    "actions.synproxy": {
+        "enabled": _s(_bool, False, "opt-in: while a *spoofed* flood lasts on a host that tracks "
+                      "connections, SYNPROXY for its port (nftables `notrack` + `synproxy`, "
+                      "`nf_conntrack_tcp_loose=0`), removed when it ends"),
+    },
     "actions.ban": {
         "enabled": _s(_bool, True, "ban source prefixes of *concentrated* incidents, only "
                       "from kernel-side evidence"),

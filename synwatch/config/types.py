@@ -41,7 +41,7 @@ EXEC_CHANGES = ("opened", "verdict", "closed")
 # The actions synwatch ships (entry points in pyproject.toml) -> whether [actions.policy] chooses
 # them per incident; the others run on their own section. A test holds this to the entry points.
 BUILTIN_ACTIONS = {"ban": True, "exec": True, "notify": True, "ratelimit": False,
-                   "syncookies": False}
+                   "syncookies": False, "synproxy": False}
 # The ban presets synwatch ships (actions/*.toml with action = "ban"); a test holds this to them.
 BAN_BACKENDS = ("iptables-ipset", "nftables", "ufw")
 
@@ -88,6 +88,11 @@ class ExecSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SynproxySettings:
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str  # where it was read from, for messages
     storage_url: str
@@ -109,3 +114,4 @@ class Config:
     notify: NotifySettings
     exec: ExecSettings
     metrics_listen: tuple[str, int] | None
+    synproxy: SynproxySettings = SynproxySettings()
