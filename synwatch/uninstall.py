@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from synwatch.actions.syncookies import SYSCTL, write_syncookies
+from synwatch.actions.syncookies import SYSCTL
+from synwatch.actions.synproxy import LOOSE, write_sysctl
 from synwatch.config import load_config
 from synwatch.errors import SynwatchError
 from synwatch.store import Store
@@ -27,10 +28,10 @@ def restore_settings(storage_url: str) -> int:
     store = Store.open(storage_url)
     done = 0
     for netns, name, value in store.saved_settings():
-        if name != SYSCTL:
+        if name not in (SYSCTL, LOOSE):  # the sysctls synwatch changes
             continue
         try:
-            write_syncookies(netns, int(value))
+            write_sysctl(netns, name, int(value))
         except (OSError, SynwatchError, ValueError) as exc:
             log.warning("cannot put back %s=%s in %s: %s", name, value, netns or "the host", exc)
             continue

@@ -46,7 +46,7 @@ def _sysctl(netns: str, name: str) -> int | None:
         return None
 
 
-def _write_sysctl(netns: str, name: str, value: int) -> None:
+def write_sysctl(netns: str, name: str, value: int) -> None:
     path = SYSCTL_DIR / name.replace(".", "/")
     in_netns(netns, lambda: path.write_text(f"{value}\n"))
 
@@ -217,7 +217,7 @@ class SynproxyAction(Action):
         store, netns = self.ctx.store, self.ctx.netns
         if loose and store.saved_setting(netns, LOOSE) is None:
             store.save_setting(netns, LOOSE, str(loose), self.ctx.clock.now())
-            _write_sysctl(netns, LOOSE, 0)
+            write_sysctl(netns, LOOSE, 0)
         execute([command], netns)
         return "SYNPROXY on" + (f", {LOOSE} {loose} -> 0" if loose else "")
 
@@ -240,7 +240,7 @@ class SynproxyAction(Action):
                     raise
             self._drop_empty_table()
         if saved is not None:
-            _write_sysctl(self.ctx.netns, LOOSE, int(saved))
+            write_sysctl(self.ctx.netns, LOOSE, int(saved))
             self.ctx.store.forget_setting(self.ctx.netns, LOOSE)
         return "SYNPROXY off" + (f", {LOOSE} -> {saved}" if saved is not None else "")
 
