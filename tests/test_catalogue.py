@@ -3,6 +3,7 @@ every pattern has a sample, every sample an expectation, no line is matched by t
 
 from __future__ import annotations
 
+import re
 from datetime import timezone
 from pathlib import Path
 
@@ -109,3 +110,24 @@ def test_malformed_filter_files_are_refused(tmp_path: Path, text: str, error: st
     (tmp_path / "bad.toml").write_text(text)
     with pytest.raises(FilterError, match=error.replace("[", r"\[").replace("]", r"\]")):
         load_catalogue(tmp_path)
+
+
+def test_the_conntrack_table_full_line_is_read_in_every_sink() -> None:
+    """Every sink sample the sink takes as a SYN-flood line, with the flood's text swapped for
+    "table full, dropping packet", yields a conntrack_full event through the same sink."""
+    swapped = re.compile(r"TCP: request_sock_TCP(?:v6)?: Possible SYN flooding[^\"]*")
+    sinks = set()
+    for sample in SINK_SAMPLES:
+        if not sample.expect.get("match") or not swapped.search(sample.line):
+            continue
+        line = swapped.sub("nf_conntrack: nf_conntrack: table full, dropping packet",
+                           sample.line)
+        before = parse_line(sample.line, CATALOGUE, NOW, timezone.utc)
+        if before is None or match_record(before, CATALOGUE) is None:
+            continue  # a sample of what is not the kernel's line (kernel[PID]: ...)
+        record = parse_line(line, CATALOGUE, NOW, timezone.utc)
+        assert record is not None and record.sink == before.sink, line
+        event = match_record(record, CATALOGUE)
+        assert event is not None and event.kind == "conntrack_full", line
+        sinks.add(record.sink)
+    assert sinks == {s.id for s in CATALOGUE.sinks}, sinks
