@@ -54,8 +54,9 @@ def test_row(row: dict[str, str], catalogue: object) -> None:
         return
     assert event is not None, "kernel line not recognised"
     f = event_fields(event)
-    if kind == "conntrack-full":  # no family, no port: the table is the namespace's
-        assert (f["kind"], f["family"], f["port"]) == ("conntrack_full", None, None)
+    if kind == "conntrack-full":  # no port: the table is the namespace's (ip_conntrack: v4)
+        family = int(row["family"]) if row["family"] else None
+        assert (f["kind"], f["family"], f["port"]) == ("conntrack_full", family, None)
         return
     assert f["family"] == int(row["family"])
     if kind == "drop-open-request":

@@ -155,3 +155,40 @@ def test_preflight_refuses_with_the_reason(tracked: Lab) -> None:
     tracked.sysctl("net.ipv4.tcp_syncookies", 0)
     why = preflight(tracked.server_ns, change)
     assert why is not None and "tcp_syncookies is 0" in why
+
+
+def test_synproxy_is_reconciled_after_a_crash(tracked: Lab, tmp_path: Path) -> None:
+    """A crash mid-flood leaves the chains and tcp_loose=0; the restart takes them down (no
+    running incident owns them yet), the resumed spoofed incident puts them back, and its close
+    leaves the ruleset and the sysctls as they were before the flood."""
+    before = state(tracked)
+    port = lab_port()
+    tracked.serve(port, backlog=128)
+    svc = service(tracked, tmp_path, dry_run=False)
+    try:
+        flood = tracked.start_flood(port, 100_000, rate=4000)
+        wait_for_run(svc, port, "done")
+        svc.proc.kill()  # SIGKILL: nothing is cleaned up
+        svc.proc.wait(10)
+        assert f"synproxy_in_{port}" in tracked.in_server("nft", "list", "ruleset").stdout
+        svc.start()
+
+        def put_back() -> bool:
+            runs = [a for i in svc.incidents(port) for a in i["actions"]
+                    if a["action"] == "synproxy" and a["status"] == "done"]
+            return len(runs) >= 2
+
+        deadline = time.monotonic() + 30
+        while not put_back():
+            assert time.monotonic() < deadline, svc.log.read_text()[-3000:]
+            time.sleep(0.3)
+        assert f"synproxy_in_{port}" in tracked.in_server("nft", "list", "ruleset").stdout
+        assert state(tracked)[1].strip() == "0"
+        flood.kill()
+        svc.wait_incidents(port, 1, "closed", timeout=40)
+        deadline = time.monotonic() + 10
+        while state(tracked) != before:
+            assert time.monotonic() < deadline, (before, state(tracked))
+            time.sleep(0.3)
+    finally:
+        svc.stop()

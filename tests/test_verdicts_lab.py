@@ -76,7 +76,12 @@ def test_spoofed_slash16_against_a_backlog_of_16_is_spoofed(the_lab: Lab,
     service, port, inc = _flood_until_spoofed(the_lab, tmp_path, backlog=16, count=6000)
     service.check_replay(port, "spoofed-sampled")
     assert inc["peak_syn_recv"] <= 17
-    assert inc["top_prefixes"][0]["share"] < 0.05
+    # no prefix stands out: each of the /16's 256 /24s has about 0.4 % of the SYNs; a sample
+    # is a sample (one kept SYN counts for the 1-in-N of its moment, ~100 at this rate), so the
+    # largest estimate can reach a few percent (7.8 % seen once on a loaded machine), far from
+    # the few-networks case, where 2 prefixes carry half each
+    top4 = sum(p["share"] for p in inc["top_prefixes"][:4])
+    assert inc["top_prefixes"][0]["share"] < 0.15 and top4 < 0.4, inc["top_prefixes"][:4]
     shown = _evidence(inc, service)
     assert "packet sample" in shown and "95% bound" in shown
 
