@@ -364,7 +364,8 @@ SECTION_HELP = {
     "verdict": "How an incident is judged (README, \"Incidents and verdicts\"): capacity, "
                "concentrated or spoofed.",
     "actions": "Actions are rendered and logged first; in a dry run that is all that happens.",
-    "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies and the rate "
-                      "limit are not chosen here: cookies are kept on during every incident, "
-                      "the rate limit is a standing rule.",
+    "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies, SYNPROXY and "
+                      "the rate limit are not chosen here: cookies are kept on during every "
+                      "incident, SYNPROXY ([actions.synproxy]) acts on spoofed ones only, the "
+                      "rate limit is a standing rule.",
 }
