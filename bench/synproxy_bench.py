@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from synwatch.actions.synproxy import client_mss, listener_wscale, render_on
 from synwatch.probes.snapshot import take
 from synwatch.runner import execute
-from tests.lab import SERVER_IP, SPOOF_NET, Lab, lab, lab_port
+from tests.lab import SERVER_IP, SPOOF_NET, lab, lab_port
 
 SECONDS = 20
 RATE = 20_000
@@ -59,17 +59,9 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def tracked(the_lab: Lab) -> None:
-    the_lab.in_server("nft", "add", "table", "inet", "bench")
-    the_lab.in_server("nft", "add", "chain", "inet", "bench", "input",
-                      "{ type filter hook input priority 0; }")
-    the_lab.in_server("nft", "add", "rule", "inet", "bench", "input", "ct", "state",
-                      "established,related", "accept")
-
-
 def run(mode: str) -> tuple[str, int, float, list[int]]:
     with lab() as the_lab:
-        tracked(the_lab)
+        the_lab.track_connections()
         port = lab_port()
         the_lab.serve(port, backlog=128)
         the_lab.sysctl("net.ipv4.tcp_syncookies", 0 if mode == "no protection" else 1)

@@ -91,6 +91,15 @@ class Lab:
     def in_server(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.server_ns, *argv)
 
+    def track_connections(self) -> None:
+        """Connection tracking in the server namespace, as ufw, firewalld or Docker have it:
+        a `ct state` rule in a table of the lab's own (removed with the namespace)."""
+        self.in_server("nft", "add", "table", "inet", "labtrack")
+        self.in_server("nft", "add", "chain", "inet", "labtrack", "input",
+                       "{ type filter hook input priority 0; }")
+        self.in_server("nft", "add", "rule", "inet", "labtrack", "input", "ct", "state",
+                       "established,related", "accept")
+
     def sysctl(self, name: str, value: str | int) -> None:
         self.in_server("sysctl", "-qw", f"{name}={value}")
 

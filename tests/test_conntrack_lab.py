@@ -20,13 +20,9 @@ FORGED = 5000
 
 @pytest.fixture
 def tracked() -> Iterator[Lab]:
-    """A lab whose server namespace tracks connections: a `ct state` rule loads conntrack."""
+    """A lab whose server namespace tracks connections (a `ct state` rule)."""
     with lab() as made:
-        made.in_server("nft", "add", "table", "inet", "swtrack")
-        made.in_server("nft", "add", "chain", "inet", "swtrack", "input",
-                       "{ type filter hook input priority 0; }")
-        made.in_server("nft", "add", "rule", "inet", "swtrack", "input", "ct", "state",
-                       "established,related", "accept")
+        made.track_connections()
         yield made
 
 
