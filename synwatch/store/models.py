@@ -7,7 +7,18 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    func,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -60,7 +71,10 @@ class EventRow(Base):
     # recording the same entry twice is a no-op.
     dedup_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"))
-    __table_args__ = (Index("ix_events_time", "time"), Index("ix_events_port", "port"))
+    __table_args__ = (Index("ix_events_time", "time"), Index("ix_events_port", "port"),
+                      # when it happened, as the queries order: migration 0004
+                      Index("ix_events_when", func.coalesce(text("time"), text("recorded_at")),
+                            "id"))
 
 
 class IncidentRow(Base):
