@@ -40,13 +40,16 @@ def _evidence(inc: dict[str, Any], service: Service) -> str:
 
 
 def _wait_verdict(service: Service, port: int, verdict: str, timeout: float = 40,
-                  status: str | None = None) -> dict[str, Any]:
+                  status: str | None = None, latest: bool = True) -> dict[str, Any]:
+    """The port's latest incident once it has ``verdict`` (and ``status``); with
+    ``latest=False``, any of its incidents that has."""
     deadline = time.monotonic() + timeout
     found: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         found = service.incidents(port)
-        if found and found[-1]["verdict"] == verdict and status in (None, found[-1]["status"]):
-            return found[-1]
+        for inc in found[-1:] if latest else found:
+            if inc["verdict"] == verdict and status in (None, inc["status"]):
+                return inc
         time.sleep(0.3)
     raise AssertionError(f"wanted a {verdict} incident on {port}, got {found}\n"
                          f"{service.log.read_text()[-4000:]}")
@@ -260,7 +263,9 @@ def test_a_real_burst_against_nginx_with_a_small_backlog_is_capacity(
                                 capture_output=True, text=True, timeout=120, check=False)
             assert ab.returncode == 0, ab.stderr
             assert "Complete requests:      30000" in ab.stdout
-            inc = _wait_verdict(service, port, "capacity", status="closed")
+            # the burst's incident; a straggler's accept-queue overflow after it closed may
+            # open a short one of its own (seen once in CI), which is not what this is about
+            inc = _wait_verdict(service, port, "capacity", status="closed", latest=False)
         finally:
             service.stop()
     recs = " ".join(inc["recommendations"])
