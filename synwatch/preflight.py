@@ -14,11 +14,10 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from synwatch import netns
-from synwatch.config import Config
+from synwatch.config import Config, sqlite_file
 from synwatch.errors import ConfigError
 
 Outcome = Literal["ok", "warn", "fail"]
@@ -111,8 +110,8 @@ def check_store(config: Config) -> list[Check]:
     except ArgumentError as exc:
         return [Check("fail", "storage.url", str(exc))]
     shown = url.render_as_string(hide_password=True)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        db = Path(url.database)
+    db = sqlite_file(config.storage_url)
+    if db is not None:
         if not db.exists():
             parent = db.parent
             while not parent.exists():

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from synwatch.config import Config
+from synwatch.config import Config, sqlite_file
 
 MAX_ERRORS = 10
 
@@ -24,9 +24,8 @@ MAX_ERRORS = 10
 def status_path(config: Config) -> Path:
     """Next to an SQLite history (``synwatch.db`` -> ``synwatch.status.json``); for a database
     server, in the state directory an SQLite history would use."""
-    url = config.storage_url
-    if url.startswith("sqlite:///") and url not in ("sqlite:///", "sqlite:///:memory:"):
-        db = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    db = sqlite_file(config.storage_url)
+    if db is not None:
         return db.with_name(f"{db.stem}.status.json")
     if os.geteuid() == 0:
         return Path("/var/lib/synwatch/synwatch.status.json")

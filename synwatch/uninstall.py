@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from synwatch.actions.syncookies import SYSCTL
-from synwatch.actions.synproxy import LOOSE, write_sysctl
+from synwatch.actions.synproxy import LOOSE
 from synwatch.config import load_config
 from synwatch.errors import SynwatchError
 from synwatch.store import Store
+from synwatch.sysctl import write_sysctl
 
 log = logging.getLogger("synwatch.uninstall")
 
 
 def restore_settings(storage_url: str) -> int:
     """Settings put back; a history that does not exist holds none."""
-    if storage_url.startswith("sqlite:///") and \
-            not Path(storage_url.removeprefix("sqlite:///")).exists():
+    store = Store.open_existing(storage_url)
+    if store is None:
         return 0
-    store = Store.open(storage_url)
     done = 0
     for netns, name, value in store.saved_settings():
         if name not in (SYSCTL, LOOSE):  # the sysctls synwatch changes

@@ -8,24 +8,12 @@ open, still ends with the admin's value back.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from synwatch.actions.registry import Action, Plan, skipped
 from synwatch.config import Config
-from synwatch.netns import in_netns
 from synwatch.records import IncidentChange
+from synwatch.sysctl import read_sysctl, write_sysctl
 
 SYSCTL = "net.ipv4.tcp_syncookies"
-PATH = Path("/proc/sys/net/ipv4/tcp_syncookies")
-
-
-def read_syncookies(netns: str) -> int:
-    # opened from a thread inside the namespace, /proc/sys/net is that namespace's
-    return in_netns(netns, lambda: int(PATH.read_text()))
-
-
-def write_syncookies(netns: str, value: int) -> None:
-    in_netns(netns, lambda: PATH.write_text(f"{value}\n"))
 
 
 class SyncookiesAction(Action):
@@ -51,7 +39,7 @@ class SyncookiesAction(Action):
         if change.change == "opened":
             if store.saved_setting(netns, SYSCTL) is not None:
                 return []  # raised for an incident still open
-            value = read_syncookies(netns)
+            value = read_sysctl(netns, SYSCTL)
             if value != 0:
                 return [skipped(self.name, SYSCTL, f"already {value}", change.incident_id)]
             return [Plan(self.name, SYSCTL,
@@ -66,7 +54,7 @@ class SyncookiesAction(Action):
 
     def _engage(self, previous: int) -> str:
         self.ctx.store.save_setting(self.ctx.netns, SYSCTL, str(previous), self.ctx.clock.now())
-        write_syncookies(self.ctx.netns, 1)
+        write_sysctl(self.ctx.netns, SYSCTL, 1)
         return f"{previous} -> 1"
 
     def _restore(self, incident_id: int | None) -> Plan:
@@ -77,9 +65,9 @@ class SyncookiesAction(Action):
                     lambda: self._put_back(int(saved or 0)), incident_id)
 
     def _put_back(self, saved: int) -> str:
-        now = read_syncookies(self.ctx.netns)
+        now = read_sysctl(self.ctx.netns, SYSCTL)
         if now == 1:
-            write_syncookies(self.ctx.netns, saved)
+            write_sysctl(self.ctx.netns, SYSCTL, saved)
             outcome = f"1 -> {saved}"
         else:
             outcome = f"left at {now}: it was changed while the incident lasted"

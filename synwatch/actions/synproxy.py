@@ -23,7 +23,6 @@ import re
 import socket
 import struct
 from datetime import datetime
-from pathlib import Path
 
 from synwatch.actions.registry import Action, ActionContext, Plan, skipped
 from synwatch.config import Config
@@ -31,24 +30,11 @@ from synwatch.errors import CommandError
 from synwatch.netns import in_netns
 from synwatch.records import IncidentChange
 from synwatch.runner import Command, execute, run, show
+from synwatch.sysctl import sysctl_or_none, write_sysctl
 
 TABLE = "synwatch"
 LOOSE = "net.netfilter.nf_conntrack_tcp_loose"
-SYSCTL_DIR = Path("/proc/sys")
 MIN_NFT = (0, 9, 2)  # the synproxy statement (nftables 0.9.2, kernel 5.3)
-
-
-def _sysctl(netns: str, name: str) -> int | None:
-    path = SYSCTL_DIR / name.replace(".", "/")
-    try:
-        return in_netns(netns, lambda: int(path.read_text().split()[0]))
-    except (OSError, ValueError):
-        return None
-
-
-def write_sysctl(netns: str, name: str, value: int) -> None:
-    path = SYSCTL_DIR / name.replace(".", "/")
-    in_netns(netns, lambda: path.write_text(f"{value}\n"))
 
 
 def render_on(port: int, mss: int, wscale: int) -> Command:
@@ -127,13 +113,13 @@ def preflight(netns: str, change: IncidentChange) -> str | None:
     if found is None or tuple(int(x) for x in found.groups()) < MIN_NFT:
         return f"nftables {found.group(0) if found else version.strip()} has no synproxy " \
                "statement (0.9.2 and later)"
-    if _sysctl(netns, "net.netfilter.nf_conntrack_count") is None:
+    if sysctl_or_none(netns, "net.netfilter.nf_conntrack_count") is None:
         return "connection tracking does not run here: there is no table for the flood to " \
                "fill, and SYN cookies alone answer it"
-    if _sysctl(netns, "net.ipv4.tcp_timestamps") != 1:
+    if sysctl_or_none(netns, "net.ipv4.tcp_timestamps") != 1:
         return "net.ipv4.tcp_timestamps is off: without timestamps SYNPROXY loses window " \
                "scaling and SACK for every connection"
-    if (_sysctl(netns, "net.ipv4.tcp_syncookies") or 0) < 1:
+    if (sysctl_or_none(netns, "net.ipv4.tcp_syncookies") or 0) < 1:
         return "net.ipv4.tcp_syncookies is 0 (the syncookies action turns it on)"
     if change.port is None:
         return "the flood's port is not known"
@@ -200,7 +186,7 @@ class SynproxyAction(Action):
             return [skipped(self.name, f"port {port}", f"not applied: the kernel refuses the "
                                                        f"rules: {exc.why}", inc)]
         self.active[port] = inc or 0
-        loose = _sysctl(self.ctx.netns, LOOSE)
+        loose = sysctl_or_none(self.ctx.netns, LOOSE)
         rendered = show([command]) + (f"\nsysctl -w {LOOSE}=0  # in {self._where()}, was "
                                       f"{loose}; put back when the last flood ends"
                                       if loose else "")

@@ -14,7 +14,6 @@ import time
 import tty
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synwatch.cli.common import add_config, command, load
@@ -86,10 +85,8 @@ def _history(url: str) -> Store | None:
     """The history, if there is one: top never creates it."""
     from synwatch.store import Store  # noqa: PLC0415
 
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        return None
     try:
-        return Store.open(url, migrate=False)
+        return Store.open_existing(url, migrate=False)
     except SynwatchError:
         return None
 

@@ -40,7 +40,7 @@ __all__ = ["BAN_BACKENDS", "BUILTIN_ACTIONS", "DEFAULT_POLICY", "EMBEDDED", "EXE
            "SCHEMA", "SECTION_HELP", "SYSTEM_CONFIG", "VERDICTS", "Auto", "BanSettings", "Config",
            "ExecSettings", "Network", "NotifySettings", "RatelimitSettings", "Setting",
            "SynproxySettings", "Thresholds", "config_location", "default_storage_url",
-           "embedded_default_text", "load_config", "parse_config"]
+           "embedded_default_text", "load_config", "parse_config", "sqlite_file"]
 
 SYSTEM_CONFIG = Path("/etc/synwatch/synwatch.toml")
 EMBEDDED = "<embedded default>"
@@ -77,6 +77,15 @@ def default_storage_url() -> str:
         return "sqlite:////var/lib/synwatch/synwatch.db"
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return f"sqlite:///{state}/synwatch/synwatch.db"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite ``storage.url`` (sqlite:////var/lib/synwatch/synwatch.db), or None
+    for another database or one in memory; read without SQLAlchemy."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def _section(values: dict[str, Any], section: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from synwatch.config import sqlite_file
 from synwatch.errors import StoreError
 from synwatch.store.base import BUSY_TIMEOUT
 from synwatch.store.queries import Queries
@@ -83,6 +84,15 @@ class Store(Writes, Queries, ServiceState):
         if migrate:
             store.migrate()
         return store
+
+    @classmethod
+    def open_existing(cls, url: str, *, migrate: bool = True) -> Store | None:
+        """The history if there is one: an SQLite file that is not there is not created
+        (`top`, the package's removal)."""
+        db = sqlite_file(url)
+        if db is not None and not db.exists():
+            return None
+        return cls.open(url, migrate=migrate)
 
     def close(self) -> None:
         self.engine.dispose()
