@@ -246,8 +246,6 @@ class Service:
         sampled = self.sampler.read() if self.sampler is not None else None
         evidence = Evidence(self.clock.now(), snap, counted, sampled)
         self.telemetry.probe(snap, time.monotonic() - started)
-        if self._store_problem is None:
-            self.telemetry.count_bans(self.store)
         if self.recording is not None:
             self.recording.write(evidence_line(evidence.at, evidence))
         self._save(self.correlator.on_evidence(evidence))
@@ -348,6 +346,8 @@ class Service:
                 self.responder.tick()
             if time.monotonic() >= self._status_due:
                 self._status_due = time.monotonic() + STATUS_EVERY
+                if self._store_problem is None:  # once a second, not at every probe
+                    self.telemetry.count_bans(self.store)
                 self.telemetry.tell(self.supervisor, self._store_problem)
             if ping and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")

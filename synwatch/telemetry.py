@@ -54,8 +54,7 @@ class Telemetry:
 
     def batch(self, batch: Batch, stored: list[StoredEvent], now: datetime) -> None:
         source = self.status.sources.get(batch.source)
-        if source is not None:
-            source.position = batch.position
+        if source is not None:  # its position is read from the source itself (summary)
             times = [r.time for r in batch.records if r.time is not None]
             if times:
                 source.lag_seconds = round(max(0.0, (now - max(times)).total_seconds()), 3)
@@ -101,9 +100,8 @@ class Telemetry:
                 why = supervisor.failures.get(name)
                 source.state = f"failed: {why}" if why else "running"
         for live in self._sources:  # where each has read to, recorded or not yet
-            position = getattr(live, "position", None)
-            if position and live.name in self.status.sources:
-                self.status.sources[live.name].position = position
+            if live.name in self.status.sources:
+                self.status.sources[live.name].position = getattr(live, "position", None) or None
         failing = [n for n, s in self.status.sources.items() if s.state != "running"]
         n = len(self.open)
         incidents = (f"{n} open incident{'s' if n != 1 else ''}"
