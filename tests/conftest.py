@@ -9,10 +9,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from synwatch.catalogue import Catalogue, load_catalogue
+
+if TYPE_CHECKING:
+    from tests.lab import Lab
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -139,3 +143,14 @@ def cli_commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]
                 nested = cli_commands(sub, f"{prefix}{name} ")
                 out.extend(nested or [f"{prefix}{name}"])
     return out
+
+
+@pytest.fixture
+def tracked() -> Iterator[Lab]:
+    """A lab whose server namespace tracks connections (a `ct state` rule, as ufw, firewalld
+    or Docker have)."""
+    from tests.lab import lab
+
+    with lab() as made:
+        made.track_connections()
+        yield made

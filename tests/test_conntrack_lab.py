@@ -6,24 +6,15 @@ forged source, and synwatch's snapshot and metrics count them. nf_conntrack_max 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from synwatch.probes.snapshot import take
 from tests.conftest import synwatch
-from tests.lab import SPOOF_NET, Lab, lab, lab_port
+from tests.lab import SPOOF_NET, Lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 FORGED = 5000
-
-
-@pytest.fixture
-def tracked() -> Iterator[Lab]:
-    """A lab whose server namespace tracks connections (a `ct state` rule)."""
-    with lab() as made:
-        made.track_connections()
-        yield made
 
 
 def test_a_spoofed_flood_fills_the_namespaces_conntrack_table(tracked: Lab) -> None:

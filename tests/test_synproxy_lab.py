@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,24 +19,24 @@ import pytest
 from synwatch.probes.snapshot import take
 from tests.conftest import NOW
 from tests.harness import Service
-from tests.lab import SERVER_IP, Lab, lab, lab_port
+from tests.lab import SERVER_IP, Lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 CLIENTS = 300
-
-
-@pytest.fixture
-def tracked() -> Iterator[Lab]:
-    """A lab whose server namespace tracks connections (a `ct state` rule)."""
-    with lab() as made:
-        made.track_connections()
-        yield made
 
 
 def state(the_lab: Lab) -> tuple[str, str, str]:
     return (the_lab.in_server("nft", "list", "ruleset").stdout,
             the_lab.in_server("sysctl", "-n", "net.netfilter.nf_conntrack_tcp_loose").stdout,
             the_lab.in_server("sysctl", "-n", "net.ipv4.tcp_syncookies").stdout)
+
+
+def back_to(the_lab: Lab, before: tuple[str, str, str], timeout: float = 10) -> None:
+    """Wait until the ruleset and the sysctls are exactly ``before`` again."""
+    deadline = time.monotonic() + timeout
+    while state(the_lab) != before:
+        assert time.monotonic() < deadline, (before, state(the_lab))
+        time.sleep(0.3)
 
 
 def real_clients(the_lab: Lab, port: int, count: int) -> tuple[int, float]:
@@ -104,10 +103,7 @@ def test_synproxy_keeps_a_spoofed_flood_out_of_conntrack(tracked: Lab, tmp_path:
         assert grew <= CLIENTS + 50, (ct0, ct1, svc.log.read_text()[-3000:])
         flood.kill()
         svc.wait_incidents(port, 1, "closed")
-        deadline = time.monotonic() + 10
-        while state(tracked) != before:  # removed at the close, loose put back
-            assert time.monotonic() < deadline, (before, state(tracked))
-            time.sleep(0.3)
+        back_to(tracked, before)  # removed at the close, loose put back
     finally:
         svc.stop()
     runs = [a for a in svc.incidents(port)[0]["actions"] if a["action"] == "synproxy"]
@@ -183,9 +179,6 @@ def test_synproxy_is_reconciled_after_a_crash(tracked: Lab, tmp_path: Path) -> N
         assert state(tracked)[1].strip() == "0"
         flood.kill()
         svc.wait_incidents(port, 1, "closed", timeout=40)
-        deadline = time.monotonic() + 10
-        while state(tracked) != before:
-            assert time.monotonic() < deadline, (before, state(tracked))
-            time.sleep(0.3)
+        back_to(tracked, before)
     finally:
         svc.stop()
