@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -146,16 +147,25 @@ def read(path: str) -> Iterator[tuple[datetime, Evidence | StoredEvent]]:
             raise UsageError(f"{path}:{n}", f"not a synwatch recording line: {exc}") from exc
 
 
+def _settings(first: Any) -> tuple[Thresholds, float] | None:
+    if not isinstance(first, dict) or first.get("type") != "settings":
+        return None  # an older recording (read() judges its lines)
+    known = {f.name for f in dataclasses.fields(Thresholds)}
+    values = {k: v for k, v in dict(first["thresholds"]).items() if k in known}
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+               for v in values.values()):
+        raise ValueError("a threshold is not a number")
+    quiet = float(first["quiet_period"])
+    if not math.isfinite(quiet) or quiet <= 0:
+        raise ValueError(f"quiet_period {quiet} is not a duration")
+    return Thresholds(**values), quiet
+
+
 def recorded_settings(path: str) -> tuple[Thresholds, float] | None:
     """The settings on a recording's first line, if it has them."""
     try:
         with Path(path).open(encoding="utf-8") as f:
-            first = json.loads(f.readline() or "{}")
-        if first.get("type") != "settings":
-            return None
-        known = {f.name for f in dataclasses.fields(Thresholds)}
-        return (Thresholds(**{k: v for k, v in first["thresholds"].items() if k in known}),
-                float(first["quiet_period"]))
+            return _settings(json.loads(f.readline() or "{}"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path}:1", f"not a synwatch recording's settings: {exc}") from exc
 

@@ -210,3 +210,53 @@ def test_scan_and_import_exit_1_when_lines_were_skipped(
     monkeypatch.setattr(sinks, "BAD_LINES", BadLines())
     monkeypatch.setattr(sinks, "_parse", real)
     assert cli.main(["scan", "--count", str(log)]) == 0
+
+
+PROC_TEXT = st.text(alphabet="0123456789abcdefABCDEF: \n\tTcpExtentries drop_x", max_size=400)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(PROC_TEXT | st.text(max_size=200))
+def test_any_proc_table_is_numbers_or_nothing(text: str) -> None:
+    """/proc/net/stat/nf_conntrack (hex rows per CPU) and /proc/net/netstat, snmp (header and
+    value lines): whatever they hold, the parsers give numbers for what they understand and
+    skip the rest."""
+    from synwatch.probes.conntrack import parse_stat
+    from synwatch.probes.procnet import parse_snmp_style
+
+    for parsed in (parse_stat(text), parse_snmp_style(text)):
+        assert all(isinstance(k, str) and isinstance(v, int) for k, v in parsed.items())
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(max_size=300))
+def test_any_tool_output_gives_one_line_of_reason(output: str) -> None:
+    from synwatch.runner import reason
+
+    said = reason(output)
+    assert isinstance(said, str) and "\n" not in said and said
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=300) | st.builds(
+    lambda q, t: json.dumps({"type": "settings", "quiet_period": q, "thresholds": t}),
+    st.one_of(st.floats(allow_nan=True), st.text(max_size=5), st.none()),
+    st.dictionaries(st.text(max_size=20), st.integers() | st.text(max_size=5), max_size=4)))
+def test_any_recording_head_is_settings_nothing_or_a_usage_error(first: str) -> None:
+    """A recording's first line, whatever it is: its settings, None, or a UsageError naming
+    the file; never another exception."""
+    import tempfile
+
+    from synwatch.config import Thresholds
+    from synwatch.errors import UsageError
+    from synwatch.replay import recorded_settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.jsonl"
+        path.write_text(first + "\n", encoding="utf-8", errors="surrogatepass")
+        try:
+            got = recorded_settings(str(path))
+        except UsageError as exc:
+            assert exc.subject == f"{path}:1"
+            return
+        assert got is None or (isinstance(got[0], Thresholds) and isinstance(got[1], float))
