@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, get_args
 
 from synwatch.cli.common import (
     add_config,
@@ -16,7 +16,7 @@ from synwatch.cli.common import (
     since,
     tcp_port,
 )
-from synwatch.config import VERDICTS
+from synwatch.records import Verdict
 
 
 def cmd_incidents_list(args: argparse.Namespace) -> int:
@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
     p = command(incidents, "list", cmd_incidents_list, "list incidents, oldest first")
     p.add_argument("--since", type=since, metavar="DUR")
     p.add_argument("--port", type=tcp_port, metavar="N")
-    p.add_argument("--verdict", choices=VERDICTS)
+    p.add_argument("--verdict", choices=get_args(Verdict))
     p.add_argument("--limit", type=positive, metavar="N", help="only the newest N")
     add_format(p)
     add_config(p)
