@@ -81,6 +81,13 @@ def check_actions(config: Config,
         return [Check("fail", exc.key or "actions.policy", exc.reason)]
     chosen = sorted({name for names in config.policy.values() for name in names})
     out = [Check("ok", "actions.policy", f"installed: {', '.join(chosen) or 'none chosen'}")]
+    in_policy = "synproxy" in chosen
+    if config.synproxy.enabled != in_policy:  # it runs only with both
+        out.append(Check("warn", "actions.synproxy.enabled",
+                         "true, but no verdict's policy names synproxy (e.g. spoofed = "
+                         '["synproxy", "notify", "exec"]): it will not run'
+                         if config.synproxy.enabled else
+                         "false, while a policy names synproxy: it will not run"))
     mode = "a dry run: nothing is changed" if config.dry_run else "live"
     out.append(Check("ok" if config.dry_run else "warn", "actions.dry_run", mode))
     if config.ban.enabled and "ban" in config.policy.get("concentrated", ()):

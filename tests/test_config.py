@@ -175,3 +175,17 @@ def test_a_plugin_that_is_not_installed_is_found_at_the_start_not_by_parsing(
         r = synwatch(command, "--config", str(path))
         assert r.code == 2 and r.err.endswith(f"synwatch: config {path}: {why}\n"), (command, r)
     assert not (tmp_path / "h.db").exists()  # refused before the history was opened
+
+
+def test_synproxy_is_chosen_in_the_policy_as_the_interface_says(tmp_path: Path) -> None:
+    """`spoofed = ["synproxy", "notify"]` (the interface's own example) parses, and
+    check-config warns where only one of the two halves of the opt-in is there."""
+    both = _config(tmp_path, '[actions.synproxy]\nenabled = true\n'
+                             '[actions.policy]\nspoofed = ["synproxy", "notify"]\n')
+    assert load_config(str(both)).policy["spoofed"] == ("synproxy", "notify")
+    r = synwatch("check-config", "--config", str(both))
+    assert r.code == 0 and "actions.synproxy" not in r.out, r
+    alone = _config(tmp_path, '[actions.synproxy]\nenabled = true\n')
+    r = synwatch("check-config", "--config", str(alone))
+    assert r.code == 0 and "warn  actions.synproxy.enabled: true, but no verdict's policy " \
+                           "names synproxy" in r.out, r

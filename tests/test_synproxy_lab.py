@@ -63,7 +63,8 @@ def real_clients(the_lab: Lab, port: int, count: int) -> tuple[int, float]:
 def service(the_lab: Lab, tmp_path: Path, dry_run: bool) -> Service:
     return Service(the_lab, tmp_path, quiet="4s", dry_run=dry_run,
                    incident='accounting = false\n',
-                   extra="[actions.ban]\nenabled = false\n[actions.synproxy]\nenabled = true\n")
+                   extra="[actions.ban]\nenabled = false\n[actions.synproxy]\nenabled = true\n"
+                         '[actions.policy]\nspoofed = ["synproxy", "notify", "exec"]\n')
 
 
 def wait_for_run(svc: Service, port: int, status: str, timeout: float = 30) -> dict:

@@ -1,8 +1,9 @@
 """SYNPROXY for the flooded port while a spoofed flood lasts, on hosts that track connections.
 
 A spoofed flood fills the connection-tracking table with one entry per forged source, and a
-full table drops every new flow (docs/kernel.md §7). With this action (opt-in,
-``[actions.synproxy] enabled = true``) a listener whose incident is judged *spoofed* gets, in
+full table drops every new flow (docs/kernel.md §7). With this action (opt-in:
+``[actions.synproxy] enabled = true`` and ``synproxy`` in the policy, e.g. ``spoofed =
+["synproxy", "notify", "exec"]``) a listener whose incident is judged *spoofed* gets, in
 synwatch's own table, the standard nftables SYNPROXY (wiki.nftables.org, "Synproxy"): its SYNs
 ``notrack``ed at raw priority, and in the input hook, before the admin's own filter chains,
 the ``synproxy`` statement answering them with cookies, so only completed handshakes reach
@@ -128,7 +129,7 @@ def preflight(netns: str, change: IncidentChange) -> str | None:
 
 class SynproxyAction(Action):
     name = "synproxy"
-    per_incident = False  # opt-in by its own section; it acts on spoofed incidents only
+    per_incident = True  # chosen in [actions.policy]; it acts on spoofed incidents only
     order = 20  # after syncookies, before bans and messages
 
     def __init__(self, ctx: ActionContext) -> None:

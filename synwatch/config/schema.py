@@ -303,8 +303,10 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                       "after"),
     },
     "actions.synproxy": {
-        "enabled": _s(_bool, False, "opt-in: while a *spoofed* flood lasts on a host that tracks "
-                      "connections, SYNPROXY for its port (nftables `notrack` + `synproxy`, "
+        "enabled": _s(_bool, False, "opt-in, with `synproxy` in a verdict's policy (e.g. "
+                      '`spoofed = ["synproxy", "notify", "exec"]`): while a *spoofed* flood '
+                      "lasts on a host that tracks connections, SYNPROXY for its port (nftables "
+                      "`notrack` + `synproxy`, "
                       "`nf_conntrack_tcp_loose=0`), removed when it ends"),
     },
     "actions.ban": {
@@ -364,8 +366,8 @@ SECTION_HELP = {
     "verdict": "How an incident is judged (README, \"Incidents and verdicts\"): capacity, "
                "concentrated or spoofed.",
     "actions": "Actions are rendered and logged first; in a dry run that is all that happens.",
-    "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies, SYNPROXY and "
-                      "the rate limit are not chosen here: cookies are kept on during every "
-                      "incident, SYNPROXY ([actions.synproxy]) acts on spoofed ones only, the "
-                      "rate limit is a standing rule.",
+    "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies and the rate "
+                      "limit are not chosen here: cookies are kept on during every incident, "
+                      "the rate limit is a standing rule. `synproxy` (opt-in, "
+                      "[actions.synproxy]) acts on spoofed incidents only.",
 }

@@ -41,7 +41,7 @@ EXEC_CHANGES = ("opened", "verdict", "closed")
 # The actions synwatch ships (entry points in pyproject.toml) -> whether [actions.policy] chooses
 # them per incident; the others run on their own section. A test holds this to the entry points.
 BUILTIN_ACTIONS = {"ban": True, "exec": True, "notify": True, "ratelimit": False,
-                   "syncookies": False, "synproxy": False}
+                   "syncookies": False, "synproxy": True}
 # The ban presets synwatch ships (actions/*.toml with action = "ban"); a test holds this to them.
 BAN_BACKENDS = ("iptables-ipset", "nftables", "ufw")
 
