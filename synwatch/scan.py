@@ -206,8 +206,10 @@ def parse_candidate(raw: bytes, catalogue: Catalogue, now: datetime, tz: tzinfo,
 
 
 def scan_stream(stream: Readable, path: str, catalogue: Catalogue, *, now: datetime, tz: tzinfo,
-                progress: Progress | None = None, line_numbers: bool = True) -> Iterator[Hit]:
+                progress: Progress | None = None, line_numbers: bool = True,
+                kinds: frozenset[str] | None = None) -> Iterator[Hit]:
+    """The events in ``stream`` (of ``kinds`` only, when given)."""
     for c in candidates(stream, catalogue, now=now, tz=tz, progress=progress,
                         line_numbers=line_numbers):
-        if c.event is not None:
+        if c.event is not None and (kinds is None or c.event.kind in kinds):
             yield Hit(path, c.line_no, c.event)

@@ -31,7 +31,14 @@ def _progress_bar(path: str, size: int | None, threshold: int) -> ProgressBar | 
     return None
 
 
-def _scan_inputs(paths: Sequence[str], line_numbers: bool = True) -> Iterator[Hit]:
+# What `scan` reports by default, as its JSON contract has it: the SYN-flood lines and the
+# "drop open request" ones. `--all` adds the other kernel lines synwatch knows (conntrack's
+# "table full"), which the service and `import` always record.
+SCAN_KINDS = frozenset({"syn_flood", "drop_open_request"})
+
+
+def _scan_inputs(paths: Sequence[str], line_numbers: bool = True,
+                 kinds: frozenset[str] | None = SCAN_KINDS) -> Iterator[Hit]:
     """Every match in ``paths``, with a progress bar on a terminal."""
     from synwatch.catalogue import load_catalogue  # noqa: PLC0415
     from synwatch.clock import local_timezone  # noqa: PLC0415
@@ -44,7 +51,7 @@ def _scan_inputs(paths: Sequence[str], line_numbers: bool = True) -> Iterator[Hi
         bar = _progress_bar(path, stream.size, PROGRESS_THRESHOLD)
         try:
             yield from scan_stream(stream, path, catalogue, now=now, tz=tz, progress=bar,
-                                   line_numbers=line_numbers)
+                                   line_numbers=line_numbers, kinds=kinds)
         finally:
             if bar:
                 bar.close()
@@ -67,7 +74,8 @@ def _bad_lines_status(command_name: str, code: int) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     from synwatch.output import print_hits  # noqa: PLC0415
 
-    hits = _scan_inputs(args.paths, line_numbers=not args.count)
+    hits = _scan_inputs(args.paths, line_numbers=not args.count,
+                        kinds=None if args.all else SCAN_KINDS)
     if args.count:
         print(sum(1 for _ in hits))
     else:
@@ -116,6 +124,8 @@ def register(sub: Any) -> None:
                 "find kernel SYN-flood lines in log files; records nothing")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--count", action="store_true", help="print only the number of matches")
+    p.add_argument("--all", action="store_true",
+                   help="also the other kernel lines synwatch knows (conntrack: table full)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="log file, .gz, or - for stdin")
     p = command(sub, "test-filter", cmd_test_filter,
                 "show which pattern hits a line or a file, what it extracts, and what missed")
