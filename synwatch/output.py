@@ -116,18 +116,20 @@ def print_snapshot(view: dict[str, Any], out: TextIO) -> None:
         out.write(f"diagnosis: {line}\n")
 
 
-def print_incident_rows(rows: list[dict[str, Any]], out: TextIO, with_ids: bool = False) -> None:
-    """`incidents list` (stored, with ids) or `replay` (what a recording leads to, with each
-    incident's evidence and recommendations below the table)."""
+def print_incident_rows(rows: list[dict[str, Any]], out: TextIO, with_ids: bool = False,
+                        with_hosts: bool = False) -> None:
+    """`incidents list` (stored, with ids; with hosts for a fleet) or `replay` (what a
+    recording leads to, with each incident's evidence and recommendations below the table)."""
     for row in rows:
         row["listener"] = endpoint(row["address"], row["port"])
     if with_ids:
         for row in rows:
             row["prefixes"] = ", ".join(p["prefix"] for p in row["top_prefixes"][:3]) or None
-        table(rows, ["id", "opened_at", "closed_at", "status", "verdict", "trigger", "listener",
-                     "peak_syn_recv", "prefixes"], out,
-              headers=["id", "opened", "closed", "status", "verdict", "trigger", "listener",
-                       "peak", "top prefixes"])
+        hosts = ["host"] if with_hosts else []
+        table(rows, ["id", *hosts, "opened_at", "closed_at", "status", "verdict", "trigger",
+                     "listener", "peak_syn_recv", "prefixes"], out,
+              headers=["id", *hosts, "opened", "closed", "status", "verdict", "trigger",
+                       "listener", "peak", "top prefixes"])
         return
     table(rows, ["opened_at", "status", "verdict", "trigger", "listener", "peak_syn_recv"],
           out, headers=["opened", "status", "verdict", "trigger", "listener", "peak"])
@@ -187,6 +189,11 @@ def print_status(view: dict[str, Any], out: TextIO) -> None:
     for s in view["sources"]:
         lag = f", lag {s['lag_seconds']:.1f} s" if s.get("lag_seconds") is not None else ""
         out.write(f"source {s['name']}: {s['state']}{lag}\n")
+    if view.get("store"):
+        out.write(f"store: {view['store']} (this node: {view['host']})\n")
+    heard = [h["host"] for h in view.get("hosts", []) if h["recent"]]
+    if heard and heard != [view["host"]]:
+        out.write(f"hosts heard from in the last 2 minutes: {', '.join(heard)}\n")
     ids = ", ".join(f"#{i}" for i in view["open_incidents"]) or "none"
     out.write(f"open incidents: {ids}\nactive bans: {view['active_bans']}\n")
     for e in view["last_errors"]:

@@ -215,6 +215,7 @@ class ActionRun:
     detail: str = ""
     retry_at: datetime | None = None  # a failed run that will be tried again: when
     id: int | None = None
+    host: str = ""  # the node that ran it ("" = the store's own node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +231,9 @@ class Ban:
     removed_at: datetime | None = None
     times_banned: int = 1
     id: int | None = None
+    host: str = ""  # the node whose firewall holds it ("" = the store's own node)
+    scope: str = "local"  # local | fleet: a fleet ban is copied by every node of the store
+    origin_id: int | None = None  # a fleet ban's copy: the ban decided on the other node
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,3 +259,14 @@ class PortHistory:
     peak_syn_recv: int
     capacity_incidents: int
     last_incident_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A synwatch that writes to the history (a fleet shares one), from its heartbeat."""
+
+    host: str
+    pid: int | None
+    started_at: datetime
+    seen_at: datetime
+    version: str = ""

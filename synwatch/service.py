@@ -9,7 +9,6 @@ import logging
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -85,7 +84,7 @@ class Service:
 
     def _start(self) -> None:
         resolve_policy(self.config)  # a plugin that is not installed stops the start (exit 2)
-        self.store = Store.open(self.config.storage_url)
+        self.store = Store.open(self.config.storage_url, host=self.config.host)
         log.info("store: %s (schema %s)", self.store.display_url, self.store.schema_revision())
         # past the migration, a write waits only briefly for another writer's lock: what the
         # store refuses is kept and retried, and probes and correlation go on meanwhile
@@ -107,7 +106,7 @@ class Service:
         catalogue = load_catalogue()
         sources = build_sources(plans, catalogue, self.store.get_position)
         self.recorder = Recorder(self.store, catalogue, self.clock)
-        resumed = self.store.open_incidents(socket.gethostname(), self.config.netns)
+        resumed = self.store.open_incidents(self.config.host, self.config.netns)
         self.correlator = self._correlator(resumed)
         self.accounting = self._accounting()
         self.sampler = self._sampler()
@@ -122,8 +121,7 @@ class Service:
 
     def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
         c = self.config
-        correlator = Correlator(socket.gethostname(), c.netns, c.thresholds, c.quiet_period,
-                                self.clock)
+        correlator = Correlator(c.host, c.netns, c.thresholds, c.quiet_period, self.clock)
         for left_open in resumed:
             assert left_open.incident_id is not None
             self._ids[correlator.resume(left_open)] = left_open.incident_id

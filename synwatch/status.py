@@ -16,21 +16,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from synwatch.config import Config, sqlite_file
+from synwatch.config import Config, sqlite_file, state_dir
 
 MAX_ERRORS = 10
 
 
 def status_path(config: Config) -> Path:
-    """Next to an SQLite history (``synwatch.db`` -> ``synwatch.status.json``); for a database
-    server, in the state directory an SQLite history would use."""
+    """In the state directory (storage.state_dir; by default next to an SQLite history:
+    ``synwatch.db`` -> ``synwatch.status.json``)."""
     db = sqlite_file(config.storage_url)
-    if db is not None:
-        return db.with_name(f"{db.stem}.status.json")
-    if os.geteuid() == 0:
-        return Path("/var/lib/synwatch/synwatch.status.json")
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "synwatch" / "synwatch.status.json"
+    name = f"{db.stem}.status.json" if db is not None else "synwatch.status.json"
+    return state_dir(config) / name
 
 
 class RecentErrors(logging.Handler):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from synwatch.catalogue import Catalogue, load_catalogue
+from tests.pgcluster import Cluster
 
 if TYPE_CHECKING:
     from tests.lab import Lab
@@ -154,3 +155,21 @@ def tracked() -> Iterator[Lab]:
     with lab() as made:
         made.track_connections()
         yield made
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Cluster]:
+    """A real PostgreSQL server for the whole session (tests/pgcluster.py)."""
+    cluster = Cluster().init()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg: Cluster) -> str:
+    """A new empty database of it: its SQLAlchemy URL."""
+    if not pg.running:  # a test that stopped the server hands it back started
+        pg.start()
+    return pg.new_database()

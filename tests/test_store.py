@@ -36,14 +36,14 @@ def _db(path: Path) -> str:
 def test_open_creates_and_migrates_the_schema_in_wal_mode(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "dir" / "h.db"
     store = Store.open(_db(db))
-    assert store.schema_revision() == store.head_revision() == "0004"
+    assert store.schema_revision() == store.head_revision() == "0005"
     tables = set(inspect(store.engine).get_table_names())
     assert {"events", "incidents", "evidence_samples", "action_runs", "bans",
             "source_positions", "alembic_version"} <= tables
     store.close()
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     # a second open is a no-op
-    assert Store.open(_db(db)).schema_revision() == "0004"
+    assert Store.open(_db(db)).schema_revision() == "0005"
 
 
 def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
         command.downgrade(cfg, "base")
     assert store.schema_revision() is None
     store.migrate()
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == "0005"
 
 
 OLD_HISTORIES = sorted((Path(__file__).parent / "data" / "store").glob("schema_*.db"))
@@ -71,28 +71,42 @@ def test_a_history_written_by_an_older_schema_keeps_its_data(tmp_path: Path, old
     shutil.copy(old, db)
     store = Store.open(_db(db))
     assert store.schema_revision() == store.head_revision()
-    revision = old.stem.removeprefix("schema_")
     assert (tmp_path / f"h.db.before-{store.head_revision()}").exists()
+    check_old_history(store, old.stem.removeprefix("schema_"))
+
+
+def check_old_history(store: Store, revision: str) -> None:
+    """Every row of tests/data/store/make_old_histories.py still there and readable after the
+    migrations (on SQLite, and copied into PostgreSQL by tests/test_fleet_store.py)."""
     [event] = store.events()
     assert (event.time, event.port, event.incident_id) == (T0 + timedelta(seconds=1), 443, 1)
+    # rows from before fleets (0005) belong to their incident's host, else to this node
+    assert event.host == "web01"
     incident, runs = store.incident(1)
     assert (incident.verdict, incident.peak_syn_recv, incident.opened_at) == (
         "concentrated", 200, T0 + timedelta(seconds=1))
     assert incident.reasons == ["4 prefixes carry 90% of SYN-RECV"]
     assert incident.top_prefixes[0]["prefix"] == "203.0.113.0/24"
-    assert [(r.target, r.retry_at) for r in runs] == [
-        ("203.0.113.0/24", None),
-        ("opened", T0 + timedelta(minutes=1)),  # "retrying in 30 s"
-        ("closed", T0 + timedelta(minutes=1)),  # "retrying at the next start"
-        ("update", None)]  # given up
+    assert [(r.target, r.retry_at, r.host) for r in runs] == [
+        ("203.0.113.0/24", None, "web01"),
+        ("opened", T0 + timedelta(minutes=1), "web01"),  # "retrying in 30 s"
+        ("closed", T0 + timedelta(minutes=1), "web01"),  # "retrying at the next start"
+        ("update", None, "web01")]  # given up
     [ban] = store.bans()
-    assert (ban.prefix, ban.expires_at) == ("203.0.113.0/24", T0 + timedelta(hours=1, minutes=1))
+    assert (ban.prefix, ban.expires_at, ban.host, ban.scope) == (
+        "203.0.113.0/24", T0 + timedelta(hours=1, minutes=1), "web01", "local")
     [point] = store.samples(1)
     assert (point.rates, point.top_prefixes) == ({"syns_overflowed": 950.0},
                                                  (("203.0.113.0/24", 180),))
     assert store.get_position("journald") == {"cursor": "c1"}
     saved = store.saved_setting("", "net.ipv4.tcp_syncookies")
     assert saved == (None if revision == "0001" else "0")
+    # an entry is recorded once per node: web01 has it, web02 (same journal) records its own
+    web01 = Store(store.url, store.engine, "web01")
+    assert web01.record_events([_event(1, dedup_key="cursor-1")], T0) == 0
+    other = Store(store.url, store.engine, "web02")
+    assert other.record_events([_event(1, dedup_key="cursor-1")], T0) == 1
+    assert other.get_position("journald") is None  # positions are per node
 
 
 def test_events_are_recorded_exactly_once_with_their_position(tmp_path: Path) -> None:
@@ -159,8 +173,11 @@ def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
                         incident_id=first.id, created_at=T0,
                         expires_at=datetime.now(timezone.utc) + timedelta(hours=1))])
     cfg = ["--config", str(store_config)]
-    rows = json.loads(synwatch("incidents", "list", "--format", "json", *cfg).out)
+    rows = json.loads(synwatch("incidents", "list", "--format", "json", "--host", "web01",
+                               *cfg).out)
     assert [r["id"] for r in rows] == [first.id, second.id]
+    # a fleet's history: another node's incidents are not ours (the default is this host)
+    assert json.loads(synwatch("incidents", "list", "--format", "json", *cfg).out) == []
     assert rows[0] == {
         "id": first.id, "host": "web01", "netns": "", "address": "0.0.0.0", "port": 443,
         "family": 4, "status": "closed", "verdict": "concentrated", "trigger": "log",
@@ -172,13 +189,13 @@ def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
         "actions": [{"action": "ban", "target": "198.51.100.0/24", "status": "done",
                      "at": "2026-11-20T10:00:01+00:00"}]}
     by_port = json.loads(synwatch("incidents", "list", "--format", "json", "--port", "80",
-                                  *cfg).out)
+                                  "--all-hosts", *cfg).out)
     assert [r["id"] for r in by_port] == [second.id]
     by_verdict = json.loads(synwatch("incidents", "list", "--format", "json", "--verdict",
-                                     "concentrated", *cfg).out)
+                                     "concentrated", "--host", "web01", *cfg).out)
     assert [r["id"] for r in by_verdict] == [first.id]
     newest = json.loads(synwatch("incidents", "list", "--format", "json", "--limit", "1",
-                                 *cfg).out)
+                                 "--all-hosts", *cfg).out)
     assert [r["id"] for r in newest] == [second.id]
     shown = json.loads(synwatch("incidents", "show", str(first.id), "--format", "json", *cfg).out)
     assert shown == rows[0]
@@ -186,10 +203,14 @@ def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
     assert "verdict:           concentrated" in text and "198.51.100.0/24" in text
     missing = synwatch("incidents", "show", "999", *cfg)
     assert (missing.code, missing.err) == (1, "synwatch: incident 999: no such incident\n")
-    bans = json.loads(synwatch("bans", "list", "--format", "json", *cfg).out)
-    assert bans == [{"prefix": "198.51.100.0/24", "backend": "nftables",
-                     "incident_id": first.id, "created_at": "2026-11-20T10:00:00+00:00",
+    bans = json.loads(synwatch("bans", "list", "--format", "json", "--all-hosts",
+                               "--config", str(store_config)).out)
+    assert bans == [{"host": store.host, "prefix": "198.51.100.0/24", "backend": "nftables",
+                     "scope": "local", "incident_id": first.id,
+                     "created_at": "2026-11-20T10:00:00+00:00",
                      "expires_at": bans[0]["expires_at"], "active": True}]
+    assert json.loads(synwatch("bans", "list", "--format", "json", "--host", "web01",
+                               *cfg).out) == []
 
 
 def test_empty_history_lists_nothing(store_config: Path) -> None:

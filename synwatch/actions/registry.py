@@ -7,7 +7,6 @@ not at all in dry-run) and records every outcome.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,11 +50,15 @@ class ActionContext:
     store: Store
     clock: Clock
     open: dict[int, IncidentChange] = field(default_factory=dict)
-    host: str = field(default_factory=socket.gethostname)  # as the incidents have it
 
     @property
     def netns(self) -> str:
         return self.config.netns
+
+    @property
+    def host(self) -> str:
+        """This node (storage.host), as the incidents have it."""
+        return self.config.host
 
 
 class Action:

@@ -7,7 +7,16 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from synwatch.cli.common import add_config, add_format, command, group, load, open_store
+from synwatch.cli.common import (
+    add_config,
+    add_format,
+    add_hosts,
+    chosen_host,
+    command,
+    group,
+    load,
+    open_store,
+)
 
 
 def cmd_bans_list(args: argparse.Namespace) -> int:
@@ -15,12 +24,13 @@ def cmd_bans_list(args: argparse.Namespace) -> int:
     from synwatch.store.views import ban_view  # noqa: PLC0415
 
     now = datetime.now(timezone.utc)
-    rows = [ban_view(b, now) for b in open_store(args).bans()]
+    store = open_store(args)
+    rows = [ban_view(b, now) for b in store.bans(host=chosen_host(args, store))]
     if args.format == "json":
         print(dumps(rows))
     else:
-        table(rows, ["prefix", "backend", "incident_id", "created_at", "expires_at", "active"],
-              sys.stdout)
+        table(rows, [*(["host"] if args.all_hosts else []), "prefix", "backend", "scope",
+                     "incident_id", "created_at", "expires_at", "active"], sys.stdout)
     return 0
 
 
@@ -29,7 +39,7 @@ def cmd_unban(args: argparse.Namespace) -> int:
     from synwatch.store import Store  # noqa: PLC0415
 
     config = load(args)
-    store = Store.open(config.storage_url)
+    store = Store.open(config.storage_url, host=config.host)
     for done in unban(config, store, args.prefix, datetime.now(timezone.utc)):
         ban = done.ban
         print(f"unbanned {ban.prefix} ({ban.backend}, incident {ban.incident_id})")
@@ -44,6 +54,7 @@ def cmd_unban(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     bans = group(sub, "bans", "bans")
     p = command(bans, "list", cmd_bans_list, "list bans with their expiry")
+    add_hosts(p)
     add_format(p)
     add_config(p)
     p = command(sub, "unban", cmd_unban, "lift the active bans covering a prefix or an address")

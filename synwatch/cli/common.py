@@ -88,4 +88,20 @@ def load(args: argparse.Namespace) -> Config:
 def open_store(args: argparse.Namespace) -> Store:
     from synwatch.store import Store  # noqa: PLC0415
 
-    return Store.open(load(args).storage_url)
+    config = load(args)
+    return Store.open(config.storage_url, host=config.host)
+
+
+def add_hosts(p: argparse.ArgumentParser) -> None:
+    """--host H / --all-hosts: whose rows a fleet's shared history shows (default: ours)."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--host", metavar="H", help="this node of the fleet (default: this "
+                       "host, storage.host)")
+    which.add_argument("--all-hosts", action="store_true", help="every node of the fleet")
+
+
+def chosen_host(args: argparse.Namespace, store: Store) -> str | None:
+    """The host to show, None for all of them."""
+    if args.all_hosts:
+        return None
+    return str(args.host) if args.host else store.host

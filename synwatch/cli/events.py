@@ -6,14 +6,26 @@ import argparse
 import sys
 from typing import Any
 
-from synwatch.cli.common import add_config, add_format, command, group, open_store, positive, since
+from synwatch.cli.common import (
+    add_config,
+    add_format,
+    add_hosts,
+    chosen_host,
+    command,
+    group,
+    open_store,
+    positive,
+    since,
+)
 
 
 def cmd_events_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, table  # noqa: PLC0415
     from synwatch.store.views import event_view  # noqa: PLC0415
 
-    rows = [event_view(e) for e in open_store(args).events(since=args.since, limit=args.limit)]
+    store = open_store(args)
+    rows = [event_view(e) for e in store.events(since=args.since, limit=args.limit,
+                                                host=chosen_host(args, store))]
     if args.format == "json":
         print(dumps(rows))
     else:
@@ -29,5 +41,6 @@ def register(sub: Any) -> None:
     p = command(events, "list", cmd_events_list, "list recorded kernel events, oldest first")
     p.add_argument("--since", type=since, metavar="DUR", help="only the last DUR (e.g. 1h)")
     p.add_argument("--limit", type=positive, metavar="N", help="only the newest N")
+    add_hosts(p)
     add_format(p)
     add_config(p)

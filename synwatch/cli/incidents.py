@@ -9,6 +9,8 @@ from typing import Any, get_args
 from synwatch.cli.common import (
     add_config,
     add_format,
+    add_hosts,
+    chosen_host,
     command,
     group,
     open_store,
@@ -25,13 +27,13 @@ def cmd_incidents_list(args: argparse.Namespace) -> int:
 
     store = open_store(args)
     incidents = store.incidents(since=args.since, port=args.port, verdict=args.verdict,
-                                limit=args.limit)
+                                limit=args.limit, host=chosen_host(args, store))
     runs = store.actions_by_incident([i.id for i in incidents])
     rows = [incident_view(i, runs[i.id]) for i in incidents]
     if args.format == "json":
         print(dumps(rows))
     else:
-        print_incident_rows(rows, sys.stdout, with_ids=True)
+        print_incident_rows(rows, sys.stdout, with_ids=True, with_hosts=args.all_hosts)
     return 0
 
 
@@ -61,6 +63,7 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=tcp_port, metavar="N")
     p.add_argument("--verdict", choices=get_args(Verdict))
     p.add_argument("--limit", type=positive, metavar="N", help="only the newest N")
+    add_hosts(p)
     add_format(p)
     add_config(p)
     p = command(incidents, "show", cmd_incidents_show,

@@ -13,6 +13,7 @@ from synwatch.cli.common import add_config, add_format, command, load
 from synwatch.errors import SynwatchError
 
 NOT_RUNNING = 3
+RECENT = 120.0  # seconds: a node whose heartbeat is newer is "heard from recently"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -29,11 +30,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         "sources": found.get("sources", []) if running else [],
         "open_incidents": [], "active_bans": 0, "last_errors": found.get("last_errors", []),
         "summary": found.get("summary") if running else "not running",
+        "host": config.host, "store": found.get("store"), "hosts": [],
     }
     try:
-        store = Store.open(config.storage_url)
-        view["open_incidents"] = [i.id for i in store.incidents(status="open")]
-        view["active_bans"] = len(store.active_bans(config.netns, datetime.now(timezone.utc)))
+        store = Store.open(config.storage_url, host=config.host)
+        now = datetime.now(timezone.utc)
+        view["store"] = store.display_url
+        view["open_incidents"] = [i.id for i in store.incidents(status="open",
+                                                                 host=config.host)]
+        view["active_bans"] = len(store.active_bans(config.netns, now))
+        view["hosts"] = [{"host": n.host, "seen_at": n.seen_at.isoformat(timespec="seconds"),
+                          "recent": (now - n.seen_at).total_seconds() < RECENT}
+                         for n in store.nodes()]
         store.close()
     except SynwatchError as exc:
         view["last_errors"] = [*view["last_errors"], {"at": None, "what": str(exc)}]

@@ -8,6 +8,7 @@ Whether the machine can do what the config asks (is there a journal? nft?) is ch
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from synwatch.config.types import (
     Network,
     NotifySettings,
     RatelimitSettings,
+    StorageSettings,
     SynproxySettings,
     Thresholds,
 )
@@ -39,8 +41,9 @@ else:  # pragma: no cover
 __all__ = ["BAN_BACKENDS", "BUILTIN_ACTIONS", "DEFAULT_POLICY", "EMBEDDED", "EXEC_CHANGES",
            "SCHEMA", "SECTION_HELP", "SYSTEM_CONFIG", "VERDICTS", "Auto", "BanSettings", "Config",
            "ExecSettings", "Network", "NotifySettings", "RatelimitSettings", "Setting",
-           "SynproxySettings", "Thresholds", "config_location", "default_storage_url",
-           "embedded_default_text", "load_config", "parse_config", "sqlite_file"]
+           "StorageSettings", "SynproxySettings", "Thresholds", "config_location",
+           "default_storage_url", "embedded_default_text", "load_config", "parse_config",
+           "sqlite_file", "state_dir"]
 
 SYSTEM_CONFIG = Path("/etc/synwatch/synwatch.toml")
 EMBEDDED = "<embedded default>"
@@ -77,6 +80,20 @@ def default_storage_url() -> str:
         return "sqlite:////var/lib/synwatch/synwatch.db"
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return f"sqlite:///{state}/synwatch/synwatch.db"
+
+
+def state_dir(config: Config) -> Path:
+    """Where the status file and the spool live: storage.state_dir, else next to an SQLite
+    history, else /var/lib/synwatch (root) or the XDG state directory."""
+    if config.storage.state_dir:
+        return Path(config.storage.state_dir)
+    db = sqlite_file(config.storage_url)
+    if db is not None:
+        return db.parent
+    if os.geteuid() == 0:
+        return Path("/var/lib/synwatch")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "synwatch"
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -148,6 +165,11 @@ def parse_config(text: str, path: str) -> Config:
         exec=ExecSettings(**_section(v, "actions.exec")),
         metrics_listen=v["metrics.listen"],
         synproxy=SynproxySettings(enabled=v["actions.synproxy.enabled"]),
+        storage=StorageSettings(host=v["storage.host"] or socket.gethostname(),
+                                state_dir=v["storage.state_dir"],
+                                spool_max=v["storage.spool_max"],
+                                keep_events=v["storage.retention.events"],
+                                keep_incidents=v["storage.retention.incidents"]),
     )
 
 

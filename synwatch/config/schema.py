@@ -93,6 +93,36 @@ def _url(value: Any) -> str:
     return value
 
 
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 255 or not re.fullmatch(r"[^\x00-\x20\x7f]*",
+                                                                          value):
+        raise _Invalid(f"expected a host name (up to 255 characters, no spaces), got "
+                       f"{_show(value)}")
+    return value
+
+
+def _state_dir(value: Any) -> str:
+    if not isinstance(value, str) or (value and not value.startswith("/")):
+        raise _Invalid(f"expected an absolute path or \"\", got {_show(value)}")
+    return value
+
+
+def _keep(value: Any) -> float | None:
+    """A retention: a duration, or "forever"."""
+    if value == "forever":
+        return None
+    try:
+        return _duration(value)
+    except _Invalid as exc:
+        raise _Invalid(f'{exc} (or "forever")') from None
+
+
+def _scope(value: Any) -> str:
+    if value not in ("local", "fleet"):
+        raise _Invalid(f'expected "local" or "fleet", got {_show(value)}')
+    return str(value)
+
+
 def _files(value: Any) -> tuple[str, ...]:
     paths = _string_list(value)
     for p in paths:
@@ -228,7 +258,24 @@ _POLICY_HELP = {
 SCHEMA: dict[str, dict[str, Setting]] = {
     "storage": {
         "url": _s(_url, "", 'any SQLAlchemy URL; `""` = `/var/lib/synwatch/synwatch.db` (root) '
-                  "or `$XDG_STATE_HOME/synwatch/synwatch.db` (`~/.local/state/...`)"),
+                  "or `$XDG_STATE_HOME/synwatch/synwatch.db` (`~/.local/state/...`); "
+                  '`"postgresql+psycopg://user@db.example/synwatch"` shares one history '
+                  "with a fleet"),
+        "host": _s(_host, "", 'this node\'s name in the history; `""` = the hostname (two '
+                   "nodes on one machine need two names)"),
+        "state_dir": _s(_state_dir, "", 'where the status file and the spool live; `""` = '
+                        "next to an SQLite history, else `/var/lib/synwatch` (root) or "
+                        "`$XDG_STATE_HOME/synwatch`"),
+        "spool_max": _s(_int_in(100, 10_000_000), 100_000,
+                        "records kept on disk while the database is unreachable, replayed in "
+                        "order when it returns (beyond it, the oldest events go first; "
+                        "incidents, actions and bans are always kept)"),
+    },
+    "storage.retention": {
+        "events": _s(_keep, "90d", 'kernel events older than this are pruned; `"forever"` '
+                     "keeps them"),
+        "incidents": _s(_keep, "forever", "closed incidents (with their timelines and action "
+                        "runs) older than this are pruned"),
     },
     "sources": {
         "journald": _s(_auto, "auto", '`"auto"` | `true` | `false`; auto = when the machine '
@@ -326,6 +373,10 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                         "as that block, never wider than this"),
         "widest_v6": _s(_int_in(16, 128), _DEFAULTS.widest_v6,
                         "the same for IPv6"),
+        "scope": _s(_scope, "local", '`"fleet"`: a ban decided on one node is copied by '
+                    "every node sharing the history (within seconds on PostgreSQL: "
+                    "LISTEN/NOTIFY), each within its own allowlist, caps and "
+                    "`max_duration`; `unban` on any node lifts it everywhere"),
     },
     "actions.ratelimit": {
         "enabled": _s(_bool, False, "opt-in per-source SYN rate limit (nftables)"),

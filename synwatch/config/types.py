@@ -58,6 +58,16 @@ class BanSettings:
     min_share: float = 0.05  # a prefix carrying less of the flood is not worth a ban
     widest_v4: int = 16  # prefixes that fill a larger block are banned as it, up to this wide
     widest_v6: int = 48
+    scope: str = "local"  # local | fleet: copied by every node sharing the history
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    host: str = ""  # this node's name in the history ("" is resolved to the hostname)
+    state_dir: str = ""
+    spool_max: int = 100_000
+    keep_events: float | None = 90 * 86400.0  # None = forever
+    keep_incidents: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +125,8 @@ class Config:
     exec: ExecSettings
     metrics_listen: tuple[str, int] | None
     synproxy: SynproxySettings = SynproxySettings()
+    storage: StorageSettings = StorageSettings()
+
+    @property
+    def host(self) -> str:
+        return self.storage.host

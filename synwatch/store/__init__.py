@@ -11,23 +11,39 @@ import logging
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from synwatch.config import sqlite_file
 from synwatch.errors import StoreError
 from synwatch.store.base import BUSY_TIMEOUT
+from synwatch.store.fleet import Fleet
 from synwatch.store.queries import Queries
+from synwatch.store.retention import Retention
 from synwatch.store.state import ServiceState
 from synwatch.store.writes import NewEvent, Writes
 
 __all__ = ["BUSY_TIMEOUT", "MIGRATIONS", "NewEvent", "Store"]
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK = 0x73796E77  # "synw": the advisory lock nodes take to migrate one at a time
+
+
+def _why(exc: BaseException) -> str:
+    """The first line of a driver's message, without SQLAlchemy's background link."""
+    text_ = str(getattr(exc, "orig", None) or exc).strip()
+    return text_.splitlines()[0] if text_ else type(exc).__name__
+
+
+def _unreachable(exc: OperationalError) -> bool:
+    """The database server is not there (as opposed to a table that is not there)."""
+    return "no such table" not in str(exc) and "does not exist" not in str(exc) \
+        and "UndefinedTable" not in type(exc.orig).__name__
 
 
 def _sqlite_pragmas(store: Store) -> Any:
@@ -41,13 +57,15 @@ def _sqlite_pragmas(store: Store) -> Any:
     return set_pragmas
 
 
-class Store(Writes, Queries, ServiceState):
+class Store(Writes, Queries, ServiceState, Fleet, Retention):
     """The history: one object for the service and the CLI, in parts by what they are for
     (``Writes``: recording; ``Queries``: what people read; ``ServiceState``: what the service
-    carries over a restart). Opening migrates the schema."""
+    carries over a restart; ``Fleet``: what nodes sharing it tell each other; ``Retention``:
+    pruning). ``host`` names this node (storage.host): what it writes carries it, and what it
+    resumes is its own. Opening migrates the schema."""
 
-    def __init__(self, url: str, engine: Engine) -> None:
-        super().__init__(url, engine)
+    def __init__(self, url: str, engine: Engine, host: str | None = None) -> None:
+        super().__init__(url, engine, host or socket.gethostname())
 
     def set_busy_timeout(self, seconds: float) -> None:
         """How long a write waits for another writer's lock from now on. The service waits
@@ -55,8 +73,12 @@ class Store(Writes, Queries, ServiceState):
         self.busy_timeout = seconds
         self.engine.dispose()  # pooled connections reconnect with the new pragma
 
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
     @classmethod
-    def open(cls, url: str, *, migrate: bool = True) -> Store:
+    def open(cls, url: str, *, migrate: bool = True, host: str | None = None) -> Store:
         try:
             parsed = make_url(url)
         except SQLAlchemyError as exc:
@@ -75,10 +97,12 @@ class Store(Writes, Queries, ServiceState):
             except OSError as exc:
                 raise StoreError(shown, f"cannot create {db_file}: {exc.strerror}") from exc
         try:
-            engine = create_engine(url)
+            # pre-ping: a database server restarted under a long-running service leaves dead
+            # pooled connections; each checkout tests its connection and reconnects
+            engine = create_engine(url, pool_pre_ping=parsed.get_backend_name() != "sqlite")
         except (SQLAlchemyError, ImportError) as exc:
-            raise StoreError(shown, str(exc)) from exc
-        store = cls(url, engine)
+            raise StoreError(shown, _why(exc)) from exc
+        store = cls(url, engine, host)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas(store))
         if migrate:
@@ -86,13 +110,14 @@ class Store(Writes, Queries, ServiceState):
         return store
 
     @classmethod
-    def open_existing(cls, url: str, *, migrate: bool = True) -> Store | None:
+    def open_existing(cls, url: str, *, migrate: bool = True,
+                      host: str | None = None) -> Store | None:
         """The history if there is one: an SQLite file that is not there is not created
         (`top`, the package's removal)."""
         db = sqlite_file(url)
         if db is not None and not db.exists():
             return None
-        return cls.open(url, migrate=migrate)
+        return cls.open(url, migrate=migrate, host=host)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -106,14 +131,22 @@ class Store(Writes, Queries, ServiceState):
         cfg.set_main_option("script_location", str(MIGRATIONS))
         return cfg
 
-    def schema_revision(self) -> str | None:
+    def schema_revision(self, conn: Connection | None = None) -> str | None:
         """The schema's revision as Alembic records it, read without Alembic (its import costs
         5 MB and tens of milliseconds on every command)."""
+        if conn is not None:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         try:
-            with self.engine.connect() as conn:
-                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        except SQLAlchemyError:
+            with self.engine.connect() as own:
+                return own.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except OperationalError as exc:
+            if _unreachable(exc):
+                raise StoreError(self.display_url, _why(exc)) from exc
             return None  # no alembic_version table: an empty database
+        except SQLAlchemyError:
+            return None
 
     def head_revision(self) -> str | None:
         """The newest migration: the revision no other migration revises (read from the
@@ -143,8 +176,17 @@ class Store(Writes, Queries, ServiceState):
                 shutil.copy2(db, backup)
                 log.info("store: schema %s -> %s, copy kept at %s", current, head, backup)
             cfg = self._alembic_config()
+            cfg.attributes["host"] = self.host  # old rows without a host are this node's
             with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    # nodes of a fleet starting together: one migrates, the others wait for it
+                    # and find the schema current (the lock ends with the transaction)
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                 {"key": MIGRATION_LOCK})
+                    if self.schema_revision(conn) == head:
+                        return
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(self.display_url, f"cannot migrate the schema: {exc}") from exc
+            raise StoreError(self.display_url,
+                             f"cannot migrate the schema: {_why(exc)}") from exc

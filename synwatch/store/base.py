@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal, cast
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,18 +25,27 @@ from synwatch.records import (
 from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, TimelineRow
 
 BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock (the CLI, migrations)
+BAN_CHANNEL = "synwatch_bans"  # PostgreSQL LISTEN/NOTIFY channel of fleet bans
 
 
 class StoreBase:
-    def __init__(self, url: str, engine: Engine) -> None:
+    def __init__(self, url: str, engine: Engine, host: str) -> None:
         self.url = url
         self.engine = engine
+        self.host = host  # this node (storage.host): what it writes carries it
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self.busy_timeout = BUSY_TIMEOUT
 
     @property
     def display_url(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
+
+    def announce_bans(self, session: Session) -> None:
+        """Wake the other nodes' fleet ban reconcile (delivered at commit, once per
+        transaction: https://www.postgresql.org/docs/current/sql-notify.html)."""
+        if self.engine.dialect.name == "postgresql":
+            session.execute(text("SELECT pg_notify(:channel, :host)"),
+                            {"channel": BAN_CHANNEL, "host": self.host})
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -79,26 +88,28 @@ def incident_record(r: IncidentRow) -> Incident:
 def run_record(r: ActionRunRow) -> ActionRun:
     return ActionRun(incident_id=r.incident_id, action=r.action, target=r.target,
                      status=r.status, at=r.at, rendered=r.rendered, detail=r.detail,
-                     retry_at=r.retry_at, id=r.id)
+                     retry_at=r.retry_at, id=r.id, host=r.host or "")
 
 
-def run_row(run: ActionRun) -> ActionRunRow:
+def run_row(run: ActionRun, host: str) -> ActionRunRow:
     return ActionRunRow(incident_id=run.incident_id, action=run.action, target=run.target[:255],
                         status=run.status, at=run.at, rendered=run.rendered,
-                        detail=run.detail, retry_at=run.retry_at)
+                        detail=run.detail, retry_at=run.retry_at, host=run.host or host)
 
 
 def ban_record(r: BanRow) -> Ban:
     return Ban(prefix=r.prefix, backend=r.backend, netns=r.netns, incident_id=r.incident_id,
                created_at=r.created_at, expires_at=r.expires_at, removed_at=r.removed_at,
-               times_banned=r.times_banned, id=r.id)
+               times_banned=r.times_banned, id=r.id, host=r.host, scope=r.scope,
+               origin_id=r.origin_id)
 
 
-def ban_row(ban: Ban) -> BanRow:
+def ban_row(ban: Ban, host: str) -> BanRow:
     return BanRow(prefix=ban.prefix, backend=ban.backend, netns=ban.netns,
                   incident_id=ban.incident_id, created_at=ban.created_at,
                   expires_at=ban.expires_at, removed_at=ban.removed_at,
-                  times_banned=ban.times_banned)
+                  times_banned=ban.times_banned, host=ban.host or host, scope=ban.scope,
+                  origin_id=ban.origin_id)
 
 
 def point_record(r: TimelineRow) -> StoredPoint:

@@ -64,17 +64,19 @@ class EventRow(Base):
     mode: Mapped[str | None] = mapped_column(String(16))
     source_ip: Mapped[str | None] = mapped_column(String(64))
     source_port: Mapped[int | None]
-    host: Mapped[str | None] = mapped_column(String(255))
+    host: Mapped[str | None] = mapped_column(String(255))  # the node that recorded it
     message: Mapped[str] = mapped_column(Text)
     pattern: Mapped[str] = mapped_column(String(128))
     # What makes an entry unique in its source (journal cursor, boot+kmsg seq, line hash):
-    # recording the same entry twice is a no-op.
-    dedup_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # recording the same entry twice is a no-op. Unique per host: two nodes on one machine
+    # read the same journal (migration 0005).
+    dedup_key: Mapped[str | None] = mapped_column(String(255))
     incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"))
     __table_args__ = (Index("ix_events_time", "time"), Index("ix_events_port", "port"),
                       # when it happened, as the queries order: migration 0004
                       Index("ix_events_when", func.coalesce(text("time"), text("recorded_at")),
-                            "id"))
+                            "id"),
+                      Index("ux_events_host_dedup", "host", "dedup_key", unique=True))
 
 
 class IncidentRow(Base):
@@ -99,7 +101,8 @@ class IncidentRow(Base):
     recommendations: Mapped[list[Any]] = mapped_column(default=list)
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
     __table_args__ = (Index("ix_incidents_opened", "opened_at"),
-                      Index("ix_incidents_listener", "netns", "port", "status"))
+                      Index("ix_incidents_listener", "netns", "port", "status"),
+                      Index("ix_incidents_host_opened", "host", "opened_at"))
 
 
 class TimelineRow(Base):
@@ -131,6 +134,7 @@ class ActionRunRow(Base):
     # a failed run that will be tried again: when (the stop time for "at the next start");
     # None for every other run. Before 0003 this was prose in ``detail`` ("; retrying ").
     retry_at: Mapped[datetime | None] = mapped_column(default=None)
+    host: Mapped[str | None] = mapped_column(String(255))  # the node that ran it
 
 
 class BanRow(Base):
@@ -146,13 +150,20 @@ class BanRow(Base):
     expires_at: Mapped[datetime]
     removed_at: Mapped[datetime | None]
     times_banned: Mapped[int] = mapped_column(default=1)  # for longer bans of repeat offenders
-    __table_args__ = (Index("ix_bans_prefix", "prefix"), Index("ix_bans_expires", "expires_at"))
+    host: Mapped[str] = mapped_column(String(255))  # the node whose firewall holds it
+    scope: Mapped[str] = mapped_column(String(8), default="local",
+                                       server_default="local")  # local | fleet
+    origin_id: Mapped[int | None]  # a fleet ban copied from another node: the ban it copies
+    __table_args__ = (Index("ix_bans_prefix", "prefix"), Index("ix_bans_expires", "expires_at"),
+                      Index("ix_bans_host_netns", "host", "netns", "removed_at"),
+                      Index("ix_bans_origin", "origin_id"))
 
 
 class SourcePositionRow(Base):
     """Where a source resumes: journal cursor, kmsg boot+sequence, file inode+offset+head hash."""
 
     __tablename__ = "source_positions"
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
     source: Mapped[str] = mapped_column(String(512), primary_key=True)
     position: Mapped[dict[str, Any]] = mapped_column(default=dict)
     updated_at: Mapped[datetime]
@@ -163,7 +174,19 @@ class SavedSettingRow(Base):
     kept in the store so a crash or a restart still restores it."""
 
     __tablename__ = "saved_settings"
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
     netns: Mapped[str] = mapped_column(String(255), primary_key=True)
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str] = mapped_column(String(255))
     saved_at: Mapped[datetime]
+
+
+class NodeRow(Base):
+    """A node of the fleet (one row even on a single server): its last heartbeat."""
+
+    __tablename__ = "nodes"
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pid: Mapped[int | None]
+    started_at: Mapped[datetime]
+    seen_at: Mapped[datetime]
+    version: Mapped[str] = mapped_column(String(32), default="", server_default="")

@@ -22,11 +22,14 @@ from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, T
 
 
 class Queries(StoreBase):
-    def events(self, since: datetime | None = None,
-               limit: int | None = None) -> list[RecordedEvent]:
-        """Events oldest first; with ``limit``, the newest ``limit`` of them."""
+    def events(self, since: datetime | None = None, limit: int | None = None,
+               host: str | None = None) -> list[RecordedEvent]:
+        """Events oldest first (of ``host``, else of every node); with ``limit``, the newest
+        ``limit`` of them."""
         order = func.coalesce(EventRow.time, EventRow.recorded_at)
         q = select(EventRow)
+        if host is not None:
+            q = q.where(EventRow.host == host)
         if since is not None:
             q = q.where(order >= since)
         with self.session() as s:
@@ -35,10 +38,13 @@ class Queries(StoreBase):
                 return [event_record(r) for r in rows[::-1]]
             return [event_record(r) for r in s.scalars(q.order_by(order, EventRow.id))]
 
-    def incidents(self, since: datetime | None = None, port: int | None = None,
+    def incidents(self, since: datetime | None = None, port: int | None = None, *,
                   verdict: str | None = None, limit: int | None = None,
-                  status: str | None = None) -> list[Incident]:
+                  status: str | None = None, host: str | None = None) -> list[Incident]:
+        """Incidents oldest first (of ``host``, else of every node)."""
         q = select(IncidentRow)
+        if host is not None:
+            q = q.where(IncidentRow.host == host)
         if status is not None:
             q = q.where(IncidentRow.status == status)
         if since is not None:
@@ -93,7 +99,10 @@ class Queries(StoreBase):
                 select(TimelineRow).where(TimelineRow.incident_id == incident_id)
                 .order_by(TimelineRow.at, TimelineRow.id))]
 
-    def bans(self) -> list[Ban]:
+    def bans(self, host: str | None = None) -> list[Ban]:
+        """Bans oldest first (of ``host``, else of every node)."""
+        q = select(BanRow)
+        if host is not None:
+            q = q.where(BanRow.host == host)
         with self.session() as s:
-            return [ban_record(r) for r in s.scalars(select(BanRow)
-                                                     .order_by(BanRow.created_at, BanRow.id))]
+            return [ban_record(r) for r in s.scalars(q.order_by(BanRow.created_at, BanRow.id))]

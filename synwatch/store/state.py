@@ -24,7 +24,7 @@ from synwatch.store.models import (
 class ServiceState(StoreBase):
     def get_position(self, source: str) -> dict[str, Any] | None:
         with self.session() as s:
-            row = s.get(SourcePositionRow, source)
+            row = s.get(SourcePositionRow, (self.host, source))
             return dict(row.position) if row else None
 
     def open_incidents(self, host: str, netns: str) -> list[IncidentChange]:
@@ -52,7 +52,8 @@ class ServiceState(StoreBase):
                     select(ActionRunRow)
                     .join(IncidentRow, ActionRunRow.incident_id == IncidentRow.id)
                     .where(ActionRunRow.action == action, ActionRunRow.at >= since,
-                           IncidentRow.host == host, IncidentRow.netns == netns)
+                           ActionRunRow.host == host, IncidentRow.host == host,
+                           IncidentRow.netns == netns)
                     .order_by(ActionRunRow.at, ActionRunRow.id)):
                 latest[run.incident_id, run.target] = run_record(run)
         return list(latest.values())
@@ -61,29 +62,32 @@ class ServiceState(StoreBase):
 
     def saved_setting(self, netns: str, name: str) -> str | None:
         with self.session() as s:
-            row = s.get(SavedSettingRow, (netns, name))
+            row = s.get(SavedSettingRow, (self.host, netns, name))
             return row.value if row else None
 
     def save_setting(self, netns: str, name: str, value: str, now: datetime) -> None:
         with self.session() as s:
-            s.merge(SavedSettingRow(netns=netns, name=name, value=value, saved_at=now))
+            s.merge(SavedSettingRow(host=self.host, netns=netns, name=name, value=value,
+                                    saved_at=now))
 
     def saved_settings(self) -> list[tuple[str, str, str]]:
-        """(netns, name, value) of every setting synwatch changed and has not put back."""
+        """(netns, name, value) of every setting this node changed and has not put back."""
         with self.session() as s:
-            return [(r.netns, r.name, r.value) for r in s.scalars(select(SavedSettingRow))]
+            return [(r.netns, r.name, r.value) for r in s.scalars(
+                select(SavedSettingRow).where(SavedSettingRow.host == self.host))]
 
     def forget_setting(self, netns: str, name: str) -> None:
         with self.session() as s:
-            row = s.get(SavedSettingRow, (netns, name))
+            row = s.get(SavedSettingRow, (self.host, netns, name))
             if row is not None:
                 s.delete(row)
 
     # -- bans -------------------------------------------------------------------------------
 
     def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
-        q = select(BanRow).where(BanRow.netns == netns, BanRow.removed_at.is_(None),
-                                 BanRow.expires_at > now)
+        """This node's bans in force in ``netns`` (a fleet shares the table)."""
+        q = select(BanRow).where(BanRow.host == self.host, BanRow.netns == netns,
+                                 BanRow.removed_at.is_(None), BanRow.expires_at > now)
         if backend is not None:
             q = q.where(BanRow.backend == backend)
         with self.session() as s:
@@ -93,21 +97,39 @@ class ServiceState(StoreBase):
         """Bans past their expiry that nobody removed (for backends without kernel timeouts)."""
         with self.session() as s:
             return [ban_record(r) for r in s.scalars(select(BanRow).where(
-                BanRow.netns == netns, BanRow.backend == backend, BanRow.removed_at.is_(None),
-                BanRow.expires_at <= now))]
+                BanRow.host == self.host, BanRow.netns == netns, BanRow.backend == backend,
+                BanRow.removed_at.is_(None), BanRow.expires_at <= now))]
 
     def times_banned(self, netns: str, prefix: str) -> int:
         """How often ``prefix`` was banned before (for longer bans of repeat offenders)."""
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(BanRow).where(
-                BanRow.netns == netns, BanRow.prefix == prefix)) or 0)
+                BanRow.host == self.host, BanRow.netns == netns, BanRow.prefix == prefix))
+                or 0)
 
     def incident_bans(self, incident_id: int) -> set[str]:
         with self.session() as s:
-            return set(s.scalars(select(BanRow.prefix).where(BanRow.incident_id == incident_id)))
+            return set(s.scalars(select(BanRow.prefix).where(
+                BanRow.host == self.host, BanRow.incident_id == incident_id)))
 
-    def mark_removed(self, ban_ids: Sequence[int | None], now: datetime) -> None:
+    def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
+                     everywhere: bool = False) -> None:
+        """Bans gone from the firewall. With ``everywhere`` (`unban`), a fleet ban (an origin or
+        a copy) is lifted with every copy of it on every node, and the other nodes are woken to
+        take it out of their firewalls; an expiry lifts only the row itself."""
         ids = [i for i in ban_ids if i is not None]
-        if ids:
-            with self.session() as s:
-                s.execute(update(BanRow).where(BanRow.id.in_(ids)).values(removed_at=now))
+        if not ids:
+            return
+        with self.session() as s:
+            fleet = list(s.execute(select(BanRow.id, BanRow.origin_id).where(
+                BanRow.id.in_(ids), BanRow.scope == "fleet"))) if everywhere else []
+            if fleet:
+                origins = {origin or ban for ban, origin in fleet}
+                ids += list(s.scalars(select(BanRow.id).where(
+                    (BanRow.id.in_(origins)) | (BanRow.origin_id.in_(origins)),
+                    BanRow.removed_at.is_(None))))
+            s.execute(update(BanRow).where(BanRow.id.in_(set(ids)),
+                                           BanRow.removed_at.is_(None))
+                      .values(removed_at=now))
+            if fleet:
+                self.announce_bans(s)

@@ -40,7 +40,8 @@ def incident_view(i: Incident, runs: list[ActionRun]) -> dict[str, Any]:
 
 def ban_view(b: Ban, now: datetime) -> dict[str, Any]:
     return {
-        "prefix": b.prefix, "backend": b.backend, "incident_id": b.incident_id,
+        "host": b.host, "prefix": b.prefix, "backend": b.backend, "scope": b.scope,
+        "incident_id": b.incident_id,
         "created_at": iso(b.created_at), "expires_at": iso(b.expires_at),
         "active": b.removed_at is None and b.expires_at > now,
     }

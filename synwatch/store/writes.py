@@ -49,8 +49,8 @@ class Writes(StoreBase):
         keys = [e.dedup_key for e in events if e.dedup_key]
         rows: list[EventRow | None] = []
         with self.session() as s:
-            known = set(s.scalars(select(EventRow.dedup_key)
-                                  .where(EventRow.dedup_key.in_(keys)))) if keys else set()
+            known = set(s.scalars(select(EventRow.dedup_key).where(
+                EventRow.host == self.host, EventRow.dedup_key.in_(keys)))) if keys else set()
             for e in events:
                 if e.dedup_key and e.dedup_key in known:
                     rows.append(None)
@@ -59,11 +59,12 @@ class Writes(StoreBase):
                     known.add(e.dedup_key)
                 row = EventRow(recorded_at=now,
                                **{f: getattr(e, f) for f in NewEvent.__slots__})
+                row.host = self.host  # the recording node, whatever the log line names
                 s.add(row)
                 rows.append(row)
             if position is not None:
-                s.merge(SourcePositionRow(source=position[0], position=position[1],
-                                          updated_at=now))
+                s.merge(SourcePositionRow(host=self.host, source=position[0],
+                                          position=position[1], updated_at=now))
             s.flush()
             return [r.id if r is not None else None for r in rows]
 
@@ -108,15 +109,22 @@ class Writes(StoreBase):
 
     def add_action_runs(self, runs: Sequence[ActionRun]) -> None:
         """Record action outcomes (all or none)."""
-        self._insert([run_row(r) for r in runs])
+        self._insert([run_row(r, self.host) for r in runs])
 
-    def add_bans(self, bans: Sequence[Ban]) -> None:
-        self._insert([ban_row(b) for b in bans])
+    def add_bans(self, bans: Sequence[Ban]) -> list[int]:
+        """Record bans; returns their ids. A fleet ban is announced to the other nodes when
+        the transaction commits (PostgreSQL NOTIFY; they also look every few seconds)."""
+        rows = [ban_row(b, self.host) for b in bans]
+        self._insert(rows, announce=any(b.scope == "fleet" for b in bans))
+        return [r.id for r in rows]
 
-    def _insert(self, rows: Sequence[object]) -> None:
+    def _insert(self, rows: Sequence[object], announce: bool = False) -> None:
         try:
             with self.session() as s:
                 s.add_all(rows)
+                s.flush()
+                if announce:
+                    self.announce_bans(s)
         except StoreError as exc:
             if isinstance(exc.__cause__, IntegrityError):
                 raise StoreError(self.display_url, f"duplicate row: {exc.why}") from exc

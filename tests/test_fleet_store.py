@@ -1,0 +1,162 @@
+"""The history on a real PostgreSQL server (tests/pgcluster.py): the same migrations as on
+SQLite, from an old schema with data; many nodes writing at once; the fleet views of the CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import MetaData, create_engine, insert, select, text
+
+from synwatch.records import Ban
+from synwatch.store import Store
+from tests.conftest import synwatch
+from tests.test_store import OLD_HISTORIES, T0, _event, check_old_history
+
+
+def _copy_old_history(sqlite_file: Path, url: str, revision: str) -> None:
+    """The old SQLite history's rows, copied into a PostgreSQL database at the same schema
+    revision (made by the same migrations), as an older synwatch would have written them."""
+    store = Store.open(url, migrate=False)
+    cfg = store._alembic_config()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    source = create_engine(f"sqlite:///{sqlite_file}")
+    old, new = MetaData(), MetaData()
+    old.reflect(source)
+    new.reflect(store.engine)
+    with source.connect() as src, store.engine.begin() as dst:
+        dst.execute(text("SET TIME ZONE 'UTC'"))  # SQLite's naive times are UTC
+        for table in old.sorted_tables:
+            if table.name == "alembic_version":
+                continue
+            rows = [dict(r._mapping) for r in src.execute(select(table))]
+            if rows:
+                dst.execute(insert(new.tables[table.name]), rows)
+        for seq in ("incidents", "events", "action_runs", "bans", "evidence_samples"):
+            dst.execute(text(f"SELECT setval(pg_get_serial_sequence('{seq}', 'id'), "
+                             f"(SELECT coalesce(max(id), 0) + 1 FROM {seq}), false)"))
+    source.dispose()
+    store.close()
+
+
+@pytest.mark.parametrize("old", OLD_HISTORIES, ids=[p.stem for p in OLD_HISTORIES])
+def test_postgresql_migrates_an_old_history_with_its_data(pg_url: str, old: Path) -> None:
+    revision = old.stem.removeprefix("schema_")
+    _copy_old_history(old, pg_url, revision)
+    store = Store.open(pg_url)
+    assert store.dialect == "postgresql"
+    assert store.schema_revision() == store.head_revision() == "0005"
+    check_old_history(store, revision)
+
+
+def test_postgresql_migrations_run_down_and_up(pg_url: str) -> None:
+    store = Store.open(pg_url)
+    cfg = store._alembic_config()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+    assert store.schema_revision() is None
+    store.migrate()
+    assert store.schema_revision() == "0005"
+
+
+def test_nodes_starting_together_migrate_once(pg_url: str) -> None:
+    """Four nodes open a new fleet history at the same moment: one migrates (an advisory
+    lock), the others wait and find the schema current; none fails."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def node(name: str) -> None:
+        try:
+            start.wait()
+            Store.open(pg_url, host=name).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(f"web{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert Store.open(pg_url).schema_revision() == "0005"
+
+
+def test_nodes_writing_at_once_lose_nothing_and_duplicate_nothing(pg_url: str) -> None:
+    """Four nodes on one machine read the same journal and write at once: each records every
+    entry once under its own name, and a second pass (a restart) adds nothing."""
+    Store.open(pg_url).close()
+    entries = [_event(i) for i in range(300)]
+    counts: dict[str, list[int]] = {}
+
+    def node(name: str) -> None:
+        store = Store.open(pg_url, host=name)
+        counts[name] = [store.record_events(entries[i:i + 25], T0, ("journald", {"n": i}))
+                        for i in range(0, len(entries), 25)]
+        counts[name].append(store.record_events(entries, T0))  # again, after a "restart"
+        store.close()
+
+    threads = [threading.Thread(target=node, args=(f"web{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {name: (sum(c[:-1]), c[-1]) for name, c in counts.items()} == {
+        f"web{i}": (300, 0) for i in range(4)}
+    store = Store.open(pg_url, host="web2")
+    assert len(store.events(host="web2")) == 300
+    assert len(store.events()) == 1200
+    assert store.get_position("journald") == {"n": 275}
+
+
+def _fleet_config(tmp_path: Path, url: str, host: str) -> Path:
+    path = tmp_path / f"{host}.toml"
+    path.write_text(f'[storage]\nurl = "{url}"\nhost = "{host}"\n'
+                    f'state_dir = "{tmp_path / host}"\n')
+    return path
+
+
+def test_fleet_views_show_this_host_one_host_or_all(tmp_path: Path, pg_url: str) -> None:
+    from synwatch.store.models import IncidentRow
+
+    now = datetime.now(timezone.utc)
+    for host, port in (("web1", 443), ("web2", 80)):
+        store = Store.open(pg_url, host=host)
+        with store.session() as s:
+            row = IncidentRow(host=host, netns="", address="0.0.0.0", port=port, family=4,
+                              status="closed", verdict="concentrated", trigger="log",
+                              opened_at=now, closed_at=now, peak_syn_recv=10,
+                              top_prefixes=[], recommendations=[], evidence={})
+            s.add(row)
+        store.add_bans([Ban(prefix=f"198.51.{port}.0/24", backend="nftables", netns="",
+                            incident_id=row.id, created_at=now,
+                            expires_at=now + timedelta(hours=1))])
+        store.heartbeat(1, now, now, "test")
+    web1 = _fleet_config(tmp_path, pg_url, "web1")
+
+    def listed(*args: str) -> list[tuple[str, object]]:
+        res = synwatch(*args, "--format", "json", "--config", str(web1))
+        assert res.code == 0, res.err
+        return [(r["host"], r.get("port") or r.get("prefix")) for r in json.loads(res.out)]
+
+    assert listed("incidents", "list") == [("web1", 443)]
+    assert listed("incidents", "list", "--host", "web2") == [("web2", 80)]
+    assert listed("incidents", "list", "--all-hosts") == [("web1", 443), ("web2", 80)]
+    assert listed("bans", "list") == [("web1", "198.51.443.0/24")]
+    assert listed("bans", "list", "--all-hosts") == [("web1", "198.51.443.0/24"),
+                                                     ("web2", "198.51.80.0/24")]
+    status = synwatch("status", "--format", "json", "--config", str(web1))
+    view = json.loads(status.out)
+    assert status.code == 3  # no daemon
+    assert view["store"].startswith("postgresql+psycopg://postgres@/synwatch_")
+    assert view["host"] == "web1"
+    assert sorted((h["host"], h["recent"]) for h in view["hosts"]) == [("web1", True),
+                                                                      ("web2", True)]
+    text_ = synwatch("incidents", "list", "--all-hosts", "--config", str(web1)).out
+    assert "web2" in text_.splitlines()[-1]
