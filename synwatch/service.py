@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from types import FrameType
 
-from synwatch import netns, sdnotify
+from synwatch import __version__, netns, sdnotify
 from synwatch.actions.registry import resolve_policy
 from synwatch.catalogue import load_catalogue
 from synwatch.clock import Clock, SystemClock
@@ -33,6 +33,7 @@ from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
 from synwatch.store import Store
+from synwatch.store.retention import PRUNE_BATCH
 from synwatch.supervisor import Supervisor
 from synwatch.telemetry import Telemetry
 
@@ -40,6 +41,9 @@ log = logging.getLogger("synwatch")
 STORE_WAIT = 0.2  # seconds a write waits for a locked store before it is kept for later
 STORE_RETRY = 1.0  # seconds between tries while the store refuses writes
 STATUS_EVERY = 1.0  # seconds between writes of the status file (and STATUS= updates)
+HEARTBEAT_EVERY = 10.0  # seconds between this node's heartbeats in the history (status, fleets)
+PRUNE_EVERY = 3600.0  # seconds between retention passes (storage.retention); the first is soon
+PRUNE_FIRST = 60.0
 
 
 @dataclass
@@ -74,6 +78,10 @@ class Service:
         self.responder: Responder | None = None
         self.telemetry = Telemetry(config)
         self._status_due = 0.0
+        self._heartbeat_due = 0.0
+        self._started_at = self.clock.now()
+        self._prune_due = time.monotonic() + PRUNE_FIRST
+        self._pruning: list[str] = []  # what the running retention pass has left to prune
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -306,6 +314,43 @@ class Service:
             if not self._record(batch):
                 return
 
+    def _keep_up(self) -> None:
+        """Store housekeeping between the steps of detection: the heartbeat, and one small
+        batch of the retention pass at a time (never a long transaction)."""
+        assert self.store is not None
+        mono = time.monotonic()
+        if self._store_problem is not None:
+            return
+        try:
+            if mono >= self._heartbeat_due:
+                self._heartbeat_due = mono + HEARTBEAT_EVERY
+                self.store.heartbeat(os.getpid(), self._started_at, self.clock.now(),
+                                     __version__)
+            if mono >= self._prune_due and not self._pruning:
+                self._prune_due = mono + PRUNE_EVERY
+                self._pruning = ["events", "incidents"]
+            if self._pruning:
+                self._prune_step()
+        except StoreError as exc:
+            log.warning("store: %s; housekeeping (heartbeat, retention) tried again later", exc)
+
+    def _prune_step(self) -> None:
+        assert self.store is not None
+        keep = self.config.storage
+        what, now = self._pruning[0], self.clock.now()
+        if what == "events" and keep.keep_events is not None:
+            gone = self.store.prune_events(now - timedelta(seconds=keep.keep_events))
+            done = gone < PRUNE_BATCH
+        elif what == "incidents" and keep.keep_incidents is not None:
+            gone = self.store.prune_incidents(now - timedelta(seconds=keep.keep_incidents), now)
+            done = gone == 0
+        else:
+            gone, done = 0, True
+        if gone:
+            log.info("retention: %d %s pruned", gone, what)
+        if done:
+            self._pruning.pop(0)
+
     def _reload(self) -> None:
         sdnotify.reloading()
         try:
@@ -342,6 +387,7 @@ class Service:
                 self._probe()
             if self.responder is not None:
                 self.responder.tick()
+            self._keep_up()
             if time.monotonic() >= self._status_due:
                 self._status_due = time.monotonic() + STATUS_EVERY
                 if self._store_problem is None:  # once a second, not at every probe

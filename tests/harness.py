@@ -4,7 +4,6 @@ through the CLI. Helpers live here, not in test modules, so no test imports anot
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -74,10 +73,14 @@ def stop_service(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 class Service:
     def __init__(self, the_lab: Lab, tmp_path: Path, quiet: str = "3s",
-                 dry_run: bool = True, extra: str = "", incident: str = "") -> None:
+                 dry_run: bool = True, extra: str = "", incident: str = "",
+                 storage: str = "") -> None:
+        """``storage``: the [storage] section's keys (default: an SQLite file in tmp_path)."""
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.config = tmp_path / "synwatch.toml"
+        storage = storage or f'url = "sqlite:///{tmp_path}/h.db"'
         self.config.write_text(
-            f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
+            f'[storage]\n{storage}\n'
             '[sources]\njournald = false\nkmsg = true\n'
             f'[watch]\nnetns = "{the_lab.server_ns}"\n'
             f'[incident]\nquiet_period = "{quiet}"\nprobe_interval = "0.5s"\n{incident}'

@@ -15,7 +15,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
 
@@ -24,14 +24,15 @@ from synwatch.actions.presets import load_presets
 from synwatch.actions.registry import Action, ActionContext, Plan, skipped
 from synwatch.config import BanSettings, Config, Network
 from synwatch.durations import format_duration
-from synwatch.errors import CommandError, NotFound, UsageError
-from synwatch.records import ActionRun, Ban, IncidentChange
+from synwatch.errors import CommandError
+from synwatch.fleetlisten import FleetListener
+from synwatch.records import Ban, IncidentChange
 from synwatch.runner import Command, run, show
 from synwatch.stats import aggregate
-from synwatch.store import Store
 
 log = logging.getLogger("synwatch")
 RECONCILE_EVERY = 60.0  # seconds
+FLEET_EVERY = 5.0  # seconds: a fleet's bans are looked at this often without a notification
 ALWAYS_PROTECTED = ((ipaddress.ip_network("127.0.0.0/8"), "loopback"),
                     (ipaddress.ip_network("::1/128"), "loopback"),
                     (ipaddress.ip_network("0.0.0.0/32"), "unspecified"),
@@ -145,10 +146,17 @@ class BanAction(Action):
         self.guard = Guard(())
         self.host: list[tuple[Network, str]] = []
         self.reconcile_state = _Reconcile()
+        self.listener: FleetListener | None = None
+        self.fleet_due = 0.0
+        self.fleet_seen: set[int] = set()  # other nodes' fleet bans decided on here
 
     @classmethod
     def enabled(cls, config: Config) -> bool:
         return config.ban.enabled
+
+    @property
+    def fleet(self) -> bool:
+        return self.ctx.config.ban.scope == "fleet"
 
     def _refresh_guard(self) -> None:
         try:
@@ -166,14 +174,80 @@ class BanAction(Action):
         if setup:
             plans.append(Plan(self.name, f"{self.firewall.name} setup", show(setup),
                               lambda: self._apply(setup, "ready")))
-        return plans + self._reconcile()
+        if self.fleet and self.ctx.store.dialect == "postgresql":
+            self.listener = FleetListener(self.ctx.store.url, self.ctx.host)
+            self.listener.start()
+        return plans + self._reconcile() + self._fleet_tick(self.ctx.clock.monotonic())
+
+    def stop(self) -> list[Plan]:
+        if self.listener is not None:
+            self.listener.stop()
+        return []
 
     def tick(self, now: datetime) -> list[Plan]:
         mono = self.ctx.clock.monotonic()
+        woken = self.listener is not None and self.listener.woken.is_set()
+        if woken or (self.fleet and mono >= self.fleet_due):
+            return self._fleet_tick(mono)
         if mono < self.reconcile_state.due:
             return []
         self._refresh_guard()
         return self._reconcile()
+
+    # -- a fleet's bans -------------------------------------------------------------------------
+
+    def _fleet_tick(self, mono: float) -> list[Plan]:
+        """Lifts what another node unbanned (the reconcile: its copy here was marked removed),
+        then copies the bans other nodes decided since the last look."""
+        if not self.fleet:
+            return []
+        if self.listener is not None:
+            self.listener.woken.clear()
+        self.fleet_due = mono + FLEET_EVERY
+        return self._reconcile() + self._copy_fleet()
+
+    def _copy_fleet(self) -> list[Plan]:
+        """Other nodes' fleet bans, each copied here within this node's own guard (allowlist,
+        own addresses), caps and ``max_duration``; a refusal is recorded once."""
+        store, now, settings = self.ctx.store, self.ctx.clock.now(), self.ctx.config.ban
+        origins = [b for b in store.fleet_bans_to_copy(now) if b.id not in self.fleet_seen]
+        if not origins:
+            return []
+        active = store.active_bans(self.ctx.netns, now)
+        banned = Guard(tuple((ipaddress.ip_network(b.prefix), "already banned here")
+                             for b in active))
+        plans: list[Plan] = []
+        for origin in origins:
+            assert origin.id is not None
+            self.fleet_seen.add(origin.id)
+            why = self.guard.refuses(origin.prefix) or banned.refuses(origin.prefix)
+            if why is None and len(active) + len(plans) >= settings.max_total:
+                why = f"cap of {settings.max_total} active bans reached"
+            if why is not None:
+                if not self.ctx.config.dry_run:  # decided: not looked at again
+                    store.add_bans([replace(origin, id=None, host="", netns=self.ctx.netns,
+                                            backend=self.firewall.name, created_at=now,
+                                            removed_at=now, origin_id=origin.id)])
+                plans.append(skipped(self.name, origin.prefix,
+                                     f"fleet ban from {origin.host} not copied: {why}",
+                                     origin.incident_id))
+                continue
+            until = min(origin.expires_at, now + timedelta(seconds=settings.max_duration))
+            item = BanItem(origin.prefix, max(1, int((until - now).total_seconds())),
+                           f"synwatch fleet ban {origin.id} from {origin.host}")
+            commands = self.firewall.render_ban([item])
+            plans.append(Plan(self.name, origin.prefix, show(commands),
+                              partial(self._copy, origin, item, commands), origin.incident_id))
+        return plans
+
+    def _copy(self, origin: Ban, item: BanItem, commands: Sequence[Command]) -> str:
+        now = self.ctx.clock.now()
+        self.ctx.store.add_bans([replace(origin, id=None, host="", netns=self.ctx.netns,
+                                         backend=self.firewall.name, created_at=now,
+                                         expires_at=now + timedelta(seconds=item.seconds),
+                                         origin_id=origin.id)])
+        self.firewall.apply(commands)  # a failure: the reconcile puts it in from the store
+        return f"fleet ban from {origin.host}, for {format_duration(item.seconds)}"
 
     def _apply(self, commands: Sequence[Command], outcome: str) -> str:
         self.firewall.apply(commands)
@@ -215,7 +289,8 @@ class BanAction(Action):
                                      netns=self.ctx.netns, incident_id=incident_id,
                                      created_at=now,
                                      expires_at=now + timedelta(seconds=item.seconds),
-                                     times_banned=times + 1)])
+                                     times_banned=times + 1,
+                                     scope=self.ctx.config.ban.scope)])
         try:
             self.firewall.apply(commands)
         except CommandError:
@@ -276,52 +351,3 @@ class BanAction(Action):
             return ", ".join(parts)
 
         return [Plan(self.name, f"{fw.name} reconcile", show(commands), apply)]
-
-
-@dataclass(frozen=True, slots=True)
-class Unbanned:
-    ban: Ban
-    rendered: str
-    kept: tuple[str, ...] = ()  # the rest of a wider block, still banned until it expires
-
-
-def unban(config: Config, store: Store, text: str, now: datetime) -> list[Unbanned]:
-    """Remove the active bans overlapping ``text`` (a prefix or an address) from their firewall
-    and mark them removed. A prefix inside a wider banned block lifts only itself: the block is
-    replaced by the rest of it (a /24 out of a /22 leaves a /23 and a /24), with the same
-    expiry. An explicit admin command: it acts even when the service's actions are a dry run."""
-    try:
-        wanted = ipaddress.ip_network(text, strict=False)
-    except ValueError as exc:
-        raise UsageError("unban", f"{text!r} is not a prefix or an address") from exc
-    hits = [b for b in store.active_bans(config.netns, now)
-            if ipaddress.ip_network(b.prefix).version == wanted.version
-            and ipaddress.ip_network(b.prefix).overlaps(wanted)]
-    if not hits:
-        raise NotFound(f"unban {text}", "no active ban covers it (see synwatch bans list)")
-    presets = load_presets()
-    done: list[Unbanned] = []
-    for ban in hits:
-        fw = Firewall(presets[ban.backend], config.netns, config.thresholds.ipv4_prefix,
-                      config.thresholds.ipv6_prefix)
-        block = ipaddress.ip_network(ban.prefix)
-        rest: list[str] = []
-        if block.prefixlen < wanted.prefixlen:
-            parts = block.address_exclude(wanted)  # type: ignore[arg-type]
-            rest = [str(n) for n in sorted(parts)]
-        seconds = max(1, int((ban.expires_at - now).total_seconds()))
-        commands = fw.render_unban([ban.prefix]) + fw.render_ban(
-            [BanItem(r, seconds, f"synwatch incident {ban.incident_id}") for r in rest])
-        fw.apply(commands)  # a failure leaves the ban active in the store: try again
-        store.mark_removed([ban.id], now)
-        store.add_bans([Ban(prefix=r, backend=ban.backend, netns=ban.netns,
-                            incident_id=ban.incident_id, created_at=now,
-                            expires_at=ban.expires_at, times_banned=ban.times_banned)
-                        for r in rest])
-        kept = f"; {', '.join(rest)} stay banned until {ban.expires_at.isoformat()}" \
-            if rest else ""
-        store.add_action_runs([ActionRun(
-            incident_id=ban.incident_id, action="unban", target=ban.prefix, status="done",
-            at=now, rendered=show(commands), detail=f"synwatch unban {text}{kept}")])
-        done.append(Unbanned(ban, show(commands), tuple(rest)))
-    return done

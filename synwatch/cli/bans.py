@@ -35,7 +35,7 @@ def cmd_bans_list(args: argparse.Namespace) -> int:
 
 
 def cmd_unban(args: argparse.Namespace) -> int:
-    from synwatch.actions.ban import unban  # noqa: PLC0415
+    from synwatch.actions.unban import unban  # noqa: PLC0415
     from synwatch.store import Store  # noqa: PLC0415
 
     config = load(args)

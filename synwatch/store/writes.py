@@ -115,7 +115,8 @@ class Writes(StoreBase):
         """Record bans; returns their ids. A fleet ban is announced to the other nodes when
         the transaction commits (PostgreSQL NOTIFY; they also look every few seconds)."""
         rows = [ban_row(b, self.host) for b in bans]
-        self._insert(rows, announce=any(b.scope == "fleet" for b in bans))
+        self._insert(rows, announce=any(b.scope == "fleet" and b.origin_id is None
+                                        and b.removed_at is None for b in bans))
         return [r.id for r in rows]
 
     def _insert(self, rows: Sequence[object], announce: bool = False) -> None:

@@ -1,0 +1,75 @@
+"""`synwatch unban`: lifting bans by hand, on this node and, for a fleet ban, on every node."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime
+
+from synwatch.actions.firewall import BanItem, Firewall
+from synwatch.actions.presets import load_presets
+from synwatch.config import Config, Network
+from synwatch.errors import NotFound, UsageError
+from synwatch.records import ActionRun, Ban
+from synwatch.runner import show
+from synwatch.store import Store
+
+
+def _covers(ban: Ban, wanted: Network) -> bool:
+    net = ipaddress.ip_network(ban.prefix)
+    return net.version == wanted.version and net.overlaps(wanted)
+
+
+@dataclass(frozen=True, slots=True)
+class Unbanned:
+    ban: Ban
+    rendered: str
+    kept: tuple[str, ...] = ()  # the rest of a wider block, still banned until it expires
+
+
+def unban(config: Config, store: Store, text: str, now: datetime) -> list[Unbanned]:
+    """Remove the active bans overlapping ``text`` (a prefix or an address) from their firewall
+    and mark them removed. A prefix inside a wider banned block lifts only itself: the block is
+    replaced by the rest of it (a /24 out of a /22 leaves a /23 and a /24), with the same
+    expiry. An explicit admin command: it acts even when the service's actions are a dry run."""
+    try:
+        wanted = ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise UsageError("unban", f"{text!r} is not a prefix or an address") from exc
+    hits = [b for b in store.active_bans(config.netns, now) if _covers(b, wanted)]
+    if not hits:
+        # a fleet ban this node did not copy (refused, or not looked at yet) is lifted too
+        elsewhere = [b for b in store.fleet_bans_to_copy(now) if _covers(b, wanted)]
+        if not elsewhere:
+            raise NotFound(f"unban {text}", "no active ban covers it (see synwatch bans list)")
+        store.mark_removed([b.id for b in elsewhere], now, everywhere=True)
+        return [Unbanned(b, "", ()) for b in elsewhere]
+    presets = load_presets()
+    done: list[Unbanned] = []
+    for ban in hits:
+        fw = Firewall(presets[ban.backend], config.netns, config.thresholds.ipv4_prefix,
+                      config.thresholds.ipv6_prefix)
+        block = ipaddress.ip_network(ban.prefix)
+        rest: list[str] = []
+        if block.prefixlen < wanted.prefixlen:
+            parts = block.address_exclude(wanted)  # type: ignore[arg-type]
+            rest = [str(n) for n in sorted(parts)]
+        seconds = max(1, int((ban.expires_at - now).total_seconds()))
+        commands = fw.render_unban([ban.prefix]) + fw.render_ban(
+            [BanItem(r, seconds, f"synwatch incident {ban.incident_id}") for r in rest])
+        fw.apply(commands)  # a failure leaves the ban active in the store: try again
+        # a fleet ban goes on every node (their copies too); the rest of a block is this
+        # node's to decide again, as a fleet ban the others copy
+        store.mark_removed([ban.id], now, everywhere=True)
+        store.add_bans([Ban(prefix=r, backend=ban.backend, netns=ban.netns,
+                            incident_id=ban.incident_id, created_at=now,
+                            expires_at=ban.expires_at, times_banned=ban.times_banned,
+                            scope=ban.scope)
+                        for r in rest])
+        kept = f"; {', '.join(rest)} stay banned until {ban.expires_at.isoformat()}" \
+            if rest else ""
+        store.add_action_runs([ActionRun(
+            incident_id=ban.incident_id, action="unban", target=ban.prefix, status="done",
+            at=now, rendered=show(commands), detail=f"synwatch unban {text}{kept}")])
+        done.append(Unbanned(ban, show(commands), tuple(rest)))
+    return done

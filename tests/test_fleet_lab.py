@@ -1,0 +1,117 @@
+"""Two synwatch nodes sharing one real PostgreSQL history (tests/pgcluster.py), each watching
+and acting on its own network namespace (its own server, clients and nftables), as two web
+servers behind a load balancer.
+
+- A concentrated flood against one node is banned in both nodes' nftables (a fleet ban,
+  carried by LISTEN/NOTIFY); each node keeps its own allowlist.
+- `unban` on the other node lifts it on both.
+- `incidents list --all-hosts` shows both nodes' incidents.
+- Stopping PostgreSQL during a flood loses no event: every kernel line is in the history once
+  the server is back, exactly once, and the node never stopped detecting.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import synwatch
+from tests.harness import Service
+from tests.lab import SPOOF_NET, Lab, lab, lab_port
+from tests.pgcluster import Cluster
+from tests.test_actions_lab import banned_in_nft, flood_from, wait_for
+
+pytestmark = pytest.mark.needs_root
+# every other /24: none fills a /23 with another, so each is banned as itself
+ONE, TWO, THREE, FOUR = (f"{SPOOF_NET}.{n}.0/24" for n in (21, 23, 25, 27))
+
+
+@pytest.fixture
+def two_labs() -> Iterator[tuple[Lab, Lab]]:
+    with ExitStack() as stack:
+        made = []
+        for _ in range(2):
+            the_lab = stack.enter_context(lab())
+            the_lab.sysctl("net.ipv4.tcp_synack_retries", 1)
+            made.append(the_lab)
+        yield made[0], made[1]
+
+
+def node(the_lab: Lab, tmp_path: Path, url: str, host: str, extra: str = "") -> Service:
+    return Service(the_lab, tmp_path / host, dry_run=False, storage=textwrap.dedent(f"""\
+        url = "{url}"
+        host = "{host}"
+        state_dir = "{tmp_path / host}"
+        """), extra=textwrap.dedent("""
+        [actions.ban]
+        scope = "fleet"
+        """) + extra)
+
+
+def listed(service: Service, *args: str) -> list[dict[str, Any]]:
+    r = synwatch(*args, "--format", "json", "--config", str(service.config))
+    assert r.code == 0, r.err
+    found: list[dict[str, Any]] = json.loads(r.out)
+    return found
+
+
+def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
+        two_labs: tuple[Lab, Lab], tmp_path: Path, pg_url: str) -> None:
+    lab_a, lab_b = two_labs
+    a = node(lab_a, tmp_path, pg_url, "node-a")
+    b = node(lab_b, tmp_path, pg_url, "node-b", extra=textwrap.dedent(f"""
+        [allowlist]
+        networks = ["{THREE}"]
+        """))
+    try:
+        port_a, port_b = lab_port(), lab_port()
+        lab_a.listen(port_a, backlog=64)
+        lab_b.listen(port_b, backlog=64)
+        flood_from(lab_a, port_a, [ONE, TWO, THREE], each=700)
+        # node-a bans all three; node-b copies two: THREE is on its own allowlist
+        wait_for("node-a's bans", lambda: set(banned_in_nft(lab_a)) == {ONE, TWO, THREE})
+        wait_for("node-a's bans copied by node-b", lambda: set(banned_in_nft(lab_b)) == {ONE, TWO})
+        b.wait_log(f"fleet ban from node-a not copied: allowlisted ({THREE})")
+        for n in (a, b):  # woken by NOTIFY (bench/fleet_bench.py measures how fast)
+            n.wait_log("fleet: listening for the other nodes' bans (PostgreSQL LISTEN")
+        # and the other way round: a flood against node-b is banned on node-a too
+        flood_from(lab_b, port_b, [FOUR], each=800)
+        wait_for("node-b's ban copied by node-a", lambda: FOUR in banned_in_nft(lab_a))
+        assert set(banned_in_nft(lab_b)) == {ONE, TWO, FOUR}
+
+        rows = listed(a, "bans", "list", "--all-hosts")
+        held = {(r["host"], r["prefix"]) for r in rows if r["active"]}
+        assert held == {("node-a", ONE), ("node-a", TWO), ("node-a", THREE), ("node-a", FOUR),
+                        ("node-b", ONE), ("node-b", TWO), ("node-b", FOUR)}
+        assert {r["scope"] for r in rows} == {"fleet"}
+        assert {(r["host"], r["prefix"]) for r in listed(b, "bans", "list")} == {
+            ("node-b", p) for p in (ONE, TWO, THREE, FOUR)}  # THREE: refused, recorded
+        # node-b records what it did for node-a's incident
+        [inc_a] = [i for i in listed(b, "incidents", "list", "--all-hosts")
+                   if i["host"] == "node-a"]
+        assert ("ban", ONE, "done") in {(x["action"], x["target"], x["status"])
+                                        for x in inc_a["actions"]}
+        hosts = {i["host"]: i["port"] for i in listed(a, "incidents", "list", "--all-hosts")}
+        assert hosts == {"node-a": port_a, "node-b": port_b}
+        assert [i["host"] for i in listed(a, "incidents", "list")] == ["node-a"]
+
+        # an unban on node-b lifts node-a's ban of ONE in both firewalls
+        r = synwatch("unban", ONE, "--config", str(b.config))
+        assert r.code == 0, r.err
+        assert set(banned_in_nft(lab_b)) == {TWO, FOUR}
+        wait_for("node-a to lift ONE", lambda: set(banned_in_nft(lab_a)) == {TWO, THREE, FOUR})
+        assert not any(r["active"] for r in listed(a, "bans", "list", "--all-hosts")
+                       if r["prefix"] == ONE)
+        status = json.loads(synwatch("status", "--format", "json", "--config",
+                                     str(a.config)).out)
+        assert status["running"] and status["host"] == "node-a"
+        assert {h["host"] for h in status["hosts"] if h["recent"]} == {"node-a", "node-b"}
+    finally:
+        a.stop()
+        b.stop()
