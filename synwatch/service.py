@@ -19,7 +19,7 @@ from synwatch import __version__, netns, sdnotify
 from synwatch.actions.registry import resolve_policy
 from synwatch.catalogue import load_catalogue
 from synwatch.clock import Clock, SystemClock
-from synwatch.config import Config, load_config
+from synwatch.config import Config, load_config, sqlite_file, state_dir
 from synwatch.correlate import Correlator
 from synwatch.errors import CommandError, ConfigError, ProbeError, StoreError
 from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
@@ -32,6 +32,7 @@ from synwatch.respond import Responder
 from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
+from synwatch.spool import Spool, SpooledStore, unreachable
 from synwatch.store import Store
 from synwatch.store.retention import PRUNE_BATCH
 from synwatch.supervisor import Supervisor
@@ -44,6 +45,11 @@ STATUS_EVERY = 1.0  # seconds between writes of the status file (and STATUS= upd
 HEARTBEAT_EVERY = 10.0  # seconds between this node's heartbeats in the history (status, fleets)
 PRUNE_EVERY = 3600.0  # seconds between retention passes (storage.retention); the first is soon
 PRUNE_FIRST = 60.0
+
+
+def _shown(incident_id: int) -> str:
+    """A provisional id (negative: numbered by the database when it answers) says so."""
+    return str(incident_id) if incident_id > 0 else f"{incident_id} (provisional)"
 
 
 @dataclass
@@ -82,6 +88,7 @@ class Service:
         self._started_at = self.clock.now()
         self._prune_due = time.monotonic() + PRUNE_FIRST
         self._pruning: list[str] = []  # what the running retention pass has left to prune
+        self._catch_up_due = 0.0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -92,8 +99,7 @@ class Service:
 
     def _start(self) -> None:
         resolve_policy(self.config)  # a plugin that is not installed stops the start (exit 2)
-        self.store = Store.open(self.config.storage_url, host=self.config.host)
-        log.info("store: %s (schema %s)", self.store.display_url, self.store.schema_revision())
+        self.store = self._open_store()
         # past the migration, a write waits only briefly for another writer's lock: what the
         # store refuses is kept and retried, and probes and correlation go on meanwhile
         self.store.set_busy_timeout(STORE_WAIT)
@@ -126,6 +132,31 @@ class Service:
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
         self.telemetry.start(sources)
+
+    def _open_store(self) -> Store:
+        """The history. A database server that does not answer does not stop the start: the
+        service runs on its spool (synwatch/spool.py) and writes it there when it answers."""
+        c = self.config
+        if sqlite_file(c.storage_url) is not None or c.storage_url.startswith("sqlite"):
+            store = Store.open(c.storage_url, host=c.host)
+            log.info("store: %s (schema %s)", store.display_url, store.schema_revision())
+            return store
+        spool = Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max)
+        try:
+            store = Store.open(c.storage_url, host=c.host)
+        except StoreError as exc:
+            if not unreachable(exc):
+                raise
+            log.error("store: %s; starting on the spool %s (%d records waiting); detection "  # noqa: TRY400
+                      "and actions go on", exc, spool.path, spool.records)
+            return SpooledStore(Store.open(c.storage_url, host=c.host, migrate=False), spool,
+                                migrated=False)
+        log.info("store: %s (schema %s, node %s)", store.display_url, store.schema_revision(),
+                 c.host)
+        if spool.ops:
+            log.info("store: %d records spooled before the restart are written first",
+                     spool.records)
+        return SpooledStore(store, spool, migrated=True)
 
     def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
         c = self.config
@@ -209,7 +240,8 @@ class Service:
             if self.responder is not None:
                 self.responder.on_change(replace(change, incident_id=incident_id))
             if change.change != "updated":
-                log.info("incident %d %s: %s %s, verdict %s", incident_id, change.change,
+                log.info("incident %s %s: %s %s, verdict %s", _shown(incident_id),
+                         change.change,
                          change.netns or "host", endpoint(change.address, change.port),
                          change.verdict)
             if change.change == "opened":
@@ -319,6 +351,14 @@ class Service:
         batch of the retention pass at a time (never a long transaction)."""
         assert self.store is not None
         mono = time.monotonic()
+        if isinstance(self.store, SpooledStore) and self.store.spooling:
+            if mono >= self._catch_up_due:
+                try:
+                    self.store.catch_up()
+                except StoreError as exc:
+                    self._catch_up_due = mono + STORE_RETRY
+                    log.debug("store: still unreachable: %s", exc)
+            return
         if self._store_problem is not None:
             return
         try:

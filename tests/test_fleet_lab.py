@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import synwatch
 from tests.harness import Service
-from tests.lab import SPOOF_NET, Lab, lab, lab_port
+from tests.lab import SPOOF_NET, Kmsg, Lab, lab, lab_port
 from tests.pgcluster import Cluster
 from tests.test_actions_lab import banned_in_nft, flood_from, wait_for
 
@@ -115,3 +115,76 @@ def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
     finally:
         a.stop()
         b.stop()
+
+
+def kernel_lines(kmsg: Kmsg, ports: set[int], want: int) -> dict[int, int]:
+    """How many SYN-flood lines the kernel printed for each of ``ports`` (read from /dev/kmsg
+    as it printed them)."""
+    seen: dict[int, int] = dict.fromkeys(ports, 0)
+
+    def count(line: str) -> bool:
+        for port in ports:
+            if "Possible SYN flooding on port" in line and line.rstrip(". ").split(
+                    "Sending cookies")[0].rstrip(". ").endswith(f":{port}"):
+                seen[port] += 1
+        return sum(seen.values()) >= want
+
+    kmsg.records_until(count, timeout=20)
+    return seen
+
+
+def test_a_node_that_loses_the_database_keeps_acting_and_loses_no_event(
+        the_lab_pg: tuple[Lab, Cluster], tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL stops during a flood: the node keeps detecting and banning, spools what it
+    must record, survives a restart while the database is away, and when it is back every
+    kernel line is in the history exactly once, with the incident and its ban."""
+    the_lab, pg = the_lab_pg
+    kmsg = Kmsg()
+    service = node(the_lab, tmp_path, pg_url, "node-a")
+    ports = [lab_port() for _ in range(3)]
+    try:
+        for port in ports:
+            the_lab.listen(port, backlog=64)
+        the_lab.flood(ports[0], 300)
+        wait_for("the first line recorded", lambda: listed(service, "events", "list"))
+        pg.stop()
+        # a concentrated flood while the database is gone: detected and banned all the same
+        flood_from(the_lab, ports[1], [ONE], each=800)
+        wait_for("a ban without the database", lambda: ONE in banned_in_nft(the_lab))
+        service.wait_log("writes go to the spool")
+        assert (tmp_path / "node-a" / "spool.jsonl").exists()
+        # a restart while it is still gone: it starts on the spool and goes on
+        service.stop()
+        service.start()
+        service.wait_log("starting on the spool")
+        the_lab.flood(ports[2], 300)
+        printed = kernel_lines(kmsg, set(ports), want=3)
+        service.wait_log(f":{ports[2]}", timeout=20)  # the line after the restart, read
+        pg.start()
+        service.wait_log("recording directly again", timeout=30)
+        assert not (tmp_path / "node-a" / "spool.jsonl").exists()
+        events = listed(service, "events", "list")
+        recorded = {p: sum(1 for e in events if e["port"] == p and e["kind"] == "syn_flood")
+                    for p in ports}
+        assert recorded == printed == dict.fromkeys(ports, 1)
+        incidents = {i["port"]: i for i in listed(service, "incidents", "list")}
+        flooded = incidents[ports[1]]
+        assert flooded["verdict"] == "concentrated"
+        assert ("ban", ONE, "done") in {(a["action"], a["target"], a["status"])
+                                        for a in flooded["actions"]}
+        assert [(b["prefix"], b["incident_id"], b["active"])
+                for b in listed(service, "bans", "list")] == [(ONE, flooded["id"], True)]
+        assert all(e["incident_id"] == incidents[e["port"]]["id"] for e in events
+                   if e["port"] in incidents)
+    finally:
+        kmsg.close()
+        if not pg.running:
+            pg.start()
+        service.stop()
+
+
+@pytest.fixture
+def the_lab_pg(pg: Cluster) -> Iterator[tuple[Lab, Cluster]]:
+    with lab() as made:
+        made.sysctl("net.ipv4.tcp_synack_retries", 1)
+        yield made, pg

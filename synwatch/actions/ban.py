@@ -24,7 +24,7 @@ from synwatch.actions.presets import load_presets
 from synwatch.actions.registry import Action, ActionContext, Plan, skipped
 from synwatch.config import BanSettings, Config, Network
 from synwatch.durations import format_duration
-from synwatch.errors import CommandError
+from synwatch.errors import CommandError, StoreError
 from synwatch.fleetlisten import FleetListener
 from synwatch.records import Ban, IncidentChange
 from synwatch.runner import Command, run, show
@@ -129,7 +129,8 @@ def _absent(exc: CommandError) -> bool:
 @dataclass
 class _Reconcile:
     due: float = 0.0
-    problem: str | None = None
+    problem: str | None = None  # the firewall's
+    store_problem: str | None = None
 
 
 class BanAction(Action):
@@ -210,7 +211,11 @@ class BanAction(Action):
         """Other nodes' fleet bans, each copied here within this node's own guard (allowlist,
         own addresses), caps and ``max_duration``; a refusal is recorded once."""
         store, now, settings = self.ctx.store, self.ctx.clock.now(), self.ctx.config.ban
-        origins = [b for b in store.fleet_bans_to_copy(now) if b.id not in self.fleet_seen]
+        try:
+            origins = [b for b in store.fleet_bans_to_copy(now) if b.id not in self.fleet_seen]
+        except StoreError as exc:  # the database is gone: the store has said so once
+            log.debug("ban: the fleet's bans cannot be read: %s", exc)
+            return []
         if not origins:
             return []
         active = store.active_bans(self.ctx.netns, now)
@@ -331,11 +336,18 @@ class BanAction(Action):
         if st.problem is not None:
             log.info("ban: %s answers again", fw.name)
             st.problem = None
-        want = {b.prefix: b for b in store.active_bans(self.ctx.netns, now, fw.name)}
+        try:
+            want = {b.prefix: b for b in store.active_bans(self.ctx.netns, now, fw.name)}
+            expired = store.expired_bans(self.ctx.netns, now, fw.name)
+        except StoreError as exc:  # the database is gone: the firewall stays as it is
+            if st.store_problem is None:
+                log.warning("ban: %s; the firewall is reconciled when it answers", exc.why)
+            st.store_problem = exc.why
+            return []
+        st.store_problem = None
         missing = [BanItem(p, max(1, int((b.expires_at - now).total_seconds())),
                            f"synwatch incident {b.incident_id}")
                    for p, b in want.items() if p not in have]
-        expired = store.expired_bans(self.ctx.netns, now, fw.name)
         stale = sorted(p for p in have if p not in want)
         if not missing and not stale:
             if expired:

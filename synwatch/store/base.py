@@ -53,7 +53,9 @@ class StoreBase:
             with self._sessions.begin() as session:
                 yield session
         except SQLAlchemyError as exc:
-            raise StoreError(self.display_url, str(exc).splitlines()[0]) from exc
+            # the driver's own first line, without SQLAlchemy's "(psycopg.OperationalError)"
+            text_ = str(getattr(exc, "orig", None) or exc).strip() or type(exc).__name__
+            raise StoreError(self.display_url, text_.splitlines()[0]) from exc
 
 
 def trigger(text: str) -> Trigger:
