@@ -4,6 +4,7 @@ through the CLI. Helpers live here, not in test modules, so no test imports anot
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket

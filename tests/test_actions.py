@@ -298,7 +298,9 @@ def test_messages_unsent_at_a_stop_are_recorded_for_the_next_start(tmp_path: Pat
 
 def test_a_start_resends_what_was_left_unsent_and_nothing_else(tmp_path: Path) -> None:
     responder, store, clock = _responder(tmp_path, _NOTIFY)
-    responder.ctx.host = "web1"
+    config = responder.ctx.config  # this node is web1 of a fleet
+    responder.ctx.config = replace(config, storage=replace(config.storage, host="web1"))
+    store.host = "web1"
     other = store.save_incident(_change(incident_id=None, host="web2"))  # a fleet's other host
 
     def run(incident: int, target: str, status: str, detail: str, ago: float = 60) -> ActionRun:
@@ -307,7 +309,7 @@ def test_a_start_resends_what_was_left_unsent_and_nothing_else(tmp_path: Path) -
         retry_at = at if "; retrying" in detail else None
         return ActionRun(incident_id=incident, action="notify", target=target, status=status,
                          at=at, rendered=f"{target} title\n{target} body", detail=detail,
-                         retry_at=retry_at)
+                         retry_at=retry_at, host="web2" if incident == other else "")
 
     store.add_action_runs([
               run(1, "opened", "failed", "attempt 1 of 5: refused; retrying in 60 s", 120),
