@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -27,8 +28,8 @@ def conninfo(url: str) -> str:
 
 
 class FleetListener:
-    def __init__(self, url: str, host: str) -> None:
-        self.url, self.host = url, host
+    def __init__(self, url: str, host: str, wake: Callable[[], None]) -> None:
+        self.url, self.host, self.wake = url, host, wake
         self.woken = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-listen", daemon=True)
@@ -69,3 +70,4 @@ class FleetListener:
                 if note.payload != self.host:
                     self.heard += 1
                     self.woken.set()
+                    self.wake()

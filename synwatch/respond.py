@@ -87,8 +87,9 @@ class Worker:
 
 class Responder:
     def __init__(self, config: Config, store: Store, clock: Clock,
-                 on_record: Callable[[ActionRun], None] | None = None) -> None:
-        self.ctx = ActionContext(config, store, clock)
+                 on_record: Callable[[ActionRun], None] | None = None,
+                 wake: Callable[[], None] | None = None) -> None:
+        self.ctx = ActionContext(config, store, clock, wake=wake or (lambda: None))
         self.on_record = on_record  # every outcome, as it is recorded (metrics)
         chosen = {name for names in config.policy.values() for name in names}
         self.actions: list[Action] = sorted(

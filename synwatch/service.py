@@ -125,13 +125,18 @@ class Service:
         self.accounting = self._accounting()
         self.sampler = self._sampler()
         self.responder = Responder(self.config, self.store, self.clock,
-                                   on_record=self.telemetry.action)
+                                   on_record=self.telemetry.action, wake=self._wake)
         log.info("actions: %s", ", ".join(self.responder.names()) or "none")
         self.responder.resume(resumed)
         self.responder.start()
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
         self.telemetry.start(sources)
+
+    def _wake(self) -> None:
+        """An action has work to do now (from its own thread): end the wait for batches."""
+        if self.supervisor is not None:
+            self.supervisor.wake()
 
     def _open_store(self) -> Store:
         """The history. A database server that does not answer does not stop the start: the
@@ -331,6 +336,8 @@ class Service:
                         timeout=max(0.0, min(deadline, self._probe_due) - time.monotonic()))
                 except queue.Empty:
                     return
+                if batch is None:
+                    return  # woken: an action has work (a fleet ban to copy)
             self._record(batch)
 
     def _drain_queued(self) -> None:
@@ -343,6 +350,8 @@ class Service:
                     batch = self.supervisor.batches.get_nowait()
                 except queue.Empty:
                     return
+                if batch is None:
+                    continue
             if not self._record(batch):
                 return
 

@@ -7,6 +7,7 @@ queue, so a flood of log lines slows the sources down instead of growing memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -25,13 +26,20 @@ class Supervisor:
     def __init__(self, sources: Sequence[Source], *, queue_size: int = 256,
                  first_backoff: float = 1.0, max_backoff: float = MAX_BACKOFF) -> None:
         self.sources = list(sources)
-        self.batches: queue.Queue[Batch] = queue.Queue(maxsize=queue_size)
+        # None in the queue wakes the service's loop early (a fleet ban to copy): no batch
+        self.batches: queue.Queue[Batch | None] = queue.Queue(maxsize=queue_size)
         self.stop_event = threading.Event()
         self.first_backoff = first_backoff
         self.max_backoff = max_backoff
         self.restarts: dict[str, int] = {s.name: 0 for s in self.sources}
         self.failures: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
+
+    def wake(self) -> None:
+        """Wake the loop that waits on the batches (from any thread); a full queue means it
+        is busy and will look soon anyway."""
+        with contextlib.suppress(queue.Full):
+            self.batches.put_nowait(None)
 
     def _emit(self, batch: Batch) -> None:
         while not self.stop_event.is_set():

@@ -176,7 +176,7 @@ class BanAction(Action):
             plans.append(Plan(self.name, f"{self.firewall.name} setup", show(setup),
                               lambda: self._apply(setup, "ready")))
         if self.fleet and self.ctx.store.dialect == "postgresql":
-            self.listener = FleetListener(self.ctx.store.url, self.ctx.host)
+            self.listener = FleetListener(self.ctx.store.url, self.ctx.host, self.ctx.wake)
             self.listener.start()
         return plans + self._reconcile() + self._fleet_tick(self.ctx.clock.monotonic())
 

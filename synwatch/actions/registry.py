@@ -50,6 +50,8 @@ class ActionContext:
     store: Store
     clock: Clock
     open: dict[int, IncidentChange] = field(default_factory=dict)
+    # ends the service's wait so hooks run now (called from an action's own thread)
+    wake: Callable[[], None] = field(default=lambda: None)
 
     @property
     def netns(self) -> str:
