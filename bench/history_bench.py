@@ -102,15 +102,23 @@ def cli(config: Path, *args: str) -> tuple[float, float]:
     times, rss = [], 0.0
     for _ in range(RUNS):
         began = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "synwatch", *args, "--config",
-                                 str(config)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run([sys.executable, "-c", PEAK, *args, "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              check=False)
         times.append(time.monotonic() - began)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"synwatch {' '.join(args)} failed: {proc.stderr.read()!r}")
-        rss = max(rss, usage.ru_maxrss / 1024)
+        if proc.returncode != 0:
+            raise SystemExit(f"synwatch {' '.join(args)} failed: {proc.stderr!r}")
+        rss = max(rss, int(proc.stderr.split("VmHWM:")[1].split()[0]) / 1024)
     return statistics.median(times), rss
+
+
+# `python -m synwatch ARGS` that prints its own peak RSS at exit (VmHWM of its own address
+# space; the rusage of a child counts the parent's pages it was forked with)
+PEAK = ("import atexit, sys, runpy\n"
+        "atexit.register(lambda: print([l for l in open('/proc/self/status')"
+        " if l.startswith('VmHWM')][0], file=sys.stderr))\n"
+        "sys.argv[0] = 'synwatch'\n"
+        "runpy.run_module('synwatch', run_name='__main__', alter_sys=True)\n")
 
 
 QUERIES = (("incidents list --since 1d", ("incidents", "list", "--since", "1d")),

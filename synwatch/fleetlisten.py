@@ -14,17 +14,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
+from synwatch.historyreader import libpq_uri
 from synwatch.store.base import BAN_CHANNEL
 
 log = logging.getLogger("synwatch")
 RECONNECT = 5.0  # seconds between tries after the connection is lost
-
-
-def conninfo(url: str) -> str:
-    """An SQLAlchemy ``postgresql+psycopg://`` URL as a libpq URI."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class FleetListener:
@@ -48,7 +42,7 @@ class FleetListener:
         problem: str | None = None
         while not self._stop.is_set():
             try:
-                with psycopg.connect(conninfo(self.url), autocommit=True,
+                with psycopg.connect(libpq_uri(self.url), autocommit=True,
                                      connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {BAN_CHANNEL}")
                     log.info("fleet: listening for the other nodes' bans (PostgreSQL LISTEN "

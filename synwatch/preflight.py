@@ -110,7 +110,11 @@ def check_store(config: Config) -> list[Check]:
     """Opens the history read-only when it exists; never creates it."""
     from sqlalchemy import create_engine, text  # noqa: PLC0415
     from sqlalchemy.engine import make_url  # noqa: PLC0415
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError  # noqa: PLC0415
+    from sqlalchemy.exc import (  # noqa: PLC0415
+        ArgumentError,
+        OperationalError,
+        SQLAlchemyError,
+    )
 
     try:
         url = make_url(config.storage_url)
@@ -118,6 +122,9 @@ def check_store(config: Config) -> list[Check]:
         return [Check("fail", "storage.url", str(exc))]
     shown = url.render_as_string(hide_password=True)
     db = sqlite_file(config.storage_url)
+    fleet = [Check("warn", "actions.ban.scope", "fleet bans with an SQLite history reach only "
+                   "the nodes sharing this file, every 5 s (PostgreSQL wakes them at once)")
+             ] if config.ban.scope == "fleet" and db is not None else []
     if db is not None:
         if not db.exists():
             parent = db.parent
@@ -126,7 +133,7 @@ def check_store(config: Config) -> list[Check]:
             if not os.access(parent, os.W_OK | os.X_OK):
                 return [Check("fail", "storage.url",
                               f"{db} does not exist and {parent} is not writable")]
-            return [Check("ok", "storage.url", f"{db} will be created (0600)")]
+            return [Check("ok", "storage.url", f"{db} will be created (0600)"), *fleet]
         if not os.access(db, os.R_OK | os.W_OK):
             return [Check("fail", "storage.url", f"{db} is not readable and writable")]
         url = make_url(f"sqlite:///file:{db}?mode=ro&uri=true")
@@ -138,9 +145,17 @@ def check_store(config: Config) -> list[Check]:
             conn.execute(text("SELECT count(*) FROM sqlite_master"
                                       if url.get_backend_name() == "sqlite" else "SELECT 1"))
         engine.dispose()
+    except OperationalError as exc:
+        if db is not None:
+            return [Check("fail", "storage.url", f"{shown}: {str(exc).splitlines()[0]}")]
+        # a database server that is down does not stop `run`: it starts on its spool
+        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return [Check("warn", "storage.url", f"{shown}: {why}; `run` would start on its "
+                      "spool and write it when the server answers"), *fleet]
     except (SQLAlchemyError, ImportError) as exc:
         return [Check("fail", "storage.url", f"{shown}: {str(exc).splitlines()[0]}")]
-    return [Check("ok", "storage.url", f"{shown} opens")]
+    return [Check("ok", "storage.url", f"{shown} opens"
+                  + ("" if db is not None else f" (this node: {config.host})")), *fleet]
 
 
 def preflight(config: Config) -> list[Check]:

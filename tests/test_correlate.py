@@ -30,7 +30,7 @@ FIELDS = ("verdict", "trigger", "status", "opened_at", "closed_at", "peak_syn_re
 
 
 def _replayed(name: str, th: Thresholds | None = None, quiet: float = LAB_QUIET) -> list[dict]:
-    from synwatch.store.views import change_view
+    from synwatch.views import change_view
 
     return [{k: change_view(c)[k] for k in FIELDS}
             for c in replay(str(REPLAYS / f"{name}.jsonl"), th or Thresholds(), quiet)]

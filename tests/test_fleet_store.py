@@ -160,3 +160,99 @@ def test_fleet_views_show_this_host_one_host_or_all(tmp_path: Path, pg_url: str)
                                                                       ("web2", True)]
     text_ = synwatch("incidents", "list", "--all-hosts", "--config", str(web1)).out
     assert "web2" in text_.splitlines()[-1]
+
+
+def test_check_config_names_the_node_and_does_not_fail_on_a_server_that_is_down(
+        tmp_path: Path, pg_url: str) -> None:
+    up = _fleet_config(tmp_path, pg_url, "web1")
+    r = synwatch("check-config", "--config", str(up))
+    assert r.code == 0, r.out + r.err
+    assert "ok    storage.url: postgresql+psycopg://postgres@/synwatch_" in r.out
+    assert "opens (this node: web1)" in r.out
+    down = _fleet_config(tmp_path, f"postgresql+psycopg://postgres@/x?host={tmp_path}/no",
+                         "web2")
+    r = synwatch("check-config", "--config", str(down))
+    assert r.code == 0, r.out + r.err
+    assert "warn  storage.url:" in r.out and "would start on its spool" in r.out
+    shared = tmp_path / "shared.toml"
+    shared.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
+                      '[actions.ban]\nscope = "fleet"\n')
+    r = synwatch("check-config", "--config", str(shared))
+    assert "warn  actions.ban.scope: fleet bans with an SQLite history" in r.out
+
+
+def _history(url: str) -> Store:
+    """Two nodes' events, incidents, action runs and bans, over three days."""
+    from synwatch.records import ActionRun
+    from synwatch.store.models import IncidentRow
+
+    now = datetime.now(timezone.utc).replace(microsecond=123456)
+    for n, host in enumerate(("web1", "web2")):
+        store = Store.open(url, host=host)
+        store.record_events([_event(i, time=now - timedelta(hours=i * 7 + n))
+                             for i in range(12)], now, ("journald", {"c": n}))
+        with store.session() as s:
+            rows = [IncidentRow(host=host, netns="", address="0.0.0.0", port=80 + i, family=4,
+                                status="closed" if i else "open",
+                                verdict=("capacity", "concentrated", "spoofed")[i % 3],
+                                trigger="log", opened_at=now - timedelta(hours=i * 9 + n),
+                                closed_at=None, peak_syn_recv=i,
+                                top_prefixes=[{"prefix": "198.51.100.0/24", "count": i,
+                                               "share": 0.5}],
+                                recommendations=[f"r{i}"], evidence={"reasons": ["x"]})
+                    for i in range(7)]
+            s.add_all(rows)
+        ids = [r.id for r in rows]
+        store.add_action_runs([ActionRun(incident_id=i, action="ban", target="198.51.100.0/24",
+                                         status="done", at=now, detail="d") for i in ids[:3]])
+        store.add_bans([Ban(prefix=f"198.51.{n}.0/24", backend="nftables", netns="",
+                            incident_id=ids[0], created_at=now,
+                            expires_at=now + timedelta(hours=1), scope="fleet")])
+    return store
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_the_cli_reader_answers_as_the_store_does(tmp_path: Path, kind: str, pg: object) -> None:
+    """The lists' own-driver reader (synwatch/historyreader.py) gives the records Store gives,
+    for every filter, on both databases."""
+    from synwatch.historyreader import Reader
+
+    url = f"sqlite:///{tmp_path}/h.db" if kind == "sqlite" else pg.new_database()  # type: ignore[attr-defined]
+    store = _history(url)
+    reader = Reader.open(url, "web1")
+    assert reader is not None and reader.dialect == kind
+    day = datetime.now(timezone.utc) - timedelta(days=1)
+    for kw in ({}, {"host": "web1"}, {"since": day}, {"limit": 5}, {"limit": 3, "host": "web2"},
+               {"since": day, "limit": 2, "host": "web1"}):
+        assert reader.events(**kw) == store.events(**kw), kw  # type: ignore[arg-type]
+    for kw in ({}, {"host": "web2"}, {"since": day}, {"port": 81}, {"verdict": "spoofed"},
+               {"status": "open"}, {"limit": 4, "host": "web1"}):
+        got = reader.incidents(**kw)  # type: ignore[arg-type]
+        assert got == store.incidents(**kw), kw  # type: ignore[arg-type]
+    ids = [i.id for i in store.incidents()]
+    assert reader.actions_by_incident(ids) == store.actions_by_incident(ids)
+    assert sum(map(len, reader.actions_by_incident(ids).values())) == 6
+    for host in (None, "web1"):
+        assert reader.bans(host=host) == store.bans(host=host)
+    # a history that needs its migrations is not the reader's: Store opens it
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0004'"))
+    assert Reader.open(url, "web1") is None
+
+
+def test_listing_a_current_history_does_not_import_sqlalchemy(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
+    _history(f"sqlite:///{tmp_path}/h.db")
+    code = ("import sys\nfrom synwatch.cli import main\n"
+            "for args in (['incidents', 'list'], ['events', 'list', '--limit', '5'],"
+            " ['bans', 'list', '--all-hosts']):\n"
+            f"    main([*args, '--format', 'json', '--config', {str(config)!r}])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+            " ('sqlalchemy', 'alembic')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.splitlines()[-1] == "[]"

@@ -15,16 +15,16 @@ from synwatch.cli.common import (
     command,
     group,
     load,
-    open_store,
+    open_history,
 )
 
 
 def cmd_bans_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, table  # noqa: PLC0415
-    from synwatch.store.views import ban_view  # noqa: PLC0415
+    from synwatch.views import ban_view  # noqa: PLC0415
 
     now = datetime.now(timezone.utc)
-    store = open_store(args)
+    store = open_history(args)
     rows = [ban_view(b, now) for b in store.bans(host=chosen_host(args, store))]
     if args.format == "json":
         print(dumps(rows))

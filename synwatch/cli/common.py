@@ -12,6 +12,7 @@ from synwatch.errors import UsageError
 
 if TYPE_CHECKING:
     from synwatch.config import Config
+    from synwatch.historyreader import HistoryQueries
     from synwatch.store import Store
 
 Handler = Callable[[argparse.Namespace], int]
@@ -92,6 +93,16 @@ def open_store(args: argparse.Namespace) -> Store:
     return Store.open(config.storage_url, host=config.host)
 
 
+def open_history(args: argparse.Namespace) -> HistoryQueries:
+    """The history for the lists: read with the database's own driver when its schema is
+    current (no SQLAlchemy import), else opened (and migrated) by Store."""
+    from synwatch.historyreader import Reader  # noqa: PLC0415
+
+    config = load(args)
+    reader = Reader.open(config.storage_url, config.host)
+    return reader if reader is not None else open_store(args)
+
+
 def add_hosts(p: argparse.ArgumentParser) -> None:
     """--host H / --all-hosts: whose rows a fleet's shared history shows (default: ours)."""
     which = p.add_mutually_exclusive_group()
@@ -100,7 +111,7 @@ def add_hosts(p: argparse.ArgumentParser) -> None:
     which.add_argument("--all-hosts", action="store_true", help="every node of the fleet")
 
 
-def chosen_host(args: argparse.Namespace, store: Store) -> str | None:
+def chosen_host(args: argparse.Namespace, store: HistoryQueries) -> str | None:
     """The host to show, None for all of them."""
     if args.all_hosts:
         return None

@@ -13,7 +13,7 @@ from synwatch.cli.common import (
     chosen_host,
     command,
     group,
-    open_store,
+    open_history,
     positive,
     since,
 )
@@ -21,9 +21,9 @@ from synwatch.cli.common import (
 
 def cmd_events_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, table  # noqa: PLC0415
-    from synwatch.store.views import event_view  # noqa: PLC0415
+    from synwatch.views import event_view  # noqa: PLC0415
 
-    store = open_store(args)
+    store = open_history(args)
     rows = [event_view(e) for e in store.events(since=args.since, limit=args.limit,
                                                 host=chosen_host(args, store))]
     if args.format == "json":

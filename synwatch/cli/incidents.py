@@ -13,6 +13,7 @@ from synwatch.cli.common import (
     chosen_host,
     command,
     group,
+    open_history,
     open_store,
     positive,
     since,
@@ -23,9 +24,9 @@ from synwatch.records import Verdict
 
 def cmd_incidents_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, print_incident_rows  # noqa: PLC0415
-    from synwatch.store.views import incident_view  # noqa: PLC0415
+    from synwatch.views import incident_view  # noqa: PLC0415
 
-    store = open_store(args)
+    store = open_history(args)
     incidents = store.incidents(since=args.since, port=args.port, verdict=args.verdict,
                                 limit=args.limit, host=chosen_host(args, store))
     runs = store.actions_by_incident([i.id for i in incidents])
@@ -39,7 +40,7 @@ def cmd_incidents_list(args: argparse.Namespace) -> int:
 
 def cmd_incidents_show(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, print_incident  # noqa: PLC0415
-    from synwatch.store.views import incident_view, sample_view  # noqa: PLC0415
+    from synwatch.views import incident_view, sample_view  # noqa: PLC0415
 
     store = open_store(args)
     incident, runs = store.incident(args.id)

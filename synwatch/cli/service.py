@@ -20,7 +20,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, print_incident_rows  # noqa: PLC0415
     from synwatch.replay import recorded_settings, replay  # noqa: PLC0415
-    from synwatch.store.views import change_view  # noqa: PLC0415
+    from synwatch.views import change_view  # noqa: PLC0415
 
     # the settings the recording was made with, unless a configuration is named
     recorded = None if args.config else recorded_settings(args.recording)

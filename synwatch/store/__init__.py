@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import socket
 from pathlib import Path
@@ -21,6 +20,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from synwatch.config import sqlite_file
 from synwatch.errors import StoreError
+from synwatch.historyreader import head_revision
 from synwatch.store.base import BUSY_TIMEOUT
 from synwatch.store.fleet import Fleet
 from synwatch.store.queries import Queries
@@ -149,19 +149,8 @@ class Store(Writes, Queries, ServiceState, Fleet, Retention):
             return None
 
     def head_revision(self) -> str | None:
-        """The newest migration: the revision no other migration revises (read from the
-        migration files' own ``revision``/``down_revision`` lines)."""
-        revisions, revised = set(), set()
-        for path in (MIGRATIONS / "versions").glob("*.py"):
-            source = path.read_text(encoding="utf-8")
-            found = re.search(r'^revision = "([^"]+)"', source, re.MULTILINE)
-            down = re.search(r'^down_revision = "([^"]+)"', source, re.MULTILINE)
-            if found:
-                revisions.add(found.group(1))
-            if down:
-                revised.add(down.group(1))
-        heads = sorted(revisions - revised)
-        return heads[0] if len(heads) == 1 else None
+        """The newest migration (read from the migration files, without Alembic)."""
+        return head_revision()
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision; copy an SQLite file aside first."""

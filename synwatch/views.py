@@ -1,4 +1,5 @@
-"""Rows of the store as the JSON shapes the CLI prints (README, "The CLI")."""
+"""Records of the history as the JSON shapes the CLI prints (README, "The CLI"). Outside
+synwatch/store: the lists read a current history without SQLAlchemy (historyreader.py)."""
 
 from __future__ import annotations
 
