@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Iterable, Sequence
@@ -30,13 +31,31 @@ def cell(value: Any) -> str:
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], out: TextIO,
           headers: Sequence[str] | None = None) -> None:
-    """An aligned text table; the last column is not padded so long text is not cut."""
+    """An aligned table (rich's), as wide as its widest row: nothing is wrapped or cut, on a
+    terminal (bold headers) or in a pipe (plain text a script can split on spaces). Rich
+    wraps at 80 columns where it cannot see a terminal, so the width is the table's own."""
+    from rich.cells import cell_len  # noqa: PLC0415 - only for text output
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415 - cells are text, never markup ("[::]:443")
+
     head = [h.upper() for h in (headers or columns)]
     body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(head[i])] + [len(b[i]) for b in body]) for i in range(len(columns))]
-    for line in [head, *body]:
-        out.write("  ".join(v.ljust(widths[i]) if i < len(line) - 1 else v
-                            for i, v in enumerate(line)).rstrip() + "\n")
+    widths = [max([cell_len(head[i])] + [cell_len(b[i]) for b in body])
+              for i in range(len(columns))]
+    grid = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, show_edge=False,
+                 header_style="bold")
+    for h in head:
+        grid.add_column(Text(h), no_wrap=True, overflow="ignore")
+    for b in body:
+        grid.add_row(*(Text(v) for v in b))
+    buffer = io.StringIO()
+    tty = out.isatty()
+    Console(file=buffer, width=sum(widths) + 2 * len(widths) + 1, force_terminal=tty,
+            no_color=not tty, color_system="standard" if tty else None, highlight=False,
+            emoji=False).print(grid)
+    for line in buffer.getvalue().splitlines():
+        out.write(line.rstrip() + "\n")
 
 
 def json_lines(rows: Iterable[dict[str, Any]], out: TextIO) -> None:

@@ -133,6 +133,13 @@ class Service:
         self.supervisor.start()
         self.telemetry.start(sources)
 
+    def _store_summary(self) -> str | None:
+        """What the status line says of the store when it is not simply written to."""
+        if isinstance(self.store, SpooledStore) and self.store.spooling:
+            return (f"database away, {self.store.spool.records} records spooled"
+                    if self.store.spool.records else "database away")
+        return None if self._store_problem is None else "store refusing writes"
+
     def _wake(self) -> None:
         """An action has work to do now (from its own thread): end the wait for batches."""
         if self.supervisor is not None:
@@ -441,7 +448,7 @@ class Service:
                 self._status_due = time.monotonic() + STATUS_EVERY
                 if self._store_problem is None:  # once a second, not at every probe
                     self.telemetry.count_bans(self.store)
-                self.telemetry.tell(self.supervisor, self._store_problem)
+                self.telemetry.tell(self.supervisor, self._store_summary())
             if ping and time.monotonic() >= next_ping:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping

@@ -111,7 +111,7 @@ class Telemetry:
                 f"{len(self.status.sources)} sources"
                 + (f" ({', '.join(failing)} failing)" if failing else "")
                 + f", {incidents}, {self.bans} bans"
-                + ("" if store_problem is None else ", store refusing writes"))
+                + ("" if store_problem is None else f", {store_problem}"))
 
     def tell(self, supervisor: Supervisor | None, store_problem: str | None) -> None:
         summary = self.summary(supervisor, store_problem)

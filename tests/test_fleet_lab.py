@@ -157,6 +157,9 @@ def test_a_node_that_loses_the_database_keeps_acting_and_loses_no_event(
         service.stop()
         service.start()
         service.wait_log("starting on the spool")
+        status = json.loads(synwatch("status", "--format", "json", "--config",
+                                     str(service.config)).out)
+        assert "database away" in status["summary"] and status["running"]
         the_lab.flood(ports[2], 300)
         printed = kernel_lines(kmsg, set(ports), want=3)
         service.wait_log(f":{ports[2]}", timeout=20)  # the line after the restart, read
