@@ -87,13 +87,18 @@ class Spool:
         self.records = sum(len(op.get("events", ())) or 1 for op in self.ops)
 
     def add(self, op: dict[str, Any]) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Append ``op`` durably (fsync: a crash right after loses nothing it was told)."""
         try:
-            os.write(fd, (json.dumps(_json(op)) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+            try:
+                os.write(fd, (json.dumps(_json(op)) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the caller keeps what it has in memory and tries again
+            raise StoreError(str(self.path), f"cannot write the spool: {exc.strerror}") from exc
         self.ops.append(op)
         self.records += len(op.get("events", ())) or 1
 

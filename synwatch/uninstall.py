@@ -20,9 +20,10 @@ from synwatch.sysctl import write_sysctl
 log = logging.getLogger("synwatch.uninstall")
 
 
-def restore_settings(storage_url: str) -> int:
-    """Settings put back; a history that does not exist holds none."""
-    store = Store.open_existing(storage_url)
+def restore_settings(storage_url: str, host: str | None = None) -> int:
+    """This node's settings put back (a fleet's history holds every node's); a history that
+    does not exist holds none."""
+    store = Store.open_existing(storage_url, host=host)
     if store is None:
         return 0
     done = 0
@@ -44,7 +45,8 @@ def restore_settings(storage_url: str) -> int:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="synwatch: %(message)s")
     try:
-        restore_settings(load_config(None).storage_url)
+        config = load_config(None)
+        restore_settings(config.storage_url, config.host)
     except SynwatchError as exc:
         log.warning("%s", exc)  # a removal must not fail on it
     return 0

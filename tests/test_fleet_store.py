@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from sqlalchemy import MetaData, create_engine, insert, select, text
 
 from synwatch.records import Ban
 from synwatch.store import Store
+from tests.pgcluster import Cluster
 from tests.conftest import synwatch
 from tests.test_store import OLD_HISTORIES, T0, _event, check_old_history
 
@@ -256,3 +258,58 @@ def test_listing_a_current_history_does_not_import_sqlalchemy(tmp_path: Path) ->
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.splitlines()[-1] == "[]"
+
+
+def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
+        tmp_path: Path, pg: Cluster, pg_url: str) -> None:
+    """While the server is down: writes get provisional ids and go to the spool in order; a
+    new process on the same spool resumes its open incident and positions and numbers below
+    the old ids; when the server answers, everything is written with the links mapped."""
+    from synwatch.errors import StoreError
+    from synwatch.records import IncidentChange
+    from synwatch.spool import Spool, SpooledStore
+
+    now = datetime.now(timezone.utc)
+    path = tmp_path / "spool.jsonl"
+    first = SpooledStore(Store.open(pg_url, host="n1"), Spool(path, 10), migrated=True)
+    [before] = first.insert_events([_event(1)], now, ("journald", {"c": 1}))
+    assert before > 0 and not path.exists()
+    pg.stop()
+    try:
+        [during] = first.insert_events([_event(2)], now, ("journald", {"c": 2}))
+        change = IncidentChange(
+            change="opened", serial=1, incident_id=None, host="n1", netns="", address="0.0.0.0",
+            port=443, family=4, status="open", verdict="concentrated", trigger="log",
+            opened_at=now, closed_at=None, first_evidence_at=now, detected_at=now,
+            peak_syn_recv=9, top_prefixes=(("198.51.100.0/24", 9, 1.0),),
+            recommendations=("ban",), reasons=("r",), state={"k": 1}, event_ids=(during,))
+        incident = first.save_incident(change)
+        [ban] = first.add_bans([Ban(prefix="198.51.100.0/24", backend="nftables", netns="",
+                                    incident_id=incident, created_at=now,
+                                    expires_at=now + timedelta(hours=1))])
+        assert during < 0 and incident < 0 and ban < 0
+        assert [op["op"] for op in Spool(path, 10).ops] == ["events", "incident", "bans"]
+        with pytest.raises(StoreError, match="the spool is full"):
+            first.insert_events([_event(i) for i in range(3, 12)], now)
+        # a restart while the server is still down
+        second = SpooledStore(Store.open(pg_url, host="n1", migrate=False), Spool(path, 10),
+                              migrated=False)
+        assert second.get_position("journald") == {"c": 2}
+        [resumed] = second.open_incidents("n1", "")
+        assert (resumed.incident_id, resumed.port, resumed.state) == (incident, 443, {"k": 1})
+        [later] = second.insert_events([_event(3)], now, ("journald", {"c": 3}))
+        assert later < min(during, incident, ban)
+        second.save_incident(replace(resumed, change="closed", status="closed", closed_at=now,
+                                     event_ids=(later,)))
+    finally:
+        pg.start()
+    assert second.catch_up() == 0 and not path.exists()
+    store = Store.open(pg_url, host="n1")
+    events = store.events(host="n1")
+    [inc] = store.incidents(host="n1")
+    assert [e.dedup_key for e in events] == ["cursor-1", "cursor-2", "cursor-3"]
+    assert [e.incident_id for e in events] == [None, inc.id, inc.id]
+    assert (inc.status, inc.closed_at is not None) == ("closed", True)
+    assert [(b.prefix, b.incident_id) for b in store.bans(host="n1")] == [
+        ("198.51.100.0/24", inc.id)]
+    assert store.get_position("journald") == {"c": 3}

@@ -51,7 +51,7 @@ def _open_incidents(store: Store | None) -> list[Incident] | None:
     if store is None:
         return None
     try:
-        return store.incidents(status="open")
+        return store.incidents(status="open", host=store.host)
     except SynwatchError:
         return None
 
@@ -66,7 +66,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     config = load(args)
     netns = config.netns if args.netns is None else args.netns
     interval = args.interval or config.probe_interval
-    store = _history(config.storage_url)
+    store = _history(config.storage_url, config.host)
     prev, prev_at = None, time.monotonic()
     with _keys(), Live(console=Console(), screen=True, auto_refresh=False) as live:
         try:
@@ -81,12 +81,12 @@ def cmd_top(args: argparse.Namespace) -> int:
             return 0
 
 
-def _history(url: str) -> Store | None:
+def _history(url: str, host: str) -> Store | None:
     """The history, if there is one: top never creates it."""
     from synwatch.store import Store  # noqa: PLC0415
 
     try:
-        return Store.open_existing(url, migrate=False)
+        return Store.open_existing(url, migrate=False, host=host)
     except SynwatchError:
         return None
 

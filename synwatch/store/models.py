@@ -76,7 +76,9 @@ class EventRow(Base):
                       # when it happened, as the queries order: migration 0004
                       Index("ix_events_when", func.coalesce(text("time"), text("recorded_at")),
                             "id"),
-                      Index("ux_events_host_dedup", "host", "dedup_key", unique=True))
+                      Index("ux_events_host_dedup", "host", "dedup_key", unique=True),
+                      Index("ix_events_host_when", "host",
+                            func.coalesce(text("time"), text("recorded_at")), "id"))
 
 
 class IncidentRow(Base):

@@ -3,7 +3,8 @@
 - events, bans and action runs get ``host``; old rows take their incident's host, else the
   node that runs this migration (``storage.host``, handed over by Store.migrate);
 - an event's ``dedup_key`` is unique per host, not overall: two nodes on one machine read the
-  same journal entries and must each record them;
+  same journal entries and must each record them; one node's events are indexed by when they
+  happened (`events list` of this host);
 - source positions and saved kernel settings are per host (their primary keys gain ``host``);
 - bans get ``scope`` ("local" | "fleet") and ``origin_id``: a fleet ban decided on one node is
   copied by every other node, each copy naming the ban it copies;
@@ -84,6 +85,9 @@ def upgrade() -> None:
     else:
         op.drop_constraint("events_dedup_key_key", "events", type_="unique")
     op.create_index("ux_events_host_dedup", "events", ["host", "dedup_key"], unique=True)
+    # one node's events by when they happened: `events list` of this host, newest first
+    op.create_index("ix_events_host_when", "events",
+                    ["host", sa.text("coalesce(time, recorded_at)"), "id"])
     op.create_index("ix_incidents_host_opened", "incidents", ["host", "opened_at"])
 
     for table in ("bans", "action_runs"):
@@ -122,6 +126,7 @@ def downgrade() -> None:
     with op.batch_alter_table("action_runs") as batch:
         batch.drop_column("host")
     op.drop_index("ix_incidents_host_opened", table_name="incidents")
+    op.drop_index("ix_events_host_when", table_name="events")
     op.drop_index("ux_events_host_dedup", table_name="events")
     op.drop_index("ix_events_when", table_name="events")
     with op.batch_alter_table("events") as batch:
