@@ -15,8 +15,8 @@ from sqlalchemy import MetaData, create_engine, insert, select, text
 
 from synwatch.records import Ban
 from synwatch.store import Store
-from tests.pgcluster import Cluster
 from tests.conftest import synwatch
+from tests.pgcluster import Cluster
 from tests.test_store import OLD_HISTORIES, T0, _event, check_old_history
 
 
