@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from synwatch.historyreader import libpq_uri
-from synwatch.store.base import BAN_CHANNEL
 
 log = logging.getLogger("synwatch")
+BAN_CHANNEL = "synwatch_bans"  # the PostgreSQL LISTEN/NOTIFY channel of fleet bans
 RECONNECT = 5.0  # seconds between tries after the connection is lost
 
 

@@ -14,9 +14,10 @@ from datetime import datetime, timezone
 from synwatch.catalogue import Catalogue
 from synwatch.clock import local_timezone
 from synwatch.recorder import new_event
+from synwatch.records import NewEvent
 from synwatch.scan import Progress, candidates, open_input
 from synwatch.sources.base import OccurrenceCounter
-from synwatch.store import NewEvent, Store
+from synwatch.store import Store
 
 CHUNK_EVENTS = 1000
 

@@ -11,9 +11,9 @@ import logging
 from synwatch.catalogue import Catalogue
 from synwatch.clock import Clock
 from synwatch.filters import match_record
-from synwatch.records import KernelEvent, StoredEvent
+from synwatch.records import KernelEvent, NewEvent, StoredEvent
 from synwatch.sources.base import Batch
-from synwatch.store import NewEvent, Store
+from synwatch.storeapi import ServiceStore
 
 log = logging.getLogger(__name__)
 # A live flood gives a line per socket; a first start reads the whole boot's history. Past this
@@ -31,7 +31,7 @@ def new_event(event: KernelEvent, *, historical: bool = False) -> NewEvent:
 
 
 class Recorder:
-    def __init__(self, store: Store, catalogue: Catalogue, clock: Clock) -> None:
+    def __init__(self, store: ServiceStore, catalogue: Catalogue, clock: Clock) -> None:
         self.store, self.catalogue, self.clock = store, catalogue, clock
 
     def record(self, batch: Batch) -> list[StoredEvent]:

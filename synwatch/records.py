@@ -270,3 +270,24 @@ class Node:
     started_at: datetime
     seen_at: datetime
     version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """What a source hands the store for one matched kernel line."""
+
+    time: datetime | None
+    source: str
+    trusted: bool
+    kind: str
+    family: int | None
+    address: str | None
+    port: int | None
+    mode: str | None
+    source_ip: str | None
+    source_port: int | None
+    host: str | None
+    message: str
+    pattern: str
+    dedup_key: str | None = None
+    historical: bool = False

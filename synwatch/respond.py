@@ -24,7 +24,7 @@ from synwatch.clock import Clock
 from synwatch.config import Config
 from synwatch.errors import StoreError, SynwatchError
 from synwatch.records import ActionRun, IncidentChange
-from synwatch.store import Store
+from synwatch.storeapi import ServiceStore
 
 log = logging.getLogger("synwatch")
 
@@ -86,7 +86,7 @@ class Worker:
 
 
 class Responder:
-    def __init__(self, config: Config, store: Store, clock: Clock,
+    def __init__(self, config: Config, store: ServiceStore, clock: Clock,
                  on_record: Callable[[ActionRun], None] | None = None,
                  wake: Callable[[], None] | None = None) -> None:
         self.ctx = ActionContext(config, store, clock, wake=wake or (lambda: None))

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from synwatch import __version__, netns, sdnotify
 from synwatch.actions.registry import resolve_policy
@@ -32,11 +33,13 @@ from synwatch.respond import Responder
 from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
-from synwatch.spool import Spool, SpooledStore, unreachable
-from synwatch.store import Store
-from synwatch.store.retention import PRUNE_BATCH
+from synwatch.sqlitestore import PRUNE_BATCH, SQLiteStore
+from synwatch.storeapi import ServiceStore
 from synwatch.supervisor import Supervisor
 from synwatch.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from synwatch.spool import SpooledStore
 
 log = logging.getLogger("synwatch")
 STORE_WAIT = 0.2  # seconds a write waits for a locked store before it is kept for later
@@ -67,7 +70,8 @@ class Service:
         self.recording = (Recording(record, config.thresholds, config.quiet_period)
                           if record else None)
         self.flags = _Flags()
-        self.store: Store | None = None
+        self.store: ServiceStore | None = None
+        self.spooled: SpooledStore | None = None  # the store, when it is a database server's
         self.supervisor: Supervisor | None = None
         self.recorder: Recorder | None = None
         self.correlator: Correlator | None = None
@@ -135,9 +139,9 @@ class Service:
 
     def _store_summary(self) -> str | None:
         """What the status line says of the store when it is not simply written to."""
-        if isinstance(self.store, SpooledStore) and self.store.spooling:
-            return (f"database away, {self.store.spool.records} records spooled"
-                    if self.store.spool.records else "database away")
+        if self.spooled is not None and self.spooled.spooling:
+            return (f"database away, {self.spooled.spool.records} records spooled"
+                    if self.spooled.spool.records else "database away")
         return None if self._store_problem is None else "store refusing writes"
 
     def _wake(self) -> None:
@@ -145,14 +149,21 @@ class Service:
         if self.supervisor is not None:
             self.supervisor.wake()
 
-    def _open_store(self) -> Store:
-        """The history. A database server that does not answer does not stop the start: the
-        service runs on its spool (synwatch/spool.py) and writes it there when it answers."""
+    def _open_store(self) -> ServiceStore:
+        """The history. An SQLite file is written through sqlite3 (synwatch/sqlitestore.py:
+        SQLAlchemy stays out of the resident service). A database server goes through
+        SQLAlchemy, and one that does not answer does not stop the start: the service runs on
+        its spool (synwatch/spool.py) and writes it there when it answers."""
         c = self.config
-        if sqlite_file(c.storage_url) is not None or c.storage_url.startswith("sqlite"):
-            store = Store.open(c.storage_url, host=c.host)
-            log.info("store: %s (schema %s)", store.display_url, store.schema_revision())
-            return store
+        if sqlite_file(c.storage_url) is not None:
+            lite = SQLiteStore.open(c.storage_url, c.host)
+            log.info("store: %s (schema %s)", lite.display_url, lite.schema_revision())
+            return lite
+        from synwatch.spool import Spool, SpooledStore, unreachable  # noqa: PLC0415
+        from synwatch.store import Store  # noqa: PLC0415
+
+        if c.storage_url.startswith("sqlite"):  # in memory: tests and experiments
+            return Store.open(c.storage_url, host=c.host)
         spool = Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max)
         try:
             store = Store.open(c.storage_url, host=c.host)
@@ -161,14 +172,16 @@ class Service:
                 raise
             log.error("store: %s; starting on the spool %s (%d records waiting); detection "  # noqa: TRY400
                       "and actions go on", exc, spool.path, spool.records)
-            return SpooledStore(Store.open(c.storage_url, host=c.host, migrate=False), spool,
-                                migrated=False)
+            self.spooled = SpooledStore(Store.open(c.storage_url, host=c.host, migrate=False),
+                                        spool, migrated=False)
+            return self.spooled
         log.info("store: %s (schema %s, node %s)", store.display_url, store.schema_revision(),
                  c.host)
         if spool.ops:
             log.info("store: %d records spooled before the restart are written first",
                      spool.records)
-        return SpooledStore(store, spool, migrated=True)
+        self.spooled = SpooledStore(store, spool, migrated=True)
+        return self.spooled
 
     def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
         c = self.config
@@ -367,10 +380,10 @@ class Service:
         batch of the retention pass at a time (never a long transaction)."""
         assert self.store is not None
         mono = time.monotonic()
-        if isinstance(self.store, SpooledStore) and self.store.spooling:
+        if self.spooled is not None and self.spooled.spooling:
             if mono >= self._catch_up_due:
                 try:
-                    self.store.catch_up()
+                    self.spooled.catch_up()
                 except StoreError as exc:
                     self._catch_up_due = mono + STORE_RETRY
                     log.debug("store: still unreachable: %s", exc)

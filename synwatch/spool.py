@@ -29,8 +29,8 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from synwatch.errors import StoreError
-from synwatch.records import ActionRun, Ban, IncidentChange, TimelinePoint
-from synwatch.store import NewEvent, Store
+from synwatch.records import ActionRun, Ban, IncidentChange, NewEvent, TimelinePoint
+from synwatch.store import Store
 
 log = logging.getLogger("synwatch")
 CATCH_UP_OPS = 200  # spooled writes replayed per call, so a long backlog never holds detection

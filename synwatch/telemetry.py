@@ -15,7 +15,7 @@ from synwatch.probes.snapshot import Snapshot
 from synwatch.records import ActionRun, IncidentChange, StoredEvent, endpoint
 from synwatch.sources.base import Batch, Source
 from synwatch.status import DaemonStatus, SourceState, status_path
-from synwatch.store import Store
+from synwatch.storeapi import ServiceStore
 from synwatch.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.actions.labels(run.action, run.status).inc()
 
-    def count_bans(self, store: Store | None) -> None:
+    def count_bans(self, store: ServiceStore | None) -> None:
         if store is None or not self.config.ban.enabled:
             return
         try:

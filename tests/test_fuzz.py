@@ -195,7 +195,7 @@ def test_scan_and_import_exit_1_when_lines_were_skipped(
             raise ValueError("a bug no fuzzer found")
         return real(line, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cli, "_setup_logging", lambda _debug: None)  # pytest's logging stays
+    monkeypatch.setattr(cli, "setup_logging", lambda _debug: None)  # pytest's logging stays
     monkeypatch.setattr(sinks, "BAD_LINES", BadLines())
     monkeypatch.setattr(sinks, "_parse", choke_on_444)
     assert cli.main(["scan", "--count", str(log)]) == 1

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from synwatch.clock import Clock
     from synwatch.config import Config
     from synwatch.records import IncidentChange
-    from synwatch.store import Store
+    from synwatch.storeapi import ServiceStore
 
 GROUP = "synwatch.actions.v1"
 
@@ -47,7 +47,7 @@ class ActionContext:
     the clock, and the incidents open in the watched namespace (id -> latest change)."""
 
     config: Config
-    store: Store
+    store: ServiceStore
     clock: Clock
     open: dict[int, IncidentChange] = field(default_factory=dict)
     # ends the service's wait so hooks run now (called from an action's own thread)

@@ -62,7 +62,7 @@ def stderr_is_journal() -> bool:
         return False
 
 
-def _setup_logging(debug: bool) -> None:
+def setup_logging(debug: bool) -> None:
     # Our own messages at INFO; libraries (alembic announces every plugin) only when they warn.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JournalFormatter() if stderr_is_journal()
@@ -71,7 +71,7 @@ def _setup_logging(debug: bool) -> None:
     logging.getLogger("synwatch").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def _report(exc: SynwatchError) -> None:
+def report(exc: SynwatchError) -> None:
     subject = f"{exc.subject}: " if exc.subject else ""
     sys.stderr.write(f"synwatch: {subject}{exc.why}\n")
 
@@ -80,17 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug may come anywhere; logging is set up before the parser can fail
     debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
-    _setup_logging(debug)
+    setup_logging(debug)
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except UsageError as exc:  # a mistyped command line is never a traceback
-        _report(exc)
+        report(exc)
         return int(exc.status)
     except SynwatchError as exc:
         if debug:  # the traceback too, and still the error's own exit status
             traceback.print_exc()
-        _report(exc)
+        report(exc)
         return int(exc.status)
     except BrokenPipeError:  # `synwatch scan ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -21,12 +21,13 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from synwatch.config import sqlite_file
 from synwatch.errors import StoreError
 from synwatch.historyreader import head_revision
+from synwatch.records import NewEvent
 from synwatch.store.base import BUSY_TIMEOUT
 from synwatch.store.fleet import Fleet
 from synwatch.store.queries import Queries
 from synwatch.store.retention import Retention
 from synwatch.store.state import ServiceState
-from synwatch.store.writes import NewEvent, Writes
+from synwatch.store.writes import Writes
 
 __all__ = ["BUSY_TIMEOUT", "MIGRATIONS", "NewEvent", "Store"]
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from synwatch.errors import StoreError
+from synwatch.fleetlisten import BAN_CHANNEL
 from synwatch.records import (
     ActionRun,
     Ban,
@@ -25,7 +26,7 @@ from synwatch.records import (
 from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, TimelineRow
 
 BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock (the CLI, migrations)
-BAN_CHANNEL = "synwatch_bans"  # PostgreSQL LISTEN/NOTIFY channel of fleet bans
+
 
 
 class StoreBase:

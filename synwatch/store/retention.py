@@ -9,10 +9,9 @@ from datetime import datetime
 
 from sqlalchemy import delete, func, or_, select, update
 
+from synwatch.sqlitestore import PRUNE_BATCH
 from synwatch.store.base import StoreBase
 from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, TimelineRow
-
-PRUNE_BATCH = 2000  # rows per transaction
 
 
 class Retention(StoreBase):

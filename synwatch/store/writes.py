@@ -4,7 +4,6 @@ timeline and linked events, action outcomes and bans. Each call is one transacti
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -12,30 +11,9 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from synwatch.errors import StoreError
-from synwatch.records import ActionRun, Ban, IncidentChange
+from synwatch.records import ActionRun, Ban, IncidentChange, NewEvent
 from synwatch.store.base import StoreBase, ban_row, run_row
 from synwatch.store.models import EventRow, IncidentRow, SourcePositionRow, TimelineRow
-
-
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """What a source hands the store for one matched kernel line."""
-
-    time: datetime | None
-    source: str
-    trusted: bool
-    kind: str
-    family: int | None
-    address: str | None
-    port: int | None
-    mode: str | None
-    source_ip: str | None
-    source_port: int | None
-    host: str | None
-    message: str
-    pattern: str
-    dedup_key: str | None = None
-    historical: bool = False
 
 
 class Writes(StoreBase):
