@@ -1,8 +1,9 @@
 """The history at scale, on SQLite and on a real PostgreSQL server (root: the server runs as the
 postgres user, in a temporary directory, as in the tests).
 
-1. Ingest: events/s through Store.insert_events (batches of 50 with their source position, as
-   the service writes them), one node, then four nodes writing at once.
+1. Ingest: events/s through the service's store (synwatch/sqlitestore.py on SQLite, Store on
+   PostgreSQL), in batches of 50 with their source position as the service writes them, one
+   node, then four nodes writing at once.
 2. Reading: the CLI as an admin runs it (a new process each time, so imports count), on an empty
    store and at 1M events / 100k incidents of four hosts spread over 120 days: median wall time
    of 5 runs and the largest RSS.
@@ -20,12 +21,15 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import insert
 
-from synwatch.store import NewEvent, Store
+from synwatch.records import NewEvent
+from synwatch.sqlitestore import SQLiteStore
+from synwatch.store import Store
 from synwatch.store.models import EventRow, IncidentRow
 from tests.pgcluster import Cluster
 
@@ -51,7 +55,9 @@ def ingest(url: str, writers: int, per_writer: int = 5000) -> float:
     done: list[float] = []
 
     def node(name: str) -> None:
-        store = Store.open(url, host=name)
+        # the store the service writes with: sqlite3 for a file, SQLAlchemy for a server
+        store: Any = (SQLiteStore.open(url, name) if url.startswith("sqlite:")
+                      else Store.open(url, host=name))
         batch = [_event(i) for i in range(per_writer)]
         start.wait()
         for i in range(0, per_writer, 50):
@@ -136,7 +142,7 @@ def main() -> None:
     try:
         urls = {"SQLite": lambda name: f"sqlite:///{tmp}/{name}.db",
                 "PostgreSQL": lambda name: pg.new_database()}
-        print("History ingest (Store.insert_events, batches of 50 with their position), "
+        print("History ingest (the service's store, batches of 50 with their position), "
               "events/s")
         print(f"{'store':<12} {'one node':>10} {'4 nodes at once':>16}")
         for name, url in urls.items():

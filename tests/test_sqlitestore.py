@@ -141,3 +141,43 @@ def test_the_service_migrates_in_a_child_and_never_imports_sqlalchemy(tmp_path: 
                          check=True).stdout.splitlines()
     assert out == [Store.open(f"sqlite:///{db}").head_revision(), "[]"]
     assert oct(db.stat().st_mode & 0o777) == "0o600"
+
+
+def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_holds(
+        tmp_path: Path) -> None:
+    """storage.retention through the service's own pass (Service._keep_up): events past
+    `events` go in batches, closed incidents past `incidents` go with their timelines and
+    runs (their events stay, unlinked), an incident with a ban in force stays, and another
+    node's rows are never touched."""
+    from synwatch.config import parse_config
+    from synwatch.service import Service
+
+    url = f"sqlite:///{tmp_path}/h.db"
+    config = parse_config(f'[storage]\nurl = "{url}"\nhost = "web1"\n'
+                          '[storage.retention]\nevents = "30d"\nincidents = "60d"\n', "test")
+    now = datetime.now(timezone.utc)
+    old, older = now - timedelta(days=40), now - timedelta(days=70)
+    store, other = SQLiteStore.open(url, "web1"), SQLiteStore.open(url, "web2")
+    for s in (store, other):
+        s.insert_events([_event(i, time=old if i < 5 else now) for i in range(8)], now)
+    gone = store.save_incident(_change(status="closed", opened_at=older, closed_at=older,
+                                       event_ids=(1,)))
+    held = store.save_incident(_change(status="closed", opened_at=older, closed_at=older,
+                                       serial=2))
+    store.add_bans([Ban(prefix="198.51.100.0/24", backend="nftables", netns="ns",
+                        incident_id=held, created_at=older, expires_at=now + timedelta(hours=1))])
+    store.add_action_runs([ActionRun(incident_id=gone, action="ban", target="x", status="done",
+                                     at=older)])
+    service = Service(config, None)
+    service.store = store
+    service._prune_due = 0.0
+    for _ in range(20):  # one small batch a loop turn
+        service._keep_up()
+    events = {(r[0], r[1]) for r in store._read("SELECT host, incident_id FROM events")}
+    assert store._read("SELECT count(*) FROM events WHERE host = 'web1'")[0][0] == 3
+    assert store._read("SELECT count(*) FROM events WHERE host = 'web2'")[0][0] == 8
+    assert ("web1", gone) not in events
+    assert [r[0] for r in store._read("SELECT id FROM incidents")] == [held]
+    assert store.action_runs(gone) == []
+    assert store._read("SELECT count(*) FROM evidence_samples WHERE incident_id = ?",
+                       [gone])[0][0] == 0
