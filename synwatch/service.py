@@ -93,6 +93,8 @@ class Service:
         self._prune_due = time.monotonic() + PRUNE_FIRST
         self._pruning: list[str] = []  # what the running retention pass has left to prune
         self._catch_up_due = 0.0
+        self._pruned = 0  # rows the running retention step has pruned so far
+        self._housekeeping_problem: str | None = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -401,7 +403,12 @@ class Service:
             if self._pruning:
                 self._prune_step()
         except StoreError as exc:
-            log.warning("store: %s; housekeeping (heartbeat, retention) tried again later", exc)
+            if str(exc) != self._housekeeping_problem:  # once, not every ten seconds
+                log.warning("store: %s; housekeeping (heartbeat, retention) tried again later",
+                            exc)
+                self._housekeeping_problem = str(exc)
+        else:
+            self._housekeeping_problem = None
 
     def _prune_step(self) -> None:
         assert self.store is not None
@@ -415,9 +422,11 @@ class Service:
             done = gone == 0
         else:
             gone, done = 0, True
-        if gone:
-            log.info("retention: %d %s pruned", gone, what)
+        self._pruned += gone
         if done:
+            if self._pruned:  # one line a pass, however many batches it took
+                log.info("retention: %d %s pruned", self._pruned, what)
+            self._pruned = 0
             self._pruning.pop(0)
 
     def _reload(self) -> None:
