@@ -193,11 +193,9 @@ class SpooledStore(Store):
         op = {"op": "events", "events": [asdict(e) for e in events], "now": now,
               "position": list(position) if position else None, "made": made}
         done = self._try(op, lambda: Store.insert_events(self, events, now, position))
-        if done is not None:
-            return list(done)
-        if position is not None:
+        if position is not None:  # the newest, written or spooled (a restart reads it)
             self._positions[position[0]] = position[1]
-        return list(made)
+        return list(done) if done is not None else list(made)
 
     def save_incident(self, c: IncidentChange) -> int:
         c = replace(c, incident_id=self._real(c.incident_id),
