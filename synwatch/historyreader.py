@@ -67,7 +67,7 @@ def head_revision() -> str | None:
     return heads[0] if len(heads) == 1 else None
 
 
-def _utc(value: Any) -> datetime | None:
+def utc(value: Any) -> datetime | None:
     """A time as the driver gives it: SQLite's naive UTC text, PostgreSQL's aware datetime."""
     if value is None:
         return None
@@ -79,6 +79,22 @@ def _utc(value: Any) -> datetime | None:
 
 def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
+
+
+def ban_of(r: Sequence[Any]) -> Ban:
+    """A row of BAN_COLUMNS as a record (sqlite3 and psycopg rows alike)."""
+    now = datetime.now(timezone.utc)
+    return Ban(prefix=r[0], backend=r[1], netns=r[2], incident_id=r[3],
+               created_at=utc(r[4]) or now, expires_at=utc(r[5]) or now,
+               removed_at=utc(r[6]), times_banned=r[7], id=r[8], host=r[9], scope=r[10],
+               origin_id=r[11])
+
+
+def run_of(r: Sequence[Any]) -> ActionRun:
+    """A row of RUN_COLUMNS as a record."""
+    return ActionRun(incident_id=r[0], action=r[1], target=r[2], status=r[3],
+                     at=utc(r[4]) or datetime.now(timezone.utc), rendered=r[5], detail=r[6],
+                     retry_at=utc(r[7]), id=r[8], host=r[9] or "")
 
 
 class Reader:
@@ -141,7 +157,7 @@ class Reader:
         else:
             rows = self._rows(sql + order.format("ASC"), params)
         return [RecordedEvent(
-            id=r[0], time=_utc(r[1]), recorded_at=_utc(r[2]) or datetime.now(timezone.utc),
+            id=r[0], time=utc(r[1]), recorded_at=utc(r[2]) or datetime.now(timezone.utc),
             source=r[3], trusted=bool(r[4]), historical=bool(r[5]), kind=r[6], family=r[7],
             address=r[8], port=r[9], mode=r[10], source_ip=r[11], source_port=r[12],
             host=r[13], message=r[14], pattern=r[15], dedup_key=r[16], incident_id=r[17])
@@ -160,8 +176,8 @@ class Reader:
             rows = self._rows(sql + "opened_at, id", params)
         return [Incident(
             id=r[0], host=r[1], netns=r[2], address=r[3], port=r[4], family=r[5], status=r[6],
-            verdict=r[7], trigger=r[8], opened_at=_utc(r[9]) or datetime.now(timezone.utc),
-            closed_at=_utc(r[10]), first_evidence_at=_utc(r[11]), detected_at=_utc(r[12]),
+            verdict=r[7], trigger=r[8], opened_at=utc(r[9]) or datetime.now(timezone.utc),
+            closed_at=utc(r[10]), first_evidence_at=utc(r[11]), detected_at=utc(r[12]),
             peak_syn_recv=r[13], top_prefixes=tuple(dict(p) for p in _json(r[14])),
             recommendations=tuple(_json(r[15])), state=dict(_json(r[16]))) for r in rows]
 
@@ -172,21 +188,13 @@ class Reader:
             marks = ", ".join("?" * len(chunk))
             for r in self._rows(f"SELECT {RUN_COLUMNS} FROM action_runs "
                                 f"WHERE incident_id IN ({marks}) ORDER BY at, id", chunk):
-                out[r[0]].append(ActionRun(
-                    incident_id=r[0], action=r[1], target=r[2], status=r[3],
-                    at=_utc(r[4]) or datetime.now(timezone.utc), rendered=r[5], detail=r[6],
-                    retry_at=_utc(r[7]), id=r[8], host=r[9] or ""))
+                out[r[0]].append(run_of(r))
         return out
 
     def bans(self, host: str | None = None) -> list[Ban]:
         where, params = _where([("host = ?", host)])
-        rows = self._rows(f"SELECT {BAN_COLUMNS} FROM bans{where} "
-                          "ORDER BY created_at, id", params)
-        now = datetime.now(timezone.utc)
-        return [Ban(prefix=r[0], backend=r[1], netns=r[2], incident_id=r[3],
-                    created_at=_utc(r[4]) or now, expires_at=_utc(r[5]) or now,
-                    removed_at=_utc(r[6]), times_banned=r[7], id=r[8], host=r[9],
-                    scope=r[10], origin_id=r[11]) for r in rows]
+        return [ban_of(r) for r in self._rows(f"SELECT {BAN_COLUMNS} FROM bans{where} "
+                                              "ORDER BY created_at, id", params)]
 
 
 def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:

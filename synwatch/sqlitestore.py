@@ -23,7 +23,14 @@ from typing import Any
 
 from synwatch.config import sqlite_file
 from synwatch.errors import StoreError
-from synwatch.historyreader import BAN_COLUMNS, RUN_COLUMNS, head_revision
+from synwatch.historyreader import (
+    BAN_COLUMNS,
+    RUN_COLUMNS,
+    ban_of,
+    head_revision,
+    run_of,
+    utc,
+)
 from synwatch.records import ActionRun, Ban, IncidentChange, NewEvent
 
 PRUNE_BATCH = 2000  # rows per transaction (as synwatch/store/retention.py)
@@ -38,24 +45,6 @@ def stamp(value: datetime | None) -> str | None:
     if value.tzinfo is None:
         raise ValueError("naive datetime given to the store")
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def unstamp(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
-
-
-def _ban(r: Sequence[Any]) -> Ban:
-    now = datetime.now(timezone.utc)
-    return Ban(prefix=r[0], backend=r[1], netns=r[2], incident_id=r[3],
-               created_at=unstamp(r[4]) or now, expires_at=unstamp(r[5]) or now,
-               removed_at=unstamp(r[6]), times_banned=r[7], id=r[8], host=r[9], scope=r[10],
-               origin_id=r[11])
-
-
-def _run(r: Sequence[Any]) -> ActionRun:
-    return ActionRun(incident_id=r[0], action=r[1], target=r[2], status=r[3],
-                     at=unstamp(r[4]) or datetime.now(timezone.utc), rendered=r[5],
-                     detail=r[6], retry_at=unstamp(r[7]), id=r[8], host=r[9] or "")
 
 
 def migrate_in_child(url: str, host: str) -> None:
@@ -274,8 +263,8 @@ class SQLiteStore:
             port=r[4], family=r[5], status="open",
             verdict=r[6] if r[6] in verdicts else "unknown",
             trigger=r[7] if r[7] in ("log", "half_open") else "counters",
-            opened_at=unstamp(r[8]) or datetime.now(timezone.utc), closed_at=None,
-            first_evidence_at=unstamp(r[9]), detected_at=unstamp(r[10]) or unstamp(r[8])
+            opened_at=utc(r[8]) or datetime.now(timezone.utc), closed_at=None,
+            first_evidence_at=utc(r[9]), detected_at=utc(r[10]) or utc(r[8])
             or datetime.now(timezone.utc), peak_syn_recv=r[11], top_prefixes=(),
             recommendations=tuple(json.loads(r[12])), reasons=(),
             state=dict(json.loads(r[13]))) for r in rows]
@@ -288,12 +277,12 @@ class SQLiteStore:
                             "r.incident_id = i.id WHERE r.action = ? AND r.at >= ? AND "
                             "r.host = ? AND i.host = ? AND i.netns = ? ORDER BY r.at, r.id",
                             [action, since, host, host, netns]):
-            run = _run(r)
+            run = run_of(r)
             latest[run.incident_id, run.target] = run
         return list(latest.values())
 
     def action_runs(self, incident_id: int) -> list[ActionRun]:
-        return [_run(r) for r in self._read(
+        return [run_of(r) for r in self._read(
             f"SELECT {RUN_COLUMNS} FROM action_runs WHERE incident_id = ? "
             "ORDER BY at, id", [incident_id])]
 
@@ -322,13 +311,13 @@ class SQLiteStore:
 
     def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
         extra, params = (" AND backend = ?", [backend]) if backend is not None else ("", [])
-        return [_ban(r) for r in self._read(
+        return [ban_of(r) for r in self._read(
             f"SELECT {BAN_COLUMNS} FROM bans WHERE host = ? AND netns = ? AND "
             f"removed_at IS NULL AND expires_at > ?{extra} ORDER BY created_at, id",
             [self.host, netns, now, *params])]
 
     def expired_bans(self, netns: str, now: datetime, backend: str) -> list[Ban]:
-        return [_ban(r) for r in self._read(
+        return [ban_of(r) for r in self._read(
             f"SELECT {BAN_COLUMNS} FROM bans WHERE host = ? AND netns = ? AND "
             "backend = ? AND removed_at IS NULL AND expires_at <= ?",
             [self.host, netns, backend, now])]
@@ -343,7 +332,7 @@ class SQLiteStore:
 
     def fleet_bans_to_copy(self, now: datetime) -> list[Ban]:
         columns = ", ".join(f"b.{c.strip()}" for c in BAN_COLUMNS.split(","))
-        return [_ban(r) for r in self._read(
+        return [ban_of(r) for r in self._read(
             f"SELECT {columns} FROM bans b WHERE b.scope = 'fleet' AND "
             "b.origin_id IS NULL AND b.host != ? AND b.removed_at IS NULL AND "
             "b.expires_at > ? AND NOT EXISTS (SELECT 1 FROM bans m WHERE m.origin_id = b.id "
