@@ -72,6 +72,11 @@ def _change(data: dict[str, Any]) -> IncidentChange:
     return IncidentChange(**{**data, **tuples, "sample": point})
 
 
+def _weight(op: dict[str, Any]) -> int:
+    """Records an op counts for against storage.spool_max: its events, else one."""
+    return len(op.get("events", ())) or 1
+
+
 class Spool:
     """An append-only file of writes, one JSON object a line, replayed in order."""
 
@@ -84,7 +89,7 @@ class Spool:
                     self.ops.append(_unjson(json.loads(line)))
                 except ValueError:
                     log.warning("spool %s: a torn last line skipped (a crash mid-write)", path)
-        self.records = sum(len(op.get("events", ())) or 1 for op in self.ops)
+        self.records = sum(map(_weight, self.ops))
 
     def add(self, op: dict[str, Any]) -> None:
         """Append ``op`` durably (fsync: a crash right after loses nothing it was told)."""
@@ -100,12 +105,12 @@ class Spool:
         except OSError as exc:  # the caller keeps what it has in memory and tries again
             raise StoreError(str(self.path), f"cannot write the spool: {exc.strerror}") from exc
         self.ops.append(op)
-        self.records += len(op.get("events", ())) or 1
+        self.records += _weight(op)
 
     def done(self, count: int) -> None:
         """The first ``count`` ops are in the database: keep the rest (atomically)."""
         self.ops = self.ops[count:]
-        self.records = sum(len(op.get("events", ())) or 1 for op in self.ops)
+        self.records = sum(map(_weight, self.ops))
         if not self.ops:
             self.path.unlink(missing_ok=True)
             return
