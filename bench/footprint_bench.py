@@ -16,35 +16,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import SERVER_IP, SPOOF_NET, lab, lab_port
+from tests.lab import flood_rate, lab, lab_port
 
 IDLE = int(os.environ.get("SYNWATCH_BENCH_IDLE", "60"))
 FLOOD = int(os.environ.get("SYNWATCH_BENCH_FLOOD", "180"))
 SETTLE = 10
 TICKS = os.sysconf("SC_CLK_TCK")
-REPO = Path(__file__).resolve().parent.parent
-
-SENDER = textwrap.dedent("""
-    import random, socket, sys, time
-    sys.path.insert(0, {repo!r})
-    from tests.lab import syn_packet
-    packets = [syn_packet(f"{net}.{{random.randint(0, 255)}}.{{random.randint(1, 254)}}",
-                          {dst!r}, random.randint(1024, 65535), {port}) for _ in range(8192)]
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    start, sent = time.monotonic(), 0
-    while time.monotonic() - start < {seconds}:
-        for p in packets[sent % 8192: sent % 8192 + 256]:
-            raw.sendto(p, ({dst!r}, 0))
-        sent += 256
-    print(sent / (time.monotonic() - start))
-""")
-
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -124,10 +106,7 @@ def under_flood(tmp: Path) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "synwatch", "run", "--config",
                                  str(config)], stderr=subprocess.DEVNULL)
         time.sleep(SETTLE)
-        code = SENDER.format(repo=str(REPO), net=SPOOF_NET, dst=SERVER_IP, port=port,
-                             seconds=FLOOD)
-        sender = subprocess.Popen(["ip", "netns", "exec", the_lab.client_ns, sys.executable,
-                                   "-c", code], stdout=subprocess.PIPE, text=True)
+        sender = the_lab.timed_flood(port, FLOOD)
         rows = []
         start = time.monotonic()
         cpu0 = cpu_seconds(proc.pid)
@@ -136,7 +115,8 @@ def under_flood(tmp: Path) -> None:
             now, cpu = time.monotonic(), cpu_seconds(proc.pid)
             rows.append((now - start, 100 * (cpu - cpu0) / 10, rss_mib(proc.pid)))
             cpu0 = cpu
-        rate = float((sender.stdout.read() if sender.stdout else "0").strip() or 0)
+        sent, elapsed = flood_rate(sender, 60)
+        rate = sent / elapsed
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     print(f"\nsynwatch during a {FLOOD} s spoofed flood, {rate:,.0f} SYN/s (the lab's maximum, "

@@ -22,31 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import SERVER_IP, SPOOF_NET, Lab, lab
+from tests.lab import Lab, flood_rate, lab
 
 SECONDS = 10
 RATES = (10_000, 50_000, 0)  # 0: as fast as the lab goes
 TICKS = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent
-
-SENDER = textwrap.dedent("""
-    import random, socket, sys, time
-    sys.path.insert(0, {repo!r})
-    from tests.lab import syn_packet
-    rate, seconds = {rate}, {seconds}
-    packets = [syn_packet(f"{net}.{{random.randint(0, 255)}}.{{random.randint(1, 254)}}",
-                          {dst!r}, random.randint(1024, 65535), {port}) for _ in range(8192)]
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    start = time.monotonic()
-    sent = 0
-    while time.monotonic() - start < seconds:
-        for p in packets[sent % 8192: sent % 8192 + 256]:
-            raw.sendto(p, ({dst!r}, 0))
-        sent += 256
-        if rate:
-            time.sleep(max(0.0, start + sent / rate - time.monotonic()))
-    print(sent, time.monotonic() - start)
-""")
 
 SAMPLER = textwrap.dedent("""
     import json, sys, time
@@ -75,19 +56,6 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _start_flood(the_lab: Lab, port: int, rate: int) -> subprocess.Popen[str]:
-    code = SENDER.format(repo=str(REPO), rate=rate, seconds=SECONDS, net=SPOOF_NET,
-                         dst=SERVER_IP, port=port)
-    return subprocess.Popen(["ip", "netns", "exec", the_lab.client_ns, sys.executable, "-c",
-                             code], stdout=subprocess.PIPE, text=True)
-
-
-def _sent(sender: subprocess.Popen[str]) -> tuple[int, float]:
-    out, _ = sender.communicate(timeout=SECONDS + 60)
-    sent, took = out.split()
-    return int(sent), float(took)
-
-
 def _sampler_run(the_lab: Lab, port: int, rate: int) -> dict[str, float]:
     code = SAMPLER.format(repo=str(REPO), netns=the_lab.server_ns, port=port)
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
@@ -98,14 +66,14 @@ def _sampler_run(the_lab: Lab, port: int, rate: int) -> dict[str, float]:
     cpu0 = _cpu(proc.pid)
     rss: list[float] = []
     reads: list[dict[str, int]] = []
-    sender = _start_flood(the_lab, port, rate)
+    sender = the_lab.timed_flood(port, SECONDS, rate)
     while sender.poll() is None:
         time.sleep(1)
         proc.stdin.write("\n")
         proc.stdin.flush()
         reads.append(json.loads(proc.stdout.readline()))
         rss.append(_rss_mib(proc.pid))
-    sent, took = _sent(sender)
+    sent, took = flood_rate(sender, SECONDS + 60)
     time.sleep(1)
     proc.stdin.write("\n")
     proc.stdin.flush()
@@ -127,7 +95,7 @@ def _tcpdump_run(the_lab: Lab, port: int, rate: int) -> dict[str, float]:
                             stderr=subprocess.PIPE, text=True)
     time.sleep(1)  # listening
     cpu0 = _cpu(proc.pid)
-    sent, took = _sent(_start_flood(the_lab, port, rate))
+    sent, took = flood_rate(the_lab.timed_flood(port, SECONDS, rate), SECONDS + 60)
     cpu = _cpu(proc.pid) - cpu0
     proc.terminate()
     _, err = proc.communicate(timeout=10)

@@ -31,21 +31,6 @@ RATE = 20_000
 CLIENTS = 200
 REPO = Path(__file__).resolve().parent.parent
 
-SENDER = textwrap.dedent("""
-    import random, socket, sys, time
-    sys.path.insert(0, {repo!r})
-    from tests.lab import syn_packet
-    packets = [syn_packet(f"{net}.{{random.randint(0, 255)}}.{{random.randint(1, 254)}}",
-                          {dst!r}, random.randint(1024, 65535), {port}) for _ in range(65536)]
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    start, sent = time.monotonic(), 0
-    while time.monotonic() - start < {seconds}:
-        for p in packets[sent % 65536: sent % 65536 + 256]:
-            raw.sendto(p, ({dst!r}, 0))
-        sent += 256
-        time.sleep(max(0.0, start + sent / {rate} - time.monotonic()))
-""")
-
 CLIENT = textwrap.dedent("""
     import socket, time
     for _ in range({count}):
@@ -70,10 +55,8 @@ def run(mode: str) -> tuple[str, int, float, list[int]]:
             mss = client_mss(the_lab.server_ns, 4, f"{SPOOF_NET}.1.1")
             wscale = listener_wscale(the_lab.server_ns, "0.0.0.0", port, 4)
             execute([render_on(port, mss, wscale)], the_lab.server_ns)
-        flood = subprocess.Popen(["ip", "netns", "exec", the_lab.client_ns, sys.executable,
-                                  "-c", SENDER.format(repo=str(REPO), net=SPOOF_NET,
-                                                      dst=SERVER_IP, port=port,
-                                                      seconds=SECONDS, rate=RATE)])
+        # 65,536 forged source/port pairs: the table stops growing once it holds them all
+        flood = the_lab.timed_flood(port, SECONDS, RATE, pool=65536)
         fill: list[int] = []
         done = threading.Event()
 

@@ -217,6 +217,33 @@ class Lab:
         proc.stdin.close()
         return proc
 
+    def timed_flood(self, port: int, seconds: float, rate: float = 0,
+                    pool: int = 8192) -> subprocess.Popen[str]:
+        """A benchmark's flood: forged SYNs from all over SPOOF_NET/16 for ``seconds``, at
+        ``rate`` a second (0: as fast as one core sends), cycling through ``pool`` prepared
+        source/port pairs. It prints "SENT ELAPSED" when done (``flood_rate`` reads it)."""
+        code = textwrap.dedent(f"""
+            import random, socket, time
+            from tests.lab import syn_packet
+            packets = [syn_packet(f"{SPOOF_NET}.{{random.randint(0, 255)}}."
+                                  f"{{random.randint(1, 254)}}", {SERVER_IP!r},
+                                  random.randint(1024, 65535), {port}) for _ in range({pool})]
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            start, sent = time.monotonic(), 0
+            while time.monotonic() - start < {seconds}:
+                for p in packets[sent % {pool}: sent % {pool} + 256]:
+                    raw.sendto(p, ({SERVER_IP!r}, 0))
+                sent += 256
+                if {rate}:
+                    time.sleep(max(0.0, start + sent / {rate} - time.monotonic()))
+            print(sent, time.monotonic() - start)
+        """)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
+                                 code], stdout=subprocess.PIPE, text=True, env=env)
+        self.processes.append(proc)
+        return proc
+
     def connect_burst(self, port: int, established: int, attempts: int,
                       spacing: float = 0.005, hold: float = 2.0) -> None:
         """Real clients from the client namespace: ``established`` connections one after the
@@ -238,6 +265,13 @@ class Lab:
         """)
         subprocess.run(["ip", "netns", "exec", self.client_ns, sys.executable, "-c", code],
                        check=True, timeout=120)
+
+
+def flood_rate(sender: subprocess.Popen[str], timeout: float) -> tuple[int, float]:
+    """What a ``timed_flood`` sent, and in how many seconds."""
+    out, _ = sender.communicate(timeout=timeout)
+    sent, elapsed = out.split()
+    return int(sent), float(elapsed)
 
 
 @contextmanager
