@@ -10,24 +10,27 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from alembic import command
 from sqlalchemy import MetaData, create_engine, insert, select, text
 
 from synwatch.records import Ban
 from synwatch.store import Store
 from tests.conftest import synwatch
 from tests.pgcluster import Cluster
-from tests.test_store import OLD_HISTORIES, T0, _event, check_old_history
+from tests.test_store import (
+    OLD_HISTORIES,
+    T0,
+    _event,
+    alembic,
+    check_down_and_up,
+    check_old_history,
+)
 
 
 def _copy_old_history(sqlite_file: Path, url: str, revision: str) -> None:
     """The old SQLite history's rows, copied into a PostgreSQL database at the same schema
     revision (made by the same migrations), as an older synwatch would have written them."""
     store = Store.open(url, migrate=False)
-    cfg = store._alembic_config()
-    with store.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    alembic(store, "upgrade", revision)
     source = create_engine(f"sqlite:///{sqlite_file}")
     old, new = MetaData(), MetaData()
     old.reflect(source)
@@ -58,14 +61,7 @@ def test_postgresql_migrates_an_old_history_with_its_data(pg_url: str, old: Path
 
 
 def test_postgresql_migrations_run_down_and_up(pg_url: str) -> None:
-    store = Store.open(pg_url)
-    cfg = store._alembic_config()
-    with store.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "base")
-    assert store.schema_revision() is None
-    store.migrate()
-    assert store.schema_revision() == "0005"
+    check_down_and_up(Store.open(pg_url))
 
 
 def test_nodes_starting_together_migrate_once(pg_url: str) -> None:

@@ -46,17 +46,27 @@ def test_open_creates_and_migrates_the_schema_in_wal_mode(tmp_path: Path) -> Non
     assert Store.open(_db(db)).schema_revision() == "0005"
 
 
-def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
+def alembic(store: Store, verb: str, revision: str) -> None:
+    """Alembic's ``upgrade`` or ``downgrade`` to ``revision`` on the store's database."""
     from alembic import command
 
-    store = Store.open(_db(tmp_path / "h.db"))
     cfg = store._alembic_config()
     with store.engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "base")
+        getattr(command, verb)(cfg, revision)
+
+
+def check_down_and_up(store: Store) -> None:
+    """Every migration down to nothing, then up again (on SQLite here, on PostgreSQL in
+    tests/test_fleet_store.py)."""
+    alembic(store, "downgrade", "base")
     assert store.schema_revision() is None
     store.migrate()
     assert store.schema_revision() == "0005"
+
+
+def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
+    check_down_and_up(Store.open(_db(tmp_path / "h.db")))
 
 
 OLD_HISTORIES = sorted((Path(__file__).parent / "data" / "store").glob("schema_*.db"))
