@@ -22,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import Lab, flood_rate, lab
+from tests.lab import CLIENT_IP, Lab, flood_rate, lab
 
 SECONDS = 10
 RATES = (10_000, 50_000, 0)  # 0: as fast as the lab goes
+CLIENTS = 500  # real connections a second beside the last flood: their ACKs are sampled too
 TICKS = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +41,9 @@ SAMPLER = textwrap.dedent("""
         port = s.port({port})
         print(json.dumps({{"one_in": s.one_in, "lost": s.lost,
                           "samples": port.samples if port else 0,
-                          "syns": port.syns if port else 0}}), flush=True)
+                          "syns": port.syns if port else 0,
+                          "acks": sum(n for _, n in port.completed) if port else 0}}),
+              flush=True)
 """)
 
 
@@ -56,7 +59,7 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _sampler_run(the_lab: Lab, port: int, rate: int) -> dict[str, float]:
+def _sampler_run(the_lab: Lab, port: int, rate: int, clients: int = 0) -> dict[str, float]:
     code = SAMPLER.format(repo=str(REPO), netns=the_lab.server_ns, port=port)
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -67,6 +70,8 @@ def _sampler_run(the_lab: Lab, port: int, rate: int) -> dict[str, float]:
     rss: list[float] = []
     reads: list[dict[str, int]] = []
     sender = the_lab.timed_flood(port, SECONDS, rate)
+    if clients:
+        the_lab.real_clients(port, [CLIENT_IP], SECONDS, per_second=clients)
     while sender.poll() is None:
         time.sleep(1)
         proc.stdin.write("\n")
@@ -84,6 +89,7 @@ def _sampler_run(the_lab: Lab, port: int, rate: int) -> dict[str, float]:
     return {"rate": sent / took, "cpu": cpu / took * 100, "rss0": rss[0], "rss1": rss[-1],
             "samples": sum(r["samples"] for r in reads) / took,
             "estimate": sum(r["syns"] for r in reads) / max(1, sent),
+            "acks": sum(r.get("acks", 0) for r in reads) / took,
             "one_in": reads[-2]["one_in"] if len(reads) > 1 else reads[-1]["one_in"],
             "lost": sum(r["lost"] for r in reads)}
 
@@ -110,18 +116,19 @@ def main() -> None:
         return
     print(f"SYN sampler vs tcpdump, {SECONDS} s of spoofed SYNs at each rate "
           f"({os.cpu_count()} cores)")
-    print(f"{'target SYN/s':>12}{'sent SYN/s':>12}{'sampler CPU':>13}{'samples/s':>11}"
-          f"{'1 in N':>8}{'estimate':>10}{'RSS first-last':>17}{'tcpdump CPU':>13}")
-    for rate in RATES:
+    print(f"{'target SYN/s':>16}{'sent SYN/s':>12}{'sampler CPU':>13}{'samples/s':>11}"
+          f"{'1 in N':>8}{'estimate':>10}{'ACKs/s seen':>12}{'RSS first-last':>17}"
+          f"{'tcpdump CPU':>13}")
+    for rate, clients in [*((r, 0) for r in RATES), (0, CLIENTS)]:
         with lab() as the_lab:
             port = 40000
-            the_lab.listen(port, backlog=64)
-            s = _sampler_run(the_lab, port, rate)
-            t = (_tcpdump_run(the_lab, port, rate) if shutil.which("tcpdump")
+            the_lab.serve(port, backlog=64)
+            s = _sampler_run(the_lab, port, rate, clients)
+            t = (_tcpdump_run(the_lab, port, rate) if shutil.which("tcpdump") and not clients
                  else {"cpu": float("nan")})
-        label = f"{rate:,}" if rate else "max"
-        print(f"{label:>12}{s['rate']:>12,.0f}{s['cpu']:>12.1f}%{s['samples']:>11,.0f}"
-              f"{s['one_in']:>8.0f}{s['estimate']:>10.2f}"
+        label = (f"{rate:,}" if rate else "max") + (f" +{clients} conn/s" if clients else "")
+        print(f"{label:>16}{s['rate']:>12,.0f}{s['cpu']:>12.1f}%{s['samples']:>11,.0f}"
+              f"{s['one_in']:>8.0f}{s['estimate']:>10.2f}{s['acks']:>12,.0f}"
               f"{s['rss0']:>8.1f}-{s['rss1']:.1f} MiB{t['cpu']:>12.1f}%")
 
 

@@ -1,8 +1,10 @@
 """Kernel events and probe evidence in, incidents out: one per (host, netns, listener).
 
-An incident opens on a trusted SYN-flood line for a port something listens on in this namespace
-(the kernel's log is shared by all namespaces, so a line for a port the last probe did not see is
-held for the next probe, which the service takes at once), or on the counters: SYNs finding a
+An incident opens on a trusted SYN-flood line for a listener of this namespace whose own kernel
+state shows the overflow in the interval the line fell in (the kernel's log is shared by all
+namespaces, and any user can make it print a genuine line for any port in a namespace of their
+own: such a line is held for the next probes, which the service takes at once, and stays an
+event when they show no overflow here), or on the counters: SYNs finding a
 full SYN queue (TCPReqQFullDoCookies + TCPReqQFullDrop) or accept-queue overflows
 (ListenOverflows) at ``open_rate`` per second, attributed to the listener whose queue is
 full. The kernel logs once per socket and the ratelimit may swallow even that, so the counters
@@ -19,13 +21,20 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from synwatch.clock import Clock
 from synwatch.config import Thresholds
-from synwatch.delta import ListenerId, ProbeDelta, listener_id, measure
+from synwatch.delta import RATES, ListenerId, ProbeDelta, listener_id, measure
 from synwatch.probes.snapshot import ListenerState, Snapshot
-from synwatch.records import Evidence, IncidentChange, StoredEvent, TimelinePoint, Trigger
+from synwatch.records import (
+    Evidence,
+    IncidentChange,
+    KernelEvent,
+    StoredEvent,
+    TimelinePoint,
+    Trigger,
+)
 from synwatch.rules import half_open_floor
 from synwatch.verdict import Tally, judge
 
@@ -33,6 +42,9 @@ log = logging.getLogger(__name__)
 ListenerKey = tuple[int, str, int] | None  # (family, address, port); None: not attributable
 PENDING_UNTRUSTED = 256  # untrusted lines kept for corroboration; older ones just stay events
 PENDING_TRUSTED = 1024  # trusted lines waiting for the next probe (one line per socket)
+# probes a held line waits for this namespace's state to show its overflow: the one the service
+# takes at once (its interval holds the line), and one more for a line timed just after it
+CORROBORATING_PROBES = 2
 MAX_PHASES = 32
 RECENT_PROBES = 120  # probes kept for an incident that opens after its build-up
 
@@ -53,6 +65,9 @@ class _Incident:
     window: Tally | None = None
     window_start: datetime | None = None
     phases: list[tuple[datetime, str]] = field(default_factory=list)
+    # resumed after a restart: the first probe's counter movement since the last probe before
+    # the stop (saved with the incident) is its own, unless another listener's queue claims it
+    resumed: bool = False
 
 
 def _full_syn_queue(st: ListenerState) -> bool:
@@ -79,6 +94,7 @@ class Correlator:
         self.open: dict[int, _Incident] = {}
         self._serial = 0
         self._last: Evidence | None = None
+        self._resumed_from: Evidence | None = None  # the last probe before a restart
         self._last_probe: ProbeDelta | None = None
         self._recent: deque[tuple[datetime, ProbeDelta]] = deque(maxlen=RECENT_PROBES)
         # listeners whose SYN-RECV is high: since when, and PassiveOpens then
@@ -86,7 +102,8 @@ class Correlator:
         self._moving_since: datetime | None = None
         self._untrusted: deque[tuple[datetime, int | None, int]] = deque(
             maxlen=PENDING_UNTRUSTED)  # (time, port, event id)
-        self.held: deque[StoredEvent] = deque(maxlen=PENDING_TRUSTED)
+        # trusted lines waiting for a probe of this namespace, with the probes they have seen
+        self.held: deque[tuple[StoredEvent, int]] = deque(maxlen=PENDING_TRUSTED)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -104,8 +121,38 @@ class Correlator:
             change.detected_at, last, Tally.from_json(ev.get("tally", {})))
         inc.phases = [(datetime.fromisoformat(p["at"]), str(p["verdict"]))
                       for p in ev.get("phases", [])]
+        inc.resumed = True
         self.open[self._serial] = inc
+        saved = ev.get("probe")
+        if isinstance(saved, dict) and saved.get("at") and isinstance(saved.get("counters"), dict):
+            at = datetime.fromisoformat(saved["at"])
+            if self._resumed_from is None or at > self._resumed_from.at:
+                # the counters of the last probe before the stop: the first probe after the
+                # restart measures what happened meanwhile against them
+                self._resumed_from = Evidence(at, Snapshot(
+                    self.netns, (), {str(k): int(v) for k, v in saved["counters"].items()},
+                    dict(inc.tally.sysctls)))
         return self._serial
+
+    def _saved_probe(self) -> dict[str, Any] | None:
+        """The last probe's counters, saved with an incident so that after a restart the first
+        probe measures the time synwatch was not running against them."""
+        if self._last is None:
+            return None
+        counters = self._last.snapshot.counters
+        wanted = {c for names in RATES.values() for c in names}
+        return {"at": self._last.at.isoformat(),
+                "counters": {c: counters[c] for c in sorted(wanted) if c in counters}}
+
+    def ports_to_watch(self) -> frozenset[int]:
+        """Listener ports whose completed connections the next probe reads (inet_diag), to
+        tell sources that complete handshakes from a flood's: those of open incidents, and
+        those whose SYN queue was full at the last probe (an incident may open on it)."""
+        ports = {i.tally.port for i in self.open.values() if i.tally.port is not None}
+        if self._last is not None:
+            ports.update(st.listener.port for st in self._last.snapshot.listeners
+                         if st.syn_recv and _full_syn_queue(st))
+        return frozenset(ports)
 
     def _by_key(self, key: ListenerKey) -> _Incident | None:
         return next((i for i in self.open.values() if i.key == key), None)
@@ -141,8 +188,10 @@ class Correlator:
             peak_syn_recv=t.peak_syn_recv, top_prefixes=j.top_prefixes,
             recommendations=j.recommendations, reasons=j.reasons,
             state={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat(),
-                      "phases": [{"at": at.isoformat(), "verdict": v} for at, v in inc.phases]},
-            sample=sample, event_ids=events)
+                   "phases": [{"at": at.isoformat(), "verdict": v} for at, v in inc.phases],
+                   "probe": self._saved_probe()},
+            sample=sample, event_ids=events,
+            bans=j.targets.ban if j.targets else (), limits=j.targets.limit if j.targets else ())
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -174,29 +223,58 @@ class Correlator:
         if now - at > self.quiet:
             return []  # printed long ago (read after a restart): the kernel state is gone
         listener = self._listener_for(e.family, e.address, e.port)
-        if listener is None and e.port is not None:
-            # The kernel's log is shared by every namespace: the port may be another's, or a
-            # listener newer than the last probe. The next probe (the service takes it at once)
-            # tells which; without probes, release_held() trusts the line (drop_held() where the
-            # watched namespace does not exist).
-            log.debug("kernel event %d: port %s not in the last probe; held for the next",
-                      stored.id, e.port)
-            self.held.append(stored)
-            return []
-        return self._on_trusted_line(stored, listener)
+        last = self._last_probe
+        if self._by_key(self._line_key(e, listener)) is not None or (
+                last is not None and (listener is not None or e.port is None)
+                and self._overflow_here(last, listener)):
+            # its listener's incident is open, or the interval the line fell in (a line read
+            # after the probe that followed it) shows the overflow here
+            return self._on_trusted_line(stored, listener)
+        # The kernel's log is shared by every namespace, and a user can make it print a genuine
+        # line for any port in a namespace of their own: the next probes (the service takes one
+        # at once) tell whether this namespace overflowed; none where the watched namespace does
+        # not exist (drop_held()) or no probe works (release_held()).
+        log.debug("kernel event %d: port %s: held for the next probe of %s", stored.id, e.port,
+                  self.netns or "the host's namespace")
+        self.held.append((stored, 0))
+        return []
 
-    def _on_trusted_line(self, stored: StoredEvent,
-                         listener: ListenerState | None) -> list[IncidentChange]:
+    @staticmethod
+    def _line_key(e: KernelEvent, listener: ListenerState | None) -> ListenerKey:
+        """The listener a line is about: the one found here, else what the line names."""
+        if listener is not None:
+            return listener_id(listener)
+        if e.port is not None:
+            wildcard = "::" if e.family == 6 else "0.0.0.0"  # noqa: S104 - a name, not a bind
+            return (e.family or 4, e.address or wildcard, e.port)
+        return None
+
+    def _overflow_here(self, probe: ProbeDelta, listener: ListenerState | None) -> bool:
+        """Does this namespace's own state show the overflow a kernel line reports, over the
+        interval ``probe`` measured? The listener's SYN queue is full or it dropped SYNs
+        (sk_drops); or SYNs overflowed here (TCPReqQFullDoCookies/TCPReqQFullDrop,
+        ListenOverflows) and nothing puts them on another listener (a full queue, the sample,
+        the accounting set). A line without a port has only the counters."""
+        if listener is None:
+            return probe.moving
+        key = listener_id(listener)
+        if _full_syn_queue(listener) or key in probe.dropped:
+            return True
+        if not probe.moving:
+            return False
+        active = self._attribute(probe)
+        ports = {p.port for p in probe.sampled.ports if p.samples} if probe.sampled else set()
+        ports |= {port for (port, _), n in probe.accounted.items() if n > 0}
+        return not active or key in active or key[2] in ports
+
+    def _on_trusted_line(self, stored: StoredEvent, listener: ListenerState | None,
+                         corroborated_by: ProbeDelta | None = None) -> list[IncidentChange]:
+        """A line this namespace's state bears out opens (or joins) its listener's incident.
+        ``corroborated_by``: the probe after the line that showed its overflow here; its
+        interval holds the line, so it is the incident's first evidence."""
         e = stored.event
         at = e.time or self.clock.now()
-        key: ListenerKey
-        if listener is not None:
-            key = listener_id(listener)
-        elif e.port is not None:
-            wildcard = "::" if e.family == 6 else "0.0.0.0"  # noqa: S104 - a name, not a bind
-            key = (e.family or 4, e.address or wildcard, e.port)
-        else:
-            key = None
+        key = self._line_key(e, listener)
         inc = self._by_key(key)
         if inc is not None:
             inc.new_events.append(stored.id)
@@ -206,29 +284,44 @@ class Correlator:
                         snap=self._last.snapshot if self._last else None)
         inc.new_events.append(stored.id)
         self._corroborate(inc)
-        last = self._last_probe
-        if last is not None and (last.deltas["syns_overflowed"] or last.deltas["listen_overflows"]):
+        last = corroborated_by or self._last_probe
+        if last is not None and (corroborated_by is not None or last.moving):
             # The line is printed when the overflow begins; a burst shorter than a probe
             # interval is over by the next probe, so the interval it happened in is its evidence.
             assert self._last is not None
-            inc.first_evidence_at = min(at, self._moving_since or self._last.at)
+            if last.moving:
+                inc.first_evidence_at = min(at, self._moving_since or self._last.at)
             self._add(inc, listener, last, active=True)
-        return [self._change(inc, "opened")]
+        if corroborated_by is None or self._last is None:
+            return [self._change(inc, "opened")]
+        if key in self._attribute(corroborated_by):
+            inc.last_activity = self._last.at  # still overflowing then, as _follow_open says
+        return [self._change(inc, "opened", sample=_sample(self._last.at, listener,
+                                                           corroborated_by.rates))]
 
-    def _resolve_held(self) -> list[IncidentChange]:
-        """Trusted lines held for a probe: a listener on their port here now opens (or joins)
-        an incident; none means another namespace's line, which stays an event."""
+    def _resolve_held(self, probe: ProbeDelta) -> list[IncidentChange]:
+        """Trusted lines held for a probe: where this probe shows the overflow here on a
+        listener of their port, they open (or join) an incident. No listener on their port,
+        or no overflow here within CORROBORATING_PROBES probes, means another namespace's
+        line: it stays an event and starts nothing."""
         changes: list[IncidentChange] = []
         held, self.held = self.held, deque(maxlen=PENDING_TRUSTED)
-        for stored in held:
+        where = self.netns or "the host's namespace"
+        for stored, probes in held:
             e = stored.event
             listener = self._listener_for(e.family, e.address, e.port)
-            if listener is None:
+            if listener is None and e.port is not None:
                 log.info("kernel event %d: nothing listens on port %s in %s; another "
-                         "namespace's line, no incident", stored.id, e.port,
-                         self.netns or "the host's namespace")
-                continue
-            changes.extend(self._on_trusted_line(stored, listener))
+                         "namespace's line, no incident", stored.id, e.port, where)
+            elif self._by_key(self._line_key(e, listener)) is not None:
+                changes.extend(self._on_trusted_line(stored, listener))  # joins it
+            elif self._overflow_here(probe, listener):
+                changes.extend(self._on_trusted_line(stored, listener, corroborated_by=probe))
+            elif probes + 1 < CORROBORATING_PROBES:
+                self.held.append((stored, probes + 1))
+            else:
+                log.info("kernel event %d: port %s: no overflow in %s: another namespace's "
+                         "line, no incident", stored.id, e.port, where)
         return changes
 
     def drop_held(self) -> int:
@@ -238,11 +331,23 @@ class Correlator:
         return count
 
     def release_held(self) -> list[IncidentChange]:
-        """No probe to check held lines against (probes failing): trust the kernel's word."""
+        """No probe to check held lines against (probes failing). A line never opens an
+        incident on its word alone (it may be any namespace's): one joins its listener's open
+        incident; the others wait for a probe that works (its interval covers theirs) as long
+        as the quiet period, then stay events."""
         held, self.held = self.held, deque(maxlen=PENDING_TRUSTED)
         changes: list[IncidentChange] = []
-        for stored in held:
-            changes.extend(self._on_trusted_line(stored, None))
+        now = self.clock.now()
+        for stored, probes in held:
+            e = stored.event
+            listener = self._listener_for(e.family, e.address, e.port)
+            if self._by_key(self._line_key(e, listener)) is not None:
+                changes.extend(self._on_trusted_line(stored, listener))
+            elif now - (e.time or now) <= self.quiet:
+                self.held.append((stored, probes))
+            else:
+                log.info("kernel event %d: port %s: no probe of %s could check it; no incident",
+                         stored.id, e.port, self.netns or "the host's namespace")
         return changes
 
     def _corroborate(self, inc: _Incident) -> None:
@@ -259,8 +364,11 @@ class Correlator:
 
     def on_evidence(self, ev: Evidence) -> list[IncidentChange]:
         prev, self._last = self._last, ev
-        resolved = self._resolve_held()
+        if prev is None and self._resumed_from is not None and self._resumed_from.at < ev.at:
+            prev = self._resumed_from
+        self._resumed_from = None
         probe = measure(prev, ev)
+        resolved = self._resolve_held(probe)  # this interval holds the lines read since the last
         if not probe.moving:
             self._moving_since = None
         elif self._moving_since is None and prev is not None:
@@ -272,7 +380,8 @@ class Correlator:
         changes = self._open_on_counters(ev.at, probe, active, states)
         changes += self._open_half_open(ev.at, probe, states)
         changes += self._follow_open(ev.at, probe, active, states,
-                                     {c.serial for c in changes})
+                                     {c.serial for c in resolved + changes
+                                      if c.change == "opened"})
         if all(self._by_key(key) is not None for key in self._high_since):
             # no build-up is waiting to open a half_open incident, and a later one starts
             # after this probe: nothing kept is ever used (a probe holds its snapshot, and 120
@@ -329,7 +438,9 @@ class Correlator:
             if inc.serial in just_opened:
                 continue
             is_active = (inc.key in active or (inc.key is None and probe.moving)
-                         or (inc.tally.half_open and inc.key in self._high_since))
+                         or (inc.tally.half_open and inc.key in self._high_since)
+                         or (inc.resumed and probe.moving and not active - {inc.key}))
+            inc.resumed = False
             st = states.get(inc.key) if inc.key else None
             self._add(inc, st, probe, active=is_active)
             self._next_phase(inc, at)

@@ -4,6 +4,7 @@ correlator decides on these; a Tally (verdict.py) adds them up."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -53,6 +54,11 @@ def measure(prev: Evidence | None, ev: Evidence) -> ProbeDelta:
             # a counter going back means the namespace was recreated: no delta this time
             deltas[name] = sum(max(0, snap.counters.get(c, 0)
                                    - prev.snapshot.counters.get(c, 0)) for c in counters)
+        if snap.sysctls.get("net.ipv4.tcp_syncookies") == 2:
+            # every SYN gets a cookie and counts in TCPReqQFullDoCookies, real clients' too
+            # (kernel-facts.md §1.4, mode 2), so a busy healthy server would look flooded: what
+            # only a flood leaves is cookies sent and never validated
+            deltas["syns_overflowed"] = max(0, deltas["cookies_sent"] - deltas["cookies_recv"])
     rates = ({k: round(v / dt, 1) for k, v in deltas.items()} if dt
              else dict.fromkeys(deltas, 0.0))
     accounted: dict[tuple[int, str], int] = {}
@@ -87,3 +93,28 @@ def add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[
     if len(counts) > MAX_PREFIXES:
         counts = dict(sorted(counts.items(), key=lambda x: -x[1])[:MAX_PREFIXES // 2])
     return counts
+
+
+def add_completed(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Networks seen completing handshakes, bounded without ever forgetting one: past
+    MAX_PREFIXES, single addresses are folded into their /24 (/64), which a ban then spares
+    whole (wider, never narrower, than what was seen)."""
+    for network, n in more:
+        counts[network] = counts.get(network, 0) + n
+    if len(counts) <= MAX_PREFIXES:
+        return counts
+    folded: dict[str, int] = {}
+    for network, n in counts.items():
+        net = ipaddress.ip_network(network)
+        wide = 24 if net.version == 4 else 64
+        key = str(net.supernet(new_prefix=wide)) if net.prefixlen > wide else network
+        folded[key] = folded.get(key, 0) + n
+    if len(folded) > MAX_PREFIXES:  # still too many: /16 and /32 blocks
+        wider: dict[str, int] = {}
+        for network, n in folded.items():
+            net = ipaddress.ip_network(network)
+            wide = 16 if net.version == 4 else 32
+            key = str(net.supernet(new_prefix=wide)) if net.prefixlen > wide else network
+            wider[key] = wider.get(key, 0) + n
+        folded = wider
+    return folded

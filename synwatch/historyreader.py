@@ -51,6 +51,8 @@ class HistoryQueries(Protocol):
 
     def bans(self, host: str | None = None) -> list[Ban]: ...
 
+    def ban_checks(self, host: str | None = None) -> dict[tuple[str, str, str], str]: ...
+
 
 def head_revision() -> str | None:
     """The newest migration: the revision no other migration revises."""
@@ -195,6 +197,13 @@ class Reader:
         where, params = _where([("host = ?", host)])
         return [ban_of(r) for r in self._rows(f"SELECT {BAN_COLUMNS} FROM bans{where} "
                                               "ORDER BY created_at, id", params)]
+
+    def ban_checks(self, host: str | None = None) -> dict[tuple[str, str, str], str]:
+        """What the ban reconcile last found (synwatch/banproof.py): (host, netns, name) ->
+        value of the ``ban.*`` saved settings."""
+        where, params = _where([("name LIKE ?", "ban.%"), ("host = ?", host)])
+        return {(r[0], r[1], r[2]): r[3] for r in self._rows(
+            f"SELECT host, netns, name, value FROM saved_settings{where}", params)}
 
 
 def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:

@@ -22,13 +22,13 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from synwatch.config import VERDICTS
 from synwatch.delta import OVERFLOW
+from synwatch.metricsserver import MetricsServer
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import IncidentChange
 
@@ -113,6 +113,10 @@ class Metrics:
                                  registry=r)
         self.actions = Counter("synwatch_actions", "action outcomes", ["action", "status"],
                                registry=r)
+        self.bans_drift = Counter("synwatch_bans_drift", "active bans the reconcile found not "
+                                  "enforced in the kernel (missing, at another prefix length, "
+                                  "with another time left) and put back", ["backend"],
+                                  registry=r)
         self.source_lag = Gauge("synwatch_source_lag_seconds", "how long after its own time "
                                 "the latest kernel line of a source was recorded", ["source"],
                                 registry=r)
@@ -124,24 +128,25 @@ class Metrics:
             self.incidents_open.labels(verdict).set(0)
             self.incidents_total.labels(verdict)
         self._open: dict[int, str] = {}  # incident id -> verdict
-        self._server: Any = None
+        self._server: MetricsServer | None = None
         self._lock = threading.Lock()
 
     def serve(self, host: str, port: int) -> bool:
         try:
-            self._server, _thread = start_http_server(port, host, registry=self.registry)
+            self._server = MetricsServer(self.registry, host, port)  # one thread, bounded
         except OSError as exc:
             log.error("metrics: cannot listen on %s:%d: %s; running without /metrics",  # noqa: TRY400
                       host, port, exc.strerror or exc)
             return False
         log.info("metrics: http://%s:%d/metrics", host if ":" not in host else f"[{host}]",
-                 self._server.server_port)
+                 self._server.port)
+        self._server.start()
         return True
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
+            self._server = None
 
     def incident(self, change: IncidentChange) -> None:
         """Follow an incident's verdict while it is open; count it by its last one."""
@@ -160,3 +165,4 @@ class Metrics:
     def bans(self, per_backend: dict[str, int], backends: list[str]) -> None:
         for backend in backends:
             self.bans_active.labels(backend).set(per_backend.get(backend, 0))
+            self.bans_drift.labels(backend)  # the series exists from the start, at 0

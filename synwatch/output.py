@@ -158,7 +158,8 @@ def print_incident_rows(rows: list[dict[str, Any]], out: TextIO, with_ids: bool 
 
 
 def print_incident(view: dict[str, Any], reasons: list[str], phases: list[dict[str, Any]],
-                   samples: list[dict[str, Any]], out: TextIO) -> None:
+                   samples: list[dict[str, Any]], out: TextIO, *,
+                   details: Sequence[tuple[str, str]] = ()) -> None:
     """`incidents show`: the incident, its evidence, its timeline, its actions."""
     for key in ("id", "host", "netns", "address", "port", "family", "status", "verdict",
                 "trigger", "opened_at", "closed_at", "first_evidence_at", "detected_at",
@@ -166,7 +167,7 @@ def print_incident(view: dict[str, Any], reasons: list[str], phases: list[dict[s
         out.write(f"{key + ':':<19}{cell(view[key])}\n")
     if view["top_prefixes"]:
         out.write("top prefixes:\n")
-        table(view["top_prefixes"], ["prefix", "count", "share"], out)
+        table(view["top_prefixes"], ["prefix", "count", "share", "completed"], out)
     for reason in reasons:
         out.write(f"evidence: {reason}\n")
     for phase in phases:
@@ -177,6 +178,8 @@ def print_incident(view: dict[str, Any], reasons: list[str], phases: list[dict[s
     if view["actions"]:
         out.write("actions:\n")
         table(view["actions"], ["at", "action", "target", "status"], out)
+    for target, detail in details:
+        out.write(f"  {target}: {detail}\n")
 
 
 def timeline(samples: list[dict[str, Any]], out: TextIO) -> None:
@@ -215,5 +218,8 @@ def print_status(view: dict[str, Any], out: TextIO) -> None:
         out.write(f"hosts heard from in the last 2 minutes: {', '.join(heard)}\n")
     ids = ", ".join(f"#{i}" for i in view["open_incidents"]) or "none"
     out.write(f"open incidents: {ids}\nactive bans: {view['active_bans']}\n")
+    drift = view.get("bans_drift") or 0  # bans found not enforced in the kernel, put back
+    out.write(f"ban drift: {drift} repaired, the last at {view.get('bans_drift_at')}\n"
+              if drift else "ban drift: none\n")
     for e in view["last_errors"]:
         out.write(f"error {e['at'] or ''}: {e['what']}\n")

@@ -10,14 +10,18 @@ Nothing here writes: a history that does not exist yet is reported as "will be c
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from synwatch import netns
-from synwatch.config import Config, sqlite_file
+from synwatch.config import EMBEDDED, Config, sqlite_file
 from synwatch.errors import ConfigError
 
 Outcome = Literal["ok", "warn", "fail"]
@@ -120,7 +124,9 @@ def check_store(config: Config) -> list[Check]:
         url = make_url(config.storage_url)
     except ArgumentError as exc:
         return [Check("fail", "storage.url", str(exc))]
-    shown = url.render_as_string(hide_password=True)
+    # a password may also come as ?password= (libpq's keyword), which hide_password leaves
+    shown = (url.update_query_dict({"password": "***"}) if "password" in url.query
+             else url).render_as_string(hide_password=True)
     db = sqlite_file(config.storage_url)
     fleet = [Check("warn", "actions.ban.scope", "fleet bans with an SQLite history reach only "
                    "the nodes sharing this file, every 5 s (PostgreSQL wakes them at once)")
@@ -158,6 +164,44 @@ def check_store(config: Config) -> list[Check]:
                   + ("" if db is not None else f" (this node: {config.host})")), *fleet]
 
 
+def _has_password(url: str) -> bool:
+    """Does a database URL carry a password (``user:secret@`` or ``?password=``)? Parsed
+    without SQLAlchemy, which the service keeps out of its process."""
+    try:
+        parts = urlsplit(url)
+        return bool(parts.password) or bool(parse_qs(parts.query).get("password"))
+    except ValueError:  # check_store says what is wrong with it
+        return False
+
+
+def check_secrets(config: Config) -> list[Check]:
+    """A password in ``storage.url`` opens the fleet's history to whoever reads the file: warn
+    when other users can (others, or a group other than root's; the package installs it
+    0640 root:root). `check-config` prints it; `run` logs it once at its start."""
+    if config.path == EMBEDDED or not _has_password(config.storage_url):
+        return []
+    try:
+        st = Path(config.path).stat()
+    except OSError:
+        return []
+    readers = []
+    if st.st_mode & stat.S_IROTH:
+        readers.append("every user")
+    if st.st_mode & stat.S_IRGRP and st.st_gid != 0:
+        try:
+            readers.append(f"group {grp.getgrgid(st.st_gid).gr_name}")
+        except KeyError:
+            readers.append(f"group {st.st_gid}")
+    if not readers:
+        return []
+    fix = (f"`chmod 640 {config.path}`" if st.st_gid == 0
+           else f"`chmod 600 {config.path}` (or `chown root:root` and `chmod 640`)")
+    return [Check("warn", "storage.url",
+                  f"holds a password, and {config.path} (mode "
+                  f"{stat.S_IMODE(st.st_mode):04o}) is readable by {' and '.join(readers)}: "
+                  f"{fix}")]
+
+
 def preflight(config: Config) -> list[Check]:
     return [*check_netns(config), *check_sources(config), *check_actions(config),
-            *check_store(config)]
+            *check_store(config), *check_secrets(config)]

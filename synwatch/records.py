@@ -106,6 +106,19 @@ class TimelinePoint:
     top_prefixes: tuple[tuple[str, int], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class BanTarget:
+    """One block to ban (or one address to rate limit), the blocks at the ban prefix length it
+    was joined from (tried one by one where the whole is refused), and why this width, in
+    numbers (synwatch.bantargets)."""
+
+    prefix: str
+    syns: int
+    share: float  # of all the SYNs the evidence counted
+    parts: tuple[str, ...]
+    why: str
+
+
 IncidentStatus = Literal["open", "closed"]
 Trigger = Literal["log", "counters", "half_open"]
 Verdict = Literal["capacity", "concentrated", "spoofed", "unknown"]
@@ -131,12 +144,14 @@ class IncidentChange:
     first_evidence_at: datetime | None
     detected_at: datetime
     peak_syn_recv: int
-    top_prefixes: tuple[tuple[str, int, float], ...]
+    top_prefixes: tuple[tuple[str, int, float, int], ...]  # prefix, count, share, completed
     recommendations: tuple[str, ...]
     reasons: tuple[str, ...]
     state: dict[str, Any]  # the tally, phases and last activity, to resume after a restart
     sample: TimelinePoint | None = None
     event_ids: tuple[int, ...] = field(default=())  # events to link to the incident
+    bans: tuple[BanTarget, ...] = ()  # what a ban takes (concentrated only)
+    limits: tuple[BanTarget, ...] = ()  # addresses that flood and complete: rate limited
 
 
 # -- what the history returns (synwatch/store): records, never ORM rows -------------------------
@@ -185,7 +200,7 @@ class Incident:
     first_evidence_at: datetime | None
     detected_at: datetime | None
     peak_syn_recv: int
-    top_prefixes: tuple[dict[str, Any], ...]  # {"prefix", "count", "share"}
+    top_prefixes: tuple[dict[str, Any], ...]  # {"prefix", "count", "share", "completed"}
     recommendations: tuple[str, ...]
     state: dict[str, Any]
 

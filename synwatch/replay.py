@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from synwatch.clock import FrozenClock
 from synwatch.config import Thresholds
+from synwatch.config.schema import LONGEST_SECONDS
 from synwatch.correlate import Correlator
 from synwatch.errors import UsageError
 from synwatch.probes.conntrack import Conntrack
@@ -34,7 +35,8 @@ def _snapshot_json(s: Snapshot) -> dict[str, Any]:
          "drops": st.listener.drops,
          "syn_recv": st.syn_recv, "prefixes": [list(p) for p in st.prefixes],
          "prefix_count": st.prefix_count, "singletons": st.singletons,
-         "doubletons": st.doubletons} for st in s.listeners],
+         "doubletons": st.doubletons, "peers": [list(p) for p in st.peers]}
+        for st in s.listeners],
         "conntrack": None if s.conntrack is None else dataclasses.asdict(s.conntrack)}
 
 
@@ -43,7 +45,8 @@ def _snapshot(d: dict[str, Any]) -> Snapshot:
         ListenerState(Listener(li["family"], li["address"], li["port"], li["backlog"],
                                li["accept_queue"], li.get("drops", 0)), li["syn_recv"],
                       tuple((p, n) for p, n in li["prefixes"]), li["prefix_count"],
-                      li.get("singletons", 0), li.get("doubletons", 0))
+                      li.get("singletons", 0), li.get("doubletons", 0),
+                      tuple((str(p), int(n)) for p, n in li.get("peers", ())))
         for li in d["listeners"]), d["counters"], d["sysctls"],
         Conntrack(**d["conntrack"]) if d.get("conntrack") else None)
 
@@ -54,7 +57,9 @@ def _sample_json(s: SynSample | None) -> dict[str, Any] | None:
     return {"one_in": s.one_in, "seconds": s.seconds, "lost": s.lost, "ports": [
         {"port": p.port, "samples": p.samples, "syns": p.syns, "distinct": p.distinct,
          "singletons": p.singletons, "doubletons": p.doubletons,
-         "prefixes": [list(x) for x in p.prefixes]} for p in s.ports]}
+         "prefixes": [list(x) for x in p.prefixes],
+         "addresses": [list(x) for x in p.addresses],
+         "completed": [list(x) for x in p.completed]} for p in s.ports]}
 
 
 def _sample(d: dict[str, Any] | None) -> SynSample | None:
@@ -63,7 +68,10 @@ def _sample(d: dict[str, Any] | None) -> SynSample | None:
     return SynSample(d["one_in"], d["seconds"], tuple(
         PortSample(p["port"], p["samples"], p["syns"],
                    tuple((str(x), int(n), int(k)) for x, n, k in p["prefixes"]),
-                   p["distinct"], p["singletons"], p["doubletons"]) for p in d["ports"]),
+                   p["distinct"], p["singletons"], p["doubletons"],
+                   tuple((str(a), int(n)) for a, n in p.get("addresses", ())),
+                   tuple((str(a), int(n)) for a, n in p.get("completed", ())))
+        for p in d["ports"]),
         d.get("lost", 0))
 
 
@@ -156,7 +164,7 @@ def _settings(first: Any) -> tuple[Thresholds, float] | None:
                for v in values.values()):
         raise ValueError("a threshold is not a number")
     quiet = float(first["quiet_period"])
-    if not math.isfinite(quiet) or quiet <= 0:
+    if not 0 < quiet <= LONGEST_SECONDS:  # nan and inf too; as incident.quiet_period takes it
         raise ValueError(f"quiet_period {quiet} is not a duration")
     return Thresholds(**values), quiet
 

@@ -1,12 +1,13 @@
 """The policy step: incident changes in, actions out, every outcome recorded on the incident.
 
 Which actions run for a change is the policy ([actions.policy]: verdict -> actions; syncookies
-and the rate limit are not chosen per verdict). Every plan is logged with its render first; in
-dry-run that is all. Quick actions (sysctl, firewall) run inline, so a ban lands within the
-probe that decided it; actions that may block (notify, exec) run on one worker thread each, and
-their outcomes come back through a queue, so the store is only ever written from the main
-thread. Failed notifications are retried with a doubling delay; what is still unsent at a stop
-is recorded as such and sent again at the next start (the notify action finds it in the store).
+are not chosen per verdict, and the rate limit's standing rule runs on its own section). Every
+plan is logged with its render first; in dry-run that is all. Quick actions (sysctl, firewall)
+run inline, so a ban lands within the probe that decided it; actions that may block (notify,
+exec) run on one worker thread each, and their outcomes come back through a queue, so the store
+is only ever written from the main thread. Failed notifications are retried with a doubling
+delay; what is still unsent at a stop is recorded as such and sent again at the next start (the
+notify action finds it in the store).
 """
 
 from __future__ import annotations
@@ -88,13 +89,16 @@ class Worker:
 class Responder:
     def __init__(self, config: Config, store: ServiceStore, clock: Clock,
                  on_record: Callable[[ActionRun], None] | None = None,
-                 wake: Callable[[], None] | None = None) -> None:
-        self.ctx = ActionContext(config, store, clock, wake=wake or (lambda: None))
+                 wake: Callable[[], None] | None = None, *,
+                 on_drift: Callable[[str, int], None] | None = None) -> None:
+        self.ctx = ActionContext(config, store, clock, wake=wake or (lambda: None),
+                                 drift=on_drift or (lambda _backend, _n: None))
         self.on_record = on_record  # every outcome, as it is recorded (metrics)
         chosen = {name for names in config.policy.values() for name in names}
         self.actions: list[Action] = sorted(
             (cls(self.ctx) for name, cls in resolve_policy(config).items()
-             if cls.enabled(config) and (not cls.per_incident or name in chosen)),
+             if cls.enabled(config)
+             and (not cls.per_incident or name in chosen or cls.standing(config))),
             key=lambda a: a.order)
         self.results: queue.Queue[Outcome] = queue.Queue()
         self.workers = {a.name: Worker(a.name, clock, self.results)

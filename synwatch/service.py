@@ -131,7 +131,8 @@ class Service:
         self.accounting = self._accounting()
         self.sampler = self._sampler()
         self.responder = Responder(self.config, self.store, self.clock,
-                                   on_record=self.telemetry.action, wake=self._wake)
+                                   on_record=self.telemetry.action, wake=self._wake,
+                                   on_drift=self.telemetry.drift)
         log.info("actions: %s", ", ".join(self.responder.names()) or "none")
         self.responder.resume(resumed)
         self.responder.start()
@@ -282,7 +283,8 @@ class Service:
         started = time.monotonic()
         try:
             snap = take(c.netns, v4_len=c.thresholds.ipv4_prefix,
-                        v6_len=c.thresholds.ipv6_prefix)
+                        v6_len=c.thresholds.ipv6_prefix,
+                        peers_for=self.correlator.ports_to_watch())
         except ProbeError as exc:
             if str(exc) != self._probe_failure:
                 log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
@@ -483,6 +485,10 @@ class Service:
         if self.supervisor is not None:
             self.supervisor.stop()
             self._drain_queued()
+        if self.correlator is not None and self.correlator.open:
+            # one last look, so an open incident is saved with everything seen until now (the
+            # sampler's current interval, the counters): a restart goes on from there
+            self._probe()
         if self.store is not None and self._unsaved:
             self._store_retry_at = 0.0  # one last try, whenever the last one was
             self._save([])

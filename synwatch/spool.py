@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from synwatch.errors import StoreError
-from synwatch.records import ActionRun, Ban, IncidentChange, NewEvent, TimelinePoint
+from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange, NewEvent, TimelinePoint
 from synwatch.store import Store
 
 log = logging.getLogger("synwatch")
@@ -69,7 +69,9 @@ def _change(data: dict[str, Any]) -> IncidentChange:
               for k in ("top_prefixes", "recommendations", "reasons", "event_ids")}
     point = None if sample is None else TimelinePoint(
         **{**sample, "top_prefixes": tuple(tuple(p) for p in sample["top_prefixes"])})
-    return IncidentChange(**{**data, **tuples, "sample": point})
+    targets = {k: tuple(BanTarget(**{**x, "parts": tuple(x["parts"])})
+                        for x in data.get(k, ())) for k in ("bans", "limits")}
+    return IncidentChange(**{**data, **tuples, **targets, "sample": point})
 
 
 def _weight(op: dict[str, Any]) -> int:

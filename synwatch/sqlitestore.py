@@ -165,8 +165,8 @@ class SQLiteStore:
             "opened_at": stamp(c.opened_at), "closed_at": stamp(c.closed_at),
             "first_evidence_at": stamp(c.first_evidence_at),
             "detected_at": stamp(c.detected_at), "peak_syn_recv": c.peak_syn_recv,
-            "top_prefixes": json.dumps([{"prefix": p, "count": n, "share": sh}
-                                        for p, n, sh in c.top_prefixes]),
+            "top_prefixes": json.dumps([{"prefix": p, "count": n, "share": sh, "completed": k}
+                                        for p, n, sh, k in c.top_prefixes]),
             "recommendations": json.dumps(list(c.recommendations)),
             "evidence": json.dumps({**c.state, "reasons": list(c.reasons)}),
         }

@@ -35,6 +35,7 @@ class Telemetry:
         self._sources: list[Source] = []
         self.open: dict[int, str] = {}  # incident id -> "concentrated on 0.0.0.0:80"
         self.bans = 0
+        self.drifts = 0  # bans found not enforced in the kernel (and put back) since the start
         self._summary = ""
 
     def start(self, sources: list[Source]) -> None:
@@ -79,6 +80,12 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.actions.labels(run.action, run.status).inc()
 
+    def drift(self, backend: str, n: int) -> None:
+        """The ban reconcile found ``n`` bans not enforced in the kernel."""
+        self.drifts += n
+        if self.metrics is not None:
+            self.metrics.bans_drift.labels(backend).inc(n)
+
     def count_bans(self, store: ServiceStore | None) -> None:
         if store is None or not self.config.ban.enabled:
             return
@@ -111,6 +118,8 @@ class Telemetry:
                 f"{len(self.status.sources)} sources"
                 + (f" ({', '.join(failing)} failing)" if failing else "")
                 + f", {incidents}, {self.bans} bans"
+                + (f" ({self.drifts} drift{'s' if self.drifts != 1 else ''} repaired)"
+                   if self.drifts else "")
                 + ("" if store_problem is None else f", {store_problem}"))
 
     def tell(self, supervisor: Supervisor | None, store_problem: str | None) -> None:

@@ -7,14 +7,17 @@ documents the same rules; keep the two in step.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from synwatch import rules
+from synwatch.bantargets import TargetPlan, plan_targets
 from synwatch.config import Thresholds
-from synwatch.delta import add_counts
+from synwatch.delta import add_completed, add_counts
 from synwatch.records import Verdict, endpoint
-from synwatch.stats import aggregate, chao1, wilson
+from synwatch.stats import chao1, wilson
 
 if TYPE_CHECKING:
     from synwatch.delta import ProbeDelta
@@ -61,6 +64,12 @@ class Tally:
     sampled_syns: int = 0
     sampled_distinct: int = 0  # distinct prefixes in the busiest interval (the dicts are bounded)
     one_in: int = 0
+    # The sampler per source: estimated SYNs per address (the busiest), and the networks seen
+    # completing handshakes (ACKs without SYN or RST), with the packets seen: a ban's width.
+    sampled_addr: dict[str, int] = field(default_factory=dict)
+    completed: dict[str, int] = field(default_factory=dict)
+    # peers of the listener's completed connections (inet_diag), network -> peak sockets
+    connected: dict[str, int] = field(default_factory=dict)
     # Connection tracking in the namespace (none where it is not loaded): the table's peak and
     # the new flows it dropped while the incident was active (docs/kernel.md §7).
     conntrack_max: int = 0
@@ -99,6 +108,10 @@ class Tally:
                 self.conntrack_dropped += probe.conntrack_dropped
         if st is None:
             return
+        if st.peers:
+            self.connected = add_completed(self.connected, (
+                (p, n - self.connected.get(p, 0)) for p, n in st.peers
+                if n > self.connected.get(p, 0)))
         self.backlog = st.listener.backlog
         self.peak_syn_recv = max(self.peak_syn_recv, st.syn_recv)
         self.peak_accept_queue = max(self.peak_accept_queue, st.listener.accept_queue)
@@ -113,8 +126,12 @@ class Tally:
     def _absorb_sampled(self, sampled: SynSample | None) -> None:
         """One interval of the packet sampler (this listener's port only)."""
         got = sampled.port(self.port) if sampled is not None and self.port is not None else None
-        if sampled is None or got is None or not got.samples:
+        if sampled is None or got is None:
             return
+        self.completed = add_completed(self.completed, got.completed)
+        if not got.samples:
+            return
+        self.sampled_addr = add_counts(self.sampled_addr, got.addresses)
         self.one_in = sampled.one_in
         self.sampled_n += got.samples
         self.sampled_syns += got.syns
@@ -155,7 +172,8 @@ class Judgement:
     verdict: Verdict
     reasons: tuple[str, ...]  # the evidence that made the verdict, in words and numbers
     recommendations: tuple[str, ...]
-    top_prefixes: tuple[tuple[str, int, float], ...]  # prefix, count, share
+    top_prefixes: tuple[tuple[str, int, float, int], ...]  # prefix, count, share, completed
+    targets: TargetPlan | None = None  # what to ban and rate limit (concentrated only)
 
 
 def _pct(x: float) -> str:
@@ -212,15 +230,58 @@ def basis(t: Tally) -> Basis | None:
     return None
 
 
-def shares(t: Tally, limit: int = 10) -> tuple[tuple[str, int, float], ...]:
+def completed_in(t: Tally, prefixes: list[str]) -> dict[str, int]:
+    """Per prefix: sources inside it seen completing handshakes, ACK packets sampled
+    (estimated) and their connections' peak in the socket table. One pass over the evidence (a
+    verdict is taken at every probe)."""
+    nets = {p: ipaddress.ip_network(p, strict=False) for p in prefixes}
+    lengths = {(n.version, n.prefixlen) for n in nets.values()}
+    sums: dict[str, int] = {}
+    for network, k in (*t.completed.items(), *t.connected.items()):
+        for version, length in lengths:
+            key = _within(network, version, length)
+            if key is not None:
+                sums[key] = sums.get(key, 0) + k
+    return {p: sums.get(str(n), 0) for p, n in nets.items()}
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _within(network: str, version: int, length: int) -> str | None:
+    """The /``length`` block of IP ``version`` holding ``network``, if it is that narrow."""
+    seen = ipaddress.ip_network(network, strict=False)
+    if seen.version != version or seen.prefixlen < length:
+        return None
+    return str(seen.supernet(new_prefix=length))
+
+
+def shares(t: Tally, limit: int = 10) -> tuple[tuple[str, int, float, int], ...]:
     """Prefixes by SYNs counted in the accounting set, else sampled from packets, else by
-    request sockets."""
+    request sockets; with the handshakes seen completing from each."""
     b = basis(t)
     if b is None or not b.total:
         return ()
     counts, total = b.counts, b.total
     ranked = sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:limit]
-    return tuple((p, n, round(n / total, 3)) for p, n in ranked)
+    done = completed_in(t, [p for p, _ in ranked]) if t.completed or t.connected else {}
+    return tuple((p, n, round(n / total, 3), done.get(p, 0)) for p, n in ranked)
+
+
+def targets(t: Tally, th: Thresholds) -> TargetPlan:
+    """What a ban takes and what is rate limited: per address where the sampler saw them (the
+    width of a ban needs addresses), else per prefix of the best evidence."""
+    b = basis(t)
+    if t.sampled_addr:  # the accounting set counts exactly, but per prefix only
+        flood, total = t.sampled_addr, t.sampled_syns or sum(t.sampled_addr.values())
+    elif b is not None:
+        flood, total = b.counts, b.total
+    else:
+        flood, total = {}, 0
+    completing = dict(t.completed)
+    for network, n in t.connected.items():
+        completing[network] = completing.get(network, 0) + n
+    return plan_targets(flood, total, completing, v4_len=th.ipv4_prefix,
+                        v6_len=th.ipv6_prefix, widest_v4=th.widest_v4, widest_v6=th.widest_v6,
+                        floor=th.ban_floor, coverage=th.ban_coverage)
 
 
 def suggested_backlog(t: Tally) -> int:
@@ -264,20 +325,12 @@ def _half_open_facts(t: Tally, where: str) -> list[str]:
     return [held]
 
 
-def _ban_targets(top: tuple[tuple[str, int, float], ...], k: int, th: Thresholds) -> str:
-    blocks = aggregate([p for p, _, _ in top[:k]], th.widest_v4, th.widest_v6)
-    listed = ", ".join(p for p, _, _ in top[:k])
-    if len(blocks) < min(k, len(top)):
-        return f"{', '.join(blocks)} (together {listed})"
-    return listed
-
-
 @dataclass(frozen=True, slots=True)
 class _Sources:
     """Where the SYNs came from, as far as the best evidence tells: the top prefixes, the share
     of the top ``k`` and its 95% bounds from the sample size."""
 
-    top: tuple[tuple[str, int, float], ...]
+    top: tuple[tuple[str, int, float, int], ...]
     k: int
     share: float
     low: float
@@ -287,7 +340,7 @@ class _Sources:
 
 def _sources(t: Tally, th: Thresholds) -> _Sources:
     top, k, b = shares(t), th.concentrated_prefixes, basis(t)
-    share = sum(s for _, _, s in top[:k])
+    share = sum(s for _, _, s, _ in top[:k])
     low, high = wilson(share, b.n) if b else (0.0, 1.0)
     return _Sources(top, k, share, low, high, b)
 
@@ -295,7 +348,11 @@ def _sources(t: Tally, th: Thresholds) -> _Sources:
 def _facts(t: Tally, where: str, done: float | None, src: _Sources) -> list[str]:
     """What the kernel's evidence says, in numbers: the incident's evidence lines."""
     facts: list[str] = _half_open_facts(t, where)
-    if t.syns_overflowed:
+    if t.syns_overflowed and t.sysctls.get("net.ipv4.tcp_syncookies") == 2:
+        facts.append(f"{t.syns_overflowed} SYN cookies were sent and never came back "
+                     f"(peak {t.peak_overflow_rate:.0f}/s; tcp_syncookies=2 answers every SYN "
+                     "with a cookie, so no queue fills and the kernel logs nothing)")
+    elif t.syns_overflowed:
         facts.append(f"{t.syns_overflowed} SYNs found the SYN queue of {where} full "
                      f"(peak {t.peak_overflow_rate:.0f}/s; backlog {t.backlog}, "
                      f"SYN-RECV peak {t.peak_syn_recv})")
@@ -320,20 +377,36 @@ def _facts(t: Tally, where: str, done: float | None, src: _Sources) -> list[str]
         facts.append(f"the top {min(k, len(top))} of {b.seen} source prefixes carry "
                      f"{_pct(src.share)} (95% bound {_pct(src.low)}-{_pct(src.high)}; "
                      f"{b.name}: {b.detail}): "
-                     + ", ".join(f"{p} ({_pct(s)})" for p, _, s in top[:k]))
+                     + ", ".join(f"{p} ({_pct(s)})" for p, _, s, _ in top[:k]))
         if b.spread > b.seen:
             facts.append(f"about {b.spread} source prefixes in all: {b.seen} seen, most of "
                          "them once, so many more were not sampled (Chao1 estimate)")
     return facts
 
 
-def _concentrated(t: Tally, th: Thresholds, src: _Sources, n: int) -> list[str]:
+def _concentrated(t: Tally, th: Thresholds, src: _Sources, n: int,
+                  plan: TargetPlan) -> list[str]:
     top, k = src.top, src.k
     few = (f"{top[0][0]} carries" if len(top) == 1 or k == 1
            else f"{min(k, len(top))} prefixes carry")
-    recs = [f"{few} {_pct(src.share)} of the SYNs (at least {_pct(src.low)} at 95% "
-            f"confidence from {n} samples; threshold {_pct(th.concentrated_share)}): "
-            f"block {_ban_targets(top, k, th)} ([actions.ban] does it with a timeout)"]
+    head = (f"{few} {_pct(src.share)} of the SYNs (at least {_pct(src.low)} at 95% "
+            f"confidence from {n} samples; threshold {_pct(th.concentrated_share)})")
+    recs = []
+    if plan.ban:
+        recs.append(f"{head}: block {', '.join(x.prefix for x in plan.ban)} ([actions.ban] "
+                    f"does it with a timeout; together {_pct(plan.covered)} of the SYNs from "
+                    "sources that never completed a handshake)")
+    if plan.limit:
+        they = "it floods and completes" if len(plan.limit) == 1 else "they flood and complete"
+        recs.append(f"rate limit {', '.join(x.prefix for x in plan.limit)}: {they} "
+                    "handshakes (many users behind one address), so a ban would lock the real "
+                    "users out (`ratelimit` in [actions.policy], the default: its SYNs over "
+                    "[actions.ratelimit]'s rate are dropped)")
+    if not plan.ban and not plan.limit:
+        recs.append(f"{head}, but no block holds them without sources that complete "
+                    "handshakes: nothing to ban")
+    recs += [f"why: {x.why}" for x in (*plan.ban, *plan.limit)]
+    recs += [f"not banned: {why}" for why in plan.spared[:5]]
     if t.half_open and not t.syns_overflowed and t.backlog:
         recs.append(f"harmless at this rate so far: {t.peak_syn_recv} request sockets, "
                     f"{_pct(t.peak_syn_recv / t.backlog)} of the queue; with "
@@ -361,7 +434,7 @@ def _spoofed(t: Tally, th: Thresholds, src: _Sources, done: float, where: str) -
 
 
 def _decide(t: Tally, th: Thresholds, where: str, done: float | None,
-            src: _Sources) -> tuple[Verdict, list[str]]:
+            src: _Sources) -> tuple[Verdict, list[str], TargetPlan | None]:
     """The verdict, first rule that holds, with what to do about it."""
     b = src.basis
     accept_overflowed = (t.listen_overflows > 0 and t.backlog is not None
@@ -371,36 +444,37 @@ def _decide(t: Tally, th: Thresholds, where: str, done: float | None,
         return "capacity", [
             f"the application behind {where} does not accept() fast enough (accept queue "
             f"peaked at {t.peak_accept_queue} of {t.backlog}): add workers or find what "
-            "blocks its accept loop", *_tuning(t)]
+            "blocks its accept loop", *_tuning(t)], None
     if done is not None and t.syns_overflowed and done >= th.capacity_completion:
         return "capacity", [
             f"real clients: {_pct(done)} of the overflowing SYNs completed a handshake "
-            f"(threshold {_pct(th.capacity_completion)}); do not block them", *_tuning(t)]
+            f"(threshold {_pct(th.capacity_completion)}); do not block them", *_tuning(t)], None
     if not flooded or not src.top or b is None:
         return "unknown", [
             "not enough kernel-side evidence for a verdict: "
             + ("no SYN overflowed a queue while synwatch watched" if not flooded else
                "no source prefix was sampled (no packet sample, SYN-RECV empty and no "
                "accounting set)"),
-            *(_tuning(t) if t.syns_overflowed else [])]
+            *(_tuning(t) if t.syns_overflowed else [])], None
     if src.low >= th.concentrated_share:
-        return "concentrated", _concentrated(t, th, src, b.n)
+        plan = targets(t, th)
+        return "concentrated", _concentrated(t, th, src, b.n, plan), plan
     if (done is not None and done <= th.spoofed_completion
             and src.high < th.concentrated_share and b.spread >= th.spoofed_min_prefixes):
-        return "spoofed", _spoofed(t, th, src, done, where)
+        return "spoofed", _spoofed(t, th, src, done, where), None
     return "unknown", [
         f"neither concentrated (top {src.k} prefixes carry {_pct(src.share)}, at least "
         f"{_pct(src.low)} at 95% confidence from {b.n} samples; threshold "
         f"{_pct(th.concentrated_share)}) nor spread enough to be spoofed (about "
         f"{b.spread} prefixes, threshold {th.spoofed_min_prefixes}"
-        + (f"; {_pct(done)} of the handshakes completed" if done is not None else "") + ")"]
+        + (f"; {_pct(done)} of the handshakes completed" if done is not None else "") + ")"], None
 
 
 def judge(t: Tally, th: Thresholds) -> Judgement:
     done = completion(t)
     where = endpoint(t.address, t.port)
     src = _sources(t, th)
-    verdict, recs = _decide(t, th, where, done, src)
+    verdict, recs, plan = _decide(t, th, where, done, src)
     if t.syns_overflowed or t.sysctls.get("net.ipv4.tcp_syncookies") == 0:
         recs += _cookies(t)
     if t.conntrack_filled():
@@ -409,4 +483,4 @@ def judge(t: Tally, th: Thresholds) -> Judgement:
                     "every new connection, real clients' and outgoing ones included): keep "
                     f"the SYNs to {where} out of it (nftables `notrack` and `synproxy`) or raise "
                     "net.netfilter.nf_conntrack_max")
-    return Judgement(verdict, tuple(_facts(t, where, done, src)), tuple(recs), src.top)
+    return Judgement(verdict, tuple(_facts(t, where, done, src)), tuple(recs), src.top, plan)

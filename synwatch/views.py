@@ -32,19 +32,20 @@ def incident_view(i: Incident, runs: list[ActionRun]) -> dict[str, Any]:
         "opened_at": iso(i.opened_at), "closed_at": iso(i.closed_at),
         "first_evidence_at": iso(i.first_evidence_at), "detected_at": iso(i.detected_at),
         "peak_syn_recv": i.peak_syn_recv,
-        "top_prefixes": [{"prefix": p["prefix"], "count": p["count"], "share": p["share"]}
-                         for p in i.top_prefixes],
+        "top_prefixes": [{"prefix": p["prefix"], "count": p["count"], "share": p["share"],
+                          "completed": p.get("completed", 0)} for p in i.top_prefixes],
         "recommendations": list(i.recommendations),
         "actions": [action_view(r) for r in runs],
     }
 
 
-def ban_view(b: Ban, now: datetime) -> dict[str, Any]:
+def ban_view(b: Ban, now: datetime, enforced: bool = False) -> dict[str, Any]:
+    """``enforced``: the last check found it in the kernel as the history has it."""
     return {
         "host": b.host, "prefix": b.prefix, "backend": b.backend, "scope": b.scope,
         "incident_id": b.incident_id,
         "created_at": iso(b.created_at), "expires_at": iso(b.expires_at),
-        "active": b.removed_at is None and b.expires_at > now,
+        "active": b.removed_at is None and b.expires_at > now, "enforced": enforced,
     }
 
 
@@ -62,7 +63,8 @@ def change_view(c: IncidentChange) -> dict[str, Any]:
         "trigger": c.trigger, "opened_at": iso(c.opened_at), "closed_at": iso(c.closed_at),
         "first_evidence_at": iso(c.first_evidence_at), "detected_at": iso(c.detected_at),
         "peak_syn_recv": c.peak_syn_recv,
-        "top_prefixes": [{"prefix": p, "count": n, "share": s} for p, n, s in c.top_prefixes],
+        "top_prefixes": [{"prefix": p, "count": n, "share": s, "completed": k}
+                         for p, n, s, k in c.top_prefixes],
         "recommendations": list(c.recommendations), "actions": [],
         "phases": list(c.state.get("phases", [])), "evidence": list(c.reasons),
     }

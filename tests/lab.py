@@ -87,6 +87,7 @@ class Lab:
     server_ns: str
     client_ns: str
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
+    given: set[str] = field(default_factory=set)  # addresses given to the client namespace
 
     def in_server(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.server_ns, *argv)
@@ -126,13 +127,15 @@ class Lab:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "listening"
 
-    def serve(self, port: int, backlog: int = 128) -> None:
-        """A listener in the server namespace that accepts and closes every connection."""
+    def serve(self, port: int, backlog: int = 128, address: str = "0.0.0.0") -> None:
+        """A listener in the server namespace that accepts and closes every connection ("::"
+        is dual-stack)."""
+        family = "AF_INET6" if ":" in address else "AF_INET"
         code = textwrap.dedent(f"""
             import socket
-            s = socket.socket()
+            s = socket.socket(socket.{family}, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", {port}))
+            s.bind(({address!r}, {port}))
             s.listen({backlog})
             print("listening", flush=True)
             while True:
@@ -140,6 +143,71 @@ class Lab:
                 c.close()
         """)
         self._listening(code)
+
+    def give_client(self, addresses: list[str]) -> None:
+        """Give these addresses to the client namespace's veth (once each)."""
+        dev = f"sw{self.tag}c"
+        for a in addresses:
+            if a in (CLIENT_IP, CLIENT_IP6) or a in self.given:
+                continue
+            self.given.add(a)
+            if ":" in a:
+                self.in_client("ip", "-6", "addr", "add", f"{a}/128", "dev", dev, "nodad")
+            else:
+                self.in_client("ip", "addr", "add", f"{a}/32", "dev", dev)
+
+    def held_clients(self, port: int, addresses: list[str], each: int) -> None:
+        """``each`` connections from every address, completed and held open until the lab
+        ends."""
+        self.give_client(addresses)
+        server = SERVER_IP6 if ":" in addresses[0] else SERVER_IP
+        code = textwrap.dedent(f"""
+            import socket, time
+            held = []
+            for a in {addresses!r}:
+                for _ in range({each}):
+                    held.append(socket.create_connection(({server!r}, {port}), timeout=5,
+                                                         source_address=(a, 0)))
+            print("listening", flush=True)
+            time.sleep(3600)
+        """)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
+                                 code], stdout=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "listening"
+
+    def real_clients(self, port: int, addresses: list[str], seconds: float,
+                     per_second: int = 20) -> subprocess.Popen[str]:
+        """Real clients from ``addresses`` (given to the client namespace's veth, so they may
+        sit inside the routed spoofed ranges): ``per_second`` connections a second for
+        ``seconds``, one line per attempt: "start_time ok|fail"."""
+        self.give_client(addresses)
+        server = SERVER_IP6 if ":" in addresses[0] else SERVER_IP
+        family = "AF_INET6" if ":" in server else "AF_INET"
+        code = textwrap.dedent(f"""
+            import socket, time
+            sources = {addresses!r}
+            end, i = time.time() + {seconds}, 0
+            while time.time() < end:
+                started = time.time()
+                s = socket.socket(socket.{family}, socket.SOCK_STREAM)
+                s.settimeout(3)
+                try:
+                    s.bind((sources[i % len(sources)], 0))
+                    s.connect(({server!r}, {port}))
+                    print(started, "ok", flush=True)
+                except OSError as exc:
+                    print(started, "fail", exc, flush=True)
+                finally:
+                    s.close()
+                i += 1
+                time.sleep(max(0.0, started + 1 / {per_second} - time.time()))
+        """)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
+                                 code], stdout=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        return proc
 
     def slow_clients(self, port: int, seconds: float, per_second: int = 150) -> (
             subprocess.Popen[str]):
@@ -387,3 +455,9 @@ class Kmsg:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def client_outcomes(proc: subprocess.Popen[str]) -> list[tuple[float, bool]]:
+    """What ``Lab.real_clients`` saw: (start time, connected) per attempt."""
+    out, _ = proc.communicate(timeout=120)
+    return [(float(line.split()[0]), line.split()[1] == "ok") for line in out.splitlines()]

@@ -20,7 +20,7 @@ from synwatch.actions.presets import load_presets, merge_batches, parse_preset
 from synwatch.actions.registry import GROUP, Action, Plan, registered
 from synwatch.config import BanSettings, parse_config
 from synwatch.errors import ActionFailed, ConfigError
-from synwatch.records import ActionRun, IncidentChange
+from synwatch.records import ActionRun, BanTarget, IncidentChange
 from synwatch.respond import Outcome, Responder
 from synwatch.runner import Command, reason, show
 from synwatch.store import Store
@@ -48,8 +48,9 @@ def test_every_preset_sample_renders_exactly(name: str, index: int) -> None:
 def test_the_shipped_presets_are_the_three_backends_and_the_rate_limit() -> None:
     assert {n: p.action for n, p in PRESETS.items()} == {
         "nftables": "ban", "ufw": "ban", "iptables-ipset": "ban",
-        "ratelimit-nftables": "ratelimit"}
-    assert [n for n, p in PRESETS.items() if p.kernel_timeouts] == ["iptables-ipset", "nftables"]
+        "ratelimit-nftables": "ratelimit", "ratelimit-sources-nftables": "ratelimit"}
+    assert [n for n, p in PRESETS.items() if p.kernel_timeouts] == [
+        "iptables-ipset", "nftables", "ratelimit-sources-nftables"]
 
 
 def test_a_preset_step_without_a_sample_is_refused(tmp_path: Path) -> None:
@@ -96,54 +97,46 @@ def test_guard_refuses_allowlist_loopback_own_addresses_and_gateway() -> None:
     assert GUARD.refuses("2001:db8::/64") is None
 
 
-def _top(*pairs: tuple[str, float]) -> list[tuple[str, int, float]]:
-    return [(p, int(share * 1000), share) for p, share in pairs]
+def _targets(*blocks: str | tuple[str, tuple[str, ...]]) -> list[BanTarget]:
+    """Ban targets as the verdict gives them: a block, or a block and the parts it joins."""
+    out = []
+    for b in blocks:
+        prefix, parts = (b, (b,)) if isinstance(b, str) else b
+        out.append(BanTarget(prefix, 100, 0.25, parts, f"{prefix}: test"))
+    return out
 
 
-def test_choose_bans_the_large_prefixes_and_says_why_it_refuses_the_others() -> None:
-    top = _top(("10.0.1.0/24", 0.4), ("192.0.2.0/24", 0.3), ("10.0.2.0/24", 0.28),
-               ("10.0.3.0/24", 0.02))
-    c = choose(top, settings=BanSettings(), how_many=4, guard=GUARD, seen=set(),
-               banned_here=0, active_total=0)
-    assert c.ban == ("10.0.1.0/24", "10.0.2.0/24")  # 10.0.3.0/24 carries under min_share
+def test_choose_bans_the_targets_and_says_why_it_refuses_the_others() -> None:
+    targets = _targets("10.0.1.0/24", "192.0.2.0/24", "10.0.2.0/24")
+    c = choose(targets, settings=BanSettings(), guard=GUARD, seen=set(), banned_here=0,
+               active_total=0)
+    assert c.ban == ("10.0.1.0/24", "10.0.2.0/24")
     assert c.refused == (("192.0.2.0/24", "allowlisted (192.0.2.0/24)"),)
-    again = choose(top, settings=BanSettings(), how_many=4, guard=GUARD,
+    again = choose(targets, settings=BanSettings(), guard=GUARD,
                    seen={"10.0.1.0/24", "192.0.2.0/24"}, banned_here=1, active_total=1)
     assert again.ban == ("10.0.2.0/24",) and again.refused == ()
-    assert choose(top, settings=BanSettings(), how_many=1, guard=GUARD, seen=set(),
-                  banned_here=0, active_total=0).ban == ("10.0.1.0/24",)
 
 
-def test_prefixes_that_fill_a_block_are_banned_as_that_block() -> None:
-    quad = _top(*((f"10.99.{n}.0/24", 0.25) for n in (32, 33, 34, 35)))
-    c = choose(quad, settings=BanSettings(), how_many=4, guard=GUARD, seen=set(),
-               banned_here=0, active_total=0)
-    assert c.ban == ("10.99.32.0/22",) and c.refused == ()
-    assert set(c.handled) == {p for p, _, _ in quad}
-    narrow = choose(quad, settings=BanSettings(widest_v4=23), how_many=4, guard=GUARD,
-                    seen=set(), banned_here=0, active_total=0)
-    assert narrow.ban == ("10.99.32.0/23", "10.99.34.0/23")  # never wider than widest_v4
-    # a block would cover the allowlist: its prefixes one by one, the allowlisted one refused
-    around = _top(*((f"192.0.{n}.0/24", 0.25) for n in (0, 1, 2, 3)))
-    c = choose(around, settings=BanSettings(), how_many=4, guard=GUARD, seen=set(),
-               banned_here=0, active_total=0)
+def test_a_block_the_guard_refuses_is_tried_part_by_part() -> None:
+    parts = tuple(f"192.0.{n}.0/24" for n in (0, 1, 2, 3))
+    c = choose(_targets(("192.0.0.0/22", parts)), settings=BanSettings(), guard=GUARD,
+               seen=set(), banned_here=0, active_total=0)
     assert c.ban == ("192.0.0.0/24", "192.0.1.0/24", "192.0.3.0/24")
     assert c.refused == (("192.0.2.0/24", "allowlisted (192.0.2.0/24)"),)
     # inside a block banned before: nothing to add (an interval set refuses overlaps)
-    inside = choose(_top(("10.99.33.0/24", 0.9)), settings=BanSettings(), how_many=4,
-                    guard=GUARD, seen=set(), banned_here=1, active_total=1,
-                    active=["10.99.32.0/22"])
+    inside = choose(_targets("10.99.33.0/24"), settings=BanSettings(), guard=GUARD, seen=set(),
+                    banned_here=1, active_total=1, active=["10.99.32.0/22"])
     assert inside.ban == () and inside.handled == ("10.99.33.0/24",)
 
 
 def test_choose_respects_both_caps() -> None:
-    top = _top(("10.0.1.0/24", 0.5), ("10.0.2.0/24", 0.5))
-    per_incident = choose(top, settings=BanSettings(max_per_incident=1), how_many=4,
-                          guard=GUARD, seen=set(), banned_here=0, active_total=0)
+    targets = _targets("10.0.1.0/24", "10.0.2.0/24")
+    per_incident = choose(targets, settings=BanSettings(max_per_incident=1), guard=GUARD,
+                          seen=set(), banned_here=0, active_total=0)
     assert per_incident.ban == ("10.0.1.0/24",)
     assert per_incident.refused == (("10.0.2.0/24", "cap of 1 bans per incident reached"),)
-    total = choose(top, settings=BanSettings(max_total=10), how_many=4, guard=GUARD,
-                   seen=set(), banned_here=0, active_total=10)
+    total = choose(targets, settings=BanSettings(max_total=10), guard=GUARD, seen=set(),
+                   banned_here=0, active_total=10)
     assert total.ban == () and len(total.refused) == 2
 
 
@@ -152,6 +145,7 @@ def test_repeat_offenders_are_banned_longer_up_to_the_maximum() -> None:
     assert [ban_seconds(s, n) for n in range(7)] == [3600, 7200, 14400, 28800, 57600,
                                                      86400, 86400]
     assert ban_seconds(replace(s, increment=1), 5) == 3600
+    assert ban_seconds(replace(s, increment=100), 5000) == 86400  # no OverflowError
 
 
 def _change(**kw: object) -> IncidentChange:
@@ -159,7 +153,7 @@ def _change(**kw: object) -> IncidentChange:
                 address="0.0.0.0", port=443, family=4, status="open", verdict="concentrated",
                 trigger="log", opened_at=NOW, closed_at=None, first_evidence_at=NOW,
                 detected_at=NOW, peak_syn_recv=512,
-                top_prefixes=(("10.0.1.0/24", 600, 0.6), ("10.0.2.0/24", 400, 0.4)),
+                top_prefixes=(("10.0.1.0/24", 600, 0.6, 0), ("10.0.2.0/24", 400, 0.4, 0)),
                 recommendations=("raise the backlog",), reasons=("2 prefixes carry 100%",),
                 state={})
     base.update(kw)

@@ -163,7 +163,7 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
             assert titles[0].startswith("synwatch: SYN flood on ") and "concentrated" in titles[0]
             assert titles[1].startswith("synwatch: over on ")
             [opened] = [p for p in posts if p["title"] == titles[0]]
-            assert f"ban {ONE}: done (banned for 1h)" in opened["message"]
+            assert f"ban {ONE}: done (banned for 1h; {ONE}: " in opened["message"]
             assert mine([m["subject"] for m in mails]) == titles
             assert {m["to"] for m in mails} == {"ops@example.org"}
             opened = (tmp_path / f"{inc_id}-opened").read_text()

@@ -189,3 +189,188 @@ def test_synproxy_is_chosen_in_the_policy_as_the_interface_says(tmp_path: Path) 
     r = synwatch("check-config", "--config", str(alone))
     assert r.code == 0 and "warn  actions.synproxy.enabled: true, but no verdict's policy " \
                            "names synproxy" in r.out, r
+
+
+# issue 26: values check-config accepted stopped the service (quiet_period at the start,
+# retention at the first prune, the rate limit's hold at its setup). Each key is bounded to what
+# the code that uses it holds, and the message names the largest value.
+TOO_LARGE = [
+    ("incident", "quiet_period", '"99999999999d"', "must be at most 365d"),
+    ("incident", "quiet_period", '"' + "9" * 400 + 's"', "must be at most 365d"),  # inf
+    ("storage.retention", "events", '"99999999999d"', "must be at most 36500d"),
+    ("storage.retention", "incidents", '"36501d"', "must be at most 36500d"),
+    ("actions.ratelimit", "hold", '"99999999999d"', "must be at most 365d"),
+    ("actions.ratelimit", "hold", '"500ms"', "must be at least 1s"),  # "timeout 0s": forever
+    ("actions.ban", "duration", '"999d"', "must be at most 365d"),
+    ("actions.ban", "duration", '"0.5s"', "must be at least 1s"),
+    ("actions.ban", "max_duration", '"53w"', "must be at most 365d"),
+    ("actions.ban", "increment", "inf", "expected a number from 1 to 100"),
+    ("actions.ban", "increment", "nan", "expected a number from 1 to 100"),
+    ("actions.ban", "increment", "1e308", "expected a number from 1 to 100"),
+    ("incident", "probe_interval", '"2h"', "must be at most 1h"),
+    ("incident", "half_open_for", '"2d"', "must be at most 1d"),
+    ("incident", "verdict_window", '"2d"', "must be at most 1d"),
+    ("actions.notify", "interval", '"2d"', "must be at most 1d"),
+    ("actions.notify", "timeout", '"2h"', "must be at most 1h"),
+    ("actions.notify", "retry", '"2d"', "must be at most 1d"),
+    ("actions.notify", "attempts", "100", "expected a whole number from 1 to 20"),
+    ("actions.exec", "timeout", '"25d"', "must be at most 1d"),
+    ("verdict", "concentrated_share", "nan", "expected a fraction from 0 to 1"),
+    ("storage", "spool_max", "9" * 30, "expected a whole number from 100 to 10000000"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "why"), TOO_LARGE,
+                         ids=[f"{s}.{k}={v[:14]}" for s, k, v, _ in TOO_LARGE])
+def test_a_value_the_code_cannot_hold_is_refused_naming_the_largest(
+        section: str, key: str, value: str, why: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(f"[{section}]\n{key} = {value}\n", "x.toml")
+    assert err.value.key == f"{section}.{key}"
+    assert err.value.reason.startswith(why), err.value.reason
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value)  # a digit run is cut short
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("incident", "quiet_period", "99999999999d"), ("incident", "quiet_period", "9" * 400 + "s"),
+    ("storage.retention", "events", "99999999999d"), ("actions.ratelimit", "hold", "99999999999d"),
+])
+def test_check_config_exits_2_on_the_values_that_stopped_the_service(
+        tmp_path: Path, section: str, key: str, value: str) -> None:
+    path = _config(tmp_path, f'[{section}]\n{key} = "{value}"\n')
+    r = synwatch("check-config", "--config", str(path))
+    most = "36500d" if section == "storage.retention" else "365d"
+    assert r.code == 2 and r.out == "", r
+    assert r.err.startswith(f"synwatch: config {path}: {section}.{key}: must be at most {most}, "
+                            'got "'), r.err
+    assert r.err.count("\n") == 1
+
+
+def test_ipset_bans_are_bounded_by_ipsets_largest_timeout() -> None:
+    from synwatch.config.schema import IPSET_MAX_TIMEOUT
+
+    ipset = '[actions.ban]\nbackend = "iptables-ipset"\n'
+    with pytest.raises(ConfigError) as err:
+        parse_config(f'{ipset}max_duration = "25d"\n', "x.toml")
+    assert err.value.key == "actions.ban.max_duration"
+    assert err.value.reason.startswith(f"must be at most {IPSET_MAX_TIMEOUT}s (24.8 days)")
+    c = parse_config(f'{ipset}max_duration = "{IPSET_MAX_TIMEOUT}s"\n', "x.toml")
+    assert c.ban.max_duration == IPSET_MAX_TIMEOUT
+    # the same value with nftables is fine: its limit is far beyond a year
+    assert parse_config('[actions.ban]\nmax_duration = "25d"\n', "x.toml").ban.max_duration
+
+
+@pytest.mark.parametrize("text", [
+    "x = " + "[" * 50_000 + "]" * 50_000,
+    "[incident]\nquiet_period = " + "{a = " * 50_000 + "1" + "}" * 50_000,
+    "[storage]\nspool_max = " + "9" * 5000,  # beyond int()'s 4300 digits
+])
+def test_a_pathological_toml_file_is_a_config_error(tmp_path: Path, text: str) -> None:
+    """A TOML nested 50,000 deep was an internal error (RecursionError), not exit 2."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "x.toml")
+    assert err.value.key is None and err.value.reason.startswith("not valid TOML: ")
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    r = synwatch("check-config", "--config", str(path))
+    assert r.code == 2 and r.err.startswith(f"synwatch: config {path}: not valid TOML: "), r
+    assert r.err.count("\n") == 1 and "internal error" not in r.err
+
+
+def test_a_deep_value_under_a_known_key_names_the_key() -> None:
+    """Nested as deep as tomllib parses: the message quoting it stays one short line."""
+    with pytest.raises(ConfigError) as err:
+        parse_config("[sources]\nfiles = " + "[" * 400 + "]" * 400 + "\n", "x.toml")
+    assert err.value.key == "sources.files" and len(err.value.reason) < 300
+
+
+LARGEST = """
+[incident]
+quiet_period = "365d"
+probe_interval = "1h"
+half_open_for = "1d"
+verdict_window = "1d"
+[storage.retention]
+events = "36500d"
+incidents = "36500d"
+[actions.ban]
+duration = "365d"
+max_duration = "365d"
+increment = 100
+[actions.ratelimit]
+hold = "365d"
+[actions.notify]
+interval = "1d"
+timeout = "1h"
+retry = "1d"
+attempts = 20
+[actions.exec]
+timeout = "1d"
+"""
+
+
+def test_the_largest_accepted_values_work_where_they_are_used(tmp_path: Path) -> None:
+    """Every limit is within what its consumer holds: the correlator's timedelta, the prune's
+    "now - retention", the ban and rate-limit timeouts nft renders, the notify retry's last
+    delay, and subprocess's timeout for exec."""
+    from datetime import datetime, timedelta, timezone
+
+    from synwatch.actions.exec import run_program
+    from synwatch.actions.firewall import BanItem, Firewall
+    from synwatch.actions.presets import load_presets
+    from synwatch.actions.ratelimit import PRESET, ratelimit_context
+    from synwatch.clock import FrozenClock
+    from synwatch.config.schema import NFT_MAX_TIMEOUT, POLL_MAX_TIMEOUT
+    from synwatch.correlate import Correlator
+    from synwatch.store import Store
+
+    c = parse_config(LARGEST, "largest")
+    now = datetime.now(timezone.utc)
+    Correlator("h", "", c.thresholds, c.quiet_period, FrozenClock(now))  # timedelta(quiet)
+    # the prune (service._prune_step): now - retention, on a real history
+    store = Store.open(f"sqlite:///{tmp_path}/h.db", host="h")
+    assert c.storage.keep_events is not None and c.storage.keep_incidents is not None
+    assert store.prune_events(now - timedelta(seconds=c.storage.keep_events)) == 0
+    assert store.prune_incidents(now - timedelta(seconds=c.storage.keep_incidents), now) == 0
+    store.close()
+    # the firewall timeouts as nft is given them: within what its parser takes
+    hold = ratelimit_context(c)["hold"]
+    assert 0 < hold <= NFT_MAX_TIMEOUT
+    setup = load_presets()[PRESET].render("setup", ratelimit_context(c))
+    assert f"timeout {hold}s;" in str(setup[0].stdin)
+    from synwatch.actions.ban import ban_seconds
+
+    longest = ban_seconds(c.ban, 3)  # increment 100, three bans before: capped at max_duration
+    assert longest == int(c.ban.max_duration) <= NFT_MAX_TIMEOUT
+    ban = Firewall(load_presets()["nftables"]).render_ban([BanItem("192.0.2.0/24", longest)])
+    assert f"timeout {longest}s" in str(ban[0].stdin)
+    assert now + timedelta(seconds=c.ban.max_duration)  # expires_at (ban.py)
+    # the notify retry's last delay (respond.py: retry * 2 ** (attempt - 1)) as a datetime
+    last = c.notify.retry * 2 ** (c.notify.attempts - 2)
+    assert now + timedelta(seconds=last)
+    # exec's timeout as subprocess.run takes it
+    assert c.exec.timeout <= POLL_MAX_TIMEOUT
+    assert run_program(("/bin/true",), {}, c.exec.timeout).startswith("exit status 0")
+
+
+def test_the_largest_timeouts_are_taken_by_the_real_nft(tmp_path: Path) -> None:
+    """The rate limit's setup and a ban at the longest accepted timeouts, applied by nft in a
+    network namespace of their own (`99999999999d` made the rate limit's setup fail)."""
+    import os
+    import shutil
+
+    from synwatch.actions.firewall import BanItem, Firewall
+    from synwatch.actions.presets import load_presets
+    from synwatch.actions.ratelimit import PRESET, ratelimit_context
+
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("unshare") is None:
+        pytest.skip("needs root and nft")
+    c = parse_config(LARGEST, "largest")
+    presets = load_presets()
+    fw = Firewall(presets["nftables"])
+    commands = [*presets[PRESET].render("setup", ratelimit_context(c)), *fw.render_setup(),
+                *fw.render_ban([BanItem("192.0.2.0/24", int(c.ban.max_duration))])]
+    script = "\n".join(str(cmd.stdin) for cmd in commands if cmd.argv[:2] == ("nft", "-f"))
+    done = subprocess.run(["unshare", "--net", "nft", "-f", "-"], input=script, text=True,
+                          capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -95,12 +95,13 @@ PORT = 8080
 
 
 def _snap(syn_recv: int = 0, accept: int = 0, backlog: int = 64, cookies: int = 0,
-          qfull: int = 0, recv: int = 0, prefixes: tuple[tuple[str, int], ...] = ()) -> Snapshot:
+          qfull: int = 0, recv: int = 0, prefixes: tuple[tuple[str, int], ...] = (),
+          mode: int = 1) -> Snapshot:
     counters = {"TcpExt.TCPReqQFullDoCookies": qfull, "TcpExt.SyncookiesSent": cookies,
                 "TcpExt.SyncookiesRecv": recv}
     li = ListenerState(Listener(4, "0.0.0.0", PORT, backlog, accept), syn_recv, prefixes,
                        len(prefixes))
-    return Snapshot("", (li,), counters, {"net.ipv4.tcp_syncookies": 1,
+    return Snapshot("", (li,), counters, {"net.ipv4.tcp_syncookies": mode,
                                           "net.core.somaxconn": 4096})
 
 
@@ -145,16 +146,57 @@ def test_untrusted_lines_open_nothing_until_the_kernel_agrees(
 def test_a_trusted_line_opens_at_its_own_time_and_a_stale_one_opens_nothing(
         corr: Correlator, clock: FrozenClock) -> None:
     assert corr.on_event(_event(1, True, clock, ago=11)) == []  # older than the quiet period
-    [opened] = corr.on_event(_event(2, True, clock, ago=0.2))
-    assert opened.trigger == "log" and opened.opened_at == clock.now() - timedelta(seconds=0.2)
-    assert opened.verdict == "unknown"  # no kernel evidence yet
+    printed = clock.now() - timedelta(seconds=0.2)
+    assert corr.on_event(_event(2, True, clock, ago=0.2)) == []  # until a probe shows it here
+    # the probe the service takes at once: this namespace's counters moved meanwhile
+    [opened] = _probe(corr, clock, _snap(syn_recv=64, qfull=200, cookies=200))
+    assert opened.trigger == "log" and opened.opened_at == printed
+    assert opened.event_ids == (2,) and opened.sample is not None
+    assert opened.state["tally"]["syns_overflowed"] == 200  # the probe is its evidence
     [again] = corr.on_event(_event(3, True, clock))  # a second socket of the same listener
     assert (again.change, again.serial, again.event_ids) == ("updated", opened.serial, (3,))
 
 
-def _listening_on(port: int) -> Snapshot:
+def test_a_line_this_namespace_shows_no_overflow_for_opens_nothing(
+        corr: Correlator, clock: FrozenClock, caplog: pytest.LogCaptureFixture) -> None:
+    """A user can make the kernel print a genuine line for any port from a namespace of their
+    own (`unshare -rn`, a veth, raw SYNs): a port listened on here is not enough, the
+    namespace's own counters or sockets must show the overflow within two probes."""
+    caplog.set_level(logging.INFO, logger="synwatch.correlate")
+    assert corr.on_event(_event(1, True, clock)) == []
+    assert _probe(corr, clock, _snap()) == [] and len(corr.held) == 1
+    assert _probe(corr, clock, _snap()) == [] and not corr.held
+    assert "port 8080: no overflow in the host's namespace: another namespace's line" \
+        in caplog.text
+    assert _probe(corr, clock, _snap(qfull=9)) == []  # later, below open_rate: not its evidence
+
+
+def test_a_line_is_not_corroborated_by_another_listeners_overflow(
+        corr: Correlator, clock: FrozenClock) -> None:
+    """This namespace overflows on 9001 (its queue full) while a line names the idle 8080."""
+    busy = _listening_on(9001, syn_recv=128)
+    _probe(corr, clock, busy)
+    assert corr.on_event(_event(1, True, clock)) == []
+    for qfull in (50, 100):
+        changes = _probe(corr, clock, replace(busy, counters={
+            **busy.counters, "TcpExt.TCPReqQFullDoCookies": qfull}))
+        assert all(c.port != PORT for c in changes)
+    assert not corr.held
+
+
+def test_a_burst_read_before_the_next_probe_is_corroborated_by_it(
+        corr: Correlator, clock: FrozenClock) -> None:
+    """A burst shorter than a probe interval: the probe after the line sees the queue empty
+    again, but the counters moved in the interval that holds the line."""
+    assert corr.on_event(_event(1, True, clock, ago=0.1)) == []
+    [opened] = _probe(corr, clock, _snap(qfull=9, cookies=9))
+    assert (opened.trigger, opened.port) == ("log", PORT)
+    assert opened.state["tally"]["syns_overflowed"] == 9
+
+
+def _listening_on(port: int, syn_recv: int = 0) -> Snapshot:
     snap = _snap()
-    other = ListenerState(Listener(4, "0.0.0.0", port, 128, 0), 0, (), 0)
+    other = ListenerState(Listener(4, "0.0.0.0", port, 128, 0), syn_recv, (), 0)
     return replace(snap, listeners=(*snap.listeners, other))
 
 
@@ -167,29 +209,35 @@ def test_a_line_for_a_port_nobody_here_listens_on_waits_for_the_next_probe(
     assert corr.on_event(_event(2, True, clock, port=9002)) == []
     printed = clock.now()
     assert len(corr.held) == 2
-    opened, updated = _probe(corr, clock, _listening_on(9001))  # a new listener: 9001 is ours
+    # a new listener, its queue full: 9001 is ours
+    [opened] = _probe(corr, clock, _listening_on(9001, syn_recv=128))
     assert (opened.change, opened.trigger, opened.port) == ("opened", "log", 9001)
     assert opened.opened_at == printed and opened.event_ids == (1,)
-    assert (updated.change, updated.serial) == ("updated", opened.serial)
     assert not corr.held and "event 2: nothing listens on port 9002" in caplog.text
     assert all(c.port != 9002 for c in _probe(corr, clock, _listening_on(9001)))
 
 
-def test_held_lines_are_trusted_when_no_probe_can_check_them(
+def test_held_lines_wait_for_a_probe_when_none_can_check_them(
         corr: Correlator, clock: FrozenClock) -> None:
+    """Probes failing: a line opens nothing on its own word (it may be any namespace's); the
+    first probe that works covers its interval, and a line older than the quiet period by
+    then stays an event."""
     assert corr.on_event(_event(1, True, clock, port=9001)) == []
-    [opened] = corr.release_held()
+    assert corr.release_held() == [] and len(corr.held) == 1
+    [opened] = _probe(corr, clock, _listening_on(9001, syn_recv=128))
     assert (opened.change, opened.trigger, opened.port, opened.event_ids) == (
         "opened", "log", 9001, (1,))
-    assert corr.release_held() == []
+    assert corr.on_event(_event(2, True, clock, port=9002)) == []
+    clock.advance(11)
+    assert corr.release_held() == [] and not corr.held
 
 
 def test_quiet_period_closes_and_counters_keep_it_open(corr: Correlator,
                                                        clock: FrozenClock) -> None:
     corr.on_event(_event(1, True, clock))
     for i in range(1, 15):  # counters keep moving for 14 s: stays open
-        [c] = _probe(corr, clock, _snap(syn_recv=64, qfull=100 * i, cookies=100 * i,
-                                        prefixes=(("10.1.1.0/24", 64),)))
+        *_, c = _probe(corr, clock, _snap(syn_recv=64, qfull=100 * i, cookies=100 * i,
+                                          prefixes=(("10.1.1.0/24", 64),)))
         assert c.status == "open"
     for _ in range(9):
         [c] = _probe(corr, clock, _snap(syn_recv=64, qfull=1400, cookies=1400))
@@ -207,6 +255,20 @@ def test_counters_with_no_full_queue_open_one_unattributed_incident(
     assert _probe(corr, clock, _snap(qfull=600, cookies=600))[0].change == "updated"
 
 
+def test_with_cookies_for_every_syn_only_unvalidated_cookies_open_an_incident(
+        corr: Correlator, clock: FrozenClock) -> None:
+    """tcp_syncookies=2 counts every SYN in TCPReqQFullDoCookies: a busy healthy server (500
+    handshakes a second, every cookie back) opens nothing; cookies that never come back do."""
+    sent = 0
+    for _ in range(5):
+        sent += 500
+        assert _probe(corr, clock, _snap(qfull=sent, cookies=sent, recv=sent, mode=2)) == []
+    [opened] = _probe(corr, clock, _snap(qfull=sent + 2000, cookies=sent + 2000, recv=sent + 10,
+                                         mode=2))
+    assert (opened.change, opened.trigger) == ("opened", "counters")
+    assert any("1990 SYN cookies were sent and never came back" in r for r in opened.reasons)
+
+
 def test_accounting_set_attributes_when_queues_stay_empty(corr: Correlator,
                                                           clock: FrozenClock) -> None:
     snap = _snap(qfull=0)
@@ -221,8 +283,8 @@ def test_accounting_set_attributes_when_queues_stay_empty(corr: Correlator,
 
 def test_resume_after_restart_keeps_the_tally(corr: Correlator, clock: FrozenClock) -> None:
     corr.on_event(_event(1, True, clock))
-    [c] = _probe(corr, clock, _snap(syn_recv=64, qfull=900, cookies=900,
-                                    prefixes=(("10.1.1.0/24", 64),)))
+    *_, c = _probe(corr, clock, _snap(syn_recv=64, qfull=900, cookies=900,
+                                      prefixes=(("10.1.1.0/24", 64),)))
     fresh = Correlator("h", "", Thresholds(), 10, clock)
     serial = fresh.resume(replace(c, incident_id=7))
     fresh.on_evidence(Evidence(clock.now(), _snap(syn_recv=64, qfull=900, cookies=900)))
@@ -234,6 +296,8 @@ def test_resume_after_restart_keeps_the_tally(corr: Correlator, clock: FrozenClo
 
 def test_expire_closes_without_probes(corr: Correlator, clock: FrozenClock) -> None:
     corr.on_event(_event(1, True, clock))
+    [opened] = _probe(corr, clock, _snap(syn_recv=64, qfull=100, cookies=100))
+    assert opened.trigger == "log"
     clock.advance(9)
     assert corr.expire(clock.now()) == []
     clock.advance(1)
@@ -297,7 +361,8 @@ def test_prefix_counts_stay_bounded_under_a_flood_from_everywhere(
     for i in range(80):
         qfull += 1000
         many = tuple((f"10.{i}.{j}.0/24", 1) for j in range(64))
-        [c] = _probe(corr, clock, _snap(syn_recv=64, qfull=qfull, cookies=qfull, prefixes=many))
+        *_, c = _probe(corr, clock, _snap(syn_recv=64, qfull=qfull, cookies=qfull,
+                                          prefixes=many))
         assert len(c.state["tally"]["prefixes"]) <= MAX_PREFIXES
     assert c.verdict == "spoofed"
     assert c.state["tally"]["prefix_count"] == MAX_PREFIXES  # the widest it has seen
@@ -366,7 +431,7 @@ def test_the_packet_sample_outranks_the_sockets_and_says_so() -> None:
                                                     "203.0.113.0/24": 2},
                      sampled_n=100, sampled_syns=1000, one_in=10), Thresholds())
     assert j.verdict == "concentrated"
-    assert [p for p, _, _ in j.top_prefixes] == list(sampled)
+    assert [p for p, *_ in j.top_prefixes] == list(sampled)
     assert any("packet sample: 100 SYNs sampled, 1 in 10, ~1000 SYNs" in r for r in j.reasons)
 
 
@@ -376,9 +441,10 @@ def test_half_open_build_up_is_judged_without_an_overflow() -> None:
     quad = {f"10.99.{n}.0/24": 50 for n in (32, 33, 34, 35)}
     j = judge(_tally(**base, prefixes=quad, prefix_count=4, socket_distinct=4), Thresholds())
     assert j.verdict == "concentrated"
-    assert "block 10.99.32.0/22 (together" in j.recommendations[0]
+    assert "block 10.99.32.0/22 ([actions.ban]" in j.recommendations[0]
+    assert "10.99.32.0/22: 4 flooding /24s fill it" in j.recommendations[1]
     assert "harmless at this rate so far: 200 request sockets, 39% of the queue" in \
-        j.recommendations[1]
+        j.recommendations[-1]
     assert any("200 request sockets stayed half-open" in r for r in j.reasons)
     spread = {f"10.{n // 250}.{n % 250}.0/24": 1 for n in range(200)}
     j = judge(_tally(**base, prefixes=spread, prefix_count=200, socket_distinct=200,

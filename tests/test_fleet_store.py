@@ -277,7 +277,7 @@ def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
             change="opened", serial=1, incident_id=None, host="n1", netns="", address="0.0.0.0",
             port=443, family=4, status="open", verdict="concentrated", trigger="log",
             opened_at=now, closed_at=None, first_evidence_at=now, detected_at=now,
-            peak_syn_recv=9, top_prefixes=(("198.51.100.0/24", 9, 1.0),),
+            peak_syn_recv=9, top_prefixes=(("198.51.100.0/24", 9, 1.0, 0),),
             recommendations=("ban",), reasons=("r",), state={"k": 1}, event_ids=(during,))
         incident = first.save_incident(change)
         [ban] = first.add_bans([Ban(prefix="198.51.100.0/24", backend="nftables", netns="",

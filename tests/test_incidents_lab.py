@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import synwatch
 from tests.harness import Service
-from tests.lab import SPOOF_NET, Lab, lab, lab_port
+from tests.lab import CLIENT_IP, SPOOF_NET, Lab, client_outcomes, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 
@@ -144,6 +144,26 @@ def test_cookies_for_every_syn_are_attributed_by_the_accounting_set(
     assert "chain account" not in ruleset, "the accounting chain is removed at stop"
 
 
+def test_with_cookies_for_every_syn_a_real_load_opens_nothing_and_a_flood_does(
+        the_lab: Lab, service: Service) -> None:
+    """tcp_syncookies=2 counts every SYN, real ones too, as if it found a full queue, and prints
+    nothing: a busy healthy server must open nothing, and a flood (cookies sent that never come
+    back) must still open an incident, here in a dry run (no accounting set)."""
+    the_lab.sysctl("net.ipv4.tcp_syncookies", 2)
+    port = lab_port()
+    the_lab.serve(port, backlog=128)
+    load = the_lab.real_clients(port, [CLIENT_IP], seconds=4, per_second=200)
+    results = client_outcomes(load)
+    assert sum(ok for _, ok in results) >= 600, "a real load, served"
+    service.wait_probes(3)
+    assert service.incidents(port) == [], "real clients validate their cookies"
+    sources = _sources(f"{SPOOF_NET}.21", each=4000)
+    the_lab.start_flood(port, len(sources), sources, rate=2000).wait(timeout=60)
+    [inc] = service.wait_incidents(port, 1, "closed")
+    assert inc["trigger"] == "counters" and inc["verdict"] == "concentrated", inc
+    assert service.events(port) == [], "the kernel printed nothing"
+
+
 def test_a_flood_in_another_namespace_opens_nothing_here(the_lab: Lab, service: Service) -> None:
     """The kernel's log is shared by all namespaces and its lines do not say whose: a line for a
     port nothing listens on in the watched namespace is recorded and opens no incident."""
@@ -197,3 +217,52 @@ def test_a_watched_namespace_that_does_not_exist_opens_nothing(tmp_path: Path) -
     events = json.loads(synwatch("events", "list", "--format", "json", "--config",
                                  str(config)).out)
     assert any(e["port"] == port and e["trusted"] for e in events), "recorded, as an event"
+
+
+def test_a_line_from_another_namespace_for_a_port_listened_on_here_starts_nothing(
+        the_lab: Lab, tmp_path: Path) -> None:
+    """Anyone can make the kernel print a genuine line for any port (`unshare -rn`, a veth, raw
+    SYNs): a line whose port an idle listener here also has opens no incident and runs no
+    action, as the watched namespace saw no overflow; the same flood against that listener
+    opens one, and its exec hook is told the namespace."""
+    the_lab.sysctl("net.ipv4.tcp_syncookies", 0)  # an incident here would raise it to 1
+    hook = tmp_path / "hook"
+
+    def syncookies() -> int:
+        return int(the_lab.in_server("sysctl", "-n", "net.ipv4.tcp_syncookies").stdout)
+
+    service = Service(the_lab, tmp_path / "svc", quiet="30s", dry_run=False, extra=(
+        '[actions.exec]\nenabled = true\nargv = ["/bin/sh", "-c", '
+        f'"env | grep ^SYNWATCH_ > {hook}-$SYNWATCH_CHANGE"]\n'))
+    try:
+        port = lab_port()
+        the_lab.listen(port, backlog=8)  # idle
+        with lab() as other:
+            other.listen(port, backlog=8)
+            other.flood(port, 300)
+            deadline = time.monotonic() + 15
+            while not service.events(port) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            [event] = service.events(port)
+            assert event["trusted"], "a real kernel line"
+        service.wait_probes(3)
+        assert service.incidents(port) == []
+        assert service.events(port)[0]["incident_id"] is None
+        assert not list(tmp_path.glob("hook-*")), "no exec hook ran"
+        assert syncookies() == 0
+        service.wait_log(f"port {port}: no overflow in {the_lab.server_ns}: another "
+                         "namespace's line")
+
+        the_lab.flood(port, 300)  # the same flood, against the listener watched here
+        [inc] = service.wait_incidents(port, 1, "open")
+        assert inc["trigger"] == "log" and inc["netns"] == the_lab.server_ns
+        opened = tmp_path / "hook-opened"
+        deadline = time.monotonic() + 15
+        while "SYNWATCH_VERDICT" not in (opened.read_text() if opened.exists() else "") \
+                or syncookies() != 1:
+            assert time.monotonic() < deadline, service.log.read_text()
+            time.sleep(0.1)
+        assert f"SYNWATCH_NETNS={the_lab.server_ns}\n" in opened.read_text()
+        assert [e["incident_id"] for e in service.events(port)] == [None, inc["id"]]
+    finally:
+        service.stop()

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, synwatch
-from tests.harness import Service
+from tests.harness import NotifySocket, Service, host_config, log_of, start_service, stop_service
 from tests.lab import SPOOF_NET, Lab, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
@@ -266,3 +266,72 @@ def test_top_shows_the_flooded_listener_its_prefixes_and_the_incident(the_lab: L
     finally:
         term.kill()
         service.stop()
+
+
+def test_slow_clients_on_the_metrics_port_cost_no_thread_and_are_closed(
+        tmp_path: Path) -> None:
+    """80 connections that never finish their request (each sends a byte now and then, as
+    slowloris does) used to cost a thread each, for ever: under the unit's TasksMax the
+    service stopped ("can't start new thread"). Now one thread serves them all, a scraper is
+    still answered meanwhile, every slow connection is closed within the request timeout, and
+    SIGTERM ends the service at once."""
+    from synwatch.metricsserver import REQUEST_TIMEOUT
+
+    metrics_port = free_port()
+    config = host_config(tmp_path, "[sources]\njournald = false\nkmsg = false\n"
+                                   f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = start_service(config, notify)
+    slow: list[socket.socket] = []
+    try:
+        notify.wait_for("READY=1")
+        wait_for("/metrics", lambda: "synwatch_incidents_open" in scrape(metrics_port)[0],
+                 seen=log_of(config).read_text)
+
+        def tasks() -> int:
+            return sum(1 for _ in Path(f"/proc/{proc.pid}/task").iterdir())
+
+        before = tasks()
+        opened = time.monotonic()
+        for _ in range(80):
+            s = socket.create_connection(("127.0.0.1", metrics_port), timeout=5)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        # a scraper behind the 80 in the accept queue: once it is answered, the server has
+        # taken all 80 (a thread each, before)
+        text, _ = scrape(metrics_port)
+        assert "synwatch_incidents_open" in text
+        assert tasks() <= before + 2, (before, tasks())  # no thread per connection
+        # the slow ones are closed by the server, however they dribble
+        open_ = list(slow)
+        while open_:
+            assert time.monotonic() - opened < REQUEST_TIMEOUT + 2, \
+                f"{len(open_)} slow connections still open"
+            for s in list(open_):
+                try:
+                    s.setblocking(False)
+                    closed = s.recv(4096) == b""
+                    if not closed:
+                        s.send(b"X")
+                except BlockingIOError:
+                    s.send(b"X")  # one byte more of a header line that never ends
+                    closed = False
+                except OSError:  # reset
+                    closed = True
+                if closed:
+                    open_.remove(s)
+            assert tasks() <= before + 2, (before, tasks())
+            time.sleep(0.2)
+        assert proc.poll() is None
+        assert "synwatch_incidents_open" in scrape(metrics_port)[0]
+    finally:
+        for s in slow:
+            s.close()
+        began = time.monotonic()
+        code, err = stop_service(proc)
+        took = time.monotonic() - began
+        notify.sock.close()
+    assert code == 0, err
+    assert took < 2.0, f"SIGTERM took {took:.1f} s"
+    assert "Traceback" not in err and "can't start new thread" not in err, err
+    assert err.count("metrics: more than 16 connections at once") == 1, err

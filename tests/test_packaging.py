@@ -4,6 +4,7 @@ journald extra; the systemd unit matches what `synwatch run` speaks."""
 from __future__ import annotations
 
 import configparser
+import os
 import subprocess
 import sys
 import zipfile
@@ -80,3 +81,20 @@ def test_the_man_page_has_every_command() -> None:
                           capture_output=True, text=True, check=True).stdout
     for command in cli_commands(build_parser()):
         assert f"synwatch {command}".replace("-", "\\-") in page, command
+
+
+def test_the_package_installs_the_configuration_for_root_alone(tmp_path: Path) -> None:
+    """storage.url may hold the history's password (issue 26): the .deb gives
+    /etc/synwatch/synwatch.toml 0640 root:root, as a conffile (scripts/deb-check checks the
+    installed file)."""
+    built = subprocess.run([str(REPO / "scripts" / "build-deb"), "--skeleton", str(tmp_path)],
+                           capture_output=True, text=True, check=True, timeout=120,
+                           env={**os.environ, "PYTHON": sys.executable}).stdout.strip()
+    listing = subprocess.run(["dpkg-deb", "-c", built], capture_output=True, text=True,
+                             check=True).stdout
+    [entry] = [x.split() for x in listing.splitlines()
+               if x.endswith(" ./etc/synwatch/synwatch.toml")]
+    assert entry[:2] == ["-rw-r-----", "root/root"], entry
+    conffiles = subprocess.run(["dpkg-deb", "-I", built, "conffiles"], capture_output=True,
+                               text=True, check=True).stdout
+    assert conffiles.split() == ["/etc/synwatch/synwatch.toml"]

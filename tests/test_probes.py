@@ -50,6 +50,21 @@ def test_syn_recv_sources_by_prefix_in_a_namespace(the_lab: Lab) -> None:
 
 
 @pytest.mark.needs_root
+def test_peers_that_completed_handshakes_are_read_per_listener_port(the_lab: Lab) -> None:
+    """ESTABLISHED and TIME-WAIT sockets of a listener's port, by peer: the clients that
+    completed handshakes (and nothing for a port not asked for, nor a flood's forged sources,
+    which never complete one)."""
+    port = lab_port()
+    the_lab.listen(port, backlog=128)  # never accepts: the connections stay ESTABLISHED
+    clients = [f"10.232.40.{i}" for i in range(1, 6)]
+    the_lab.held_clients(port, clients, each=4)
+    the_lab.flood(port, 200, [f"10.232.41.{i % 200 + 1}" for i in range(200)])
+    snap = take(the_lab.server_ns, peers_for=frozenset({port}))
+    assert dict(_listener(snap, port).peers) == {f"{c}/32": 4 for c in clients}
+    assert _listener(take(the_lab.server_ns), port).peers == ()  # only for ports asked for
+
+
+@pytest.mark.needs_root
 def test_overflow_shows_in_queues_counters_and_diagnosis(the_lab: Lab) -> None:
     port = lab_port()
     the_lab.listen(port, backlog=8)

@@ -3,9 +3,13 @@ series synwatch exports (read off a real registry, not a list kept by hand)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import socket
 import subprocess
+import urllib.error
+import urllib.request
 
 from prometheus_client import generate_latest
 
@@ -70,3 +74,41 @@ def test_every_dashboard_and_rule_expression_names_an_exported_series() -> None:
         names = _names(expr)
         assert names, expr
         assert names <= have, f"{expr}: {names - have} is not exported"
+
+
+def test_the_metrics_server_speaks_enough_http_for_prometheus_and_browsers() -> None:
+    """What prometheus_client's own server did, on synwatch's bounded one: content
+    negotiation (OpenMetrics for Prometheus), gzip, HEAD, and clear refusals."""
+    metrics = Metrics()
+    assert metrics.serve("127.0.0.1", 0)
+    assert metrics._server is not None
+    port = metrics._server.port
+
+    def get(target: str, method: str = "GET", **headers: str) -> tuple[int, dict[str, str],
+                                                                        bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{target}", method=method,
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    try:
+        status, headers, body = get("/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert b"synwatch_incidents_open" in body and headers["Connection"] == "close"
+        status, headers, body = get("/metrics", Accept="application/openmetrics-text; "
+                                    "version=1.0.0", **{"Accept-Encoding": "gzip"})
+        assert headers["Content-Encoding"] == "gzip"
+        assert headers["Content-Type"].startswith("application/openmetrics-text")
+        assert gzip.decompress(body).endswith(b"# EOF\n")
+        status, headers, body = get("/metrics", method="HEAD")
+        assert status == 200 and int(headers["Content-Length"]) > 0 and body == b""
+        assert get("/nothing")[0] == 404
+        assert get("/metrics", method="POST")[0] == 405
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000)  # past MAX_REQUEST
+            assert s.recv(100).startswith(b"HTTP/1.1 431 ")
+    finally:
+        metrics.stop()

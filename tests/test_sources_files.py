@@ -3,8 +3,11 @@ copytruncate and delete rotations, a partial line and a restart is recorded exac
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +25,8 @@ from synwatch.sources.base import Batch
 from synwatch.sources.files import FileSource
 from synwatch.store import Store
 from synwatch.store.models import EventRow
+from tests.conftest import synwatch
+from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
 
 
 def kernel_line(n: int) -> str:
@@ -247,3 +252,86 @@ def test_a_line_without_end_is_skipped_not_buffered(tmp_path: Path, harness: Har
         f.write(kernel_line(7).replace("\n", "") + "\n")  # the end of the long line
         f.write(kernel_line(8))
     assert numbers_recorded(harness) == [9]  # kernel_line(8)'s port, not the skipped one's
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far (all its threads, user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_until(what: str, condition: Callable[[], bool], proc: subprocess.Popen[str],
+                config: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, log_of(config).read_text()
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s\n" + \
+            log_of(config).read_text()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("replacement", ["symlink to /dev/zero", "FIFO"])
+def test_a_followed_path_that_is_not_a_regular_file_is_refused_and_costs_nothing(
+        tmp_path: Path, replacement: str) -> None:
+    """Anyone who can write the log's directory can put a symlink to /dev/zero (read for ever
+    at a whole core, the stop never looked at) or a FIFO (its open blocks until a writer
+    comes) in the followed file's place. `synwatch run` refuses it with one WARNING, idles,
+    follows a regular file put back there, and stops at once."""
+    syslog = tmp_path / "syslog"
+    syslog.write_text("")
+    config = host_config(tmp_path, f'[sources]\njournald = false\nkmsg = false\n'
+                                   f'files = ["{syslog}"]\n')
+    notify = NotifySocket(tmp_path / "notify.sock")
+
+    def ports() -> list[int]:
+        out = synwatch("events", "list", "--format", "json", "--config", str(config)).out
+        return [e["port"] for e in json.loads(out)]
+
+    def replace_with(make: Callable[[Path], object]) -> None:
+        new = tmp_path / "syslog.new"
+        make(new)
+        new.replace(syslog)  # rename(2): the path changes in one step, as a rotation's does
+
+    def refusals() -> int:
+        return log_of(config).read_text().count("not a regular file")
+
+    proc = start_service(config, notify)
+    try:
+        notify.wait_for("READY=1")
+        def appended() -> bool:  # it is opened at its end: append until a line is recorded
+            with syslog.open("a") as f:
+                f.write(kernel_line(7000))
+            return 7001 in ports()
+
+        _wait_until("the first event", appended, proc, config)
+        if replacement == "FIFO":
+            replace_with(os.mkfifo)
+        else:
+            replace_with(lambda p: p.symlink_to("/dev/zero"))
+        _wait_until("WARNING", lambda: refusals() > 0, proc, config)
+        # two seconds of the service's life with the path refused: it stays idle (reading
+        # /dev/zero took a whole core: 2 s of CPU)
+        cpu, start = _cpu_seconds(proc.pid), time.monotonic()
+        while (wall := time.monotonic() - start) < 2.0:
+            used = _cpu_seconds(proc.pid) - cpu
+            assert used < 0.5, f"{used:.2f} s of CPU in {wall:.2f} s"
+            assert proc.poll() is None, log_of(config).read_text()
+            time.sleep(0.1)
+        used = _cpu_seconds(proc.pid) - cpu
+        assert used < 0.5, f"{used:.2f} s of CPU in {wall:.2f} s"
+        # a regular file again (a rotation): read from its start
+        replace_with(lambda p: p.write_text(kernel_line(8000)))
+        _wait_until("the event of the regular file", lambda: 8001 in ports(), proc, config)
+    finally:
+        began = time.monotonic()
+        code, err = stop_service(proc)
+        took = time.monotonic() - began
+        notify.sock.close()
+    assert code == 0, err
+    assert took < 2.0, f"SIGTERM took {took:.1f} s"
+    assert err.count("not a regular file") == 1, err
+    warning = next(line for line in err.splitlines() if "not a regular file" in line)
+    assert "WARNING" in warning and ("FIFO" if replacement == "FIFO" else
+                                     "character device") in warning, warning
+    assert f"{syslog}: a regular file again" in err
+    assert "Traceback" not in err and f"source file:{syslog} failed" not in err, err

@@ -23,7 +23,7 @@ def _change(**kw: Any) -> IncidentChange:
         change="opened", serial=1, incident_id=None, host="web1", netns="ns", address="0.0.0.0",
         port=443, family=4, status="open", verdict="concentrated", trigger="log", opened_at=NOW,
         closed_at=None, first_evidence_at=NOW - timedelta(seconds=2), detected_at=NOW,
-        peak_syn_recv=300, top_prefixes=(("198.51.100.0/24", 280, 0.93),),
+        peak_syn_recv=300, top_prefixes=(("198.51.100.0/24", 280, 0.93, 0),),
         recommendations=("ban 198.51.100.0/24",), reasons=("few prefixes",),
         state={"tally": {"n": 3}}, sample=TimelinePoint(NOW, 300, 0, 511, {"overflow": 9.5},
                                                         (("198.51.100.0/24", 280),)))

@@ -194,7 +194,8 @@ def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
         "opened_at": "2026-11-20T10:00:00+00:00", "closed_at": "2026-11-20T10:05:00+00:00",
         "first_evidence_at": "2026-11-20T09:59:58+00:00",
         "detected_at": "2026-11-20T10:00:00+00:00", "peak_syn_recv": 512,
-        "top_prefixes": [{"prefix": "198.51.100.0/24", "count": 300, "share": 0.6}],
+        "top_prefixes": [{"prefix": "198.51.100.0/24", "count": 300, "share": 0.6,
+                          "completed": 0}],
         "recommendations": ["raise the backlog"],
         "actions": [{"action": "ban", "target": "198.51.100.0/24", "status": "done",
                      "at": "2026-11-20T10:00:01+00:00"}]}
@@ -218,7 +219,8 @@ def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
     assert bans == [{"host": store.host, "prefix": "198.51.100.0/24", "backend": "nftables",
                      "scope": "local", "incident_id": first.id,
                      "created_at": "2026-11-20T10:00:00+00:00",
-                     "expires_at": bans[0]["expires_at"], "active": True}]
+                     "expires_at": bans[0]["expires_at"], "active": True,
+                     "enforced": False}]  # no reconcile has checked it in a kernel
     assert json.loads(synwatch("bans", "list", "--format", "json", "--host", "web01",
                                *cfg).out) == []
 
@@ -264,7 +266,7 @@ def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
     incident_id = store.save_incident(opened)
     closed = replace(opened, change="closed", incident_id=incident_id, status="closed",
                      verdict="concentrated", closed_at=T0 + timedelta(minutes=1),
-                     peak_syn_recv=64, top_prefixes=(("10.0.0.0/24", 64, 1.0),), sample=None,
+                     peak_syn_recv=64, top_prefixes=(("10.0.0.0/24", 64, 1.0, 0),), sample=None,
                      event_ids=(ids[1],))
     [left_open] = store.open_incidents("web01", "")
     assert (left_open.incident_id, left_open.state["tally"]) == (incident_id,

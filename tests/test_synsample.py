@@ -17,6 +17,7 @@ from synwatch.probes.synfilter import (
     ETH_P_IPV6,
     PACKET_OUTGOING,
     SNAPLEN,
+    parse_packet,
     parse_syn,
     program,
 )
@@ -145,8 +146,15 @@ RECORDED = [
     ("IPv4 SYN with IP options", ipv4(tcp(SYN, 8080), options=b"\x01" * 8), ETH_P_IP,
      PACKET_HOST, (4, "198.51.100.7", 8080)),
     ("IPv4 SYN-ACK", ipv4(tcp(SYN_ACK)), ETH_P_IP, PACKET_HOST, None),
-    ("IPv4 ACK", ipv4(tcp(ACK)), ETH_P_IP, PACKET_HOST, None),
+    # an ACK without SYN or RST: the source completed a handshake (kept, as not a SYN)
+    ("IPv4 ACK", ipv4(tcp(ACK)), ETH_P_IP, PACKET_HOST, (4, "198.51.100.7", 443, False)),
+    ("IPv4 FIN-ACK", ipv4(tcp(ACK | 0x01)), ETH_P_IP, PACKET_HOST,
+     (4, "198.51.100.7", 443, False)),
+    ("IPv4 PSH-ACK with data", ipv4(tcp(ACK | 0x08, 80, b"GET / HTTP/1.1\r\n")), ETH_P_IP,
+     PACKET_HOST, (4, "198.51.100.7", 80, False)),
     ("IPv4 RST", ipv4(tcp(RST)), ETH_P_IP, PACKET_HOST, None),
+    ("IPv4 RST-ACK", ipv4(tcp(RST | ACK)), ETH_P_IP, PACKET_HOST, None),
+    ("outgoing IPv4 ACK", ipv4(tcp(ACK)), ETH_P_IP, PACKET_OUTGOING, None),
     ("IPv4 SYN+ECN flags", ipv4(tcp(SYN | 0xC0)), ETH_P_IP, PACKET_HOST,
      (4, "198.51.100.7", 443)),
     ("outgoing IPv4 SYN", ipv4(tcp(SYN)), ETH_P_IP, PACKET_OUTGOING, None),
@@ -157,6 +165,7 @@ RECORDED = [
     ("IPv4 truncated before the flags", ipv4(tcp(SYN))[:33], ETH_P_IP, PACKET_HOST, None),
     ("IPv6 SYN", ipv6(tcp(SYN, 443)), ETH_P_IPV6, PACKET_HOST, (6, "2001:db8:5::9", 443)),
     ("IPv6 SYN-ACK", ipv6(tcp(SYN_ACK)), ETH_P_IPV6, PACKET_HOST, None),
+    ("IPv6 ACK", ipv6(tcp(ACK, 443)), ETH_P_IPV6, PACKET_HOST, (6, "2001:db8:5::9", 443, False)),
     ("outgoing IPv6 SYN", ipv6(tcp(SYN)), ETH_P_IPV6, PACKET_OUTGOING, None),
     ("IPv6 SYN behind hop-by-hop", ipv6(tcp(SYN, 22), extensions=[(HOP, b"\x01\x04" + b"\0" * 4)]),
      ETH_P_IPV6, PACKET_HOST, (6, "2001:db8:5::9", 22)),
@@ -183,11 +192,14 @@ def test_filter_and_parser_agree_on_recorded_packets(what: str, packet: bytes, p
     if want is None:
         if pkttype == PACKET_HOST and protocol in (ETH_P_IP, ETH_P_IPV6) and (
                 packet[0] >> 4 == (4 if protocol == ETH_P_IP else 6)):
-            assert parse_syn(packet) is None, what
+            assert parse_packet(packet) is None, what
         return
-    family, source, port = parse_syn(packet[:SNAPLEN])  # type: ignore[misc]
-    af = socket.AF_INET if family == 4 else socket.AF_INET6
-    assert (family, socket.inet_ntop(af, source), port) == want
+    got = parse_packet(packet[:SNAPLEN])
+    assert got is not None, what
+    af = socket.AF_INET if got.family == 4 else socket.AF_INET6
+    assert (got.family, socket.inet_ntop(af, got.source), got.port) == want[:3]
+    assert got.syn == (len(want) == 3), what
+    assert (parse_syn(packet[:SNAPLEN]) is not None) == got.syn
 
 
 def test_one_in_n_keeps_only_where_the_random_number_divides() -> None:
@@ -222,7 +234,7 @@ def test_filter_and_parser_agree_on_any_bytes(data: bytes, protocol: int) -> Non
     if not data or data[0] >> 4 != (4 if protocol == ETH_P_IP else 6):
         return
     kept = run_cbpf(program(1), data, protocol=protocol) == SNAPLEN
-    assert kept == (parse_syn(data) is not None)
+    assert kept == (parse_packet(data) is not None)
 
 
 def test_sampling_rate_follows_the_flood() -> None:
@@ -251,6 +263,28 @@ def test_interval_counts_are_weighted_and_bounded() -> None:
     assert p22 is not None
     assert p22.distinct == synsample.MAX_PREFIXES + 1  # evicted ones still counted
     assert len(p22.prefixes) == synsample.KEPT
+
+
+def test_interval_keeps_flooding_addresses_and_never_forgets_a_completing_one() -> None:
+    iv = _Interval(known=frozenset({443}))
+    flood, client = bytes([10, 0, 1, 5]), bytes([10, 0, 1, 9])
+    for _ in range(3):
+        iv.add(80, "10.0.1.0/24", 4, flood)
+    iv.add(80, "10.0.1.0/24", 4, client)
+    iv.add_completed(80, client, "10.0.1.0/24", 4)  # a port with SYNs this interval
+    iv.add_completed(443, client, "10.0.1.0/24", 4)  # a port that had SYNs in the last one
+    iv.add_completed(51000, client, "10.0.1.0/24", 4)  # a reply to our own connection: not kept
+    p80 = iv.summary(4, 0).port(80)
+    assert p80 is not None
+    assert p80.addresses == (("10.0.1.5", 12), ("10.0.1.9", 4))
+    assert p80.completed == (("10.0.1.9/32", 4),)
+    assert iv.summary(4, 0).port(51000) is None
+    # past the bound, a completing address is kept as its prefix, never dropped
+    for i in range(synsample.MAX_ADDRESSES + 10):
+        iv.add_completed(80, bytes([10, 1, i // 256, i % 256]), f"10.1.{i // 256}.0/24", 1)
+    completed = dict(iv.summary(1, 0).port(80).completed)  # type: ignore[union-attr]
+    assert sum(completed.values()) == 4 + synsample.MAX_ADDRESSES + 10
+    assert "10.1.16.0/24" in completed  # the last ones, folded
 
 
 @pytest.mark.needs_root

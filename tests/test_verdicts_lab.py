@@ -131,7 +131,8 @@ def test_slow_build_up_from_one_slash22_is_half_open_and_concentrated(
     assert service.events(port) == [], "the kernel logs nothing for a half-open build-up"
     assert 64 <= inc["peak_syn_recv"] < 256
     recs = " ".join(inc["recommendations"])
-    assert f"block {SPOOF_NET}.4.0/22 (together" in recs, recs
+    assert f"block {SPOOF_NET}.4.0/22 ([actions.ban]" in recs, recs
+    assert f"{SPOOF_NET}.4.0/22: 4 flooding /24s fill it" in recs, recs
     assert "harmless at this rate so far" in recs
     assert {p["prefix"] for p in inc["top_prefixes"]} == {f"{SPOOF_NET}.{n}.0/24"
                                                           for n in (4, 5, 6, 7)}
@@ -273,6 +274,34 @@ def test_a_real_burst_against_nginx_with_a_small_backlog_is_capacity(
     assert re.search(rf"nginx: `listen {port} backlog=\d+;`", recs), recs
     assert inc["top_prefixes"][0]["prefix"] == "10.231.0.0/24"  # the client namespace itself
     assert not any(a["action"] == "ban" for a in inc["actions"])
+
+
+def test_the_nginx_burst_is_capacity_five_runs_in_a_row(the_lab: Lab, tmp_path: Path) -> None:
+    """A one-second burst of real requests (ab -c 2000 -n 40000 against `listen ... backlog=128`,
+    all served) falls anywhere between two probes: its verdict must not depend on where. Five
+    bursts, five incidents, each capacity."""
+    port = lab_port()
+    with nginx(the_lab, tmp_path, port, backlog=128):
+        service = Service(the_lab, tmp_path)
+        try:
+            for run in range(1, 6):
+                ab = subprocess.run(["ip", "netns", "exec", the_lab.client_ns, "sh", "-c",
+                                     f"ulimit -n 8192; ab -q -c 2000 -n 40000 "
+                                     f"http://{SERVER_IP}:{port}/"],
+                                    capture_output=True, text=True, timeout=120, check=False)
+                assert ab.returncode == 0, ab.stderr
+                assert "Complete requests:      40000" in ab.stdout
+                deadline = time.monotonic() + 40
+                found = service.incidents(port)
+                while not (len(found) >= run and all(i["status"] == "closed" for i in found)):
+                    assert time.monotonic() < deadline, (run, found)
+                    time.sleep(0.3)
+                    found = service.incidents(port)
+        finally:
+            service.stop()
+    assert [i["verdict"] for i in found] == ["capacity"] * len(found), [
+        (i["verdict"], i["recommendations"][:1]) for i in found]
+    assert len(found) >= 5
 
 
 def test_nginx_spoofed_then_concentrated_is_banned_in_its_second_phase(

@@ -28,7 +28,7 @@ def incident_env(kind: str, c: IncidentChange) -> dict[str, str]:
         "SYNWATCH_OPENED_AT": c.opened_at.isoformat(),
         "SYNWATCH_CLOSED_AT": c.closed_at.isoformat() if c.closed_at else "",
         "SYNWATCH_PEAK_SYN_RECV": str(c.peak_syn_recv),
-        "SYNWATCH_TOP_PREFIXES": " ".join(p for p, _n, _s in c.top_prefixes),
+        "SYNWATCH_TOP_PREFIXES": " ".join(p for p, *_ in c.top_prefixes),
         "SYNWATCH_RECOMMENDATIONS": json.dumps(list(c.recommendations)),
     }
 

@@ -34,7 +34,7 @@ def compose(kind: str, c: IncidentChange, runs: Sequence[ActionRun],
     lines.append(f"Peak SYN-RECV: {c.peak_syn_recv}.")
     if c.top_prefixes:
         lines.append("Top sources: " + ", ".join(f"{p} ({share:.0%})"
-                                                 for p, _n, share in c.top_prefixes[:5]) + ".")
+                                                 for p, _n, share, _k in c.top_prefixes[:5]) + ".")
     done = [r for r in runs if r.action != "notify"]
     if done:
         lines.append("")

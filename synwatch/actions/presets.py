@@ -9,6 +9,7 @@ argv on stdin (``nft -f -``) are merged into one batch, which nft applies atomic
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from dataclasses import dataclass, field
@@ -88,7 +89,8 @@ class Preset:
         return merge_batches(commands)
 
     def parse_list(self, output: str, family: int, prefix_len: int) -> dict[str, int | None]:
-        """prefix -> seconds left (None when the backend keeps no timeout)."""
+        """prefix (as ipaddress writes it, with its length) -> seconds left (None when the
+        backend keeps no timeout)."""
         assert self.lister is not None
         found: dict[str, int | None] = {}
         for m in self.lister.pattern.finditer(output):
@@ -100,6 +102,10 @@ class Preset:
             else:
                 prefix = f"{groups['address']}/{groups.get('length') or prefix_len}"
             if (":" in prefix) != (family == 6):
+                continue
+            try:  # as ipaddress writes it: nft lists ::ffff:0:0/96 as ::ffff:0.0.0.0/96
+                prefix = str(ipaddress.ip_network(prefix, strict=False))
+            except ValueError:
                 continue
             remaining = groups.get("remaining")
             found[prefix] = int(remaining) if remaining is not None else None

@@ -1,16 +1,31 @@
-"""The opt-in per-source SYN rate limit (preset ratelimit-nftables): set up at start, removed at
-stop. It protects whatever the verdicts say, so it is not chosen per incident."""
+"""The per-source SYN rate limit, two ways.
+
+- Per incident (`ratelimit` in [actions.policy], by default for *concentrated*): an address the
+  verdict found both flooding and completing handshakes (many users behind one NAT address,
+  synwatch.bantargets) is not banned, which would lock its users out; its SYNs over the rate
+  are dropped instead, with a kernel-side timeout as long as a ban (preset
+  ratelimit-sources-nftables).
+- A standing rule for every source while synwatch runs ([actions.ratelimit] enabled, opt-in;
+  preset ratelimit-nftables): set up at start, removed at stop.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+from synwatch.actions.ban import ALWAYS_PROTECTED, Guard, host_networks
+from synwatch.actions.firewall import BanItem, Firewall
 from synwatch.actions.presets import load_presets
-from synwatch.actions.registry import Action, Plan
+from synwatch.actions.registry import Action, Plan, skipped
 from synwatch.config import Config
+from synwatch.durations import format_duration
+from synwatch.errors import CommandError
+from synwatch.records import IncidentChange
 from synwatch.runner import Command, execute, show
 
 PRESET = "ratelimit-nftables"
+SOURCES = "ratelimit-sources-nftables"
 
 
 def ratelimit_context(config: Config) -> dict[str, Any]:
@@ -21,11 +36,16 @@ def ratelimit_context(config: Config) -> dict[str, Any]:
 
 class RatelimitAction(Action):
     name = "ratelimit"
-    per_incident = False
     order = 30
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sources = Firewall(load_presets()[SOURCES], self.ctx.netns)
+        self.seen: dict[int, set[str]] = {}  # incident -> addresses limited or refused
+        self.ready = False  # the per-source chain is set up (at the first address)
+
     @classmethod
-    def enabled(cls, config: Config) -> bool:
+    def standing(cls, config: Config) -> bool:
         return config.ratelimit.enabled
 
     def _plan(self, step: str, outcome: str) -> list[Plan]:
@@ -39,7 +59,53 @@ class RatelimitAction(Action):
 
     def start(self) -> list[Plan]:
         r = self.ctx.config.ratelimit
+        if not r.enabled:
+            return []
         return self._plan("setup", f"over {r.rate}/min (burst {r.burst}): held {int(r.hold)} s")
 
     def stop(self) -> list[Plan]:
-        return self._plan("teardown", "removed")
+        # the per-source limits stay until their kernel timeouts, as bans do
+        return self._plan("teardown", "removed") if self.ctx.config.ratelimit.enabled else []
+
+    def _guard(self) -> Guard:
+        try:
+            host = host_networks(self.ctx.netns)
+        except (CommandError, ValueError):
+            host = []
+        allow = [(n, "allowlisted") for n in self.ctx.config.allowlist]
+        return Guard((*ALWAYS_PROTECTED, *allow, *host))
+
+    def on_change(self, change: IncidentChange) -> list[Plan]:
+        if change.change == "closed" and change.incident_id is not None:
+            self.seen.pop(change.incident_id, None)
+        if (change.verdict != "concentrated" or change.status != "open"
+                or change.incident_id is None or not change.limits):
+            return []
+        inc = change.incident_id
+        seen = self.seen.setdefault(inc, set())
+        new = [t for t in change.limits if t.prefix not in seen]
+        if not new:
+            return []
+        guard, c = self._guard(), self.ctx.config
+        seconds = int(c.ban.duration)
+        plans: list[Plan] = []
+        for target in new:
+            seen.add(target.prefix)
+            why = guard.refuses(target.prefix)
+            if why is not None:
+                plans.append(skipped(self.name, target.prefix, f"not rate limited: {why}", inc))
+                continue
+            setup = ([] if self.ready else
+                     self.sources.preset.render("setup", ratelimit_context(c)))
+            commands = setup + self.sources.render_ban(
+                [BanItem(target.prefix, seconds, f"synwatch incident {inc}")])
+            plans.append(Plan(self.name, target.prefix, show(commands),
+                              partial(self._limit, commands, seconds, target.why), inc))
+        return plans
+
+    def _limit(self, commands: list[Command], seconds: int, why: str) -> str:
+        execute(commands, self.ctx.netns)
+        self.ready = True
+        r = self.ctx.config.ratelimit
+        return (f"SYNs over {r.rate}/min (burst {r.burst}) dropped for "
+                f"{format_duration(seconds)}; {why}")

@@ -52,6 +52,8 @@ class ActionContext:
     open: dict[int, IncidentChange] = field(default_factory=dict)
     # ends the service's wait so hooks run now (called from an action's own thread)
     wake: Callable[[], None] = field(default=lambda: None)
+    # a ban found not enforced in the kernel, per backend (synwatch_bans_drift_total)
+    drift: Callable[[str, int], None] = field(default=lambda _backend, _n: None)
 
     @property
     def netns(self) -> str:
@@ -78,6 +80,11 @@ class Action:
     @classmethod
     def enabled(cls, config: Config) -> bool:
         return True
+
+    @classmethod
+    def standing(cls, config: Config) -> bool:
+        """Does it also run outside the policy (a standing rule of its own section)?"""
+        return False
 
     def start(self) -> list[Plan]:
         return []

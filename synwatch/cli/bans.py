@@ -20,17 +20,21 @@ from synwatch.cli.common import (
 
 
 def cmd_bans_list(args: argparse.Namespace) -> int:
+    from synwatch.banproof import enforced  # noqa: PLC0415
     from synwatch.output import dumps, table  # noqa: PLC0415
     from synwatch.views import ban_view  # noqa: PLC0415
 
     now = datetime.now(timezone.utc)
     store = open_history(args)
-    rows = [ban_view(b, now) for b in store.bans(host=chosen_host(args, store))]
+    host = chosen_host(args, store)
+    checks = store.ban_checks(host=host)
+    rows = [ban_view(b, now, enforced(b, checks, now)) for b in store.bans(host=host)]
     if args.format == "json":
         print(dumps(rows))
     else:
         table(rows, [*(["host"] if args.all_hosts else []), "prefix", "backend", "scope",
-                     "incident_id", "created_at", "expires_at", "active"], sys.stdout)
+                     "incident_id", "created_at", "expires_at", "active", "enforced"],
+              sys.stdout)
     return 0
 
 

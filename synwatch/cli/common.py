@@ -55,23 +55,73 @@ def add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("table", "json"), default="table")
 
 
+# The largest row id, --limit and count the history holds: SQLite's and PostgreSQL's integers
+# are 64-bit (a larger one is an OverflowError in the driver, not an empty answer).
+LARGEST_INT = 2**63 - 1
+# --since goes back at most a century: further back than that is every row, and a datetime ends
+# at year 1 (what "99999999999d" ago would be before).
+LONGEST_SINCE = "36500d"
+
+
 def since(text: str) -> datetime:
     from synwatch.durations import parse_duration  # noqa: PLC0415
 
     try:
-        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
+        seconds = parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not seconds <= parse_duration(LONGEST_SINCE):  # inf too: a digit run beyond a float
+        raise argparse.ArgumentTypeError(f"at most {LONGEST_SINCE} (a century; leave --since "
+                                         f"out for everything), got {_short(text)}")
+    return datetime.now(timezone.utc) - timedelta(seconds=seconds)
 
 
-def positive(text: str) -> int:
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else f"{text[:40]}...")
+
+
+def whole(low: int, high: int = LARGEST_INT) -> Callable[[str], int]:
+    """A whole number from ``low`` to ``high`` (a row id, --limit, a count)."""
+    def check(text: str) -> int:
+        try:
+            value = int(text) if len(text) <= 40 else None  # no 4300-digit conversions
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, "
+                                             f"got {_short(text)}")
+        return value
+    check.__name__ = "whole number"  # argparse names the type in its own messages
+    return check
+
+
+positive = whole(1)
+
+
+def seconds_in(low: float, high: float) -> Callable[[str], float]:
+    """Seconds as a number (``--seconds 0.5``) from ``low`` to ``high``: never negative, nan or
+    inf, which time.sleep and select refuse or never return from."""
+    def check(text: str) -> float:
+        try:
+            value = float(text) if len(text) <= 40 else None
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # nan fails both
+            raise argparse.ArgumentTypeError(f"expected seconds from {low:g} to {high:g}, "
+                                             f"got {_short(text)}")
+        return value
+    check.__name__ = "seconds"
+    return check
+
+
+def netns_name(text: str) -> str:
+    """An `ip netns` name, as watch.netns takes it ("" = our own namespace)."""
+    from synwatch.config.schema import _Invalid, _netns  # noqa: PLC0415
+
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+        return _netns(text)
+    except _Invalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def tcp_port(text: str) -> int:

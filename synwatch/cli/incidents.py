@@ -53,7 +53,10 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
                  if args.evidence else {})
         print(dumps({**view, **extra}))
     else:
-        print_incident(view, incident.reasons, incident.phases, samples, sys.stdout)
+        # what each ban took and why that width (the verdict's numbers when it was decided)
+        details = [(r.target, r.detail) for r in runs if r.action == "ban" and r.detail]
+        print_incident(view, incident.reasons, incident.phases, samples, sys.stdout,
+                       details=details)
     return 0
 
 
@@ -69,7 +72,7 @@ def register(sub: Any) -> None:
     add_config(p)
     p = command(incidents, "show", cmd_incidents_show,
                 "one incident with its evidence and actions")
-    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("id", type=positive, metavar="ID")
     p.add_argument("--evidence", action="store_true",
                    help='with --format json: add "evidence" (the verdict\'s reasons), "phases" and '
                         '"timeline" (every probe while it lasted)')

@@ -7,7 +7,15 @@ import sys
 import time
 from typing import Any
 
-from synwatch.cli.common import add_config, add_format, command, load, open_store
+from synwatch.cli.common import (
+    add_config,
+    add_format,
+    command,
+    load,
+    netns_name,
+    open_store,
+    seconds_in,
+)
 from synwatch.errors import SynwatchError
 
 
@@ -52,14 +60,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = command(sub, "snapshot", cmd_snapshot,
                 "listeners, their queues and SYN-RECV sources, counters, sysctls, a diagnosis")
-    p.add_argument("--netns", default="", metavar="NAME", help="an `ip netns` name")
+    p.add_argument("--netns", type=netns_name, default="", metavar="NAME",
+                   help="an `ip netns` name")
     add_format(p)
     p = command(sub, "doctor", cmd_doctor,
                 "judge the listeners, sysctls and counters of a namespace, with tuning advice "
                 "(backlogs below the peaks in the history, listen(0), cookies off, somaxconn)")
-    p.add_argument("--netns", default=None, metavar="NAME",
+    p.add_argument("--netns", type=netns_name, default=None, metavar="NAME",
                    help="an `ip netns` name (default: watch.netns of the config)")
-    p.add_argument("--seconds", type=float, default=1.0, metavar="S",
-                   help="measure counter rates over S seconds (default 1)")
+    p.add_argument("--seconds", type=seconds_in(0.1, 3600), default=1.0, metavar="S",
+                   help="measure counter rates over S seconds, 0.1 to 3600 (default 1)")
     add_format(p)
     add_config(p)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from synwatch.cli.common import add_config, command, open_store
+from synwatch.cli.common import add_config, command, open_store, whole
 from synwatch.errors import ExitStatus
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def register(sub: Any) -> None:
     p = command(sub, "test-filter", cmd_test_filter,
                 "show which pattern hits a line or a file, what it extracts, and what missed")
     p.add_argument("target", metavar="PATH|LINE")
-    p.add_argument("--max-misses", type=int, default=20, metavar="N",
+    p.add_argument("--max-misses", type=whole(0, 1_000_000), default=20, metavar="N",
                    help="near misses to list for a file (default 20)")
     p = command(sub, "import", cmd_import,
                 "read old logs (.1, .gz) into the event history, untrusted and historical; "

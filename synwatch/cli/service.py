@@ -4,6 +4,7 @@ recording, and whether a configuration and this machine can run it."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -12,9 +13,13 @@ from synwatch.errors import ConfigError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from synwatch.preflight import check_secrets  # noqa: PLC0415
     from synwatch.service import Service  # noqa: PLC0415
 
-    return Service(load(args), args.config, record=args.record).run()
+    config = load(args)
+    for check in check_secrets(config):  # once, at the start
+        logging.getLogger("synwatch").warning("%s: %s", check.subject, check.text)
+    return Service(config, args.config, record=args.record).run()
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

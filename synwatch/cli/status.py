@@ -17,6 +17,7 @@ RECENT = 120.0  # seconds: a node whose heartbeat is newer is "heard from recent
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from synwatch.banproof import drift_count  # noqa: PLC0415
     from synwatch.output import dumps, print_status  # noqa: PLC0415
     from synwatch.status import alive, read_status, status_path  # noqa: PLC0415
     from synwatch.store import Store  # noqa: PLC0415
@@ -28,7 +29,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "running": running, "pid": found.get("pid") if running else None,
         "since": found.get("since") if running else None,
         "sources": found.get("sources", []) if running else [],
-        "open_incidents": [], "active_bans": 0, "last_errors": found.get("last_errors", []),
+        "open_incidents": [], "active_bans": 0, "bans_drift": 0, "bans_drift_at": None,
+        "last_errors": found.get("last_errors", []),
         "summary": found.get("summary") if running else "not running",
         "host": config.host, "store": found.get("store"), "hosts": [],
     }
@@ -39,6 +41,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         view["open_incidents"] = [i.id for i in store.incidents(status="open",
                                                                  host=config.host)]
         view["active_bans"] = len(store.active_bans(config.netns, now))
+        # bans the reconcile found not enforced in the kernel and put back (banproof.py)
+        drift, drift_at = drift_count(store.ban_checks(config.host), config.host, config.netns)
+        view["bans_drift"] = drift
+        view["bans_drift_at"] = drift_at.isoformat(timespec="seconds") if drift_at else None
         view["hosts"] = [{"host": n.host, "seen_at": n.seen_at.isoformat(timespec="seconds"),
                           "recent": (now - n.seen_at).total_seconds() < RECENT}
                          for n in store.nodes()]

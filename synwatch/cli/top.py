@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from synwatch.cli.common import add_config, command, load
+from synwatch.cli.common import add_config, command, load, netns_name, seconds_in
 from synwatch.errors import SynwatchError
 
 if TYPE_CHECKING:
@@ -95,8 +95,9 @@ def register(sub: Any) -> None:
     p = command(sub, "top", cmd_top,
                 "a live view of the listeners (queues, SYN-RECV, drops, source prefixes) and "
                 "the open incidents; q quits")
-    p.add_argument("--netns", default=None, metavar="NAME",
+    p.add_argument("--netns", type=netns_name, default=None, metavar="NAME",
                    help="an `ip netns` name (default: watch.netns of the config)")
-    p.add_argument("--interval", type=float, default=None, metavar="S",
-                   help="seconds between refreshes (default: incident.probe_interval)")
+    p.add_argument("--interval", type=seconds_in(0.1, 3600), default=None, metavar="S",
+                   help="seconds between refreshes, 0.1 to 3600 (default: "
+                        "incident.probe_interval)")
     add_config(p)

@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from synwatch.config.schema import SCHEMA, SECTION_HELP, Setting, _Invalid, _show
+from synwatch.config.schema import (
+    IPSET_MAX_TIMEOUT,
+    SCHEMA,
+    SECTION_HELP,
+    Setting,
+    _Invalid,
+    _show,
+)
 from synwatch.config.types import (
     BAN_BACKENDS,
     BUILTIN_ACTIONS,
@@ -112,8 +119,11 @@ def _section(values: dict[str, Any], section: str) -> dict[str, Any]:
 def parse_config(text: str, path: str) -> Config:
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
         raise ConfigError(path, None, f"not valid TOML: {exc}") from exc
+    except RecursionError:  # tomllib recurses into each nested array or inline table
+        raise ConfigError(path, None, "not valid TOML: arrays or tables nested too "
+                          "deeply") from None
     given = _flatten(doc, path)
     values: dict[str, Any] = {}
     for section, keys in SCHEMA.items():
@@ -138,6 +148,11 @@ def parse_config(text: str, path: str) -> Config:
     if v["actions.ban.max_duration"] < v["actions.ban.duration"]:
         raise ConfigError(path, "actions.ban.max_duration",
                           "must not be shorter than actions.ban.duration")
+    if (v["actions.ban.backend"] == "iptables-ipset"
+            and v["actions.ban.max_duration"] > IPSET_MAX_TIMEOUT):
+        raise ConfigError(path, "actions.ban.max_duration",
+                          f"must be at most {IPSET_MAX_TIMEOUT}s (24.8 days) with the "
+                          "iptables-ipset backend: ipset refuses a longer timeout")
     if v["verdict.spoofed_completion"] > v["verdict.capacity_completion"]:
         raise ConfigError(path, "verdict.spoofed_completion",
                           f"must not exceed verdict.capacity_completion "
@@ -155,6 +170,8 @@ def parse_config(text: str, path: str) -> Config:
                               verdict_window=v["incident.verdict_window"],
                               widest_v4=v["actions.ban.widest_v4"],
                               widest_v6=v["actions.ban.widest_v6"],
+                              ban_floor=v["actions.ban.min_share"],
+                              ban_coverage=v["actions.ban.coverage"],
                               **{k: v[f"verdict.{k}"] for k in SCHEMA["verdict"]}),
         allowlist=v["allowlist.networks"], dry_run=v["actions.dry_run"],
         syncookies_enabled=v["actions.syncookies.enabled"],

@@ -26,8 +26,13 @@ from synwatch.durations import parse_duration
 
 
 def _show(value: Any) -> str:
-    """A value as it reads in TOML: "text", true, 3600, ["a", "b"]."""
-    return json.dumps(value, ensure_ascii=False, default=str)
+    """A value as it reads in TOML: "text", true, 3600, ["a", "b"]; cut short past 200
+    characters (a message is one line), and never an error of its own."""
+    try:
+        shown = json.dumps(value, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):
+        return "a value nested too deeply"
+    return shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
 
 
 class _Invalid(ValueError):
@@ -46,7 +51,20 @@ def _auto(value: Any) -> Auto:
     raise _Invalid(f'expected "auto", true or false, got {_show(value)}')
 
 
-def _duration(value: Any) -> float:
+# The longest duration a key takes unless it says otherwise: every duration ends in a timedelta,
+# a monotonic deadline or a firewall timeout, and a year is far within what each of them holds
+# (and beyond what any of these settings means). Keys with a tighter limit name it below.
+LONGEST = "365d"
+LONGEST_SECONDS = parse_duration(LONGEST)
+# What the code holds, for the keys bounded by it rather than by sense:
+IPSET_MAX_TIMEOUT = 2_147_483  # seconds: `ipset add ... timeout N` refuses more (24.8 days)
+NFT_MAX_TIMEOUT = 99_999_999  # seconds: nft 1.0's parser refuses "100000000s" ("value too large")
+POLL_MAX_TIMEOUT = 2_147_483  # seconds: subprocess.run(timeout=) polls in int milliseconds
+
+
+def _duration(value: Any, least: str = "", most: str = LONGEST) -> float:
+    """Seconds of a duration string, from more than 0 (or ``least``) to ``most``; never inf
+    (a digit run too long for a float) or anything a timedelta cannot hold."""
     if not isinstance(value, str):
         raise _Invalid(f'expected a duration string like "90s" or "1h", got {_show(value)}')
     try:
@@ -55,6 +73,32 @@ def _duration(value: Any) -> float:
         raise _Invalid(str(exc)) from exc
     if seconds <= 0:
         raise _Invalid(f"must be longer than 0, got {_show(value)}")
+    if least and seconds < parse_duration(least):
+        raise _Invalid(f"must be at least {least}, got {_show(value)}")
+    if not seconds <= parse_duration(most):  # inf too
+        raise _Invalid(f"must be at most {most}, got {_show(value)}")
+    return seconds
+
+
+def _duration_in(least: str, most: str) -> Callable[[Any], float]:
+    """A duration key with limits of its own (``least`` "" = anything above 0)."""
+    def check(value: Any) -> float:
+        return _duration(value, least, most)
+    return check
+
+
+_upto_1h = _duration_in("", "1h")
+_upto_1d = _duration_in("", "1d")  # exec.timeout: subprocess holds POLL_MAX_TIMEOUT at most
+# a firewall timeout: whole seconds ("0s" would be no timeout at all: held forever), within
+# NFT_MAX_TIMEOUT (and IPSET_MAX_TIMEOUT for that backend, checked with the backend)
+_timeout = _duration_in("1s", LONGEST)
+
+
+def _reconcile(value: Any) -> float:
+    """How often the ban reconcile checks the kernel: from 1 s (tests) to an hour."""
+    seconds = _duration(value)
+    if not 1 <= seconds <= 3600:
+        raise _Invalid(f"expected a duration from 1s to 1h, got {_show(value)}")
     return seconds
 
 
@@ -111,8 +155,8 @@ def _keep(value: Any) -> float | None:
     """A retention: a duration, or "forever"."""
     if value == "forever":
         return None
-    try:
-        return _duration(value)
+    try:  # a century back from now is still a datetime; longer is "forever"
+        return _duration(value, most="36500d")
     except _Invalid as exc:
         raise _Invalid(f'{exc} (or "forever")') from None
 
@@ -160,9 +204,10 @@ def _backend(value: Any) -> str:
     return str(value)
 
 
-def _positive(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
-        raise _Invalid(f"expected a number of at least 1, got {_show(value)}")
+def _factor(value: Any) -> float:
+    """A multiplier from 1 to 100 (TOML's inf and nan are floats: neither is one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 100:
+        raise _Invalid(f"expected a number from 1 to 100, got {_show(value)}")
     return float(value)
 
 
@@ -193,9 +238,9 @@ def _actions_for(verdict: str) -> Callable[[Any], tuple[str, ...]]:
     def check(value: Any) -> tuple[str, ...]:
         names = _string_list(value)
         for name in names:
-            if name == "ban" and verdict != "concentrated":
-                raise _Invalid(f"{verdict} incidents are never banned: only a flood from a few "
-                               "networks (concentrated) is")
+            if name in ("ban", "ratelimit") and verdict != "concentrated":
+                raise _Invalid(f"{verdict} incidents are never banned or rate limited: only a "
+                               "flood from a few networks (concentrated) is")
             if BUILTIN_ACTIONS.get(name) is False:
                 raise _Invalid(f"{_show(name)} is not run per incident (it has its own "
                                f"[actions.{name}] section)")
@@ -291,7 +336,7 @@ SCHEMA: dict[str, dict[str, Setting]] = {
     "incident": {
         "quiet_period": _s(_duration, "60s", "an incident closes after this long without "
                            "kernel evidence"),
-        "probe_interval": _s(_duration, "1s", "how often counters, listeners and SYN-RECV "
+        "probe_interval": _s(_upto_1h, "1s", "how often counters, listeners and SYN-RECV "
                              "sockets are read (at least `0.1s`)"),
         "open_rate": _s(_int_in(1, 10_000_000), _DEFAULTS.open_rate,
                         "SYNs/s finding a full SYN queue, or accept-queue overflows/s, that open "
@@ -306,10 +351,10 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "half_open_min": _s(_int_in(1, 65535), _DEFAULTS.half_open_min,
                             "SYN-RECV at or above this (or a quarter of the backlog, if more) "
                             "..."),
-        "half_open_for": _s(_duration, "10s", "... for this long, with most requests never "
+        "half_open_for": _s(_upto_1d, "10s", "... for this long, with most requests never "
                             "completing, opens a `half_open` incident (a slow flood that never "
                             "overflows)"),
-        "verdict_window": _s(_duration, "10s", "the recent evidence a verdict follows; a "
+        "verdict_window": _s(_upto_1d, "10s", "the recent evidence a verdict follows; a "
                              "different confident verdict there starts a new phase"),
     },
     "verdict": {
@@ -361,13 +406,17 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                       "from kernel-side evidence"),
         "backend": _s(_backend, "nftables", '`"nftables"` | `"ufw"` | `"iptables-ipset"` '
                       "(presets in `actions/`)"),
-        "duration": _s(_duration, "1h", "the first ban of a prefix"),
-        "increment": _s(_positive, 2, "each later ban of the same prefix lasts this many times "
+        "duration": _s(_timeout, "1h", "the first ban of a prefix"),
+        "increment": _s(_factor, 2, "each later ban of the same prefix lasts this many times "
                         "longer ..."),
-        "max_duration": _s(_duration, "7d", "... up to this"),
+        "max_duration": _s(_timeout, "7d", "... up to this"),
         "max_per_incident": _s(_int_in(1, 4096), 8, "cap on prefixes banned for one incident"),
         "max_total": _s(_int_in(1, 1_000_000), 256, "cap on active bans"),
-        "min_share": _s(_fraction, 0.05, "a prefix carrying less of the flood is not banned"),
+        "min_share": _s(_fraction, 0.05, "a block carrying less of the flood's SYNs on its "
+                        "own is not banned (never a target for being among the busiest)"),
+        "coverage": _s(_fraction, 0.95, "blocks are banned, busiest first, until they hold "
+                       "this share of the flood's SYNs from sources that never complete a "
+                       "handshake"),
         "widest_v4": _s(_int_in(8, 32), _DEFAULTS.widest_v4,
                         "IPv4 prefixes that fill a larger block (four /24s of a /22) are banned "
                         "as that block, never wider than this"),
@@ -377,32 +426,36 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                     "every node sharing the history (within seconds on PostgreSQL: "
                     "LISTEN/NOTIFY), each within its own allowlist, caps and "
                     "`max_duration`; `unban` on any node lifts it everywhere"),
+        "reconcile": _s(_reconcile, "60s", "how often every active ban is checked in the "
+                        "kernel (present, at its prefix length, with the time left the history "
+                        "says) and a drifted one put back"),
     },
     "actions.ratelimit": {
         "enabled": _s(_bool, False, "opt-in per-source SYN rate limit (nftables)"),
         "rate": _s(_int_in(1, 1_000_000), 100, "new connections a minute from one address ..."),
         "burst": _s(_int_in(1, 1_000_000), 50, "... after a burst of this many (browsers open "
                     "~6 connections per site, crawlers a few dozen) ..."),
-        "hold": _s(_duration, "5m", "... above which its SYNs are dropped for this long"),
+        "hold": _s(_timeout, "5m", "... above which its SYNs are dropped for this long"),
         "ports": _s(_ports, [], "TCP ports it applies to; `[]` = all"),
     },
     "actions.notify": {
         "enabled": _s(_bool, False, "send notifications"),
         "urls": _s(_notify_urls, [], "apprise URLs (`mailto://`, `json://`, `slack://`, "
                    "`tgram://`, ...)"),
-        "interval": _s(_duration, "10m", "at most one update per incident this often (besides "
+        "interval": _s(_upto_1d, "10m", "at most one update per incident this often (besides "
                        "opened and closed)"),
-        "timeout": _s(_duration, "10s", "per message: a dead mail server cannot hold synwatch "
+        "timeout": _s(_upto_1h, "10s", "per message: a dead mail server cannot hold synwatch "
                       "longer"),
-        "retry": _s(_duration, "30s", "first retry of a failed message, doubling after"),
-        "attempts": _s(_int_in(1, 100), 5, "tries per message"),
+        "retry": _s(_upto_1d, "30s", "first retry of a failed message, doubling after"),
+        # retry * 2**(attempts - 2) must stay a timedelta: 1d * 2**18 is 718 years
+        "attempts": _s(_int_in(1, 20), 5, "tries per message"),
     },
     "actions.exec": {
         "enabled": _s(_bool, False, "run a program on incident changes"),
         "argv": _s(_argv, [], 'its argv, absolute path first, no shell (e.g. '
                    '`["/usr/local/bin/on-synflood"]`); run with `SYNWATCH_*` variables'),
         "on": _s(_exec_on, list(EXEC_CHANGES), "which changes run it"),
-        "timeout": _s(_duration, "30s", "after which it is killed and the run recorded as "
+        "timeout": _s(_upto_1d, "30s", "after which it is killed and the run recorded as "
                       "failed"),
     },
     "metrics": {

@@ -30,17 +30,20 @@ class Thresholds:
     verdict_window: float = 10.0  # a verdict on this much recent evidence can start a phase
     widest_v4: int = 16  # aggregated prefixes are never wider than these ([actions.ban])
     widest_v6: int = 48
+    ban_floor: float = 0.05  # a block carrying less of the flood is not banned ([actions.ban])
+    ban_coverage: float = 0.95  # bans are added until they hold this share of the flood
 
 
 VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
 # What each verdict does by default. Bans are for "concentrated" only (README, "Incidents and
 # verdicts"): a capacity incident is real clients, a spoofed one comes from everywhere.
-DEFAULT_POLICY = {"capacity": ["notify", "exec"], "concentrated": ["ban", "notify", "exec"],
+DEFAULT_POLICY = {"capacity": ["notify", "exec"],
+                  "concentrated": ["ban", "ratelimit", "notify", "exec"],
                   "spoofed": ["notify", "exec"], "unknown": ["notify", "exec"]}
 EXEC_CHANGES = ("opened", "verdict", "closed")
 # The actions synwatch ships (entry points in pyproject.toml) -> whether [actions.policy] chooses
 # them per incident; the others run on their own section. A test holds this to the entry points.
-BUILTIN_ACTIONS = {"ban": True, "exec": True, "notify": True, "ratelimit": False,
+BUILTIN_ACTIONS = {"ban": True, "exec": True, "notify": True, "ratelimit": True,
                    "syncookies": False, "synproxy": True}
 # The ban presets synwatch ships (actions/*.toml with action = "ban"); a test holds this to them.
 BAN_BACKENDS = ("iptables-ipset", "nftables", "ufw")
@@ -56,9 +59,11 @@ class BanSettings:
     max_per_incident: int = 8
     max_total: int = 256
     min_share: float = 0.05  # a prefix carrying less of the flood is not worth a ban
+    coverage: float = 0.95  # blocks are banned until they hold this share of the flood
     widest_v4: int = 16  # prefixes that fill a larger block are banned as it, up to this wide
     widest_v6: int = 48
     scope: str = "local"  # local | fleet: copied by every node sharing the history
+    reconcile: float = 60.0  # seconds between checks of the bans in the kernel
 
 
 @dataclass(frozen=True, slots=True)

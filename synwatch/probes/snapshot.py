@@ -26,6 +26,9 @@ class ListenerState:
     # prefixes with exactly one and two request sockets: how many sources the table never saw
     singletons: int = 0
     doubletons: int = 0
+    # peers of its connections that completed a handshake (ESTABLISHED, TIME-WAIT, closing),
+    # network -> sockets; read only for the ports of open incidents (take(peers_for=...))
+    peers: tuple[tuple[str, int], ...] = ()
 
     @property
     def top_prefixes(self) -> tuple[tuple[str, int], ...]:
@@ -42,10 +45,11 @@ class Snapshot:
 
 
 def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
-         v6_len: int = 64) -> Snapshot:
+         v6_len: int = 64, peers_for: frozenset[int] = frozenset()) -> Snapshot:
     def collect() -> Snapshot:
         found = sockdiag.listeners()
         recv = sockdiag.syn_recv(v4_len, v6_len)
+        peers = sockdiag.peers(peers_for, v4_len, v6_len) if peers_for else {}
         by_listener: dict[tuple[int, int], list[tuple[str, int]]] = defaultdict(list)
         for (family, port, prefix), n in recv.per_prefix.items():
             by_listener[(family, port)].append((prefix, n))
@@ -56,7 +60,8 @@ def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
             states.append(ListenerState(li, recv.per_listener[key], tuple(prefixes[:KEPT]),
                                         len(prefixes),
                                         sum(1 for _, n in prefixes if n == 1),
-                                        sum(1 for _, n in prefixes if n == 2)))
+                                        sum(1 for _, n in prefixes if n == 2),
+                                        tuple(peers.get(li.port, {}).items())))
         return Snapshot(netns, tuple(states), procnet.read_counters(proc).values,
                         procnet.read_sysctls(proc), read_conntrack(proc))
 

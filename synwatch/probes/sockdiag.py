@@ -21,6 +21,10 @@ SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCP_SYN_RECV, TCP_LISTEN = 3, 10
+# states a connection reaches only once its handshake completed (include/net/tcp_states.h):
+# ESTABLISHED, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+COMPLETED_STATES = sum(1 << s for s in (1, 4, 5, 6, 8, 9, 11))
+MAX_PEERS = 4096  # peer addresses kept per listener port; past that, their /24 (/64)
 INET_DIAG_SKMEMINFO, SK_MEMINFO_DROPS = 7, 8  # linux/inet_diag.h, linux/sock_diag.h
 _RTA = struct.Struct("=HH")
 _NLMSG = struct.Struct("=IHHII")
@@ -223,3 +227,33 @@ def syn_recv(v4_len: int = 24, v6_len: int = 64) -> SynRecvSummary:
         per_prefix[(lfam, port, prefix_of(af, full, v4_len, v6_len))] += count
         per_listener[(lfam, port)] += count
     return SynRecvSummary(per_listener, per_prefix)
+
+
+def peers(ports: Iterable[int], v4_len: int = 24, v6_len: int = 64) -> dict[int, dict[str, int]]:
+    """Per local port in ``ports``: the peers of its connections that completed a handshake
+    (ESTABLISHED, TIME-WAIT, closing), address -> sockets, as networks ("/32", "/128"; past
+    MAX_PEERS addresses a peer is kept as its /24 or /64, never dropped). Both families;
+    ``::ffff:a.b.c.d`` peers count as IPv4."""
+    wanted = {p.to_bytes(2, "big") for p in ports}
+    out: dict[int, dict[str, int]] = {}
+    if not wanted:
+        return out
+    raw: Counter[tuple[bytes, bytes]] = Counter()
+    for family, head in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
+        keys: list[str] = []
+        for data in _dump(family, COMPLETED_STATES):
+            keys.extend(k for k in _chunk_keys(data, head) if bytes.fromhex(k[:4]) in wanted)
+        for key, n in Counter(keys).items():
+            b = bytes.fromhex(key)
+            addr = b[2:]
+            if len(addr) == 16 and addr[:12] == _V4_MAPPED:
+                addr = addr[12:]
+            raw[(b[:2], addr)] += n
+    for (sport, addr), n in sorted(raw.items(), key=lambda x: -x[1]):
+        port = int.from_bytes(sport, "big")
+        found = out.setdefault(port, {})
+        af = socket.AF_INET if len(addr) == 4 else socket.AF_INET6
+        key = (f"{socket.inet_ntop(af, addr)}/{len(addr) * 8}" if len(found) < MAX_PEERS
+               else prefix_of(af, addr, v4_len, v6_len))
+        found[key] = found.get(key, 0) + n
+    return out

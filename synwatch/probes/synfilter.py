@@ -1,11 +1,12 @@
 """The classic BPF program of the SYN sampler, and the same rules in Python.
 
 The program runs on SOCK_DGRAM packets, which start at the network header (af_packet.c
-packet_rcv pulls the link header): it keeps inbound TCP SYNs without ACK, IPv4 (non-first
+packet_rcv pulls the link header): it keeps inbound TCP SYNs without ACK and ACKs without SYN
+or RST (a forged source never sends one: it never saw the SYN-ACK), IPv4 (non-first
 fragments skipped) and IPv6 (up to two hop-by-hop, routing or destination-options headers
 walked, fragments skipped), skips PACKET_OUTGOING, and keeps 1 in N at random with the
 ancillary load SKF_AD_RANDOM then ``mod N`` (Documentation/networking/filter.rst; docs/kernel.md
-§6). ``parse_syn`` reads a kept packet with the same rules.
+§6). ``parse_packet`` reads a kept packet with the same rules.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from typing import Final
+from typing import Final, NamedTuple
 
 # linux/filter.h, linux/bpf_common.h, linux/if_packet.h
 BPF_LD, BPF_LDX, BPF_ST, BPF_ALU = 0x00, 0x01, 0x02, 0x04
@@ -35,10 +36,21 @@ V6_WALKED = 2  # extension headers walked before giving up
 V4_MAPPED = b"\x00" * 10 + b"\xff\xff"  # counted as IPv4 by prefix_of: never cached
 
 
+SYN, RST, ACK = 0x02, 0x04, 0x10  # TCP flags (RFC 9293 §3.1)
+
 MAX_ONE_IN: Final = 1 << 20
 SNAPLEN: Final = 128  # IPv6 + two small extension headers + the TCP ports and flags
 
 Instruction = tuple[int, int, int, int]  # code, jt, jf, k (struct sock_filter)
+
+
+class Packet(NamedTuple):
+    """What the sampler reads of a kept packet."""
+
+    family: int
+    source: bytes  # the source address, 4 or 16 bytes
+    port: int  # the destination port: the listener's
+    syn: bool  # a SYN without ACK; else an ACK without SYN or RST (the source completed)
 
 
 Line = tuple[str, int, str | None, str | None, int] | str  # an instruction, or a label
@@ -69,7 +81,9 @@ def _assemble(lines: list[Line]) -> list[Instruction]:
 
 
 def program(one_in: int, snaplen: int = SNAPLEN) -> list[Instruction]:
-    """The classic BPF filter: inbound TCP SYN without ACK, kept 1 in ``one_in`` at random."""
+    """The classic BPF filter: inbound TCP SYN without ACK, and ACK without SYN or RST (a
+    handshake's last packet, data, FIN: what only a source that saw our SYN-ACK sends), kept
+    1 in ``one_in`` at random."""
     if not 1 <= one_in <= MAX_ONE_IN:
         raise ValueError(f"one_in must be from 1 to {MAX_ONE_IN}")
     jeq, jset = BPF_JMP | BPF_JEQ | BPF_K, BPF_JMP | BPF_JSET | BPF_K
@@ -119,8 +133,10 @@ def program(one_in: int, snaplen: int = SNAPLEN) -> list[Instruction]:
     lines += [
         "flags",
         ("ldb [x+13]", BPF_LD | BPF_B | BPF_IND, None, None, 13),
-        ("and #syn|ack", BPF_ALU | BPF_AND | BPF_K, None, None, 0x12),
-        ("jeq syn", jeq, None, "drop", 0x02),
+        ("and #syn|rst|ack", BPF_ALU | BPF_AND | BPF_K, None, None, SYN | RST | ACK),
+        ("jeq syn", jeq, "keep", None, SYN),
+        ("jeq ack", jeq, "keep", "drop", ACK),
+        "keep",
     ]
     if one_in > 1:
         lines += [
@@ -133,9 +149,9 @@ def program(one_in: int, snaplen: int = SNAPLEN) -> list[Instruction]:
     return _assemble(lines)
 
 
-def parse_syn(packet: bytes) -> tuple[int, bytes, int] | None:
-    """(family, source address bytes, destination port) of an IPv4 or IPv6 TCP SYN without
-    ACK, read with the filter's own rules; None for anything else. Every offset is checked."""
+def parse_packet(packet: bytes) -> Packet | None:
+    """An IPv4 or IPv6 TCP SYN without ACK, or ACK without SYN or RST, read with the filter's
+    own rules; None for anything else. Every offset is checked."""
     if len(packet) < 1:
         return None
     version = packet[0] >> 4
@@ -160,9 +176,17 @@ def parse_syn(packet: bytes) -> tuple[int, bytes, int] | None:
         family, source = 6, packet[8:24]
     else:
         return None
-    if packet[tcp + 13] & 0x12 != 0x02:
+    flags = packet[tcp + 13] & (SYN | RST | ACK)
+    if flags not in (SYN, ACK):
         return None
-    return family, bytes(source), struct.unpack_from("!H", packet, tcp + 2)[0]
+    return Packet(family, bytes(source), struct.unpack_from("!H", packet, tcp + 2)[0],
+                  flags == SYN)
+
+
+def parse_syn(packet: bytes) -> tuple[int, bytes, int] | None:
+    """(family, source address bytes, destination port) of a SYN without ACK, else None."""
+    got = parse_packet(packet)
+    return (got.family, got.source, got.port) if got is not None and got.syn else None
 
 
 def attach_filter(sock: socket.socket, one_in: int) -> None:

@@ -12,6 +12,11 @@ The filter runs on SOCK_DGRAM packets, which start at the network header (af_pac
 packet_rcv pulls the link header), and skips PACKET_OUTGOING so loopback traffic counts once.
 IPv6 SYNs behind up to two hop-by-hop, routing or destination-options headers are walked;
 fragments are not sampled (a SYN is never fragmented by a real stack).
+
+It also keeps ACKs without SYN or RST (the handshake's last packet, data, FIN), 1 in the same N:
+a forged source never sends one, since it never saw the SYN-ACK, so they tell per address which
+sources complete handshakes, and a ban can spare them. SYNs are also counted per source address
+(the busiest MAX_ADDRESSES), so a ban can be as narrow as the flood.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from synwatch.probes.synfilter import (
     SNAPLEN,
     V4_MAPPED,
     attach_filter,
-    parse_syn,
+    parse_packet,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,9 @@ LINGER: Final = 0.02  # after a wake-up, let samples gather so one read loop tak
 PREFIX_CACHE: Final = 65536  # source prefixes kept as strings (cleared when full)
 MAX_PORTS: Final = 256  # ports tracked per interval; the rest are only counted
 MAX_PREFIXES: Final = 4096  # prefixes tracked per port and interval
+MAX_ADDRESSES: Final = 4096  # source addresses tracked per port and interval (SYNs, ACKs each)
 KEPT: Final = 64  # prefixes handed on per port
+KEPT_ADDRESSES: Final = 512  # flooding addresses handed on per port
 RCVBUF: Final = 4 << 20
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,12 @@ class PortSample:
     distinct: int  # distinct source prefixes among the samples
     singletons: int  # prefixes sampled exactly once, and twice: the unseen-prefix estimate
     doubletons: int
+    # the KEPT_ADDRESSES busiest source addresses: (address, estimated SYNs), a ban's width
+    addresses: tuple[tuple[str, int], ...] = ()
+    # sources seen completing (ACKs without SYN or RST): network -> estimated packets; a /32 or
+    # /128 per address, or the address's prefix once MAX_ADDRESSES are tracked (never dropped:
+    # a completing source must never look like a flooding one)
+    completed: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,21 +93,28 @@ class SynSample:
 
 
 class _Interval:
-    """Counts per (port, prefix) for one interval, bounded."""
+    """Counts per (port, prefix) and per (port, address) for one interval, bounded."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: frozenset[int] = frozenset()) -> None:
         self.started = time.monotonic()
         self.ports: dict[int, dict[str, list[int]]] = {}  # prefix -> [estimated SYNs, samples]
         self.evicted: dict[int, int] = {}  # prefixes dropped under the bound, per port
         self.untracked = 0
+        self.addresses: dict[int, dict[bytes, int]] = {}  # SYNs per source address
+        self.completed: dict[int, dict[bytes, int]] = {}  # ACKs per source address
+        self.completed_wide: dict[int, dict[str, int]] = {}  # ACKs per prefix, past the bound
+        # ports that had SYNs in the last interval: ACKs to others (replies to our own
+        # outgoing connections, ephemeral ports) are not kept
+        self.known = known
 
-    def add(self, port: int, prefix: str, weight: int) -> None:
+    def add(self, port: int, prefix: str, weight: int, source: bytes = b"") -> None:
         counts = self.ports.get(port)
         if counts is None:
             if len(self.ports) >= MAX_PORTS:
                 self.untracked += 1
                 return
             counts = self.ports[port] = {}
+            self.addresses[port] = {}
         entry = counts.get(prefix)
         if entry is None:
             counts[prefix] = [weight, 1]
@@ -105,19 +125,53 @@ class _Interval:
         else:
             entry[0] += weight
             entry[1] += 1
+        if source:
+            by_address = self.addresses[port]
+            by_address[source] = by_address.get(source, 0) + weight
+            if len(by_address) > MAX_ADDRESSES:  # a flood from everywhere: keep the busiest
+                self.addresses[port] = dict(sorted(by_address.items(),
+                                                   key=lambda x: -x[1])[:MAX_ADDRESSES // 2])
+
+    def add_completed(self, port: int, source: bytes, prefix: str, weight: int) -> None:
+        """An ACK from ``source``: it completed a handshake (or sends data) to ``port``."""
+        if port not in self.known and port not in self.ports:
+            return
+        by_address = self.completed.setdefault(port, {})
+        if source in by_address or len(by_address) < MAX_ADDRESSES:
+            by_address[source] = by_address.get(source, 0) + weight
+            return
+        wide = self.completed_wide.setdefault(port, {})
+        if prefix in wide or len(wide) < MAX_PREFIXES:
+            wide[prefix] = wide.get(prefix, 0) + weight
 
     def summary(self, one_in: int, lost: int) -> SynSample:
         ports = []
-        for port, counts in sorted(self.ports.items()):
+        for port in sorted(set(self.ports) | set(self.completed)):
+            counts = self.ports.get(port, {})
             ranked = sorted(counts.items(), key=lambda x: (-x[1][0], x[0]))
+            busiest = sorted(self.addresses.get(port, {}).items(),
+                             key=lambda x: (-x[1], x[0]))[:KEPT_ADDRESSES]
+            completed = [(f"{_text(a)}/{len(a) * 8}", n)
+                         for a, n in self.completed.get(port, {}).items()]
+            completed += self.completed_wide.get(port, {}).items()
             ports.append(PortSample(
                 port=port, samples=sum(c[1] for c in counts.values()),
                 syns=sum(c[0] for c in counts.values()),
                 prefixes=tuple((p, c[0], c[1]) for p, c in ranked[:KEPT]),
                 distinct=len(counts) + self.evicted.get(port, 0),
                 singletons=sum(1 for c in counts.values() if c[1] == 1),
-                doubletons=sum(1 for c in counts.values() if c[1] == 2)))
+                doubletons=sum(1 for c in counts.values() if c[1] == 2),
+                addresses=tuple((_text(a), n) for a, n in busiest),
+                completed=tuple(completed)))
         return SynSample(one_in, round(time.monotonic() - self.started, 3), tuple(ports), lost)
+
+
+def _text(address: bytes) -> str:
+    """An address as text; an IPv4-mapped IPv6 address as the IPv4 address (prefix_of does
+    the same for prefixes)."""
+    if len(address) == 16 and address[:12] == V4_MAPPED:
+        address = address[12:]
+    return socket.inet_ntop(socket.AF_INET if len(address) == 4 else socket.AF_INET6, address)
 
 
 def _open(netns: str, one_in: int) -> socket.socket:
@@ -188,7 +242,8 @@ class SynSampler:
         has not woken up for yet."""
         self._drain()
         with self._lock:
-            interval, self._interval = self._interval, _Interval()
+            interval = self._interval
+            self._interval = _Interval(frozenset(interval.ports))
             lost, self._lost = self._lost, 0
             return interval.summary(self.one_in, lost)
 
@@ -215,10 +270,17 @@ class SynSampler:
     def _count(self, samples: Iterable[tuple[bytes, int]]) -> None:
         with self._lock:
             for packet, weight in samples:
-                syn = parse_syn(packet)
-                if syn is not None:
-                    family, source, port = syn
-                    self._interval.add(port, self._prefix(family, source), weight)
+                got = parse_packet(packet)
+                if got is None:
+                    continue
+                source = got.source
+                if len(source) == 16 and source[:12] == V4_MAPPED:
+                    source = source[12:]
+                prefix = self._prefix(got.family, got.source)
+                if got.syn:
+                    self._interval.add(got.port, prefix, weight, source)
+                else:
+                    self._interval.add_completed(got.port, source, prefix, weight)
 
     def _drain(self) -> int:
         """Read every queued sample; returns how many there were.

@@ -7,7 +7,12 @@ while; copytruncate is detected by size and by a changed first line; a deleted f
 and a recreated one read from the start. The position (inode, offset after the last complete
 line, first-line hash, for every file still being read) is stored with the events it covers.
 
-Nothing read from a text file is trusted: any local user can write kernel-looking lines.
+Nothing read from a text file is trusted: any local user can write kernel-looking lines. Nor is
+the path itself: anyone who can write the log's directory can put a symlink to /dev/zero, a
+device or a FIFO in its place. Only a regular file is read (the path is opened with O_PATH and
+checked before it is opened for reading, so a device's open is never called and a FIFO never
+blocks us); anything else is refused with one WARNING until a regular file is back. Reading is
+bounded per turn (READ_TURN), so a fast-growing file cannot keep the thread from its stop.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -31,6 +37,8 @@ from synwatch.sources.base import Batch, Emit, OccurrenceCounter
 
 log = logging.getLogger(__name__)
 READ = 1 << 20
+READ_TURN = 16 * READ  # at most this much of one file per turn; the next turn comes at once
+STOP_CHECK = 0.2  # the longest wait between two looks at the stop event
 # A kernel line is under 1 KiB (printk's LOG_LINE_MAX); a "line" without a newline past this
 # is skipped, not buffered: a local user could otherwise grow our memory without bound.
 MAX_LINE = 64 << 10
@@ -83,6 +91,8 @@ class FileSource:
         self._notes: list[str] = []
         self._now = datetime.now(timezone.utc)
         self._tz = local_timezone()
+        self._refused: str | None = None  # the kind of the non-regular file warned about
+        self._behind = False  # a read stopped at READ_TURN: the next turn comes at once
         self.rounds = 0  # checks done (and their batches emitted): a caller can wait on it
 
     def check_available(self) -> None:
@@ -95,13 +105,38 @@ class FileSource:
     # -- opening ------------------------------------------------------------------------------
 
     def _open(self, path: str, offset: int | None, generation: int = 0) -> _Open | None:
+        """``path`` opened for reading if it is a regular file (through a symlink too). It is
+        first opened with O_PATH, which calls no driver's open and never blocks on a FIFO, and
+        the very file checked is then opened for reading through /proc: no race between the
+        check and the open."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        st = os.fstat(fd)
+        except OSError as exc:  # a symlink loop, a path through a file
+            self._refuse(path, exc.strerror or str(exc))
+            return None
+        try:
+            st = os.fstat(handle)
+            if not stat.S_ISREG(st.st_mode):
+                self._refuse(path, _kind(st.st_mode))
+                return None
+            fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        finally:
+            os.close(handle)
+        if path == self.path and self._refused is not None:
+            log.info("%s: a regular file again; following it", path)
+            self._refused = None
         start = st.st_size if offset is None else offset
         return _Open(fd, st.st_ino, st.st_dev, start, _head_hash(fd), generation)
+
+    def _refuse(self, path: str, kind: str) -> None:
+        """One WARNING while the followed path is not a regular file, however long it lasts."""
+        if path != self.path or self._refused is not None:
+            return
+        self._refused = kind
+        log.warning("%s: not a regular file (%s); not read until a regular file is there again",
+                    path, kind)
 
     def _find_by_inode(self, ino: int, dev: int) -> str | None:
         """Where a file we were reading went while we were down (syslog -> syslog.1)."""
@@ -150,10 +185,16 @@ class FileSource:
     # -- reading ------------------------------------------------------------------------------
 
     def _read(self, f: _Open) -> None:
+        """Read what ``f`` has, up to READ_TURN (``_behind`` says when there is more)."""
+        budget = READ_TURN
         while True:
+            if budget <= 0:
+                self._behind = True
+                return
             chunk = os.pread(f.fd, READ, f.offset + len(f.partial))
             if not chunk:
                 return
+            budget -= len(chunk)
             f.last_growth = time.monotonic()
             data = f.partial + chunk
             if f.overlong:
@@ -195,10 +236,17 @@ class FileSource:
 
     def _check(self) -> None:
         self._now = datetime.now(timezone.utc)
+        self._behind = False
         try:
             st: os.stat_result | None = Path(self.path).stat()
         except FileNotFoundError:
             st = None
+        except OSError as exc:  # a symlink loop, a path through a file
+            self._refuse(self.path, exc.strerror or str(exc))
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            self._refuse(self.path, _kind(st.st_mode))
+            st = None  # what was read before is drained as after a rotation; nothing is opened
         current = next((f for f in self._files if not f.draining), None)
         if current is not None and (st is None or st.st_ino != current.ino
                                     or st.st_dev != current.dev):
@@ -245,12 +293,35 @@ class FileSource:
                 if batch is not None:
                     emit(batch)
                 self.rounds += 1
-                poke.wait(self.poll_interval)
+                if not self._behind:
+                    self._wait(poke, stop)
                 poke.clear()
         finally:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
+
+    def _wait(self, poke: threading.Event, stop: threading.Event) -> None:
+        """Until poked or poll_interval has passed, looking at ``stop`` every STOP_CHECK."""
+        deadline = time.monotonic() + self.poll_interval
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or poke.wait(min(left, STOP_CHECK)):
+                return
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
 
 
 def _watch(directory: Path, poke: threading.Event) -> Any:

@@ -18,7 +18,14 @@ from synwatch.store.base import (
     point_record,
     run_record,
 )
-from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, TimelineRow
+from synwatch.store.models import (
+    ActionRunRow,
+    BanRow,
+    EventRow,
+    IncidentRow,
+    SavedSettingRow,
+    TimelineRow,
+)
 
 
 class Queries(StoreBase):
@@ -106,3 +113,12 @@ class Queries(StoreBase):
             q = q.where(BanRow.host == host)
         with self.session() as s:
             return [ban_record(r) for r in s.scalars(q.order_by(BanRow.created_at, BanRow.id))]
+
+    def ban_checks(self, host: str | None = None) -> dict[tuple[str, str, str], str]:
+        """What the ban reconcile last found (synwatch/banproof.py): (host, netns, name) ->
+        value of the ``ban.*`` saved settings."""
+        q = select(SavedSettingRow).where(SavedSettingRow.name.like("ban.%"))
+        if host is not None:
+            q = q.where(SavedSettingRow.host == host)
+        with self.session() as s:
+            return {(r.host, r.netns, r.name): r.value for r in s.scalars(q)}

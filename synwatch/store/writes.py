@@ -60,8 +60,8 @@ class Writes(StoreBase):
             "opened_at": c.opened_at, "closed_at": c.closed_at,
             "first_evidence_at": c.first_evidence_at, "detected_at": c.detected_at,
             "peak_syn_recv": c.peak_syn_recv,
-            "top_prefixes": [{"prefix": p, "count": n, "share": sh}
-                             for p, n, sh in c.top_prefixes],
+            "top_prefixes": [{"prefix": p, "count": n, "share": sh, "completed": k}
+                             for p, n, sh, k in c.top_prefixes],
             "recommendations": list(c.recommendations),
             "evidence": {**c.state, "reasons": list(c.reasons)},  # the column keeps its name
         }
