@@ -65,7 +65,9 @@ def measure(prev: Evidence | None, ev: Evidence) -> ProbeDelta:
     if ev.accounting is not None and prev is not None and prev.accounting is not None:
         for k, n in ev.accounting.items():
             before = prev.accounting.get(k, 0)
-            accounted[k] = n - before if n >= before else n  # expired and counted anew
+            moved = n - before if n >= before else n  # expired and counted anew
+            if moved:  # a flood from everywhere fills the set with prefixes that stay still
+                accounted[k] = moved
     dropped: dict[ListenerId, int] = {}
     grew: set[ListenerId] = set()
     if prev is not None:

@@ -39,11 +39,15 @@ class FleetListener:
     def _run(self) -> None:
         import psycopg  # noqa: PLC0415 - only a PostgreSQL fleet needs it
 
+        from synwatch.store import pg_connect_args  # noqa: PLC0415 - the store imports us
+
         problem: str | None = None
         while not self._stop.is_set():
             try:
+                # bounded as the store's connections: a partition ends the connection within
+                # seconds (keepalives, tcp_user_timeout), and the thread tries again
                 with psycopg.connect(libpq_uri(self.url), autocommit=True,
-                                     connect_timeout=5) as conn:
+                                     **pg_connect_args()) as conn:
                     conn.execute(f"LISTEN {BAN_CHANNEL}")
                     log.info("fleet: listening for the other nodes' bans (PostgreSQL LISTEN "
                              "%s)%s", BAN_CHANNEL, " again" if problem is not None else "")

@@ -31,8 +31,28 @@ INCIDENT_COLUMNS = ("id, host, netns, address, port, family, status, verdict, tr
                     "opened_at, closed_at, first_evidence_at, detected_at, peak_syn_recv, "
                     "top_prefixes, recommendations, evidence")
 RUN_COLUMNS = "incident_id, action, target, status, at, rendered, detail, retry_at, id, host"
-BAN_COLUMNS = ("prefix, backend, netns, incident_id, created_at, expires_at, removed_at, "
-               "times_banned, id, host, scope, origin_id")
+# Times a row may hold that Python cannot (PostgreSQL's 'infinity', years past 9999: psycopg
+# refuses to load them, and one such row made every read of the table fail): read as these
+# bounds instead, which the fleet copy refuses and the lists show. Literals both databases
+# compare with their own times (SQLite: as text, where 'infinity' and other words sort above).
+TIME_MAX, TIME_MIN = "9999-12-30 00:00:00", "0001-01-02 00:00:00"
+
+
+def in_range(column: str) -> str:
+    """SQL for ``column`` (a time) as Python can hold it: clamped to [TIME_MIN, TIME_MAX]."""
+    return (f"CASE WHEN {column} > '{TIME_MAX}' THEN '{TIME_MAX}' WHEN {column} < '{TIME_MIN}' "
+            f"THEN '{TIME_MIN}' ELSE {column} END")
+
+
+def ban_columns(alias: str = "") -> str:
+    """The columns ``ban_of`` reads, of the table ``alias`` (e.g. "b."), the times clamped."""
+    a = alias
+    return (f"{a}prefix, {a}backend, {a}netns, {a}incident_id, {in_range(a + 'created_at')}, "
+            f"{in_range(a + 'expires_at')}, {in_range(a + 'removed_at')}, {a}times_banned, "
+            f"{a}id, {a}host, {a}scope, {a}origin_id")
+
+
+BAN_COLUMNS = ban_columns()
 
 
 class HistoryQueries(Protocol):

@@ -117,6 +117,11 @@ class Metrics:
                                   "enforced in the kernel (missing, at another prefix length, "
                                   "with another time left) and put back", ["backend"],
                                   registry=r)
+        self.fleet_refused = Counter("synwatch_fleet_refused", "other nodes' fleet bans not "
+                                     "copied here, by reason: malformed (not a ban), origin "
+                                     "(not in actions.ban.fleet_from), guard (too wide, a "
+                                     "special range, allowlisted, this host's), cap, covered "
+                                     "(already banned here)", ["reason"], registry=r)
         self.source_lag = Gauge("synwatch_source_lag_seconds", "how long after its own time "
                                 "the latest kernel line of a source was recorded", ["source"],
                                 registry=r)

@@ -1,24 +1,42 @@
 """Running a function inside a named network namespace (`ip netns` names).
 
 Python 3.11 has no os.setns, so libc's is called through ctypes. setns() moves only the calling
-thread, so the work runs on a short-lived thread of its own: the rest of synwatch never leaves
-its namespace. Sockets created and /proc/thread-self/net files opened in there stay bound to it.
+thread (on the main thread it would move every later socket and /proc/thread-self/net read of
+the service), so the work runs on worker threads that enter the namespace once, when they
+start, and then take calls from a queue: a probe every second costs no new thread (a thread per
+call ran into systemd's TasksMax under load and stopped the service with "can't start new
+thread"). Sockets created and /proc/thread-self/net files opened in there stay bound to it.
+
+The pool is fixed and small: at most WORKERS_PER_NETNS threads per namespace (a probe need not
+wait behind a slow action's connect), MAX_NAMESPACES namespaces (the least recently used is let
+go), and a worker idle for IDLE_SECONDS exits. A worker serves one namespace only, the one the
+name named when it started (device and inode of the nsfs file): when the name goes away the
+next call fails as before and the workers exit (they no longer hold the old namespace alive),
+and when it names a new namespace the old workers are let go and new ones enter the new one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Final, TypeVar
 
 from synwatch.errors import ProbeError
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
+WORKERS_PER_NETNS: Final = 2
+MAX_NAMESPACES: Final = 4
+IDLE_SECONDS: Final = 60.0
+
+NsId = tuple[int, int]  # (st_dev, st_ino) of the namespace's nsfs file
 
 
 def _setns(fd: int) -> None:
@@ -33,6 +51,103 @@ def exists(name: str, netns_dir: Path = NETNS_DIR) -> bool:
     return not name or (netns_dir / name).exists()
 
 
+@dataclass
+class _Call:
+    func: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[Any] = field(default_factory=list)
+    failure: list[BaseException] = field(default_factory=list)
+
+
+@dataclass
+class _Namespace:
+    """The workers of one namespace, and the calls queued for them (None: one worker exits)."""
+
+    name: str
+    ident: NsId
+    calls: queue.SimpleQueue[_Call | None] = field(default_factory=queue.SimpleQueue)
+    workers: int = 0
+    idle: int = 0
+    queued: int = 0
+
+
+_lock = threading.Lock()
+_pool: OrderedDict[str, _Namespace] = OrderedDict()  # least recently used first
+_here = threading.local()  # on a worker: the NsId it is in
+
+
+def _retire(ns: _Namespace) -> None:
+    """Let a namespace's workers go (after the calls already queued); with the lock held."""
+    if _pool.get(ns.name) is ns:
+        del _pool[ns.name]
+    for _ in range(ns.workers):
+        ns.calls.put(None)
+
+
+def _enter(ns: _Namespace, target: int) -> None:
+    """Move this thread into ``target``, and check that it is ``ns``'s namespace."""
+    try:
+        _setns(target)
+    except OSError as exc:
+        raise ProbeError(f"netns {ns.name}", f"cannot enter: {exc.strerror} "
+                                             "(needs CAP_SYS_ADMIN)") from exc
+    here = Path("/proc/thread-self/ns/net").stat()
+    if (here.st_dev, here.st_ino) != ns.ident:
+        raise ProbeError(f"netns {ns.name}", "the thread is not in the namespace it entered")
+
+
+def _serve(ns: _Namespace, target: int, entered: _Call) -> None:
+    try:
+        _enter(ns, target)
+    except (OSError, ProbeError) as exc:
+        entered.failure.append(exc if isinstance(exc, ProbeError) else ProbeError(
+            f"netns {ns.name}", f"cannot enter: {exc.strerror}"))
+        entered.done.set()
+        return
+    _here.ident = ns.ident
+    entered.done.set()
+    while True:
+        try:
+            call = ns.calls.get(timeout=IDLE_SECONDS)
+        except queue.Empty:
+            with _lock:
+                if ns.queued == 0:  # callers queue with the lock held: none is waiting
+                    ns.workers -= 1
+                    ns.idle -= 1
+                    if ns.workers == 0 and _pool.get(ns.name) is ns:
+                        del _pool[ns.name]
+                    return
+            continue
+        with _lock:
+            if call is None:
+                ns.workers -= 1
+                ns.idle -= 1
+                return
+            ns.queued -= 1
+            ns.idle -= 1
+        try:
+            call.result.append(call.func())
+        except BaseException as exc:  # handed to the caller's thread
+            call.failure.append(exc)
+        finally:
+            with _lock:  # idle again before the caller goes on: its next call needs no worker
+                ns.idle += 1
+            call.done.set()
+
+
+def _start_worker(ns: _Namespace, target: int) -> None:
+    """A new worker for ``ns``, in it when this returns; with the lock held."""
+    entered = _Call(lambda: None)
+    thread = threading.Thread(target=_serve, args=(ns, target, entered),
+                              name=f"netns {ns.name}", daemon=True)
+    thread.start()
+    entered.done.wait()
+    if entered.failure:
+        raise entered.failure[0]
+    ns.workers += 1
+    ns.idle += 1
+
+
 def in_netns(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T:
     """``func()`` run in network namespace ``name``; "" runs it right here."""
     if not name:
@@ -41,28 +156,46 @@ def in_netns(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
+        with _lock:  # gone: its workers must not keep the old namespace alive
+            gone = _pool.get(name)
+            if gone is not None:
+                _retire(gone)
         raise ProbeError(f"netns {name}", f"cannot open {path}: {exc.strerror}") from exc
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            _setns(target)
-        except OSError as exc:
-            failure.append(ProbeError(f"netns {name}", f"cannot enter: {exc.strerror} "
-                                                       "(needs CAP_SYS_ADMIN)"))
-            return
-        try:
-            result.append(func())
-        except BaseException as exc:  # handed to the caller's thread
-            failure.append(exc)
-
     try:
-        thread = threading.Thread(target=run, name=f"netns {name}")
-        thread.start()
-        thread.join()
+        st = os.fstat(target)
+        ident = (st.st_dev, st.st_ino)
+        if getattr(_here, "ident", None) == ident:
+            return func()  # already in it: a worker's function asking for its own namespace
+        call = _Call(func)
+        with _lock:
+            ns = _pool.get(name)
+            if ns is not None and ns.ident != ident:  # the name now means another namespace
+                _retire(ns)
+                ns = None
+            if ns is None:
+                ns = _pool[name] = _Namespace(name, ident)
+                while len(_pool) > MAX_NAMESPACES:
+                    _retire(next(iter(_pool.values())))
+            _pool.move_to_end(name)
+            if ns.idle <= ns.queued and ns.workers < WORKERS_PER_NETNS:
+                try:
+                    _start_worker(ns, target)
+                except ProbeError:
+                    if ns.workers == 0:  # none to queue for
+                        del _pool[name]
+                        raise
+            ns.queued += 1
+            ns.calls.put(call)
     finally:
         os.close(target)
-    if failure:
-        raise failure[0]
-    return result[0]
+    call.done.wait()
+    if call.failure:
+        raise call.failure[0]
+    result: T = call.result[0]
+    return result
+
+
+def workers() -> dict[str, int]:
+    """Worker threads per namespace name (for tests and the status line)."""
+    with _lock:
+        return {ns.name: ns.workers for ns in _pool.values()}

@@ -9,9 +9,13 @@ verdict rules, and "what would these thresholds have said" for an admin.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
+import logging
 import math
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -20,12 +24,17 @@ from synwatch.clock import FrozenClock
 from synwatch.config import Thresholds
 from synwatch.config.schema import LONGEST_SECONDS
 from synwatch.correlate import Correlator
+from synwatch.delta import MAX_PREFIXES
 from synwatch.errors import UsageError
 from synwatch.probes.conntrack import Conntrack
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.probes.synsample import PortSample, SynSample
 from synwatch.records import Evidence, IncidentChange, KernelEvent, LogRecord, StoredEvent
+
+log = logging.getLogger(__name__)
+RECORDED_ACCOUNTING = MAX_PREFIXES  # accounting-set elements a recording line keeps
+QUEUED_LINES = 256  # recording lines waiting for the disk, at most
 
 
 def _snapshot_json(s: Snapshot) -> dict[str, Any]:
@@ -76,8 +85,16 @@ def _sample(d: dict[str, Any] | None) -> SynSample | None:
 
 
 def evidence_line(now: datetime, ev: Evidence) -> dict[str, Any]:
-    acct = None if ev.accounting is None else [[p, pre, n] for (p, pre), n in
-                                                ev.accounting.items()]
+    """One probe as a recording line, bounded: the sample as handed on (its KEPT entries), and
+    of the accounting set the RECORDED_ACCOUNTING largest counts (a flood from everywhere fills
+    the set with 65,536 prefixes; every probe's line held them all, megabytes a second). What
+    the correlator keeps of them is bounded the same way (delta.MAX_PREFIXES)."""
+    acct = None
+    if ev.accounting is not None:
+        items: Iterable[tuple[tuple[int, str], int]] = ev.accounting.items()
+        if len(ev.accounting) > RECORDED_ACCOUNTING:
+            items = heapq.nlargest(RECORDED_ACCOUNTING, items, key=lambda x: x[1])
+        acct = [[p, pre, n] for (p, pre), n in items]
     return {"type": "evidence", "now": now.isoformat(), "at": ev.at.isoformat(),
             "snapshot": _snapshot_json(ev.snapshot), "accounting": acct,
             "sampled": _sample_json(ev.sampled)}
@@ -118,7 +135,11 @@ def settings_line(thresholds: Thresholds, quiet_period: float) -> dict[str, Any]
 
 class Recording:
     """Appends what the correlator sees to a JSON-lines file, after the settings it runs
-    with (each start writes them again: a reload or a restart may change them)."""
+    with (each start writes them again: a reload or a restart may change them).
+
+    Lines are encoded and written on a thread of its own behind a queue of QUEUED_LINES, so a
+    slow disk never holds up a probe; past that many the newest are dropped and counted (one
+    WARNING), never kept in memory."""
 
     def __init__(self, path: str, thresholds: Thresholds | None = None,
                  quiet_period: float | None = None) -> None:
@@ -126,14 +147,38 @@ class Recording:
             self._out: TextIO = Path(path).open("a", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise UsageError(f"--record {path}", exc.strerror or str(exc)) from exc
+        self.path = path
+        self.dropped = 0
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUED_LINES)
+        self._writer = threading.Thread(target=self._write_lines, name="recording",
+                                        daemon=True)
+        self._writer.start()
         if thresholds is not None and quiet_period is not None:
             self.write(settings_line(thresholds, quiet_period))
 
     def write(self, line: dict[str, Any]) -> None:
-        self._out.write(json.dumps(line, separators=(",", ":")) + "\n")
-        self._out.flush()
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            if not self.dropped:
+                log.warning("--record %s: the disk does not keep up; lines are dropped",
+                            self.path)
+            self.dropped += 1
+
+    def _write_lines(self) -> None:
+        while (line := self._lines.get()) is not None:
+            try:
+                self._out.write(json.dumps(line, separators=(",", ":")) + "\n")
+                self._out.flush()
+            except (OSError, ValueError) as exc:
+                log.warning("--record %s: %s", self.path, exc)
 
     def close(self) -> None:
+        """Write what is queued, then close."""
+        self._lines.put(None)
+        self._writer.join()
+        if self.dropped:
+            log.warning("--record %s: %d lines dropped", self.path, self.dropped)
         self._out.close()
 
 

@@ -90,9 +90,11 @@ class Responder:
     def __init__(self, config: Config, store: ServiceStore, clock: Clock,
                  on_record: Callable[[ActionRun], None] | None = None,
                  wake: Callable[[], None] | None = None, *,
-                 on_drift: Callable[[str, int], None] | None = None) -> None:
+                 on_drift: Callable[[str, int], None] | None = None,
+                 on_fleet_refused: Callable[[str, int], None] | None = None) -> None:
         self.ctx = ActionContext(config, store, clock, wake=wake or (lambda: None),
-                                 drift=on_drift or (lambda _backend, _n: None))
+                                 drift=on_drift or (lambda _backend, _n: None),
+                                 fleet_refused=on_fleet_refused or (lambda _reason, _n: None))
         self.on_record = on_record  # every outcome, as it is recorded (metrics)
         chosen = {name for names in config.policy.values() for name in names}
         self.actions: list[Action] = sorted(

@@ -81,6 +81,8 @@ class Service:
         self._ids: dict[int, int] = {}  # correlator serial -> incident id
         self._probe_due = 0.0
         self._probe_failure: str | None = None
+        self._probed_at = time.monotonic()  # when the last probe step ran to its end
+        self._watchdog_held = False  # WATCHDOG=1 withheld: the loop is not probing
         self._store_retry_at = 0.0  # while the store refuses writes: when to try again
         self._store_problem: str | None = None
         self.accounting: SynAccounting | None = None
@@ -132,7 +134,8 @@ class Service:
         self.sampler = self._sampler()
         self.responder = Responder(self.config, self.store, self.clock,
                                    on_record=self.telemetry.action, wake=self._wake,
-                                   on_drift=self.telemetry.drift)
+                                   on_drift=self.telemetry.drift,
+                                   on_fleet_refused=self.telemetry.fleet_refused)
         log.info("actions: %s", ", ".join(self.responder.names()) or "none")
         self.responder.resume(resumed)
         self.responder.start()
@@ -169,13 +172,15 @@ class Service:
             return Store.open(c.storage_url, host=c.host)
         spool = Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max)
         try:
-            store = Store.open(c.storage_url, host=c.host)
+            # bounded: a server that does not answer fails within seconds, as one that refuses
+            store = Store.open(c.storage_url, host=c.host, bounded=True)
         except StoreError as exc:
             if not unreachable(exc):
                 raise
             log.error("store: %s; starting on the spool %s (%d records waiting); detection "  # noqa: TRY400
                       "and actions go on", exc, spool.path, spool.records)
-            self.spooled = SpooledStore(Store.open(c.storage_url, host=c.host, migrate=False),
+            self.spooled = SpooledStore(Store.open(c.storage_url, host=c.host, migrate=False,
+                                                   bounded=True),
                                         spool, migrated=False)
             return self.spooled
         log.info("store: %s (schema %s, node %s)", store.display_url, store.schema_revision(),
@@ -300,6 +305,7 @@ class Service:
             else:
                 self._save(self.correlator.release_held())
             self._save(self.correlator.expire(self.clock.now()))
+            self._probed_at = time.monotonic()
             return
         if self._probe_failure is not None:
             log.info("probe: reading kernel state again")
@@ -316,6 +322,31 @@ class Service:
         if self.recording is not None:
             self.recording.write(evidence_line(evidence.at, evidence))
         self._save(self.correlator.on_evidence(evidence))
+        self._probed_at = time.monotonic()
+
+    def _watchdog(self, ping: float | None, next_ping: float) -> float:
+        """WATCHDOG=1 when a ping is due and the loop is healthy; the next ping's time."""
+        if ping and time.monotonic() >= next_ping and self._healthy(ping):
+            sdnotify.notify("WATCHDOG=1")
+            return time.monotonic() + ping
+        return next_ping
+
+    def _healthy(self, ping: float) -> bool:
+        """May systemd's watchdog be told the service is alive? Only while the loop keeps
+        probing: the last probe step (a probe, or one that found the namespace missing) ended
+        within a probe interval and one watchdog ping interval. A loop that still turns but no
+        longer probes (blind to floods) goes unfed, and systemd restarts it."""
+        late = time.monotonic() - self._probed_at - self.config.probe_interval
+        if late <= ping:
+            if self._watchdog_held:
+                self._watchdog_held = False
+                log.info("watchdog: probing again; systemd's watchdog is fed again")
+            return True
+        if not self._watchdog_held:
+            self._watchdog_held = True
+            log.error("watchdog: no probe for %.1f s; systemd's watchdog is no longer fed",
+                      late + self.config.probe_interval)
+        return False
 
     def _record(self, batch: Batch) -> bool:
         """Store one batch; on a store failure keep it to retry first (its position is not
@@ -385,7 +416,8 @@ class Service:
         assert self.store is not None
         mono = time.monotonic()
         if self.spooled is not None and self.spooled.spooling:
-            if mono >= self._catch_up_due:
+            # while it does not answer, only the spool's own thread tries it (never this loop)
+            if mono >= self._catch_up_due and not self.spooled.away:
                 try:
                     self.spooled.catch_up()
                 except StoreError as exc:
@@ -473,9 +505,7 @@ class Service:
                 if self._store_problem is None:  # once a second, not at every probe
                     self.telemetry.count_bans(self.store)
                 self.telemetry.tell(self.supervisor, self._store_summary())
-            if ping and time.monotonic() >= next_ping:
-                sdnotify.notify("WATCHDOG=1")
-                next_ping = time.monotonic() + ping
+            next_ping = self._watchdog(ping, next_ping)
             if self.flags.reload and not self.flags.stop:
                 self.flags.reload = False
                 self._reload()

@@ -10,6 +10,13 @@ and the provisional ids the live service still holds are mapped on every later w
 fall back to what was read last plus what is spooled (active bans, a source's position, the
 incidents a restart resumes), so a restart while disconnected loses nothing either.
 
+While the server does not answer (``away``: a write or read failed for a lost connection, or
+the start found it unreachable), nothing but a background thread (one cheap ``SELECT 1`` every
+PROBE_EVERY, bounded by the connection's timeouts: synwatch/store/__init__.py) talks to it: every
+read answers from what was read last at once, every write is spooled at once, so a partitioned
+server costs the main loop at most one bounded wait, not one per call. When the thread sees the
+server answer, the service replays the spool (``catch_up``).
+
 The spool is bounded (storage.spool_max records): past it, events are refused (the service then
 keeps its batch and its source does not move on, so journald and files keep them for later);
 incidents, action outcomes, bans and settings are always kept: they are few, and only here.
@@ -20,24 +27,37 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, replace
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from synwatch.errors import StoreError
 from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange, NewEvent, TimelinePoint
 from synwatch.store import Store
 
 log = logging.getLogger("synwatch")
+VIEW_EVERY = 5.0  # seconds between writes of the bans view while the database answers
 CATCH_UP_OPS = 200  # spooled writes replayed per call, so a long backlog never holds detection
+PROBE_EVERY = 2.0  # seconds between the away thread's tries of the server
+
+
+class AwayError(StoreError):
+    """The server did not answer lately: not tried again until the away thread sees it."""
 
 
 def unreachable(exc: StoreError) -> bool:
     """Is this a lost connection (spool and retry) rather than a refused write (an error)?"""
+    if isinstance(exc, AwayError):
+        return True
     cause = exc.__cause__
     return isinstance(cause, (OperationalError, InterfaceError)) or (
         isinstance(cause, DBAPIError) and cause.connection_invalidated)
@@ -143,6 +163,15 @@ class SpooledStore(Store):
         self._active: dict[tuple[str, str | None], list[Ban]] = {}
         self._positions: dict[str, dict[str, Any] | None] = {}
         self._view = spool.path.with_name("bans-seen.json")  # _active, for a restart
+        self._view_due, self._view_dirty = 0.0, False
+        # saved settings as read or written last: the fallback while the server is away
+        self._settings: dict[tuple[str, str], str | None] = {}
+        self.away = not migrated  # not tried on the main thread until it answers again
+        self._replaying = False
+        self._stopping = threading.Event()
+        self._prober: threading.Thread | None = None
+        if self.away:
+            self._start_prober()
         try:
             for item in json.loads(self._view.read_text(encoding="utf-8")):
                 self._active[item["netns"], item["backend"]] = [
@@ -150,17 +179,77 @@ class SpooledStore(Store):
         except (OSError, ValueError, TypeError, KeyError):
             pass  # none yet (or torn): read again from the database
 
-    def _keep_view(self) -> None:
+    def _keep_view(self, *, now: bool = False) -> None:
         """The active bans as last read, on disk: after a restart while the database is gone
-        the ban reconcile still knows what this node banned."""
+        the ban reconcile still knows what this node banned. Written at most every VIEW_EVERY
+        seconds while the database answers (a fleet's thousands of bans, at every read, cost
+        seconds of the loop), at once while it is away, and at close."""
+        self._view_dirty = True
+        if not now and time.monotonic() < self._view_due:
+            return
+        self._view_due = time.monotonic() + VIEW_EVERY
+        self._view_dirty = False
         try:
             tmp = self._view.with_suffix(".tmp")
-            tmp.write_text(json.dumps([{"netns": k[0], "backend": k[1],
-                                        "bans": [_json(asdict(b)) for b in v]}
-                                       for k, v in self._active.items()]), encoding="utf-8")
+            tmp.write_text(json.dumps([
+                {"netns": k[0], "backend": k[1],
+                 "bans": [_json({f.name: getattr(b, f.name) for f in fields(b)}) for b in v]}
+                for k, v in self._active.items()]), encoding="utf-8")
             tmp.replace(self._view)
         except OSError as exc:
             log.debug("bans view %s: %s", self._view, exc)
+
+    # -- a server that does not answer --------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """Every read and write of the store's parts: refused at once while the server is
+        away; a lost connection makes it away."""
+        if self.away and not self._replaying:
+            raise AwayError(self.display_url, "not answering (writes are spooled)")
+        try:
+            with super().session() as session:
+                yield session
+        except StoreError as exc:
+            if unreachable(exc):
+                self._went_away(exc)
+            raise
+
+    def _went_away(self, exc: StoreError) -> None:
+        """Said once an outage, whichever call found it (a write, a read, the heartbeat)."""
+        if not self.away:
+            log.error("store: %s; writes go to the spool %s until it answers; detection "
+                      "and actions go on", exc, self.spool.path)
+        self.away = True
+        self._start_prober()
+
+    def _start_prober(self) -> None:
+        if self._prober is not None and self._prober.is_alive():
+            return
+        self._prober = threading.Thread(target=self._probe_server, name="store-away",
+                                        daemon=True)
+        self._prober.start()
+
+    def _probe_server(self) -> None:
+        """Off the main thread: try the server until it answers, then say so (``away``
+        false: the service replays the spool)."""
+        while not self._stopping.wait(PROBE_EVERY):
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+            except SQLAlchemyError as exc:
+                log.debug("store: still not answering: %s", exc)
+                continue
+            self.away = False
+            return
+
+    def close(self) -> None:
+        if self._view_dirty:
+            self._keep_view(now=True)
+        self._stopping.set()
+        if self._prober is not None:
+            self._prober.join(timeout=1)
+        super().close()
 
     # -- provisional ids ----------------------------------------------------------------------
 
@@ -174,7 +263,7 @@ class SpooledStore(Store):
 
     @property
     def spooling(self) -> bool:
-        return bool(self.spool.ops) or not self.migrated
+        return bool(self.spool.ops) or not self.migrated or self.away
 
     def _try(self, op: dict[str, Any], write: Any) -> Any:
         """Write now if nothing is spooled and the server answers, else spool ``op``."""
@@ -184,8 +273,7 @@ class SpooledStore(Store):
             except StoreError as exc:
                 if not unreachable(exc):
                     raise
-                log.error("store: %s; writes go to the spool %s until it answers; detection "  # noqa: TRY400
-                          "and actions go on", exc, self.spool.path)
+                self._went_away(exc)  # said there, once
         self.spool.add(op)
         return None
 
@@ -229,7 +317,7 @@ class SpooledStore(Store):
                                                                          strict=True)
                        if b.netns == key[0] and key[1] in (None, b.backend)
                        and b.removed_at is None]
-        self._keep_view()
+        self._keep_view(now=self.spooling)
         return made
 
     def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
@@ -240,13 +328,15 @@ class SpooledStore(Store):
         gone = set(ids)
         for key, active in self._active.items():
             self._active[key] = [b for b in active if b.id not in gone]
-        self._keep_view()
+        self._keep_view(now=self.spooling)
 
     def save_setting(self, netns: str, name: str, value: str, now: datetime) -> None:
+        self._settings[netns, name] = value
         self._try({"op": "setting", "netns": netns, "name": name, "value": value, "now": now},
                   lambda: Store.save_setting(self, netns, name, value, now))
 
     def forget_setting(self, netns: str, name: str) -> None:
+        self._settings[netns, name] = None
         self._try({"op": "forget", "netns": netns, "name": name},
                   lambda: Store.forget_setting(self, netns, name))
 
@@ -266,8 +356,12 @@ class SpooledStore(Store):
                     self._keep_view()
                 return found
         if key not in self._active:
-            # never a guess: the ban reconcile would remove what it does not see
-            raise StoreError(self.display_url, "unreachable, and its bans were never read")
+            seen = [b for (ns, _), bans in self._active.items() if ns == netns for b in bans]
+            if backend is not None or not seen:
+                # never a guess: the ban reconcile would remove what it does not see
+                raise StoreError(self.display_url, "unreachable, and its bans were never read")
+            # every backend's, as read last (a ban's caps and overlaps, not a reconcile)
+            return list({b.id: b for b in seen if b.expires_at > now}.values())
         return [b for b in self._active[key] if b.expires_at > now]
 
     def _fallback(self, exc: StoreError) -> None:
@@ -298,7 +392,14 @@ class SpooledStore(Store):
         for op in reversed(self.spool.ops):
             if op["op"] in ("setting", "forget") and (op["netns"], op["name"]) == (netns, name):
                 return str(op["value"]) if op["op"] == "setting" else None
-        return Store.saved_setting(self, netns, name)
+        try:
+            found = Store.saved_setting(self, netns, name)
+        except StoreError as exc:
+            self._fallback(exc)
+            # as read or written last; never read: none (SYN cookies read the sysctl itself)
+            return self._settings.get((netns, name))
+        self._settings[netns, name] = found
+        return found
 
     def expired_bans(self, netns: str, now: datetime, backend: str) -> list[Ban]:
         try:
@@ -349,6 +450,19 @@ class SpooledStore(Store):
     def catch_up(self) -> int:
         """Replay up to CATCH_UP_OPS spooled writes in order; how many are left. Raises
         StoreError while the database is still unreachable."""
+        self._replaying = True
+        try:
+            return self._catch_up()
+        except StoreError as exc:
+            if unreachable(exc):
+                self.away = True  # still away: said when it went
+                self._start_prober()
+            raise
+        finally:
+            self._replaying = False
+
+    def _catch_up(self) -> int:
+        self.away = False
         if not self.migrated:
             self.migrate()
             self.migrated = True

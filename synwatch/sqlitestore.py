@@ -26,6 +26,7 @@ from synwatch.errors import StoreError
 from synwatch.historyreader import (
     BAN_COLUMNS,
     RUN_COLUMNS,
+    ban_columns,
     ban_of,
     head_revision,
     run_of,
@@ -330,13 +331,15 @@ class SQLiteStore:
         return {r[0] for r in self._read("SELECT prefix FROM bans WHERE host = ? AND "
                                          "incident_id = ?", [self.host, incident_id])}
 
-    def fleet_bans_to_copy(self, now: datetime) -> list[Ban]:
-        columns = ", ".join(f"b.{c.strip()}" for c in BAN_COLUMNS.split(","))
+    def fleet_bans_to_copy(self, now: datetime, after: int = 0,
+                           limit: int | None = None) -> list[Ban]:
+        page = (" AND b.id > ? ORDER BY b.id LIMIT ?", [after, limit]) if limit is not None \
+            else (" ORDER BY b.created_at, b.id", [])
         return [ban_of(r) for r in self._read(
-            f"SELECT {columns} FROM bans b WHERE b.scope = 'fleet' AND "
+            f"SELECT {ban_columns('b.')} FROM bans b WHERE b.scope = 'fleet' AND "
             "b.origin_id IS NULL AND b.host != ? AND b.removed_at IS NULL AND "
             "b.expires_at > ? AND NOT EXISTS (SELECT 1 FROM bans m WHERE m.origin_id = b.id "
-            "AND m.host = ?) ORDER BY b.created_at, b.id", [self.host, now, self.host])]
+            f"AND m.host = ?){page[0]}", [self.host, now, self.host, *page[1]])]
 
     # -- retention ------------------------------------------------------------------------------
 

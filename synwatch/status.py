@@ -65,9 +65,11 @@ class DaemonStatus:
     since: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     sources: dict[str, SourceState] = field(default_factory=dict)
     errors: RecentErrors = field(default_factory=RecentErrors)
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. fleet_refused
 
     def as_json(self, summary: str) -> dict[str, Any]:
-        return {"pid": os.getpid(), "since": self.since.isoformat(), "config": self.config,
+        return {**self.counts,
+                "pid": os.getpid(), "since": self.since.isoformat(), "config": self.config,
                 "updated_at": datetime.now(timezone.utc).isoformat(), "summary": summary,
                 "sources": [{"name": s.name, "state": s.state, "position": s.position,
                              "lag_seconds": s.lag_seconds} for s in self.sources.values()],

@@ -5,6 +5,7 @@ service calls it at each step; nothing here acts or decides."""
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from synwatch.metrics import Metrics
 
 
+BANS_EVERY = 10.0  # seconds between counts of the active bans without a ban action
+
 class Telemetry:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -35,7 +38,11 @@ class Telemetry:
         self._sources: list[Source] = []
         self.open: dict[int, str] = {}  # incident id -> "concentrated on 0.0.0.0:80"
         self.bans = 0
+        # the active bans are counted at once after a ban action, else every BANS_EVERY s: a
+        # fleet's thousands of rows read at every status tick cost the loop its probes
+        self._bans_due, self._bans_stale = 0.0, True
         self.drifts = 0  # bans found not enforced in the kernel (and put back) since the start
+        self.fleet_refused_n = 0  # other nodes' fleet bans refused here since the start
         self._summary = ""
 
     def start(self, sources: list[Source]) -> None:
@@ -77,6 +84,8 @@ class Telemetry:
             self.metrics.incident(change)
 
     def action(self, run: ActionRun) -> None:
+        if run.action in ("ban", "unban"):
+            self._bans_stale = True
         if self.metrics is not None:
             self.metrics.actions.labels(run.action, run.status).inc()
 
@@ -86,9 +95,20 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.bans_drift.labels(backend).inc(n)
 
+    def fleet_refused(self, reason: str, n: int) -> None:
+        """``n`` of other nodes' fleet bans refused here (synwatch/fleetcopy.py: malformed,
+        origin, guard, cap, covered)."""
+        self.fleet_refused_n += n
+        self.status.counts["fleet_refused"] = self.fleet_refused_n
+        if self.metrics is not None:
+            self.metrics.fleet_refused.labels(reason).inc(n)
+
     def count_bans(self, store: ServiceStore | None) -> None:
         if store is None or not self.config.ban.enabled:
             return
+        if not self._bans_stale and time.monotonic() < self._bans_due:
+            return
+        self._bans_due, self._bans_stale = time.monotonic() + BANS_EVERY, False
         try:
             bans = store.active_bans(self.config.netns, datetime.now(tz=UTC))
         except StoreError:
@@ -120,6 +140,8 @@ class Telemetry:
                 + f", {incidents}, {self.bans} bans"
                 + (f" ({self.drifts} drift{'s' if self.drifts != 1 else ''} repaired)"
                    if self.drifts else "")
+                + (f", {self.fleet_refused_n} fleet ban{'s' if self.fleet_refused_n != 1 else ''}"
+                   " refused" if self.fleet_refused_n else "")
                 + ("" if store_problem is None else f", {store_problem}"))
 
     def tell(self, supervisor: Supervisor | None, store_problem: str | None) -> None:

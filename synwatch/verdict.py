@@ -70,6 +70,9 @@ class Tally:
     completed: dict[str, int] = field(default_factory=dict)
     # peers of the listener's completed connections (inet_diag), network -> peak sockets
     connected: dict[str, int] = field(default_factory=dict)
+    # the packet sampler watched while the incident was active: it sees every SYN that crossed
+    # an interface from outside (never lo), so a flood it did not see came from this host
+    sampler_on: bool = False
     # Connection tracking in the namespace (none where it is not loaded): the table's peak and
     # the new flows it dropped while the incident was active (docs/kernel.md §7).
     conntrack_max: int = 0
@@ -125,6 +128,8 @@ class Tally:
 
     def _absorb_sampled(self, sampled: SynSample | None) -> None:
         """One interval of the packet sampler (this listener's port only)."""
+        if sampled is not None:
+            self.sampler_on = True
         got = sampled.port(self.port) if sampled is not None and self.port is not None else None
         if sampled is None or got is None:
             return
@@ -270,6 +275,12 @@ def targets(t: Tally, th: Thresholds) -> TargetPlan:
     """What a ban takes and what is rate limited: per address where the sampler saw them (the
     width of a ban needs addresses), else per prefix of the best evidence."""
     b = basis(t)
+    if t.sampler_on and not t.sampled_n:
+        # request sockets or the accounting set (both count what comes in on lo) saw SYNs the
+        # sampler never did: they never crossed an interface from outside, and a local user
+        # can forge their sources (IPV6_FREEBIND): never a ban
+        return TargetPlan((), (), ("the SYNs came from this host itself (none crossed an "
+                                   "interface from outside): nothing to ban",), 0.0)
     if t.sampled_addr:  # the accounting set counts exactly, but per prefix only
         flood, total = t.sampled_addr, t.sampled_syns or sum(t.sampled_addr.values())
     elif b is not None:

@@ -75,8 +75,11 @@ def stop_service(proc: subprocess.Popen[str]) -> tuple[int, str]:
 class Service:
     def __init__(self, the_lab: Lab, tmp_path: Path, quiet: str = "3s",
                  dry_run: bool = True, extra: str = "", incident: str = "",
-                 storage: str = "") -> None:
-        """``storage``: the [storage] section's keys (default: an SQLite file in tmp_path)."""
+                 storage: str = "", run_in: str = "") -> None:
+        """``storage``: the [storage] section's keys (default: an SQLite file in tmp_path);
+        ``run_in``: a namespace the process itself runs in (`ip netns exec`, which execs: the
+        pid is the service's), e.g. one routed to a database server in a namespace."""
+        self.run_in = run_in
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.config = tmp_path / "synwatch.toml"
         storage = storage or f'url = "sqlite:///{tmp_path}/h.db"'
@@ -98,7 +101,8 @@ class Service:
         """Start `synwatch run` (again, after stop() or a crash: same store, same log)."""
         logged = len(self.log.read_text())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "synwatch", "run", "--config", str(self.config),
+            [*(["ip", "netns", "exec", self.run_in] if self.run_in else []),
+             sys.executable, "-m", "synwatch", "run", "--config", str(self.config),
              "--record", str(self.recording)],
             stdout=subprocess.DEVNULL, stderr=self.log.open("a"), text=True,
             env={**os.environ, "TZ": "UTC"})

@@ -286,10 +286,14 @@ class Lab:
         return proc
 
     def timed_flood(self, port: int, seconds: float, rate: float = 0,
-                    pool: int = 8192) -> subprocess.Popen[str]:
+                    pool: int = 8192, family: int = 4) -> subprocess.Popen[str]:
         """A benchmark's flood: forged SYNs from all over SPOOF_NET/16 for ``seconds``, at
         ``rate`` a second (0: as fast as one core sends), cycling through ``pool`` prepared
-        source/port pairs. It prints "SENT ELAPSED" when done (``flood_rate`` reads it)."""
+        source/port pairs. It prints "SENT ELAPSED" when done (``flood_rate`` reads it).
+        ``family=6``: from all over SPOOF_NET6::/16 to SERVER_IP6, every SYN from a new /64
+        (as a spoofed IPv6 flood is: 2^48 of them in the /16)."""
+        if family == 6:
+            return self._timed_flood6(port, seconds, rate, pool)
         code = textwrap.dedent(f"""
             import random, socket, time
             from tests.lab import syn_packet
@@ -301,6 +305,36 @@ class Lab:
             while time.monotonic() - start < {seconds}:
                 for p in packets[sent % {pool}: sent % {pool} + 256]:
                     raw.sendto(p, ({SERVER_IP!r}, 0))
+                sent += 256
+                if {rate}:
+                    time.sleep(max(0.0, start + sent / {rate} - time.monotonic()))
+            print(sent, time.monotonic() - start)
+        """)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
+                                 code], stdout=subprocess.PIPE, text=True, env=env)
+        self.processes.append(proc)
+        return proc
+
+    def _timed_flood6(self, port: int, seconds: float, rate: float,
+                      pool: int) -> subprocess.Popen[str]:
+        """The IPv6 timed flood. Words 1 to 3 of each source (its /64 within the /16) are drawn
+        at random, the third so that the three keep their one's-complement sum: the prepared
+        packet's TCP checksum stays right without being computed again."""
+        code = textwrap.dedent(f"""
+            import random, socket, struct, time
+            from tests.lab import IPV6_HDRINCL, syn_packet6
+            packets = [bytearray(syn_packet6("{SPOOF_NET6}::" + f"{{random.randint(1, 65535):x}}",
+                                             {SERVER_IP6!r}, random.randint(1024, 65535),
+                                             {port})) for _ in range({pool})]
+            raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            raw.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+            start, sent, bits = time.monotonic(), 0, random.getrandbits
+            while time.monotonic() - start < {seconds}:
+                for p in packets[sent % {pool}: sent % {pool} + 256]:
+                    a, b = bits(16), bits(16)
+                    struct.pack_into("!HHH", p, 10, a, b, (-(a + b)) % 0xFFFF)
+                    raw.sendto(p, ({SERVER_IP6!r}, 0))
                 sent += 256
                 if {rate}:
                     time.sleep(max(0.0, start + sent / {rate} - time.monotonic()))

@@ -1,12 +1,14 @@
 """A real PostgreSQL server for the fleet tests: Debian's binaries, a cluster made with initdb in a
 temporary directory, listening on a Unix socket in that directory only (no TCP port, so nothing
-on the machine can reach it and it can reach nothing), removed at the end.
+on the machine can reach it and it can reach nothing), removed at the end. A cluster given a
+network namespace of the test's own also listens on TCP there, for the partition tests.
 
 initdb and postgres refuse to run as root, so both run as the ``postgres`` user that Debian's
 package creates (https://www.postgresql.org/docs/15/app-initdb.html)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import shutil
@@ -28,9 +30,14 @@ def _bindir() -> Path:
 
 
 class Cluster:
-    """One PostgreSQL server. ``url(db)`` is an SQLAlchemy URL for a database of it."""
+    """One PostgreSQL server. ``url(db)`` is an SQLAlchemy URL for a database of it.
 
-    def __init__(self) -> None:
+    ``netns`` and ``address``: it also listens on TCP at ``address``, inside the network
+    namespace ``netns`` that the test made (never on an address of the host), for clients
+    reached through a veth (``tcp_url``); its Unix socket stays the tests' own way in."""
+
+    def __init__(self, netns: str = "", address: str = "") -> None:
+        self.netns, self.address = netns, address
         self.bindir = _bindir()
         self.user = pwd.getpwnam("postgres")
         self.dir = Path(tempfile.mkdtemp(prefix="synwatch-pg-"))
@@ -45,12 +52,23 @@ class Cluster:
     def init(self) -> Cluster:
         self._as_postgres(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
                           "--auth=trust", "-E", "UTF8", "--no-sync")
+        if self.address:  # clients of the namespace's network, trusted as local ones are
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                net = ipaddress.ip_network(f"{self.address}/24", strict=False)
+                hba.write(f"host all all {net} trust\n")
         return self.start()
 
     def start(self) -> Cluster:
-        opts = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c max_connections=200"
-        self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
-                          str(self.log), "-o", opts, "-w", "-t", "60", "start")
+        opts = (f"-k {self.dir} -c listen_addresses='{self.address}' -c fsync=off "
+                "-c max_connections=200")
+        argv = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o",
+                opts, "-w", "-t", "60", "start"]
+        if self.netns:  # the server process lives in the namespace, and its socket with it
+            subprocess.run(["ip", "netns", "exec", self.netns, "runuser", "-u", "postgres",
+                            "--", *argv], check=True, capture_output=True, text=True,
+                           cwd=self.dir, timeout=120)
+        else:
+            self._as_postgres(*argv)
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -64,15 +82,23 @@ class Cluster:
     def url(self, db: str) -> str:
         return f"postgresql+psycopg://postgres@/{db}?host={self.dir}"
 
+    def tcp_url(self, db: str) -> str:
+        """An SQLAlchemy URL reaching it over TCP at ``address`` (from inside a namespace
+        routed to it)."""
+        return f"postgresql+psycopg://postgres@{self.address}:5432/{db}"
+
     def connect(self, db: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(host=str(self.dir), user="postgres", dbname=db, autocommit=True)
 
     def new_database(self) -> str:
-        """A new empty database; its SQLAlchemy URL."""
+        """A new empty database; its SQLAlchemy URL (over the Unix socket)."""
+        return self.url(self.new_database_name())
+
+    def new_database_name(self) -> str:
         name = f"synwatch_{uuid.uuid4().hex[:12]}"
         with self.connect() as conn:
             conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-        return self.url(name)
+        return name
 
     def destroy(self) -> None:
         try:

@@ -10,8 +10,8 @@ from tests.lab import SPOOF_NET, lab, lab_port
 
 SETUP_24_64 = """\
 add table inet synwatch
-add set inet synwatch syn4 { type ipv4_addr . inet_service; flags dynamic, timeout; timeout 2m; size 65536; counter; }
-add set inet synwatch syn6 { type ipv6_addr . inet_service; flags dynamic, timeout; timeout 2m; size 65536; counter; }
+add set inet synwatch syn4 { type ipv4_addr . inet_service; flags dynamic, timeout; timeout 2m; size 8192; counter; }
+add set inet synwatch syn6 { type ipv6_addr . inet_service; flags dynamic, timeout; timeout 2m; size 8192; counter; }
 add chain inet synwatch account { type filter hook prerouting priority -290; policy accept; }
 flush chain inet synwatch account
 add rule inet synwatch account tcp flags & (syn | ack) == syn update @syn4 { ip saddr and 255.255.255.0 . tcp dport }

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,17 @@ import pytest
 
 from tests.conftest import synwatch
 from tests.harness import Service
-from tests.lab import SPOOF_NET, SPOOF_NET6, Lab, client_outcomes, lab, lab_port, sh
+from tests.lab import (
+    CLIENT_IP6,
+    SERVER_IP6,
+    SPOOF_NET,
+    SPOOF_NET6,
+    Lab,
+    client_outcomes,
+    lab,
+    lab_port,
+    sh,
+)
 
 pytestmark = pytest.mark.needs_root
 
@@ -224,3 +236,38 @@ def test_a_restart_between_a_flood_and_its_verdict_keeps_the_incident_and_its_ev
                                 "--evidence", "--config", str(service.config)).out)
     [overflowed] = [r for r in shown["evidence"] if "SYNs found the SYN queue" in r]
     assert int(overflowed.split()[0]) >= 2900, "the SYNs of the downtime are its evidence"
+
+
+def test_a_local_user_cannot_aim_a_ban_with_forged_local_sources(the_lab: Lab,
+                                                                  tmp_path: Path) -> None:
+    """Any user of the server can bind sources of a remote /64 with IPV6_FREEBIND and connect
+    to a local listener: kernel-side evidence, but forged from inside the host. It never
+    crossed an interface from outside (the sampler skips lo), so nothing is banned or rate
+    limited, while a flood from outside still is."""
+    port = lab_port()
+    the_lab.listen(port, backlog=16, address="::")
+    service = Service(the_lab, tmp_path, dry_run=False, quiet="3s")
+    try:
+        forger = textwrap.dedent(f"""
+            import random, socket
+            held = []
+            for i in range(3000):
+                s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND
+                s.bind((f"fd98:77::{{random.randint(1, 65535):x}}", 0))
+                s.setblocking(False)
+                s.connect_ex(("{SERVER_IP6}", {port}))
+                held.append(s)
+        """)
+        # the SYN-ACKs to the forged sources leave by the route to them (a default route on a
+        # real server), and nothing answers: the requests stay half-open, as a flood's do
+        the_lab.in_server("ip", "-6", "route", "add", "fd98:77::/64", "via", CLIENT_IP6)
+        the_lab.in_server(sys.executable, "-c", forger)
+        [inc] = wait_for("its incident", lambda: [
+            i for i in service.incidents(port) if i["status"] == "closed"], timeout=40)
+        service.wait_probes()
+        assert active_bans(service) == [], inc
+        assert not any(a["action"] in ("ban", "ratelimit") and a["status"] == "done"
+                       for a in inc["actions"]), inc["actions"]
+    finally:
+        service.stop()

@@ -12,15 +12,21 @@ servers behind a load balancer.
 
 from __future__ import annotations
 
+import itertools
 import json
+import socket
 import textwrap
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from synwatch.fleetcopy import BATCH
 from tests.conftest import synwatch
 from tests.harness import Service
 from tests.lab import SPOOF_NET, Kmsg, Lab, lab, lab_port
@@ -77,7 +83,7 @@ def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
         # node-a bans all three; node-b copies two: THREE is on its own allowlist
         wait_for("node-a's bans", lambda: set(banned_in_nft(lab_a)) == {ONE, TWO, THREE})
         wait_for("node-a's bans copied by node-b", lambda: set(banned_in_nft(lab_b)) == {ONE, TWO})
-        b.wait_log(f"fleet ban from node-a not copied: allowlisted ({THREE})")
+        b.wait_log(f"({THREE}) not copied: allowlisted ({THREE})")
         for n in (a, b):  # woken by NOTIFY (bench/fleet_bench.py measures how fast)
             n.wait_log("fleet: listening for the other nodes' bans (PostgreSQL LISTEN")
         # and the other way round: a flood against node-b is banned on node-a too
@@ -91,7 +97,7 @@ def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
                         ("node-b", ONE), ("node-b", TWO), ("node-b", FOUR)}
         assert {r["scope"] for r in rows} == {"fleet"}
         assert {(r["host"], r["prefix"]) for r in listed(b, "bans", "list")} == {
-            ("node-b", p) for p in (ONE, TWO, THREE, FOUR)}  # THREE: refused, recorded
+            ("node-b", p) for p in (ONE, TWO, FOUR)}  # THREE: refused, counted, not stored
         # node-b records what it did for node-a's incident
         [inc_a] = [i for i in listed(b, "incidents", "list", "--all-hosts")
                    if i["host"] == "node-a"]
@@ -191,3 +197,115 @@ def the_lab_pg(pg: Cluster) -> Iterator[tuple[Lab, Cluster]]:
     with lab() as made:
         made.sysctl("net.ipv4.tcp_synack_retries", 1)
         yield made, pg
+
+
+WIDE = ["128.0.0.0/1", "2000::/3", "ff00::/8", "::ffff:0:0/96", "224.0.1.0/24",
+        "169.254.7.0/24"]  # too wide, multicast, v4-mapped, link-local
+GOOD, OTHER = f"{SPOOF_NET}.31.0/24", f"{SPOOF_NET}.33.0/24"
+BACKLOG, CAP = 10_000, 1_000
+
+
+def hostile(pg: Cluster, url: str, sql: str) -> None:
+    """Rows written straight into the shared history, as any node (or anyone with its
+    password) can."""
+    with pg.connect(url.split("@/", 1)[1].split("?", maxsplit=1)[0]) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+def probe_times(service: Service) -> list[datetime]:
+    """When each probe ran, from the service's recording."""
+    return [datetime.fromisoformat(json.loads(line)["now"])
+            for line in service.recording.read_text().splitlines()
+            if '"type":"evidence"' in line]
+
+
+def test_hostile_fleet_rows_are_refused_and_a_backlog_never_blinds_the_node(
+        the_lab_pg: tuple[Lab, Cluster], tmp_path: Path, pg_url: str) -> None:
+    """issue 26: another "node" (the test, with SQL) writes fleet rows that are too wide, in
+    special ranges, not a prefix at all, with an infinite or year-294276 expiry, from a node
+    this one does not accept, then 10,000 at once. The real node refuses each bad one once
+    (a WARNING naming its id), counts the refusals (status, /metrics) without storing them,
+    copies the good row past them, keeps probing on schedule and bans its own flood, copies
+    the backlog in batches up to its cap, and stops within seconds in the middle of it;
+    `bans list --all-hosts`, `unban` and `status` keep working."""
+    the_lab, pg = the_lab_pg
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    service = node(the_lab, tmp_path, pg_url, "node-b", extra=textwrap.dedent(f"""\
+        fleet_from = ["node-a", "web*"]
+        max_total = {CAP}
+        [metrics]
+        listen = "127.0.0.1:{metrics_port}"
+        """))
+    port = lab_port()
+    values = "now() - interval '1 second', now() + interval '1 hour'"
+    row = "INSERT INTO bans (prefix, backend, netns, created_at, expires_at, removed_at, " \
+          "times_banned, host, scope) VALUES "
+    try:
+        the_lab.listen(port, backlog=64)
+        hostile(pg, pg_url, row + ", ".join(
+            [f"('{p}', 'nftables', '', {values}, NULL, 1, 'node-a', 'fleet')"
+             for p in [*WIDE, "garbage"]]
+            + [f"('{GOOD}', 'nftables', '', now(), 'infinity', NULL, 1, 'node-a', 'fleet')",
+               f"('{GOOD}', 'nftables', '', now(), '294276-01-01 00:00:00+00', NULL, 1, "
+               "'node-a', 'fleet')",
+               f"('{OTHER}', 'nftables', '', {values}, NULL, 1, 'mallory', 'fleet')",
+               f"('{GOOD}', 'nftables', '', {values}, NULL, 1, 'web7', 'fleet')"]))
+        wait_for("the good row copied", lambda: GOOD in banned_in_nft(the_lab))
+        service.wait_log("(garbage) not copied: prefix 'garbage' is not a network")
+        service.wait_log("not copied: a time past what this node can hold")
+        # and the node goes on detecting and banning its own flood meanwhile
+        flood_from(the_lab, port, [ONE], each=700)
+        wait_for("its own ban", lambda: ONE in banned_in_nft(the_lab))
+        service.wait_probes(3)
+        assert set(banned_in_nft(the_lab)) == {GOOD, ONE}
+        assert "Traceback" not in service.log.read_text()
+        bans = listed(service, "bans", "list", "--all-hosts")
+        assert {b["prefix"] for b in bans if b["host"] == "node-b"} == {GOOD, ONE}
+        assert [b["expires_at"][:4] for b in bans if b["host"] == "node-a"
+                and b["prefix"] == GOOD][:2] == ["9999", "9999"]  # infinity, shown at its bound
+        status = json.loads(synwatch("status", "--format", "json", "--config",
+                                     str(service.config)).out)
+        assert status["fleet_refused"] == len(WIDE) + 4, status  # garbage, 2 times, mallory
+        r = synwatch("unban", f"{SPOOF_NET}.99.1", "--config", str(service.config))
+        assert r.code == 1 and "no active ban covers it" in r.err, r.err
+
+        # 10,000 rows at once: copied in batches up to the cap, the probes on schedule, and a
+        # SIGTERM in the middle of it honoured within seconds
+        inserted = datetime.now(timezone.utc)
+        start = time.monotonic()
+        hostile(pg, pg_url, row.removesuffix("VALUES ")
+                + "SELECT '11.' || (i / 256) || '.' || (i % 256) || '.0/24', "
+                f"'nftables', '', {values}, NULL, 1, 'web' || (i % 7), 'fleet' "
+                f"FROM generate_series(1, {BACKLOG}) AS i")
+        service.wait_log(f"{BATCH} fleet bans copied")
+        first = time.monotonic() - start
+        stopping = time.monotonic()
+        service.stop()
+        stopped = time.monotonic() - stopping
+        copied = len(banned_in_nft(the_lab))
+        assert stopped < 5
+        assert BATCH <= copied < CAP
+        restarted = datetime.now(timezone.utc)
+        service.start()  # and it goes on from where it was, up to its cap
+        wait_for("the cap reached", lambda: len(banned_in_nft(the_lab)) == CAP, timeout=60)
+        done = time.monotonic()
+        service.wait_probes(3)
+        assert len(banned_in_nft(the_lab)) == CAP
+        times = [t for t in probe_times(service) if t >= inserted]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)
+                if not a <= restarted <= b]  # not the stop and start
+        print(f"backlog: first batch after {first:.1f} s, {copied} copied when SIGTERM, which "
+              f"took {stopped:.2f} s; the cap ({CAP}) reached {done - stopping:.1f} s after "
+              f"it; {len(times)} probes, the longest gap {max(gaps):.2f} s")
+        assert max(gaps) < 2.5, gaps
+        mine = [b for b in listed(service, "bans", "list") if b["active"]]
+        assert len(mine) == CAP  # the refusals are counted, not stored
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                         timeout=5).read().decode()
+        assert 'synwatch_fleet_refused_total{reason="cap"}' in metrics
+        assert "Traceback" not in service.log.read_text()
+    finally:
+        if service.proc.poll() is None:
+            service.stop()

@@ -27,7 +27,7 @@ PACKET_HOST = 0
 
 
 def run_cbpf(prog: list[tuple[int, int, int, int]], packet: bytes, *, protocol: int,
-             pkttype: int = PACKET_HOST, rand: int = 0) -> int:
+             pkttype: int = PACKET_HOST, rand: int = 0, ifindex: int = 2) -> int:
     """What the kernel's classic BPF interpreter returns for ``packet`` (net/core/filter.c
     semantics for the instructions the sampler uses; an out-of-range load returns 0)."""
     a = x = 0
@@ -35,6 +35,7 @@ def run_cbpf(prog: list[tuple[int, int, int, int]], packet: bytes, *, protocol: 
     pc = 0
     ancillary = {synfilter.SKF_AD_OFF + synfilter.SKF_AD_PKTTYPE: pkttype,
                  synfilter.SKF_AD_OFF + synfilter.SKF_AD_PROTOCOL: protocol,
+                 synfilter.SKF_AD_OFF + synfilter.SKF_AD_IFINDEX: ifindex,
                  synfilter.SKF_AD_OFF + synfilter.SKF_AD_RANDOM: rand}
     size = {0x00: 4, 0x08: 2, 0x10: 1}
 
@@ -200,6 +201,14 @@ def test_filter_and_parser_agree_on_recorded_packets(what: str, packet: bytes, p
     assert (got.family, socket.inet_ntop(af, got.source), got.port) == want[:3]
     assert got.syn == (len(want) == 3), what
     assert (parse_syn(packet[:SNAPLEN]) is not None) == got.syn
+
+
+def test_what_comes_in_on_loopback_is_never_sampled() -> None:
+    """A local user can bind any source (IPV6_FREEBIND) and connect over lo: never evidence."""
+    for packet, protocol in ((ipv4(tcp(SYN)), ETH_P_IP), (ipv6(tcp(SYN)), ETH_P_IPV6),
+                             (ipv4(tcp(ACK)), ETH_P_IP)):
+        assert run_cbpf(program(1), packet, protocol=protocol, ifindex=2) == SNAPLEN
+        assert run_cbpf(program(1), packet, protocol=protocol, ifindex=1) == 0
 
 
 def test_one_in_n_keeps_only_where_the_random_number_divides() -> None:

@@ -18,25 +18,28 @@ import contextlib
 import ipaddress
 import json
 import logging
+from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 
 from synwatch.actions.firewall import BanItem, Firewall
 from synwatch.actions.presets import load_presets
 from synwatch.actions.registry import Action, ActionContext, Plan, skipped
-from synwatch.banproof import CHECK, UNENFORCED, Check, compare
+from synwatch.banproof import CHECK, UNENFORCED, Check, Comparison, compare, normal
 from synwatch.config import BanSettings, Config, Network
 from synwatch.durations import format_duration
 from synwatch.errors import CommandError, StoreError
+from synwatch.fleetcopy import BATCH, MALFORMED, PAGE, Refusal, pick
 from synwatch.fleetlisten import FleetListener
-from synwatch.records import Ban, BanTarget, IncidentChange
+from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange
 from synwatch.runner import Command, run, show
 
 log = logging.getLogger("synwatch")
 DRIFT_TOLERANCE = 5.0  # seconds: a kernel timeout this far from the history's is a drift
-MAX_SHOWN = 5  # drifted bans named in the one warning of a reconcile
+MAX_SHOWN = 5  # drifted bans named in the one warning of a reconcile (and fleet refusals)
+MALFORMED_SHOWN = 20  # malformed fleet rows named, each in a warning, per loop turn
 FLEET_EVERY = 5.0  # seconds: a fleet's bans are looked at this often without a notification
 ALWAYS_PROTECTED = ((ipaddress.ip_network("127.0.0.0/8"), "loopback"),
                     (ipaddress.ip_network("::1/128"), "loopback"),
@@ -125,6 +128,22 @@ def _absent(exc: CommandError) -> bool:
 
 
 @dataclass
+class _FleetScan:
+    """Where the reading of other nodes' fleet bans is: a page of rows per loop turn, by id
+    from ``after``, into ``pending``; the copies go in batches from there."""
+
+    after: int = 0
+    reading: bool = False
+    again: bool = False  # a look was asked for while reading: read from the start once more
+    pending: deque[Ban] = field(default_factory=deque)
+    problem: str | None = None  # the store's, said once
+
+    @property
+    def busy(self) -> bool:
+        return self.reading or bool(self.pending)
+
+
+@dataclass
 class _Reconcile:
     due: float = 0.0
     problem: str | None = None  # the firewall's
@@ -150,6 +169,9 @@ class BanAction(Action):
         self.listener: FleetListener | None = None
         self.fleet_due = 0.0
         self.fleet_seen: set[int] = set()  # other nodes' fleet bans decided on here
+        self.fleet_scan = _FleetScan()
+        self.malformed_own: set[int] = set()  # this node's own rows found malformed (warned)
+        self.forgotten: set[str] = set()  # held in the kernel, unknown to the history (said)
 
     @classmethod
     def enabled(cls, config: Config) -> bool:
@@ -191,6 +213,8 @@ class BanAction(Action):
         woken = self.listener is not None and self.listener.woken.is_set()
         if woken or (self.fleet and mono >= self.fleet_due):
             return self._fleet_tick(mono)
+        if self.fleet and self.fleet_scan.busy:  # the next page or batch of a backlog
+            return self._copy_fleet()
         if mono < self.reconcile_state.due:
             return []
         self._refresh_guard()
@@ -200,61 +224,132 @@ class BanAction(Action):
 
     def _fleet_tick(self, mono: float) -> list[Plan]:
         """Lifts what another node unbanned (the reconcile: its copy here was marked removed),
-        then copies the bans other nodes decided since the last look."""
+        then looks at the bans other nodes decided since the last look."""
         if not self.fleet:
             return []
         if self.listener is not None:
             self.listener.woken.clear()
         self.fleet_due = mono + FLEET_EVERY
+        scan = self.fleet_scan
+        if scan.reading:
+            scan.again = True
+        else:
+            scan.reading, scan.after = True, 0
         return self._reconcile() + self._copy_fleet()
 
     def _copy_fleet(self) -> list[Plan]:
-        """Other nodes' fleet bans, each copied here within this node's own guard (allowlist,
-        own addresses), caps and ``max_duration``; a refusal is recorded once."""
-        store, now, settings = self.ctx.store, self.ctx.clock.now(), self.ctx.config.ban
+        """One loop turn's share of other nodes' fleet bans (synwatch/fleetcopy.py): a page of
+        rows read, then at most one batch copied (one firewall command), so the probes keep
+        their schedule and a stop is honoured whatever the backlog; the rest on the next turns
+        (the loop is woken for them). Each row is checked like a log line and against this
+        node's own guards and caps; a refusal is logged and counted, never stored."""
+        scan, store, now = self.fleet_scan, self.ctx.store, self.ctx.clock.now()
         try:
-            origins = [b for b in store.fleet_bans_to_copy(now) if b.id not in self.fleet_seen]
-        except StoreError as exc:  # the database is gone: the store has said so once
-            log.debug("ban: the fleet's bans cannot be read: %s", exc)
+            if scan.reading and len(scan.pending) < BATCH:
+                page = store.fleet_bans_to_copy(now, after=scan.after, limit=PAGE)
+                scan.after = max((b.id or 0 for b in page), default=scan.after)
+                scan.pending.extend(b for b in page if b.id not in self.fleet_seen)
+                self.fleet_seen.update(b.id for b in page if b.id is not None)
+                if len(page) < PAGE:
+                    scan.reading, scan.after = scan.again, 0
+                    scan.again = False
+            active = self._well_formed(store.active_bans(self.ctx.netns, now)) \
+                if scan.pending else []
+        except StoreError as exc:  # the database is gone: looked at again when it answers
+            if scan.problem != exc.why:
+                log.warning("ban: the fleet's bans cannot be read (%s); looking again every "
+                            "%.0f s", exc.why, FLEET_EVERY)
+                scan.problem = exc.why
+            scan.reading = scan.again = False
             return []
-        if not origins:
+        scan.problem = None
+        if not scan.pending:
+            if scan.reading:
+                self.ctx.wake()
             return []
-        active = store.active_bans(self.ctx.netns, now)
-        banned = Guard(tuple((ipaddress.ip_network(b.prefix), "already banned here")
-                             for b in active))
-        plans: list[Plan] = []
-        for origin in origins:
-            assert origin.id is not None
-            self.fleet_seen.add(origin.id)
-            why = self.guard.refuses(origin.prefix) or banned.refuses(origin.prefix)
-            if why is None and len(active) + len(plans) >= settings.max_total:
-                why = f"cap of {settings.max_total} active bans reached"
-            if why is not None:
-                if not self.ctx.config.dry_run:  # decided: not looked at again
-                    store.add_bans([replace(origin, id=None, host="", netns=self.ctx.netns,
-                                            backend=self.firewall.name, created_at=now,
-                                            removed_at=now, origin_id=origin.id)])
-                plans.append(skipped(self.name, origin.prefix,
-                                     f"fleet ban from {origin.host} not copied: {why}",
-                                     origin.incident_id))
-                continue
-            until = min(origin.expires_at, now + timedelta(seconds=settings.max_duration))
-            item = BanItem(origin.prefix, max(1, int((until - now).total_seconds())),
-                           f"synwatch fleet ban {origin.id} from {origin.host}")
-            commands = self.firewall.render_ban([item])
-            plans.append(Plan(self.name, origin.prefix, show(commands),
-                              partial(self._copy, origin, item, commands), origin.incident_id))
-        return plans
+        picked = pick(scan.pending, now=now, settings=self.ctx.config.ban,
+                      protected=self.guard.protected, active=active)
+        self._refused(picked.refused)
+        if scan.busy:
+            self.ctx.wake()  # the next page or batch at the next turn, after a probe if due
+        if not picked.copies:
+            return []
+        items = [BanItem(b.prefix, seconds, f"synwatch fleet ban {b.id} from {b.host}")
+                 for b, seconds in picked.copies]
+        commands = self.firewall.render_ban(items)
+        origins = sorted({b.host for b, _ in picked.copies})
+        target = (picked.copies[0][0].prefix if len(items) == 1
+                  else f"{len(items)} fleet bans from {', '.join(origins[:3])}"
+                  + (f" and {len(origins) - 3} more nodes" if len(origins) > 3 else ""))
+        return [Plan(self.name, target, show(commands),
+                     partial(self._copy, picked.copies, commands),
+                     picked.copies[0][0].incident_id if len(items) == 1 else None)]
 
-    def _copy(self, origin: Ban, item: BanItem, commands: Sequence[Command]) -> str:
+    def _refused(self, refused: Sequence[Refusal]) -> None:
+        """Logged (a malformed row as a WARNING naming its id, the rest as INFO; a few by name
+        and the others as a count) and counted, never stored one by one."""
+        if not refused:
+            return
+        counts: dict[str, int] = {}
+        for r in refused:
+            counts[r.reason] = counts.get(r.reason, 0) + 1
+        for reason, n in counts.items():
+            self.ctx.fleet_refused(reason, n)
+        bad = [r for r in refused if r.reason == MALFORMED]
+        rest = [r for r in refused if r.reason != MALFORMED]
+        shown = bad[:MALFORMED_SHOWN] + rest[:MAX_SHOWN]
+        for r in shown:
+            log.log(logging.WARNING if r.reason == MALFORMED else logging.INFO,
+                    "ban: fleet ban %s from %s (%s) not copied: %s", r.ban.id, r.ban.host[:64],
+                    r.ban.prefix[:64], r.why)
+        more = bad[MALFORMED_SHOWN:] + rest[MAX_SHOWN:]
+        if more:
+            log.log(logging.WARNING if len(bad) > MALFORMED_SHOWN else logging.INFO,
+                    "ban: %d more fleet bans not copied (ids %s to %s); in all: %s", len(more),
+                    min(r.ban.id or 0 for r in more), max(r.ban.id or 0 for r in more),
+                    ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())))
+
+    def _copy(self, copies: Sequence[tuple[Ban, int]], commands: Sequence[Command]) -> str:
+        """Stored first, then one firewall command for the whole batch; each copy names its
+        origin (``origin_id``, the element's comment, its action run on the origin's
+        incident)."""
         now = self.ctx.clock.now()
-        self.ctx.store.add_bans([replace(origin, id=None, host="", netns=self.ctx.netns,
-                                         backend=self.firewall.name, created_at=now,
-                                         expires_at=now + timedelta(seconds=item.seconds),
-                                         origin_id=origin.id)])
-        self.firewall.apply(commands)  # a failure: the reconcile puts it in from the store
+        store = self.ctx.store
+        store.add_bans([replace(origin, id=None, host="", netns=self.ctx.netns,
+                                backend=self.firewall.name, created_at=now,
+                                expires_at=now + timedelta(seconds=seconds),
+                                origin_id=origin.id)
+                        for origin, seconds in copies])
+        self.firewall.apply(commands)  # a failure: the reconcile puts them in from the store
         self.reconcile_state.due = 0.0  # proven in the kernel at the next tick
-        return f"fleet ban from {origin.host}, for {format_duration(item.seconds)}"
+        if len(copies) > 1:  # one plan for the batch: each copy on its origin's incident too
+            store.add_action_runs([ActionRun(
+                incident_id=origin.incident_id, action=self.name, target=origin.prefix,
+                status="done", at=now, rendered="",
+                detail=f"fleet ban {origin.id} from {origin.host}, for "
+                       f"{format_duration(seconds)} (one batch of {len(copies)})")
+                for origin, seconds in copies])
+        longest = max(seconds for _, seconds in copies)
+        if len(copies) == 1:
+            origin = copies[0][0]
+            return f"fleet ban {origin.id} from {origin.host}, for {format_duration(longest)}"
+        return f"{len(copies)} fleet bans copied, for up to {format_duration(longest)}"
+
+    def _well_formed(self, bans: list[Ban]) -> list[Ban]:
+        """This node's own rows whose prefix is a network (anyone who can write the table can
+        write a row in this node's name): the others are left alone, warned once each."""
+        out = []
+        for b in bans:
+            try:
+                ipaddress.ip_network(b.prefix)
+            except ValueError:
+                if b.id not in self.malformed_own:
+                    log.warning("ban: ban %s of this node in the history has a prefix that is "
+                                "not a network (%r): ignored", b.id, b.prefix[:64])
+                    self.malformed_own.add(b.id or 0)
+                continue
+            out.append(b)
+        return out
 
     def _apply(self, commands: Sequence[Command], outcome: str) -> str:
         self.firewall.apply(commands)
@@ -271,7 +366,7 @@ class BanAction(Action):
         if not seen:
             seen |= self.ctx.store.incident_bans(inc)  # after a restart
         now = self.ctx.clock.now()
-        active = self.ctx.store.active_bans(self.ctx.netns, now)
+        active = self._well_formed(self.ctx.store.active_bans(self.ctx.netns, now))
         choice = choose(change.bans, settings=self.ctx.config.ban, guard=self.guard, seen=seen,
                         banned_here=sum(1 for b in active if b.incident_id == inc),
                         active_total=len(active), active=[b.prefix for b in active])
@@ -331,7 +426,7 @@ class BanAction(Action):
         now = self.ctx.clock.now()
         if listing is None:  # nothing is proven while the firewall cannot be listed
             with contextlib.suppress(StoreError):
-                unproven = store.active_bans(self.ctx.netns, now, fw.name)
+                unproven = self._well_formed(store.active_bans(self.ctx.netns, now, fw.name))
                 self._keep_check(now, 0, {b.id: f"not listed: {st.problem}"
                                           for b in unproven if b.id is not None}, unproven)
             return []
@@ -339,8 +434,8 @@ class BanAction(Action):
         # a listing that took long leaves its times that much older
         tolerance = DRIFT_TOLERANCE + (self.ctx.clock.monotonic() - listed_at)
         try:
-            active = store.active_bans(self.ctx.netns, now, fw.name)
-            expired = store.expired_bans(self.ctx.netns, now, fw.name)
+            active = self._well_formed(store.active_bans(self.ctx.netns, now, fw.name))
+            expired = self._well_formed(store.expired_bans(self.ctx.netns, now, fw.name))
         except StoreError as exc:  # the database is gone: the firewall stays as it is
             if st.store_problem is None:
                 log.warning("ban: %s; the firewall is reconciled when it answers", exc.why)
@@ -349,6 +444,7 @@ class BanAction(Action):
         st.store_problem = None
         seen = compare(active, have, now, kernel_timeouts=fw.preset.kernel_timeouts,
                        tolerance=tolerance)
+        seen = self._spare_forgotten(seen, have, active)
         new = [d for d in seen.drifted if d.ban.id not in self.drifted]
         if new:
             shown = "; ".join(f"{d.ban.prefix}{_of(d.ban)} {d.why}" for d in new[:MAX_SHOWN])
@@ -381,6 +477,41 @@ class BanAction(Action):
             return ", ".join(parts)
 
         return [Plan(self.name, f"{fw.name} reconcile", show(commands), apply)]
+
+    def _spare_forgotten(self, seen: Comparison, have: dict[str, int | None],
+                         active: Sequence[Ban]) -> Comparison:
+        """A ban the kernel holds with a timeout of its own, of a prefix the history has never
+        banned here, is left to that timeout rather than removed: the history forgot it (a
+        deleted, replaced or restored file), it did not lift it. What the history knows it
+        ended (expired, unbanned here or by another node of the fleet) is removed as before,
+        and so is an element that overlaps an active ban (a /24 held as its .0: drift, and an
+        interval set takes no overlapping element)."""
+        if not seen.stale or not self.firewall.preset.kernel_timeouts:
+            return seen
+        left = {normal(p): t for p, t in have.items()}
+        held = Guard(tuple((ipaddress.ip_network(b.prefix), "active") for b in active))
+        forgotten: list[str] = []
+        for prefix in seen.stale:
+            if left.get(prefix) is None:
+                continue  # no timeout of its own: it would stay for ever
+            if held.refuses(prefix) is not None:
+                continue  # in the way of an active ban: drift, removed
+            try:
+                known = self.ctx.store.times_banned(self.ctx.netns, prefix) > 0
+            except StoreError:
+                known = False  # the history cannot say: never lift on its silence
+            if not known:
+                forgotten.append(prefix)
+        if not forgotten:
+            return seen
+        if set(forgotten) != self.forgotten:
+            log.error("ban: %d ban%s in %s the history does not know (%s%s): left to their "
+                      "kernel timeouts; was the history deleted or replaced?", len(forgotten),
+                      "s" if len(forgotten) != 1 else "", self.firewall.name,
+                      ", ".join(forgotten[:MAX_SHOWN]),
+                      ", ..." if len(forgotten) > MAX_SHOWN else "")
+            self.forgotten = set(forgotten)
+        return replace(seen, stale=tuple(p for p in seen.stale if p not in forgotten))
 
     def _listed(self, every: float) -> tuple[dict[str, int | None], bool] | None:
         """What the firewall holds and whether our table or set is gone, or None when it

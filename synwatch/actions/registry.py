@@ -54,6 +54,8 @@ class ActionContext:
     wake: Callable[[], None] = field(default=lambda: None)
     # a ban found not enforced in the kernel, per backend (synwatch_bans_drift_total)
     drift: Callable[[str, int], None] = field(default=lambda _backend, _n: None)
+    # other nodes' fleet bans refused here, per reason (synwatch_fleet_refused_total)
+    fleet_refused: Callable[[str, int], None] = field(default=lambda _reason, _n: None)
 
     @property
     def netns(self) -> str:

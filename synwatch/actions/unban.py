@@ -16,7 +16,10 @@ from synwatch.store import Store
 
 
 def _covers(ban: Ban, wanted: Network) -> bool:
-    net = ipaddress.ip_network(ban.prefix)
+    try:
+        net = ipaddress.ip_network(ban.prefix)
+    except ValueError:  # a row anyone who can write the table wrote: not a ban of anything
+        return False
     return net.version == wanted.version and net.overlaps(wanted)
 
 

@@ -33,6 +33,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_errors": found.get("last_errors", []),
         "summary": found.get("summary") if running else "not running",
         "host": config.host, "store": found.get("store"), "hosts": [],
+        # other nodes' fleet bans this node refused since it started (synwatch/fleetcopy.py)
+        "fleet_refused": found.get("fleet_refused", 0) if running else 0,
     }
     try:
         store = Store.open(config.storage_url, host=config.host)

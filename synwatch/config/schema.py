@@ -145,6 +145,15 @@ def _host(value: Any) -> str:
     return value
 
 
+def _host_globs(value: Any) -> tuple[str, ...]:
+    names = _string_list(value)
+    for name in names:
+        if not name or len(name) > 255 or not re.fullmatch(r"[^\x00-\x20\x7f]*", name):
+            raise _Invalid(f"expected host names or globs (up to 255 characters, no spaces), "
+                           f"got {_show(name)}")
+    return names
+
+
 def _state_dir(value: Any) -> str:
     if not isinstance(value, str) or (value and not value.startswith("/")):
         raise _Invalid(f"expected an absolute path or \"\", got {_show(value)}")
@@ -426,6 +435,15 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                     "every node sharing the history (within seconds on PostgreSQL: "
                     "LISTEN/NOTIFY), each within its own allowlist, caps and "
                     "`max_duration`; `unban` on any node lifts it everywhere"),
+        "fleet_from": _s(_host_globs, ["*"], "the nodes whose fleet bans this node copies: "
+                         'names or globs (`["web*", "db1"]`) of `storage.host`; `["*"]` = every '
+                         "node of the fleet, `[]` = none. Every row read is checked like a log "
+                         "line (its prefix, times, host, scope) and every copy obeys this "
+                         "node's own guards (allowlist, own addresses, `widest_v4`/`widest_v6`, "
+                         "multicast, loopback, link-local, unspecified, reserved and "
+                         "v4-mapped/compatible ranges, `max_total`, `max_per_incident`, "
+                         "`max_duration`); a refusal is logged and counted "
+                         "(`synwatch_fleet_refused_total`), not stored"),
         "reconcile": _s(_reconcile, "60s", "how often every active ban is checked in the "
                         "kernel (present, at its prefix length, with the time left the history "
                         "says) and a drifted one put back"),

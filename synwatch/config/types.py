@@ -63,6 +63,7 @@ class BanSettings:
     widest_v4: int = 16  # prefixes that fill a larger block are banned as it, up to this wide
     widest_v6: int = 48
     scope: str = "local"  # local | fleet: copied by every node sharing the history
+    fleet_from: tuple[str, ...] = ("*",)  # nodes (names or globs) whose fleet bans are copied
     reconcile: float = 60.0  # seconds between checks of the bans in the kernel
 
 

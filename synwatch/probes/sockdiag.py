@@ -234,7 +234,7 @@ def peers(ports: Iterable[int], v4_len: int = 24, v6_len: int = 64) -> dict[int,
     (ESTABLISHED, TIME-WAIT, closing), address -> sockets, as networks ("/32", "/128"; past
     MAX_PEERS addresses a peer is kept as its /24 or /64, never dropped). Both families;
     ``::ffff:a.b.c.d`` peers count as IPv4."""
-    wanted = {p.to_bytes(2, "big") for p in ports}
+    wanted = {p.to_bytes(2, "big").hex() for p in ports}  # keys start with the local port
     out: dict[int, dict[str, int]] = {}
     if not wanted:
         return out
@@ -242,7 +242,7 @@ def peers(ports: Iterable[int], v4_len: int = 24, v6_len: int = 64) -> dict[int,
     for family, head in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
         keys: list[str] = []
         for data in _dump(family, COMPLETED_STATES):
-            keys.extend(k for k in _chunk_keys(data, head) if bytes.fromhex(k[:4]) in wanted)
+            keys.extend(k for k in _chunk_keys(data, head) if k[:4] in wanted)
         for key, n in Counter(keys).items():
             b = bytes.fromhex(key)
             addr = b[2:]

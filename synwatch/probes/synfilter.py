@@ -4,9 +4,10 @@ The program runs on SOCK_DGRAM packets, which start at the network header (af_pa
 packet_rcv pulls the link header): it keeps inbound TCP SYNs without ACK and ACKs without SYN
 or RST (a forged source never sends one: it never saw the SYN-ACK), IPv4 (non-first
 fragments skipped) and IPv6 (up to two hop-by-hop, routing or destination-options headers
-walked, fragments skipped), skips PACKET_OUTGOING, and keeps 1 in N at random with the
-ancillary load SKF_AD_RANDOM then ``mod N`` (Documentation/networking/filter.rst; docs/kernel.md
-§6). ``parse_packet`` reads a kept packet with the same rules.
+walked, fragments skipped), skips PACKET_OUTGOING and whatever comes in on lo, and keeps 1 in N
+at random with the ancillary load SKF_AD_RANDOM then ``mod N``
+(Documentation/networking/filter.rst; docs/kernel.md §6). ``parse_packet`` reads a kept packet
+with the same rules.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ BPF_JA, BPF_JEQ, BPF_JSET = 0x00, 0x10, 0x40
 BPF_K, BPF_X = 0x00, 0x08
 BPF_TAX, BPF_TXA = 0x00, 0x80
 SKF_AD_OFF = -0x1000
-SKF_AD_PROTOCOL, SKF_AD_PKTTYPE, SKF_AD_RANDOM = 0, 4, 56
+SKF_AD_PROTOCOL, SKF_AD_PKTTYPE, SKF_AD_IFINDEX, SKF_AD_RANDOM = 0, 4, 8, 56
+LOOPBACK_IFINDEX = 1  # lo is interface 1 in every network namespace (net/core/dev.c)
 PACKET_OUTGOING = 4
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
 SO_ATTACH_FILTER = 26
@@ -90,6 +92,10 @@ def program(one_in: int, snaplen: int = SNAPLEN) -> list[Instruction]:
     lines: list[Line] = [
         ("ld pkttype", BPF_LD | BPF_W | BPF_ABS, None, None, SKF_AD_OFF + SKF_AD_PKTTYPE),
         ("jeq outgoing", jeq, "drop", None, PACKET_OUTGOING),
+        # what comes in on lo never crossed an interface from outside: any local user can
+        # forge its source (IPV6_FREEBIND), so it is never a ban's evidence
+        ("ld ifindex", BPF_LD | BPF_W | BPF_ABS, None, None, SKF_AD_OFF + SKF_AD_IFINDEX),
+        ("jeq loopback", jeq, "drop", None, LOOPBACK_IFINDEX),
         ("ld proto", BPF_LD | BPF_W | BPF_ABS, None, None, SKF_AD_OFF + SKF_AD_PROTOCOL),
         ("jeq ipv4", jeq, "v4", None, ETH_P_IP),
         ("jeq ipv6", jeq, "v6", "drop", ETH_P_IPV6),

@@ -52,7 +52,8 @@ SOL_PACKET, PACKET_STATISTICS = 263, 6
 
 TARGET_RATE: Final = 1000  # samples a second userspace is asked to handle, at most
 LINGER: Final = 0.02  # after a wake-up, let samples gather so one read loop takes many
-PREFIX_CACHE: Final = 65536  # source prefixes kept as strings (cleared when full)
+PREFIX_CACHE: Final = 4096  # source prefixes kept as strings (cleared when full): a flood from
+# a few networks repeats them; one from everywhere (a new /64 every SYN) would only fill it
 MAX_PORTS: Final = 256  # ports tracked per interval; the rest are only counted
 MAX_PREFIXES: Final = 4096  # prefixes tracked per port and interval
 MAX_ADDRESSES: Final = 4096  # source addresses tracked per port and interval (SYNs, ACKs each)

@@ -29,10 +29,36 @@ from synwatch.store.retention import Retention
 from synwatch.store.state import ServiceState
 from synwatch.store.writes import Writes
 
-__all__ = ["BUSY_TIMEOUT", "MIGRATIONS", "NewEvent", "Store"]
+__all__ = ["BUSY_TIMEOUT", "MIGRATIONS", "NewEvent", "Store", "pg_connect_args"]
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MIGRATION_LOCK = 0x73796E77  # "synw": the advisory lock nodes take to migrate one at a time
+# Every PostgreSQL operation is bounded in time, so a server that stops answering (a network
+# partition: packets dropped, not refused) fails like one that refuses, within seconds, and the
+# service goes on on its spool (synwatch/spool.py). libpq's keywords
+# (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS): a
+# connection attempt, data sent and not acknowledged (tcp_user_timeout), an idle connection
+# waiting for an answer (keepalives: idle + interval * count), each a few seconds.
+PG_CONNECT_TIMEOUT = 2  # seconds (libpq's minimum)
+PG_TCP_USER_TIMEOUT_MS = 3000
+PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
+                 "keepalives_count": 2}
+# the service's own statements (storage is never its hot path): a live server stuck on a lock
+# or a slow query is given up on as well; migrations lift both for their transaction
+PG_STATEMENT_TIMEOUT_MS = 5000
+PG_LOCK_TIMEOUT_MS = 3000
+POOL_TIMEOUT = 5.0  # seconds a checkout waits for a pooled connection
+
+
+def pg_connect_args(*, bounded_statements: bool = False) -> dict[str, Any]:
+    """libpq keywords that bound every wait on a PostgreSQL server (connect, send, receive);
+    ``bounded_statements``: also the service's statement and lock timeouts."""
+    args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT,
+                            "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS, **PG_KEEPALIVES}
+    if bounded_statements:
+        args["options"] = (f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS} "
+                           f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}")
+    return args
 
 
 def _why(exc: BaseException) -> str:
@@ -79,7 +105,10 @@ class Store(Writes, Queries, ServiceState, Fleet, Retention):
         return self.engine.dialect.name
 
     @classmethod
-    def open(cls, url: str, *, migrate: bool = True, host: str | None = None) -> Store:
+    def open(cls, url: str, *, migrate: bool = True, host: str | None = None,
+             bounded: bool = False) -> Store:
+        """``bounded``: the service's statements are given up on after
+        PG_STATEMENT_TIMEOUT_MS (connecting, sending and waiting always are)."""
         try:
             parsed = make_url(url)
         except SQLAlchemyError as exc:
@@ -100,7 +129,16 @@ class Store(Writes, Queries, ServiceState, Fleet, Retention):
         try:
             # pre-ping: a database server restarted under a long-running service leaves dead
             # pooled connections; each checkout tests its connection and reconnects
-            engine = create_engine(url, pool_pre_ping=parsed.get_backend_name() != "sqlite")
+            if parsed.get_backend_name() == "postgresql":
+                given = set(parsed.query)  # the URL's own keywords win
+                engine = create_engine(url, pool_pre_ping=True, pool_timeout=POOL_TIMEOUT,
+                                       connect_args={
+                                           k: v for k, v in pg_connect_args(
+                                               bounded_statements=bounded).items()
+                                           if k not in given})
+            else:
+                engine = create_engine(url,
+                                       pool_pre_ping=parsed.get_backend_name() != "sqlite")
         except (SQLAlchemyError, ImportError) as exc:
             raise StoreError(shown, _why(exc)) from exc
         store = cls(url, engine, host)
@@ -171,6 +209,9 @@ class Store(Writes, Queries, ServiceState, Fleet, Retention):
                 if self.dialect == "postgresql":
                     # nodes of a fleet starting together: one migrates, the others wait for it
                     # and find the schema current (the lock ends with the transaction)
+                    # a migration may take longer than a service statement may
+                    conn.execute(text("SET LOCAL statement_timeout = 0"))
+                    conn.execute(text("SET LOCAL lock_timeout = 0"))
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                  {"key": MIGRATION_LOCK})
                     if self.schema_revision(conn) == head:

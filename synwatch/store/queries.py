@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, text
 
 from synwatch.errors import NotFound
+from synwatch.historyreader import ban_columns, ban_of
 from synwatch.records import ActionRun, Ban, Incident, PortHistory, RecordedEvent, StoredPoint
 from synwatch.store.base import (
     StoreBase,
-    ban_record,
     event_record,
     incident_record,
     point_record,
@@ -20,7 +20,6 @@ from synwatch.store.base import (
 )
 from synwatch.store.models import (
     ActionRunRow,
-    BanRow,
     EventRow,
     IncidentRow,
     SavedSettingRow,
@@ -108,11 +107,13 @@ class Queries(StoreBase):
 
     def bans(self, host: str | None = None) -> list[Ban]:
         """Bans oldest first (of ``host``, else of every node)."""
-        q = select(BanRow)
-        if host is not None:
-            q = q.where(BanRow.host == host)
+        # as text, with historyreader's columns: a time out of Python's range (PostgreSQL's
+        # 'infinity', written by anyone who can write the table) is shown at its bound
+        # instead of failing the whole list
+        where = " WHERE host = :host" if host is not None else ""
+        sql = text(f"SELECT {ban_columns()} FROM bans{where} ORDER BY created_at, id")
         with self.session() as s:
-            return [ban_record(r) for r in s.scalars(q.order_by(BanRow.created_at, BanRow.id))]
+            return [ban_of(tuple(r)) for r in s.execute(sql, {"host": host})]
 
     def ban_checks(self, host: str | None = None) -> dict[tuple[str, str, str], str]:
         """What the ban reconcile last found (synwatch/banproof.py): (host, netns, name) ->

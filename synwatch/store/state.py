@@ -5,11 +5,12 @@ bans to keep. Every method returns records."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 
+from synwatch.historyreader import TIME_MAX, TIME_MIN
 from synwatch.records import ActionRun, Ban, IncidentChange
 from synwatch.store.base import StoreBase, ban_record, run_record, trigger, verdict
 from synwatch.store.models import (
@@ -87,7 +88,8 @@ class ServiceState(StoreBase):
     def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
         """This node's bans in force in ``netns`` (a fleet shares the table)."""
         q = select(BanRow).where(BanRow.host == self.host, BanRow.netns == netns,
-                                 BanRow.removed_at.is_(None), BanRow.expires_at > now)
+                                 BanRow.removed_at.is_(None), BanRow.expires_at > now,
+                                 *_loadable())
         if backend is not None:
             q = q.where(BanRow.backend == backend)
         with self.session() as s:
@@ -98,7 +100,7 @@ class ServiceState(StoreBase):
         with self.session() as s:
             return [ban_record(r) for r in s.scalars(select(BanRow).where(
                 BanRow.host == self.host, BanRow.netns == netns, BanRow.backend == backend,
-                BanRow.removed_at.is_(None), BanRow.expires_at <= now))]
+                BanRow.removed_at.is_(None), BanRow.expires_at <= now, *_loadable()))]
 
     def times_banned(self, netns: str, prefix: str) -> int:
         """How often ``prefix`` was banned before (for longer bans of repeat offenders)."""
@@ -133,3 +135,12 @@ class ServiceState(StoreBase):
                       .values(removed_at=now))
             if fleet:
                 self.announce_bans(s)
+
+
+def _loadable() -> tuple[ColumnElement[bool], ...]:
+    """Only rows whose times Python can hold: one 'infinity' (written by anyone who can write
+    the table) made every read of the node's bans fail, and the service with it."""
+    low, high = (datetime.fromisoformat(t).replace(tzinfo=timezone.utc)
+                 for t in (TIME_MIN, TIME_MAX))
+    return (BanRow.created_at > low, BanRow.created_at < high, BanRow.expires_at > low,
+            BanRow.expires_at < high)
