@@ -18,6 +18,7 @@ sampler), and returns blocks with the numbers that chose each width. The rules:
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from synwatch.config.types import Network
 from synwatch.records import BanTarget as Target
 from synwatch.stats import aggregate
+
+MAX_UNITS = 1024  # flooding sources weighed per verdict (the busiest), to bound its work
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,25 +52,46 @@ def _common(nets: list[Network]) -> Network:
 
 
 class _Completing:
-    """The networks seen completing handshakes, indexed by their /24 (/64): a verdict is taken
-    at every probe, over up to 4,096 flooding addresses and as many completing ones."""
+    """The networks seen completing handshakes, indexed by their /24 (/64), and the wider ones
+    by prefix length: a verdict is taken at every probe, over up to MAX_UNITS flooding
+    addresses and thousands of completing ones."""
 
     def __init__(self, nets: Iterable[tuple[Network, int]], v4_len: int, v6_len: int) -> None:
         self.lengths = {4: v4_len, 6: v6_len}
         self.buckets: dict[Network, list[tuple[Network, int]]] = {}
-        self.wide: list[tuple[Network, int]] = []  # wider than a bucket
+        # per bucket, sorted by start: (starts, ends, nets), and its widest entry's size, so an
+        # overlap test is a bisection, not a scan (a split walks a bucket once per level)
+        self.ranges: dict[Network, tuple[list[int], list[int], list[tuple[Network, int]],
+                                         int]] = {}
+        self.wide: dict[tuple[int, int], dict[Network, int]] = {}  # (version, length) -> nets
         for net, k in nets:
             length = self.lengths[net.version]
             if net.prefixlen < length:
-                self.wide.append((net, k))
+                by = self.wide.setdefault((net.version, net.prefixlen), {})
+                by[net] = by.get(net, 0) + k
             else:
                 self.buckets.setdefault(net.supernet(new_prefix=length), []).append((net, k))
+        for key, entries in self.buckets.items():
+            entries.sort(key=lambda e: int(e[0].network_address))
+            starts = [int(n.network_address) for n, _ in entries]
+            ends = [int(n.broadcast_address) for n, _ in entries]
+            self.ranges[key] = (starts, ends, entries,
+                                max(e - b for b, e in zip(starts, ends, strict=True)))
 
     def inside(self, block: Network) -> list[tuple[Network, int]]:
         """The completing networks that overlap ``block``."""
         length = self.lengths[block.version]
-        found = [(n, k) for n, k in self.wide if n.version == block.version
-                 and n.overlaps(block)]
+        found: list[tuple[Network, int]] = []
+        for (version, wide_len), nets in self.wide.items():
+            if version != block.version:
+                continue
+            if wide_len <= block.prefixlen:  # one candidate: the block's own supernet
+                key = block.supernet(new_prefix=wide_len)
+                if key in nets:
+                    found.append((key, nets[key]))
+            else:  # wider than the block's length but inside it
+                found += [(n, k) for n, k in nets.items()
+                          if n.subnet_of(block)]  # type: ignore[arg-type]
         if block.prefixlen >= length:
             keys: Iterable[Network] = (block.supernet(new_prefix=length),)
         elif len(self.buckets) >= 1 << (length - block.prefixlen):
@@ -75,8 +99,16 @@ class _Completing:
         else:
             keys = [key for key in self.buckets if key.version == block.version
                     and key.subnet_of(block)]  # type: ignore[arg-type]
+        lo, hi = int(block.network_address), int(block.broadcast_address)
         for key in keys:
-            found += [(n, k) for n, k in self.buckets.get(key, ()) if n.overlaps(block)]
+            got = self.ranges.get(key)
+            if got is None:
+                continue
+            starts, ends, entries, widest = got
+            for i in range(bisect.bisect_left(starts, lo - widest),
+                           bisect.bisect_right(starts, hi)):
+                if ends[i] >= lo:
+                    found.append(entries[i])
         return found
 
 
@@ -111,6 +143,8 @@ def plan_targets(flood: Mapping[str, int], total: int, completed: Mapping[str, i
     networks seen completing handshakes, with how often."""
     completing = _Completing(((_net(n), k) for n, k in completed.items() if k > 0),
                              v4_len, v6_len)
+    if len(flood) > MAX_UNITS:  # the busiest: a block below the floor is never banned anyway
+        flood = dict(sorted(flood.items(), key=lambda x: -x[1])[:MAX_UNITS])
     mixed: list[Target] = []
     spared: list[str] = []
     by_prefix: dict[Network, list[tuple[Network, int]]] = {}
@@ -142,10 +176,12 @@ def plan_targets(flood: Mapping[str, int], total: int, completed: Mapping[str, i
     whole = [b for b, _, p in blocks if b == p]
     merged = {_net(m) for m in aggregate([str(b) for b in whole], widest_v4, widest_v6)}
     joined: dict[Network, list[tuple[Network, list[tuple[Network, int]], Network]]] = {}
+    merged_lengths = sorted({(m.version, m.prefixlen) for m in merged})
     for entry in blocks:
         block = entry[0]
-        wider = next((m for m in merged if m.version == block.version and m != block
-                      and block.subnet_of(m)), None)  # type: ignore[arg-type]
+        wider = next((m for version, length in merged_lengths
+                      if version == block.version and length < block.prefixlen
+                      and (m := block.supernet(new_prefix=length)) in merged), None)
         if wider is not None and not completing.inside(wider):
             joined.setdefault(wider, []).append(entry)
         else:

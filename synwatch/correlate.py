@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -364,10 +364,15 @@ class Correlator:
 
     def on_evidence(self, ev: Evidence) -> list[IncidentChange]:
         prev, self._last = self._last, ev
-        if prev is None and self._resumed_from is not None and self._resumed_from.at < ev.at:
+        resumed = (prev is None and self._resumed_from is not None
+                   and timedelta() < ev.at - self._resumed_from.at <= self.quiet)
+        if resumed:
+            # within the quiet period (longer, the incidents it kept would have closed)
             prev = self._resumed_from
         self._resumed_from = None
         probe = measure(prev, ev)
+        if resumed:
+            probe = replace(probe, since_restart=True)
         resolved = self._resolve_held(probe)  # this interval holds the lines read since the last
         if not probe.moving:
             self._moving_since = None

@@ -4,6 +4,7 @@ correlator decides on these; a Tally (verdict.py) adds them up."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ RATES = {"syns_overflowed": OVERFLOW, "syns_dropped": ("TcpExt.TCPReqQFullDrop",
          "cookies_sent": ("TcpExt.SyncookiesSent",), "cookies_recv": ("TcpExt.SyncookiesRecv",),
          "passive_opens": ("Tcp.PassiveOpens",), "listen_overflows": ("TcpExt.ListenOverflows",)}
 MAX_PREFIXES = 4096  # per incident and per kind of count
+FOLDS = ((24, 64), (16, 32), (8, 16), (8, 8))  # completing sources, folded this far at most
 ListenerId = tuple[int, str, int]  # (family, address, port)
 
 
@@ -37,6 +39,8 @@ class ProbeDelta:
     dropped: dict[ListenerId, int]  # listeners' own drops (sk_drops) over it
     grew: frozenset[ListenerId]  # listeners whose SYN-RECV rose over it
     conntrack_dropped: int = 0  # new flows connection tracking dropped over it (table full)
+    # measured against the last probe before a restart: the packet sampler did not watch it
+    since_restart: bool = False
 
     @property
     def moving(self) -> bool:
@@ -99,24 +103,36 @@ def add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[
 
 def add_completed(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:
     """Networks seen completing handshakes, bounded without ever forgetting one: past
-    MAX_PREFIXES, single addresses are folded into their /24 (/64), which a ban then spares
-    whole (wider, never narrower, than what was seen)."""
+    MAX_PREFIXES they are folded into wider blocks (/24, /16, /8; /64, /32, /16, /8), which a
+    ban then spares whole (wider, never narrower, than what was seen). An ACK spray from
+    everywhere so makes bans rarer, never wrong, and the table stays bounded."""
+    coarsest = {4: 32, 6: 128}  # how far the table is folded already: new ones join there
+    for network in counts:
+        version, length = _shape(network)
+        coarsest[version] = min(coarsest[version], length)
     for network, n in more:
-        counts[network] = counts.get(network, 0) + n
-    if len(counts) <= MAX_PREFIXES:
-        return counts
-    folded: dict[str, int] = {}
-    for network, n in counts.items():
-        net = ipaddress.ip_network(network)
-        wide = 24 if net.version == 4 else 64
-        key = str(net.supernet(new_prefix=wide)) if net.prefixlen > wide else network
-        folded[key] = folded.get(key, 0) + n
-    if len(folded) > MAX_PREFIXES:  # still too many: /16 and /32 blocks
-        wider: dict[str, int] = {}
-        for network, n in folded.items():
-            net = ipaddress.ip_network(network)
-            wide = 16 if net.version == 4 else 32
-            key = str(net.supernet(new_prefix=wide)) if net.prefixlen > wide else network
-            wider[key] = wider.get(key, 0) + n
-        folded = wider
-    return folded
+        version, length = _shape(network)
+        key = _fold(network, coarsest[version]) if length > coarsest[version] else network
+        counts[key] = counts.get(key, 0) + n
+    for v4, v6 in FOLDS:
+        if len(counts) <= MAX_PREFIXES:
+            break
+        folded: dict[str, int] = {}
+        for network, n in counts.items():
+            version, length = _shape(network)
+            wide = v4 if version == 4 else v6
+            key = _fold(network, wide) if length > wide else network
+            folded[key] = folded.get(key, 0) + n
+        counts = folded
+    return counts
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _shape(network: str) -> tuple[int, int]:
+    net = ipaddress.ip_network(network, strict=False)
+    return net.version, net.prefixlen
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _fold(network: str, length: int) -> str:
+    return str(ipaddress.ip_network(network, strict=False).supernet(new_prefix=length))

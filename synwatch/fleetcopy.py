@@ -58,6 +58,16 @@ def _bound(text: str) -> datetime:
 _MAX, _MIN = _bound(TIME_MAX), _bound(TIME_MIN)
 
 
+def is_plain_prefix(text: str) -> bool:
+    """A network written as ipaddress writes it: no IPv6 scope (``%...``, which ipaddress takes
+    and keeps, and which would reach a firewall command's text), no host bits, no spaces."""
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except (ValueError, TypeError):
+        return False
+    return str(net) == text and "%" not in text
+
+
 def malformed(b: Ban, now: datetime) -> str | None:
     """Why a fleet row is not a ban at all, or None. ``b`` as the store read it: its prefix as
     written, its times clamped to what Python holds (historyreader.in_range)."""
@@ -65,9 +75,7 @@ def malformed(b: Ban, now: datetime) -> str | None:
         return f"host {b.host!r} is not a node name"
     if b.scope != "fleet" or b.origin_id is not None:
         return "not a fleet ban decided on its node"
-    try:
-        ipaddress.ip_network(b.prefix, strict=True)
-    except (ValueError, TypeError):
+    if not is_plain_prefix(b.prefix):
         return f"prefix {b.prefix[:64]!r} is not a network"
     if b.expires_at >= _MAX or b.created_at >= _MAX:
         return "a time past what this node can hold (infinity?)"

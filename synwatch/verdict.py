@@ -73,6 +73,7 @@ class Tally:
     # the packet sampler watched while the incident was active: it sees every SYN that crossed
     # an interface from outside (never lo), so a flood it did not see came from this host
     sampler_on: bool = False
+    overflow_watched: int = 0  # SYNs that overflowed while the sampler watched
     # Connection tracking in the namespace (none where it is not loaded): the table's peak and
     # the new flows it dropped while the incident was active (docs/kernel.md §7).
     conntrack_max: int = 0
@@ -100,6 +101,8 @@ class Tally:
                                                          if port == self.port))
             self._absorb_sampled(probe.sampled)
             self.absorb_counters(probe.deltas)
+            if probe.sampled is not None and not probe.since_restart:
+                self.overflow_watched += probe.deltas["syns_overflowed"]
             self.peak_overflow_rate = max(self.peak_overflow_rate, rates["syns_overflowed"])
             self.peak_listen_overflow_rate = max(self.peak_listen_overflow_rate,
                                                  rates["listen_overflows"])
@@ -156,7 +159,13 @@ class Tally:
                      backlog=self.backlog, sysctls=dict(self.sysctls), half_open=self.half_open)
 
     def keep_peaks(self, earlier: Tally) -> None:
-        """Carry an earlier phase's peaks into this one."""
+        """Carry an earlier phase's peaks into this one, and who completed handshakes: a client
+        seen completing in an earlier phase, idle now, is still a client (never in a ban)."""
+        self.completed = add_completed(self.completed, earlier.completed.items())
+        self.connected = add_completed(self.connected, (
+            (p, n - self.connected.get(p, 0)) for p, n in earlier.connected.items()
+            if n > self.connected.get(p, 0)))
+        self.sampler_on = self.sampler_on or earlier.sampler_on
         self.peak_syn_recv = max(self.peak_syn_recv, earlier.peak_syn_recv)
         self.peak_accept_queue = max(self.peak_accept_queue, earlier.peak_accept_queue)
         self.peak_overflow_rate = max(self.peak_overflow_rate, earlier.peak_overflow_rate)
@@ -275,10 +284,11 @@ def targets(t: Tally, th: Thresholds) -> TargetPlan:
     """What a ban takes and what is rate limited: per address where the sampler saw them (the
     width of a ban needs addresses), else per prefix of the best evidence."""
     b = basis(t)
-    if t.sampler_on and not t.sampled_n:
-        # request sockets or the accounting set (both count what comes in on lo) saw SYNs the
-        # sampler never did: they never crossed an interface from outside, and a local user
-        # can forge their sources (IPV6_FREEBIND): never a ban
+    if t.sampler_on and (not t.sampled_n or t.sampled_syns * 4 < t.overflow_watched):
+        # the queue overflowed with SYNs the sampler never saw (request sockets and the
+        # counters count what comes in on lo, the sampler does not): they never crossed an
+        # interface from outside, and a local user can forge their sources (IPV6_FREEBIND)
+        # while real clients from outside are all the sample holds: never a ban
         return TargetPlan((), (), ("the SYNs came from this host itself (none crossed an "
                                    "interface from outside): nothing to ban",), 0.0)
     if t.sampled_addr:  # the accounting set counts exactly, but per prefix only

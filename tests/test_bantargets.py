@@ -91,3 +91,53 @@ def test_a_client_seen_only_in_the_socket_table_is_spared_by_the_verdict() -> No
     assert [x.prefix for x in targets(Tally(port=80, sampled_addr=t.sampled_addr,
                                             sampled_syns=4840), Thresholds()).ban] == \
         ["10.98.9.0/24"]
+
+
+def test_a_phase_keeps_who_completed_before_it() -> None:
+    """A client seen completing in an earlier phase, idle since, is never in a later phase's
+    ban (a flood at .1 and .254 of a shared-hosting /24, a client at .50)."""
+    from synwatch.config import Thresholds
+    from synwatch.verdict import Tally, targets
+
+    earlier = Tally(port=80, completed={"10.98.9.50/32": 12}, sampler_on=True)
+    now = Tally(port=80, sampled_addr={"10.98.9.1": 900, "10.98.9.254": 900},
+                sampled_n=400, sampled_syns=1800, sampler_on=True)
+    assert [x.prefix for x in targets(now, Thresholds()).ban] == ["10.98.9.0/24"]
+    now.keep_peaks(earlier)
+    assert "10.98.9.0/24" not in [x.prefix for x in targets(now, Thresholds()).ban]
+
+
+def test_an_overflow_the_sampler_did_not_see_bans_nothing() -> None:
+    """A local user floods over lo (the counters move, the sampler skips lo) while real
+    clients come from outside: the sample holds only them, and must not make them a target."""
+    from synwatch.config import Thresholds
+    from synwatch.verdict import Tally, targets
+
+    t = Tally(port=80, sampled_addr={"10.98.9.7": 60}, sampled_n=60, sampled_syns=60,
+              sampler_on=True, overflow_watched=5000, syns_overflowed=5000)
+    plan = targets(t, Thresholds())
+    assert plan.ban == () and plan.limit == ()
+    assert "this host itself" in plan.spared[0]
+
+
+def test_completing_sources_stay_bounded_and_are_never_forgotten() -> None:
+    from synwatch.delta import MAX_PREFIXES, add_completed
+
+    counts: dict[str, int] = {}
+    for round_ in range(4):
+        counts = add_completed(counts, ((f"fd{round_:02x}:{i:x}::{i:x}/128", 1)
+                                        for i in range(3000)))
+    assert len(counts) <= MAX_PREFIXES
+    assert sum(counts.values()) == 12000  # folded into wider blocks, never dropped
+
+
+def test_a_prefix_with_an_ipv6_scope_never_reaches_a_firewall_command() -> None:
+    """ipaddress takes "2001:db8::1%<text>/128" and keeps the text: a fleet row so written is
+    refused, and a ban item renders from the numbers."""
+    from synwatch.actions.firewall import BanItem
+    from synwatch.fleetcopy import is_plain_prefix
+
+    hostile = "2001:db8::1%}\nflush ruleset\n/128"
+    assert not is_plain_prefix(hostile)
+    assert not is_plain_prefix("10.0.0.1/24") and is_plain_prefix("10.0.0.0/24")
+    assert BanItem(hostile, 5).fields()["prefix"] == "2001:db8::1/128"

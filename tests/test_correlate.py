@@ -294,6 +294,26 @@ def test_resume_after_restart_keeps_the_tally(corr: Correlator, clock: FrozenClo
     assert after.state["tally"]["syns_overflowed"] == 1900
 
 
+def test_what_overflowed_while_stopped_is_the_resumed_incidents_within_the_quiet_period(
+        corr: Correlator, clock: FrozenClock) -> None:
+    """The counters of the last probe before a stop are saved with the incident: the first
+    probe after the restart measures the downtime against them, if it was shorter than the
+    quiet period (longer, the incident is over and what came later is not its evidence)."""
+    corr.on_event(_event(1, True, clock))
+    *_, c = _probe(corr, clock, _snap(syn_recv=64, qfull=900, cookies=900,
+                                      prefixes=(("10.1.1.0/24", 64),)))
+    saved_at = clock.now()
+    for downtime, absorbed in ((5, 3900), (30, 900)):
+        clock = FrozenClock(saved_at)
+        fresh = Correlator("h", "", Thresholds(), 10, clock)
+        fresh.resume(replace(c, incident_id=7))
+        clock.advance(downtime)
+        changes = fresh.on_evidence(Evidence(clock.now(), _snap(syn_recv=64, qfull=3900,
+                                                                cookies=3900)))
+        [after] = [x for x in changes if x.incident_id is None and x.serial == 1]
+        assert after.state["tally"]["syns_overflowed"] == absorbed, downtime
+
+
 def test_expire_closes_without_probes(corr: Correlator, clock: FrozenClock) -> None:
     corr.on_event(_event(1, True, clock))
     [opened] = _probe(corr, clock, _snap(syn_recv=64, qfull=100, cookies=100))

@@ -257,7 +257,11 @@ def test_hostile_fleet_rows_are_refused_and_a_backlog_never_blinds_the_node(
         service.wait_log("not copied: a time past what this node can hold")
         # and the node goes on detecting and banning its own flood meanwhile
         flood_from(the_lab, port, [ONE], each=700)
-        wait_for("its own ban", lambda: ONE in banned_in_nft(the_lab))
+        try:
+            wait_for("its own ban", lambda: ONE in banned_in_nft(the_lab), timeout=30)
+        except AssertionError as exc:  # what it decided, and why
+            raise AssertionError(f"{exc}: {service.incidents(port)}\n"
+                                 f"{service.log.read_text()[-4000:]}") from exc
         service.wait_probes(3)
         assert set(banned_in_nft(the_lab)) == {GOOD, ONE}
         assert "Traceback" not in service.log.read_text()

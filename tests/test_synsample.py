@@ -159,6 +159,7 @@ RECORDED = [
     ("IPv4 SYN+ECN flags", ipv4(tcp(SYN | 0xC0)), ETH_P_IP, PACKET_HOST,
      (4, "198.51.100.7", 443)),
     ("outgoing IPv4 SYN", ipv4(tcp(SYN)), ETH_P_IP, PACKET_OUTGOING, None),
+    ("another host's IPv4 SYN (a bridge, a promiscuous NIC)", ipv4(tcp(SYN)), ETH_P_IP, 3, None),
     ("IPv4 UDP", ipv4(tcp(SYN), proto=17), ETH_P_IP, PACKET_HOST, None),
     ("IPv4 non-first fragment", ipv4(tcp(SYN), frag=0x0010), ETH_P_IP, PACKET_HOST, None),
     ("IPv4 first fragment (MF set)", ipv4(tcp(SYN), frag=0x2000), ETH_P_IP, PACKET_HOST,

@@ -31,7 +31,7 @@ from synwatch.banproof import CHECK, UNENFORCED, Check, Comparison, compare, nor
 from synwatch.config import BanSettings, Config, Network
 from synwatch.durations import format_duration
 from synwatch.errors import CommandError, StoreError
-from synwatch.fleetcopy import BATCH, MALFORMED, PAGE, Refusal, pick
+from synwatch.fleetcopy import BATCH, MALFORMED, PAGE, Refusal, is_plain_prefix, pick
 from synwatch.fleetlisten import FleetListener
 from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange
 from synwatch.runner import Command, run, show
@@ -340,9 +340,7 @@ class BanAction(Action):
         write a row in this node's name): the others are left alone, warned once each."""
         out = []
         for b in bans:
-            try:
-                ipaddress.ip_network(b.prefix)
-            except ValueError:
+            if not is_plain_prefix(b.prefix):
                 if b.id not in self.malformed_own:
                     log.warning("ban: ban %s of this node in the history has a prefix that is "
                                 "not a network (%r): ignored", b.id, b.prefix[:64])

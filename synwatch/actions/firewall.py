@@ -20,8 +20,11 @@ class BanItem:
     comment: str = "synwatch"
 
     def fields(self) -> dict[str, Any]:
-        net = ipaddress.ip_network(self.prefix)
-        return {"family": net.version, "prefix": self.prefix,
+        # rendered from the numbers, never from the text: an IPv6 scope ("%...") that ipaddress
+        # accepts and keeps must not reach a firewall command
+        parsed = ipaddress.ip_network(self.prefix)
+        net = type(parsed)((int(parsed.network_address), parsed.prefixlen))
+        return {"family": net.version, "prefix": str(net),
                 "address": str(net.network_address), "seconds": self.seconds,
                 "comment": self.comment}
 

@@ -26,6 +26,7 @@ from synwatch.runner import Command, execute, show
 
 PRESET = "ratelimit-nftables"
 SOURCES = "ratelimit-sources-nftables"
+RETRY = 30.0  # seconds before a failed limit (nft missing, refused) is tried again
 
 
 def ratelimit_context(config: Config) -> dict[str, Any]:
@@ -42,6 +43,7 @@ class RatelimitAction(Action):
         super().__init__(*args, **kwargs)
         self.sources = Firewall(load_presets()[SOURCES], self.ctx.netns)
         self.seen: dict[int, set[str]] = {}  # incident -> addresses limited or refused
+        self.retry_at: dict[str, float] = {}  # address -> when a failed limit is tried again
         self.ready = False  # the per-source chain is set up (at the first address)
 
     @classmethod
@@ -89,22 +91,29 @@ class RatelimitAction(Action):
         guard, c = self._guard(), self.ctx.config
         seconds = int(c.ban.duration)
         plans: list[Plan] = []
+        mono = self.ctx.clock.monotonic()
         for target in new:
-            seen.add(target.prefix)
             why = guard.refuses(target.prefix)
             if why is not None:
+                seen.add(target.prefix)
                 plans.append(skipped(self.name, target.prefix, f"not rate limited: {why}", inc))
                 continue
+            if self.retry_at.get(target.prefix, 0.0) > mono:
+                continue  # failed a moment ago: tried again at a later change
+            self.retry_at[target.prefix] = mono + RETRY
             setup = ([] if self.ready else
                      self.sources.preset.render("setup", ratelimit_context(c)))
             commands = setup + self.sources.render_ban(
                 [BanItem(target.prefix, seconds, f"synwatch incident {inc}")])
             plans.append(Plan(self.name, target.prefix, show(commands),
-                              partial(self._limit, commands, seconds, target.why), inc))
+                              partial(self._limit, commands, seconds, target.why,
+                                      seen, target.prefix), inc))
         return plans
 
-    def _limit(self, commands: list[Command], seconds: int, why: str) -> str:
-        execute(commands, self.ctx.netns)
+    def _limit(self, commands: list[Command], seconds: int, why: str, seen: set[str],
+               prefix: str) -> str:
+        execute(commands, self.ctx.netns)  # a failure: tried again after RETRY seconds
+        seen.add(prefix)
         self.ready = True
         r = self.ctx.config.ratelimit
         return (f"SYNs over {r.rate}/min (burst {r.burst}) dropped for "

@@ -488,8 +488,10 @@ SECTION_HELP = {
     "verdict": "How an incident is judged (README, \"Incidents and verdicts\"): capacity, "
                "concentrated or spoofed.",
     "actions": "Actions are rendered and logged first; in a dry run that is all that happens.",
-    "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies and the rate "
-                      "limit are not chosen here: cookies are kept on during every incident, "
-                      "the rate limit is a standing rule. `synproxy` (opt-in, "
-                      "[actions.synproxy]) acts on spoofed incidents only.",
+    "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies are not "
+                      "chosen here: they are kept on during every incident. `ratelimit` "
+                      "limits the addresses a concentrated flood shares with real users (NAT) "
+                      "instead of banning them; [actions.ratelimit] enabled adds a standing "
+                      "rule for every source. `synproxy` (opt-in, [actions.synproxy]) acts on "
+                      "spoofed incidents only.",
 }

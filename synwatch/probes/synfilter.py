@@ -29,7 +29,7 @@ BPF_TAX, BPF_TXA = 0x00, 0x80
 SKF_AD_OFF = -0x1000
 SKF_AD_PROTOCOL, SKF_AD_PKTTYPE, SKF_AD_IFINDEX, SKF_AD_RANDOM = 0, 4, 8, 56
 LOOPBACK_IFINDEX = 1  # lo is interface 1 in every network namespace (net/core/dev.c)
-PACKET_OUTGOING = 4
+PACKET_OTHERHOST, PACKET_OUTGOING = 3, 4
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
 SO_ATTACH_FILTER = 26
 IPPROTO_TCP = 6
@@ -92,6 +92,7 @@ def program(one_in: int, snaplen: int = SNAPLEN) -> list[Instruction]:
     lines: list[Line] = [
         ("ld pkttype", BPF_LD | BPF_W | BPF_ABS, None, None, SKF_AD_OFF + SKF_AD_PKTTYPE),
         ("jeq outgoing", jeq, "drop", None, PACKET_OUTGOING),
+        ("jeq otherhost", jeq, "drop", None, PACKET_OTHERHOST),  # a bridge's, a promisc NIC's
         # what comes in on lo never crossed an interface from outside: any local user can
         # forge its source (IPV6_FREEBIND), so it is never a ban's evidence
         ("ld ifindex", BPF_LD | BPF_W | BPF_ABS, None, None, SKF_AD_OFF + SKF_AD_IFINDEX),
