@@ -193,3 +193,14 @@ class Service:
             (keep / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
             (keep / f"{name}.expected.json").write_text(
                 json.dumps([{k: i[k] for k in fields} for i in replayed], indent=1) + "\n")
+
+
+def wait_for(what: str, check: Any, timeout: float = 20) -> Any:
+    """``check()`` until it gives something true, which is returned; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

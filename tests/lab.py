@@ -171,9 +171,7 @@ class Lab:
             print("listening", flush=True)
             time.sleep(3600)
         """)
-        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
-                                 code], stdout=subprocess.PIPE, text=True)
-        self.processes.append(proc)
+        proc = self._client_process(code)
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "listening"
 
@@ -204,10 +202,7 @@ class Lab:
                 i += 1
                 time.sleep(max(0.0, started + 1 / {per_second} - time.time()))
         """)
-        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
-                                 code], stdout=subprocess.PIPE, text=True)
-        self.processes.append(proc)
-        return proc
+        return self._client_process(code)
 
     def slow_clients(self, port: int, seconds: float, per_second: int = 150) -> (
             subprocess.Popen[str]):
@@ -255,9 +250,17 @@ class Lab:
             print(ok, failed)
         """)
         for code, out in ((filler, subprocess.DEVNULL), (clients, subprocess.PIPE)):
-            proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable,
-                                     "-c", code], stdout=out, text=True)
-            self.processes.append(proc)
+            proc = self._client_process(code, stdout=out)
+        return proc
+
+    def _client_process(self, code: str, stdout: int | None = subprocess.PIPE,
+                        stdin: int | None = None) -> subprocess.Popen[str]:
+        """Python ``code`` in the background in the client namespace, able to import
+        tests.lab; stopped with the lab."""
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
+                                 code], stdin=stdin, stdout=stdout, text=True, env=env)
+        self.processes.append(proc)
         return proc
 
     def in_client(self, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -276,10 +279,7 @@ class Lab:
         dst = SERVER_IP6 if ":" in srcs[0] else SERVER_IP
         code = ("import json, sys; from tests.lab import send_syns; "
                 f"send_syns({dst!r}, {port}, json.load(sys.stdin), {rate})")
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
-                                 code], stdin=subprocess.PIPE, text=True, env=env)
-        self.processes.append(proc)
+        proc = self._client_process(code, stdout=None, stdin=subprocess.PIPE)
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(srcs))
         proc.stdin.close()
@@ -310,11 +310,7 @@ class Lab:
                     time.sleep(max(0.0, start + sent / {rate} - time.monotonic()))
             print(sent, time.monotonic() - start)
         """)
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
-                                 code], stdout=subprocess.PIPE, text=True, env=env)
-        self.processes.append(proc)
-        return proc
+        return self._client_process(code)
 
     def _timed_flood6(self, port: int, seconds: float, rate: float,
                       pool: int) -> subprocess.Popen[str]:
@@ -340,11 +336,7 @@ class Lab:
                     time.sleep(max(0.0, start + sent / {rate} - time.monotonic()))
             print(sent, time.monotonic() - start)
         """)
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
-                                 code], stdout=subprocess.PIPE, text=True, env=env)
-        self.processes.append(proc)
-        return proc
+        return self._client_process(code)
 
     def connect_burst(self, port: int, established: int, attempts: int,
                       spacing: float = 0.005, hold: float = 2.0) -> None:

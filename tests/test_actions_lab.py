@@ -30,7 +30,7 @@ from synwatch.actions.ratelimit import ratelimit_context
 from synwatch.config import parse_config
 from synwatch.runner import execute
 from tests.conftest import synwatch
-from tests.harness import Service
+from tests.harness import Service, wait_for
 from tests.lab import CLIENT_IP, SERVER_IP, SPOOF_NET, Lab, lab, lab_port, sh
 from tests.receivers import blackhole, http_receiver, smtp_receiver
 
@@ -83,16 +83,6 @@ def syncookies_runs(service: Service) -> list[str]:
     r = synwatch("incidents", "list", "--format", "json", "--config", str(service.config))
     return [f"{a['status']} {a['target']}" for i in json.loads(r.out) for a in i["actions"]
             if a["action"] == "syncookies"]
-
-
-def wait_for(what: str, check: Any, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def flood_from(the_lab: Lab, port: int, nets: list[str], each: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import synwatch
-from tests.harness import Service
+from tests.harness import Service, wait_for
 from tests.lab import (
     CLIENT_IP6,
     SERVER_IP6,
@@ -101,16 +101,6 @@ def in_nft(the_lab: Lab, family: int) -> set[str]:
     return found
 
 
-def wait_for(what: str, check: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_a_ban_takes_the_flood_and_spares_the_real_clients(the_lab: Lab, tmp_path: Path,
                                                            case: Case) -> None:
@@ -122,13 +112,14 @@ def test_a_ban_takes_the_flood_and_spares_the_real_clients(the_lab: Lab, tmp_pat
         clients = the_lab.real_clients(port, case.clients, seconds=7)
         sources = [random.choice(case.flood) for _ in range(8_000)]
         the_lab.start_flood(port, len(sources), sources, rate=1000)
-        bans = wait_for("a ban", lambda: active_bans(service))
+        bans = wait_for("a ban", lambda: active_bans(service), timeout=30)
         banned_at = time.time()
         assert {b["prefix"] for b in bans} == case.banned, service.log.read_text()
         assert in_nft(the_lab, 6 if v6 else 4) == case.banned
         # the ban's rule drops the flood's SYNs from then on
         before = ban_drops(the_lab)
-        wait_for("the ban rule to drop the flood", lambda: ban_drops(the_lab) > before + 100)
+        wait_for("the ban rule to drop the flood", lambda: ban_drops(the_lab) > before + 100,
+                 timeout=30)
         results = client_outcomes(clients)
         after = [ok for at, ok in results if at > banned_at]
         assert len(after) >= 20, results
@@ -185,9 +176,10 @@ def test_one_address_that_floods_and_completes_is_rate_limited_not_banned(
     try:
         clients = the_lab.real_clients(port, [nat], seconds=5)
         the_lab.start_flood(port, 12_000, [nat] * 12_000, rate=1000)
-        held = wait_for("the rate limit", lambda: limited(the_lab))
+        held = wait_for("the rate limit", lambda: limited(the_lab), timeout=30)
         assert held == {nat: 3600}, held
-        wait_for("the rate limit to drop the flood", lambda: limit_drops(the_lab) > 100)
+        wait_for("the rate limit to drop the flood", lambda: limit_drops(the_lab) > 100,
+                 timeout=30)
         [inc] = service.incidents(port)
         runs = [(a["action"], a["target"], a["status"]) for a in inc["actions"]]
         assert ("ratelimit", f"{nat}/32", "done") in runs, runs
