@@ -53,6 +53,13 @@ class StoreError(SynwatchError):
     """The database cannot be opened, migrated, read or written."""
 
 
+class StoreOutage(StoreError):
+    """The history cannot be reached or written for now (a server that does not answer; an
+    SQLite file that is locked, on a full or read-only disk, deleted or corrupt): the service
+    keeps its writes on the spool (synwatch/spool.py) and goes on acting. A plain StoreError
+    is a write the history refused for what it was (a bug, not an outage)."""
+
+
 class SourceUnavailable(SynwatchError):
     """A log source cannot run here (no journal, no permission on /dev/kmsg, ...)."""
 

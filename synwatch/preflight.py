@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from synwatch import netns
 from synwatch.config import EMBEDDED, Config, sqlite_file
+from synwatch.config.urls import has_password, masked
 from synwatch.errors import ConfigError
 
 Outcome = Literal["ok", "warn", "fail"]
@@ -120,13 +121,11 @@ def check_store(config: Config) -> list[Check]:
         SQLAlchemyError,
     )
 
+    shown = masked(config.storage_url)  # the userinfo's password and ?password= (libpq's)
     try:
         url = make_url(config.storage_url)
-    except ArgumentError as exc:
-        return [Check("fail", "storage.url", str(exc))]
-    # a password may also come as ?password= (libpq's keyword), which hide_password leaves
-    shown = (url.update_query_dict({"password": "***"}) if "password" in url.query
-             else url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return [Check("fail", "storage.url", f"{shown}: not an SQLAlchemy URL")]
     db = sqlite_file(config.storage_url)
     fleet = [Check("warn", "actions.ban.scope", "fleet bans with an SQLite history reach only "
                    "the nodes sharing this file, every 5 s (PostgreSQL wakes them at once)")
@@ -164,26 +163,35 @@ def check_store(config: Config) -> list[Check]:
                   + ("" if db is not None else f" (this node: {config.host})")), *fleet]
 
 
-def _has_password(url: str) -> bool:
-    """Does a database URL carry a password (``user:secret@`` or ``?password=``)? Parsed
-    without SQLAlchemy, which the service keeps out of its process."""
+# apprise's generic HTTP notifiers: their path is the receiving server's own path (json://host/
+# hooks/synwatch), not a token; every other scheme puts tokens there (slack://A/B/C, tgram://bot/
+# chat, discord://id/token)
+_HTTP_PATH_SCHEMES = frozenset({"json", "jsons", "xml", "xmls", "form", "forms"})
+# the query keys apprise URLs carry credentials in (?pass=, ?token=, ?webhook=...)
+_SECRET_KEYS = frozenset({"pass", "password", "token", "key", "apikey", "secret", "webhook"})
+
+
+def _notify_secret(url: str) -> bool:
+    """Does an apprise URL carry a credential: a password in its userinfo, a credential's query
+    key, or (but for the generic HTTP schemes) anything in its path?"""
     try:
         parts = urlsplit(url)
-        return bool(parts.password) or bool(parse_qs(parts.query).get("password"))
-    except ValueError:  # check_store says what is wrong with it
-        return False
+        password = parts.password
+    except ValueError:  # unparseable: nothing says it holds no token, so assume it may
+        return True
+    keys = {k.lower() for k in parse_qs(parts.query)}
+    return (bool(password) or bool(keys & _SECRET_KEYS)
+            or (parts.scheme.lower() not in _HTTP_PATH_SCHEMES
+                and any(parts.path.split("/"))))
 
 
-def check_secrets(config: Config) -> list[Check]:
-    """A password in ``storage.url`` opens the fleet's history to whoever reads the file: warn
-    when other users can (others, or a group other than root's; the package installs it
-    0640 root:root). `check-config` prints it; `run` logs it once at its start."""
-    if config.path == EMBEDDED or not _has_password(config.storage_url):
-        return []
+def _exposed(path: str) -> str | None:
+    """Who besides root can read ``path`` (others, or a group other than root's; the package
+    installs its files 0640 root:root), and the fix; None when no one can, or it is gone."""
     try:
-        st = Path(config.path).stat()
+        st = Path(path).stat()
     except OSError:
-        return []
+        return None
     readers = []
     if st.st_mode & stat.S_IROTH:
         readers.append("every user")
@@ -193,13 +201,35 @@ def check_secrets(config: Config) -> list[Check]:
         except KeyError:
             readers.append(f"group {st.st_gid}")
     if not readers:
-        return []
-    fix = (f"`chmod 640 {config.path}`" if st.st_gid == 0
-           else f"`chmod 600 {config.path}` (or `chown root:root` and `chmod 640`)")
-    return [Check("warn", "storage.url",
-                  f"holds a password, and {config.path} (mode "
-                  f"{stat.S_IMODE(st.st_mode):04o}) is readable by {' and '.join(readers)}: "
-                  f"{fix}")]
+        return None
+    fix = (f"`chmod 640 {path}`" if st.st_gid == 0
+           else f"`chmod 600 {path}` (or `chown root:root` and `chmod 640`)")
+    return (f"{path} (mode {stat.S_IMODE(st.st_mode):04o}) is readable by "
+            f"{' and '.join(readers)}: {fix}")
+
+
+def check_secrets(config: Config) -> list[Check]:
+    """A secret in a file others can read is theirs too: a database password opens the fleet's
+    history, a notification token lets anyone post as synwatch. Warn, one line per key, when
+    the file holding one is readable by other users; never print the secret. `check-config`
+    prints these; `run` logs them once at its start."""
+    out = []
+    if config.path != EMBEDDED:
+        # with a password file, the password in storage_url came from there, not this file
+        if not config.storage.password_file and has_password(config.storage_url):
+            exposed = _exposed(config.path)
+            if exposed:
+                out.append(Check("warn", "storage.url", f"holds a password, and {exposed}"))
+        schemes = sorted({u.split("://", 1)[0] for u in config.notify.urls if _notify_secret(u)})
+        exposed = _exposed(config.path) if schemes else None
+        if exposed:
+            out.append(Check("warn", "actions.notify.urls", "holds a password or token ("
+                             f"{', '.join(s + '://' for s in schemes)}), and {exposed}"))
+    if config.storage.password_file:
+        exposed = _exposed(config.storage.password_file)
+        if exposed:
+            out.append(Check("warn", "storage.password_file", exposed))
+    return out
 
 
 def preflight(config: Config) -> list[Check]:

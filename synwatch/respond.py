@@ -124,7 +124,7 @@ class Responder:
 
     def start(self) -> None:
         for a in self.actions:
-            self._do_all(a, a.start)
+            self._do_all(a, a.start, at_start=True)
 
     def on_change(self, change: IncidentChange) -> None:
         if change.incident_id is not None and change.status == "open":
@@ -178,21 +178,30 @@ class Responder:
                 return
             self._outcome(outcome)
 
-    def _do_all(self, action: Action, hook: Callable[[], list[Plan]]) -> None:
+    def _do_all(self, action: Action, hook: Callable[[], list[Plan]], *,
+                at_start: bool = False) -> None:
         try:
             plans = hook()
         except SynwatchError as exc:
             log.warning("action %s: %s", action.name, exc)
             return
         for plan in plans:
-            self._do(action, plan)
+            self._do(action, plan, at_start=at_start)
 
-    def _do(self, action: Action, plan: Plan) -> None:
+    def _do(self, action: Action, plan: Plan, *, at_start: bool = False) -> None:
         about = f"incident {plan.incident_id}" if plan.incident_id is not None else "synwatch"
         if plan.skip is not None:
             log.info("action %s %s (%s): skipped: %s", plan.action, plan.target, about,
                      plan.skip)
             self._record(plan, "skipped", plan.skip)
+            return
+        if self.config.dry_run and at_start:
+            # a dry run's setup is the same script at every start: one line says it, the
+            # commands are for --debug
+            log.info("action %s %s: dry run, not done (--debug shows its commands)",
+                     plan.action, plan.target)
+            log.debug("action %s %s:\n%s", plan.action, plan.target, plan.rendered)
+            self._record(plan, "dry-run", "")
             return
         log.info("action %s %s (%s)%s:\n%s", plan.action, plan.target, about,
                  " [dry run: not done]" if self.config.dry_run else "", plan.rendered)

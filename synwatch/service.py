@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from synwatch import __version__, netns, sdnotify
 from synwatch.actions.registry import resolve_policy
@@ -33,13 +32,11 @@ from synwatch.respond import Responder
 from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
-from synwatch.sqlitestore import PRUNE_BATCH, SQLiteStore
+from synwatch.spool import Spool, SpooledStore, unreachable
+from synwatch.sqlitestore import PRUNE_BATCH, SQLiteStore, prepare
 from synwatch.storeapi import ServiceStore
 from synwatch.supervisor import Supervisor
 from synwatch.telemetry import Telemetry
-
-if TYPE_CHECKING:
-    from synwatch.spool import SpooledStore
 
 log = logging.getLogger("synwatch")
 STORE_WAIT = 0.2  # seconds a write waits for a locked store before it is kept for later
@@ -130,8 +127,13 @@ class Service:
         self.recorder = Recorder(self.store, catalogue, self.clock)
         resumed = self.store.open_incidents(self.config.host, self.config.netns)
         self.correlator = self._correlator(resumed)
-        self.accounting = self._accounting()
-        self.sampler = self._sampler()
+        self.accounting, accounting = self._accounting()
+        self.sampler, sampler = self._sampler()
+        # where the flood's sources come from, said once
+        used = [x for x in (sampler, accounting) if " off" not in x]
+        off = [x for x in (sampler, accounting) if " off" in x]
+        log.info("sources of a flood: %s%s", ", ".join([*used, "SYN-RECV sockets"]),
+                 f"; {'; '.join(off)}" if off else "")
         self.responder = Responder(self.config, self.store, self.clock,
                                    on_record=self.telemetry.action, wake=self._wake,
                                    on_drift=self.telemetry.drift,
@@ -145,9 +147,15 @@ class Service:
 
     def _store_summary(self) -> str | None:
         """What the status line says of the store when it is not simply written to."""
-        if self.spooled is not None and self.spooled.spooling:
-            return (f"database away, {self.spooled.spool.records} records spooled"
-                    if self.spooled.spool.records else "database away")
+        spooled = self.spooled
+        if spooled is not None and spooled.spooling:
+            kept = f"{spooled.spool.records} records spooled"
+            if spooled.spool.problem is not None:
+                kept += f" in memory (the spool cannot be written: {spooled.spool.problem})"
+            if spooled.away:
+                return f"history away ({spooled.problem or 'not answering'}): acting, " \
+                       f"not recording; {kept}"
+            return f"catching up, {kept}"
         return None if self._store_problem is None else "store refusing writes"
 
     def _wake(self) -> None:
@@ -156,21 +164,34 @@ class Service:
             self.supervisor.wake()
 
     def _open_store(self) -> ServiceStore:
-        """The history. An SQLite file is written through sqlite3 (synwatch/sqlitestore.py:
-        SQLAlchemy stays out of the resident service). A database server goes through
-        SQLAlchemy, and one that does not answer does not stop the start: the service runs on
-        its spool (synwatch/spool.py) and writes it there when it answers."""
+        """The history, behind the spool (synwatch/spool.py): whatever happens to it (a
+        database server that does not answer; an SQLite file locked, full, read-only, deleted
+        or corrupt), detection and actions go on and it is written when it can be. An SQLite
+        file is written through sqlite3 (synwatch/sqlitestore.py: SQLAlchemy stays out of the
+        resident service); a database server goes through SQLAlchemy. A history that cannot
+        be opened does not stop the start."""
         c = self.config
+        spool = Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max)
         if sqlite_file(c.storage_url) is not None:
-            lite = SQLiteStore.open(c.storage_url, c.host)
+            try:
+                lite = SQLiteStore.open(c.storage_url, c.host)
+            except StoreError as exc:
+                log.error("store: %s; starting on the spool %s (%d records waiting): "  # noqa: TRY400
+                          "acting, not recording until it can be written", exc, spool.path,
+                          spool.records)
+                url, host = c.storage_url, c.host
+                self.spooled = SpooledStore(
+                    None, spool, migrated=False, url=url, host=host,
+                    opener=lambda: SQLiteStore.open(url, host),
+                    prepare=lambda: prepare(url, host))
+                self.spooled.problem = exc.why
+                return self.spooled
             log.info("store: %s (schema %s)", lite.display_url, lite.schema_revision())
-            return lite
-        from synwatch.spool import Spool, SpooledStore, unreachable  # noqa: PLC0415
+            return self._spooled(SpooledStore(lite, spool, migrated=True))
         from synwatch.store import Store  # noqa: PLC0415
 
         if c.storage_url.startswith("sqlite"):  # in memory: tests and experiments
             return Store.open(c.storage_url, host=c.host)
-        spool = Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max)
         try:
             # bounded: a server that does not answer fails within seconds, as one that refuses
             store = Store.open(c.storage_url, host=c.host, bounded=True)
@@ -182,14 +203,18 @@ class Service:
             self.spooled = SpooledStore(Store.open(c.storage_url, host=c.host, migrate=False,
                                                    bounded=True),
                                         spool, migrated=False)
+            self.spooled.problem = exc.why
             return self.spooled
         log.info("store: %s (schema %s, node %s)", store.display_url, store.schema_revision(),
                  c.host)
-        if spool.ops:
+        return self._spooled(SpooledStore(store, spool, migrated=True))
+
+    def _spooled(self, spooled: SpooledStore) -> SpooledStore:
+        if spooled.spool.ops:
             log.info("store: %d records spooled before the restart are written first",
-                     spool.records)
-        self.spooled = SpooledStore(store, spool, migrated=True)
-        return self.spooled
+                     spooled.spool.records)
+        self.spooled = spooled
+        return spooled
 
     def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
         c = self.config
@@ -201,40 +226,37 @@ class Service:
                      left_open.incident_id, left_open.port or "an unknown listener")
         return correlator
 
-    def _accounting(self) -> SynAccounting | None:
+    def _accounting(self) -> tuple[SynAccounting | None, str]:
+        """The accounting set, or None; what to say of it in the start's evidence line."""
         c = self.config
         if c.accounting is False:
-            return None
+            return None, "SYN accounting off (incident.accounting = false)"
         if c.accounting == "auto":
             why = ("actions are a dry run" if c.dry_run else "not root" if os.geteuid() != 0
                    else "nft is not installed" if not available("nft") else None)
             if why:
-                log.info("SYN accounting: off (%s); sources come from SYN-RECV sockets", why)
-                return None
+                return None, f"SYN accounting off ({why})"
         acct = SynAccounting(c.netns, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
         try:
             acct.setup()
         except CommandError as exc:
             log.warning("SYN accounting: off: %s", exc)
-            return None
-        log.info("SYN accounting: on (nftables table inet %s, chain %s)", TABLE, CHAIN)
-        return acct
+            return None, "SYN accounting off (it could not be set up)"
+        return acct, f"SYN accounting (nftables table inet {TABLE}, chain {CHAIN})"
 
-    def _sampler(self) -> SynSampler | None:
+    def _sampler(self) -> tuple[SynSampler | None, str]:
+        """The SYN sampler, or None; what to say of it in the start's evidence line."""
         c = self.config
         if c.sampler is False:
-            log.info("SYN sampler: off (incident.sampler = false)")
-            return None
+            return None, "SYN sampler off (incident.sampler = false)"
         try:
             sampler = open_sampler(c.netns, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
         except ProbeError as exc:
-            level = logging.WARNING if c.sampler is True else logging.INFO
-            log.log(level, "SYN sampler: off: %s; sources come from SYN-RECV sockets%s", exc.why,
-                    "" if self.accounting is None else " and the accounting set")
-            return None
-        log.info("SYN sampler: on (packet socket in %s, 1 in N adapting to the rate)",
-                 c.netns or "the host's namespace")
-        return sampler
+            if c.sampler is True:  # asked for: its failure is a warning of its own
+                log.warning("SYN sampler: off: %s", exc.why)
+            return None, f"SYN sampler off ({exc.why})"
+        return sampler, (f"SYN sampler (a packet socket in "
+                         f"{c.netns or 'the host namespace'}, 1 in N adapting to the rate)")
 
     # -- incidents ------------------------------------------------------------------------------
 
@@ -502,6 +524,8 @@ class Service:
             self._keep_up()
             if time.monotonic() >= self._status_due:
                 self._status_due = time.monotonic() + STATUS_EVERY
+                if self.spooled is not None:
+                    self.spooled.check()
                 if self._store_problem is None:  # once a second, not at every probe
                     self.telemetry.count_bans(self.store)
                 self.telemetry.tell(self.supervisor, self._store_summary())

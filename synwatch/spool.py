@@ -1,66 +1,67 @@
-"""Keeping on when the database server is gone: what the service must record goes to a spool on
-disk, in order, and is written to the database when it answers again.
+"""Keeping on when the history cannot be written: what the service must record goes to a spool
+on disk, in order, and is written to the history when it can be again. The one outage path of
+every history (a database server, an SQLite file).
 
-``SpooledStore`` is the service's store when the history is a database server (an SQLite file
-is on this machine: a locked one is waited for, see Service). A write the server refuses for a
-lost connection is appended to ``spool.jsonl`` in the state directory, with provisional
-(negative) ids for the incidents, events and bans it creates, so detection and actions go on
-with them. ``catch_up`` replays the spool in order, mapping provisional ids to the database's,
-and the provisional ids the live service still holds are mapped on every later write. Reads
-fall back to what was read last plus what is spooled (active bans, a source's position, the
-incidents a restart resumes), so a restart while disconnected loses nothing either.
+``SpooledStore`` is the service's store, whatever the history. A write refused for an outage
+(``StoreOutage``: a server that does not answer; an SQLite file that is locked, on a full or
+read-only disk, deleted or corrupt) is appended to ``spool.jsonl`` in the state directory, with
+provisional (negative) ids for the incidents, events and bans it creates, so detection and
+actions go on with them: the response never waits for the history. ``catch_up`` replays the
+spool in order, mapping provisional ids to the history's, and the provisional ids the live
+service still holds are mapped on every later write. Reads fall back to what was read last plus
+what is spooled (active bans, saved settings, a source's position, an incident's action runs,
+the incidents a restart resumes), so a restart during an outage loses nothing either.
 
-While the server does not answer (``away``: a write or read failed for a lost connection, or
-the start found it unreachable), nothing but a background thread (one cheap ``SELECT 1`` every
-PROBE_EVERY, bounded by the connection's timeouts: synwatch/store/__init__.py) talks to it: every
-read answers from what was read last at once, every write is spooled at once, so a partitioned
-server costs the main loop at most one bounded wait, not one per call. When the thread sees the
-server answer, the service replays the spool (``catch_up``).
+While the history is away (a write or read failed for an outage, or the start could not open
+it), nothing but a background thread (``ping``: one cheap test every PROBE_EVERY, bounded in
+time) touches it: every read answers at once from what was read last, every write is spooled at
+once, so an outage costs the main loop at most one bounded wait, not one per call. When the
+thread sees the history answer, the service replays the spool (``catch_up``).
 
-The spool is bounded (storage.spool_max records): past it, events are refused (the service then
-keeps its batch and its source does not move on, so journald and files keep them for later);
-incidents, action outcomes, bans and settings are always kept: they are few, and only here.
+The spool is bounded in records (storage.spool_max) and in bytes (SPOOL_BYTES), on disk and in
+memory: past either, events are refused (the service keeps its batch and the source does not
+move on, so journald and files keep them for later); an incident's updates are thinned to one
+per THIN_EVERY seconds (one per THIN_FULL past half the bound, only the latest past the bound);
+openings, closings, action outcomes, bans and settings are always kept. When the spool's own
+file cannot be written (the same full or read-only disk), what it holds stays in memory, within
+the same bounds, and is written when the disk takes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
-
-from synwatch.errors import StoreError
+from synwatch.errors import StoreError, StoreOutage
 from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange, NewEvent, TimelinePoint
-from synwatch.store import Store
+from synwatch.storeapi import ServiceStore
 
 log = logging.getLogger("synwatch")
 VIEW_EVERY = 5.0  # seconds between writes of the bans view while the database answers
 CATCH_UP_OPS = 200  # spooled writes replayed per call, so a long backlog never holds detection
-PROBE_EVERY = 2.0  # seconds between the away thread's tries of the server
+PROBE_EVERY = 2.0  # seconds between the away thread's tries of the history
+SPOOL_BYTES = 32 << 20  # the spool's bound in bytes of JSON (a unit's MemoryMax is 256M)
+THIN_EVERY = 5.0  # seconds: an open incident's spooled updates, one per this at most
+THIN_FULL = 60.0  # ... and one per this past half the spool's bound
+RUNS_KEPT = 256  # incidents whose action runs are kept in memory (the open ones, and a few)
 
 
-class AwayError(StoreError):
-    """The server did not answer lately: not tried again until the away thread sees it."""
+class AwayError(StoreOutage):
+    """The history failed lately: not tried again until the away thread sees it answer."""
 
 
 def unreachable(exc: StoreError) -> bool:
-    """Is this a lost connection (spool and retry) rather than a refused write (an error)?"""
-    if isinstance(exc, AwayError):
-        return True
-    cause = exc.__cause__
-    return isinstance(cause, (OperationalError, InterfaceError)) or (
-        isinstance(cause, DBAPIError) and cause.connection_invalidated)
+    """Is this an outage (spool and retry) rather than a refused write (an error)?"""
+    return isinstance(exc, StoreOutage)
 
 
 def _json(value: Any) -> Any:
@@ -96,50 +97,187 @@ def _change(data: dict[str, Any]) -> IncidentChange:
 
 def _weight(op: dict[str, Any]) -> int:
     """Records an op counts for against storage.spool_max: its events, else one."""
-    return len(op.get("events", ())) or 1
+    return int(op.get("n", 0)) or 1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may take part of the data (a full disk): the rest, or an OSError."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Spool:
-    """An append-only file of writes, one JSON object a line, replayed in order."""
+    """An append-only file of writes, one JSON object a line, replayed in order. In memory an
+    op is its dict, except an events op, which keeps its line (a thousand events are one
+    string, not a thousand dicts) and is parsed when replayed."""
 
-    def __init__(self, path: Path, limit: int) -> None:
-        self.path, self.limit = path, limit
+    def __init__(self, path: Path, limit: int, max_bytes: int = SPOOL_BYTES) -> None:
+        self.path, self.limit, self.max_bytes = path, limit, max_bytes
         self.ops: list[dict[str, Any]] = []
+        self.records = self.bytes = 0
+        self.unwritten = 0  # ops at the end of ``ops`` not yet in the file (it refused them)
+        self.problem: str | None = None  # why the file refuses writes, said once
+        self._lines_in_file = 0  # coalesced ops leave stale lines: the file is compacted
+        self._must_compact = False  # a replaced op that the file refused: rewrite it whole
+        self._seq = 0  # each op's number: a replaced op keeps it, so a restart keeps the last
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                log.error("spool %s: cannot be read (%s); it is left as it is",  # noqa: TRY400
+                          path,
+                          exc.strerror)
+                lines = []
+            at: dict[int, int] = {}  # an op's seq -> its place (a later line replaces it)
+            for line in lines:
                 try:
-                    self.ops.append(_unjson(json.loads(line)))
+                    op = _unjson(json.loads(line))
                 except ValueError:
                     log.warning("spool %s: a torn last line skipped (a crash mid-write)", path)
-        self.records = sum(map(_weight, self.ops))
+                    continue
+                seq = op.get("seq")
+                if seq in at:
+                    self._put(at[seq], self._kept(op, line))
+                    continue
+                if seq is not None:
+                    at[seq] = len(self.ops)
+                self._append_op(self._kept(op, line))
+            self._seq = max(at, default=-1) + 1
+            self._lines_in_file = len(lines)
+
+    @staticmethod
+    def _kept(op: dict[str, Any], line: str) -> dict[str, Any]:
+        """An op as memory keeps it: an events op as its line, parsed again when replayed."""
+        if op["op"] == "events":
+            op = {"op": "events", "n": len(op["events"]), "line": line, "seq": op.get("seq"),
+                  "position": op.get("position"), "made": op.get("made", [])}
+        op["bytes"] = len(line) + 1
+        return op
+
+    def _append_op(self, op: dict[str, Any]) -> None:
+        self.ops.append(op)
+        self.records += _weight(op)
+        self.bytes += op["bytes"]
+
+    def _put(self, index: int, op: dict[str, Any]) -> None:
+        old, self.ops[index] = self.ops[index], op
+        self.records += _weight(op) - _weight(old)
+        self.bytes += op["bytes"] - old["bytes"]
+
+    def fits(self, records: int, size: int = 0) -> bool:
+        return self.records + records <= self.limit and self.bytes + size <= self.max_bytes
+
+    def line(self, op: dict[str, Any]) -> str:
+        return op["line"] if op["op"] == "events" else json.dumps(
+            _json({k: v for k, v in op.items() if k != "bytes"}))
 
     def add(self, op: dict[str, Any]) -> None:
-        """Append ``op`` durably (fsync: a crash right after loses nothing it was told)."""
+        """Append ``op``, durably when the file takes it (fsync: a crash right after loses
+        nothing it was told); in memory only while it does not."""
+        op["seq"], self._seq = self._seq, self._seq + 1
+        self._append_op(self._kept(op, json.dumps(_json(op))))
+        self.unwritten += 1
+        self.flush()
+
+    def replace(self, index: int, op: dict[str, Any]) -> None:
+        """A newer state of what ``ops[index]`` holds, in its place (an incident's update
+        thinned). The file gets it appended; ``compact`` drops the stale line."""
+        op["seq"] = self.ops[index]["seq"]
+        line = json.dumps(_json(op))
+        self._put(index, self._kept(op, line))
+        if self.unwritten and index >= len(self.ops) - self.unwritten:
+            return  # not in the file yet: written as it is now
+        if self._stale() or not self._append([line]):
+            self._must_compact = True  # the file holds an older state of this op
+            self.compact()
+
+    def _stale(self) -> bool:
+        """Does the file hold more stale lines (of replaced ops) than live ones?"""
+        return self._lines_in_file > 2 * len(self.ops) + 64
+
+    def flush(self) -> None:
+        """Write what the file refused before (and the newest), in order."""
+        if not self.unwritten and not self._must_compact:
+            return
+        if self._stale() or self._must_compact:
+            self.compact()
+            return
+        if self._append([self.line(op) for op in self.ops[len(self.ops) - self.unwritten:]]):
+            self.unwritten = 0
+
+    def _append(self, lines: list[str]) -> bool:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                          0o600)
             try:
-                os.write(fd, (json.dumps(_json(op)) + "\n").encode())
+                size = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, "".join(line + "\n" for line in lines).encode())
+                    os.fsync(fd)
+                except OSError:
+                    # a full disk takes part of a line: cut it, or the next append would make
+                    # one unreadable line of the two
+                    os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._refused(exc)
+            return False
+        self._lines_in_file += len(lines)
+        self._written()
+        return True
+
+    def _refused(self, exc: OSError) -> None:
+        if self.problem is None:  # once an outage of the spool's disk, not once a write
+            log.error("spool %s: cannot be written (%s); what synwatch must record is kept "
+                      "in memory (up to %d records, %d MiB) and written when it can be",
+                      self.path, exc.strerror, self.limit, self.max_bytes >> 20)
+        self.problem = exc.strerror or str(exc)
+
+    def _written(self) -> None:
+        if self.problem is not None:
+            log.info("spool %s: written again", self.path)
+            self.problem = None
+
+    def compact(self) -> None:
+        """The file rewritten from memory (atomically): coalesced ops' stale lines dropped,
+        and what the file refused written."""
+        if not self.ops:
+            self.unwritten, self._must_compact = 0, False
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:
+                self._refused(exc)
+            self._lines_in_file = 0
+            return
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, "".join(self.line(op) + "\n" for op in self.ops).encode())
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except OSError as exc:  # the caller keeps what it has in memory and tries again
-            raise StoreError(str(self.path), f"cannot write the spool: {exc.strerror}") from exc
-        self.ops.append(op)
-        self.records += _weight(op)
+            tmp.replace(self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._refused(exc)
+            return
+        self._lines_in_file, self.unwritten, self._must_compact = len(self.ops), 0, False
+        self._written()
 
     def done(self, count: int) -> None:
-        """The first ``count`` ops are in the database: keep the rest (atomically)."""
+        """The first ``count`` ops are in the history: keep the rest."""
         self.ops = self.ops[count:]
         self.records = sum(map(_weight, self.ops))
-        if not self.ops:
-            self.path.unlink(missing_ok=True)
-            return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(_json(op)) + "\n" for op in self.ops),
-                       encoding="utf-8")
-        tmp.replace(self.path)
+        self.bytes = sum(op["bytes"] for op in self.ops)
+        self.unwritten = min(self.unwritten, len(self.ops))
+        self.compact()
 
     def provisional_floor(self) -> int:
         """Below every provisional id the spool already uses (a restart goes on from here)."""
@@ -147,26 +285,36 @@ class Spool:
         return min([0, *ids])
 
 
-class SpooledStore(Store):
-    """The store, with writes spooled while the database server is unreachable."""
+class SpooledStore:
+    """The history (``ServiceStore``), with writes spooled while it is away."""
 
-    def __init__(self, store: Store, spool: Spool, *, migrated: bool) -> None:
+    def __init__(self, store: ServiceStore | None, spool: Spool, *, migrated: bool,
+                 opener: Callable[[], ServiceStore] | None = None,
+                 prepare: Callable[[], None] | None = None, url: str = "", host: str = "",
+                 dialect: str = "sqlite") -> None:
         """``store`` opened (``migrated``: and its schema brought up to date; else that is
-        the first thing done when the server answers)."""
-        super().__init__(store.url, store.engine, store.host)
-        self.busy_timeout = store.busy_timeout
-        self.spool, self.migrated = spool, migrated
-        self.ids: dict[int, int | None] = {}  # provisional -> the database's (None: duplicate)
+        the first thing done when it answers), or None when it could not be opened at all:
+        then ``prepare`` (any thread) is tried until it succeeds and ``opener`` (the main
+        thread) opens it."""
+        self.store, self.spool, self.migrated = store, spool, migrated
+        self._opener, self._prepare = opener, prepare
+        self.url = store.url if store is not None else url
+        self.host = store.host if store is not None else host
+        self.dialect = store.dialect if store is not None else dialect
+        self.display_url = store.display_url if store is not None else url
+        self.ids: dict[int, int | None] = {}  # spooled id -> the history's (None: duplicate)
         self._next = spool.provisional_floor() - 1
-        # what was read last, the fallback while the server is gone: active bans per (netns,
-        # backend), and positions spooled since
+        # what was read last, the fallback while the history is away: active bans per (netns,
+        # backend), positions spooled since, saved settings, an incident's action runs
         self._active: dict[tuple[str, str | None], list[Ban]] = {}
         self._positions: dict[str, dict[str, Any] | None] = {}
+        self._settings: dict[tuple[str, str], str | None] = {}
+        self._runs: dict[int, list[ActionRun]] = {}
         self._view = spool.path.with_name("bans-seen.json")  # _active, for a restart
         self._view_due, self._view_dirty = 0.0, False
-        # saved settings as read or written last: the fallback while the server is away
-        self._settings: dict[tuple[str, str], str | None] = {}
-        self.away = not migrated  # not tried on the main thread until it answers again
+        self._thin: dict[int, tuple[int, datetime]] = {}  # incident -> (its op, first sample)
+        self.problem: str | None = None  # why the history is away, for `status`
+        self.away = store is None or not migrated  # not tried on the main thread meanwhile
         self._replaying = False
         self._stopping = threading.Event()
         self._prober: threading.Thread | None = None
@@ -177,12 +325,12 @@ class SpooledStore(Store):
                 self._active[item["netns"], item["backend"]] = [
                     Ban(**_unjson(b)) for b in item["bans"]]
         except (OSError, ValueError, TypeError, KeyError):
-            pass  # none yet (or torn): read again from the database
+            pass  # none yet (or torn): read again from the history
 
     def _keep_view(self, *, now: bool = False) -> None:
-        """The active bans as last read, on disk: after a restart while the database is gone
+        """The active bans as last read, on disk: after a restart while the history is away
         the ban reconcile still knows what this node banned. Written at most every VIEW_EVERY
-        seconds while the database answers (a fleet's thousands of bans, at every read, cost
+        seconds while the history answers (a fleet's thousands of bans, at every read, cost
         seconds of the loop), at once while it is away, and at close."""
         self._view_dirty = True
         if not now and time.monotonic() < self._view_due:
@@ -199,59 +347,88 @@ class SpooledStore(Store):
         except OSError as exc:
             log.debug("bans view %s: %s", self._view, exc)
 
-    # -- a server that does not answer --------------------------------------------------------
+    # -- a history that is away -----------------------------------------------------------------
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """Every read and write of the store's parts: refused at once while the server is
-        away; a lost connection makes it away."""
-        if self.away and not self._replaying:
-            raise AwayError(self.display_url, "not answering (writes are spooled)")
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One call into the history: refused at once while it is away; an outage makes it
+        away."""
+        if (self.away and not self._replaying) or self.store is None:
+            raise AwayError(self.display_url, f"away ({self.problem or 'not answering'}): "
+                            "writes are spooled")
         try:
-            with super().session() as session:
-                yield session
-        except StoreError as exc:
-            if unreachable(exc):
-                self._went_away(exc)
+            return getattr(self.store, method)(*args, **kwargs)
+        except StoreOutage as exc:
+            self._went_away(exc)
             raise
 
     def _went_away(self, exc: StoreError) -> None:
         """Said once an outage, whichever call found it (a write, a read, the heartbeat)."""
         if not self.away:
-            log.error("store: %s; writes go to the spool %s until it answers; detection "
-                      "and actions go on", exc, self.spool.path)
+            log.error("store: %s; writes go to the spool %s until it can be written; "
+                      "detection and actions go on", exc, self.spool.path)
+        self.problem = exc.why
         self.away = True
         self._start_prober()
 
     def _start_prober(self) -> None:
         if self._prober is not None and self._prober.is_alive():
             return
-        self._prober = threading.Thread(target=self._probe_server, name="store-away",
+        self._prober = threading.Thread(target=self._probe_history, name="store-away",
                                         daemon=True)
         self._prober.start()
 
-    def _probe_server(self) -> None:
-        """Off the main thread: try the server until it answers, then say so (``away``
-        false: the service replays the spool)."""
+    def _probe_history(self) -> None:
+        """Off the main thread: test the history until it answers (or, never opened,
+        prepare it), then say so (``away`` false: the service replays the spool)."""
         while not self._stopping.wait(PROBE_EVERY):
             try:
-                with self.engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-            except SQLAlchemyError as exc:
-                log.debug("store: still not answering: %s", exc)
+                if self.store is not None:
+                    self.store.ping()
+                elif self._prepare is not None:
+                    self._prepare()
+            except StoreError as exc:
+                log.debug("store: still away: %s", exc)
+                self.problem = exc.why
                 continue
             self.away = False
             return
 
+    def check(self) -> None:
+        """A look at the history between writes, every second: a deleted SQLite file takes
+        writes nobody will read, and a full disk fails only once SQLite needs a page."""
+        if not self.away and self.store is not None:
+            try:
+                self.store.check_file()
+            except StoreOutage as exc:
+                self._went_away(exc)
+
     def close(self) -> None:
         if self._view_dirty:
             self._keep_view(now=True)
+        self.spool.flush()
         self._stopping.set()
         if self._prober is not None:
             self._prober.join(timeout=1)
-        super().close()
+        if self.store is not None:
+            self.store.close()
 
-    # -- provisional ids ----------------------------------------------------------------------
+    def set_busy_timeout(self, seconds: float) -> None:
+        if self.store is not None:
+            self.store.set_busy_timeout(seconds)
+
+    def schema_revision(self) -> str | None:
+        return self.store.schema_revision() if self.store is not None else None
+
+    def ping(self) -> None:
+        self._call("ping")
+
+    def check_file(self) -> None:
+        self._call("check_file")
+
+    def migrate(self) -> None:
+        self._call("migrate")
+
+    # -- provisional ids ------------------------------------------------------------------------
 
     def _provisional(self, n: int) -> list[int]:
         made = list(range(self._next, self._next - n, -1))
@@ -259,21 +436,20 @@ class SpooledStore(Store):
         return made
 
     def _real(self, i: int | None) -> int | None:
-        return self.ids.get(i, i) if i is not None and i < 0 else i
+        """The history's id for a spooled one (also a real id a new history file renumbered)."""
+        return self.ids.get(i, i) if i is not None else None
 
     @property
     def spooling(self) -> bool:
         return bool(self.spool.ops) or not self.migrated or self.away
 
-    def _try(self, op: dict[str, Any], write: Any) -> Any:
-        """Write now if nothing is spooled and the server answers, else spool ``op``."""
+    def _try(self, op: dict[str, Any], method: str, *args: Any, **kwargs: Any) -> Any:
+        """Write now if nothing is spooled and the history answers, else spool ``op``."""
         if not self.spooling:
             try:
-                return write()
-            except StoreError as exc:
-                if not unreachable(exc):
-                    raise
-                self._went_away(exc)  # said there, once
+                return self._call(method, *args, **kwargs)
+            except StoreOutage:
+                pass  # said in _call, once
         self.spool.add(op)
         return None
 
@@ -281,13 +457,13 @@ class SpooledStore(Store):
 
     def insert_events(self, events: Sequence[NewEvent], now: datetime,
                       position: tuple[str, dict[str, Any]] | None = None) -> list[int | None]:
-        if self.spooling and self.spool.records + len(events) > self.spool.limit:
+        if self.spooling and not self.spool.fits(len(events), 600 * len(events)):
             raise StoreError(self.display_url, f"the spool is full ({self.spool.limit} "
                              "records, storage.spool_max): events wait in their source")
         made = self._provisional(len(events))
         op = {"op": "events", "events": [asdict(e) for e in events], "now": now,
               "position": list(position) if position else None, "made": made}
-        done = self._try(op, lambda: Store.insert_events(self, events, now, position))
+        done = self._try(op, "insert_events", events, now, position)
         if position is not None:  # the newest, written or spooled (a restart reads it)
             self._positions[position[0]] = position[1]
         return list(done) if done is not None else list(made)
@@ -296,20 +472,54 @@ class SpooledStore(Store):
         c = replace(c, incident_id=self._real(c.incident_id),
                     event_ids=tuple(i for i in map(self._real, c.event_ids) if i is not None))
         made = [c.incident_id] if c.incident_id is not None else self._provisional(1)
-        done = self._try({"op": "incident", "change": asdict(c), "made": made},
-                         lambda: Store.save_incident(self, c))
+        op = {"op": "incident", "change": asdict(c), "made": made}
+        if self.spooling and c.change == "updated" and self._thinned(made[0], c, op):
+            return made[0]
+        done = self._try(op, "save_incident", c)
+        if done is None and c.change == "updated" and c.sample is not None \
+                and made[0] not in self._thin:
+            self._thin[made[0]] = (len(self.spool.ops) - 1, c.sample.at)
+        elif c.change != "updated":
+            self._thin.pop(made[0], None)
         return int(done) if done is not None else int(made[0])
+
+    def _thinned(self, incident: int, c: IncidentChange, op: dict[str, Any]) -> bool:
+        """Put an update in the place of the incident's last spooled update when that is
+        within the thinning window (its events linked too): a long outage keeps one sample
+        per window, and the spool stays within its bound however long the incident."""
+        slot = self._thin.get(incident)
+        if slot is None:
+            return False
+        index, first = slot
+        ops = self.spool.ops
+        if index >= len(ops) or ops[index]["op"] != "incident" \
+                or ops[index]["made"] != [incident] \
+                or ops[index]["change"]["change"] != "updated":
+            self._thin.pop(incident, None)
+            return False
+        full = not self.spool.fits(1)
+        window = THIN_FULL if not self.spool.fits(self.spool.limit // 2) else THIN_EVERY
+        at = c.sample.at if c.sample is not None else first
+        if not full and (at - first).total_seconds() >= window:
+            self._thin.pop(incident, None)  # this one starts the next window
+            return False
+        linked = tuple(op["change"]["event_ids"])
+        op["change"]["event_ids"] = (*ops[index]["change"]["event_ids"], *linked)
+        self.spool.replace(index, op)
+        return True
 
     def add_action_runs(self, runs: Sequence[ActionRun]) -> None:
         runs = [replace(r, incident_id=self._real(r.incident_id)) for r in runs]
-        self._try({"op": "runs", "runs": [asdict(r) for r in runs]},
-                  lambda: Store.add_action_runs(self, runs))
+        for r in runs:
+            if r.incident_id is not None and r.incident_id in self._runs:
+                self._runs[r.incident_id].append(r)
+        self._try({"op": "runs", "runs": [asdict(r) for r in runs]}, "add_action_runs", runs)
 
     def add_bans(self, bans: Sequence[Ban]) -> list[int]:
         bans = [replace(b, incident_id=self._real(b.incident_id)) for b in bans]
         made = self._provisional(len(bans))
         done = self._try({"op": "bans", "bans": [asdict(b) for b in bans], "made": made},
-                         lambda: Store.add_bans(self, bans))
+                         "add_bans", bans)
         if done is not None:
             return list(done)
         for key, active in self._active.items():  # the fallback view of active bans
@@ -324,7 +534,7 @@ class SpooledStore(Store):
                      everywhere: bool = False) -> None:
         ids = [self._real(i) for i in ban_ids]
         self._try({"op": "removed", "ids": ids, "now": now, "everywhere": everywhere},
-                  lambda: Store.mark_removed(self, ids, now, everywhere=everywhere))
+                  "mark_removed", ids, now, everywhere=everywhere)
         gone = set(ids)
         for key, active in self._active.items():
             self._active[key] = [b for b in active if b.id not in gone]
@@ -333,80 +543,120 @@ class SpooledStore(Store):
     def save_setting(self, netns: str, name: str, value: str, now: datetime) -> None:
         self._settings[netns, name] = value
         self._try({"op": "setting", "netns": netns, "name": name, "value": value, "now": now},
-                  lambda: Store.save_setting(self, netns, name, value, now))
+                  "save_setting", netns, name, value, now)
 
     def forget_setting(self, netns: str, name: str) -> None:
         self._settings[netns, name] = None
-        self._try({"op": "forget", "netns": netns, "name": name},
-                  lambda: Store.forget_setting(self, netns, name))
+        self._try({"op": "forget", "netns": netns, "name": name}, "forget_setting", netns, name)
+
+    def heartbeat(self, pid: int, started_at: datetime, now: datetime, version: str) -> None:
+        self._call("heartbeat", pid, started_at, now, version)
+
+    def prune_events(self, before: datetime, batch: int = 2000) -> int:
+        return int(self._call("prune_events", before, batch))
+
+    def prune_incidents(self, before: datetime, now: datetime, batch: int = 200) -> int:
+        return int(self._call("prune_incidents", before, now, batch))
 
     # -- reads, with what was read last and what is spooled as the fallback --------------------
+
+    def _read(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A read, or _FALLBACK while the history is away."""
+        if self.migrated and not self.away:
+            try:
+                return self._call(method, *args, **kwargs)
+            except StoreOutage:
+                pass
+        return _FALLBACK
 
     def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
         key = (netns, backend)
         if not self.spooling:
-            try:
-                found = Store.active_bans(self, netns, now, backend)
-            except StoreError as exc:
-                if not unreachable(exc):
-                    raise
-            else:
+            found = self._read("active_bans", netns, now, backend)
+            if found is not _FALLBACK:
                 if found != self._active.get(key):
                     self._active[key] = list(found)
                     self._keep_view()
-                return found
+                return list(found)
         if key not in self._active:
-            seen = [b for (ns, _), bans in self._active.items() if ns == netns for b in bans]
-            if backend is not None or not seen:
+            if backend is not None:
                 # never a guess: the ban reconcile would remove what it does not see
-                raise StoreError(self.display_url, "unreachable, and its bans were never read")
-            # every backend's, as read last (a ban's caps and overlaps, not a reconcile)
+                raise AwayError(self.display_url, "away, and its bans were never read")
+            # every backend's as read last, and what was banned since (a ban's caps and
+            # overlaps, not a reconcile: with nothing read, the caps count from here)
+            seen = [b for (ns, _), bans in self._active.items() if ns == netns for b in bans]
+            gone = {i for op in self.spool.ops if op["op"] == "removed" for i in op["ids"]}
+            seen += [replace(Ban(**b), id=i, host=self.host) for op in self.spool.ops
+                     if op["op"] == "bans" for b, i in zip(op["bans"], op["made"], strict=True)
+                     if b["netns"] == netns and b["removed_at"] is None and i not in gone]
             return list({b.id: b for b in seen if b.expires_at > now}.values())
         return [b for b in self._active[key] if b.expires_at > now]
 
-    def _fallback(self, exc: StoreError) -> None:
-        if not unreachable(exc):
-            raise exc
+    def _spooled_runs(self, keep: Callable[[dict[str, Any]], bool]) -> list[ActionRun]:
+        return [ActionRun(**r) for op in self.spool.ops if op["op"] == "runs"
+                for r in op["runs"] if keep(r)]
+
+    def action_runs(self, incident_id: int) -> list[ActionRun]:
+        """Read once per incident while the history answers, then kept up to date here: a
+        notification is composed from memory during an outage."""
+        wanted = self._real(incident_id) or incident_id
+        if wanted not in self._runs:
+            found = [] if wanted < 0 else self._read("action_runs", wanted)
+            spooled = self._spooled_runs(lambda r: bool(r["incident_id"] == wanted))
+            if found is _FALLBACK:
+                return spooled
+            self._runs[wanted] = [*found, *spooled]
+            while len(self._runs) > RUNS_KEPT:
+                self._runs.pop(next(iter(self._runs)))
+        return list(self._runs[wanted])
+
+    def latest_runs(self, action: str, host: str, netns: str,
+                    since: datetime) -> list[ActionRun]:
+        found = self._read("latest_runs", action, host, netns, since)
+        spooled = self._spooled_runs(lambda r: bool(r["action"] == action and r["at"] >= since))
+        return [*([] if found is _FALLBACK else found), *spooled]
 
     def incident_bans(self, incident_id: int) -> set[str]:
         spooled = {b["prefix"] for op in self.spool.ops if op["op"] == "bans"
                    for b in op["bans"] if b["incident_id"] == incident_id}
         if incident_id < 0:
             return spooled
-        try:
-            return Store.incident_bans(self, incident_id) | spooled
-        except StoreError as exc:
-            self._fallback(exc)
-            return spooled
+        found = self._read("incident_bans", incident_id)
+        return spooled if found is _FALLBACK else set(found) | spooled
 
     def times_banned(self, netns: str, prefix: str) -> int:
         spooled = sum(1 for op in self.spool.ops if op["op"] == "bans" for b in op["bans"]
                       if (b["netns"], b["prefix"]) == (netns, prefix))
-        try:
-            return Store.times_banned(self, netns, prefix) + spooled
-        except StoreError as exc:
-            self._fallback(exc)
-            return spooled
+        found = self._read("times_banned", netns, prefix)
+        return spooled + (0 if found is _FALLBACK else int(found))
 
     def saved_setting(self, netns: str, name: str) -> str | None:
         for op in reversed(self.spool.ops):
             if op["op"] in ("setting", "forget") and (op["netns"], op["name"]) == (netns, name):
                 return str(op["value"]) if op["op"] == "setting" else None
-        try:
-            found = Store.saved_setting(self, netns, name)
-        except StoreError as exc:
-            self._fallback(exc)
+        found = self._read("saved_setting", netns, name)
+        if found is _FALLBACK:
             # as read or written last; never read: none (SYN cookies read the sysctl itself)
             return self._settings.get((netns, name))
         self._settings[netns, name] = found
-        return found
+        return None if found is None else str(found)
+
+    def saved_settings(self) -> list[tuple[str, str, str]]:
+        found = self._read("saved_settings")
+        if found is not _FALLBACK:
+            for netns, name, value in found:
+                self._settings[netns, name] = value
+        return [(ns, name, value) for (ns, name), value in self._settings.items()
+                if value is not None]
 
     def expired_bans(self, netns: str, now: datetime, backend: str) -> list[Ban]:
-        try:
-            return Store.expired_bans(self, netns, now, backend)
-        except StoreError as exc:
-            self._fallback(exc)
-            return []  # marked removed when the database answers: the kernel timed them out
+        found = self._read("expired_bans", netns, now, backend)
+        # away: marked removed when the history answers (the kernel timed them out)
+        return [] if found is _FALLBACK else list(found)
+
+    def fleet_bans_to_copy(self, now: datetime, after: int = 0,
+                           limit: int | None = None) -> list[Ban]:
+        return list(self._call("fleet_bans_to_copy", now, after=after, limit=limit))
 
     def get_position(self, source: str) -> dict[str, Any] | None:
         if source in self._positions:
@@ -414,25 +664,18 @@ class SpooledStore(Store):
         for op in reversed(self.spool.ops):
             if op.get("position") and op["position"][0] == source:
                 return dict(op["position"][1])
-        try:
-            return Store.get_position(self, source)
-        except StoreError as exc:
-            if not unreachable(exc):
-                raise
+        found = self._read("get_position", source)
+        if found is _FALLBACK:
             # no position: the source reads what it still has, and what is already recorded
             # is skipped when the spool is replayed (events are unique per host and entry)
-            log.warning("store: %s; source %s starts without its position", exc, source)
+            log.warning("store: away; source %s starts without its position", source)
             return None
+        return None if found is None else dict(found)
 
     def open_incidents(self, host: str, netns: str) -> list[IncidentChange]:
-        """Incidents left open, from the database and from the spool (a restart while the
-        database was gone), the spool's latest change of each."""
-        try:
-            found = [] if not self.migrated else Store.open_incidents(self, host, netns)
-        except StoreError as exc:
-            if not unreachable(exc):
-                raise
-            found = []
+        """Incidents left open, from the history and from the spool (a restart during an
+        outage), the spool's latest change of each."""
+        found = self._read("open_incidents", host, netns)
         latest: dict[int, IncidentChange] = {}
         for op in self.spool.ops:
             if op["op"] == "incident":
@@ -443,19 +686,21 @@ class SpooledStore(Store):
                    for c in latest.values()
                    if c.status == "open" and (c.host, c.netns) == (host, netns)]
         known = {c.incident_id for c in spooled}
-        return [c for c in found if c.incident_id not in known] + spooled
+        return [c for c in ([] if found is _FALLBACK else found)
+                if c.incident_id not in known] + spooled
 
     # -- catching up ----------------------------------------------------------------------------
 
     def catch_up(self) -> int:
         """Replay up to CATCH_UP_OPS spooled writes in order; how many are left. Raises
-        StoreError while the database is still unreachable."""
+        StoreError while the history is still away."""
         self._replaying = True
         try:
             return self._catch_up()
         except StoreError as exc:
             if unreachable(exc):
                 self.away = True  # still away: said when it went
+                self.problem = exc.why
                 self._start_prober()
             raise
         finally:
@@ -463,10 +708,15 @@ class SpooledStore(Store):
 
     def _catch_up(self) -> int:
         self.away = False
+        if self.store is None:
+            assert self._opener is not None
+            self.store = self._opener()
+            self.display_url = self.store.display_url
         if not self.migrated:
-            self.migrate()
+            self.store.migrate()
             self.migrated = True
-            log.info("store: %s answers; schema %s", self.display_url, self.schema_revision())
+            log.info("store: %s answers; schema %s", self.display_url,
+                     self.store.schema_revision())
         done = 0
         try:
             for op in self.spool.ops[:CATCH_UP_OPS]:
@@ -475,17 +725,22 @@ class SpooledStore(Store):
         finally:
             if done:
                 self.spool.done(done)
+                self._thin.clear()  # indices moved; a new window starts
         if not self.spool.ops:
             log.info("store: the spool is written to %s; recording directly again",
                      self.display_url)
+            self.problem = None
         return len(self.spool.ops)
 
     def _replay(self, op: dict[str, Any]) -> None:
+        store = self.store
+        assert store is not None
         kind, made = op["op"], op.get("made", [])
         if kind == "events":
-            events = [NewEvent(**e) for e in op["events"]]
-            position = tuple(op["position"]) if op["position"] else None
-            got = Store.insert_events(self, events, op["now"], position)
+            full = _unjson(json.loads(op["line"]))
+            events = [NewEvent(**e) for e in full["events"]]
+            position = tuple(full["position"]) if full["position"] else None
+            got = store.insert_events(events, full["now"], position)
             self.ids.update(zip(made, got, strict=True))
         elif kind == "incident":
             c = _change(dict(op["change"]))
@@ -493,20 +748,24 @@ class SpooledStore(Store):
                         event_ids=tuple(i for i in map(self._real, c.event_ids)
                                         if i is not None and i > 0))
             if c.incident_id is not None and c.incident_id < 0:
-                c = replace(c, incident_id=None)  # its first change: the database numbers it
-            real = Store.save_incident(self, c)
-            self.ids[made[0]] = real
+                c = replace(c, incident_id=None)  # its first change: the history numbers it
+            real = store.save_incident(c)
+            if made[0] != real:
+                self.ids[made[0]] = real
         elif kind == "runs":
-            Store.add_action_runs(self, [ActionRun(**{**r, "incident_id": self._real(
+            store.add_action_runs([ActionRun(**{**r, "incident_id": self._real(
                 r["incident_id"])}) for r in op["runs"]])
         elif kind == "bans":
-            ban_ids = Store.add_bans(self, [Ban(**{**b, "incident_id": self._real(
+            ban_ids = store.add_bans([Ban(**{**b, "incident_id": self._real(
                 b["incident_id"])}) for b in op["bans"]])
             self.ids.update(zip(made, ban_ids, strict=True))
         elif kind == "removed":
-            Store.mark_removed(self, [self._real(i) for i in op["ids"]], op["now"],
+            store.mark_removed([self._real(i) for i in op["ids"]], op["now"],
                                everywhere=op["everywhere"])
         elif kind == "setting":
-            Store.save_setting(self, op["netns"], op["name"], op["value"], op["now"])
+            store.save_setting(op["netns"], op["name"], op["value"], op["now"])
         elif kind == "forget":
-            Store.forget_setting(self, op["netns"], op["name"])
+            store.forget_setting(op["netns"], op["name"])
+
+
+_FALLBACK: Any = object()  # a read the history could not answer: the caller's fallback

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from synwatch.config import sqlite_file
-from synwatch.errors import StoreError
+from synwatch.errors import StoreError, StoreOutage
 from synwatch.historyreader import (
     BAN_COLUMNS,
     RUN_COLUMNS,
@@ -35,6 +35,8 @@ from synwatch.historyreader import (
 from synwatch.records import ActionRun, Ban, IncidentChange, NewEvent
 
 PRUNE_BATCH = 2000  # rows per transaction (as synwatch/store/retention.py)
+MIN_FREE = 1 << 20  # bytes: less free space than this on the history's disk is an outage
+PING_WAIT = 0.2  # seconds the away thread's test waits for another writer's lock
 EVENT_FIELDS = ("time", "source", "trusted", "kind", "family", "address", "port", "mode",
                 "source_ip", "source_port", "message", "pattern", "dedup_key", "historical")
 
@@ -77,16 +79,52 @@ class SQLiteStore:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
-            raise StoreError(url, str(exc)) from exc
+            st = db.stat()
+        except (sqlite3.Error, OSError) as exc:
+            raise _error(url, exc) from exc
+        # the file this connection writes: one deleted or replaced under the service takes
+        # writes that nobody will ever read, so each write checks it is still the history
+        self.identity = (st.st_dev, st.st_ino)
 
     @classmethod
     def open(cls, url: str, host: str) -> SQLiteStore:
         """Migrated first, in a child process, when the schema is not the newest."""
-        db = sqlite_file(url)
-        if db is None or not db.exists() or _revision(db) != head_revision():
-            migrate_in_child(url, host)
+        prepare(url, host)
         return cls(url, host)
+
+    def migrate(self) -> None:
+        prepare(self.url, self.host)
+
+    def ping(self) -> None:
+        """Could a write succeed now? From any thread (the spool's away thread), on a
+        connection of its own: the file is still the one the service writes, its disk has
+        room, and no other writer holds the lock."""
+        self.check_file()
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=PING_WAIT)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise _error(self.url, exc) from exc
+
+    def check_file(self) -> None:
+        """The history file is the one opened, and its disk has room (a write to a full disk
+        fails only once SQLite needs a new page, and one to a deleted file never fails)."""
+        try:
+            st = self.path.stat()
+            vfs = os.statvfs(self.path)
+        except OSError as exc:
+            raise StoreOutage(self.url, f"the history file is gone ({exc.strerror}); nothing "
+                              "is recorded until synwatch restarts, which starts a new one") \
+                from exc
+        if (st.st_dev, st.st_ino) != self.identity:
+            raise StoreOutage(self.url, "the history file was replaced; nothing is recorded "
+                              "until synwatch restarts")
+        if vfs.f_bavail * vfs.f_frsize < MIN_FREE:
+            raise StoreOutage(self.url, "the disk is full")
 
     @property
     def display_url(self) -> str:
@@ -105,6 +143,7 @@ class SQLiteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
+        self.check_file()
         cur = self.conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
@@ -115,7 +154,7 @@ class SQLiteStore:
                 raise
             cur.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise StoreError(self.url, str(exc).splitlines()[0]) from exc
+            raise _error(self.url, exc) from exc
         finally:
             cur.close()
 
@@ -124,7 +163,7 @@ class SQLiteStore:
             return list(self.conn.execute(sql, [stamp(p) if isinstance(p, datetime) else p
                                                 for p in params]))
         except sqlite3.Error as exc:
-            raise StoreError(self.url, str(exc).splitlines()[0]) from exc
+            raise _error(self.url, exc) from exc
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -366,6 +405,25 @@ class SQLiteStore:
                             "DELETE FROM incidents WHERE id IN ({})"):
                     cur.execute(sql.format(marks), ids)
             return len(ids)
+
+
+def prepare(url: str, host: str) -> None:
+    """The history file created and migrated to the newest schema (in a child process) unless
+    it already is. From any thread: the spool's away thread prepares a history that could not
+    be opened at the start (a read-only or full disk)."""
+    db = sqlite_file(url)
+    if db is None or not db.exists() or _revision(db) != head_revision():
+        migrate_in_child(url, host)
+
+
+def _error(url: str, exc: sqlite3.Error | OSError) -> StoreError:
+    """sqlite3's error as ours. Locked, busy, full, read-only, I/O errors and files that are
+    not (or no longer) a database are outages: the service spools and acts on; a refused row
+    (IntegrityError) or a bad statement is a bug and says so."""
+    why = (str(exc).splitlines() or [type(exc).__name__])[0]
+    outage = isinstance(exc, (sqlite3.OperationalError, OSError)) \
+        or type(exc) is sqlite3.DatabaseError  # "file is not a database", "malformed"
+    return (StoreOutage if outage else StoreError)(url, why)
 
 
 def _revision(db: os.PathLike[str] | str) -> str | None:

@@ -77,6 +77,7 @@ class DaemonStatus:
 
     def write(self, summary: str) -> None:
         """Atomically (a reader never sees half a file); a failure only costs `status`."""
+        tmp = None
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".status-")
@@ -85,6 +86,9 @@ class DaemonStatus:
             Path(tmp).replace(self.path)
         except OSError as exc:
             logging.getLogger(__name__).debug("status file %s: %s", self.path, exc)
+            if tmp is not None:  # a full disk: no half-written file a second
+                with contextlib.suppress(OSError):
+                    Path(tmp).unlink()
 
 
 def alive(pid: object) -> bool:

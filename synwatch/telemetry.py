@@ -44,6 +44,7 @@ class Telemetry:
         self.drifts = 0  # bans found not enforced in the kernel (and put back) since the start
         self.fleet_refused_n = 0  # other nodes' fleet bans refused here since the start
         self._summary = ""
+        self.started = datetime.now(tz=UTC)
 
     def start(self, sources: list[Source]) -> None:
         self._sources = list(sources)
@@ -63,7 +64,11 @@ class Telemetry:
     def batch(self, batch: Batch, stored: list[StoredEvent], now: datetime) -> None:
         source = self.status.sources.get(batch.source)
         if source is not None:  # its position is read from the source itself (summary)
-            times = [r.time for r in batch.records if r.time is not None]
+            # lag is how late a line is read, so only lines printed since the start count:
+            # the backlog a start catches up on (kmsg's ring, the journal since the saved
+            # cursor) is old, not late, and would fire the lag alert after every restart
+            times = [r.time for r in batch.records if r.time is not None
+                     and r.time >= self.started]
             if times:
                 source.lag_seconds = round(max(0.0, (now - max(times)).total_seconds()), 3)
                 if self.metrics is not None:

@@ -374,3 +374,106 @@ def test_the_largest_timeouts_are_taken_by_the_real_nft(tmp_path: Path) -> None:
     done = subprocess.run(["unshare", "--net", "nft", "-f", "-"], input=script, text=True,
                           capture_output=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+# -- storage.password_file: the database password kept out of the configuration -------------
+
+SERVER = "postgresql+psycopg://synwatch@127.0.0.1:1/synwatch"  # refuses at once
+# `@`, `/` and `:` would end the URL's fields early, and an unquoted `%41` would read as "A"
+PASSWORD = "s3cr@t/p%41ss:w0rd"
+
+
+def _password_config(tmp_path: Path, password_file: str, url: str = SERVER) -> Path:
+    path = tmp_path / "synwatch.toml"
+    path.write_text(f'[storage]\nurl = "{url}"\npassword_file = "{password_file}"\n'
+                    f'state_dir = "{tmp_path}"\n')
+    return path
+
+
+def test_the_password_file_is_read_into_the_url_quoted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy.engine import make_url
+
+    from synwatch.historyreader import libpq_uri
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    secret = tmp_path / "db-password"
+    secret.write_text(f"  {PASSWORD}  \nnot the password\n")  # the first line, stripped
+    c = load_config(str(_password_config(tmp_path, str(secret))))
+    assert c.storage_url == ("postgresql+psycopg://synwatch:s3cr%40t%2Fp%2541ss%3Aw0rd"
+                             "@127.0.0.1:1/synwatch")
+    assert c.storage.password_file == str(secret)
+    # both readers of the URL get the password back: SQLAlchemy (the store) and libpq (the
+    # history reader and the fleet's LISTEN connection)
+    url = make_url(c.storage_url)
+    assert (url.username, url.password, url.host, url.port) == ("synwatch", PASSWORD,
+                                                                "127.0.0.1", 1)
+    assert conninfo_to_dict(libpq_uri(c.storage_url))["password"] == PASSWORD
+    # parsing alone reads no file: the URL is as written
+    assert parse_config(_password_config(tmp_path, str(secret)).read_text(),
+                        "x.toml").storage_url == SERVER
+
+
+def test_a_relative_password_file_is_a_systemd_credential_else_beside_the_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    credentials = tmp_path / "credentials"  # what LoadCredential= makes
+    credentials.mkdir()
+    (credentials / "db-password").write_text("from-systemd\n")
+    (tmp_path / "db-password").write_text("from-etc\n")
+    path = _password_config(tmp_path, "db-password")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    c = load_config(str(path))
+    assert c.storage_url == "postgresql+psycopg://synwatch:from-systemd@127.0.0.1:1/synwatch"
+    assert c.storage.password_file == str(credentials / "db-password")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    c = load_config(str(path))
+    assert c.storage_url == "postgresql+psycopg://synwatch:from-etc@127.0.0.1:1/synwatch"
+    # and through the CLI, as the unit's ExecStartPre runs it
+    (credentials / "db-password").write_text("")
+    r = synwatch("check-config", "--config", str(path),
+                 env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert r.code == 2 and r.err == (f"synwatch: config {path}: storage.password_file: "
+                                     f"{credentials / 'db-password'} is empty: the password is "
+                                     "its first line\n"), r
+
+
+@pytest.mark.parametrize(("case", "url", "why"), [
+    ("missing", SERVER, "cannot read {file}: No such file or directory"),
+    ("a directory", SERVER, "cannot read {file}: Is a directory"),
+    ("empty", SERVER, "{file} is empty: the password is its first line"),
+    ("a blank first line", SERVER, "{file} is empty: the password is its first line"),
+    ("not UTF-8", SERVER, "{file} is not UTF-8 text"),
+    ("a URL with a password", "postgresql+psycopg://synwatch:inline@127.0.0.1:1/synwatch",
+     "storage.url already has a password"),
+    ("a URL with ?password=", "postgresql+psycopg://synwatch@127.0.0.1:1/synwatch"
+                              "?password=inline", "storage.url already has a password"),
+    # blank, it would still win over the file's in the driver
+    ("a URL with a blank ?password=", f"{SERVER}?sslmode=disable&password=",
+     "storage.url already has a password"),
+    ("an SQLite URL", "sqlite:///{dir}/h.db", 'storage.url is an SQLite history '
+                                             '("sqlite:///{dir}/h.db"), which has no password'),
+    ("the default URL", "", "storage.url is an SQLite history"),
+])
+def test_a_password_file_that_cannot_work_is_exit_2_naming_the_key(
+        tmp_path: Path, case: str, url: str, why: str) -> None:
+    file = tmp_path / "db-password"
+    if case == "a directory":
+        file.mkdir()
+    elif case != "missing":
+        file.write_bytes({"empty": b"", "a blank first line": b"  \nsecond\n",
+                          "not UTF-8": b"\xff\xfe\n"}.get(case, b"s3cret\n"))
+    path = _password_config(tmp_path, str(file), url.format(dir=tmp_path))
+    r = synwatch("check-config", "--config", str(path))
+    assert r.code == 2 and r.out == "", r
+    assert r.err.startswith(f"synwatch: config {path}: storage.password_file: "
+                            f"{why.format(file=file, dir=tmp_path)}"), r.err
+    assert r.err.count("\n") == 1 and "s3cret" not in r.err
+
+
+def test_a_password_file_path_is_text_without_control_characters() -> None:
+    for value in ("3", '"a\\u0000b"', '"a\\nb"'):
+        with pytest.raises(ConfigError) as err:
+            parse_config(f"[storage]\nurl = {SERVER!r}\npassword_file = {value}\n", "x.toml")
+        assert err.value.key == "storage.password_file"
+        assert err.value.reason.startswith('expected a file path or "", got '), err.value

@@ -127,7 +127,7 @@ def test_cookies_for_every_syn_are_attributed_by_the_accounting_set(
     the_lab.listen(port, backlog=64)
     service = Service(the_lab, tmp_path, dry_run=False)  # accounting = "auto": on
     try:
-        service.wait_log("SYN accounting: on")
+        service.wait_log("SYN accounting (nftables table inet synwatch")
         sources = _sources(f"{SPOOF_NET}.3", each=1500) + _sources(f"{SPOOF_NET}.4", each=500)
         random.shuffle(sources)
         the_lab.flood(port, len(sources), sources)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,3 +166,27 @@ def test_logs_to_the_journal_carry_their_priority(tmp_path: Path, journald: Jour
     assert "synwatch: no log source to read; kernel state is still probed" in warnings
     assert "synwatch running" not in warnings and "INFO" not in journal()
     assert not any(line.startswith("<") for line in journal().splitlines())  # parsed, not shown
+    # the journal has its own time for each line: none of ours
+    assert not re.search(r"^\d{4}-\d\d-\d\d ", journal(), re.MULTILINE), journal()
+
+
+def test_the_service_in_the_foreground_says_when(tmp_path: Path, notify: NotifySocket) -> None:
+    """On a terminal or in a file, each line of `synwatch run` starts with its time, and the
+    start says what it does in a few lines; a command's warning has no time (it is now)."""
+    config = host_config(tmp_path, "[sources]\njournald = false\nkmsg = false\n")
+    proc = start_service(config, notify)
+    notify.wait_for("READY=1")
+    code, log = stop_service(proc)
+    assert code == 0
+    lines = [line for line in log.splitlines()
+             if re.search(r"\b(INFO|WARNING|ERROR) synwatch", line)]  # records, not their text
+    stamped = [line for line in lines
+               if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (INFO|WARNING) synwatch", line)]
+    assert stamped and len(stamped) == len(lines), log
+    # short: a dry run's setup in one line (its script is for --debug), the flood's sources
+    # of evidence in one
+    assert "action ban nftables setup: dry run, not done" in log, log
+    assert "add table inet synwatch" not in log
+    assert log.count("sources of a flood: ") == 1 and "SYN-RECV sockets" in log
+    r = synwatch("check-config", "--config", str(config))
+    assert not re.search(r"^\d{4}-", r.out + r.err, re.MULTILINE), r

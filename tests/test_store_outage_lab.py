@@ -11,6 +11,9 @@ spool is written to the server.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -19,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Service
+from tests.conftest import synwatch
+from tests.harness import Service, wait_for
 from tests.lab import SPOOF_NET, Lab, lab, lab_port, sh
 from tests.pgcluster import Cluster
-from tests.test_actions_lab import banned_in_nft, flood_from, wait_for
+from tests.test_actions_lab import banned_in_nft, flood_from
 
 pytestmark = pytest.mark.needs_root
 FLOODED = f"{SPOOF_NET}.41.0/24"
@@ -136,8 +140,8 @@ def the_lab() -> Iterator[Lab]:
 
 def test_bans_stay_in_the_kernel_when_the_history_file_is_deleted(
         the_lab: Lab, tmp_path: Path) -> None:
-    """The SQLite history deleted while two bans hold, then a restart (a new, empty history):
-    the reconcile leaves the kernel's bans to their own timeouts, and says so, once."""
+    """The SQLite history deleted while two bans hold: seen within a second (one ERROR), then
+    a restart (a new, empty history): the kernel's bans stay to their own timeouts."""
     nets = [f"{SPOOF_NET}.{n}.0/24" for n in (43, 45)]
     service = Service(the_lab, tmp_path, dry_run=False)
     port = lab_port()
@@ -147,13 +151,102 @@ def test_bans_stay_in_the_kernel_when_the_history_file_is_deleted(
         wait_for("both bans", lambda: set(banned_in_nft(the_lab)) == set(nets))
         for name in ("h.db", "h.db-wal", "h.db-shm"):
             (tmp_path / name).unlink(missing_ok=True)
+        # seen within a second, said once: nothing is recorded until the restart
+        service.wait_log("the history file is gone", timeout=5)
         service.stop()
         service.start()
         service.wait_probes(3)  # the start's reconcile, and three rounds after it
         assert set(banned_in_nft(the_lab)) == set(nets)
         log = service.log.read_text()
         assert "remove 2 expired or unknown" not in log
-        assert log.count("the history does not know") == 1
+        # the deletion said once; the bans came back from what was read last (the spool's
+        # view), else the reconcile keeps what the history does not know
+        assert log.count("the history file is gone") == 1
+        assert log.count("the history does not know") <= 1
     finally:
         if service.proc.poll() is None:
             service.stop()
+
+
+@pytest.fixture
+def cookies_off_lab() -> Iterator[Lab]:
+    with lab() as made:
+        made.sysctl("net.ipv4.tcp_synack_retries", 1)
+        made.sysctl("net.ipv4.tcp_syncookies", 0)  # so raising them is seen
+        yield made
+
+
+def _mount(*argv: str) -> None:
+    # the suite runs in a mount namespace of its own (scripts/test): nothing reaches the host
+    sh("mount", *argv)
+
+
+@pytest.mark.parametrize("outage", ["locked", "full", "read-only at start"])
+def test_an_sqlite_history_that_cannot_be_written_never_holds_the_response_up(
+        cookies_off_lab: Lab, tmp_path: Path, outage: str) -> None:
+    """The SQLite history locked by another writer, its disk full, or its directory read-only
+    when the service starts: a concentrated flood gets SYN cookies and its ban in the kernel
+    within seconds all the same, the status says "acting, not recording", and when the history
+    can be written again the spool goes to it: the incident and its ban, in the history."""
+    the_lab = cookies_off_lab
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=4m" + (",ro" if outage.startswith("read") else ""),
+           f"swt-{the_lab.tag}", str(disk))
+    holder: subprocess.Popen[str] | None = None
+    service: Service | None = None
+    try:
+        service = Service(the_lab, tmp_path, dry_run=False, storage=textwrap.dedent(f"""\
+            url = "sqlite:///{disk}/h.db"
+            state_dir = "{disk}"
+            """))
+        port = lab_port()
+        the_lab.listen(port, backlog=64)
+        if outage == "locked":
+            holder = subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(f"""
+                    import sqlite3, sys
+                    db = sqlite3.connect({str(disk / "h.db")!r}, isolation_level=None)
+                    db.execute("BEGIN EXCLUSIVE")
+                    print("locked", flush=True)
+                    sys.stdin.readline()
+                    db.execute("COMMIT")
+                """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        elif outage == "full":
+            sh("sh", "-c", f"cat /dev/zero > {disk}/filler", check=False)  # until ENOSPC
+        else:
+            service.wait_log("acting, not recording until it can be written")
+        service.wait_probes(2)
+        flooded = time.monotonic()
+        flood_from(the_lab, port, [FLOODED], each=800)
+        wait_for("SYN cookies", lambda: int(the_lab.in_server(
+            "sysctl", "-n", "net.ipv4.tcp_syncookies").stdout) == 1, timeout=15)
+        cookies_after = time.monotonic() - flooded
+        wait_for("the ban", lambda: FLOODED in banned_in_nft(the_lab), timeout=15)
+        banned_after = time.monotonic() - flooded
+        print(f"{outage}: cookies after {cookies_after:.1f} s, ban after {banned_after:.1f} s")
+        assert cookies_after < 8 and banned_after < 8
+        status = synwatch("status", "--config", str(service.config))
+        if outage == "locked":  # (on a full or read-only disk the status file is not written)
+            assert "acting, not recording" in status.out, status.out
+        # the history can be written again
+        if holder is not None:
+            holder.communicate("go\n", timeout=10)
+        elif outage == "full":
+            (disk / "filler").unlink()
+        else:
+            _mount("-o", "remount,rw", str(disk))
+        service.wait_log("recording directly again", timeout=30)
+        bans = json.loads(synwatch("bans", "list", "--format", "json", "--config",
+                                   str(service.config)).out)
+        [incident] = service.incidents(port)
+        assert incident["verdict"] == "concentrated"
+        assert [(b["prefix"], b["incident_id"]) for b in bans] == [(FLOODED, incident["id"])]
+        assert service.log.read_text().count("detection and actions go on") <= 1
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        if service is not None and service.proc.poll() is None:
+            service.stop()
+        sh("umount", "-l", str(disk), check=False)

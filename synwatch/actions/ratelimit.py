@@ -21,12 +21,13 @@ from synwatch.actions.registry import Action, Plan, skipped
 from synwatch.config import Config
 from synwatch.durations import format_duration
 from synwatch.errors import CommandError
-from synwatch.records import IncidentChange
+from synwatch.records import BanTarget, IncidentChange
 from synwatch.runner import Command, execute, show
 
 PRESET = "ratelimit-nftables"
 SOURCES = "ratelimit-sources-nftables"
 RETRY = 30.0  # seconds before a failed limit (nft missing, refused) is tried again
+RENEWED = " (renewed: the incident goes on)"
 
 
 def ratelimit_context(config: Config) -> dict[str, Any]:
@@ -44,6 +45,7 @@ class RatelimitAction(Action):
         self.sources = Firewall(load_presets()[SOURCES], self.ctx.netns)
         self.seen: dict[int, set[str]] = {}  # incident -> addresses limited or refused
         self.retry_at: dict[str, float] = {}  # address -> when a failed limit is tried again
+        self.limited: dict[str, tuple[float, str]] = {}  # address -> when it was set, why
         self.ready = False  # the per-source chain is set up (at the first address)
 
     @classmethod
@@ -79,19 +81,29 @@ class RatelimitAction(Action):
 
     def on_change(self, change: IncidentChange) -> list[Plan]:
         if change.change == "closed" and change.incident_id is not None:
-            self.seen.pop(change.incident_id, None)
-        if (change.verdict != "concentrated" or change.status != "open"
-                or change.incident_id is None or not change.limits):
+            for prefix in self.seen.pop(change.incident_id, set()):
+                self.limited.pop(prefix, None)
+        if change.status != "open" or change.incident_id is None:
             return []
         inc = change.incident_id
         seen = self.seen.setdefault(inc, set())
-        new = [t for t in change.limits if t.prefix not in seen]
+        c, mono = self.ctx.config, self.ctx.clock.monotonic()
+        seconds = int(c.ban.duration)
+        # a limit is renewed at half its time while its incident lasts (the limit may have
+        # ended the overflow, so the address need not be among the latest targets): its kernel
+        # timeout must not end it under a flood that goes on
+        renew = [BanTarget(p, 0, 0.0, (), why + RENEWED)
+                 for p, (at, why) in self.limited.items()
+                 if p in seen and mono - at >= seconds / 2]
+        for target in renew:
+            seen.discard(target.prefix)
+        chosen = change.limits if change.verdict == "concentrated" else ()
+        new = [*renew, *(t for t in chosen if t.prefix not in seen
+                         and t.prefix not in {r.prefix for r in renew})]
         if not new:
             return []
-        guard, c = self._guard(), self.ctx.config
-        seconds = int(c.ban.duration)
+        guard = self._guard()
         plans: list[Plan] = []
-        mono = self.ctx.clock.monotonic()
         for target in new:
             why = guard.refuses(target.prefix)
             if why is not None:
@@ -114,6 +126,8 @@ class RatelimitAction(Action):
                prefix: str) -> str:
         execute(commands, self.ctx.netns)  # a failure: tried again after RETRY seconds
         seen.add(prefix)
+        self.retry_at.pop(prefix, None)
+        self.limited[prefix] = (self.ctx.clock.monotonic(), why.removesuffix(RENEWED))
         self.ready = True
         r = self.ctx.config.ratelimit
         return (f"SYNs over {r.rate}/min (burst {r.burst}) dropped for "

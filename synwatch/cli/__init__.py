@@ -62,11 +62,16 @@ def stderr_is_journal() -> bool:
         return False
 
 
-def setup_logging(debug: bool) -> None:
+def setup_logging(debug: bool, *, timestamps: bool = False) -> None:
+    """``timestamps``: the service in the foreground (a terminal, a file) says when; the
+    journal has its own time for every line, and a command's one warning needs none."""
     # Our own messages at INFO; libraries (alembic announces every plugin) only when they warn.
     handler = logging.StreamHandler(sys.stderr)
+    plain = "%(levelname)s %(name)s: %(message)s"
     handler.setFormatter(JournalFormatter() if stderr_is_journal()
-                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+                         else logging.Formatter("%(asctime)s.%(msecs)03d " + plain,
+                                                "%Y-%m-%d %H:%M:%S") if timestamps
+                         else logging.Formatter(plain))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     logging.getLogger("synwatch").setLevel(logging.DEBUG if debug else logging.INFO)
 
@@ -80,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug may come anywhere; logging is set up before the parser can fail
     debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
-    setup_logging(debug)
+    # the service's own log: the first word that is not an option names the command
+    command = next((a for a in argv if not a.startswith("-")), "")
+    setup_logging(debug, timestamps=command == "run")
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))

@@ -1,4 +1,5 @@
-"""The one reader of synwatch.toml: strict parse, defaults, validation; no I/O beyond the file.
+"""The one reader of synwatch.toml: strict parse, defaults, validation; no I/O beyond the file
+and the password file it may name (``storage.password_file``, read after parsing).
 
 Unknown sections and keys are errors, and every error names its key:
 ``synwatch: config /etc/synwatch/synwatch.toml: incident.quiet_period: expected a duration ...``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from synwatch.config.types import (
     SynproxySettings,
     Thresholds,
 )
+from synwatch.config.urls import has_password, is_sqlite, with_password
 from synwatch.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -50,7 +53,7 @@ __all__ = ["BAN_BACKENDS", "BUILTIN_ACTIONS", "DEFAULT_POLICY", "EMBEDDED", "EXE
            "ExecSettings", "Network", "NotifySettings", "RatelimitSettings", "Setting",
            "StorageSettings", "SynproxySettings", "Thresholds", "config_location",
            "default_storage_url", "embedded_default_text", "load_config", "parse_config",
-           "sqlite_file", "state_dir"]
+           "password_path", "sqlite_file", "state_dir"]
 
 SYSTEM_CONFIG = Path("/etc/synwatch/synwatch.toml")
 EMBEDDED = "<embedded default>"
@@ -141,6 +144,17 @@ def parse_config(text: str, path: str) -> Config:
     if v["incident.probe_interval"] < 0.1:
         raise ConfigError(path, "incident.probe_interval",
                           "must be at least 0.1s (probing reads every socket of the namespace)")
+    storage_url = v["storage.url"] or default_storage_url()
+    if v["storage.password_file"]:
+        if is_sqlite(storage_url):
+            raise ConfigError(path, "storage.password_file",
+                              f"storage.url is an SQLite history ({_show(storage_url)}"
+                              f"{'' if v['storage.url'] else ', the default'}), which has no "
+                              "password: a password file is for a database server "
+                              "(postgresql+psycopg://USER@HOST/DB)")
+        if has_password(storage_url):  # two passwords: which one would be meant?
+            raise ConfigError(path, "storage.password_file",
+                              "storage.url already has a password")
     if v["actions.notify.enabled"] and not v["actions.notify.urls"]:
         raise ConfigError(path, "actions.notify.urls", "is empty while notify is enabled")
     if v["actions.exec.enabled"] and not v["actions.exec.argv"]:
@@ -159,7 +173,7 @@ def parse_config(text: str, path: str) -> Config:
                           f"({v['verdict.capacity_completion']})")
     return Config(
         path=path,
-        storage_url=v["storage.url"] or default_storage_url(),
+        storage_url=storage_url,
         journald=v["sources.journald"], files=v["sources.files"], kmsg=v["sources.kmsg"],
         netns=v["watch.netns"], quiet_period=v["incident.quiet_period"],
         probe_interval=v["incident.probe_interval"], accounting=v["incident.accounting"],
@@ -183,6 +197,7 @@ def parse_config(text: str, path: str) -> Config:
         metrics_listen=v["metrics.listen"],
         synproxy=SynproxySettings(enabled=v["actions.synproxy.enabled"]),
         storage=StorageSettings(host=v["storage.host"] or socket.gethostname(),
+                                password_file=v["storage.password_file"],
                                 state_dir=v["storage.state_dir"],
                                 spool_max=v["storage.spool_max"],
                                 keep_events=v["storage.retention.events"],
@@ -208,7 +223,40 @@ def config_location(explicit: str | None) -> str | None:
     return str(SYSTEM_CONFIG) if SYSTEM_CONFIG.is_file() else None
 
 
+def password_path(name: str, config_path: str) -> Path:
+    """Where ``storage.password_file`` is: a relative name is a systemd credential when the
+    service manager passed some ($CREDENTIALS_DIRECTORY, set with LoadCredential=:
+    https://systemd.io/CREDENTIALS/), else a file beside the configuration."""
+    file = Path(name)
+    if file.is_absolute():
+        return file
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    return (Path(credentials) if credentials else Path(config_path).absolute().parent) / file
+
+
+def _read_password(config: Config) -> Config:
+    """The configuration with the password of ``storage.password_file`` in its storage.url
+    (the parser has checked that the URL is a server's and has none of its own)."""
+    key = "storage.password_file"
+    file = password_path(config.storage.password_file, config.path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(config.path, key, f"cannot read {file}: "
+                          f"{exc.strerror or exc}") from exc
+    except UnicodeDecodeError:  # not chained: its message quotes a byte of the file
+        raise ConfigError(config.path, key, f"{file} is not UTF-8 text") from None
+    lines = text.splitlines()
+    password = lines[0].strip() if lines else ""
+    if not password:
+        raise ConfigError(config.path, key, f"{file} is empty: the password is its first line")
+    return replace(config, storage_url=with_password(config.storage_url, password),
+                   storage=replace(config.storage, password_file=str(file)))
+
+
 def load_config(explicit: str | None = None) -> Config:
+    """Read and parse the file; then the one other file it names, the password's (parsing
+    stays pure: parse_config reads nothing)."""
     path = config_location(explicit)
     if path is None:
         return parse_config(embedded_default_text(), EMBEDDED)
@@ -218,4 +266,5 @@ def load_config(explicit: str | None = None) -> Config:
         raise ConfigError(path, None, exc.strerror or str(exc)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(path, None, f"not UTF-8 text: {exc}") from exc
-    return parse_config(text, path)
+    config = parse_config(text, path)
+    return _read_password(config) if config.storage.password_file else config

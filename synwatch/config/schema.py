@@ -22,6 +22,7 @@ from synwatch.config.types import (
     Network,
     Thresholds,
 )
+from synwatch.config.urls import is_sqlite, masked, port_problem
 from synwatch.durations import parse_duration
 
 
@@ -133,7 +134,9 @@ def _url(value: Any) -> str:
         raise _Invalid(f"expected a string, got {_show(value)}")
     if value and not _URL.fullmatch(value):
         raise _Invalid(f"not an SQLAlchemy URL (e.g. sqlite:////var/lib/synwatch/"
-                       f"synwatch.db): {_show(value)}")
+                       f"synwatch.db): {_show(masked(value))}")
+    if value and not is_sqlite(value) and (why := port_problem(value)) is not None:
+        raise _Invalid(f"{why}: {_show(masked(value))}")
     return value
 
 
@@ -157,6 +160,14 @@ def _host_globs(value: Any) -> tuple[str, ...]:
 def _state_dir(value: Any) -> str:
     if not isinstance(value, str) or (value and not value.startswith("/")):
         raise _Invalid(f"expected an absolute path or \"\", got {_show(value)}")
+    return value
+
+
+def _password_file(value: Any) -> str:
+    """A path, read by load_config (parsing touches no file); no control characters, which
+    no file name an admin means has and open() refuses (NUL)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[^\x00-\x1f\x7f]*", value):
+        raise _Invalid(f"expected a file path or \"\", got {_show(value)}")
     return value
 
 
@@ -315,15 +326,22 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                   "or `$XDG_STATE_HOME/synwatch/synwatch.db` (`~/.local/state/...`); "
                   '`"postgresql+psycopg://user@db.example/synwatch"` shares one history '
                   "with a fleet"),
+        "password_file": _s(_password_file, "", "a file whose first line is the database "
+                            "password, put into `storage.url` (which then must have none; not "
+                            "for SQLite); keep it readable by root only. A relative path is in "
+                            "`$CREDENTIALS_DIRECTORY` when systemd sets it (`LoadCredential=`), "
+                            'else in the configuration file\'s directory; `""` = none'),
         "host": _s(_host, "", 'this node\'s name in the history; `""` = the hostname (two '
                    "nodes on one machine need two names)"),
         "state_dir": _s(_state_dir, "", 'where the status file and the spool live; `""` = '
                         "next to an SQLite history, else `/var/lib/synwatch` (root) or "
                         "`$XDG_STATE_HOME/synwatch`"),
         "spool_max": _s(_int_in(100, 10_000_000), 100_000,
-                        "records kept on disk while the database is unreachable, replayed in "
-                        "order when it returns (beyond it, the oldest events go first; "
-                        "incidents, actions and bans are always kept)"),
+                        "records spooled while the history cannot be written (a database "
+                        "server away; an SQLite file locked, full, read-only or deleted), "
+                        "replayed in order when it can be; also at most 32 MiB. Past either, "
+                        "kernel lines wait in their source and an incident's updates are "
+                        "thinned; openings, closings, actions and bans are always kept"),
     },
     "storage.retention": {
         "events": _s(_keep, "90d", 'kernel events older than this are pruned; `"forever"` '

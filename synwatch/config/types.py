@@ -70,6 +70,9 @@ class BanSettings:
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
     host: str = ""  # this node's name in the history ("" is resolved to the hostname)
+    # the database password's file ("" = none): as written by parse_config, resolved to where
+    # it was read by load_config (which has put the password into Config.storage_url)
+    password_file: str = ""
     state_dir: str = ""
     spool_max: int = 100_000
     keep_events: float | None = 90 * 86400.0  # None = forever

@@ -19,10 +19,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from synwatch.config import sqlite_file
+from synwatch.config.urls import masked
 from synwatch.errors import StoreError
 from synwatch.historyreader import head_revision
 from synwatch.records import NewEvent
-from synwatch.store.base import BUSY_TIMEOUT
+from synwatch.store.base import BUSY_TIMEOUT, is_outage, store_error
 from synwatch.store.fleet import Fleet
 from synwatch.store.queries import Queries
 from synwatch.store.retention import Retention
@@ -61,18 +62,6 @@ def pg_connect_args(*, bounded_statements: bool = False) -> dict[str, Any]:
     return args
 
 
-def _why(exc: BaseException) -> str:
-    """The first line of a driver's message, without SQLAlchemy's background link."""
-    text_ = str(getattr(exc, "orig", None) or exc).strip()
-    return text_.splitlines()[0] if text_ else type(exc).__name__
-
-
-def _unreachable(exc: OperationalError) -> bool:
-    """The database server is not there (as opposed to a table that is not there)."""
-    return "no such table" not in str(exc) and "does not exist" not in str(exc) \
-        and "UndefinedTable" not in type(exc.orig).__name__
-
-
 def _sqlite_pragmas(store: Store) -> Any:
     def set_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
@@ -109,11 +98,11 @@ class Store(Writes, Queries, ServiceState, Fleet, Retention):
              bounded: bool = False) -> Store:
         """``bounded``: the service's statements are given up on after
         PG_STATEMENT_TIMEOUT_MS (connecting, sending and waiting always are)."""
+        shown = masked(url)
         try:
             parsed = make_url(url)
-        except SQLAlchemyError as exc:
-            raise StoreError(url, f"not an SQLAlchemy URL: {exc}") from exc
-        shown = parsed.render_as_string(hide_password=True)
+        except (SQLAlchemyError, ValueError) as exc:
+            raise StoreError(shown, "not an SQLAlchemy URL") from exc
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             db_file = Path(parsed.database)
             try:
@@ -140,7 +129,7 @@ class Store(Writes, Queries, ServiceState, Fleet, Retention):
                 engine = create_engine(url,
                                        pool_pre_ping=parsed.get_backend_name() != "sqlite")
         except (SQLAlchemyError, ImportError) as exc:
-            raise StoreError(shown, _why(exc)) from exc
+            raise store_error(shown, exc) from exc
         store = cls(url, engine, host)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas(store))
@@ -181,8 +170,8 @@ class Store(Writes, Queries, ServiceState, Fleet, Retention):
             with self.engine.connect() as own:
                 return own.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except OperationalError as exc:
-            if _unreachable(exc):
-                raise StoreError(self.display_url, _why(exc)) from exc
+            if is_outage(exc):
+                raise store_error(self.display_url, exc) from exc
             return None  # no alembic_version table: an empty database
         except SQLAlchemyError:
             return None
@@ -219,5 +208,17 @@ class Store(Writes, Queries, ServiceState, Fleet, Retention):
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(self.display_url,
-                             f"cannot migrate the schema: {_why(exc)}") from exc
+            raise store_error(self.display_url, exc, "cannot migrate the schema: ") from exc
+
+    def check_file(self) -> None:
+        """Nothing to look at between writes: a server's files are its own (SQLite files are
+        written through synwatch/sqlitestore.py in the service)."""
+
+    def ping(self) -> None:
+        """Does the server answer? From any thread (the spool's away thread): the engine's
+        pool is thread-safe, and the connection's timeouts bound the wait."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            raise store_error(self.display_url, exc) from exc

@@ -8,11 +8,11 @@ from contextlib import contextmanager
 from typing import Literal, cast
 
 from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from synwatch.errors import StoreError
+from synwatch.config.urls import masked
+from synwatch.errors import StoreError, StoreOutage
 from synwatch.fleetlisten import BAN_CHANNEL
 from synwatch.records import (
     ActionRun,
@@ -28,6 +28,28 @@ from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, T
 BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock (the CLI, migrations)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """A database that is not there or cannot be written for now (a lost connection, a locked
+    or full SQLite file), as opposed to a table that is not there or a refused row."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    return "no such table" not in str(exc) and "does not exist" not in str(exc) \
+        and "UndefinedTable" not in type(exc.orig).__name__
+
+
+def why(exc: BaseException) -> str:
+    """The first line of a driver's message, without SQLAlchemy's background link."""
+    text_ = str(getattr(exc, "orig", None) or exc).strip()
+    return text_.splitlines()[0] if text_ else type(exc).__name__
+
+
+def store_error(url: str, exc: BaseException, prefix: str = "") -> StoreError:
+    """SQLAlchemy's error as ours: a StoreOutage when the history is away for now."""
+    return (StoreOutage if is_outage(exc) else StoreError)(url, prefix + why(exc))
+
+
 
 class StoreBase:
     def __init__(self, url: str, engine: Engine, host: str) -> None:
@@ -39,7 +61,7 @@ class StoreBase:
 
     @property
     def display_url(self) -> str:
-        return make_url(self.url).render_as_string(hide_password=True)
+        return masked(self.url)  # the userinfo's password and libpq's ?password= both
 
     def announce_bans(self, session: Session) -> None:
         """Wake the other nodes' fleet ban reconcile (delivered at commit, once per
@@ -55,8 +77,7 @@ class StoreBase:
                 yield session
         except SQLAlchemyError as exc:
             # the driver's own first line, without SQLAlchemy's "(psycopg.OperationalError)"
-            text_ = str(getattr(exc, "orig", None) or exc).strip() or type(exc).__name__
-            raise StoreError(self.display_url, text_.splitlines()[0]) from exc
+            raise store_error(self.display_url, exc) from exc
 
 
 def trigger(text: str) -> Trigger:
