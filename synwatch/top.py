@@ -16,17 +16,25 @@ from synwatch.delta import listener_id
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import Incident, endpoint
 
-BAR = 20
+BAR = 14  # the bars' widest: the prefixes get the rest; the numbers are never cut
 
 
 def _bar(value: int, limit: int) -> Group | Text:
+    """The numbers first (whole at any width: the column is as wide as they are), then the
+    bar in the alarm colour when full (rich draws a finished bar green unless told)."""
     if limit <= 0:
         return Text(str(value))
     full = value >= limit
-    return Group(ProgressBar(total=limit, completed=min(value, limit), width=BAR,
-                             complete_style="red" if full else "yellow" if value * 2 >= limit
-                             else "green"),
-                 Text(f"{value}/{limit}", style="bold red" if full else ""))
+    colour = "red" if full else "yellow" if value * 2 >= limit else "green"
+    return Group(Text(f"{value}/{limit}", style="bold red" if full else "", no_wrap=True),
+                 ProgressBar(total=limit, completed=min(value, limit), width=None,
+                             complete_style=colour, finished_style=colour))
+
+
+def _numbers_width(snap: Snapshot) -> int:
+    """The widest "value/limit" of the listeners' bars: their column is never narrower."""
+    return max([len(f"{max(st.listener.accept_queue, st.syn_recv)}/{st.listener.backlog}")
+                for st in snap.listeners] + [5])
 
 
 def _rate(now: int, before: int | None, seconds: float) -> str:
@@ -37,8 +45,12 @@ def _rate(now: int, before: int | None, seconds: float) -> str:
 
 def listeners_table(snap: Snapshot, prev: Snapshot | None, seconds: float) -> Table:
     table = Table(title=f"listeners in {snap.netns or 'the host namespace'}", expand=True)
-    for name in ("listener", "accept queue", "SYN-RECV", "drops", "top source prefixes"):
-        table.add_column(name, no_wrap=name != "top source prefixes")
+    numbers = _numbers_width(snap)
+    table.add_column("listener", no_wrap=True)
+    for name in ("accept queue", "SYN-RECV"):
+        table.add_column(name, no_wrap=True, min_width=numbers, max_width=max(numbers, BAR))
+    table.add_column("drops", no_wrap=True)
+    table.add_column("top source prefixes", ratio=1, overflow="fold")
     before = {listener_id(st): st.listener.drops for st in prev.listeners} if prev else {}
     busiest = sorted(snap.listeners, key=lambda st: (-st.syn_recv, -st.listener.accept_queue,
                                                      st.listener.port))

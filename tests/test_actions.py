@@ -78,8 +78,8 @@ def test_masks_and_blocks_of_mixed_length() -> None:
     fw = Firewall(PRESETS["nftables"], v4_len=16, v6_len=48)
     assert "flags interval, timeout" in show(fw.render_setup())
     rendered = show(fw.render_ban([BanItem("10.99.32.0/22", 60), BanItem("10.98.7.0/24", 60)]))
-    assert "{ 10.99.32.0/22 timeout 60s }" in rendered and "{ 10.98.7.0/24 timeout 60s }" in \
-        rendered
+    assert "{ 10.99.32.0/22 timeout 60s comment " in rendered
+    assert "{ 10.98.7.0/24 timeout 60s comment " in rendered
 
 
 GUARD = Guard((*ALWAYS_PROTECTED, (ipaddress.ip_network("192.0.2.0/24"), "allowlisted"),
@@ -369,3 +369,13 @@ def test_synproxy_renders_the_standard_rules_for_one_port() -> None:
 delete chain inet synwatch synproxy_raw_8080
 delete chain inet synwatch synproxy_in_8080
 EOF"""
+
+
+def test_a_ban_comment_cannot_end_its_quotes() -> None:
+    """A fleet copy's comment names another node, from a row anyone who can write the table
+    wrote: nothing in it may end the quotes of an nft script (or a ufw argument)."""
+    item = BanItem("198.51.100.0/24", 60, 'synwatch fleet ban 7 from x" }\nflush ruleset\n"')
+    rendered = show(Firewall(load_presets()["nftables"]).render_ban([item]))
+    # one line of its own per command, the comment within its quotes
+    assert rendered.count('"') == 2 and len(rendered.splitlines()) == 5, rendered
+    assert "\nflush ruleset" not in rendered

@@ -13,10 +13,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,15 +102,34 @@ def in_nft(the_lab: Lab, family: int) -> set[str]:
     return found
 
 
+def outcomes_until(clients: subprocess.Popen[str],
+                   enough: Callable[[list[tuple[float, bool]]], bool]) -> list[tuple[float, bool]]:
+    """What ``Lab.real_clients`` saw, (start time, connected) per attempt, read as the attempts
+    end until ``enough`` of them are in (or the clients' run is over); then the clients stop."""
+    seen: list[tuple[float, bool]] = []
+    assert clients.stdout is not None
+    for line in clients.stdout:
+        started, outcome = line.split()[:2]
+        seen.append((float(started), outcome == "ok"))
+        if enough(seen):
+            break
+    clients.kill()
+    clients.wait()
+    return seen
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_a_ban_takes_the_flood_and_spares_the_real_clients(the_lab: Lab, tmp_path: Path,
                                                            case: Case) -> None:
+    """The real clients run until 40 of their attempts (two seconds of them) came after the
+    ban, not for a fixed 7 s: what is asserted about them is those attempts. "Nothing else
+    later" is asserted after three whole rounds of the service with the ban in place."""
     v6 = ":" in case.flood[0]
     port = lab_port()
     the_lab.serve(port, 16, "::" if v6 else "0.0.0.0")
     service = Service(the_lab, tmp_path, dry_run=False, quiet="5s")
     try:
-        clients = the_lab.real_clients(port, case.clients, seconds=7)
+        clients = the_lab.real_clients(port, case.clients, seconds=30)  # stopped sooner
         sources = [random.choice(case.flood) for _ in range(8_000)]
         the_lab.start_flood(port, len(sources), sources, rate=1000)
         bans = wait_for("a ban", lambda: active_bans(service), timeout=30)
@@ -120,11 +140,12 @@ def test_a_ban_takes_the_flood_and_spares_the_real_clients(the_lab: Lab, tmp_pat
         before = ban_drops(the_lab)
         wait_for("the ban rule to drop the flood", lambda: ban_drops(the_lab) > before + 100,
                  timeout=30)
-        results = client_outcomes(clients)
+        service.wait_probes(3)  # a later ban (the clients' own prefix...) had its chance
+        results = outcomes_until(clients, lambda seen: sum(at > banned_at
+                                                           for at, _ in seen) >= 40)
         after = [ok for at, ok in results if at > banned_at]
         assert len(after) >= 20, results
         assert sum(after) / len(after) >= 0.95, (after, service.log.read_text())
-        assert {b["prefix"] for b in active_bans(service)} == case.banned, "nothing else later"
         # `incidents show` says why each width was chosen, in numbers
         inc_id = bans[0]["incident_id"]
         shown = synwatch("incidents", "show", str(inc_id), "--config", str(service.config)).out
@@ -137,6 +158,7 @@ def test_a_ban_takes_the_flood_and_spares_the_real_clients(the_lab: Lab, tmp_pat
                                   "--config", str(service.config)).out)
         completed = {p["prefix"]: p["completed"] for p in inc["top_prefixes"]}
         assert completed.get(home, 0) > 0, inc["top_prefixes"]
+        assert {b["prefix"] for b in active_bans(service)} == case.banned, "nothing else later"
     finally:
         service.stop()
 
@@ -172,17 +194,25 @@ def test_one_address_that_floods_and_completes_is_rate_limited_not_banned(
                   "{ type filter hook output priority 0; }"),
                  ("add", "rule", "inet", "labnat", "out", "tcp", "flags", "rst", "drop")):
         the_lab.in_client("nft", *rule)
-    service = Service(the_lab, tmp_path, dry_run=False, quiet="5s")
+    # a limit lasts a ban's duration, here 4 s, and is renewed at half of it while the flood
+    # goes on (12 s): its kernel timeout never ends it under the flood
+    service = Service(the_lab, tmp_path, dry_run=False, quiet="5s",
+                      extra='[actions.ban]\nduration = "4s"\n')
     try:
         clients = the_lab.real_clients(port, [nat], seconds=5)
         the_lab.start_flood(port, 12_000, [nat] * 12_000, rate=1000)
         held = wait_for("the rate limit", lambda: limited(the_lab), timeout=30)
-        assert held == {nat: 3600}, held
+        assert held == {nat: 4}, held
         wait_for("the rate limit to drop the flood", lambda: limit_drops(the_lab) > 100,
                  timeout=30)
-        [inc] = service.incidents(port)
-        runs = [(a["action"], a["target"], a["status"]) for a in inc["actions"]]
-        assert ("ratelimit", f"{nat}/32", "done") in runs, runs
+
+        def renewals() -> int:
+            [inc] = service.incidents(port)
+            return sum(1 for a in inc["actions"]
+                       if (a["action"], a["target"], a["status"]) == ("ratelimit", f"{nat}/32",
+                                                                      "done"))
+        wait_for("the limit renewed", lambda: renewals() >= 2, timeout=15)
+        assert nat in limited(the_lab)
         client_outcomes(clients)
         service.wait_probes()
         assert active_bans(service) == [], "a NAT address that completes is never banned"
@@ -198,11 +228,21 @@ def test_a_restart_between_a_flood_and_its_verdict_keeps_the_incident_and_its_ev
     /24, which the first ban does not drop) went on while it was down and after it started
     again: the incident is still the same one, the SYNs that overflowed while it was down are
     its evidence (the counters of its last probe were saved with it), and it goes on to the
-    new /24's ban."""
+    new /24's ban.
+
+    The quiet period (15 s) only has to outlast the downtime: the test ends at the new /24's
+    ban, not at the close a quiet period later (every change of the incident, its evidence
+    included, is stored as it happens, so what is asserted is already there)."""
     port = lab_port()
     the_lab.listen(port, backlog=16)
     first, second = f"{SPOOF_NET}.23", f"{SPOOF_NET}.24"
     service = Service(the_lab, tmp_path, dry_run=False, quiet="15s")
+
+    def banned_second() -> list[dict[str, Any]]:
+        return [i for i in service.incidents(port) if any(
+            (a["action"], a["target"], a["status"]) == ("ban", f"{second}.0/24", "done")
+            for a in i["actions"])]
+
     try:
         the_lab.start_flood(port, 2000, [f"{first}.{random.randint(1, 254)}"
                                          for _ in range(2000)], rate=1000)
@@ -216,10 +256,11 @@ def test_a_restart_between_a_flood_and_its_verdict_keeps_the_incident_and_its_ev
         # and a little more after the restart, which the sampler sees
         the_lab.start_flood(port, 3000, [f"{second}.{random.randint(1, 254)}"
                                          for _ in range(3000)], rate=1000)
-        [inc] = wait_for("the incident closed", lambda: [
-            i for i in service.incidents(port) if i["status"] == "closed"], timeout=60)
+        wait_for("the new /24's ban", banned_second, timeout=60)
     finally:
         service.stop()
+    # read after the stop: nothing can change it any more
+    [inc] = service.incidents(port)
     assert inc["id"] == opened["id"], "the same incident, not a new one"
     assert inc["verdict"] == "concentrated", inc
     bans = {a["target"] for a in inc["actions"] if a["action"] == "ban" and a["status"] == "done"}

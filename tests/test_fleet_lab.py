@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from synwatch.fleetcopy import BATCH
+from synwatch.fleetlisten import BAN_CHANNEL
 from tests.conftest import synwatch
 from tests.harness import Service
 from tests.lab import SPOOF_NET, Kmsg, Lab, lab, lab_port
@@ -165,7 +166,7 @@ def test_a_node_that_loses_the_database_keeps_acting_and_loses_no_event(
         service.wait_log("starting on the spool")
         status = json.loads(synwatch("status", "--format", "json", "--config",
                                      str(service.config)).out)
-        assert "database away" in status["summary"] and status["running"]
+        assert "history away" in status["summary"] and status["running"]
         the_lab.flood(ports[2], 300)
         printed = kernel_lines(kmsg, set(ports), want=3)
         service.wait_log(f":{ports[2]}", timeout=20)  # the line after the restart, read
@@ -207,9 +208,12 @@ BACKLOG, CAP = 10_000, 1_000
 
 def hostile(pg: Cluster, url: str, sql: str) -> None:
     """Rows written straight into the shared history, as any node (or anyone with its
-    password) can."""
+    password) can, and the nodes woken as a node's own write wakes them (NOTIFY on the ban
+    channel, after the rows are committed): the node reads them at once, not at its next
+    periodic look up to FLEET_EVERY (5 s) later."""
     with pg.connect(url.split("@/", 1)[1].split("?", maxsplit=1)[0]) as conn:
         conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute("SELECT pg_notify(%s, %s)", (BAN_CHANNEL, "node-a"))
 
 
 def probe_times(service: Service) -> list[datetime]:

@@ -148,13 +148,17 @@ def test_with_cookies_for_every_syn_a_real_load_opens_nothing_and_a_flood_does(
         the_lab: Lab, service: Service) -> None:
     """tcp_syncookies=2 counts every SYN, real ones too, as if it found a full queue, and prints
     nothing: a busy healthy server must open nothing, and a flood (cookies sent that never come
-    back) must still open an incident, here in a dry run (no accounting set)."""
+    back) must still open an incident, here in a dry run (no accounting set).
+
+    Two seconds of load (four probe intervals of 200 SYNs/s counted as overflowing, ten times
+    the open_rate of 20/s) give a wrong incident its chance at every probe; four seconds gave
+    it the same chance eight times."""
     the_lab.sysctl("net.ipv4.tcp_syncookies", 2)
     port = lab_port()
     the_lab.serve(port, backlog=128)
-    load = the_lab.real_clients(port, [CLIENT_IP], seconds=4, per_second=200)
+    load = the_lab.real_clients(port, [CLIENT_IP], seconds=2, per_second=200)
     results = client_outcomes(load)
-    assert sum(ok for _, ok in results) >= 600, "a real load, served"
+    assert sum(ok for _, ok in results) >= 300, "a real load, served"  # 3/4 of 400
     service.wait_probes(3)
     assert service.incidents(port) == [], "real clients validate their cookies"
     sources = _sources(f"{SPOOF_NET}.21", each=4000)

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, synwatch
 from tests.harness import NotifySocket, Service, host_config, log_of, start_service, stop_service
-from tests.lab import SPOOF_NET, Lab, lab, lab_port
+from tests.lab import CLIENT_IP, SPOOF_NET, Lab, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 T = TypeVar("T")
@@ -278,6 +278,26 @@ def test_top_shows_the_flooded_listener_its_prefixes_and_the_incident(the_lab: L
         row = next(line for line in screen.splitlines() if f"0.0.0.0:{port}" in line)
         assert f"{SPOOF_NET}.7.0/24" in row, screen  # the listener's own prefixes
         assert re.search(r"6[45]/64", row), screen  # its SYN-RECV against its backlog
+        # an application that stopped accepting: its accept queue full (5 of backlog 4) for
+        # as long as its clients hold on; and an idle listener with a long backlog
+        stuck, idle = lab_port(), lab_port()
+        the_lab.listen(stuck, backlog=4)
+        the_lab.listen(idle, backlog=511)
+        the_lab.held_clients(stuck, [CLIENT_IP], 5)
+        for width in (80, 120):  # whole numbers, and the full queue in the alarm colour
+            term.run("resize-window", "-t", "top", "-x", str(width), "-y", "50")
+
+            def drawn(width: int = width) -> list[str] | None:
+                lines = term.run("capture-pane", "-e", "-p", "-t", "top").stdout.splitlines()
+                at = [n for n, line in enumerate(lines) if f"0.0.0.0:{stuck}" in line]
+                ok = (at and any(f"0.0.0.0:{idle}" in line and "0/511" in line for line in lines)
+                      and "5/4" in lines[at[0]]
+                      and max(len(re.sub(r"\x1b\[[0-9;]*m", "", x)) for x in lines) <= width)
+                return lines[at[0]:at[0] + 2] if ok else None
+
+            row, bar = wait_for(f"the queues drawn at {width} columns", drawn, seen=term.screen)
+            accept_bar = bar.split("│")[2]  # listener │ accept queue │ ...
+            assert "\x1b[31m" in accept_bar and "\x1b[32m" not in accept_bar, repr(bar)
         term.run("send-keys", "-t", "top", "q")
         wait_for("top to quit on q", lambda: not term.alive(), timeout=10)
     finally:

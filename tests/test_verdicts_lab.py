@@ -62,7 +62,7 @@ def _flood_until_spoofed(the_lab: Lab, tmp_path: Path, backlog: int, count: int,
     that never accepts, a spoofed flood, and the incident once it is closed as spoofed."""
     service = Service(the_lab, tmp_path)
     try:
-        service.wait_log("SYN sampler: on")
+        service.wait_log("sources of a flood: SYN sampler (")
         port = lab_port()
         the_lab.listen(port, backlog=backlog, address=address)
         flood = the_lab.start_flood(port, count, sources)
@@ -99,7 +99,7 @@ def test_cookies_for_every_syn_in_a_dry_run_are_spoofed_from_sampled_prefixes(
     assert (inc["trigger"], inc["peak_syn_recv"]) == ("counters", 0)
     assert len(inc["top_prefixes"]) == 10 and all(p["prefix"].startswith(f"{SPOOF_NET}.")
                                                   for p in inc["top_prefixes"])
-    assert "SYN accounting: off" in service.log.read_text()
+    assert "SYN accounting off (actions are a dry run)" in service.log.read_text()
 
 
 def test_ipv6_flood_over_a_slash48_is_spoofed(the_lab: Lab, tmp_path: Path) -> None:
@@ -115,8 +115,12 @@ def test_ipv6_flood_over_a_slash48_is_spoofed(the_lab: Lab, tmp_path: Path) -> N
 def test_slow_build_up_from_one_slash22_is_half_open_and_concentrated(
         the_lab: Lab, tmp_path: Path) -> None:
     """The first seed: 8 SYN/s from four /24s of one /22 against backlog 511. The queue parks
-    below half the backlog; no overflow counter moves and the kernel logs nothing."""
-    service = Service(the_lab, tmp_path, quiet="60s")
+    below half the backlog; no overflow counter moves and the kernel logs nothing.
+
+    half_open_for is 4 s here, not the default 10 s: the seed's rate and backlog are what this
+    is about (the queue needs 16 s at 8 SYN/s to reach a quarter of 511), not how long the
+    rule waits, and nothing below depends on it (the recording carries it for the replay)."""
+    service = Service(the_lab, tmp_path, quiet="60s", incident='half_open_for = "4s"\n')
     try:
         port = lab_port()
         the_lab.listen(port, backlog=511)
@@ -136,7 +140,7 @@ def test_slow_build_up_from_one_slash22_is_half_open_and_concentrated(
     assert "harmless at this rate so far" in recs
     assert {p["prefix"] for p in inc["top_prefixes"]} == {f"{SPOOF_NET}.{n}.0/24"
                                                           for n in (4, 5, 6, 7)}
-    # the build-up started well before the incident opened: half_open_for (10 s) earlier
+    # the build-up started well before the incident opened: half_open_for (4 s) earlier
     assert inc["first_evidence_at"] < inc["opened_at"]
 
 
@@ -191,8 +195,10 @@ def _banned(the_lab: Lab) -> set[str]:
 
 
 def test_the_slow_build_up_is_banned_as_one_slash22(the_lab: Lab, tmp_path: Path) -> None:
+    """half_open_for 2 s (4 probes): how long the rule waits is not what this is about, the
+    /22 and the unban of one /24 inside it are."""
     service = Service(the_lab, tmp_path, quiet="60s", dry_run=False,
-                      incident='half_open_for = "4s"\n')
+                      incident='half_open_for = "2s"\n')
     try:
         port = lab_port()
         the_lab.listen(port, backlog=256)  # half_open_min 64 = a quarter of the backlog
@@ -276,15 +282,34 @@ def test_a_real_burst_against_nginx_with_a_small_backlog_is_capacity(
     assert not any(a["action"] == "ban" for a in inc["actions"])
 
 
-def test_the_nginx_burst_is_capacity_five_runs_in_a_row(the_lab: Lab, tmp_path: Path) -> None:
+PROBE_INTERVAL = 0.5  # incident.probe_interval of the harness's Service
+
+
+def _just_probed(service: Service, timeout: float = 10) -> None:
+    """Returns as soon as the service has taken a new probe (each writes its evidence line to
+    the recording as it is taken): the moment a burst's phase is counted from."""
+    seen = service.probes()
+    deadline = time.monotonic() + timeout
+    while service.probes() == seen:
+        assert service.proc.poll() is None, service.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no probe within {timeout} s"
+        time.sleep(0.01)
+
+
+def test_the_nginx_burst_is_capacity_at_every_phase_of_the_probe(the_lab: Lab,
+                                                                  tmp_path: Path) -> None:
     """A one-second burst of real requests (ab -c 2000 -n 40000 against `listen ... backlog=128`,
-    all served) falls anywhere between two probes: its verdict must not depend on where. Five
-    bursts, five incidents, each capacity."""
+    all served) falls anywhere between two probes: its verdict must not depend on where. Three
+    bursts, each started at its own phase of the probe interval (right after a probe, a third
+    and two thirds of the interval after one: the phases five bursts in a row used to reach by
+    chance), three incidents, each capacity."""
     port = lab_port()
     with nginx(the_lab, tmp_path, port, backlog=128):
         service = Service(the_lab, tmp_path)
         try:
-            for run in range(1, 6):
+            for run, phase in enumerate((0.0, 1 / 3, 2 / 3), start=1):
+                _just_probed(service)
+                time.sleep(phase * PROBE_INTERVAL)  # the burst's phase, not a wait for anything
                 ab = subprocess.run(["ip", "netns", "exec", the_lab.client_ns, "sh", "-c",
                                      f"ulimit -n 8192; ab -q -c 2000 -n 40000 "
                                      f"http://{SERVER_IP}:{port}/"],
@@ -301,7 +326,7 @@ def test_the_nginx_burst_is_capacity_five_runs_in_a_row(the_lab: Lab, tmp_path: 
             service.stop()
     assert [i["verdict"] for i in found] == ["capacity"] * len(found), [
         (i["verdict"], i["recommendations"][:1]) for i in found]
-    assert len(found) >= 5
+    assert len(found) >= 3
 
 
 def test_nginx_spoofed_then_concentrated_is_banned_in_its_second_phase(
@@ -334,17 +359,23 @@ def test_nginx_spoofed_then_concentrated_is_banned_in_its_second_phase(
 def test_real_clients_on_a_slow_link_hold_requests_half_open_and_open_nothing(
         the_lab: Lab, tmp_path: Path) -> None:
     """Handshakes that complete late keep SYN-RECV high for as long as the build-up rule waits,
-    but PassiveOpens keeps up: no half_open incident, no incident at all."""
-    service = Service(the_lab, tmp_path, incident='half_open_for = "5s"\n')
+    but PassiveOpens keeps up: no half_open incident, no incident at all.
+
+    The rule waits 3 s and the clients run 15 s (they were 5 s and 20 s): the stretch the
+    queue must stay high for scales with the rule, and a shorter rule is the harder case for
+    the verdict (fewer completions counted against the same SYN-RECV when it decides)."""
+    rule, seconds = 3, 15
+    service = Service(the_lab, tmp_path, incident=f'half_open_for = "{rule}s"\n')
     try:
         port = lab_port()
         the_lab.serve(port, backlog=256)  # half_open_min 64 = a quarter of the backlog
-        clients = the_lab.slow_clients(port, seconds=20)  # a congested link has lulls
+        clients = the_lab.slow_clients(port, seconds=seconds)  # a congested link has lulls
         out, _ = clients.communicate(timeout=60)
         completed, failed = map(int, out.split())
     finally:
         service.stop()
-    assert completed >= 2500 and failed == 0, out
+    # 150 attempts a second; at least 125 of them completed (2,500 of the 3,000 in 20 s)
+    assert completed >= 125 * seconds and failed == 0, out
     # the rule had its chance: the listener stayed at or above 64 half-open requests for longer
     # than half_open_for, probe after probe, while nothing overflowed
     probes = [json.loads(line) for line in service.recording.read_text().splitlines()]
@@ -353,7 +384,7 @@ def test_real_clients_on_a_slow_link_hold_requests_half_open_and_open_nothing(
             and any(li["port"] == port for li in p["snapshot"]["listeners"])]
     longest = max(len(list(run)) for high, run in itertools.groupby(x >= 64 for x in held)
                   if high)
-    assert longest * 0.5 > 6, held  # probes are 0.5 s apart: past the 5 s rule, and a probe
+    assert longest * 0.5 > rule + 1, held  # probes 0.5 s apart: past the rule, and a probe
     assert service.incidents(port) == []
 
 
@@ -403,4 +434,5 @@ def test_floods_during_a_held_store_lock_are_detected_at_their_own_times(
         assert inc["top_prefixes"][0]["prefix"] == f"{SPOOF_NET}.{30 + n}.0/24"
         [event] = service.events(port)
         assert event["incident_id"] == inc["id"]
-    assert service.log.read_text().count("detection goes on") == 1, "logged once, not per try"
+    assert service.log.read_text().count("detection and actions go on") == 1, \
+        "logged once, not per try"

@@ -4,6 +4,7 @@ granularity. Everything it does is rendered first (``render_*``), then run throu
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,16 @@ class BanItem:
         net = type(parsed)((int(parsed.network_address), parsed.prefixlen))
         return {"family": net.version, "prefix": str(net),
                 "address": str(net.network_address), "seconds": self.seconds,
-                "comment": self.comment}
+                "comment": safe_comment(self.comment)}
+
+
+COMMENT_MAX = 100  # nft keeps an element's comment in its userdata (at most 128 bytes)
+
+
+def safe_comment(text: str) -> str:
+    """A comment that can stand in quotes in an nft script or a ufw argument: a fleet copy's
+    comment names another node, and a row written by anyone must not end the quotes."""
+    return re.sub(r"[^A-Za-z0-9 ._:/#-]", "_", text)[:COMMENT_MAX]
 
 
 @dataclass(frozen=True, slots=True)
