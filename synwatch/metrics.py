@@ -4,8 +4,8 @@ Kernel state is read at scrape time from the latest probe (a custom collector), 
 that goes away goes away from /metrics too; labels are the listener's (netns, address, port)
 and never a source prefix, so cardinality stays that of the machine's listeners. What the
 service does (events, incidents, bans, actions, probes, source lag) is counted as it happens.
-The names are an interface (README, "Metrics"); packaging/prometheus holds alert rules and a
-Grafana dashboard built on them.
+The names are an interface (docs/operations.md, "Metrics and alerts"); packaging/prometheus
+holds alert rules and a Grafana dashboard built on them.
 """
 
 from __future__ import annotations

@@ -201,8 +201,7 @@ class Responder:
             log.info("action %s %s: dry run, not done (--debug shows its commands)",
                      plan.action, plan.target)
             log.debug("action %s %s:\n%s", plan.action, plan.target, plan.rendered)
-            self._record(plan, "dry-run", "")
-            return
+            return  # nothing of an incident's: no run recorded, none counted
         log.info("action %s %s (%s)%s:\n%s", plan.action, plan.target, about,
                  " [dry run: not done]" if self.config.dry_run else "", plan.rendered)
         if self.config.dry_run:

@@ -1,12 +1,12 @@
 """The service's history on an SQLite file, through Python's sqlite3 module.
 
-SQLAlchemy's imports alone are 28 MiB of a resident service (README, "Footprint"), more than
-all the rest of synwatch; fail2ban keeps its history with sqlite3 the same way. The schema is
-still SQLAlchemy's and Alembic's (synwatch/store/models.py, migrations): the service migrates
-in a child process (``python -m synwatch.migrate``) so the import never lands in it, then writes
-and reads the rows here, stored exactly as SQLAlchemy stores them (naive UTC times as text, JSON
-as text). tests/test_sqlitestore.py runs the same calls on this and on ``synwatch.store.Store``
-and compares what each leaves in the tables.
+SQLAlchemy's imports alone are 28 MiB of a resident service (docs/benchmarks.md, "Footprint"),
+more than all the rest of synwatch; fail2ban keeps its history with sqlite3 the same way. The
+schema is still SQLAlchemy's and Alembic's (synwatch/store/models.py, migrations): the service
+migrates in a child process (``python -m synwatch.migrate``) so the import never lands in it,
+then writes and reads the rows here, stored exactly as SQLAlchemy stores them (naive UTC times
+as text, JSON as text). tests/test_sqlitestore.py runs the same calls on this and on
+``synwatch.store.Store`` and compares what each leaves in the tables.
 """
 
 from __future__ import annotations

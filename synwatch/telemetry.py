@@ -140,7 +140,7 @@ class Telemetry:
                      + (f" ({'; '.join(f'#{i} {t}' for i, t in sorted(self.open.items()))})"
                         if self.open else ""))
         return (f"watching {self.config.netns or 'the host'}: "
-                f"{len(self.status.sources)} sources"
+                f"{len(self.status.sources)} source{'s' if len(self.status.sources) != 1 else ''}"
                 + (f" ({', '.join(failing)} failing)" if failing else "")
                 + f", {incidents}, {self.bans} bans"
                 + (f" ({self.drifts} drift{'s' if self.drifts != 1 else ''} repaired)"

@@ -1,7 +1,7 @@
 """The verdict on an incident, the evidence that made it, and recommendations with numbers.
 
 Pure: it reads a Tally (what the correlator summed while the incident lasted) and the
-thresholds, so the rules are tested on golden replays without a kernel. README "Verdicts"
+thresholds, so the rules are tested on golden replays without a kernel. docs/incidents.md "Verdicts"
 documents the same rules; keep the two in step.
 """
 

@@ -89,7 +89,7 @@ def test_an_argument_the_code_cannot_hold_is_a_usage_error(
     from synwatch import cli
 
     monkeypatch.setenv("SYNWATCH_CONFIG", str(store_config))
-    monkeypatch.setattr(cli, "setup_logging", lambda _debug: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda _debug, **_kw: None)
     assert cli.main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"synwatch: {said}"), err
@@ -102,7 +102,7 @@ def test_the_largest_accepted_arguments_work(store_config: Path,
     from synwatch import cli
 
     monkeypatch.setenv("SYNWATCH_CONFIG", str(store_config))
-    monkeypatch.setattr(cli, "setup_logging", lambda _debug: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda _debug, **_kw: None)
     largest = str(2**63 - 1)
     assert cli.main(["incidents", "show", largest]) == 1  # not found, as any other id
     assert "internal error" not in capsys.readouterr().err
@@ -220,7 +220,7 @@ def test_no_argument_is_an_internal_error(words: list[str], parser: argparse.Arg
 
     monkeypatch.chdir(store_config.parent)  # relative paths name nothing of the repository
     monkeypatch.setenv("SYNWATCH_CONFIG", str(store_config))
-    monkeypatch.setattr(cli, "setup_logging", lambda _debug: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda _debug, **_kw: None)
     monkeypatch.setattr(kernel, "time", NoSleep)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     argv = [*words, *data.draw(_arguments(parser), label="arguments")]

@@ -329,3 +329,24 @@ def test_journalctl_is_out_of_reach_of_the_terminals_signals(journald: Journald)
     finally:
         reader.close()
     assert reader._proc is None or reader._proc.poll() is not None
+
+
+def test_auto_reads_the_kernel_ring_when_journald_is_not_running(tmp_path: Path) -> None:
+    """Journal files left by a journald that is not running (a container, a rescue shell)
+    get no new line: "auto" reads the kernel's ring instead of a journal nothing writes to."""
+    from synwatch.config import parse_config
+    from synwatch.sources import plan_sources
+
+    journal = tmp_path / "journal" / "machine"
+    journal.mkdir(parents=True)
+    (journal / "system.journal").write_bytes(b"")
+    kmsg = tmp_path / "kmsg"
+    kmsg.write_text("")
+    config = parse_config("", "test")  # journald and kmsg "auto"
+    socket_path = tmp_path / "socket"
+    plans, skipped = plan_sources(config, str(kmsg), (tmp_path / "journal",), socket_path)
+    assert [p.name for p in plans] == ["kmsg"]
+    assert f"journald: auto: journald is not running (no {socket_path})" in skipped
+    socket_path.touch()  # journald runs
+    plans, _ = plan_sources(config, str(kmsg), (tmp_path / "journal",), socket_path)
+    assert [p.name for p in plans] == ["journald"]

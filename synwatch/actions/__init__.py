@@ -1,4 +1,4 @@
-"""Actions: what synwatch does about an incident, chosen per verdict (README, "Actions").
+"""Actions: what synwatch does about an incident, chosen per verdict (docs/actions.md).
 
 Built-ins and plugins alike are classes registered under the entry-point group
 ``synwatch.actions.v1`` (see ``registry``). Each turns incident changes into ``Plan``s: the

@@ -1,6 +1,7 @@
 """The settings schema: every key with its validator, default and help text. Parsing
-(synwatch/config/__init__.py) applies it; scripts/settings_docs.py writes the README's key table
-and the default file from it. Validators are pure: no file, no import of what they name."""
+(synwatch/config/__init__.py) applies it; scripts/settings_docs.py writes the key table of
+docs/configuration.md and the default file from it. Validators are pure: no file, no import
+of what they name."""
 
 from __future__ import annotations
 
@@ -299,8 +300,8 @@ _DEFAULTS = Thresholds()
 
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """One key: how its value is checked, its default, and what it means (the README's key
-    table and the default file, packaging/synwatch.toml, are generated from these:
+    """One key: how its value is checked, its default, and what it means (the key table of
+    docs/configuration.md and the default file, packaging/synwatch.toml, are generated from these:
     `python scripts/settings_docs.py --write`, checked by tests/test_docs.py)."""
 
     validate: Callable[[Any], Any]
@@ -503,10 +504,10 @@ SCHEMA: dict[str, dict[str, Setting]] = {
 # What a section is about, above its keys in the default file.
 SECTION_HELP = {
     "incident": "When an incident opens and closes, and what is read while it lasts.",
-    "verdict": "How an incident is judged (README, \"Incidents and verdicts\"): capacity, "
+    "verdict": "How an incident is judged (docs/incidents.md): capacity, "
                "concentrated or spoofed.",
     "actions": "Actions are rendered and logged first; in a dry run that is all that happens.",
-    "actions.policy": "What each verdict does (README, \"Actions\"). SYN cookies are not "
+    "actions.policy": "What each verdict does (docs/actions.md). SYN cookies are not "
                       "chosen here: they are kept on during every incident. `ratelimit` "
                       "limits the addresses a concentrated flood shares with real users (NAT) "
                       "instead of banning them; [actions.ratelimit] enabled adds a standing "

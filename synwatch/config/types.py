@@ -35,8 +35,8 @@ class Thresholds:
 
 
 VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
-# What each verdict does by default. Bans are for "concentrated" only (README, "Incidents and
-# verdicts"): a capacity incident is real clients, a spoofed one comes from everywhere.
+# What each verdict does by default. Bans are for "concentrated" only (docs/incidents.md,
+# "Verdicts"): a capacity incident is real clients, a spoofed one comes from everywhere.
 DEFAULT_POLICY = {"capacity": ["notify", "exec"],
                   "concentrated": ["ban", "ratelimit", "notify", "exec"],
                   "spoofed": ["notify", "exec"], "unknown": ["notify", "exec"]}

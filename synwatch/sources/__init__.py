@@ -19,6 +19,8 @@ from synwatch.config import Config
 from synwatch.sources.base import Source
 
 JOURNAL_DIRS = (Path("/run/log/journal"), Path("/var/log/journal"))
+# journald's native socket: there while journald runs (systemd-journald.service(8))
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,7 @@ def journal_reader() -> str | None:
 
 def plan_sources(
     config: Config, kmsg_path: str = "/dev/kmsg", journal_dirs: tuple[Path, ...] = JOURNAL_DIRS,
+    journal_socket: Path = JOURNAL_SOCKET,
 ) -> tuple[list[SourcePlan], list[str]]:
     """The sources to run and, separately, what was left out and why (for the log)."""
     plans: list[SourcePlan] = []
@@ -53,13 +56,16 @@ def plan_sources(
     if config.journald is True:
         plans.append(SourcePlan("journald", f"configured (reader: {reader or 'none found'})"))
     elif config.journald == "auto":
-        if journal_dir and reader:
+        if journal_dir and reader and journal_socket.exists():
             plans.append(SourcePlan("journald",
                                     f"auto: journal in {journal_dir}, reader: {reader}"))
         else:
-            skipped.append("journald: auto: " + ("no journal files under /run/log/journal or "
-                                                 "/var/log/journal" if not journal_dir else
-                                                 "no systemd-python and no journalctl"))
+            skipped.append("journald: auto: " + (
+                "no journal files under /run/log/journal or /var/log/journal" if not journal_dir
+                else "no systemd-python and no journalctl" if not reader
+                # journal files left by a journald that is not running (a container, a
+                # rescue shell): nothing new will reach them, the kernel's ring will
+                else f"journald is not running (no {journal_socket})"))
     kmsg_readable = os.access(kmsg_path, os.R_OK)
     if config.kmsg is True:
         plans.append(SourcePlan("kmsg", "configured"))
