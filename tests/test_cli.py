@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -257,3 +258,18 @@ def test_a_recording_whose_quiet_period_no_timedelta_holds_is_refused(
     assert cli.main(["replay", str(recording)]) == 2
     assert capsys.readouterr().err == (f"synwatch: {recording}:1: not a synwatch recording's "
                                        "settings: quiet_period 1e+300 is not a duration\n")
+
+
+def test_a_look_at_a_history_that_is_not_there_creates_nothing(tmp_path: Path) -> None:
+    """`status` and the lists on a fresh host: they say there is nothing yet, and the history
+    (its directory too) is left for `synwatch run` to create."""
+    config = tmp_path / "synwatch.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/lib/h.db"\n')
+    r = synwatch("status", "--config", str(config))
+    assert r.code == 3 and "no history yet: `synwatch run` creates it" in r.out, r
+    for argv in (("incidents", "list"), ("events", "list"), ("bans", "list"),
+                 ("incidents", "list", "--format", "json")):
+        r = synwatch(*argv, "--config", str(config))
+        assert r.code == 0 and r.err == "", r
+    assert json.loads(r.out) == []
+    assert not (tmp_path / "lib").exists()

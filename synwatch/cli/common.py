@@ -146,9 +146,16 @@ def open_store(args: argparse.Namespace) -> Store:
 def open_history(args: argparse.Namespace) -> HistoryQueries:
     """The history for the lists: read with the database's own driver when its schema is
     current (no SQLAlchemy import), else opened (and migrated) by Store."""
+    from synwatch.config import sqlite_file  # noqa: PLC0415
     from synwatch.historyreader import Reader  # noqa: PLC0415
 
     config = load(args)
+    db = sqlite_file(config.storage_url)
+    if db is not None and not db.exists():
+        from synwatch.store import Store  # noqa: PLC0415
+
+        # nothing recorded yet: an empty history in memory; a list never creates the file
+        return Store.open("sqlite://", host=config.host)
     reader = Reader.open(config.storage_url, config.host)
     return reader if reader is not None else open_store(args)
 

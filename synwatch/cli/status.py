@@ -7,20 +7,22 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synwatch.cli.common import add_config, add_format, command, load
+from synwatch.config.urls import masked
 from synwatch.errors import SynwatchError
+
+if TYPE_CHECKING:
+    from synwatch.config import Config
 
 NOT_RUNNING = 3
 RECENT = 120.0  # seconds: a node whose heartbeat is newer is "heard from recently"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from synwatch.banproof import drift_count  # noqa: PLC0415
     from synwatch.output import dumps, print_status  # noqa: PLC0415
     from synwatch.status import alive, read_status, status_path  # noqa: PLC0415
-    from synwatch.store import Store  # noqa: PLC0415
 
     config = load(args)
     found = read_status(status_path(config)) or {}
@@ -37,20 +39,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "fleet_refused": found.get("fleet_refused", 0) if running else 0,
     }
     try:
-        store = Store.open(config.storage_url, host=config.host)
-        now = datetime.now(timezone.utc)
-        view["store"] = store.display_url
-        view["open_incidents"] = [i.id for i in store.incidents(status="open",
-                                                                 host=config.host)]
-        view["active_bans"] = len(store.active_bans(config.netns, now))
-        # bans the reconcile found not enforced in the kernel and put back (banproof.py)
-        drift, drift_at = drift_count(store.ban_checks(config.host), config.host, config.netns)
-        view["bans_drift"] = drift
-        view["bans_drift_at"] = drift_at.isoformat(timespec="seconds") if drift_at else None
-        view["hosts"] = [{"host": n.host, "seen_at": n.seen_at.isoformat(timespec="seconds"),
-                          "recent": (now - n.seen_at).total_seconds() < RECENT}
-                         for n in store.nodes()]
-        store.close()
+        _from_history(view, config)
     except SynwatchError as exc:
         view["last_errors"] = [*view["last_errors"], {"at": None, "what": str(exc)}]
     if args.format == "json":
@@ -58,6 +47,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print_status(view, sys.stdout)
     return 0 if running else NOT_RUNNING
+
+
+def _from_history(view: dict[str, Any], config: Config) -> None:
+    """The open incidents, bans, drift and nodes, read from the history; a look, never a
+    write: a history that is not there yet is not created here."""
+    from synwatch.banproof import drift_count  # noqa: PLC0415
+    from synwatch.store import Store  # noqa: PLC0415
+
+    store = Store.open_existing(config.storage_url, host=config.host)
+    if store is None:
+        view["store"] = (f"{masked(config.storage_url)} (no history yet: `synwatch run` "
+                         "creates it)")
+        return
+    now = datetime.now(timezone.utc)
+    view["store"] = store.display_url
+    view["open_incidents"] = [i.id for i in store.incidents(status="open", host=config.host)]
+    view["active_bans"] = len(store.active_bans(config.netns, now))
+    # bans the reconcile found not enforced in the kernel and put back (banproof.py)
+    drift, drift_at = drift_count(store.ban_checks(config.host), config.host, config.netns)
+    view["bans_drift"] = drift
+    view["bans_drift_at"] = drift_at.isoformat(timespec="seconds") if drift_at else None
+    view["hosts"] = [{"host": n.host, "seen_at": n.seen_at.isoformat(timespec="seconds"),
+                      "recent": (now - n.seen_at).total_seconds() < RECENT}
+                     for n in store.nodes()]
+    store.close()
 
 
 def register(sub: Any) -> None:
