@@ -3,12 +3,18 @@
 Most lines of a log are not kernel SYN-flood lines. So the scanner does not look at lines: it
 searches the raw bytes for the catalogue's needles (``bytes.find``, which runs at memory speed),
 and only the lines around a hit are decoded, taken apart by their sink and matched.
+
+The output of journalctl's record modes (``-o verbose``, ``-o export``, ``-o json-pretty``: one
+entry over several lines) is known by its first line and read entry by entry instead, each
+entry folded into one journal-JSON line (journalfold): a needle's line alone says nothing of
+its entry's time or host.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import mmap
 import os
 import stat
@@ -20,6 +26,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from synwatch import journalfold, sinks
 from synwatch.catalogue import Catalogue
 from synwatch.errors import SynwatchError, UsageError
 from synwatch.filters import match_record
@@ -84,24 +91,54 @@ def _mapped_candidates(fd: int, needles: tuple[bytes, ...], line_numbers: bool,
 
 
 def candidate_lines(stream: Readable, needles: tuple[bytes, ...],
-                    progress: Progress | None = None,
-                    line_numbers: bool = True) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line) for every line holding one of ``needles``, in order.
+                    progress: Progress | None = None, line_numbers: bool = True,
+                    on_overlong: journalfold.OnOverlong | None = None,
+                    ) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line) for every line holding one of ``needles``, in order. An
+    entry of journalctl's record modes that holds one is one journal-JSON line, numbered by its
+    needle's line; ``on_overlong`` hears of one too long to hold (journalfold).
 
     Without ``line_numbers`` the numbers are 0 (counting newlines is a third of the work).
     """
     fd = _regular_file_fd(stream)
-    if fd is not None:
+    if fd is not None and journalfold.layout(os.pread(fd, journalfold.SNIFF, 0)) is None:
         yield from _mapped_candidates(fd, needles, line_numbers, progress)
         return
-    carry = b""
-    line_base = 1  # number of the first line in ``buf``
+    chunks = _chunks(stream, progress)
+    head: list[bytes] = []
+    held = 0
+    for chunk in chunks:  # enough of the start to know its layout
+        head.append(chunk)
+        held += len(chunk)
+        if held >= journalfold.SNIFF:
+            break
+    start = b"".join(head)
+    kind = journalfold.layout(start)
+    rest = itertools.chain([start] if start else [], chunks)
+    if kind is None:
+        yield from _streamed_candidates(rest, needles)
+    else:
+        yield from journalfold.fold(rest, kind, needles, on_overlong)
+
+
+def _chunks(stream: Readable, progress: Progress | None) -> Iterator[bytes]:
+    """The stream's bytes, CHUNK at a time, with the progress told after every read."""
     consumed = 0
     while True:
         chunk = stream.read(CHUNK)
         consumed += len(chunk)
         if progress is not None:  # a .gz reports how far into the compressed file it is
             progress(stream.compressed_position() if isinstance(stream, _Input) else consumed)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _streamed_candidates(chunks: Iterator[bytes],
+                         needles: tuple[bytes, ...]) -> Iterator[tuple[int, bytes]]:
+    carry = b""
+    line_base = 1  # number of the first line in ``buf``
+    for chunk in itertools.chain(chunks, [b""]):  # the empty chunk is the end
         at_eof = not chunk
         buf = carry + chunk if carry else chunk
         if at_eof:
@@ -191,7 +228,13 @@ def candidates(stream: Readable, catalogue: Catalogue, *, now: datetime, tz: tzi
                line_numbers: bool = True) -> Iterator[Candidate]:
     """The one loop of every reader of log files (scan, test-filter, import): candidate lines
     by their needles, each parsed by its sink and matched by the filters."""
-    for line_no, raw in candidate_lines(stream, catalogue.needles, progress, line_numbers):
+    def overlong(line_no: int, head: bytes) -> None:  # counted like a line a parser refused
+        sinks.BAD_LINES.add(source, head.decode("utf-8", "replace"), ValueError(
+            f"the journal entry at line {line_no} is longer than {journalfold.MAX_RECORD} "
+            "bytes"))
+
+    for line_no, raw in candidate_lines(stream, catalogue.needles, progress, line_numbers,
+                                        overlong):
         record = parse_candidate(raw, catalogue, now, tz, source=source, allow_trust=allow_trust)
         event = match_record(record, catalogue) if record is not None else None
         yield Candidate(line_no, raw, record, event)

@@ -65,8 +65,10 @@ def journal_entry_is_kernels(transport: str | None, facility: str | None) -> boo
 
 
 def _from_journal_json(line: str, sink: Sink, source: str, allow_trust: bool) -> LogRecord | None:
+    # The object starts at the first "{": before it is only the sink's prefix (json-sse's
+    # "data: ", json-seq's record separator; man journalctl), which is not JSON.
     try:
-        entry = json.loads(line)
+        entry = json.loads(line[line.find("{"):])
     except ValueError:
         return None
     if not isinstance(entry, dict):

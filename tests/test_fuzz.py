@@ -10,15 +10,19 @@ found once stay below as regression samples.
 
 from __future__ import annotations
 
+import csv
 import json
 import random
+import re
 from datetime import timezone
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from synwatch import journalfold
 from synwatch.catalogue import Catalogue
 from synwatch.filters import match_record
 from synwatch.records import KernelEvent, LogRecord
@@ -92,9 +96,9 @@ def test_any_kmsg_record_is_a_record_or_nothing(catalogue: Catalogue, head: str,
 def _seed_lines(catalogue: Catalogue) -> list[str]:
     lines = [s.line for s in catalogue.samples]
     corpus = REPO / "tests" / "data" / "corpus" / "kernel-lines.tsv"
-    if corpus.is_file():
-        for row in corpus.read_text(encoding="utf-8").splitlines()[1:]:
-            lines.append(row.split("\t", 1)[0])
+    if corpus.is_file():  # its `line` column (quoted where it holds a '"')
+        with corpus.open(newline="", encoding="utf-8") as f:
+            lines.extend(row["line"] for row in csv.DictReader(f, delimiter="\t"))
     return [line for line in lines if line]
 
 
@@ -142,6 +146,43 @@ def test_a_hundred_thousand_mutated_lines(catalogue: Catalogue) -> None:
         if sum(BAD_LINES.counts.values()) != bad:
             pytest.fail(f"line {n} made a parser raise: {line[:300]!r}")
     assert 0 < matched < MUTATED_LINES  # the mutations kept some lines kernel lines
+
+
+def _fragments() -> list[bytes]:
+    """Whole entries and single lines of journalctl's record modes (tests/data/journal-modes),
+    for folds to take apart."""
+    out: list[bytes] = []
+    for name, starts in (("journal-verbose", rb"\n(?=\S)"), ("journal-export", rb"(?<=\n\n)"),
+                         ("journal-json-pretty", rb"\n(?=\{)")):
+        data = (REPO / "tests" / "data" / "journal-modes" / f"{name}.txt").read_bytes()
+        out.extend(entry.rstrip(b"\n") for entry in re.split(starts, data))
+        out.extend(data.split(b"\n")[:40])
+    return [*out, b"", b"-- Boot 5350d6e1587f421884e0bb3821052c03 --", b"MESSAGE", b"{", b"}",
+            b"    MESSAGE=", b"       more", b"\x10\x00\x00\x00\x00\x00\x00\x00"]
+
+
+FRAGMENTS = _fragments()
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["verbose", "export", "json-pretty"]),
+       st.lists(st.sampled_from(FRAGMENTS) | st.binary(max_size=40), max_size=60),
+       st.integers(1, 97))
+def test_any_bytes_fold_the_same_whatever_the_chunks(kind: journalfold.Layout,
+                                                    parts: list[bytes], chunk: int) -> None:
+    """Whatever a file of a record mode holds, its folds are single lines holding a needle, the
+    same however the reads cut it and whether or not the entries without one are skipped whole,
+    and nothing raises."""
+    data = b"\n".join(parts)
+    needles = (b"SYN flooding on port",)
+    whole = list(journalfold.fold([data], kind, needles))
+    pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    assert list(journalfold.fold(pieces, kind, needles)) == whole
+    with mock.patch.object(journalfold._Reader, "skip_quiet", return_value=False):
+        assert list(journalfold.fold([data], kind, needles)) == whole
+    for line_no, line in whole:
+        assert b"\n" not in line and b"SYN flooding on port" in line
+        assert 1 <= line_no <= data.count(b"\n") + 1
 
 
 def test_scan_reports_and_skips_a_poison_line(tmp_path: Path) -> None:
@@ -195,7 +236,7 @@ def test_scan_and_import_exit_1_when_lines_were_skipped(
             raise ValueError("a bug no fuzzer found")
         return real(line, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cli, "setup_logging", lambda _debug: None)  # pytest's logging stays
+    monkeypatch.setattr(cli, "setup_logging", lambda _debug, **_kw: None)  # pytest's stays
     monkeypatch.setattr(sinks, "BAD_LINES", BadLines())
     monkeypatch.setattr(sinks, "_parse", choke_on_444)
     assert cli.main(["scan", "--count", str(log)]) == 1

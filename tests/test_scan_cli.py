@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
+import struct
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from synwatch import journalfold
 from synwatch import scan as scan_module
-from synwatch.scan import candidate_lines
-from tests.conftest import synwatch
+from synwatch.catalogue import Catalogue
+from synwatch.scan import candidate_lines, candidates, open_input
+from synwatch.store import Store
+from synwatch.store.models import EventRow
+from tests.conftest import DATA, synwatch
 
 FLOOD = ("Mar  7 09:17:14 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding on port "
          "0.0.0.0:443. Sending cookies.")
@@ -163,3 +171,208 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path, gz: bool) -> None:
     assert b"scanning " in shown and b"100%" in shown
     # not a terminal: no bar
     assert synwatch("scan", "--count", str(path), env=env).err == ""
+
+
+# -- every `journalctl -o` mode and `dmesg -T -x` --------------------------------------------
+# Real output (tests/data/journal-modes/README.md): the last 8 entries of the journal after two
+# floods in the lab, in each mode: journald's own "Received SIGTERM" line, then 7 SYN-flood lines.
+MODES = DATA / "journal-modes"
+FLOOD_PORTS = [26547, 34508, 29484, 28835, 42585, 45610, 36959]
+STAMP, PRECISE = "2026-12-06T10:24:10+00:00", "2026-12-06T10:24:10.050143+00:00"
+DMESG_STAMP = "2026-12-06T10:24:09+00:00"  # dmesg's own reckoning from the boot time
+# file: (time of the 45610 line, or None where the mode prints none; its host)
+CAPTURED: dict[str, tuple[str | None, str | None]] = {
+    "journal-short": (STAMP, "vm"),
+    "journal-short-full": (STAMP, "vm"),
+    "journal-short-iso": (STAMP, "vm"),
+    "journal-short-iso-precise": (PRECISE, "vm"),
+    "journal-short-precise": (PRECISE, "vm"),
+    "journal-short-monotonic": (None, "vm"),
+    "journal-short-delta": (None, "vm"),
+    "journal-short-unix": (PRECISE, "vm"),
+    "journal-verbose": (PRECISE, "vm"),
+    "journal-export": (PRECISE, "vm"),
+    "journal-json": (PRECISE, "vm"),
+    "journal-json-pretty": (PRECISE, "vm"),
+    "journal-json-sse": (PRECISE, "vm"),
+    "journal-json-seq": (PRECISE, "vm"),
+    "journal-cat": (None, None),
+    "journal-with-unit": (STAMP, "vm"),
+    "dmesg-T-x": (DMESG_STAMP, None),
+    "dmesg-x": (None, None),
+    "dmesg-T": (DMESG_STAMP, None),
+}
+# Journal entries read as journal JSON: `scan` reports what a kernel entry claims, as for -o json
+# (README: "trusted"); a reader that records (import, the file source) trusts no file.
+JOURNAL_JSON = {"journal-verbose", "journal-export", "journal-json", "journal-json-pretty",
+                "journal-json-sse", "journal-json-seq"}
+
+
+def _needle_line_no(path: Path, port: int) -> int:
+    """The line `grep -n` names for the port's flood line."""
+    lines = path.read_bytes().split(b"\n")
+    return next(i for i, line in enumerate(lines, 1) if f":{port}.".encode() in line)
+
+
+def test_every_journalctl_mode_and_dmesg_t_x_are_scanned() -> None:
+    assert {p.stem for p in MODES.glob("*.txt")} == set(CAPTURED)
+    paths = [MODES / f"{name}.txt" for name in CAPTURED]
+    res = synwatch("scan", "--format", "json", *map(str, paths))
+    assert res.code == 0, res.err
+    hits = [json.loads(line) for line in res.out.splitlines()]
+    for name, (when, _host) in CAPTURED.items():
+        path = MODES / f"{name}.txt"
+        mine = [h for h in hits if h["path"] == str(path)]
+        assert [h["port"] for h in mine] == FLOOD_PORTS, name
+        flood = mine[FLOOD_PORTS.index(45610)]
+        assert flood["line_no"] == _needle_line_no(path, 45610), name
+        assert (flood["address"], flood["family"], flood["mode"]) == ("0.0.0.0", 4, "cookies")
+        if name in ("journal-short", "journal-short-precise"):  # no year: the last Dec 6
+            assert when is not None and flood["time"][4:] == when[4:], name
+        else:
+            assert flood["time"] == when, name
+        assert flood["trusted"] is (name in JOURNAL_JSON), name
+        v6 = mine[-1]
+        assert (v6["address"], v6["port"], v6["family"]) == ("::", 36959, 6), name
+
+
+@pytest.mark.parametrize("name", list(CAPTURED))
+def test_every_mode_as_import_reads_it_never_trusted(name: str, catalogue: Catalogue) -> None:
+    """The importer's reading (allow_trust=False, as the file source's): host and time as the
+    mode prints them, nothing trusted."""
+    when, host = CAPTURED[name]
+    stream = open_input(str(MODES / f"{name}.txt"))
+    try:
+        found = [c for c in candidates(stream, catalogue, now=datetime.now(timezone.utc),
+                                       tz=timezone.utc, allow_trust=False) if c.event]
+    finally:
+        stream.close()
+    assert [c.event.port for c in found if c.event] == FLOOD_PORTS
+    record = next(c.record for c in found if c.event and c.event.port == 45610)
+    assert record is not None
+    assert record.host == host
+    assert (record.time is None) == (when is None)
+    assert not any(c.record and c.record.trusted for c in found)
+
+
+def test_import_of_every_mode_records_untrusted_events(store_config: Path) -> None:
+    paths = [str(MODES / f"{name}.txt") for name in CAPTURED]
+    res = synwatch("import", "--config", str(store_config), *paths)
+    assert res.code == 0, res.err
+    # with-unit prints a kernel line as short-full does (it has no unit): the same lines
+    assert res.out.splitlines() == [
+        f"{p}: 7 kernel lines, {0 if p.endswith('with-unit.txt') else 7} new events"
+        for p in paths]
+    store = Store.open(f"sqlite:///{store_config.parent}/history.db")
+    with store.session() as s:
+        rows = list(s.scalars(select(EventRow)))
+    assert len(rows) == 7 * (len(paths) - 1)
+    assert not any(e.trusted for e in rows)
+
+
+@pytest.mark.parametrize("name", ["journal-verbose", "journal-export", "journal-json-pretty"])
+def test_the_corpus_holds_each_record_mode_folded_as_the_folder_folds_it(name: str) -> None:
+    rows = {r["format"]: r for r in csv.DictReader(
+        (DATA / "corpus" / "kernel-lines.tsv").open(newline="", encoding="utf-8"),
+        delimiter="\t")}
+    data = (MODES / f"{name}.txt").read_bytes()
+    kind = journalfold.layout(data)
+    assert kind is not None
+    folded = [line for _, line in journalfold.fold([data], kind, (b"SYN flooding on port",))]
+    assert rows[name]["line"].encode() in folded
+
+
+@pytest.mark.parametrize("name", ["journal-verbose", "journal-export", "journal-json-pretty"])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_folding_is_the_same_whatever_the_chunks(name: str, chunk: int) -> None:
+    data = (MODES / f"{name}.txt").read_bytes()
+    kind = journalfold.layout(data)
+    assert kind is not None
+    needles = (b"SYN flooding on port", b"Received SIGTERM")
+    whole = list(journalfold.fold([data], kind, needles))
+    assert len(whole) == 8
+    pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    assert list(journalfold.fold(pieces, kind, needles)) == whole
+    first = json.loads(whole[0][1])
+    assert (first["SYSLOG_FACILITY"], first["_TRANSPORT"]) == ("5", "kernel")  # not the kernel's
+
+
+def _export_binary(key: bytes, value: bytes) -> bytes:
+    """A field as the Journal Export Format writes one with a newline or a control character:
+    its name, a newline, its size as a little-endian 64-bit integer, its bytes, a newline."""
+    return key + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
+
+
+FLOOD_TEXT = b"TCP: request_sock_TCP: Possible SYN flooding on port 0.0.0.0:8443. Sending cookies."
+
+
+def test_export_binary_fields_are_read_by_their_size() -> None:
+    # A binary value may hold anything, an empty line and a forged field included: only its
+    # size says where it ends.
+    forged = b"x\n\nMESSAGE=" + FLOOD_TEXT.replace(b"8443", b"9999") + b"\n\n\xff"
+    data = (b"-- Logs begin at Sun 2026-12-06 10:00:00 UTC, end at Sun 2026-12-06 11:00:00 UTC."
+            b" --\n__CURSOR=s=1;i=1;b=2;m=3;t=661f48286ca5f;x=4\n"
+            b"__REALTIME_TIMESTAMP=1796552650050143\n"
+            + _export_binary(b"SYSLOG_RAW", forged)
+            + b"_TRANSPORT=kernel\nSYSLOG_FACILITY=0\n_HOSTNAME=web01\n"
+            + _export_binary(b"MESSAGE", FLOOD_TEXT + b"\nsecond line") + b"\n"
+            + b"__CURSOR=s=1;i=2;b=2;m=4;t=661f48286ca60;x=5\n_TRANSPORT=kernel\n"
+            + b"SYSLOG_FACILITY=0\n_HOSTNAME=web01\nMESSAGE=" + FLOOD_TEXT.replace(b"8443", b"80")
+            + b"\n\n")
+    assert journalfold.layout(data) == "export"
+
+    def line_of(marker: bytes) -> int:  # as an editor counts lines: by the newline bytes
+        return data[:data.rindex(marker)].count(b"\n") + 1
+
+    for chunk in (1, 5, len(data)):
+        pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+        found = list(journalfold.fold(pieces, "export", (b"SYN flooding on port",)))
+        # each entry once, at its first line with a needle (the forged value's, in the first)
+        assert [n for n, _ in found] == [line_of(b"SYSLOG_RAW\n"), line_of(b"MESSAGE=TCP")]
+        first, second = (json.loads(line) for _, line in found)
+        assert first["MESSAGE"] == (FLOOD_TEXT + b"\nsecond line").decode()
+        assert first["SYSLOG_RAW"] == list(forged)  # not UTF-8: its bytes, as -o json
+        assert (first["_HOSTNAME"], first["__REALTIME_TIMESTAMP"]) == ("web01", "1796552650050143")
+        assert second["MESSAGE"].endswith(":80. Sending cookies.")
+
+
+def test_verbose_continuation_lines_boot_lines_and_a_cut_json_object() -> None:
+    verbose = (b"-- Logs begin at Sun 2026-12-06 10:00:00 UTC. --\n"
+               b"Sun 2026-12-06 10:24:10.050143 UTC [s=1;i=466;b=2;m=3;t=661f48286ca5f;x=4]\n"
+               b"    _TRANSPORT=kernel\n    SYSLOG_FACILITY=0\n"
+               b"    MESSAGE=" + FLOOD_TEXT + b"\n            and its second line\n"
+               b"    _HOSTNAME=web01\n"
+               b"-- Boot 5350d6e1587f421884e0bb3821052c03 --\n"
+               b"Mar  7 09:17:14 web01 kernel: " + FLOOD_TEXT + b"\n")
+    assert journalfold.layout(verbose) == "verbose"
+    found = list(journalfold.fold([verbose], "verbose", (b"SYN flooding on port",)))
+    assert [n for n, _ in found] == [5, 9]
+    entry = json.loads(found[0][1])
+    assert entry["MESSAGE"] == FLOOD_TEXT.decode() + "\nand its second line"
+    assert entry["__REALTIME_TIMESTAMP"] == "1796552650050143"  # the cursor's t=, in hex
+    assert entry["_HOSTNAME"] == "web01"
+    assert found[1][1].startswith(b"Mar  7 09:17:14 web01 kernel: ")  # a plain line, as it is
+    pretty = (b'{\n\t"_TRANSPORT" : "kernel",\n\t"MESSAGE" : "' + FLOOD_TEXT + b'",\n'
+              b'{\n\t"_TRANSPORT" : "kernel",\n\t"MESSAGE" : "' + FLOOD_TEXT + b'"\n}\n')
+    found = list(journalfold.fold([pretty], "json-pretty", (b"SYN flooding on port",)))
+    assert [n for n, _ in found] == [3, 6]  # the object cut short is passed on, and fails
+    assert json.loads(found[1][1])["MESSAGE"] == FLOOD_TEXT.decode()
+
+
+def test_an_overlong_entry_is_dropped_and_counted_and_the_rest_read(tmp_path: Path) -> None:
+    big = b"A" * (journalfold.MAX_RECORD + 1)
+    entry = (b"__CURSOR=s=1;i=1;b=2;m=3;t=661f48286ca5f;x=4\n_TRANSPORT=kernel\n"
+             b"SYSLOG_FACILITY=0\nMESSAGE=" + FLOOD_TEXT + b"\n")
+    core = b"__CURSOR=s=1;i=9;b=2;m=3;t=1;x=4\n" + _export_binary(b"COREDUMP", b"\0" * (1 << 20))
+    path = tmp_path / "export"
+    path.write_bytes(core + b"\n"  # a core dump in the journal: long, but no kernel line
+                     + entry.replace(b"_TRANSPORT", b"BIG=" + big + b"\n_TRANSPORT") + b"\n"
+                     + entry.replace(b"8443", b"80") + b"\n")
+    res = synwatch("scan", "--format", "json", str(path))
+    assert res.code == 1
+    assert [json.loads(line)["port"] for line in res.out.splitlines()] == [80]
+    assert "longer than 65536 bytes" in res.err
+    assert "synwatch: scan: 1 lines could not be parsed and were skipped" in res.err
+    path.write_bytes(core + b"\n" + entry)
+    res = synwatch("scan", "--count", str(path))
+    assert (res.code, res.out, res.err) == (0, "1\n", "")
