@@ -8,6 +8,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.synsample import SynSample
@@ -41,6 +42,7 @@ class ProbeDelta:
     conntrack_dropped: int = 0  # new flows connection tracking dropped over it (table full)
     # measured against the last probe before a restart: the packet sampler did not watch it
     since_restart: bool = False
+    at: datetime | None = None  # when the probe was taken
 
     @property
     def moving(self) -> bool:
@@ -87,7 +89,7 @@ def measure(prev: Evidence | None, ev: Evidence) -> ProbeDelta:
     if prev is not None and snap.conntrack is not None and prev.snapshot.conntrack is not None:
         ct_dropped = max(0, snap.conntrack.drop - prev.snapshot.conntrack.drop)
     return ProbeDelta(snap, deltas, rates, accounted, ev.sampled, dropped, frozenset(grew),
-                      ct_dropped)
+                      ct_dropped, at=ev.at)
 
 
 def add_counts(counts: dict[str, int], more: Iterable[tuple[str, int]]) -> dict[str, int]:

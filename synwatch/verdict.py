@@ -43,6 +43,10 @@ class Tally:
     backlog: int | None = None
     peak_syn_recv: int = 0
     peak_accept_queue: int = 0
+    # the accept queue full at every probe since (epoch seconds; 0: not full at the last), and
+    # the longest such stretch: an application that stopped accepting, not a burst
+    accept_full_since: float = 0.0
+    accept_full_for: float = 0.0
     peak_overflow_rate: float = 0.0  # SYNs/s finding a full SYN queue
     peak_listen_overflow_rate: float = 0.0
     syn_recv_sum: int = 0  # request sockets summed over samples: the denominator of shares
@@ -121,6 +125,13 @@ class Tally:
         self.backlog = st.listener.backlog
         self.peak_syn_recv = max(self.peak_syn_recv, st.syn_recv)
         self.peak_accept_queue = max(self.peak_accept_queue, st.listener.accept_queue)
+        li = st.listener
+        if li.backlog > 0 and li.accept_queue >= li.backlog and probe.at is not None:
+            now = probe.at.timestamp()
+            self.accept_full_since = self.accept_full_since or now
+            self.accept_full_for = max(self.accept_full_for, now - self.accept_full_since)
+        else:
+            self.accept_full_since = 0.0
         if active and st.syn_recv:
             self.syn_recv_sum += st.syn_recv
             self.prefixes = add_counts(self.prefixes, st.prefixes)
@@ -168,6 +179,8 @@ class Tally:
         self.sampler_on = self.sampler_on or earlier.sampler_on
         self.peak_syn_recv = max(self.peak_syn_recv, earlier.peak_syn_recv)
         self.peak_accept_queue = max(self.peak_accept_queue, earlier.peak_accept_queue)
+        self.accept_full_since = self.accept_full_since or earlier.accept_full_since
+        self.accept_full_for = max(self.accept_full_for, earlier.accept_full_for)
         self.peak_overflow_rate = max(self.peak_overflow_rate, earlier.peak_overflow_rate)
         self.peak_listen_overflow_rate = max(self.peak_listen_overflow_rate,
                                              earlier.peak_listen_overflow_rate)
@@ -454,6 +467,9 @@ def _spoofed(t: Tally, th: Thresholds, src: _Sources, done: float, where: str) -
     return recs
 
 
+NOT_ACCEPTING_AFTER = 10.0  # seconds of a full accept queue at every probe: not a burst
+
+
 def _decide(t: Tally, th: Thresholds, where: str, done: float | None,
             src: _Sources) -> tuple[Verdict, list[str], TargetPlan | None]:
     """The verdict, first rule that holds, with what to do about it."""
@@ -461,6 +477,16 @@ def _decide(t: Tally, th: Thresholds, where: str, done: float | None,
     accept_overflowed = (t.listen_overflows > 0 and t.backlog is not None
                          and t.peak_accept_queue >= max(t.backlog, 1))
     flooded = t.syns_overflowed > 0 or t.half_open
+    if accept_overflowed and t.accept_full_for >= NOT_ACCEPTING_AFTER:
+        # a backlog absorbs bursts; a queue full probe after probe for this long is an
+        # application that stopped calling accept() (or cannot keep up at all), and a larger
+        # backlog would only keep more clients waiting
+        return "capacity", [
+            f"{where} is not accepting connections: its accept queue has been full "
+            f"({t.peak_accept_queue} of {t.backlog}) for {t.accept_full_for:.0f} s, and "
+            f"{t.listen_overflows} connections were refused meanwhile: check that its "
+            "application is alive and what blocks its accept loop (restart it, add workers); "
+            "a larger backlog would not help"], None
     if accept_overflowed:
         return "capacity", [
             f"the application behind {where} does not accept() fast enough (accept queue "

@@ -38,7 +38,22 @@ def _replayed(name: str, th: Thresholds | None = None, quiet: float = LAB_QUIET)
 
 GOLDEN = {"concentrated": "concentrated", "spoofed": "spoofed", "capacity": "capacity",
           "second-flood": "concentrated", "spoofed-sampled": "spoofed",
-          "half-open": "concentrated"}
+          "half-open": "concentrated", "not-accepting": "capacity"}
+
+
+def test_an_application_that_stopped_accepting_is_said_so_not_told_to_raise_its_backlog(
+        ) -> None:
+    """Recorded in the lab: a listener whose application never calls accept(), its queue full
+    (5 of 4) while clients keep coming for 14 s. A burst that fills it for a second or two
+    (the "capacity" recording) is told to raise its backlog; this one is told that it is not
+    accepting, and that a larger backlog would not help."""
+    [stuck] = _replayed("not-accepting")
+    [rec] = stuck["recommendations"]
+    assert " is not accepting connections: its accept queue has been full (5 of 4) for " in rec
+    assert "a larger backlog would not help" in rec and "raise the listen backlog" not in rec
+    [burst] = _replayed("capacity")
+    assert any("raise the listen backlog" in r for r in burst["recommendations"])
+    assert not any("not accepting" in r for r in burst["recommendations"])
 
 
 @pytest.mark.parametrize("name", GOLDEN)
