@@ -55,11 +55,14 @@ class Command:
     argv: tuple[str, ...]
     stdin: str | None = None
     unless: tuple[str, ...] | None = None  # skip when this succeeds (`iptables -C` before `-I`)
+    when: tuple[str, ...] | None = None  # run only when this succeeds (`iptables -C` before `-D`)
 
     def shown(self) -> str:
         text = shlex.join(self.argv)
         if self.unless:
             text = f"{shlex.join(self.unless)} || {text}"
+        if self.when:
+            text = f"{shlex.join(self.when)} && {text}"
         if self.stdin is not None:
             text += f" <<'EOF'\n{self.stdin.rstrip()}\nEOF"
         return text
@@ -72,6 +75,11 @@ def show(commands: Sequence[Command]) -> str:
 def execute(commands: Sequence[Command], netns: str = "") -> None:
     """Run rendered commands in order; the first failure raises CommandError."""
     for c in commands:
+        if c.when:
+            try:
+                run(c.when, netns=netns)
+            except CommandError:
+                continue
         if c.unless:
             try:
                 run(c.unless, netns=netns)

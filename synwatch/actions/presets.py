@@ -35,12 +35,15 @@ class CommandTemplate:
     argv: tuple[str, ...]
     stdin: str | None = None
     unless: tuple[str, ...] | None = None
+    when: tuple[str, ...] | None = None
 
     def fill(self, values: dict[str, Any]) -> Command:
+        def argv(template: tuple[str, ...] | None) -> tuple[str, ...] | None:
+            return None if template is None else tuple(a.format(**values) for a in template)
+
         return Command(tuple(a.format(**values) for a in self.argv),
                        None if self.stdin is None else self.stdin.format(**values),
-                       None if self.unless is None else
-                       tuple(a.format(**values) for a in self.unless))
+                       argv(self.unless), argv(self.when))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +120,8 @@ def merge_batches(commands: list[Command]) -> list[Command]:
     for c in commands:
         last = out[-1] if out else None
         if (last is not None and c.stdin is not None and last.stdin is not None
-                and last.argv == c.argv and last.unless is None and c.unless is None):
+                and last.argv == c.argv and last.unless is None and c.unless is None
+                and last.when is None and c.when is None):
             out[-1] = Command(c.argv, last.stdin.rstrip("\n") + "\n" + c.stdin)
         else:
             out.append(c)
@@ -125,15 +129,16 @@ def merge_batches(commands: list[Command]) -> list[Command]:
 
 
 def _template(raw: Any, where: str) -> CommandTemplate:
-    if not isinstance(raw, dict) or set(raw) - {"argv", "stdin", "unless"}:
-        raise ConfigError(where, None, "a command is a table with argv, stdin and unless")
+    if not isinstance(raw, dict) or set(raw) - {"argv", "stdin", "unless", "when"}:
+        raise ConfigError(where, None, "a command is a table with argv, stdin, unless and when")
     argv = raw.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise ConfigError(where, None, "argv must be a non-empty list of strings")
-    unless = raw.get("unless")
+    unless, when = raw.get("unless"), raw.get("when")
     stdin = raw.get("stdin")
     return CommandTemplate(tuple(argv), stdin if isinstance(stdin, str) else None,
-                           tuple(unless) if isinstance(unless, list) else None)
+                           tuple(unless) if isinstance(unless, list) else None,
+                           tuple(when) if isinstance(when, list) else None)
 
 
 def parse_preset(text: str, where: str) -> Preset:

@@ -83,6 +83,16 @@ class ServiceState(StoreBase):
             if row is not None:
                 s.delete(row)
 
+    def namespaces(self) -> set[str]:
+        """Every namespace this node has banned in or holds a setting of (the package's
+        removal lifts what synwatch holds in each, watch.netns having changed or not)."""
+        with self.session() as s:
+            banned = s.scalars(select(BanRow.netns).where(BanRow.host == self.host).distinct())
+            found = set(banned)
+            found.update(s.scalars(select(SavedSettingRow.netns)
+                                   .where(SavedSettingRow.host == self.host).distinct()))
+            return found
+
     # -- bans -------------------------------------------------------------------------------
 
     def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
