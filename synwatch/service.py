@@ -290,7 +290,10 @@ class Service:
                 return
             self._store_ok()
             self._unsaved.pop(0)
-            self._ids[change.serial] = incident_id
+            # one id for the incident's lifetime: a spooled (provisional) one stays what the
+            # actions know it by after the history numbered it (the store maps it on every
+            # write), or the close would not find what opened (SYN cookies left on)
+            incident_id = self._ids.setdefault(change.serial, incident_id)
             self.telemetry.incident(replace(change, incident_id=incident_id))
             if self.responder is not None:
                 self.responder.on_change(replace(change, incident_id=incident_id))

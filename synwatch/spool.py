@@ -47,8 +47,10 @@ from synwatch.storeapi import ServiceStore
 
 log = logging.getLogger("synwatch")
 VIEW_EVERY = 5.0  # seconds between writes of the bans view while the database answers
-CATCH_UP_OPS = 200  # spooled writes replayed per call, so a long backlog never holds detection
 PROBE_EVERY = 2.0  # seconds between the away thread's tries of the history
+PREPARE_EVERY = 30.0  # ... at most, backing off, while it cannot even be opened
+RETRY_WRITE = 5.0  # seconds before a spool file that refused a write is tried again
+CATCH_UP_SECONDS = 0.25  # replay per loop turn, so a long backlog never holds detection
 SPOOL_BYTES = 32 << 20  # the spool's bound in bytes of JSON (a unit's MemoryMax is 256M)
 THIN_EVERY = 5.0  # seconds: an open incident's spooled updates, one per this at most
 THIN_FULL = 60.0  # ... and one per this past half the spool's bound
@@ -100,6 +102,28 @@ def _weight(op: dict[str, Any]) -> int:
     return int(op.get("n", 0)) or 1
 
 
+_FIELDS = {"events": ("now", "made"), "incident": ("change", "made"), "runs": ("runs",),
+           "bans": ("bans", "made"), "removed": ("ids", "now", "everywhere"),
+           "setting": ("netns", "name", "value", "now"), "forget": ("netns", "name")}
+
+
+def _valid(raw: bytes) -> dict[str, Any] | None:
+    """A spool line as its op, or None: torn, not UTF-8, not JSON, or not an op of ours with
+    the fields its replay reads (a hostile file must not crash the start or the loop)."""
+    try:
+        op = _unjson(json.loads(raw.decode()))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(op, dict) or op.get("op") not in _FIELDS:
+        return None
+    if op["op"] == "events":
+        if not isinstance(op.get("events"), list):
+            return None
+        op["n"] = len(op["events"])
+    need = _FIELDS[op["op"]]
+    return op if all(k in op for k in need) else None
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """os.write may take part of the data (a full disk): the rest, or an OSError."""
     view = memoryview(data)
@@ -121,21 +145,23 @@ class Spool:
         self._lines_in_file = 0  # coalesced ops leave stale lines: the file is compacted
         self._must_compact = False  # a replaced op that the file refused: rewrite it whole
         self._seq = 0  # each op's number: a replaced op keeps it, so a restart keeps the last
+        self._retry_at = 0.0  # after the file refused a write: not tried again before
         if path.exists():
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                lines = path.read_bytes().splitlines()
             except OSError as exc:
                 log.error("spool %s: cannot be read (%s); it is left as it is",  # noqa: TRY400
                           path,
                           exc.strerror)
                 lines = []
             at: dict[int, int] = {}  # an op's seq -> its place (a later line replaces it)
-            for line in lines:
-                try:
-                    op = _unjson(json.loads(line))
-                except ValueError:
-                    log.warning("spool %s: a torn last line skipped (a crash mid-write)", path)
+            skipped = 0
+            for raw in lines:
+                op = _valid(raw)
+                if op is None:  # torn by a crash mid-write, or not ours
+                    skipped += 1
                     continue
+                line = raw.decode()
                 seq = op.get("seq")
                 if seq in at:
                     self._put(at[seq], self._kept(op, line))
@@ -145,6 +171,12 @@ class Spool:
                 self._append_op(self._kept(op, line))
             self._seq = max(at, default=-1) + 1
             self._lines_in_file = len(lines)
+            if skipped:
+                # rewritten at the first write: the next append must not be glued to a torn
+                # line (and lost with it at the next start)
+                log.warning("spool %s: %d lines that are not a write of synwatch's skipped (a "
+                            "crash mid-write, or written by someone else)", path, skipped)
+                self._must_compact = True
 
     @staticmethod
     def _kept(op: dict[str, Any], line: str) -> dict[str, Any]:
@@ -196,9 +228,12 @@ class Spool:
         """Does the file hold more stale lines (of replaced ops) than live ones?"""
         return self._lines_in_file > 2 * len(self.ops) + 64
 
-    def flush(self) -> None:
-        """Write what the file refused before (and the newest), in order."""
+    def flush(self, *, now: bool = False) -> None:
+        """Write what the file refused before (and the newest), in order; after a refusal,
+        not again for RETRY_WRITE seconds (a full disk must not cost a rewrite per write)."""
         if not self.unwritten and not self._must_compact:
+            return
+        if not now and time.monotonic() < self._retry_at:
             return
         if self._stale() or self._must_compact:
             self.compact()
@@ -231,6 +266,7 @@ class Spool:
         return True
 
     def _refused(self, exc: OSError) -> None:
+        self._retry_at = time.monotonic() + RETRY_WRITE
         if self.problem is None:  # once an outage of the spool's disk, not once a write
             log.error("spool %s: cannot be written (%s); what synwatch must record is kept "
                       "in memory (up to %d records, %d MiB) and written when it can be",
@@ -246,12 +282,13 @@ class Spool:
         """The file rewritten from memory (atomically): coalesced ops' stale lines dropped,
         and what the file refused written."""
         if not self.ops:
-            self.unwritten, self._must_compact = 0, False
             try:
                 self.path.unlink(missing_ok=True)
             except OSError as exc:
+                self._must_compact = True
                 self._refused(exc)
-            self._lines_in_file = 0
+                return
+            self.unwritten, self._must_compact, self._lines_in_file = 0, False, 0
             return
         tmp = self.path.with_suffix(".tmp")
         try:
@@ -266,6 +303,7 @@ class Spool:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            self._must_compact = True  # the file may hold ops already written elsewhere
             self._refused(exc)
             return
         self._lines_in_file, self.unwritten, self._must_compact = len(self.ops), 0, False
@@ -277,7 +315,8 @@ class Spool:
         self.records = sum(map(_weight, self.ops))
         self.bytes = sum(op["bytes"] for op in self.ops)
         self.unwritten = min(self.unwritten, len(self.ops))
-        self.compact()
+        self._must_compact = True  # the file still holds what was replayed
+        self.flush(now=True)
 
     def provisional_floor(self) -> int:
         """Below every provisional id the spool already uses (a restart goes on from here)."""
@@ -318,6 +357,10 @@ class SpooledStore:
         self._replaying = False
         self._stopping = threading.Event()
         self._prober: threading.Thread | None = None
+        self._probing = False  # a prober runs (under _lock: it clears it as it ends)
+        self._lock = threading.Lock()
+        self._busy_timeout: float | None = None  # for a store opened later
+        self._incidents: set[int] = set()  # spooled ids of incidents (their mapping is kept)
         if self.away:
             self._start_prober()
         try:
@@ -371,16 +414,20 @@ class SpooledStore:
         self._start_prober()
 
     def _start_prober(self) -> None:
-        if self._prober is not None and self._prober.is_alive():
-            return
+        with self._lock:
+            if self._probing:
+                return
+            self._probing = True
         self._prober = threading.Thread(target=self._probe_history, name="store-away",
                                         daemon=True)
         self._prober.start()
 
     def _probe_history(self) -> None:
         """Off the main thread: test the history until it answers (or, never opened,
-        prepare it), then say so (``away`` false: the service replays the spool)."""
-        while not self._stopping.wait(PROBE_EVERY):
+        prepare it: a migration in a child process, so tried less and less often), then say
+        so (``away`` false: the service replays the spool)."""
+        wait = PROBE_EVERY
+        while not self._stopping.wait(wait):
             try:
                 if self.store is not None:
                     self.store.ping()
@@ -389,9 +436,15 @@ class SpooledStore:
             except StoreError as exc:
                 log.debug("store: still away: %s", exc)
                 self.problem = exc.why
+                if self.store is None:
+                    wait = min(wait * 2, PREPARE_EVERY)
                 continue
-            self.away = False
+            with self._lock:  # an outage found from here on starts a new prober
+                self.away = False
+                self._probing = False
             return
+        with self._lock:
+            self._probing = False
 
     def check(self) -> None:
         """A look at the history between writes, every second: a deleted SQLite file takes
@@ -405,7 +458,10 @@ class SpooledStore:
     def close(self) -> None:
         if self._view_dirty:
             self._keep_view(now=True)
-        self.spool.flush()
+        self.spool.flush(now=True)
+        if self.spool.unwritten or self.spool.problem is not None:
+            log.error("spool %s: %d records that could not be written to it are lost at this "
+                      "stop (%s)", self.spool.path, self.spool.records, self.spool.problem)
         self._stopping.set()
         if self._prober is not None:
             self._prober.join(timeout=1)
@@ -413,6 +469,7 @@ class SpooledStore:
             self.store.close()
 
     def set_busy_timeout(self, seconds: float) -> None:
+        self._busy_timeout = seconds  # also for a store opened later (_catch_up)
         if self.store is not None:
             self.store.set_busy_timeout(seconds)
 
@@ -436,8 +493,8 @@ class SpooledStore:
         return made
 
     def _real(self, i: int | None) -> int | None:
-        """The history's id for a spooled one (also a real id a new history file renumbered)."""
-        return self.ids.get(i, i) if i is not None else None
+        """The history's id for a spooled (negative) one; the history's own ids as they are."""
+        return self.ids.get(i, i) if i is not None and i < 0 else i
 
     @property
     def spooling(self) -> bool:
@@ -458,8 +515,10 @@ class SpooledStore:
     def insert_events(self, events: Sequence[NewEvent], now: datetime,
                       position: tuple[str, dict[str, Any]] | None = None) -> list[int | None]:
         if self.spooling and not self.spool.fits(len(events), 600 * len(events)):
-            raise StoreError(self.display_url, f"the spool is full ({self.spool.limit} "
-                             "records, storage.spool_max): events wait in their source")
+            raise StoreError(self.display_url, f"the spool is full ({self.spool.records} of "
+                             f"{self.spool.limit} records, storage.spool_max; "
+                             f"{self.spool.bytes >> 20} of {self.spool.max_bytes >> 20} MiB): "
+                             "kernel lines wait in their source")
         made = self._provisional(len(events))
         op = {"op": "events", "events": [asdict(e) for e in events], "now": now,
               "position": list(position) if position else None, "made": made}
@@ -472,8 +531,11 @@ class SpooledStore:
         c = replace(c, incident_id=self._real(c.incident_id),
                     event_ids=tuple(i for i in map(self._real, c.event_ids) if i is not None))
         made = [c.incident_id] if c.incident_id is not None else self._provisional(1)
+        if made[0] < 0:
+            self._incidents.add(made[0])
         op = {"op": "incident", "change": asdict(c), "made": made}
-        if self.spooling and c.change == "updated" and self._thinned(made[0], c, op):
+        if (self.spooling and c.change == "updated" and not c.event_ids
+                and self._thinned(made[0], c, op)):
             return made[0]
         done = self._try(op, "save_incident", c)
         if done is None and c.change == "updated" and c.sample is not None \
@@ -503,8 +565,9 @@ class SpooledStore:
         if not full and (at - first).total_seconds() >= window:
             self._thin.pop(incident, None)  # this one starts the next window
             return False
-        linked = tuple(op["change"]["event_ids"])
-        op["change"]["event_ids"] = (*ops[index]["change"]["event_ids"], *linked)
+        # in its place: the events it links (none: an update that links events is never
+        # thinned, its events come after the slot) are the slot's own, made before it
+        op["change"]["event_ids"] = list(ops[index]["change"]["event_ids"])
         self.spool.replace(index, op)
         return True
 
@@ -520,15 +583,16 @@ class SpooledStore:
         made = self._provisional(len(bans))
         done = self._try({"op": "bans", "bans": [asdict(b) for b in bans], "made": made},
                          "add_bans", bans)
-        if done is not None:
-            return list(done)
-        for key, active in self._active.items():  # the fallback view of active bans
-            active += [replace(b, id=i, host=self.host) for b, i in zip(bans, made,
+        given = list(done) if done is not None else made
+        # the fallback view of active bans, whichever way they were written: an outage
+        # before the next read must not hide them from the reconcile
+        for key, active in self._active.items():
+            active += [replace(b, id=i, host=self.host) for b, i in zip(bans, given,
                                                                          strict=True)
                        if b.netns == key[0] and key[1] in (None, b.backend)
                        and b.removed_at is None]
         self._keep_view(now=self.spooling)
-        return made
+        return given
 
     def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
                      everywhere: bool = False) -> None:
@@ -692,8 +756,8 @@ class SpooledStore:
     # -- catching up ----------------------------------------------------------------------------
 
     def catch_up(self) -> int:
-        """Replay up to CATCH_UP_OPS spooled writes in order; how many are left. Raises
-        StoreError while the history is still away."""
+        """Replay spooled writes in order for up to CATCH_UP_SECONDS; how many are left.
+        Raises StoreError while the history is still away."""
         self._replaying = True
         try:
             return self._catch_up()
@@ -712,25 +776,67 @@ class SpooledStore:
             assert self._opener is not None
             self.store = self._opener()
             self.display_url = self.store.display_url
+            if self._busy_timeout is not None:
+                self.store.set_busy_timeout(self._busy_timeout)
         if not self.migrated:
             self.store.migrate()
             self.migrated = True
             log.info("store: %s answers; schema %s", self.display_url,
                      self.store.schema_revision())
         done = 0
+        until = time.monotonic() + CATCH_UP_SECONDS
         try:
-            for op in self.spool.ops[:CATCH_UP_OPS]:
-                self._replay(op)
+            for op in self.spool.ops:
+                try:
+                    self._replay(op)
+                except StoreOutage:
+                    raise
+                except (StoreError, KeyError, TypeError, ValueError) as exc:
+                    self._reject(op, exc)  # one write the history refuses stops no other
                 done += 1
+                if time.monotonic() > until:
+                    break
         finally:
             if done:
+                # what waits keeps the history's ids of what was written: a stop before the
+                # rest is written must not leave it pointing at ids nobody can map
+                for op in self.spool.ops[done:]:
+                    self._remap(op)
                 self.spool.done(done)
                 self._thin.clear()  # indices moved; a new window starts
         if not self.spool.ops:
             log.info("store: the spool is written to %s; recording directly again",
                      self.display_url)
             self.problem = None
+            # kernel lines' and bans' ids are not asked for again; incidents' may be (an
+            # open incident goes on with its spooled id)
+            self.ids = {k: v for k, v in self.ids.items() if k in self._incidents}
         return len(self.spool.ops)
+
+    def _remap(self, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        if kind == "incident":
+            change = op["change"]
+            change["incident_id"] = self._real(change["incident_id"])
+            change["event_ids"] = [self._real(i) for i in change["event_ids"]
+                                   if self._real(i) is not None]
+        elif kind in ("runs", "bans"):
+            for item in op[kind]:
+                item["incident_id"] = self._real(item["incident_id"])
+        elif kind == "removed":
+            op["ids"] = [self._real(i) for i in op["ids"]]
+
+    def _reject(self, op: dict[str, Any], exc: Exception) -> None:
+        """A spooled write the history refuses for what it is (not an outage): set aside in
+        spool.rejected.jsonl with one ERROR, so that it never holds up the rest."""
+        aside = self.spool.path.with_name("spool.rejected.jsonl")
+        log.error("store: a spooled %s write is refused by %s (%s: %s); set aside in %s",
+                  op["op"], self.display_url, type(exc).__name__, exc, aside)
+        try:
+            with aside.open("a", encoding="utf-8") as f:
+                f.write(self.spool.line(op) + "\n")
+        except OSError as err:
+            log.error("store: %s cannot be written either (%s)", aside, err.strerror)  # noqa: TRY400
 
     def _replay(self, op: dict[str, Any]) -> None:
         store = self.store
@@ -750,7 +856,7 @@ class SpooledStore:
             if c.incident_id is not None and c.incident_id < 0:
                 c = replace(c, incident_id=None)  # its first change: the history numbers it
             real = store.save_incident(c)
-            if made[0] != real:
+            if made[0] < 0 and made[0] != real:
                 self.ids[made[0]] = real
         elif kind == "runs":
             store.add_action_runs([ActionRun(**{**r, "incident_id": self._real(

@@ -37,6 +37,10 @@ from synwatch.records import ActionRun, Ban, IncidentChange, NewEvent
 PRUNE_BATCH = 2000  # rows per transaction (as synwatch/store/retention.py)
 MIN_FREE = 1 << 20  # bytes: less free space than this on the history's disk is an outage
 PING_WAIT = 0.2  # seconds the away thread's test waits for another writer's lock
+# Result codes of a file that cannot be written for now: busy or locked by another writer, out
+# of memory, read-only, I/O error, corrupt, full, cannot open, locking protocol, not a
+# database. SQLITE_ERROR (a bad statement, no such table) is a bug, not an outage.
+OUTAGE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
 EVENT_FIELDS = ("time", "source", "trusted", "kind", "family", "address", "port", "mode",
                 "source_ip", "source_port", "message", "pattern", "dedup_key", "historical")
 
@@ -216,8 +220,11 @@ class SQLiteStore:
                 cur.execute(f"UPDATE incidents SET {', '.join(f'{k} = ?' for k in fields)} "
                             "WHERE id = ?", [*fields.values(), incident_id])
             if incident_id is None or cur.rowcount == 0:
-                cur.execute(f"INSERT INTO incidents ({', '.join(fields)}) "
-                            f"VALUES ({', '.join('?' * len(fields))})", list(fields.values()))
+                # an id the file does not have (a history deleted under the service, then
+                # started anew) keeps its number: the spool's later writes name it
+                given = {"id": incident_id, **fields} if incident_id is not None else fields
+                cur.execute(f"INSERT INTO incidents ({', '.join(given)}) "
+                            f"VALUES ({', '.join('?' * len(given))})", list(given.values()))
                 incident_id = cur.lastrowid
             assert incident_id is not None
             if c.sample is not None:
@@ -412,6 +419,12 @@ def prepare(url: str, host: str) -> None:
     it already is. From any thread: the spool's away thread prepares a history that could not
     be opened at the start (a read-only or full disk)."""
     db = sqlite_file(url)
+    if db is not None and not db.exists():
+        # cheap first (the away thread tries this while the start could not open it): a
+        # directory that cannot take the file needs no migration child to say so
+        where = next((d for d in (db.parent, *db.parent.parents) if d.exists()), None)
+        if where is None or not where.is_dir() or not os.access(where, os.W_OK):
+            raise StoreOutage(url, f"{where or db.parent} cannot take the history file")
     if db is None or not db.exists() or _revision(db) != head_revision():
         migrate_in_child(url, host)
 
@@ -421,8 +434,14 @@ def _error(url: str, exc: sqlite3.Error | OSError) -> StoreError:
     not (or no longer) a database are outages: the service spools and acts on; a refused row
     (IntegrityError) or a bad statement is a bug and says so."""
     why = (str(exc).splitlines() or [type(exc).__name__])[0]
-    outage = isinstance(exc, (sqlite3.OperationalError, OSError)) \
-        or type(exc) is sqlite3.DatabaseError  # "file is not a database", "malformed"
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, OSError):
+        outage = True
+    elif code is not None:  # the primary result code (https://sqlite.org/rescode.html)
+        outage = (code & 0xFF) in OUTAGE_CODES
+    else:  # Python before 3.11: the classes are all there is
+        outage = isinstance(exc, sqlite3.OperationalError) and "syntax error" not in why \
+            and "no such" not in why
     return (StoreOutage if outage else StoreError)(url, why)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from synwatch import sdnotify
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 
 BANS_EVERY = 10.0  # seconds between counts of the active bans without a ban action
+LAG_SLACK = 30.0  # seconds before the start whose lines still count toward the source lag
 
 class Telemetry:
     def __init__(self, config: Config) -> None:
@@ -66,9 +67,11 @@ class Telemetry:
         if source is not None:  # its position is read from the source itself (summary)
             # lag is how late a line is read, so only lines printed since the start count:
             # the backlog a start catches up on (kmsg's ring, the journal since the saved
-            # cursor) is old, not late, and would fire the lag alert after every restart
-            times = [r.time for r in batch.records if r.time is not None
-                     and r.time >= self.started]
+            # cursor) is old, not late, and would hold the lag alert on after every restart.
+            # LAG_SLACK: kmsg's stamps are the printk clock's, seconds off the wall clock on
+            # a VM (8 s measured here), so a line of the first seconds may look older
+            since = self.started - timedelta(seconds=LAG_SLACK)
+            times = [r.time for r in batch.records if r.time is not None and r.time >= since]
             if times:
                 source.lag_seconds = round(max(0.0, (now - max(times)).total_seconds()), 3)
                 if self.metrics is not None:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from prometheus_client import generate_latest
 
@@ -112,3 +113,40 @@ def test_the_metrics_server_speaks_enough_http_for_prometheus_and_browsers() -> 
             assert s.recv(100).startswith(b"HTTP/1.1 431 ")
     finally:
         metrics.stop()
+
+
+def test_lag_is_measured_on_lines_printed_since_the_start_not_on_the_backlog(
+        tmp_path: Path) -> None:
+    """A start catches up on old lines (kmsg's ring, the journal since its cursor): their age
+    is not lag, and the gauge the shipped alert watches (> 60 s for 5 min) must not sit at it
+    until the next kernel line, which may be hours away. Lines printed since then are lag."""
+    from datetime import UTC, datetime, timedelta
+
+    from synwatch.config import parse_config
+    from synwatch.records import LogRecord
+    from synwatch.sources.base import Batch
+    from synwatch.telemetry import Telemetry
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = parse_config(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
+                          f'[metrics]\nlisten = "127.0.0.1:{port}"\n', str(tmp_path / "c.toml"))
+    telemetry = Telemetry(config)
+    source = type("S", (), {"name": "kmsg", "position": {}})()
+    telemetry.start([source])  # type: ignore[list-item]
+    telemetry.stop_serving()
+
+    def batch(age: float) -> Batch:
+        at = datetime.now(UTC) - timedelta(seconds=age)
+        return Batch("kmsg", (LogRecord(line="x", sink="kmsg", message="x", time=at, host=None,
+                                        trusted=True, source="kmsg"),), {})
+
+    telemetry.batch(batch(age=3600), [], datetime.now(UTC))  # the backlog of an hour
+    assert telemetry.status.sources["kmsg"].lag_seconds is None
+    assert telemetry.metrics is not None
+    assert 'synwatch_source_lag_seconds{source="kmsg"}' not in \
+        generate_latest(telemetry.metrics.registry).decode()
+    telemetry.batch(batch(age=0.5), [], datetime.now(UTC))  # a line as it comes
+    lag = telemetry.status.sources["kmsg"].lag_seconds
+    assert lag is not None and 0.4 < lag < 5

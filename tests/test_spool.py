@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from synwatch.errors import StoreOutage
-from synwatch.records import Ban, TimelinePoint
+from synwatch.records import ActionRun, Ban, TimelinePoint
 from synwatch.spool import THIN_EVERY, Spool, SpooledStore
 from synwatch.sqlitestore import SQLiteStore, prepare
 from tests.test_sqlitestore import NOW, _change
@@ -198,3 +198,118 @@ def test_the_spool_is_bounded_however_long_the_outage(tmp_path: Path) -> None:
     lines = len((tmp_path / "spool.jsonl").read_text().splitlines())
     assert lines <= 2 * len(store.spool.ops) + 64
     store.close()
+
+
+def test_a_stop_in_the_middle_of_a_catch_up_leaves_nothing_unmappable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The history comes back, part of the spool is written, and synwatch stops: what waits
+    names the history's ids, so the next start writes it (before: a foreign key error at the
+    head of the spool, for ever) and resumes the incident once."""
+    import synwatch.spool
+
+    store, db = _spooled(tmp_path)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    event, incident, _ = _one_flood(store)
+    for n in range(30):  # updates that link events: never thinned
+        [e] = store.insert_events([_event(100 + n)], NOW)
+        store.save_incident(_change(change="updated", incident_id=incident,
+                                    sample=replace(SAMPLE, at=NOW + timedelta(seconds=n)),
+                                    event_ids=(e,) if e is not None else ()))
+    store.add_action_runs([ActionRun(incident_id=incident, action="notify", target="opened",
+                                     status="done", at=NOW, rendered="", detail="")])
+    holder.execute("COMMIT")
+    holder.close()
+    deadline = time.monotonic() + 10
+    while store.away:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monkeypatch.setattr(synwatch.spool, "CATCH_UP_SECONDS", 0.0)  # one op a call
+    for _ in range(5):
+        store.catch_up()
+    assert store.spool.ops  # stopped half-way
+    store.close()
+    again, _ = _spooled(tmp_path)
+    assert [c.incident_id for c in again.open_incidents("web1", "ns")] == [1]  # once
+    while again.catch_up():
+        pass
+    assert _rows(db, "SELECT id FROM incidents") == [(1,)]
+    assert _rows(db, "SELECT count(*) FROM events WHERE incident_id = 1") == [(31,)]
+    assert _rows(db, "SELECT incident_id FROM action_runs") == [(1,)]
+    assert _rows(db, "SELECT incident_id FROM bans") == [(1,)]
+    assert event < 0
+    again.close()
+
+
+def test_a_spooled_write_the_history_refuses_is_set_aside_and_the_rest_is_written(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store, db = _spooled(tmp_path)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    # an action run for an incident the history never had: refused (foreign key)
+    store.add_action_runs([ActionRun(incident_id=424242, action="notify", target="opened",
+                                     status="done", at=NOW, rendered="", detail="")])
+    event, _, _ = _one_flood(store)
+    holder.execute("COMMIT")
+    holder.close()
+    _back(store)
+    _written(db, event)
+    assert "a spooled runs write is refused" in caplog.text
+    aside = (tmp_path / "spool.rejected.jsonl").read_text()
+    assert "424242" in aside
+    store.close()
+
+
+def test_events_linked_during_an_outage_stay_linked_through_thinning(tmp_path: Path) -> None:
+    store, db = _spooled(tmp_path)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    incident = store.save_incident(_change())
+    for n in range(12):  # a probe a second, and a kernel line now and then
+        linked: tuple[int, ...] = ()
+        if n % 4 == 1:
+            [e] = store.insert_events([_event(200 + n)], NOW)
+            assert e is not None
+            linked = (e,)
+        store.save_incident(_change(change="updated", incident_id=incident, event_ids=linked,
+                                    sample=replace(SAMPLE, at=NOW + timedelta(seconds=n))))
+    holder.execute("COMMIT")
+    holder.close()
+    _back(store)
+    assert _rows(db, "SELECT count(*), count(incident_id) FROM events") == [(3, 3)]
+    store.close()
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "spool.jsonl"
+    first = Spool(path, 100)
+    first.add({"op": "setting", "netns": "", "name": "a", "value": "1", "now": NOW})
+    with path.open("a") as f:
+        f.write('{"op": "setting", "netns": "", "na')  # a crash mid-write
+    second = Spool(path, 100)
+    second.add({"op": "setting", "netns": "", "name": "c", "value": "3", "now": NOW})
+    assert [op["name"] for op in Spool(path, 100).ops] == ["a", "c"]
+
+
+def test_a_hostile_spool_file_is_skipped_line_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "spool.jsonl"
+    path.write_bytes(b'[1]\n{"op": "events"}\n\xff\xfe\n{"op": "setting"}\n'
+                     b'{"op": "forget", "netns": "", "name": "x"}\n')
+    assert [op["op"] for op in Spool(path, 100).ops] == ["forget"]
+
+
+def test_only_an_outage_is_an_outage() -> None:
+    """A bad statement is a bug that says so, not a reason to spool for ever."""
+    from synwatch.errors import StoreError
+    from synwatch.sqlitestore import _error
+
+    conn = sqlite3.connect(":memory:")
+    with pytest.raises(sqlite3.Error) as bad:
+        conn.execute("SELEC 1")
+    assert type(_error("u", bad.value)) is StoreError
+    with pytest.raises(sqlite3.Error) as missing:
+        conn.execute("SELECT * FROM nothing")
+    assert type(_error("u", missing.value)) is StoreError
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = 5  # type: ignore[attr-defined]
+    assert isinstance(_error("u", locked), StoreOutage)

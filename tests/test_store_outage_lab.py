@@ -244,6 +244,11 @@ def test_an_sqlite_history_that_cannot_be_written_never_holds_the_response_up(
         assert incident["verdict"] == "concentrated"
         assert [(b["prefix"], b["incident_id"]) for b in bans] == [(FLOODED, incident["id"])]
         assert service.log.read_text().count("detection and actions go on") <= 1
+        # the incident opened on a spooled id and closes after the history numbered it: the
+        # close still finds what opened it, and SYN cookies go back as they were
+        service.wait_incidents(port, 1, "closed")
+        wait_for("SYN cookies put back", lambda: int(the_lab.in_server(
+            "sysctl", "-n", "net.ipv4.tcp_syncookies").stdout) == 0, timeout=15)
     finally:
         if holder is not None and holder.poll() is None:
             holder.kill()

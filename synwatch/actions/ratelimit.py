@@ -45,7 +45,8 @@ class RatelimitAction(Action):
         self.sources = Firewall(load_presets()[SOURCES], self.ctx.netns)
         self.seen: dict[int, set[str]] = {}  # incident -> addresses limited or refused
         self.retry_at: dict[str, float] = {}  # address -> when a failed limit is tried again
-        self.limited: dict[str, tuple[float, str]] = {}  # address -> when it was set, why
+        # (incident, address) -> when its limit was set, and why: renewed while it lasts
+        self.limited: dict[tuple[int, str], tuple[float, str]] = {}
         self.ready = False  # the per-source chain is set up (at the first address)
 
     @classmethod
@@ -81,8 +82,9 @@ class RatelimitAction(Action):
 
     def on_change(self, change: IncidentChange) -> list[Plan]:
         if change.change == "closed" and change.incident_id is not None:
-            for prefix in self.seen.pop(change.incident_id, set()):
-                self.limited.pop(prefix, None)
+            self.seen.pop(change.incident_id, None)
+            self.limited = {k: v for k, v in self.limited.items()
+                            if k[0] != change.incident_id}
         if change.status != "open" or change.incident_id is None:
             return []
         inc = change.incident_id
@@ -91,15 +93,13 @@ class RatelimitAction(Action):
         seconds = int(c.ban.duration)
         # a limit is renewed at half its time while its incident lasts (the limit may have
         # ended the overflow, so the address need not be among the latest targets): its kernel
-        # timeout must not end it under a flood that goes on
+        # timeout must not end it under a flood that goes on. A renewal that fails is tried
+        # again after RETRY, like a first limit.
         renew = [BanTarget(p, 0, 0.0, (), why + RENEWED)
-                 for p, (at, why) in self.limited.items()
-                 if p in seen and mono - at >= seconds / 2]
-        for target in renew:
-            seen.discard(target.prefix)
+                 for (i, p), (at, why) in self.limited.items()
+                 if i == inc and mono - at >= seconds / 2]
         chosen = change.limits if change.verdict == "concentrated" else ()
-        new = [*renew, *(t for t in chosen if t.prefix not in seen
-                         and t.prefix not in {r.prefix for r in renew})]
+        new = [*renew, *(t for t in chosen if t.prefix not in seen)]
         if not new:
             return []
         guard = self._guard()
@@ -111,7 +111,7 @@ class RatelimitAction(Action):
                 plans.append(skipped(self.name, target.prefix, f"not rate limited: {why}", inc))
                 continue
             if self.retry_at.get(target.prefix, 0.0) > mono:
-                continue  # failed a moment ago: tried again at a later change
+                continue  # failed (or planned) a moment ago: tried again at a later change
             self.retry_at[target.prefix] = mono + RETRY
             setup = ([] if self.ready else
                      self.sources.preset.render("setup", ratelimit_context(c)))
@@ -119,15 +119,15 @@ class RatelimitAction(Action):
                 [BanItem(target.prefix, seconds, f"synwatch incident {inc}")])
             plans.append(Plan(self.name, target.prefix, show(commands),
                               partial(self._limit, commands, seconds, target.why,
-                                      seen, target.prefix), inc))
+                                      inc, target.prefix), inc))
         return plans
 
-    def _limit(self, commands: list[Command], seconds: int, why: str, seen: set[str],
+    def _limit(self, commands: list[Command], seconds: int, why: str, inc: int,
                prefix: str) -> str:
         execute(commands, self.ctx.netns)  # a failure: tried again after RETRY seconds
-        seen.add(prefix)
+        self.seen.setdefault(inc, set()).add(prefix)
         self.retry_at.pop(prefix, None)
-        self.limited[prefix] = (self.ctx.clock.monotonic(), why.removesuffix(RENEWED))
+        self.limited[inc, prefix] = (self.ctx.clock.monotonic(), why.removesuffix(RENEWED))
         self.ready = True
         r = self.ctx.config.ratelimit
         return (f"SYNs over {r.rate}/min (burst {r.burst}) dropped for "

@@ -151,7 +151,10 @@ def open_history(args: argparse.Namespace) -> HistoryQueries:
 
     config = load(args)
     db = sqlite_file(config.storage_url)
-    if db is not None and not db.exists():
+    # the nearest part of its path that is there: a directory can take it later, a file
+    # never (opening it says why)
+    there = next((d for d in (db.parent, *db.parent.parents) if d.exists()), None) if db else None
+    if db is not None and not db.exists() and there is not None and there.is_dir():
         from synwatch.store import Store  # noqa: PLC0415
 
         # nothing recorded yet: an empty history in memory; a list never creates the file

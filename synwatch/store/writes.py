@@ -68,7 +68,10 @@ class Writes(StoreBase):
         with self.session() as s:
             row = s.get(IncidentRow, c.incident_id) if c.incident_id is not None else None
             if row is None:
-                row = IncidentRow(**fields)
+                # an SQLite file deleted and started anew keeps the incident's number (as
+                # synwatch/sqlitestore.py does); a server's sequence hands out its own
+                keep = c.incident_id is not None and self.engine.dialect.name == "sqlite"
+                row = IncidentRow(**fields, **({"id": c.incident_id} if keep else {}))
                 s.add(row)
             else:
                 for name, value in fields.items():
