@@ -181,9 +181,6 @@ def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
         assert inc["id"] in view["open_incidents"]
         [kmsg] = view["sources"]
         assert (kmsg["name"], kmsg["state"]) == ("kmsg", "running")
-        # the flood's line, read as it came (kmsg's stamps are the printk clock's: seconds
-        # off the wall clock on a VM)
-        assert kmsg["lag_seconds"] is not None and 0 <= kmsg["lag_seconds"] < 15
         assert kmsg["position"]["seq"] > 0  # where it has read to in the ring buffer
 
         def summary() -> str | None:

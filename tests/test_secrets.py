@@ -67,8 +67,8 @@ def test_a_group_other_than_roots_is_a_reader_too(tmp_path: Path) -> None:
     assert "(mode 0640) is readable by group " in line and f"`chmod 600 {path}`" in line
 
 
-def test_run_logs_the_warning_once_at_its_start(tmp_path: Path) -> None:
-    path = _config(tmp_path, REFUSED, 0o644)
+def _run_until_ready(path: Path, tmp_path: Path) -> str:
+    """`synwatch run` on ``path`` until it is READY, then stopped: everything it logged."""
     notify = NotifySocket(tmp_path / "notify")
     proc = start_service(path, notify)
     try:
@@ -76,6 +76,12 @@ def test_run_logs_the_warning_once_at_its_start(tmp_path: Path) -> None:
     finally:
         code, log = stop_service(proc)
     assert code == 0, log
+    return log
+
+
+def test_run_logs_the_warning_once_at_its_start(tmp_path: Path) -> None:
+    path = _config(tmp_path, REFUSED, 0o644)
+    log = _run_until_ready(path, tmp_path)
     assert log.count("holds a password") == 1, log
     assert f"WARNING synwatch: {_warning(path, '0644', 'every user')}" in log, log
     assert "s3cret" not in log
@@ -207,13 +213,7 @@ def test_the_password_from_the_file_is_never_shown(tmp_path: Path) -> None:
 
 def test_run_never_logs_the_password_from_the_file(tmp_path: Path) -> None:
     path, secret = _password_config(tmp_path, 0o600, 0o644)
-    notify = NotifySocket(tmp_path / "notify")
-    proc = start_service(path, notify)
-    try:
-        notify.wait_for("READY=1", timeout=60)
-    finally:
-        code, log = stop_service(proc)
-    assert code == 0, log
+    log = _run_until_ready(path, tmp_path)
     assert log.count(f"WARNING synwatch: storage.password_file: {secret} (mode 0644)") == 1, log
     assert "store: postgresql+psycopg://synwatch:***@127.0.0.1:1/synwatch" in log, log
     assert "s3cr" not in log

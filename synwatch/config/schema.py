@@ -351,8 +351,8 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                         "runs) older than this are pruned"),
     },
     "sources": {
-        "journald": _s(_auto, "auto", '`"auto"` | `true` | `false`; auto = when the machine '
-                       "has a journal"),
+        "journald": _s(_auto, "auto", '`"auto"` | `true` | `false`; auto = when journald runs '
+                       "(`/run/systemd/journal/socket`) and has journal files"),
         "files": _s(_files, [], 'syslog files to follow, e.g. `["/var/log/syslog"]`; never '
                     "trusted (any user can write kernel-like lines to them)"),
         "kmsg": _s(_auto, "auto", "`/dev/kmsg`; auto = when there is no journal and it is "
