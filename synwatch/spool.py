@@ -538,9 +538,13 @@ class SpooledStore:
                 and self._thinned(made[0], c, op)):
             return made[0]
         done = self._try(op, "save_incident", c)
-        if done is None and c.change == "updated" and c.sample is not None \
-                and made[0] not in self._thin:
-            self._thin[made[0]] = (len(self.spool.ops) - 1, c.sample.at)
+        if done is None and c.change == "updated":
+            # an update that links events is the newest state: later updates thin into it,
+            # never into a slot before it (replayed after them, that would win)
+            if c.sample is not None and (made[0] not in self._thin or c.event_ids):
+                self._thin[made[0]] = (len(self.spool.ops) - 1, c.sample.at)
+            elif c.event_ids:
+                self._thin.pop(made[0], None)
         elif c.change != "updated":
             self._thin.pop(made[0], None)
         return int(done) if done is not None else int(made[0])

@@ -313,3 +313,27 @@ def test_only_an_outage_is_an_outage() -> None:
     locked = sqlite3.OperationalError("database is locked")
     locked.sqlite_errorcode = 5  # type: ignore[attr-defined]
     assert isinstance(_error("u", locked), StoreOutage)
+
+
+def test_the_newest_update_wins_after_thinning_around_linked_events(tmp_path: Path) -> None:
+    """Updates thinned into a slot before an update that links events would be replayed
+    before it, and the older state would win: the history must end with the newest."""
+    store, db = _spooled(tmp_path)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    incident = store.save_incident(_change())
+    for n in range(9):
+        linked: tuple[int, ...] = ()
+        if n == 7:
+            [e] = store.insert_events([_event(300)], NOW)
+            assert e is not None
+            linked = (e,)
+        store.save_incident(_change(change="updated", incident_id=incident, event_ids=linked,
+                                    peak_syn_recv=300 + n,
+                                    sample=replace(SAMPLE, at=NOW + timedelta(seconds=n))))
+    holder.execute("COMMIT")
+    holder.close()
+    _back(store)
+    assert _rows(db, "SELECT peak_syn_recv FROM incidents") == [(308,)]
+    assert _rows(db, "SELECT count(incident_id) FROM events") == [(1,)]
+    store.close()
