@@ -54,6 +54,7 @@ CATCH_UP_SECONDS = 0.25  # replay per loop turn, so a long backlog never holds d
 SPOOL_BYTES = 32 << 20  # the spool's bound in bytes of JSON (a unit's MemoryMax is 256M)
 THIN_EVERY = 5.0  # seconds: an open incident's spooled updates, one per this at most
 THIN_FULL = 60.0  # ... and one per this past half the spool's bound
+EVENT_BYTES = 600  # a kernel line's spooled JSON, about: what a batch asks of the byte bound
 RUNS_KEPT = 256  # incidents whose action runs are kept in memory (the open ones, and a few)
 
 
@@ -514,7 +515,7 @@ class SpooledStore:
 
     def insert_events(self, events: Sequence[NewEvent], now: datetime,
                       position: tuple[str, dict[str, Any]] | None = None) -> list[int | None]:
-        if self.spooling and not self.spool.fits(len(events), 600 * len(events)):
+        if self.spooling and not self.spool.fits(len(events), EVENT_BYTES * len(events)):
             raise StoreError(self.display_url, f"the spool is full ({self.spool.records} of "
                              f"{self.spool.limit} records, storage.spool_max; "
                              f"{self.spool.bytes >> 20} of {self.spool.max_bytes >> 20} MiB): "

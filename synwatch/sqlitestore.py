@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
-from synwatch.config import sqlite_file
+from synwatch.config import nearest_existing, sqlite_file
 from synwatch.errors import StoreError, StoreOutage
 from synwatch.historyreader import (
     BAN_COLUMNS,
@@ -422,7 +422,7 @@ def prepare(url: str, host: str) -> None:
     if db is not None and not db.exists():
         # cheap first (the away thread tries this while the start could not open it): a
         # directory that cannot take the file needs no migration child to say so
-        where = next((d for d in (db.parent, *db.parent.parents) if d.exists()), None)
+        where = nearest_existing(db)
         if where is None or not where.is_dir() or not os.access(where, os.W_OK):
             raise StoreOutage(url, f"{where or db.parent} cannot take the history file")
     if db is None or not db.exists() or _revision(db) != head_revision():

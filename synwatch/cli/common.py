@@ -146,14 +146,14 @@ def open_store(args: argparse.Namespace) -> Store:
 def open_history(args: argparse.Namespace) -> HistoryQueries:
     """The history for the lists: read with the database's own driver when its schema is
     current (no SQLAlchemy import), else opened (and migrated) by Store."""
-    from synwatch.config import sqlite_file  # noqa: PLC0415
+    from synwatch.config import nearest_existing, sqlite_file  # noqa: PLC0415
     from synwatch.historyreader import Reader  # noqa: PLC0415
 
     config = load(args)
     db = sqlite_file(config.storage_url)
     # the nearest part of its path that is there: a directory can take it later, a file
     # never (opening it says why)
-    there = next((d for d in (db.parent, *db.parent.parents) if d.exists()), None) if db else None
+    there = nearest_existing(db) if db else None
     if db is not None and not db.exists() and there is not None and there.is_dir():
         from synwatch.store import Store  # noqa: PLC0415
 

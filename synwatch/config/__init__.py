@@ -115,6 +115,12 @@ def sqlite_file(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def nearest_existing(path: Path) -> Path | None:
+    """The nearest directory above ``path`` that is there (or a file in its way): where a
+    history file that is not there yet would be created, or what stops it."""
+    return next((d for d in (path.parent, *path.parent.parents) if d.exists()), None)
+
+
 def _section(values: dict[str, Any], section: str) -> dict[str, Any]:
     return {k: values[f"{section}.{k}"] for k in SCHEMA[section]}
 
