@@ -501,14 +501,16 @@ class SpooledStore:
     def spooling(self) -> bool:
         return bool(self.spool.ops) or not self.migrated or self.away
 
-    def _try(self, op: dict[str, Any], method: str, *args: Any, **kwargs: Any) -> Any:
-        """Write now if nothing is spooled and the history answers, else spool ``op``."""
+    def _try(self, op: Callable[[], dict[str, Any]], method: str, *args: Any,
+             **kwargs: Any) -> Any:
+        """Write now if nothing is spooled and the history answers, else spool ``op()``
+        (made only then: the records turned into dicts cost more than the write itself)."""
         if not self.spooling:
             try:
                 return self._call(method, *args, **kwargs)
             except StoreOutage:
                 pass  # said in _call, once
-        self.spool.add(op)
+        self.spool.add(op())
         return None
 
     # -- writes -------------------------------------------------------------------------------
@@ -521,9 +523,9 @@ class SpooledStore:
                              f"{self.spool.bytes >> 20} of {self.spool.max_bytes >> 20} MiB): "
                              "kernel lines wait in their source")
         made = self._provisional(len(events))
-        op = {"op": "events", "events": [asdict(e) for e in events], "now": now,
-              "position": list(position) if position else None, "made": made}
-        done = self._try(op, "insert_events", events, now, position)
+        done = self._try(lambda: {"op": "events", "events": [asdict(e) for e in events],
+                                  "now": now, "position": list(position) if position else None,
+                                  "made": made}, "insert_events", events, now, position)
         if position is not None:  # the newest, written or spooled (a restart reads it)
             self._positions[position[0]] = position[1]
         return list(done) if done is not None else list(made)
@@ -534,9 +536,11 @@ class SpooledStore:
         made = [c.incident_id] if c.incident_id is not None else self._provisional(1)
         if made[0] < 0:
             self._incidents.add(made[0])
-        op = {"op": "incident", "change": asdict(c), "made": made}
+        def op() -> dict[str, Any]:
+            return {"op": "incident", "change": asdict(c), "made": made}
+
         if (self.spooling and c.change == "updated" and not c.event_ids
-                and self._thinned(made[0], c, op)):
+                and self._thinned(made[0], c, op())):
             return made[0]
         done = self._try(op, "save_incident", c)
         if done is None and c.change == "updated":
@@ -581,13 +585,14 @@ class SpooledStore:
         for r in runs:
             if r.incident_id is not None and r.incident_id in self._runs:
                 self._runs[r.incident_id].append(r)
-        self._try({"op": "runs", "runs": [asdict(r) for r in runs]}, "add_action_runs", runs)
+        self._try(lambda: {"op": "runs", "runs": [asdict(r) for r in runs]}, "add_action_runs",
+                  runs)
 
     def add_bans(self, bans: Sequence[Ban]) -> list[int]:
         bans = [replace(b, incident_id=self._real(b.incident_id)) for b in bans]
         made = self._provisional(len(bans))
-        done = self._try({"op": "bans", "bans": [asdict(b) for b in bans], "made": made},
-                         "add_bans", bans)
+        done = self._try(lambda: {"op": "bans", "bans": [asdict(b) for b in bans],
+                                  "made": made}, "add_bans", bans)
         given = list(done) if done is not None else made
         # the fallback view of active bans, whichever way they were written: an outage
         # before the next read must not hide them from the reconcile
@@ -602,7 +607,7 @@ class SpooledStore:
     def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
                      everywhere: bool = False) -> None:
         ids = [self._real(i) for i in ban_ids]
-        self._try({"op": "removed", "ids": ids, "now": now, "everywhere": everywhere},
+        self._try(lambda: {"op": "removed", "ids": ids, "now": now, "everywhere": everywhere},
                   "mark_removed", ids, now, everywhere=everywhere)
         gone = set(ids)
         for key, active in self._active.items():
@@ -611,12 +616,14 @@ class SpooledStore:
 
     def save_setting(self, netns: str, name: str, value: str, now: datetime) -> None:
         self._settings[netns, name] = value
-        self._try({"op": "setting", "netns": netns, "name": name, "value": value, "now": now},
+        self._try(lambda: {"op": "setting", "netns": netns, "name": name, "value": value,
+                           "now": now},
                   "save_setting", netns, name, value, now)
 
     def forget_setting(self, netns: str, name: str) -> None:
         self._settings[netns, name] = None
-        self._try({"op": "forget", "netns": netns, "name": name}, "forget_setting", netns, name)
+        self._try(lambda: {"op": "forget", "netns": netns, "name": name}, "forget_setting",
+                  netns, name)
 
     def heartbeat(self, pid: int, started_at: datetime, now: datetime, version: str) -> None:
         self._call("heartbeat", pid, started_at, now, version)
