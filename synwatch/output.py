@@ -13,6 +13,7 @@ from synwatch.records import endpoint
 
 if TYPE_CHECKING:
     from synwatch.scan import Hit
+    from synwatch.trial import Judged
 
 
 def dumps(value: Any) -> str:
@@ -223,3 +224,47 @@ def print_status(view: dict[str, Any], out: TextIO) -> None:
               if drift else "ban drift: none\n")
     for e in view["last_errors"]:
         out.write(f"error {e['at'] or ''}: {e['what']}\n")
+
+
+OPENED_BY = {"log": "the kernel's log line", "counters": "the counters",
+             "half_open": "requests held half-open"}
+
+
+def print_judged(n: int, j: Judged, out: TextIO) -> None:
+    """One flood of `synwatch try` and what the service made of it."""
+    out.write(f"\n{n}. {j.flood.name} to {endpoint(j.address, j.port)} (backlog "
+              f"{j.flood.backlog}): {j.flood.what}\n")
+    if not j.incidents:
+        out.write(f"   nothing opened (a right judgement: {j.flood.expected})\n")
+        return
+    for incident, runs in j.incidents:
+        mark = "as expected" if incident.verdict == j.flood.expected else \
+            f"NOT as expected ({j.flood.expected})"
+        out.write(f"   judged {incident.verdict}, {mark}; opened by "
+                  f"{OPENED_BY.get(incident.trigger, incident.trigger)}, SYN-RECV peak "
+                  f"{incident.peak_syn_recv}, {incident.status}\n")
+        for line in (*incident.reasons, *incident.recommendations):
+            out.write(f"     {line}\n")
+        for run in runs:
+            detail = f" ({run.detail})" if run.detail else ""
+            out.write(f"     action {run.action} {run.target}: {run.status}{detail}\n")
+
+
+def print_trial_end(judged: Sequence[Judged], out: TextIO) -> None:
+    right = sum(j.as_expected for j in judged)
+    out.write(f"\n{right} of {len(judged)} judged as expected.")
+    wrong = [j for j in judged if not j.as_expected]
+    if wrong:
+        out.write(" " + "; ".join(
+            f"the {j.flood.name} flood: {', '.join(j.verdicts) or 'nothing opened'} "
+            f"(a right judgement: {j.flood.expected})" for j in wrong)
+            + ". The [verdict] and [incident] settings of the configuration decide this "
+            "(docs/incidents.md).")
+    logged = [str(j.port) for j in judged if any(i.trigger == "log" for i, _ in j.incidents)]
+    out.write("\nRemoved: the namespaces, their listeners and the throwaway history; nothing on "
+              "this host was changed (a dry run).\n")
+    if logged:
+        ports = f"port{'s' if len(logged) > 1 else ''} {' and '.join(logged)}"
+        out.write(f"The kernel's log has its SYN-flood line for {ports} (one per flooded "
+                  "listener); a synwatch service watching this host records each as an event, "
+                  "and nothing more.\n")

@@ -4,9 +4,12 @@ synwatch/store: the lists read a current history without SQLAlchemy (historyread
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synwatch.records import ActionRun, Ban, Incident, IncidentChange, RecordedEvent, StoredPoint
+
+if TYPE_CHECKING:
+    from synwatch.trial import Judged
 
 
 def iso(value: datetime | None) -> str | None:
@@ -67,4 +70,15 @@ def change_view(c: IncidentChange) -> dict[str, Any]:
                          for p, n, s, k in c.top_prefixes],
         "recommendations": list(c.recommendations), "actions": [],
         "phases": list(c.state.get("phases", [])), "evidence": list(c.reasons),
+    }
+
+
+def judged_view(j: Judged) -> dict[str, Any]:
+    """`synwatch try --format json`: one flood and what the service made of it."""
+    return {
+        "flood": j.flood.name, "expected": j.flood.expected, "sent": j.flood.what,
+        "address": j.address, "port": j.port, "backlog": j.flood.backlog,
+        "as_expected": j.as_expected,
+        "incidents": [{**incident_view(i, list(runs)), "evidence": i.reasons}
+                      for i, runs in j.incidents],
     }

@@ -12,73 +12,46 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import socket
-import struct
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SERVER_IP = "10.231.0.1"
-CLIENT_IP = "10.231.0.2"
-SPOOF_NET = "10.232"  # sources 10.232.x.y, routed back into the client namespace
-SERVER_IP6 = "fd31::1"
-CLIENT_IP6 = "fd31::2"
-SPOOF_NET6 = "fd32"  # sources fd32:..., routed back into the client namespace
-
+from synwatch.lab import (  # noqa: F401 (the lab's names, for the tests and the benchmarks)
+    CLIENT_IP,
+    CLIENT_IP6,
+    IPV6_HDRINCL,
+    SERVER_IP,
+    SERVER_IP6,
+    SPOOF_NET,
+    SPOOF_NET6,
+    burst_code,
+    fresh_port,
+    listener_code,
+    make_pair,
+    ports_in_kernel_log,
+    remove_pair,
+    send_syns,
+    sh,
+    syn_packet,
+    syn_packet6,
+)
 
 _ports_given: set[int] = set()
-_FLOOD_PORT = re.compile(r"SYN flooding on port (?:\S*:)?(\d+)\.")
-
-
-def _ports_in_kernel_log() -> set[int]:
-    """Ports the kernel's log already names this boot (the kmsg ring, and the journal, which
-    keeps what the ring has lost): earlier test runs' floods."""
-    text = []
-    try:
-        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        fd = None
-    if fd is not None:
-        try:
-            while True:
-                try:
-                    text.append(os.read(fd, 8192).decode("utf-8", "replace"))
-                except BrokenPipeError:  # overwritten while we read: read on
-                    continue
-                except BlockingIOError:
-                    break
-        finally:
-            os.close(fd)
-    with suppress(OSError, subprocess.TimeoutExpired):  # no journal: the ring is all there is
-        text.append(subprocess.run(["journalctl", "-k", "-b", "-o", "cat", "--no-pager"],
-                                   capture_output=True, text=True, timeout=60,
-                                   check=False).stdout)
-    return {int(m) for m in _FLOOD_PORT.findall("\n".join(text))}
 
 
 def lab_port() -> int:
     """A listener port no kernel line of this boot names yet: /dev/kmsg and the journal keep
-    the lines of earlier tests (and earlier runs), and a line naming an earlier flood's port
-    must not be mistaken for this one's."""
+    the lines of earlier tests (and earlier runs)."""
     if not _ports_given:
-        _ports_given.update(_ports_in_kernel_log())
+        _ports_given.update(ports_in_kernel_log())
         _ports_given.add(0)  # read once, even when the log names none
-    while True:
-        port = random.randint(20000, 60000)
-        if port not in _ports_given:
-            _ports_given.add(port)
-            return port
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60)
+    return fresh_port(_ports_given)
 
 
 @dataclass
@@ -106,17 +79,7 @@ class Lab:
 
     def listen(self, port: int, backlog: int = 8, address: str = "0.0.0.0") -> None:
         """A listener in the server namespace that never accepts ("::" is dual-stack)."""
-        family = "AF_INET6" if ":" in address else "AF_INET"
-        code = textwrap.dedent(f"""
-            import socket, sys, time
-            s = socket.socket(socket.{family}, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(({address!r}, {port}))
-            s.listen({backlog})
-            print("listening", flush=True)
-            time.sleep(3600)
-        """)
-        self._listening(code)
+        self._listening(listener_code(port, backlog, address))
 
     def _listening(self, code: str) -> None:
         """Run ``code`` in the server namespace until it prints "listening"; killed with the
@@ -130,19 +93,7 @@ class Lab:
     def serve(self, port: int, backlog: int = 128, address: str = "0.0.0.0") -> None:
         """A listener in the server namespace that accepts and closes every connection ("::"
         is dual-stack)."""
-        family = "AF_INET6" if ":" in address else "AF_INET"
-        code = textwrap.dedent(f"""
-            import socket
-            s = socket.socket(socket.{family}, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(({address!r}, {port}))
-            s.listen({backlog})
-            print("listening", flush=True)
-            while True:
-                c, _ = s.accept()
-                c.close()
-        """)
-        self._listening(code)
+        self._listening(listener_code(port, backlog, address, accepts=True))
 
     def give_client(self, addresses: list[str]) -> None:
         """Give these addresses to the client namespace's veth (once each)."""
@@ -340,24 +291,10 @@ class Lab:
 
     def connect_burst(self, port: int, established: int, attempts: int,
                       spacing: float = 0.005, hold: float = 2.0) -> None:
-        """Real clients from the client namespace: ``established`` connections one after the
-        other, then ``attempts`` non-blocking connects ``spacing`` apart, all held open for
-        ``hold`` seconds (their SYNs are retransmitted meanwhile), then closed."""
-        code = textwrap.dedent(f"""
-            import socket, time
-            held = []
-            for _ in range({established}):
-                s = socket.create_connection(({SERVER_IP!r}, {port}), timeout=5)
-                held.append(s)
-            for _ in range({attempts}):
-                s = socket.socket()
-                s.setblocking(False)
-                s.connect_ex(({SERVER_IP!r}, {port}))
-                held.append(s)
-                time.sleep({spacing})
-            time.sleep({hold})
-        """)
-        subprocess.run(["ip", "netns", "exec", self.client_ns, sys.executable, "-c", code],
+        """Real clients from the client namespace (``burst_code``), until they are done."""
+        subprocess.run(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
+                        burst_code(SERVER_IP, port, established, attempts, spacing=spacing,
+                                   hold=hold)],
                        check=True, timeout=120)
 
 
@@ -371,88 +308,15 @@ def flood_rate(sender: subprocess.Popen[str], timeout: float) -> tuple[int, floa
 @contextmanager
 def lab() -> Iterator[Lab]:
     tag = uuid.uuid4().hex[:6]
-    the_lab = Lab(tag, f"swt-{tag}-s", f"swt-{tag}-c")
-    veth_s, veth_c = f"sw{tag}s", f"sw{tag}c"
+    pair = make_pair(tag)
+    the_lab = Lab(tag, pair.server_ns, pair.client_ns)
     try:
-        sh("ip", "netns", "add", the_lab.server_ns)
-        sh("ip", "netns", "add", the_lab.client_ns)
-        sh("ip", "link", "add", veth_s, "netns", the_lab.server_ns, "type", "veth", "peer",
-           "name", veth_c, "netns", the_lab.client_ns)
-        for ns, dev, ip in ((the_lab.server_ns, veth_s, SERVER_IP),
-                            (the_lab.client_ns, veth_c, CLIENT_IP)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        # A veth has no queue: without one, bursts of SYN-ACK retransmits are dropped and the
-        # kernel discards the request sockets whose retransmit failed.
-        sh("ip", "netns", "exec", the_lab.server_ns, "tc", "qdisc", "add", "dev", veth_s, "root",
-           "pfifo", "limit", "200000")
-        sh("ip", "-n", the_lab.server_ns, "route", "add", f"{SPOOF_NET}.0.0/16", "via", CLIENT_IP)
-        for ns, dev, ip in ((the_lab.server_ns, veth_s, SERVER_IP6),
-                            (the_lab.client_ns, veth_c, CLIENT_IP6)):
-            sh("ip", "-n", ns, "-6", "addr", "add", f"{ip}/64", "dev", dev, "nodad")
-        sh("ip", "-n", the_lab.server_ns, "-6", "route", "add", f"{SPOOF_NET6}::/16", "via",
-           CLIENT_IP6)
         yield the_lab
     finally:
         for proc in the_lab.processes:
             proc.kill()
             proc.wait()
-        for ns in (the_lab.server_ns, the_lab.client_ns):
-            sh("ip", "netns", "del", ns, check=False)
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-def syn_packet(src: str, dst: str, sport: int, dport: int) -> bytes:
-    seq = random.getrandbits(32)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), random.getrandbits(16), 0, 64, 6,
-                     0, socket.inet_aton(src), socket.inet_aton(dst))
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-    return ip + tcp
-
-
-def syn_packet6(src: str, dst: str, sport: int, dport: int) -> bytes:
-    seq = random.getrandbits(32)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
-    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
-    pseudo = s + d + struct.pack("!I3xB", len(tcp), 6)
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-    return struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, s, d) + tcp
-
-
-IPV6_HDRINCL = 36  # linux/in6.h
-
-
-def send_syns(dst: str, dport: int, sources: list[str], rate: float = 0) -> None:
-    """Runs inside the client namespace: one raw SYN per source address, ``rate`` a second
-    (0: as fast as the server side drains them)."""
-    v6 = ":" in dst
-    raw = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
-                        socket.IPPROTO_RAW)
-    if v6:
-        raw.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
-    start = time.monotonic()
-    with raw:
-        for i, src in enumerate(sources):
-            sport = random.randint(1024, 65535)
-            packet = syn_packet6(src, dst, sport, dport) if v6 else syn_packet(src, dst, sport,
-                                                                              dport)
-            raw.sendto(packet, (dst, 0))
-            if rate:
-                time.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
-            elif i % 200 == 199:
-                time.sleep(0.001)  # let the server side drain its softirq backlog
+        remove_pair(pair)
 
 
 class Kmsg:

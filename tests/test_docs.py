@@ -4,6 +4,7 @@ idea), the examples there are ones the CLI takes, and the links between the page
 
 from __future__ import annotations
 
+import io
 import re
 import shlex
 from pathlib import Path
@@ -13,10 +14,9 @@ import pytest
 from synwatch.cli import build_parser
 from synwatch.config import SCHEMA, parse_config
 from tests.conftest import REPO, cli_commands, synwatch
+from tests.doctext import DOC_FILES, DOCS, console_examples, in_order, shape
 
 README = (REPO / "README.md").read_text()
-DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-DOCS = {path: path.read_text() for path in DOC_FILES}
 CONFIGURATION = DOCS[REPO / "docs" / "configuration.md"]
 FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
@@ -73,11 +73,13 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 
 def _commands_in(text: str) -> list[list[str]]:
-    """Every synwatch command line in the text's sh and console blocks, as argv (after a pipe
-    too; behind `sudo` or `VAR=value` too)."""
+    """Every synwatch command line in the text's sh blocks and after "$ " in its console blocks,
+    as argv (after a pipe too; behind `sudo` or `VAR=value` too)."""
     found = []
-    for block in re.findall(r"```(?:console|sh)\n(.*?)```", text, re.DOTALL):
+    for kind, block in re.findall(r"```(console|sh)\n(.*?)```", text, re.DOTALL):
         for line in block.splitlines():
+            if kind == "console" and not line.startswith("$ "):
+                continue  # what a command printed
             for piped in line.removeprefix("$ ").split(" | "):
                 part = re.sub(r"^(?:sudo |[A-Z_]+=\S* )*", "", piped.strip())
                 if part.startswith("synwatch "):
@@ -166,3 +168,44 @@ def test_relative_links_lead_to_files_and_headings_that_exist(path: Path) -> Non
         assert where.exists(), f"{path.name}: {target}: no such file"
         if anchor and where.suffix == ".md":
             assert anchor in _anchors(where.read_text()), f"{path.name}: {target}: no heading"
+
+
+def test_a_shape_tells_lines_apart() -> None:
+    """The comparison can fail: a line that lost its label, a label renamed, lines out of
+    order."""
+    assert shape("store: sqlite:////tmp/x.db (this node: vm)") == "store:"
+    assert shape("0.0.0.0:2024  128      0") == shape("10.1.2.3:80 4 5")
+    assert in_order(["a: 1", "...", "b: 2"], ["a: 9", "x", "b: 7"])
+    assert not in_order(["b: 2", "a: 1"], ["a: 9", "b: 7"])
+    assert not in_order(["store: x"], ["stores: x"])
+    assert console_examples(), "no console examples found"
+
+
+def test_the_try_example_has_the_shape_of_what_try_prints() -> None:
+    """`synwatch try` runs in tests/test_try_lab.py (20 s of floods); here its rendering, fed
+    incidents as the service records them, against the README's example, line by line."""
+    from datetime import datetime, timezone
+
+    from synwatch.output import print_judged, print_trial_end
+    from synwatch.records import ActionRun, Incident
+    from synwatch.trial import FLOODS, Judged
+
+    now = datetime(2026, 12, 6, tzinfo=timezone.utc)
+
+    def judged(n: int, trigger: str, bans: tuple[str, ...]) -> Judged:
+        flood = FLOODS[n]
+        incident = Incident(n, "h", "ns", "0.0.0.0", 40000 + n, 4, "closed", flood.expected,
+                            trigger, now, now, now, now, 17, (), ("a recommendation",),
+                            {"reasons": ["a reason"]})
+        runs = tuple(ActionRun(n, "ban", b, "dry-run", now) for b in bans)
+        return Judged(flood, "0.0.0.0", 40000 + n, ((incident, runs),))
+
+    all_three = [judged(0, "log", ()), judged(1, "log", ("10.232.1.0/24", "10.232.2.0/24")),
+                 judged(2, "counters", ())]
+    out = io.StringIO()
+    out.write("synwatch try: 3 short floods on this kernel\n")  # the CLI's own header line
+    for n, one in enumerate(all_three, 1):
+        print_judged(n, one, out)
+    print_trial_end(all_three, out)
+    [example] = [e for e in console_examples() if e.command == "sudo synwatch try"]
+    assert in_order(example.shown, out.getvalue().splitlines()), out.getvalue()

@@ -89,6 +89,10 @@ def test_a_banned_slash24_drops_syns_and_an_unban_lets_it_back(the_lab: Lab,
     fw.apply(fw.render_ban([BanItem(BANNED, 60, "synwatch incident 1")]))  # a refresh
     listed = fw.listed()
     assert set(listed) == {BANNED, "2001:db8:7::/64"}
+    # each ban names its incident where the admin looks
+    shown = {"nftables": ("nft", "list", "set", "inet", "synwatch", "bannet4"),
+             "ufw": ("ufw", "status"), "iptables-ipset": ("ipset", "save", "synwatch-ban4")}
+    assert "synwatch incident 1" in the_lab.in_server(*shown[backend]).stdout
     if fw.preset.kernel_timeouts:
         assert 50 <= (listed[BANNED] or 0) <= 60
         assert 110 <= (listed["2001:db8:7::/64"] or 0) <= 120
@@ -108,6 +112,26 @@ def test_a_banned_slash24_drops_syns_and_an_unban_lets_it_back(the_lab: Lab,
     assert set(fw.listed()) == {"2001:db8:7::/64"}
     the_lab.flood(port, 100, [f"{SPOOF_NET}.1.{i % 250 + 1}" for i in range(100)])
     assert syn_recv_by_prefix(the_lab, port).get(BANNED, 0) >= 90
+
+
+def test_an_ipset_set_made_without_comments_is_made_again_with_them(the_lab: Lab) -> None:
+    """Sets made before bans named their incident cannot take a comment, and ipset cannot give
+    them one: the setup replaces them (the reconcile after a start puts the bans back)."""
+    for argv in (("ipset", "create", "synwatch-ban4", "hash:net", "family", "inet", "timeout",
+                  "0"),
+                 ("ipset", "add", "synwatch-ban4", BANNED, "timeout", "600"),
+                 ("iptables", "-I", "INPUT", "-m", "set", "--match-set", "synwatch-ban4", "src",
+                  "-j", "DROP")):
+        the_lab.in_server(*argv)
+    fw = Firewall(load_presets()["iptables-ipset"], the_lab.server_ns)
+    for _ in range(2):  # the second setup finds the new sets and leaves them
+        fw.apply(fw.render_setup())
+        fw.apply(fw.render_ban([BanItem(BANNED, 60, "synwatch incident 3")]))
+    saved = the_lab.in_server("ipset", "save", "synwatch-ban4").stdout
+    assert " comment " in saved.splitlines()[0], saved  # the set's header
+    assert f'add synwatch-ban4 {BANNED} timeout' in saved and '"synwatch incident 3"' in saved
+    assert iptables_rules(the_lab).count("--match-set synwatch-ban4 src -j DROP") == 1
+    assert set(fw.listed()) == {BANNED}
 
 
 def test_foreign_ufw_rules_are_not_ours(the_lab: Lab) -> None:
@@ -385,7 +409,7 @@ def test_ufw_and_ipset_drift_is_repaired_within_one_reconcile(the_lab: Lab, tmp_
 
         def left(prefix: str) -> int:
             saved = the_lab.in_server("ipset", "save", "synwatch-ban4").stdout
-            found = re.search(rf"^add \S+ {re.escape(prefix)} timeout (\d+)$", saved,
+            found = re.search(rf"^add \S+ {re.escape(prefix)} timeout (\d+)\b", saved,
                               re.MULTILINE)
             return int(found.group(1)) if found else 0
 

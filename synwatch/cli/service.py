@@ -1,5 +1,6 @@
-"""`synwatch run`, `replay` and `check-config`: the service, what it would have done with a
-recording, and whether a configuration and this machine can run it."""
+"""`synwatch run`, `replay`, `try` and `check-config`: the service, what it would have done with
+a recording, what it makes of three floods on this kernel, and whether a configuration and this
+machine can run it."""
 
 from __future__ import annotations
 
@@ -58,6 +59,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_try(args: argparse.Namespace) -> int:
+    from synwatch.output import dumps, print_judged, print_trial_end  # noqa: PLC0415
+    from synwatch.trial import FLOODS, QUIET, Trial, can_try  # noqa: PLC0415
+    from synwatch.views import judged_view  # noqa: PLC0415
+
+    can_try()
+    config = load(args)
+    trial = Trial(config)
+    judged = []
+    if args.format == "table":
+        print(f"synwatch try: {len(FLOODS)} short floods on this kernel, judged by `synwatch run` "
+              f"with {config.path} in a dry run, watching only a throwaway network namespace; "
+              f"a throwaway history, incidents closed after {QUIET:.0f} s of quiet", flush=True)
+    try:
+        for one in trial.floods():
+            judged.append(one)
+            if args.format == "table":
+                print_judged(len(judged), one, sys.stdout)
+                sys.stdout.flush()
+    finally:
+        trial.clean_up()
+    if args.format == "json":
+        print(dumps({"floods": [judged_view(j) for j in judged]}))
+    else:
+        print_trial_end(judged, sys.stdout)
+    return 0 if all(j.as_expected for j in judged) else 1
+
+
 def register(sub: Any) -> None:
     p = command(sub, "run", cmd_run, "run the service in the foreground")
     p.add_argument("--record", metavar="FILE",
@@ -67,6 +96,11 @@ def register(sub: Any) -> None:
                 "the incidents a recording (run --record) leads to, with the settings it was "
                 "recorded with (or those of --config); records nothing")
     p.add_argument("recording", metavar="FILE")
+    add_format(p)
+    add_config(p)
+    p = command(sub, "try", cmd_try,
+                "as root: three short floods in throwaway network namespaces, judged with this "
+                "configuration in a dry run; the host and its history are left as they are")
     add_format(p)
     add_config(p)
     p = command(sub, "check-config", cmd_check_config,
