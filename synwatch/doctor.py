@@ -33,13 +33,19 @@ def examine(before: Snapshot, after: Snapshot, seconds: float,
                                        peak_accept_queue=li.accept_queue)
         out += rules.listener(li, st.syn_recv, somaxconn, want, half_open_min)
         if seen and seen.peak_syn_recv >= li.backlog > 0:
-            out.append(Finding("warn", where, f"backlog {li.backlog} is below the peak seen "
-                               f"in {seen.incidents} incidents ({seen.peak_syn_recv} request "
-                               f"sockets, last incident {seen.last_incident_id}); use {want}"))
+            out.append(Finding("warn", where, f"backlog {li.backlog} is below the peak of real "
+                               f"load seen in {seen.capacity_incidents} capacity incidents "
+                               f"({seen.peak_syn_recv} request sockets, last incident "
+                               f"{seen.last_incident_id}); use {want}"))
         if seen and seen.capacity_incidents:
             out.append(Finding("warn", where, f"{seen.capacity_incidents} capacity incidents: "
                                "real clients found the queue full; raise the backlog to "
                                f"{want} and check the application's workers"))
+        if seen and seen.not_accepting:
+            out.append(Finding("warn", where, f"{seen.not_accepting} incidents where its "
+                               "application stopped accepting (its accept queue full for 10 s "
+                               "or more): a larger backlog does not help; check the "
+                               "application"))
 
     def rate(name: str) -> float:
         delta = after.counters.get(name, 0) - before.counters.get(name, 0)

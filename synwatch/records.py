@@ -265,15 +265,24 @@ class StoredPoint:
     top_prefixes: tuple[tuple[str, int], ...]
 
 
+# how a recommendation says that an application stopped calling accept() (synwatch/verdict.py);
+# the history finds those incidents by it
+NOT_ACCEPTING = "is not accepting connections"
+
+
 @dataclass(frozen=True, slots=True)
 class PortHistory:
-    """What the history remembers of one port: for "backlog below the observed peak"."""
+    """What the history remembers of one port, for `doctor`'s advice: only incidents with a
+    verdict count (an unknown one says nothing about the port), and the peak is that of real
+    load (capacity incidents), not of floods, which fill any backlog. An application that stopped
+    accepting is counted apart: a larger backlog does not help it."""
 
     port: int
-    incidents: int
-    peak_syn_recv: int
-    capacity_incidents: int
+    incidents: int  # with a verdict
+    peak_syn_recv: int  # the highest of its capacity incidents
+    capacity_incidents: int  # real clients meeting too small a queue
     last_incident_id: int
+    not_accepting: int = 0  # capacity incidents whose application stopped calling accept()
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from synwatch import rules
 from synwatch.bantargets import TargetPlan, plan_targets
 from synwatch.config import Thresholds
 from synwatch.delta import add_completed, add_counts
-from synwatch.records import Verdict, endpoint
+from synwatch.records import NOT_ACCEPTING, Verdict, endpoint
 from synwatch.stats import chao1, wilson
 
 if TYPE_CHECKING:
@@ -482,7 +482,7 @@ def _decide(t: Tally, th: Thresholds, where: str, done: float | None,
         # application that stopped calling accept() (or cannot keep up at all), and a larger
         # backlog would only keep more clients waiting
         return "capacity", [
-            f"{where} is not accepting connections: its accept queue has been full "
+            f"{where} {NOT_ACCEPTING}: its accept queue has been full "
             f"({t.peak_accept_queue} of {t.backlog}) for {t.accept_full_for:.0f} s, and "
             f"{t.listen_overflows} connections were refused meanwhile: check that its "
             "application is alive and what blocks its accept loop (restart it, add workers); "

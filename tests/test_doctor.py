@@ -49,12 +49,21 @@ def test_each_rule() -> None:
     assert "warn 0.0.0.0:81: backlog 5 is small" in texts and "use 128" in texts
     assert "bad 0.0.0.0:81: SYN queue full now (5 of 5)" in texts
     assert "warn 0.0.0.0:82: backlog 128 is net.core.somaxconn" in texts
-    assert ("warn 0.0.0.0:82: backlog 128 is below the peak seen in 3 incidents (400 request "
-            "sockets, last incident 17); use 512") in texts
+    assert ("warn 0.0.0.0:82: backlog 128 is below the peak of real load seen in 2 capacity "
+            "incidents (400 request sockets, last incident 17); use 512") in texts
     assert "warn 0.0.0.0:82: 2 capacity incidents" in texts
     assert "bad counters: 100 SYNs/s are finding a full SYN queue right now" in texts
     assert "warn counters: accept queues overflowed 7 times since boot" in texts
     assert next(iter(examine(before, after, 2, history))).severity == "bad"  # worst first
+
+
+def test_an_application_that_stopped_accepting_is_not_told_to_raise_its_backlog() -> None:
+    snap = _snap((82, 128, 0))
+    found = examine(snap, snap, 1, {82: PortHistory(82, 3, 0, 0, 17, not_accepting=3)})
+    texts = [f.text for f in found if f.subject == "0.0.0.0:82"]
+    assert any(t.startswith("3 incidents where its application stopped accepting") and
+               "a larger backlog does not help" in t for t in texts), texts
+    assert not any("raise the backlog" in t or "below the peak" in t for t in texts), texts
 
 
 @pytest.mark.needs_root
@@ -81,4 +90,5 @@ def test_doctor_in_a_namespace_uses_the_history(tmp_path: Path) -> None:
     assert ("warn", f"0.0.0.0:{port}", "backlog 64 is small (Python's socketserver uses 5, "
             "mio/tokio 128, nginx 511)") in found
     texts = [f["text"] for f in json.loads(r.out) if f["subject"] == f"0.0.0.0:{port}"]
-    assert any("below the peak seen in 1 incidents (300 request sockets" in t for t in texts)
+    assert any("below the peak of real load seen in 1 capacity incidents (300 request sockets"
+               in t for t in texts)

@@ -169,6 +169,26 @@ def _incident(**kw: object) -> IncidentRow:
     return IncidentRow(**base)
 
 
+def test_the_port_history_counts_judged_incidents_and_the_peaks_of_real_load(
+        tmp_path: Path) -> None:
+    """What `doctor` advises from: an unknown verdict is no evidence, a flood fills any backlog,
+    and an application that stopped accepting needs no larger one."""
+    store = Store.open(_db(tmp_path / "h.db"))
+    with store.session() as s:
+        s.add_all([_incident(verdict="unknown", peak_syn_recv=4000),
+                   _incident(verdict="concentrated", peak_syn_recv=2000),
+                   _incident(verdict="capacity", peak_syn_recv=300),
+                   _incident(verdict="capacity", peak_syn_recv=900, recommendations=[
+                       "0.0.0.0:443 is not accepting connections: its accept queue has been "
+                       "full (5 of 4) for 40 s"]),
+                   _incident(verdict="unknown", port=8080)])
+    history = store.port_history("")
+    assert set(history) == {443}
+    seen = history[443]
+    assert (seen.incidents, seen.peak_syn_recv, seen.capacity_incidents, seen.not_accepting) \
+        == (3, 300, 1, 1)
+
+
 def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
     store = Store.open(_db(tmp_path / "history.db"))
     first = _incident()
@@ -277,7 +297,7 @@ def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
     [sample] = store.samples(incident_id)
     assert (sample.syn_recv, sample.top_prefixes) == (64, (("10.0.0.0/24", 64),))
     history = store.port_history("")
-    assert (history[443].incidents, history[443].peak_syn_recv) == (1, 64)
+    assert (history[443].incidents, history[443].peak_syn_recv) == (1, 0)  # a flood's peak
     shown = json.loads(synwatch("incidents", "show", str(incident_id), "--format", "json",
                                 "--evidence", env={"SYNWATCH_CONFIG": str(_config(tmp_path))}
                                 ).out)

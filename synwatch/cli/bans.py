@@ -13,10 +13,12 @@ from synwatch.cli.common import (
     add_hosts,
     chosen_host,
     command,
+    existing_store,
     group,
     load,
     open_history,
 )
+from synwatch.errors import NotFound
 
 
 def cmd_bans_list(args: argparse.Namespace) -> int:
@@ -40,10 +42,12 @@ def cmd_bans_list(args: argparse.Namespace) -> int:
 
 def cmd_unban(args: argparse.Namespace) -> int:
     from synwatch.actions.unban import unban  # noqa: PLC0415
-    from synwatch.store import Store  # noqa: PLC0415
 
     config = load(args)
-    store = Store.open(config.storage_url, host=config.host)
+    store = existing_store(args)
+    if store is None:
+        raise NotFound(f"unban {args.prefix}", "no history yet, so no ban of synwatch's to lift "
+                       f"({config.storage_url})")
     for done in unban(config, store, args.prefix, datetime.now(timezone.utc)):
         ban = done.ban
         print(f"unbanned {ban.prefix} ({ban.backend}, incident {ban.incident_id})")

@@ -11,9 +11,9 @@ from synwatch.cli.common import (
     add_config,
     add_format,
     command,
+    existing_store,
     load,
     netns_name,
-    open_store,
     seconds_in,
 )
 from synwatch.errors import SynwatchError
@@ -40,7 +40,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     netns = config.netns if args.netns is None else args.netns
     history = {}
     try:
-        history = open_store(args).port_history(netns)
+        store = existing_store(args)
+        history = store.port_history(netns) if store is not None else {}
     except SynwatchError as exc:
         sys.stderr.write(f"synwatch: no history ({exc.subject}: {exc.why}); judging the "
                          "present only\n")

@@ -6,11 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import case, func, select, text
+from sqlalchemy import String, case, cast, func, select, text
 
 from synwatch.errors import NotFound
 from synwatch.historyreader import ban_columns, ban_of
-from synwatch.records import ActionRun, Ban, Incident, PortHistory, RecordedEvent, StoredPoint
+from synwatch.records import (
+    NOT_ACCEPTING,
+    ActionRun,
+    Ban,
+    Incident,
+    PortHistory,
+    RecordedEvent,
+    StoredPoint,
+)
 from synwatch.store.base import (
     StoreBase,
     event_record,
@@ -88,15 +96,21 @@ class Queries(StoreBase):
         return self.actions_by_incident([incident_id])[incident_id]
 
     def port_history(self, netns: str) -> dict[int, PortHistory]:
-        """Per port: how many incidents, their peak SYN-RECV, how many were capacity."""
-        capacity = func.sum(case((IncidentRow.verdict == "capacity", 1), else_=0))
-        q = (select(IncidentRow.port, func.count(), func.max(IncidentRow.peak_syn_recv),
-                    capacity, func.max(IncidentRow.id))
-             .where(IncidentRow.netns == netns, IncidentRow.port.is_not(None))
+        """Per port, over the incidents with a verdict: how many, the peak SYN-RECV of real load,
+        how many were capacity, and of those how many an application that stopped accepting."""
+        stopped = cast(IncidentRow.recommendations, String).like(f"%{NOT_ACCEPTING}%")
+        real = (IncidentRow.verdict == "capacity") & ~stopped
+        q = (select(IncidentRow.port, func.count(),
+                    func.max(case((real, IncidentRow.peak_syn_recv), else_=0)),
+                    func.sum(case((real, 1), else_=0)),
+                    func.max(IncidentRow.id),
+                    func.sum(case(((IncidentRow.verdict == "capacity") & stopped, 1), else_=0)))
+             .where(IncidentRow.netns == netns, IncidentRow.port.is_not(None),
+                    IncidentRow.verdict != "unknown")
              .group_by(IncidentRow.port))
         with self.session() as s:
-            return {port: PortHistory(port, n, peak or 0, int(cap or 0), last)
-                    for port, n, peak, cap, last in s.execute(q)}
+            return {port: PortHistory(port, n, peak or 0, int(cap or 0), last, int(gone or 0))
+                    for port, n, peak, cap, last, gone in s.execute(q)}
 
     def samples(self, incident_id: int) -> list[StoredPoint]:
         """The incident's timeline, one point per probe while it lasted."""
