@@ -12,6 +12,7 @@ counters bear it out).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -23,10 +24,11 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from synwatch.config import Config
 from synwatch.errors import SynwatchError
@@ -43,6 +45,7 @@ from synwatch.lab import (
     remove_pair,
 )
 from synwatch.records import ActionRun, Incident
+from synwatch.status import status_path
 
 if TYPE_CHECKING:
     from synwatch.store import Store
@@ -112,12 +115,36 @@ class Judged:
         return bool(self.incidents) and all(v == self.flood.expected for v in self.verdicts)
 
 
-class _Stopped(Exception):
+class Stopped(Exception):
     """SIGTERM or SIGHUP while trying: cleaned up like Ctrl-C."""
 
 
 def _raise_stopped(signum: int, _frame: FrameType | None) -> None:
-    raise _Stopped(signal.Signals(signum).name)
+    raise Stopped(signal.Signals(signum).name)
+
+
+STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done (a cleanup cut short by a second
+    Ctrl-C would leave the lab behind); they are delivered after it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In a child: ``sig`` when the `synwatch try` that made it dies, however it dies (SIGKILL,
+    the OOM killer), so no listener or service outlives it (prctl(2), kept across execve)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 def trial_config(config: Config, pair: NamespacePair, workdir: Path) -> Config:
@@ -182,7 +209,9 @@ class Trial:
         assert self.pair is not None
         proc = subprocess.Popen(["ip", "netns", "exec", self.pair.server_ns, sys.executable,
                                  "-c", listener_code(port, backlog)],
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                # no thread runs in `synwatch try`: the hook is safe here
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509
         self.processes.append(proc)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "listening":
@@ -194,29 +223,17 @@ class Trial:
         assert self.pair is not None
         config = trial_config(self.config, self.pair, self.workdir)
         log_fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into the caller's code
-            code = 1
-            try:
-                os.setsid()  # Ctrl-C is the caller's to handle: it stops this child with SIGTERM
-                os.dup2(log_fd, 2)
-                os.environ.pop("NOTIFY_SOCKET", None)
-                for s in (signal.SIGTERM, signal.SIGHUP):
-                    signal.signal(s, signal.SIG_DFL)
-                from synwatch.cli import setup_logging  # noqa: PLC0415
-                from synwatch.service import Service  # noqa: PLC0415
-
-                logging.getLogger().handlers.clear()
-                setup_logging(debug=False, timestamps=True)
-                code = Service(config, None).run()
-            except BaseException:  # the child says why in its log, and exits
-                logging.getLogger("synwatch").exception("synwatch try: the service failed")
-            finally:
-                os._exit(code)
+        with _signals_held():  # a Ctrl-C between the fork and knowing the pid would lose it
+            pid = os.fork()
+            if pid == 0:  # the child: never returns into the caller's code
+                _run_service(config, log_fd)
+            self.service_pid = pid
         os.close(log_fd)
-        self.service_pid = pid
+        # the service's loop has run once it writes its status file: its first probe is the
+        # baseline the floods are measured from
+        status = status_path(config)
         deadline = time.monotonic() + START_TIMEOUT
-        while "sources of a flood:" not in self.log.read_text(errors="replace"):
+        while not status.exists():
             if os.waitpid(pid, os.WNOHANG) != (0, 0):
                 self.service_pid = None
                 raise TryError("try", f"the service stopped at its start:\n{self._log_tail()}")
@@ -264,18 +281,59 @@ class Trial:
 
     def clean_up(self) -> None:
         """The service stopped (it restores what it set, which in a dry run is nothing), the
-        lab's processes killed, its namespaces and the throwaway history removed."""
-        if self.service_pid is not None:
-            _stop(self.service_pid)
-            self.service_pid = None
-        for proc in self.processes:
-            proc.kill()
-            proc.wait()
-        self.processes.clear()
-        if self.pair is not None:
-            remove_pair(self.pair)
-            self.pair = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        lab's processes killed, its namespaces and the throwaway history removed; with Ctrl-C
+        and SIGTERM held until it is done, each step whatever the one before did."""
+        with _signals_held():
+            try:
+                for proc in self.processes:
+                    proc.kill()
+                    proc.wait()
+                self.processes.clear()
+            finally:
+                try:
+                    if self.service_pid is not None:
+                        _stop(self.service_pid)
+                        self.service_pid = None
+                finally:
+                    try:
+                        if self.pair is not None:
+                            remove_pair(self.pair)
+                            self.pair = None
+                    finally:
+                        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _run_service(config: Config, log_fd: int) -> NoReturn:
+    """The forked child: `synwatch run` on the trial's configuration, its log into ``log_fd``,
+    stopped with SIGTERM by the parent (or by its death), never reloading another
+    configuration on SIGHUP (which would bring back the admin's live one)."""
+    code = 1
+    try:
+        os.setsid()  # Ctrl-C is the caller's to handle: it stops this child with SIGTERM
+        _die_with_parent(signal.SIGTERM)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)  # a pipe the caller's output goes to never waits on this child
+        os.dup2(log_fd, 2)
+        os.environ.pop("NOTIFY_SOCKET", None)
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        from synwatch.cli import setup_logging  # noqa: PLC0415
+        from synwatch.service import Service  # noqa: PLC0415
+
+        class TrialService(Service):
+            def _reload(self) -> None:
+                logging.getLogger("synwatch").info(
+                    "reload ignored: synwatch try keeps its own configuration")
+
+        logging.getLogger().handlers.clear()
+        setup_logging(debug=False, timestamps=True)
+        code = TrialService(config, None).run()
+    except BaseException:  # the child says why in its log, and exits
+        logging.getLogger("synwatch").exception("synwatch try: the service failed")
+    finally:
+        os._exit(code)
 
 
 def _stop(pid: int) -> None:

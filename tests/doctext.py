@@ -42,14 +42,17 @@ def console_examples() -> list[Example]:
 
 def shape(line: str) -> str:
     """What a line is: its label up to the first ": " (the whole line when it has none), with
-    every number, time and path made alike and spaces collapsed; which log source a machine
-    uses is the machine's (journald where there is a journal, else kmsg)."""
+    every number, time and path made alike and spaces collapsed (an error line, "synwatch: ...",
+    to its fourth field: the command or file, the key and the start of why); which log source a
+    machine uses is the machine's (journald where there is a journal, else kmsg)."""
     s = re.sub(r"\bsources\.(journald|kmsg|files)\b", "sources.X", line)
     s = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+(?:[+-]\d\d:\d\d)?", "T", s)
     s = re.sub(r"(?<![\w.])/[\w./-]+", "P", s)
     s = re.sub(r"\d+", "N", s)
     s = " ".join(s.split())
     label, sep, _ = s.partition(": ")
+    if label == "synwatch" and sep:  # an error line: what it is about, and about which key
+        return ": ".join(s.split(": ")[:4])
     return label + sep.strip()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -61,7 +62,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_try(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, print_judged, print_trial_end  # noqa: PLC0415
-    from synwatch.trial import FLOODS, QUIET, Trial, can_try  # noqa: PLC0415
+    from synwatch.trial import FLOODS, QUIET, Stopped, Trial, can_try  # noqa: PLC0415
     from synwatch.views import judged_view  # noqa: PLC0415
 
     can_try()
@@ -78,6 +79,8 @@ def cmd_try(args: argparse.Namespace) -> int:
             if args.format == "table":
                 print_judged(len(judged), one, sys.stdout)
                 sys.stdout.flush()
+    except Stopped:  # SIGTERM or SIGHUP: cleaned up, as a shell reports a signal's end
+        return 128 + signal.SIGTERM
     finally:
         trial.clean_up()
     if args.format == "json":
