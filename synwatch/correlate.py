@@ -47,6 +47,7 @@ PENDING_TRUSTED = 1024  # trusted lines waiting for the next probe (one line per
 CORROBORATING_PROBES = 2
 MAX_PHASES = 32
 RECENT_PROBES = 120  # probes kept for an incident that opens after its build-up
+FRESH_FOR = timedelta(seconds=3)  # a queue filled, sampled or dropping this recently is a flood's
 
 
 @dataclass
@@ -68,6 +69,12 @@ class _Incident:
     # resumed after a restart: the first probe's counter movement since the last probe before
     # the stop (saved with the incident) is its own, unless another listener's queue claims it
     resumed: bool = False
+
+
+def _sampled_ports(probe: ProbeDelta) -> set[int]:
+    """The ports the packet sample kept SYNs for in the probe's interval."""
+    return ({p.port for p in probe.sampled.ports if p.samples}
+            if probe.sampled is not None else set())
 
 
 def _full_syn_queue(st: ListenerState) -> bool:
@@ -459,17 +466,22 @@ class Correlator:
                                             sample=_sample(at, st, probe.rates)))
         return changes
 
-    @staticmethod
-    def _attribute(probe: ProbeDelta) -> set[ListenerKey]:
+    def _attribute(self, probe: ProbeDelta) -> set[ListenerKey]:
         """Which listeners the counters' movement belongs to: those with a full queue."""
         snap, deltas, accounted = probe.snap, probe.deltas, probe.accounted
         active: set[ListenerKey] = set()
-        sampled_ports = ({p.port for p in probe.sampled.ports if p.samples}
-                         if probe.sampled is not None else set())
+        sampled_ports = _sampled_ports(probe)
         if deltas["syns_overflowed"]:
             full = [listener_id(st) for st in snap.listeners if _full_syn_queue(st)]
-            fresh = [k for k in full if k[2] in sampled_ports or k in probe.dropped
-                     or k in probe.grew]
+            # the probes of the last few seconds too: a flood that filled its queue in one
+            # probe may overflow on into the next, and that interval's sample may hold none of
+            # its SYNs (1 in N); the residue beside it stays still
+            now = probe.at
+            recent = [p for at, p in self._recent if now is not None and now - at <= FRESH_FOR]
+            recent.append(probe)
+            fresh = [k for k in full
+                     if any(k[2] in _sampled_ports(p) or k in p.dropped or k in p.grew
+                            for p in recent)]
             if fresh:
                 # a queue still full of an earlier flood's request sockets (they retransmit for
                 # up to a minute) gets no new SYNs: the sample, the listener's own drop count

@@ -215,6 +215,23 @@ def _listening_on(port: int, syn_recv: int = 0) -> Snapshot:
     return replace(snap, listeners=(*snap.listeners, other))
 
 
+def test_a_flood_that_overflows_on_past_the_probe_it_filled_its_queue_in_is_its_own(
+        corr: Correlator, clock: FrozenClock) -> None:
+    """Beside an earlier flood's residue (9001, full and still), a new flood fills 8080 in one
+    probe and overflows on into the next, whose sample holds none of its SYNs: the residue
+    gets nothing (the lab saw it get an incident of its own under load)."""
+    for _ in range(5):  # the residue: full, not moving
+        assert _probe(corr, clock, _listening_on(9001, syn_recv=128)) == []
+    filling = replace(_listening_on(9001, syn_recv=128), listeners=(
+        replace(_snap().listeners[0], syn_recv=64),
+        _listening_on(9001, syn_recv=128).listeners[1]))
+    opened = _probe(corr, clock, replace(filling, counters={
+        **filling.counters, "TcpExt.TCPReqQFullDoCookies": 50}))
+    later = _probe(corr, clock, replace(filling, counters={
+        **filling.counters, "TcpExt.TCPReqQFullDoCookies": 100}))
+    assert {c.port for c in opened + later} == {PORT}
+
+
 def test_a_line_for_a_port_nobody_here_listens_on_waits_for_the_next_probe(
         corr: Correlator, clock: FrozenClock, caplog: pytest.LogCaptureFixture) -> None:
     """The kernel's log is every namespace's: a line opens an incident only where its port
