@@ -261,8 +261,9 @@ def test_a_recording_whose_quiet_period_no_timedelta_holds_is_refused(
 
 
 def test_a_look_at_a_history_that_is_not_there_creates_nothing(tmp_path: Path) -> None:
-    """`status`, the lists, `doctor` and `unban` on a fresh host: they say there is nothing
-    yet, and the history (its directory too) is left for `synwatch run` to create."""
+    """`status`, the lists, `incidents show`, `doctor` and `unban` on a fresh host: they say
+    there is nothing yet, and the history (its directory too) is left for `synwatch run` to
+    create."""
     config = tmp_path / "synwatch.toml"
     config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/lib/h.db"\n')
     r = synwatch("status", "--config", str(config))
@@ -276,4 +277,7 @@ def test_a_look_at_a_history_that_is_not_there_creates_nothing(tmp_path: Path) -
     assert r.code == 0 and r.err == "", r  # the present judged; no history is no advice
     r = synwatch("unban", "192.0.2.0/24", "--config", str(config))
     assert r.code == 1 and "no history yet, so no ban of synwatch's to lift" in r.err, r
+    r = synwatch("incidents", "show", "1", "--config", str(config))
+    assert (r.code, r.err) == (1, "synwatch: incident 1: no history yet: `synwatch run` "
+                                  "creates it\n"), r
     assert not (tmp_path / "lib").exists()

@@ -7,7 +7,8 @@ mounts vanish with the process, so the host is never touched):
 - ``ProtectSystem=strict``: every mount read-only except the API file systems /dev, /proc, /sys;
 - ``ReadWritePaths=``: each path bound onto itself first, so it stays writable (a leading ``-``
   means a missing path is skipped, as systemd does);
-- ``PrivateTmp=yes``: a fresh tmpfs on /tmp and /var/tmp.
+- ``PrivateTmp=yes``: a fresh tmpfs on /tmp and /var/tmp (with the checkout bound back into it
+  when it was cloned there: the package's own code lives in /opt).
 
 A bind mount inherits the read-only flag of the mount it comes from (the kernel's clone_mnt()
 copies mnt_flags), which is why `ip netns exec`'s bind of /etc/netns/NS/x over /etc/x is
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 API = ("/proc", "/sys", "/dev")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def unit_service(unit: Path) -> configparser.SectionProxy:
@@ -82,8 +84,19 @@ def enter(unit: Path) -> None:
         subprocess.run(["mount", "-o", "remount,bind,ro", point], check=False,
                        capture_output=True)
     if service.get("PrivateTmp") == "yes":
-        for tmp in ("/tmp", "/var/tmp"):
+        # The package runs from /opt; a checkout cloned under /tmp runs from there, and the
+        # fresh tmpfs would hide it (its .venv and its code): it is bound back, read-only, as
+        # /opt is under ProtectSystem=strict.
+        tmps = ("/tmp", "/var/tmp")
+        checkout = str(REPO) if _under(str(REPO), tmps) else None
+        held = os.open(checkout, os.O_PATH | os.O_DIRECTORY) if checkout else None
+        for tmp in tmps:
             _mount("-t", "tmpfs", "tmpfs", tmp)
+        if checkout is not None and held is not None:
+            Path(checkout).mkdir(parents=True)
+            _mount("--bind", f"/proc/self/fd/{held}", checkout)
+            _mount("-o", "remount,bind,ro", checkout)
+            os.close(held)
 
 
 def main() -> None:

@@ -12,13 +12,14 @@ from synwatch.cli.common import (
     add_hosts,
     chosen_host,
     command,
+    existing_store,
     group,
     open_history,
-    open_store,
     positive,
     since,
     tcp_port,
 )
+from synwatch.errors import NotFound
 from synwatch.records import Verdict
 
 
@@ -42,7 +43,9 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, print_incident  # noqa: PLC0415
     from synwatch.views import incident_view, sample_view  # noqa: PLC0415
 
-    store = open_store(args)
+    store = existing_store(args)
+    if store is None:  # a look never creates the history
+        raise NotFound(f"incident {args.id}", "no history yet: `synwatch run` creates it")
     incident, runs = store.incident(args.id)
     view = incident_view(incident, runs)
     samples = [sample_view(x) for x in store.samples(args.id)]

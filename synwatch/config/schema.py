@@ -127,6 +127,7 @@ def _string_list(value: Any) -> tuple[str, ...]:
 # SQLAlchemy's URL grammar starts "dialect[+driver]://" (sqlalchemy.engine.url._parse_url);
 # whether the driver is installed and the database answers is the machine's question, asked by
 # `check-config` and at the start, so parsing never imports SQLAlchemy.
+DIALECTS = ("sqlite://", "postgresql+psycopg://")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\+[A-Za-z0-9_]+)?://.*", re.DOTALL)
 
 
@@ -136,6 +137,11 @@ def _url(value: Any) -> str:
     if value and not _URL.fullmatch(value):
         raise _Invalid(f"not an SQLAlchemy URL (e.g. sqlite:////var/lib/synwatch/"
                        f"synwatch.db): {_show(masked(value))}")
+    if value and not value.startswith(DIALECTS):
+        # the two histories that are built and tested; another SQLAlchemy dialect would load
+        # and then fail on the first statement that is not portable
+        raise _Invalid(f"synwatch keeps its history in SQLite (sqlite:///PATH) or PostgreSQL "
+                       f"(postgresql+psycopg://USER@HOST/DB), not {_show(masked(value))}")
     if value and not is_sqlite(value) and (why := port_problem(value)) is not None:
         raise _Invalid(f"{why}: {_show(masked(value))}")
     return value
@@ -323,7 +329,8 @@ _POLICY_HELP = {
 # section -> key -> Setting. The keys are an interface: scripts and tests outside rely on them.
 SCHEMA: dict[str, dict[str, Setting]] = {
     "storage": {
-        "url": _s(_url, "", 'any SQLAlchemy URL; `""` = `/var/lib/synwatch/synwatch.db` (root) '
+        "url": _s(_url, "", '`sqlite:///PATH` or `postgresql+psycopg://...` (the two histories '
+                  'synwatch is built and tested on); `""` = `/var/lib/synwatch/synwatch.db` (root) '
                   "or `$XDG_STATE_HOME/synwatch/synwatch.db` (`~/.local/state/...`); "
                   '`"postgresql+psycopg://user@db.example/synwatch"` shares one history '
                   "with a fleet"),
