@@ -52,7 +52,10 @@ def shape(line: str) -> str:
     s = " ".join(s.split())
     label, sep, _ = s.partition(": ")
     if label == "synwatch" and sep:  # an error line: what it is about, and about which key
-        return ": ".join(s.split(": ")[:4])
+        fields = s.split(": ")
+        if fields[1].startswith("config "):  # which file is the reader's
+            fields[1] = "config F"
+        return ": ".join(fields[:4])
     return label + sep.strip()
 
 
