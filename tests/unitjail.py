@@ -56,8 +56,8 @@ def _under(path: str, roots: tuple[str, ...] | list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True)
+def _mount(*args: str, pass_fds: tuple[int, ...] = ()) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True, pass_fds=pass_fds)
 
 
 def enter(unit: Path) -> None:
@@ -94,7 +94,9 @@ def enter(unit: Path) -> None:
             _mount("-t", "tmpfs", "tmpfs", tmp)
         if checkout is not None and held is not None:
             Path(checkout).mkdir(parents=True)
-            _mount("--bind", f"/proc/self/fd/{held}", checkout)
+            # --no-canonicalize: the magic link is the kernel's to follow, not a path to resolve
+            _mount("--no-canonicalize", "--bind", f"/proc/self/fd/{held}", checkout,
+                   pass_fds=(held,))
             _mount("-o", "remount,bind,ro", checkout)
             os.close(held)
 
