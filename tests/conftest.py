@@ -46,6 +46,9 @@ def synwatch(*args: str, env: dict[str, str] | None = None, stdin: str | None = 
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+LAB_NAMESPACES = ("swt-", "swtry-")  # tests/lab.py and `synwatch try` name theirs so
+
+
 def _host_state() -> dict[str, object]:
     """What synwatch or its lab could change on the host itself: its nftables table, the cookies
     mode, network namespaces, the per-namespace /etc and the firewall tools' lock files."""
@@ -56,9 +59,12 @@ def _host_state() -> dict[str, object]:
     def names(folder: str) -> list[str]:
         return sorted(p.name for p in Path(folder).iterdir()) if Path(folder).is_dir() else []
 
+    # the lab tests' own namespaces (swt-, swtry-) come and go on the other xdist worker while
+    # this one looks; each test removes its own (tests/lab.py), the rest must be as found
     return {"nft table inet synwatch": table,
             "tcp_syncookies": Path("/proc/sys/net/ipv4/tcp_syncookies").read_text().strip(),
-            "/run/netns": names("/run/netns"), "/etc/netns": Path("/etc/netns").exists(),
+            "/run/netns": [n for n in names("/run/netns") if not n.startswith(LAB_NAMESPACES)],
+            "/etc/netns": Path("/etc/netns").exists(),
             "/etc/netns/*": names("/etc/netns"),
             "/run/ufw.lock": Path("/run/ufw.lock").exists(),
             "/var/lib/synwatch": Path("/var/lib/synwatch").exists(),
@@ -173,3 +179,29 @@ def pg_url(pg: Cluster) -> str:
     if not pg.running:  # a test that stopped the server hands it back started
         pg.start()
     return pg.new_database()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist (scripts/test runs two workers, --dist loadgroup): the tests that make
+    namespaces and send floods run one after the other on one worker (they share the kernel's
+    log and its printk ratelimit, and a flood takes a core; the journald the tests start has
+    one socket), the others on the second."""
+    shared = {"the_lab", "tracked", "journald"}  # a lab; the one journald socket of /run
+    for item in items:
+        if item.get_closest_marker("needs_root") or shared & set(getattr(item, "fixturenames",
+                                                                          ())):
+            item.add_marker(pytest.mark.xdist_group("kernel"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Once every worker is done (in the controller, or the only process without xdist): no
+    lab namespace is left, whichever worker made it."""
+    del exitstatus
+    if hasattr(session.config, "workerinput"):
+        return
+    run = Path("/run/netns")
+    left = sorted(p.name for p in run.iterdir() if p.name.startswith(LAB_NAMESPACES)) \
+        if run.is_dir() else []
+    if left:
+        sys.stderr.write(f"\nthe tests left network namespaces behind: {left}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -116,7 +116,7 @@ def test_the_largest_accepted_arguments_work(store_config: Path,
 # --- a property test over every command's arguments ---------------------------------------
 # What `run` and `top` do with valid arguments is the service and a live screen: `top` is only
 # parsed, `run` left to tests/test_service.py.
-PARSE_ONLY = {"top"}
+PARSE_ONLY = {"top", "try"}  # interactive; three floods (tests/test_try_lab.py runs it)
 NOT_RUN = {"run"}
 
 # argv never holds NUL (execve cannot pass it); it does hold undecodable bytes, which Python
