@@ -59,16 +59,22 @@ def _host_state() -> dict[str, object]:
     def names(folder: str) -> list[str]:
         return sorted(p.name for p in Path(folder).iterdir()) if Path(folder).is_dir() else []
 
-    # the lab tests' own namespaces (swt-, swtry-) come and go on the other xdist worker while
-    # this one looks; each test removes its own (tests/lab.py), the rest must be as found
-    return {"nft table inet synwatch": table,
-            "tcp_syncookies": Path("/proc/sys/net/ipv4/tcp_syncookies").read_text().strip(),
-            "/run/netns": [n for n in names("/run/netns") if not n.startswith(LAB_NAMESPACES)],
-            "/etc/netns": Path("/etc/netns").exists(),
-            "/etc/netns/*": names("/etc/netns"),
-            "/run/ufw.lock": Path("/run/ufw.lock").exists(),
-            "/var/lib/synwatch": Path("/var/lib/synwatch").exists(),
-            "/run/xtables.lock": Path("/run/xtables.lock").exists()}
+    # the lab tests' own namespaces (swt-, swtry-) come and go in the other process of a split
+    # run (tests/runner.py) while this one looks: whether any is left is looked at once all
+    # are done; the firewall tools' lock files likewise belong to the kernel tests' process
+    state: dict[str, object] = {
+        "nft table inet synwatch": table,
+        "tcp_syncookies": Path("/proc/sys/net/ipv4/tcp_syncookies").read_text().strip(),
+        "/run/netns": [n for n in names("/run/netns") if not n.startswith(LAB_NAMESPACES)],
+        "/etc/netns": Path("/etc/netns").exists(),
+        "/etc/netns/*": [n for n in names("/etc/netns") if not n.startswith(LAB_NAMESPACES)],
+        "/run/ufw.lock": Path("/run/ufw.lock").exists(),
+        "/var/lib/synwatch": Path("/var/lib/synwatch").exists(),
+        "/run/xtables.lock": Path("/run/xtables.lock").exists()}
+    if os.environ.get("SYNWATCH_SUITE_PART") == "rest":
+        for kernel_tests_own in ("/etc/netns", "/run/ufw.lock", "/run/xtables.lock"):
+            del state[kernel_tests_own]
+    return state
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -181,23 +187,19 @@ def pg_url(pg: Cluster) -> str:
     return pg.new_database()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under xdist (scripts/test runs two workers, --dist loadgroup): the tests that make
-    namespaces and send floods run one after the other on one worker (they share the kernel's
-    log and its printk ratelimit, and a flood takes a core; the journald the tests start has
-    one socket), the others on the second."""
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """``kernel``: the tests that make namespaces and send floods, or need the journald the
+    suite starts (its socket is one); tests/runner.py runs them one after the other in one
+    process and the rest beside them in another."""
     shared = {"the_lab", "tracked", "journald"}  # a lab; the one journald socket of /run
-    for item in items:
-        if item.get_closest_marker("needs_root") or shared & set(getattr(item, "fixturenames",
-                                                                          ())):
-            item.add_marker(pytest.mark.xdist_group("kernel"))
+    if item.get_closest_marker("needs_root") or shared & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.kernel)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Once every worker is done (in the controller, or the only process without xdist): no
-    lab namespace is left, whichever worker made it."""
+    """No lab namespace is left (in a split run tests/runner.py looks once both are done)."""
     del exitstatus
-    if hasattr(session.config, "workerinput"):
+    if os.environ.get("SYNWATCH_SUITE_PART"):
         return
     run = Path("/run/netns")
     left = sorted(p.name for p in run.iterdir() if p.name.startswith(LAB_NAMESPACES)) \
