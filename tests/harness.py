@@ -178,8 +178,10 @@ class Service:
         live = self.incidents(port)
         fields = ("verdict", "trigger", "status", "opened_at", "closed_at", "peak_syn_recv",
                   "top_prefixes", "recommendations")
-        assert [{k: i[k] for k in fields} for i in replayed] == \
-            [{k: i[k] for k in fields} for i in live]
+        want = [{k: i[k] for k in fields} for i in live]
+        got = [{k: i[k] for k in fields} for i in replayed]
+        assert got == want, f"replayed:\n{json.dumps(got, indent=1)}\nlive:\n" \
+            f"{json.dumps(want, indent=1)}"
         if os.environ.get("SYNWATCH_SAVE_REPLAYS"):
             keep = Path(os.environ["SYNWATCH_SAVE_REPLAYS"])
             lines = [json.loads(x) for x in self.recording.read_text().splitlines()]

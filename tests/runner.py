@@ -2,8 +2,8 @@
 namespaces, send floods or need the suite's journald (marked ``kernel`` as they are collected,
 tests/conftest.py) one after the other in one, every other test in the second. The kernel tests
 share the kernel's log, its printk ratelimit, the one journald socket and the cores a flood
-takes, so they never run beside each other; the rest (unit tests, the CLI, the stores) costs
-them at most the second core.
+takes, so they never run beside each other; the rest (unit tests, the CLI, the stores) runs
+niced, on what CPU they leave.
 
 The first process prints as it goes, the second's output follows when both are done. Exit status:
 the worse of the two (pytest's 5, "no tests collected", counts as passed when the other ran
@@ -25,10 +25,11 @@ LAB_NAMESPACES = ("swt-", "swtry-")
 NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
 
 
-def _pytest(marks: str, args: list[str], part: str, **kw: object) -> subprocess.Popen[bytes]:
+def _pytest(marks: str, args: list[str], part: str, *, nice: int = 0,
+            **kw: object) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SYNWATCH_SUITE_PART": part}
-    return subprocess.Popen([sys.executable, "-m", "pytest", "-m", marks, *args], env=env,
-                            **kw)  # type: ignore[call-overload]
+    return subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-m", "pytest", "-m", marks,
+                             *args], env=env, **kw)  # type: ignore[call-overload]
 
 
 def _left_namespaces() -> list[str]:
@@ -42,7 +43,10 @@ def main(args: list[str]) -> int:
         args = [a for a in args if a != "--serial"]
         return subprocess.call([sys.executable, "-m", "pytest", *args])
     with tempfile.TemporaryFile() as rest_out:
-        rest = _pytest("not kernel", args, "rest", stdout=rest_out, stderr=subprocess.STDOUT)
+        # niced: the kernel tests measure rates and wait on probes; the rest takes what CPU
+        # they leave (most of it: they mostly wait)
+        rest = _pytest("not kernel", args, "rest", nice=19, stdout=rest_out,
+                       stderr=subprocess.STDOUT)
         try:
             kernel = _pytest("kernel", args, "kernel").wait()
         finally:
