@@ -24,7 +24,7 @@ from synwatch.clock import FrozenClock
 from synwatch.config import Thresholds
 from synwatch.correlate import Correlator
 from synwatch.records import Evidence
-from synwatch.replay import read
+from synwatch.replay import ProbeFailed, read
 
 REPO = Path(__file__).resolve().parent.parent
 REPLAYS = REPO / "tests" / "data" / "replays"
@@ -64,6 +64,8 @@ def _run(path: Path, quiet: float) -> tuple[str, int | None, int]:
                 probes += 1
                 if first_probe is None:
                     first_probe = probes
+        elif isinstance(item, ProbeFailed):
+            changes = corr.release_held() + corr.expire(now)
         else:
             changes = corr.on_event(item)
         for ch in changes:

@@ -182,7 +182,19 @@ class Recording:
         self._out.close()
 
 
-def read(path: str) -> Iterator[tuple[datetime, Evidence | StoredEvent]]:
+@dataclasses.dataclass(frozen=True)
+class ProbeFailed:
+    """A probe that could not read the namespace (``gone``: it does not exist): the service
+    then let held lines go (or dropped them) and closed what was quiet, and so does a replay."""
+
+    gone: bool
+
+
+def probe_failed_line(now: datetime, gone: bool) -> dict[str, Any]:
+    return {"type": "probe_failed", "now": now.isoformat(), "gone": gone}
+
+
+def read(path: str) -> Iterator[tuple[datetime, Evidence | StoredEvent | ProbeFailed]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -194,7 +206,10 @@ def read(path: str) -> Iterator[tuple[datetime, Evidence | StoredEvent]]:
             d = json.loads(line)
             if d["type"] == "settings":
                 continue
-            item = _evidence(d) if d["type"] == "evidence" else _event(d)
+            item: Evidence | StoredEvent | ProbeFailed = (
+                _evidence(d) if d["type"] == "evidence"
+                else ProbeFailed(bool(d["gone"])) if d["type"] == "probe_failed"
+                else _event(d))
             yield datetime.fromisoformat(d["now"]), item
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{path}:{n}", f"not a synwatch recording line: {exc}") from exc
@@ -236,8 +251,18 @@ def replay(path: str, thresholds: Thresholds, quiet_period: float,
             correlator = Correlator(host, netns, thresholds, quiet_period, clock)
         clock.advance((now - clock.now()).total_seconds())
         assert correlator is not None
-        changes = (correlator.on_evidence(item) if isinstance(item, Evidence)
-                   else correlator.on_event(item))
+        if isinstance(item, ProbeFailed):
+            # as the service does when a probe fails (synwatch/service.py, _probe)
+            if item.gone:
+                correlator.drop_held()
+                changes = []
+            else:
+                changes = correlator.release_held()
+            changes += correlator.expire(clock.now())
+        elif isinstance(item, Evidence):
+            changes = correlator.on_evidence(item)
+        else:
+            changes = correlator.on_event(item)
         for c in changes:
             last[c.serial] = c
     return [last[k] for k in sorted(last)]

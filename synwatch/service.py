@@ -27,7 +27,7 @@ from synwatch.probes.snapshot import take
 from synwatch.probes.synsample import SynSampler, open_sampler
 from synwatch.recorder import Recorder
 from synwatch.records import Evidence, IncidentChange, endpoint
-from synwatch.replay import Recording, event_line, evidence_line
+from synwatch.replay import Recording, event_line, evidence_line, probe_failed_line
 from synwatch.respond import Responder
 from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
@@ -319,7 +319,10 @@ class Service:
             if str(exc) != self._probe_failure:
                 log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
                 self._probe_failure = str(exc)
-            if not netns.exists(c.netns):
+            gone = not netns.exists(c.netns)
+            if self.recording is not None:  # what follows changes incidents: a replay does it too
+                self.recording.write(probe_failed_line(self.clock.now(), gone))
+            if gone:
                 # The watched namespace is gone (or not there yet): a kernel line can belong to
                 # no listener of it, so held lines stay events. Trusting them would widen what
                 # synwatch acts on to every namespace of the machine.

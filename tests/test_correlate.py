@@ -232,6 +232,28 @@ def test_a_flood_that_overflows_on_past_the_probe_it_filled_its_queue_in_is_its_
     assert {c.port for c in opened + later} == {PORT}
 
 
+def test_a_failed_probe_is_replayed_as_the_service_handled_it(tmp_path: Path) -> None:
+    """When a probe fails the service closes what has been quiet (and lets held lines go): a
+    recording says so, and its replay closes the incident at that moment too (a loaded CI
+    machine once replayed an incident differently from the live one)."""
+    from synwatch.replay import event_line, evidence_line, probe_failed_line, settings_line
+
+    clock = FrozenClock(NOW)
+    lines = [settings_line(Thresholds(), 10), evidence_line(NOW, Evidence(NOW, _snap()))]
+    t1 = NOW + timedelta(seconds=1)
+    lines.append(evidence_line(t1, Evidence(t1, _snap(syn_recv=64, qfull=500, cookies=500))))
+    lines.append(event_line(t1, _event(1, True, clock)))
+    t2 = NOW + timedelta(seconds=2)
+    lines.append(evidence_line(t2, Evidence(t2, _snap(syn_recv=64, qfull=1000, cookies=1000))))
+    gone_quiet = NOW + timedelta(seconds=30)  # then the probes failed
+    lines.append(probe_failed_line(gone_quiet, gone=False))
+    recording = tmp_path / "r.jsonl"
+    recording.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    [incident] = replay(str(recording), Thresholds(), 10)
+    assert (incident.status, incident.change) == ("closed", "closed")
+    assert incident.closed_at == gone_quiet  # when the service closed it
+
+
 def test_a_line_for_a_port_nobody_here_listens_on_waits_for_the_next_probe(
         corr: Correlator, clock: FrozenClock, caplog: pytest.LogCaptureFixture) -> None:
     """The kernel's log is every namespace's: a line opens an incident only where its port
