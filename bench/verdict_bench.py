@@ -65,7 +65,7 @@ def _run(path: Path, quiet: float) -> tuple[str, int | None, int]:
                 if first_probe is None:
                     first_probe = probes
         elif isinstance(item, ProbeFailed):
-            changes = corr.release_held() + corr.expire(now)
+            changes, _ = corr.on_probe_failed(now, gone=item.gone)
         else:
             changes = corr.on_event(item)
         for ch in changes:

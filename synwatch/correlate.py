@@ -331,6 +331,16 @@ class Correlator:
                          "line, no incident", stored.id, e.port, where)
         return changes
 
+    def on_probe_failed(self, now: datetime, *, gone: bool) -> tuple[list[IncidentChange], int]:
+        """A probe that could not read the namespace: what was quiet closes, and the held lines
+        go (``gone``: the namespace does not exist, so a line can belong to no listener of it
+        and they stay events; trusting them would widen what synwatch acts on to every
+        namespace of the machine) or are let go (``release_held``). The service and a replay
+        of its recording both come here. Returns the changes and how many lines were dropped."""
+        dropped = self.drop_held() if gone else 0
+        changes = [] if gone else self.release_held()
+        return changes + self.expire(now), dropped
+
     def drop_held(self) -> int:
         """Forget the held lines (they stay recorded events); returns how many there were."""
         count = len(self.held)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from synwatch import rules
 from synwatch.probes.snapshot import Snapshot
-from synwatch.records import PortHistory, endpoint
+from synwatch.records import NOT_ACCEPTING_AFTER, PortHistory, endpoint
 from synwatch.rules import Finding
 
 __all__ = ["Finding", "PortHistory", "examine"]
@@ -43,9 +43,9 @@ def examine(before: Snapshot, after: Snapshot, seconds: float,
                                f"{want} and check the application's workers"))
         if seen and seen.not_accepting:
             out.append(Finding("warn", where, f"{seen.not_accepting} incidents where its "
-                               "application stopped accepting (its accept queue full for 10 s "
-                               "or more): a larger backlog does not help; check the "
-                               "application"))
+                               "application stopped accepting (its accept queue full for "
+                               f"{NOT_ACCEPTING_AFTER:.0f} s or more): a larger backlog does "
+                               "not help; check the application"))
 
     def rate(name: str) -> float:
         delta = after.counters.get(name, 0) - before.counters.get(name, 0)

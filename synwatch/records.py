@@ -268,6 +268,7 @@ class StoredPoint:
 # how a recommendation says that an application stopped calling accept() (synwatch/verdict.py);
 # the history finds those incidents by it
 NOT_ACCEPTING = "is not accepting connections"
+NOT_ACCEPTING_AFTER = 10.0  # seconds of a full accept queue at every probe: not a burst
 
 
 @dataclass(frozen=True, slots=True)

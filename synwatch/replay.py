@@ -252,13 +252,7 @@ def replay(path: str, thresholds: Thresholds, quiet_period: float,
         clock.advance((now - clock.now()).total_seconds())
         assert correlator is not None
         if isinstance(item, ProbeFailed):
-            # as the service does when a probe fails (synwatch/service.py, _probe)
-            if item.gone:
-                correlator.drop_held()
-                changes = []
-            else:
-                changes = correlator.release_held()
-            changes += correlator.expire(clock.now())
+            changes, _ = correlator.on_probe_failed(now, gone=item.gone)
         elif isinstance(item, Evidence):
             changes = correlator.on_evidence(item)
         else:

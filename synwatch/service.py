@@ -319,20 +319,14 @@ class Service:
             if str(exc) != self._probe_failure:
                 log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
                 self._probe_failure = str(exc)
-            gone = not netns.exists(c.netns)
+            gone, now = not netns.exists(c.netns), self.clock.now()
             if self.recording is not None:  # what follows changes incidents: a replay does it too
-                self.recording.write(probe_failed_line(self.clock.now(), gone))
-            if gone:
-                # The watched namespace is gone (or not there yet): a kernel line can belong to
-                # no listener of it, so held lines stay events. Trusting them would widen what
-                # synwatch acts on to every namespace of the machine.
-                dropped = self.correlator.drop_held()
-                if dropped:
-                    log.warning("netns %s does not exist: %d kernel lines open no incident",
-                                c.netns, dropped)
-            else:
-                self._save(self.correlator.release_held())
-            self._save(self.correlator.expire(self.clock.now()))
+                self.recording.write(probe_failed_line(now, gone))
+            changes, dropped = self.correlator.on_probe_failed(now, gone=gone)
+            if dropped:
+                log.warning("netns %s does not exist: %d kernel lines open no incident",
+                            c.netns, dropped)
+            self._save(changes)
             self._probed_at = time.monotonic()
             return
         if self._probe_failure is not None:

@@ -147,6 +147,10 @@ def _die_with_parent(sig: int = signal.SIGKILL) -> None:
     libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
+def history_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir}/try.db"
+
+
 def trial_config(config: Config, pair: NamespacePair, workdir: Path) -> Config:
     """The admin's configuration, watching only the lab's server namespace: a dry run into a
     throwaway history, the kernel's log read from /dev/kmsg, no metrics listener, incidents
@@ -154,7 +158,7 @@ def trial_config(config: Config, pair: NamespacePair, workdir: Path) -> Config:
     sampler, the policy) is theirs."""
     return replace(
         config, netns=pair.server_ns, dry_run=True, journald=False, kmsg="auto", files=(),
-        storage_url=f"sqlite:///{workdir}/try.db", quiet_period=QUIET, metrics_listen=None,
+        storage_url=history_url(workdir), quiet_period=QUIET, metrics_listen=None,
         storage=replace(config.storage, state_dir=str(workdir), password_file=""))
 
 
@@ -234,13 +238,18 @@ class Trial:
         status = status_path(config)
         deadline = time.monotonic() + START_TIMEOUT
         while not status.exists():
-            if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                self.service_pid = None
-                raise TryError("try", f"the service stopped at its start:\n{self._log_tail()}")
+            self._check_service("at its start")
             if time.monotonic() > deadline:
                 raise TryError("try", f"the service did not start within {START_TIMEOUT:.0f} s:"
                                f"\n{self._log_tail()}")
             time.sleep(0.1)
+
+    def _check_service(self, when: str) -> None:
+        """The service child is still running, or the trial stops with its log's last lines."""
+        if self.service_pid is not None and os.waitpid(self.service_pid, os.WNOHANG) != (0, 0):
+            self.service_pid = None  # reaped
+            raise TryError("try", f"the service stopped{' ' + when if when else ''}:\n"
+                           f"{self._log_tail()}")
 
     def _log_tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
@@ -248,7 +257,7 @@ class Trial:
     def _history(self) -> Store:
         from synwatch.store import Store  # noqa: PLC0415
 
-        return Store.open(f"sqlite:///{self.workdir}/try.db", migrate=False)
+        return Store.open(history_url(self.workdir), migrate=False)
 
     def _judge(self, flood: Flood, port: int) -> Judged:
         assert self.pair is not None
@@ -269,10 +278,7 @@ class Trial:
                     break
                 if time.monotonic() > deadline:
                     break  # judged as far as it got: an open incident, or none
-                if self.service_pid is not None and os.waitpid(self.service_pid,
-                                                               os.WNOHANG) != (0, 0):
-                    self.service_pid = None
-                    raise TryError("try", f"the service stopped:\n{self._log_tail()}")
+                self._check_service("")
                 time.sleep(0.25)
             incidents = tuple((i, tuple(store.incident(i.id)[1])) for i in found)
         finally:

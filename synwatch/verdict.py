@@ -16,7 +16,7 @@ from synwatch import rules
 from synwatch.bantargets import TargetPlan, plan_targets
 from synwatch.config import Thresholds
 from synwatch.delta import add_completed, add_counts
-from synwatch.records import NOT_ACCEPTING, Verdict, endpoint
+from synwatch.records import NOT_ACCEPTING, NOT_ACCEPTING_AFTER, Verdict, endpoint
 from synwatch.stats import chao1, wilson
 
 if TYPE_CHECKING:
@@ -467,7 +467,6 @@ def _spoofed(t: Tally, th: Thresholds, src: _Sources, done: float, where: str) -
     return recs
 
 
-NOT_ACCEPTING_AFTER = 10.0  # seconds of a full accept queue at every probe: not a burst
 
 
 def _decide(t: Tally, th: Thresholds, where: str, done: float | None,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from synwatch.catalogue import Catalogue, load_catalogue
+from tests.lab import LAB_NAMESPACES, lab_namespaces
 from tests.pgcluster import Cluster
 
 if TYPE_CHECKING:
@@ -44,9 +45,6 @@ def synwatch(*args: str, env: dict[str, str] | None = None, stdin: str | None = 
     proc = subprocess.run([sys.executable, "-m", "synwatch", *args], capture_output=True,
                           text=True, env=full_env, input=stdin, timeout=timeout, check=False)
     return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-LAB_NAMESPACES = ("swt-", "swtry-")  # tests/lab.py and `synwatch try` name theirs so
 
 
 def _host_state() -> dict[str, object]:
@@ -201,9 +199,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     del exitstatus
     if os.environ.get("SYNWATCH_SUITE_PART"):
         return
-    run = Path("/run/netns")
-    left = sorted(p.name for p in run.iterdir() if p.name.startswith(LAB_NAMESPACES)) \
-        if run.is_dir() else []
+    left = lab_namespaces()
     if left:
         sys.stderr.write(f"\nthe tests left network namespaces behind: {left}\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

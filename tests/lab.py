@@ -42,6 +42,16 @@ from synwatch.lab import (  # noqa: F401 (the lab's names, for the tests and the
     syn_packet6,
 )
 
+LAB_NAMESPACES = ("swt-", "swtry-")  # the lab's (lab() below) and `synwatch try`'s
+
+
+def lab_namespaces(prefixes: tuple[str, ...] = LAB_NAMESPACES) -> list[str]:
+    """The named namespaces there now whose names start with one of ``prefixes``."""
+    run = Path("/run/netns")
+    return sorted(p.name for p in run.iterdir() if p.name.startswith(prefixes)) \
+        if run.is_dir() else []
+
+
 _ports_given: set[int] = set()
 
 

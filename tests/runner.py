@@ -19,9 +19,9 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-LAB_NAMESPACES = ("swt-", "swtry-")
+from tests.lab import lab_namespaces
+
 NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
 
 
@@ -30,12 +30,6 @@ def _pytest(marks: str, args: list[str], part: str, *, nice: int = 0,
     env = {**os.environ, "SYNWATCH_SUITE_PART": part}
     return subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-m", "pytest", "-m", marks,
                              *args], env=env, **kw)  # type: ignore[call-overload]
-
-
-def _left_namespaces() -> list[str]:
-    run = Path("/run/netns")
-    return sorted(p.name for p in run.iterdir() if p.name.startswith(LAB_NAMESPACES)) \
-        if run.is_dir() else []
 
 
 def main(args: list[str]) -> int:
@@ -58,7 +52,7 @@ def main(args: list[str]) -> int:
         sys.stdout.buffer.write(rest_out.read())
     codes = [c for c in (kernel, code_rest) if c != NO_TESTS] or [NO_TESTS]
     code = max(codes)
-    left = _left_namespaces()
+    left = lab_namespaces()
     if left:
         sys.stdout.write(f"the tests left network namespaces behind: {left}\n")
         code = code or 1

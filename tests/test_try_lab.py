@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab import lab_namespaces
 from tests.receivers import http_receiver
 
 pytestmark = pytest.mark.needs_root
 
 
 def _lab_namespaces() -> list[str]:
-    run = Path("/run/netns")
-    return sorted(p.name for p in run.iterdir() if p.name.startswith("swtry-")) \
-        if run.is_dir() else []
+    return lab_namespaces(("swtry-",))
 
 
 def _work_dirs() -> set[str]:

@@ -44,7 +44,7 @@ def cmd_unban(args: argparse.Namespace) -> int:
     from synwatch.actions.unban import unban  # noqa: PLC0415
 
     config = load(args)
-    store = existing_store(args)
+    store = existing_store(config)
     if store is None:
         raise NotFound(f"unban {args.prefix}", "no history yet, so no ban of synwatch's to lift "
                        f"({config.storage_url})")

@@ -143,15 +143,12 @@ def open_store(args: argparse.Namespace) -> Store:
     return Store.open(config.storage_url, host=config.host)
 
 
-def existing_store(args: argparse.Namespace) -> Store | None:
+def existing_store(config: Config) -> Store | None:
     """The history to act on, or None when it is an SQLite file not made yet (a command that
     has nothing to read there does not create it: only the service does)."""
-    from synwatch.config import sqlite_file  # noqa: PLC0415
+    from synwatch.store import Store  # noqa: PLC0415
 
-    db = sqlite_file(load(args).storage_url)
-    if db is not None and not db.exists():
-        return None
-    return open_store(args)
+    return Store.open_existing(config.storage_url, host=config.host)
 
 
 def open_history(args: argparse.Namespace) -> HistoryQueries:

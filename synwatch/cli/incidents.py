@@ -14,6 +14,7 @@ from synwatch.cli.common import (
     command,
     existing_store,
     group,
+    load,
     open_history,
     positive,
     since,
@@ -43,7 +44,7 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, print_incident  # noqa: PLC0415
     from synwatch.views import incident_view, sample_view  # noqa: PLC0415
 
-    store = existing_store(args)
+    store = existing_store(load(args))
     if store is None:  # a look never creates the history
         raise NotFound(f"incident {args.id}", "no history yet: `synwatch run` creates it")
     incident, runs = store.incident(args.id)

@@ -40,7 +40,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     netns = config.netns if args.netns is None else args.netns
     history = {}
     try:
-        store = existing_store(args)
+        store = existing_store(config)
         history = store.port_history(netns) if store is not None else {}
     except SynwatchError as exc:
         sys.stderr.write(f"synwatch: no history ({exc.subject}: {exc.why}); judging the "
