@@ -304,3 +304,30 @@ def test_any_recording_head_is_settings_nothing_or_a_usage_error(first: str) -> 
             assert refused.subject == f"{path}:1"
         else:
             assert got is None or (isinstance(got[0], Thresholds) and isinstance(got[1], float))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=200) | st.builds(
+    lambda now, gone: json.dumps({"type": "probe_failed", "now": now, "gone": gone}),
+    st.one_of(st.text(max_size=30), st.integers(), st.none(),
+              st.datetimes(timezones=st.just(timezone.utc)).map(lambda d: d.isoformat())),
+    st.one_of(st.booleans(), st.integers(), st.text(max_size=5), st.none())))
+def test_any_recording_line_is_an_item_or_a_usage_error(line: str) -> None:
+    """A recording line after the settings, a failed probe's included: an item for the replay,
+    or a UsageError naming the file and line; never another exception."""
+    import tempfile
+
+    from synwatch.errors import UsageError
+    from synwatch.replay import read
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.jsonl"
+        path.write_text(line + "\n", encoding="utf-8", errors="surrogatepass")
+        refused: UsageError | None = None
+        try:
+            items = list(read(str(path)))
+        except UsageError as exc:
+            refused, items = exc, []
+        if refused is not None:  # splitlines() also splits at \x1c-\x1e, \x85, \u2028 ...
+            assert re.fullmatch(rf"{re.escape(str(path))}:\d+", refused.subject), refused.subject
+        assert len(items) <= len(line.splitlines())
