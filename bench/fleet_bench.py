@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synwatch.actions.ban import FLEET_EVERY
 from synwatch.records import Ban
-from synwatch.store import Store
+from synwatch.store import History
 from tests.pgcluster import Cluster
 
 TRIALS = int(os.environ.get("SYNWATCH_BENCH_TRIALS", "20"))
@@ -65,7 +65,7 @@ def trials(url: str, tmp: Path, label: str) -> tuple[list[float], list[float]]:
     log = (tmp / f"{label}.log").open("w")
     node_b = subprocess.Popen([sys.executable, "-m", "synwatch", "run", "--config", str(config)],
                               stdout=subprocess.DEVNULL, stderr=log)
-    node_a = Store.open(url, host="node-a")
+    node_a = History.open(url, host="node-a")
     bans, unbans = [], []
     try:
         until(lambda: "synwatch running" in (tmp / f"{label}.log").read_text())

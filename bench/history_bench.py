@@ -1,8 +1,8 @@
 """The history at scale, on SQLite and on a real PostgreSQL server (root: the server runs as the
 postgres user, in a temporary directory, as in the tests).
 
-1. Ingest: events/s through the service's store (synwatch/sqlitestore.py on SQLite, Store on
-   PostgreSQL), in batches of 50 with their source position as the service writes them, one
+1. Ingest: events/s through the service's history (synwatch/store History: sqlite3 on SQLite,
+   psycopg on PostgreSQL), in batches of 50 with their source position as the service writes them, one
    node, then four nodes writing at once.
 2. Reading: the CLI as an admin runs it (a new process each time, so imports count), on an empty
    store and at 1M events / 100k incidents of four hosts spread over 120 days: median wall time
@@ -21,15 +21,14 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import insert
 
 from synwatch.records import NewEvent
-from synwatch.sqlitestore import SQLiteStore
-from synwatch.store import Store
+from synwatch.store import History
+from synwatch.store.migrate import engine
 from synwatch.store.models import EventRow, IncidentRow
 from tests.pgcluster import Cluster
 
@@ -50,14 +49,13 @@ def _event(i: int) -> NewEvent:
 
 def ingest(url: str, writers: int, per_writer: int = 5000) -> float:
     """Events a second, all writers together."""
-    Store.open(url).close()
+    History.open(url).close()
     start = threading.Barrier(writers + 1)
     done: list[float] = []
 
     def node(name: str) -> None:
-        # the store the service writes with: sqlite3 for a file, SQLAlchemy for a server
-        store: Any = (SQLiteStore.open(url, name) if url.startswith("sqlite:")
-                      else Store.open(url, host=name))
+        # as the service writes: sqlite3 for a file, psycopg for a server
+        store = History.open(url, host=name, bounded=True)
         batch = [_event(i) for i in range(per_writer)]
         start.wait()
         for i in range(0, per_writer, 50):
@@ -78,9 +76,10 @@ def ingest(url: str, writers: int, per_writer: int = 5000) -> float:
 
 def fill(url: str) -> None:
     """EVENTS events and INCIDENTS incidents of four hosts over 120 days, written in bulk."""
-    store = Store.open(url)
+    History.open(url).close()
+    made = engine(url)
     rng = random.Random(1)
-    with store.engine.begin() as conn:
+    with made.begin() as conn:
         for start in range(0, INCIDENTS, 20000):
             conn.execute(insert(IncidentRow), [{
                 "host": HOSTS[i % 4], "netns": "", "address": "0.0.0.0", "port": 443, "family": 4,
@@ -96,11 +95,11 @@ def fill(url: str) -> None:
                 "message": "TCP: request_sock_TCP: Possible SYN flooding on port 0.0.0.0:443.",
                 "pattern": "kernel-synflood/form-f", "dedup_key": f"k{i}"}
                 for i in range(start, min(start + 50000, EVENTS))])
-    if store.dialect == "postgresql":
-        with store.engine.connect() as conn:
+    if made.dialect.name == "postgresql":
+        with made.connect() as conn:
             conn.exec_driver_sql("ANALYZE")
             conn.commit()
-    store.close()
+    made.dispose()
 
 
 def cli(config: Path, *args: str) -> tuple[float, float]:
@@ -155,7 +154,7 @@ def main() -> None:
         for name, url in urls.items():
             empty, full = tmp / f"empty-{name}.toml", tmp / f"full-{name}.toml"
             empty_url, full_url = url("empty"), url("full")
-            Store.open(empty_url).close()
+            History.open(empty_url).close()
             began = time.monotonic()
             fill(full_url)
             filled = time.monotonic() - began

@@ -53,10 +53,15 @@ class StoreError(SynwatchError):
     """The database cannot be opened, migrated, read or written."""
 
 
+class StaleSchema(StoreError):
+    """A history of another schema than this synwatch's, opened to read: commands that only
+    look never migrate it (the service does at its start)."""
+
+
 class StoreOutage(StoreError):
     """The history cannot be reached or written for now (a server that does not answer; an
     SQLite file that is locked, on a full or read-only disk, deleted or corrupt): the service
-    keeps its writes on the spool (synwatch/spool.py) and goes on acting. A plain StoreError
+    keeps its writes on the spool (synwatch/store/spool.py) and goes on acting. A plain StoreError
     is a write the history refused for what it was (a bug, not an outage)."""
 
 

@@ -23,8 +23,8 @@ from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 
 from synwatch.config import BanSettings, Network
-from synwatch.historyreader import TIME_MAX, TIME_MIN
 from synwatch.records import Ban
+from synwatch.store.rows import TIME_MAX, TIME_MIN
 
 BATCH = 100  # copies per loop turn: one firewall command (one `nft -f`)
 PAGE = 1000  # fleet rows read per loop turn
@@ -70,7 +70,7 @@ def is_plain_prefix(text: str) -> bool:
 
 def malformed(b: Ban, now: datetime) -> str | None:
     """Why a fleet row is not a ban at all, or None. ``b`` as the store read it: its prefix as
-    written, its times clamped to what Python holds (historyreader.in_range)."""
+    written, its times clamped to what Python holds (synwatch/store/rows.py in_range)."""
     if not _HOST.fullmatch(b.host or ""):
         return f"host {b.host!r} is not a node name"
     if b.scope != "fleet" or b.origin_id is not None:

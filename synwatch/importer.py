@@ -17,7 +17,7 @@ from synwatch.recorder import new_event
 from synwatch.records import NewEvent
 from synwatch.scan import Progress, candidates, open_input
 from synwatch.sources.base import OccurrenceCounter
-from synwatch.store import Store
+from synwatch.store import History
 
 CHUNK_EVENTS = 1000
 
@@ -29,7 +29,7 @@ class ImportResult:
     added: int
 
 
-def import_paths(store: Store, catalogue: Catalogue, paths: Sequence[str],
+def import_paths(store: History, catalogue: Catalogue, paths: Sequence[str],
                  progress_for: Callable[[str, int | None], Progress | None] | None = None,
                  ) -> list[ImportResult]:
     results = []

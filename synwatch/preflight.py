@@ -21,9 +21,9 @@ from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 from synwatch import netns
-from synwatch.config import EMBEDDED, Config, sqlite_file
+from synwatch.config import EMBEDDED, Config, nearest_existing, sqlite_file
 from synwatch.config.urls import has_password, masked
-from synwatch.errors import ConfigError
+from synwatch.errors import ConfigError, StaleSchema, StoreError, StoreOutage
 
 Outcome = Literal["ok", "warn", "fail"]
 
@@ -112,55 +112,42 @@ def check_actions(config: Config,
 
 
 def check_store(config: Config) -> list[Check]:
-    """Opens the history read-only when it exists; never creates it."""
-    from sqlalchemy import create_engine, text  # noqa: PLC0415
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
-    from sqlalchemy.exc import (  # noqa: PLC0415
-        ArgumentError,
-        OperationalError,
-        SQLAlchemyError,
-    )
+    """Opens the history read-only when it exists; never creates or migrates it."""
+    from synwatch.store import History  # noqa: PLC0415
 
     shown = masked(config.storage_url)  # the userinfo's password and ?password= (libpq's)
-    try:
-        url = make_url(config.storage_url)
-    except ArgumentError:
-        return [Check("fail", "storage.url", f"{shown}: not an SQLAlchemy URL")]
     db = sqlite_file(config.storage_url)
     fleet = [Check("warn", "actions.ban.scope", "fleet bans with an SQLite history reach only "
                    "the nodes sharing this file, every 5 s (PostgreSQL wakes them at once)")
              ] if config.ban.scope == "fleet" and db is not None else []
     if db is not None:
         if not db.exists():
-            parent = db.parent
-            while not parent.exists():
-                parent = parent.parent
-            if not os.access(parent, os.W_OK | os.X_OK):
+            where = nearest_existing(db)
+            if where is None or not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
                 return [Check("fail", "storage.url",
-                              f"{db} does not exist and {parent} is not writable")]
+                              f"{db} does not exist and {where or db.parent} is not writable")]
             return [Check("ok", "storage.url", f"{db} will be created (0600)"), *fleet]
         if not os.access(db, os.R_OK | os.W_OK):
             return [Check("fail", "storage.url", f"{db} is not readable and writable")]
-        url = make_url(f"sqlite:///file:{db}?mode=ro&uri=true")
     try:
-        # a database across the network answers within seconds or is reported as down
-        engine = create_engine(url, connect_args={"connect_timeout": 5}
-                               if url.get_backend_name() == "postgresql" else {})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT count(*) FROM sqlite_master"
-                                      if url.get_backend_name() == "sqlite" else "SELECT 1"))
-        engine.dispose()
-    except OperationalError as exc:
+        history = History.open(config.storage_url, host=config.host, write=False)
+        try:
+            revision = history.schema_revision()
+        finally:
+            history.close()
+    except StoreOutage as exc:
         if db is not None:
-            return [Check("fail", "storage.url", f"{shown}: {str(exc).splitlines()[0]}")]
+            return [Check("fail", "storage.url", f"{shown}: {exc.why}")]
         # a database server that is down does not stop `run`: it starts on its spool
-        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return [Check("warn", "storage.url", f"{shown}: {why}; `run` would start on its "
+        return [Check("warn", "storage.url", f"{shown}: {exc.why}; `run` would start on its "
                       "spool and write it when the server answers"), *fleet]
-    except (SQLAlchemyError, ImportError) as exc:
-        return [Check("fail", "storage.url", f"{shown}: {str(exc).splitlines()[0]}")]
-    return [Check("ok", "storage.url", f"{shown} opens"
-                  + ("" if db is not None else f" (this node: {config.host})")), *fleet]
+    except StaleSchema as exc:
+        return [Check("ok", "storage.url", f"{shown} opens; {exc.why}"), *fleet]
+    except StoreError as exc:
+        return [Check("fail", "storage.url", f"{shown}: {exc.why}")]
+    node = "" if db is not None else f" (this node: {config.host})"
+    made = "" if revision is not None else "; no history yet: `run` creates it"
+    return [Check("ok", "storage.url", f"{shown} opens{node}{made}"), *fleet]
 
 
 # apprise's generic HTTP notifiers: their path is the receiving server's own path (json://host/

@@ -13,7 +13,7 @@ from synwatch.clock import Clock
 from synwatch.filters import match_record
 from synwatch.records import KernelEvent, NewEvent, StoredEvent
 from synwatch.sources.base import Batch
-from synwatch.storeapi import ServiceStore
+from synwatch.store.api import ServiceStore
 
 log = logging.getLogger(__name__)
 # A live flood gives a line per socket; a first start reads the whole boot's history. Past this

@@ -25,7 +25,7 @@ from synwatch.clock import Clock
 from synwatch.config import Config
 from synwatch.errors import StoreError, SynwatchError
 from synwatch.records import ActionRun, IncidentChange
-from synwatch.storeapi import ServiceStore
+from synwatch.store.api import ServiceStore
 
 log = logging.getLogger("synwatch")
 

@@ -32,9 +32,9 @@ from synwatch.respond import Responder
 from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
-from synwatch.spool import Spool, SpooledStore, unreachable
-from synwatch.sqlitestore import PRUNE_BATCH, SQLiteStore, prepare
-from synwatch.storeapi import ServiceStore
+from synwatch.store import PRUNE_BATCH, History, prepare
+from synwatch.store.api import ServiceStore
+from synwatch.store.spool import Spool, SpooledStore, unreachable
 from synwatch.supervisor import Supervisor
 from synwatch.telemetry import Telemetry
 
@@ -164,50 +164,35 @@ class Service:
             self.supervisor.wake()
 
     def _open_store(self) -> ServiceStore:
-        """The history, behind the spool (synwatch/spool.py): whatever happens to it (a
+        """The history, behind the spool (synwatch/store/spool.py): whatever happens to it (a
         database server that does not answer; an SQLite file locked, full, read-only, deleted
-        or corrupt), detection and actions go on and it is written when it can be. An SQLite
-        file is written through sqlite3 (synwatch/sqlitestore.py: SQLAlchemy stays out of the
-        resident service); a database server goes through SQLAlchemy. A history that cannot
-        be opened does not stop the start."""
+        or corrupt), detection and actions go on and it is written when it can be. A history
+        that cannot be opened does not stop the start."""
         c = self.config
+        url, host = c.storage_url, c.host
         spool = Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max)
-        if sqlite_file(c.storage_url) is not None:
-            try:
-                lite = SQLiteStore.open(c.storage_url, c.host)
-            except StoreError as exc:
-                log.error("store: %s; starting on the spool %s (%d records waiting): "  # noqa: TRY400
-                          "acting, not recording until it can be written", exc, spool.path,
-                          spool.records)
-                url, host = c.storage_url, c.host
-                self.spooled = SpooledStore(
-                    None, spool, migrated=False, url=url, host=host,
-                    opener=lambda: SQLiteStore.open(url, host),
-                    prepare=lambda: prepare(url, host))
-                self.spooled.problem = exc.why
-                return self.spooled
-            log.info("store: %s (schema %s)", lite.display_url, lite.schema_revision())
-            return self._spooled(SpooledStore(lite, spool, migrated=True))
-        from synwatch.store import Store  # noqa: PLC0415
-
-        if c.storage_url.startswith("sqlite"):  # in memory: tests and experiments
-            return Store.open(c.storage_url, host=c.host)
         try:
             # bounded: a server that does not answer fails within seconds, as one that refuses
-            store = Store.open(c.storage_url, host=c.host, bounded=True)
+            history = History.open(url, host=host, bounded=True)
         except StoreError as exc:
             if not unreachable(exc):
                 raise
-            log.error("store: %s; starting on the spool %s (%d records waiting); detection "  # noqa: TRY400
-                      "and actions go on", exc, spool.path, spool.records)
-            self.spooled = SpooledStore(Store.open(c.storage_url, host=c.host, migrate=False,
-                                                   bounded=True),
-                                        spool, migrated=False)
+            log.error("store: %s; starting on the spool %s (%d records waiting): "  # noqa: TRY400
+                      "acting, not recording until it can be written", exc, spool.path,
+                      spool.records)
+            if sqlite_file(url) is not None:  # not even a file: made when the disk takes it
+                self.spooled = SpooledStore(
+                    None, spool, migrated=False, url=url, host=host,
+                    opener=lambda: History.open(url, host=host, bounded=True),
+                    prepare=lambda: prepare(url, host))
+            else:  # a server: tried every few seconds, migrated when it answers
+                self.spooled = SpooledStore(History.open(url, host=host, migrate=False,
+                                                         bounded=True), spool, migrated=False)
             self.spooled.problem = exc.why
             return self.spooled
-        log.info("store: %s (schema %s, node %s)", store.display_url, store.schema_revision(),
-                 c.host)
-        return self._spooled(SpooledStore(store, spool, migrated=True))
+        log.info("store: %s (schema %s%s)", history.display_url, history.schema_revision(),
+                 "" if sqlite_file(url) is not None else f", node {host}")
+        return self._spooled(SpooledStore(history, spool, migrated=True))
 
     def _spooled(self, spooled: SpooledStore) -> SpooledStore:
         if spooled.spool.ops:

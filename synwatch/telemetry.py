@@ -16,7 +16,7 @@ from synwatch.probes.snapshot import Snapshot
 from synwatch.records import ActionRun, IncidentChange, StoredEvent, endpoint
 from synwatch.sources.base import Batch, Source
 from synwatch.status import DaemonStatus, SourceState, status_path
-from synwatch.storeapi import ServiceStore
+from synwatch.store.api import ServiceStore
 from synwatch.supervisor import Supervisor
 
 if TYPE_CHECKING:

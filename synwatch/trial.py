@@ -48,7 +48,7 @@ from synwatch.records import ActionRun, Incident
 from synwatch.status import status_path
 
 if TYPE_CHECKING:
-    from synwatch.store import Store
+    from synwatch.store import History
 
 QUIET = 3.0  # seconds: incidents close this long after their flood, not the configured wait
 START_TIMEOUT = 30.0
@@ -254,10 +254,10 @@ class Trial:
     def _log_tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
 
-    def _history(self) -> Store:
-        from synwatch.store import Store  # noqa: PLC0415
+    def _history(self) -> History:
+        from synwatch.store import History  # noqa: PLC0415
 
-        return Store.open(history_url(self.workdir), migrate=False)
+        return History.open(history_url(self.workdir), write=False)
 
     def _judge(self, flood: Flood, port: int) -> Judged:
         assert self.pair is not None

@@ -46,7 +46,7 @@ from synwatch.probes.accounting import CHAIN as ACCOUNTING
 from synwatch.probes.accounting import TABLE, SynAccounting
 from synwatch.records import ActionRun
 from synwatch.runner import execute, run, show
-from synwatch.store import Store
+from synwatch.store import History
 from synwatch.sysctl import write_sysctl
 
 if sys.version_info >= (3, 11):
@@ -75,7 +75,7 @@ class Uninstall:
     the kernel is cleaned all the same)."""
 
     namespaces: Sequence[str]
-    store: Store | None = None
+    store: History | None = None
     say: Callable[[str], None] = print
     now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     presets: dict[str, Preset] = field(default_factory=load_presets)
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "table in them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="synwatch: %(message)s")
-    store: Store | None = None
+    store: History | None = None
     namespaces: list[str] = []
     try:
         config = load_config(None)
@@ -309,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         namespaces.append(config.netns)
         try:
-            store = Store.open_existing(config.storage_url, host=config.host)
+            store = History.open_existing(config.storage_url, host=config.host, write=True)
             if store is not None:
                 namespaces += sorted(store.namespaces())
         except SynwatchError as exc:

@@ -1,5 +1,4 @@
-"""Records of the history as the JSON shapes the CLI prints (docs/cli.md). Outside
-synwatch/store: the lists read a current history without SQLAlchemy (historyreader.py)."""
+"""Records of the history as the JSON shapes the CLI prints (docs/cli.md)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from synwatch.errors import ActionFailed, ConfigError
 from synwatch.records import ActionRun, BanTarget, IncidentChange
 from synwatch.respond import Outcome, Responder
 from synwatch.runner import Command, reason, show
-from synwatch.store import Store
+from synwatch.store import History
 
 PRESETS = load_presets()
 SAMPLES = [(name, i) for name, p in PRESETS.items() for i in range(len(p.samples))]
@@ -206,13 +206,13 @@ class _FakeClock:
         return self.t
 
 
-def _responder(tmp_path: Path, extra: str) -> tuple[Responder, Store, _FakeClock]:
+def _responder(tmp_path: Path, extra: str) -> tuple[Responder, History, _FakeClock]:
     """A responder whose actions run (a file that does not say dry_run is a dry run) unless
     ``extra`` has its own [actions]; the plans the tests hand it act on nothing real."""
     live = "" if "[actions]\n" in extra else "[actions]\ndry_run = false\n"
     config = parse_config(f'[storage]\nurl = "sqlite:///{tmp_path}/a.db"\n{live}{extra}',
                           "test")
-    store = Store.open(config.storage_url)
+    store = History.open(config.storage_url)
     assert store.save_incident(_change(incident_id=None)) == 1
     clock = _FakeClock()
     return Responder(config, store, clock), store, clock

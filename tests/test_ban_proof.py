@@ -14,10 +14,8 @@ from synwatch.actions.presets import load_presets
 from synwatch.banproof import CHECK, UNENFORCED, Check, compare, drift_count, enforced
 from synwatch.config import parse_config
 from synwatch.errors import ConfigError
-from synwatch.historyreader import Reader
 from synwatch.records import Ban
-from synwatch.sqlitestore import SQLiteStore
-from synwatch.store import Store
+from synwatch.store import History
 
 NOW = datetime(2026, 11, 20, 10, 0, 0, tzinfo=timezone.utc)
 HOUR = timedelta(hours=1)
@@ -90,21 +88,20 @@ def test_enforced_means_checked_after_it_was_made_and_not_found_wanting() -> Non
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_the_check_reads_back_alike_through_both_sql_paths(tmp_path: Path, kind: str,
                                                            request: pytest.FixtureRequest) -> None:
-    """The service writes what it found (on SQLite through the sqlite3 store), `bans list`
-    reads it through the own-driver reader or through Store: the same rows."""
+    """What the service writes of its checks, `bans list` reads back, on both databases."""
     url = (f"sqlite:///{tmp_path}/h.db" if kind == "sqlite"
            else request.getfixturevalue("pg_url"))
-    store = Store.open(url, host="web1")
-    service = SQLiteStore(url, "web1") if kind == "sqlite" else store
-    other = Store.open(url, host="web2")
+    store = History.open(url, host="web1")
+    service = History.open(url, host="web1", bounded=True)
+    other = History.open(url, host="web2")
     service.save_setting("ns", CHECK, Check(NOW, "nftables", 1, NOW).encode(), NOW)
     service.save_setting("ns", f"{UNENFORCED}4", "missing from the kernel", NOW)
     service.save_setting("ns", "net.ipv4.tcp_syncookies", "0", NOW)  # not the bans'
     other.save_setting("", CHECK, Check(NOW, "ufw").encode(), NOW)
-    reader = Reader.open(url, "web1")
-    assert reader is not None
+    reader = History.open(url, host="web1", write=False)
     for host in ("web1", None):
         assert reader.ban_checks(host=host) == store.ban_checks(host=host)
+    assert reader.ban_checks(host="web2") == {("web2", "", CHECK): Check(NOW, "ufw").encode()}
     assert set(store.ban_checks(host="web1")) == {("web1", "ns", CHECK),
                                                   ("web1", "ns", f"{UNENFORCED}4")}
     assert len(store.ban_checks()) == 3

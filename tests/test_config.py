@@ -322,13 +322,13 @@ def test_the_largest_accepted_values_work_where_they_are_used(tmp_path: Path) ->
     from synwatch.clock import FrozenClock
     from synwatch.config.schema import NFT_MAX_TIMEOUT, POLL_MAX_TIMEOUT
     from synwatch.correlate import Correlator
-    from synwatch.store import Store
+    from synwatch.store import History
 
     c = parse_config(LARGEST, "largest")
     now = datetime.now(timezone.utc)
     Correlator("h", "", c.thresholds, c.quiet_period, FrozenClock(now))  # timedelta(quiet)
     # the prune (service._prune_step): now - retention, on a real history
-    store = Store.open(f"sqlite:///{tmp_path}/h.db", host="h")
+    store = History.open(f"sqlite:///{tmp_path}/h.db", host="h")
     assert c.storage.keep_events is not None and c.storage.keep_incidents is not None
     assert store.prune_events(now - timedelta(seconds=c.storage.keep_events)) == 0
     assert store.prune_incidents(now - timedelta(seconds=c.storage.keep_incidents), now) == 0
@@ -395,7 +395,7 @@ def test_the_password_file_is_read_into_the_url_quoted(
     from psycopg.conninfo import conninfo_to_dict
     from sqlalchemy.engine import make_url
 
-    from synwatch.historyreader import libpq_uri
+    from synwatch.store.dialect import libpq_uri
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     secret = tmp_path / "db-password"

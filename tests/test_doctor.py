@@ -12,7 +12,7 @@ from synwatch.doctor import PortHistory, examine
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.records import IncidentChange
-from synwatch.store import Store
+from synwatch.store import History
 from tests.conftest import NOW, synwatch
 from tests.lab import lab, lab_port
 
@@ -73,7 +73,7 @@ def test_doctor_in_a_namespace_uses_the_history(tmp_path: Path) -> None:
     with lab() as the_lab:
         config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
                           f'[watch]\nnetns = "{the_lab.server_ns}"\n')
-        store = Store.open(f"sqlite:///{tmp_path}/h.db")
+        store = History.open(f"sqlite:///{tmp_path}/h.db")
         store.save_incident(IncidentChange(
             change="opened", serial=1, incident_id=None, host="h", netns=the_lab.server_ns,
             address="0.0.0.0", port=port, family=4, status="closed", verdict="capacity",

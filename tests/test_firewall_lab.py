@@ -26,7 +26,7 @@ from synwatch.actions.firewall import BanItem, Firewall
 from synwatch.actions.presets import load_presets
 from synwatch.probes.snapshot import take
 from synwatch.records import Ban
-from synwatch.store import Store
+from synwatch.store import History
 from tests.conftest import REPO, synwatch
 from tests.harness import Service
 from tests.lab import SPOOF_NET, Lab, lab, lab_port, sh
@@ -232,7 +232,7 @@ class Proven:
     def __init__(self, the_lab: Lab, tmp_path: Path, backend: str, prefixes: list[str],
                  reconcile: float = RECONCILE) -> None:
         self.backend, self.db, self.reconcile = backend, tmp_path / "h.db", reconcile
-        store = Store.open(f"sqlite:///{self.db}")
+        store = History.open(f"sqlite:///{self.db}")
         now = datetime.now(timezone.utc)
         store.add_bans([Ban(prefix=p, backend=backend, netns=the_lab.server_ns, incident_id=None,
                             created_at=now, expires_at=now + timedelta(hours=1))

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from synwatch.fleetcopy import BATCH
-from synwatch.fleetlisten import BAN_CHANNEL
+from synwatch.store.listen import BAN_CHANNEL
 from tests.conftest import synwatch
 from tests.harness import Service
 from tests.lab import SPOOF_NET, Kmsg, Lab, lab, lab_port

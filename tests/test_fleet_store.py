@@ -13,13 +13,15 @@ import pytest
 from sqlalchemy import MetaData, create_engine, insert, select, text
 
 from synwatch.records import Ban
-from synwatch.store import Store
+from synwatch.store import History
+from synwatch.store.migrate import engine
 from tests.conftest import synwatch
 from tests.pgcluster import Cluster
 from tests.test_store import (
     OLD_HISTORIES,
     T0,
     _event,
+    added,
     alembic,
     check_down_and_up,
     check_old_history,
@@ -29,13 +31,14 @@ from tests.test_store import (
 def _copy_old_history(sqlite_file: Path, url: str, revision: str) -> None:
     """The old SQLite history's rows, copied into a PostgreSQL database at the same schema
     revision (made by the same migrations), as an older synwatch would have written them."""
-    store = Store.open(url, migrate=False)
+    store = History.open(url, migrate=False)
     alembic(store, "upgrade", revision)
     source = create_engine(f"sqlite:///{sqlite_file}")
     old, new = MetaData(), MetaData()
     old.reflect(source)
-    new.reflect(store.engine)
-    with source.connect() as src, store.engine.begin() as dst:
+    target = engine(url)
+    new.reflect(target)
+    with source.connect() as src, target.begin() as dst:
         dst.execute(text("SET TIME ZONE 'UTC'"))  # SQLite's naive times are UTC
         for table in old.sorted_tables:
             if table.name == "alembic_version":
@@ -47,6 +50,7 @@ def _copy_old_history(sqlite_file: Path, url: str, revision: str) -> None:
             dst.execute(text(f"SELECT setval(pg_get_serial_sequence('{seq}', 'id'), "
                              f"(SELECT coalesce(max(id), 0) + 1 FROM {seq}), false)"))
     source.dispose()
+    target.dispose()
     store.close()
 
 
@@ -54,14 +58,14 @@ def _copy_old_history(sqlite_file: Path, url: str, revision: str) -> None:
 def test_postgresql_migrates_an_old_history_with_its_data(pg_url: str, old: Path) -> None:
     revision = old.stem.removeprefix("schema_")
     _copy_old_history(old, pg_url, revision)
-    store = Store.open(pg_url)
+    store = History.open(pg_url)
     assert store.dialect == "postgresql"
     assert store.schema_revision() == store.head_revision() == "0005"
     check_old_history(store, revision)
 
 
 def test_postgresql_migrations_run_down_and_up(pg_url: str) -> None:
-    check_down_and_up(Store.open(pg_url))
+    check_down_and_up(History.open(pg_url))
 
 
 def test_nodes_starting_together_migrate_once(pg_url: str) -> None:
@@ -73,7 +77,7 @@ def test_nodes_starting_together_migrate_once(pg_url: str) -> None:
     def node(name: str) -> None:
         try:
             start.wait()
-            Store.open(pg_url, host=name).close()
+            History.open(pg_url, host=name).close()
         except BaseException as exc:
             errors.append(exc)
 
@@ -83,18 +87,18 @@ def test_nodes_starting_together_migrate_once(pg_url: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert Store.open(pg_url).schema_revision() == "0005"
+    assert History.open(pg_url).schema_revision() == "0005"
 
 
 def test_nodes_writing_at_once_lose_nothing_and_duplicate_nothing(pg_url: str) -> None:
     """Four nodes on one machine read the same journal and write at once: each records every
     entry once under its own name, and a second pass (a restart) adds nothing."""
-    Store.open(pg_url).close()
+    History.open(pg_url).close()
     entries = [_event(i) for i in range(300)]
     counts: dict[str, list[int]] = {}
 
     def node(name: str) -> None:
-        store = Store.open(pg_url, host=name)
+        store = History.open(pg_url, host=name)
         counts[name] = [store.record_events(entries[i:i + 25], T0, ("journald", {"n": i}))
                         for i in range(0, len(entries), 25)]
         counts[name].append(store.record_events(entries, T0))  # again, after a "restart"
@@ -107,7 +111,7 @@ def test_nodes_writing_at_once_lose_nothing_and_duplicate_nothing(pg_url: str) -
         t.join()
     assert {name: (sum(c[:-1]), c[-1]) for name, c in counts.items()} == {
         f"web{i}": (300, 0) for i in range(4)}
-    store = Store.open(pg_url, host="web2")
+    store = History.open(pg_url, host="web2")
     assert len(store.events(host="web2")) == 300
     assert len(store.events()) == 1200
     assert store.get_position("journald") == {"n": 275}
@@ -125,13 +129,12 @@ def test_fleet_views_show_this_host_one_host_or_all(tmp_path: Path, pg_url: str)
 
     now = datetime.now(timezone.utc)
     for host, port in (("web1", 443), ("web2", 80)):
-        store = Store.open(pg_url, host=host)
-        with store.session() as s:
-            row = IncidentRow(host=host, netns="", address="0.0.0.0", port=port, family=4,
-                              status="closed", verdict="concentrated", trigger="log",
-                              opened_at=now, closed_at=now, peak_syn_recv=10,
-                              top_prefixes=[], recommendations=[], evidence={})
-            s.add(row)
+        store = History.open(pg_url, host=host)
+        row = IncidentRow(host=host, netns="", address="0.0.0.0", port=port, family=4,
+                          status="closed", verdict="concentrated", trigger="log",
+                          opened_at=now, closed_at=now, peak_syn_recv=10,
+                          top_prefixes=[], recommendations=[], evidence={})
+        added(pg_url, [row])
         store.add_bans([Ban(prefix=f"198.51.{port}.0/24", backend="nftables", netns="",
                             incident_id=row.id, created_at=now,
                             expires_at=now + timedelta(hours=1))])
@@ -179,27 +182,25 @@ def test_check_config_names_the_node_and_does_not_fail_on_a_server_that_is_down(
     assert "warn  actions.ban.scope: fleet bans with an SQLite history" in r.out
 
 
-def _history(url: str) -> Store:
+def _history(url: str, now: datetime) -> History:
     """Two nodes' events, incidents, action runs and bans, over three days."""
     from synwatch.records import ActionRun
     from synwatch.store.models import IncidentRow
 
-    now = datetime.now(timezone.utc).replace(microsecond=123456)
     for n, host in enumerate(("web1", "web2")):
-        store = Store.open(url, host=host)
+        store = History.open(url, host=host)
         store.record_events([_event(i, time=now - timedelta(hours=i * 7 + n))
                              for i in range(12)], now, ("journald", {"c": n}))
-        with store.session() as s:
-            rows = [IncidentRow(host=host, netns="", address="0.0.0.0", port=80 + i, family=4,
-                                status="closed" if i else "open",
-                                verdict=("capacity", "concentrated", "spoofed")[i % 3],
-                                trigger="log", opened_at=now - timedelta(hours=i * 9 + n),
-                                closed_at=None, peak_syn_recv=i,
-                                top_prefixes=[{"prefix": "198.51.100.0/24", "count": i,
-                                               "share": 0.5}],
-                                recommendations=[f"r{i}"], evidence={"reasons": ["x"]})
-                    for i in range(7)]
-            s.add_all(rows)
+        rows = [IncidentRow(host=host, netns="", address="0.0.0.0", port=80 + i, family=4,
+                            status="closed" if i else "open",
+                            verdict=("capacity", "concentrated", "spoofed")[i % 3],
+                            trigger="log", opened_at=now - timedelta(hours=i * 9 + n),
+                            closed_at=None, peak_syn_recv=i,
+                            top_prefixes=[{"prefix": "198.51.100.0/24", "count": i,
+                                           "share": 0.5}],
+                            recommendations=[f"r{i}"], evidence={"reasons": ["x"]})
+                for i in range(7)]
+        added(url, rows)
         ids = [r.id for r in rows]
         store.add_action_runs([ActionRun(incident_id=i, action="ban", target="198.51.100.0/24",
                                          status="done", at=now, detail="d") for i in ids[:3]])
@@ -209,33 +210,29 @@ def _history(url: str) -> Store:
     return store
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_the_cli_reader_answers_as_the_store_does(tmp_path: Path, kind: str, pg: object) -> None:
-    """The lists' own-driver reader (synwatch/historyreader.py) gives the records Store gives,
-    for every filter, on both databases."""
-    from synwatch.historyreader import Reader
-
-    url = f"sqlite:///{tmp_path}/h.db" if kind == "sqlite" else pg.new_database()  # type: ignore[attr-defined]
-    store = _history(url)
-    reader = Reader.open(url, "web1")
-    assert reader is not None and reader.dialect == kind
-    day = datetime.now(timezone.utc) - timedelta(days=1)
-    for kw in ({}, {"host": "web1"}, {"since": day}, {"limit": 5}, {"limit": 3, "host": "web2"},
-               {"since": day, "limit": 2, "host": "web1"}):
-        assert reader.events(**kw) == store.events(**kw), kw  # type: ignore[arg-type]
-    for kw in ({}, {"host": "web2"}, {"since": day}, {"port": 81}, {"verdict": "spoofed"},
-               {"status": "open"}, {"limit": 4, "host": "web1"}):
-        got = reader.incidents(**kw)  # type: ignore[arg-type]
-        assert got == store.incidents(**kw), kw  # type: ignore[arg-type]
-    ids = [i.id for i in store.incidents()]
-    assert reader.actions_by_incident(ids) == store.actions_by_incident(ids)
-    assert sum(map(len, reader.actions_by_incident(ids).values())) == 6
-    for host in (None, "web1"):
-        assert reader.bans(host=host) == store.bans(host=host)
-    # a history that needs its migrations is not the reader's: Store opens it
-    with store.engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '0004'"))
-    assert Reader.open(url, "web1") is None
+def test_every_filter_of_the_lists_reads_alike_on_both_databases(tmp_path: Path,
+                                                                  pg: Cluster) -> None:
+    """The lists' queries, for every filter, on SQLite and on PostgreSQL: the same records, and
+    the filters filter."""
+    now = datetime.now(timezone.utc).replace(microsecond=123456)
+    lite, server = (_history(url, now) for url in (f"sqlite:///{tmp_path}/h.db",
+                                                    pg.new_database()))
+    day = now - timedelta(days=1)
+    for kw, n in (({}, 24), ({"host": "web1"}, 12), ({"since": day}, 8), ({"limit": 5}, 5),
+                  ({"limit": 3, "host": "web2"}, 3), ({"since": day, "limit": 2,
+                                                       "host": "web1"}, 2)):
+        found = lite.events(**kw)  # type: ignore[arg-type]
+        assert found == server.events(**kw) and len(found) == n, kw  # type: ignore[arg-type]
+    for kw, n in (({}, 14), ({"host": "web2"}, 7), ({"since": day}, 6), ({"port": 81}, 2),
+                  ({"verdict": "spoofed"}, 4), ({"status": "open"}, 2),
+                  ({"limit": 4, "host": "web1"}, 4)):
+        got = lite.incidents(**kw)  # type: ignore[arg-type]
+        assert got == server.incidents(**kw) and len(got) == n, kw  # type: ignore[arg-type]
+    ids = [i.id for i in lite.incidents()]
+    assert lite.actions_by_incident(ids) == server.actions_by_incident(ids)
+    assert sum(map(len, lite.actions_by_incident(ids).values())) == 6
+    for host, n in ((None, 2), ("web1", 1)):
+        assert lite.bans(host=host) == server.bans(host=host) and len(lite.bans(host)) == n
 
 
 def test_listing_a_current_history_does_not_import_sqlalchemy(tmp_path: Path) -> None:
@@ -244,7 +241,7 @@ def test_listing_a_current_history_does_not_import_sqlalchemy(tmp_path: Path) ->
 
     config = tmp_path / "c.toml"
     config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
-    _history(f"sqlite:///{tmp_path}/h.db")
+    _history(f"sqlite:///{tmp_path}/h.db", datetime.now(timezone.utc))
     code = ("import sys\nfrom synwatch.cli import main\n"
             "for args in (['incidents', 'list'], ['events', 'list', '--limit', '5'],"
             " ['bans', 'list', '--all-hosts']):\n"
@@ -263,11 +260,11 @@ def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
     the old ids; when the server answers, everything is written with the links mapped."""
     from synwatch.errors import StoreError
     from synwatch.records import IncidentChange
-    from synwatch.spool import Spool, SpooledStore
+    from synwatch.store.spool import Spool, SpooledStore
 
     now = datetime.now(timezone.utc)
     path = tmp_path / "spool.jsonl"
-    first = SpooledStore(Store.open(pg_url, host="n1"), Spool(path, 10), migrated=True)
+    first = SpooledStore(History.open(pg_url, host="n1"), Spool(path, 10), migrated=True)
     [before] = first.insert_events([_event(1)], now, ("journald", {"c": 1}))
     assert before > 0 and not path.exists()
     pg.stop()
@@ -288,7 +285,7 @@ def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
         with pytest.raises(StoreError, match="the spool is full"):
             first.insert_events([_event(i) for i in range(3, 12)], now)
         # a restart while the server is still down
-        second = SpooledStore(Store.open(pg_url, host="n1", migrate=False), Spool(path, 10),
+        second = SpooledStore(History.open(pg_url, host="n1", migrate=False), Spool(path, 10),
                               migrated=False)
         assert second.get_position("journald") == {"c": 2}
         [resumed] = second.open_incidents("n1", "")
@@ -300,7 +297,7 @@ def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
     finally:
         pg.start()
     assert second.catch_up() == 0 and not path.exists()
-    store = Store.open(pg_url, host="n1")
+    store = History.open(pg_url, host="n1")
     events = store.events(host="n1")
     [inc] = store.incidents(host="n1")
     assert [e.dedup_key for e in events] == ["cursor-1", "cursor-2", "cursor-3"]

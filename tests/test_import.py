@@ -5,10 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from sqlalchemy import select
-
-from synwatch.store import Store
-from synwatch.store.models import EventRow
+from synwatch.store import History
 from tests.conftest import synwatch
 
 LINE = ("Jul 28 18:57:32 PC kernel: [538538.407269] TCP: request_sock_TCP: Possible SYN flooding "
@@ -29,9 +26,8 @@ def test_import_is_idempotent_untrusted_and_historical(tmp_path: Path,
     again = synwatch("import", str(current), str(rotated), *cfg)
     assert again.out.splitlines() == [f"{current}: 2 kernel lines, 0 new events",
                                       f"{rotated}: 2 kernel lines, 0 new events"]
-    store = Store.open(f"sqlite:///{tmp_path}/history.db")
-    with store.session() as s:
-        rows = list(s.scalars(select(EventRow).order_by(EventRow.id)))
+    store = History.open(f"sqlite:///{tmp_path}/history.db")
+    rows = sorted(store.events(), key=lambda e: e.id)
     assert [(e.port, e.trusted, e.historical, e.source) for e in rows] == [
         (80, False, True, f"file:{rotated}"), (443, False, True, f"file:{rotated}"),
         (8080, False, True, f"file:{current}")]

@@ -23,7 +23,7 @@ from synwatch.actions.presets import load_presets
 from synwatch.probes.accounting import SynAccounting
 from synwatch.records import Ban
 from synwatch.runner import execute
-from synwatch.store import Store
+from synwatch.store import History
 from synwatch.sysctl import write_sysctl
 from tests.conftest import REPO, cli_commands
 
@@ -207,7 +207,7 @@ def test_the_removal_lifts_every_ban_and_puts_back_what_it_raised(tmp_path: Path
     cfg.write_text(f'[storage]\nurl = "{history}"\n[watch]\nnetns = "{ns}"\n')
     presets = load_presets()
     nft, ipset = Firewall(presets["nftables"], ns), Firewall(presets["iptables-ipset"], ns)
-    store = Store.open(history)
+    store = History.open(history)
     try:
         bans = {"nftables": ["192.0.2.0/24", "2001:db8:7::/64"],
                 "iptables-ipset": ["198.51.100.0/24"]}
@@ -260,7 +260,7 @@ def test_the_removal_lifts_every_ban_and_puts_back_what_it_raised(tmp_path: Path
     assert "match-set" not in in_ns(ns, "ip6tables", "-S", "INPUT")
     assert in_ns(ns, "cat", "/proc/sys/net/ipv4/tcp_syncookies").strip() == "0"
     assert note.read_text() == f"{ns}\n"
-    store = Store.open(history)
+    store = History.open(history)
     try:
         assert store.active_bans(ns, datetime.now(timezone.utc)) == []
         assert store.saved_settings() == []

@@ -11,14 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from synwatch import journalfold
 from synwatch import scan as scan_module
 from synwatch.catalogue import Catalogue
 from synwatch.scan import candidate_lines, candidates, open_input
-from synwatch.store import Store
-from synwatch.store.models import EventRow
+from synwatch.store import History
 from tests.conftest import DATA, synwatch
 
 FLOOD = ("Mar  7 09:17:14 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding on port "
@@ -263,9 +261,8 @@ def test_import_of_every_mode_records_untrusted_events(store_config: Path) -> No
     assert res.out.splitlines() == [
         f"{p}: 7 kernel lines, {0 if p.endswith('with-unit.txt') else 7} new events"
         for p in paths]
-    store = Store.open(f"sqlite:///{store_config.parent}/history.db")
-    with store.session() as s:
-        rows = list(s.scalars(select(EventRow)))
+    store = History.open(f"sqlite:///{store_config.parent}/history.db")
+    rows = store.events()
     assert len(rows) == 7 * (len(paths) - 1)
     assert not any(e.trusted for e in rows)
 

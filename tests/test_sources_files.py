@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from synwatch.catalogue import Catalogue
 from synwatch.clock import SystemClock
@@ -23,8 +22,7 @@ from synwatch.recorder import Recorder
 from synwatch.records import LogRecord
 from synwatch.sources.base import Batch
 from synwatch.sources.files import FileSource
-from synwatch.store import Store
-from synwatch.store.models import EventRow
+from synwatch.store import History
 from tests.conftest import synwatch
 from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
 
@@ -39,7 +37,7 @@ NOISE = "Mar  7 09:17:14 web01 CRON[42]: (root) CMD (true)\n"
 
 class Harness:
     def __init__(self, tmp: Path, catalogue: Catalogue) -> None:
-        self.store = Store.open(f"sqlite:///{tmp}/h.db")
+        self.store = History.open(f"sqlite:///{tmp}/h.db")
         self.recorder = Recorder(self.store, catalogue, SystemClock())
         self.catalogue = catalogue
         self.lock = threading.Lock()
@@ -96,9 +94,8 @@ class Harness:
 
 
 def numbers_recorded(h: Harness) -> list[int]:
-    with h.store.session() as s:
-        keys = list(s.scalars(select(EventRow.dedup_key)))
-        msgs = list(s.scalars(select(EventRow.message)))
+    events = h.store.events()
+    keys, msgs = [e.dedup_key for e in events], [e.message for e in events]
     assert len(set(keys)) == len(keys)
     return sorted(int(m.split("port ")[1].split(".")[0]) for m in msgs)
 
@@ -194,8 +191,7 @@ def test_forged_json_in_a_text_file_is_not_trusted(tmp_path: Path, harness: Harn
         log.write_text('{"_TRANSPORT":"kernel","SYSLOG_FACILITY":"0","SYSLOG_IDENTIFIER":'
                        '"kernel","MESSAGE":"TCP: request_sock_TCP: Possible SYN flooding on '
                        'port 0.0.0.0:443. Sending cookies."}\n')
-    with harness.store.session() as s:
-        events = list(s.scalars(select(EventRow)))
+    events = harness.store.events()
     assert [(e.port, e.trusted) for e in events] == [(443, False)]
 
 
@@ -216,7 +212,7 @@ def test_copytruncate_seen_by_the_first_line_when_the_file_regrew_past_our_offse
 def test_a_backlog_of_events_is_logged_as_one_summary_line(
         tmp_path: Path, catalogue: Catalogue, caplog: pytest.LogCaptureFixture) -> None:
     """A first start reads the whole boot's history: one line says so, not one per event."""
-    recorder = Recorder(Store.open(f"sqlite:///{tmp_path}/h.db"), catalogue, SystemClock())
+    recorder = Recorder(History.open(f"sqlite:///{tmp_path}/h.db"), catalogue, SystemClock())
 
     def batch(numbers: range) -> Batch:
         records = tuple(LogRecord(line=kernel_line(n), sink="rsyslog", time=None,

@@ -23,7 +23,7 @@ from synwatch.records import LogRecord, RecordedEvent
 from synwatch.sources.base import Batch
 from synwatch.sources.journald import JournalctlReader, JournaldSource, SystemdReader
 from synwatch.sources.kmsg import KmsgSource, current_boot_id
-from synwatch.store import Store
+from synwatch.store import History
 from tests.conftest import Journald
 from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
 from tests.lab import Lab, lab, lab_port
@@ -45,7 +45,7 @@ def real_flood(the_lab: Lab) -> int:
     return port
 
 
-def events_for(store: Store, port: int, mark: Callable[[], int],
+def events_for(store: History, port: int, mark: Callable[[], int],
                timeout: float = 15) -> list[RecordedEvent]:
     """The events recorded for ``port``, once one is, and once a later line is too: ``mark()``
     sends one through the same source and returns its port. A duplicate of the first would
@@ -94,7 +94,7 @@ def test_real_flood_is_recorded_trusted_within_a_second_and_forgeries_are_not(
         tmp_path: Path, journald: Journald, flood_lab: Lab) -> None:
     notify = NotifySocket(tmp_path / "n.sock")
     proc = start_service(_config(tmp_path), notify)
-    store = Store.open(f"sqlite:///{tmp_path}/h.db")
+    store = History.open(f"sqlite:///{tmp_path}/h.db")
     try:
         notify.wait_for("READY=1")
         forged_logger, forged_send = random.randint(1, 9999), random.randint(10000, 19999)
@@ -144,7 +144,7 @@ def test_dead_journald_is_restarted_with_backoff_while_files_keep_working(
     log = tmp_path / "syslog"
     notify = NotifySocket(tmp_path / "n.sock")
     proc = start_service(_config(tmp_path, [str(log)]), notify)
-    store = Store.open(f"sqlite:///{tmp_path}/h.db")
+    store = History.open(f"sqlite:///{tmp_path}/h.db")
     try:
         notify.wait_for("READY=1")
         before = real_flood(flood_lab)

@@ -18,9 +18,9 @@ import pytest
 
 from synwatch.errors import StoreOutage
 from synwatch.records import ActionRun, Ban, TimelinePoint
-from synwatch.spool import THIN_EVERY, Spool, SpooledStore
-from synwatch.sqlitestore import SQLiteStore, prepare
-from tests.test_sqlitestore import NOW, _change
+from synwatch.store import History, prepare
+from synwatch.store.spool import THIN_EVERY, Spool, SpooledStore
+from tests.test_history import NOW, _change
 from tests.test_store import _event
 
 pytestmark = pytest.mark.needs_root  # the tmpfs
@@ -41,7 +41,7 @@ def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
 
 def _spooled(tmp: Path, limit: int = 10_000) -> tuple[SpooledStore, Path]:
     db = tmp / "h.db"
-    lite = SQLiteStore.open(f"sqlite:///{db}", "web1")
+    lite = History.open(f"sqlite:///{db}", host="web1", bounded=True)
     lite.set_busy_timeout(0.2)  # as the service (synwatch/service.py STORE_WAIT)
     return SpooledStore(lite, Spool(tmp / "spool.jsonl", limit), migrated=True), db
 
@@ -159,7 +159,8 @@ def test_a_history_that_cannot_be_opened_is_prepared_when_it_can(tmp_path: Path)
     where.write_text("not a directory")
     url = f"sqlite:///{where}/h.db"
     store = SpooledStore(None, Spool(tmp_path / "spool.jsonl", 10_000), migrated=False,
-                         url=url, host="web1", opener=lambda: SQLiteStore.open(url, "web1"),
+                         url=url, host="web1",
+                         opener=lambda: History.open(url, host="web1", bounded=True),
                          prepare=lambda: prepare(url, "web1"))
     event, _, _ = _one_flood(store)
     assert store.away and store.spooling
@@ -205,7 +206,7 @@ def test_a_stop_in_the_middle_of_a_catch_up_leaves_nothing_unmappable(
     """The history comes back, part of the spool is written, and synwatch stops: what waits
     names the history's ids, so the next start writes it (before: a foreign key error at the
     head of the spool, for ever) and resumes the incident once."""
-    import synwatch.spool
+    import synwatch.store.spool
 
     store, db = _spooled(tmp_path)
     holder = sqlite3.connect(db, isolation_level=None)
@@ -224,7 +225,7 @@ def test_a_stop_in_the_middle_of_a_catch_up_leaves_nothing_unmappable(
     while store.away:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    monkeypatch.setattr(synwatch.spool, "CATCH_UP_SECONDS", 0.0)  # one op a call
+    monkeypatch.setattr(synwatch.store.spool, "CATCH_UP_SECONDS", 0.0)  # one op a call
     for _ in range(5):
         store.catch_up()
     assert store.spool.ops  # stopped half-way
@@ -301,18 +302,19 @@ def test_a_hostile_spool_file_is_skipped_line_by_line(tmp_path: Path) -> None:
 def test_only_an_outage_is_an_outage() -> None:
     """A bad statement is a bug that says so, not a reason to spool for ever."""
     from synwatch.errors import StoreError
-    from synwatch.sqlitestore import _error
+    from synwatch.store.dialect import SQLite
 
+    _error = SQLite("sqlite:///u").error
     conn = sqlite3.connect(":memory:")
     with pytest.raises(sqlite3.Error) as bad:
         conn.execute("SELEC 1")
-    assert type(_error("u", bad.value)) is StoreError
+    assert type(_error(bad.value)) is StoreError
     with pytest.raises(sqlite3.Error) as missing:
         conn.execute("SELECT * FROM nothing")
-    assert type(_error("u", missing.value)) is StoreError
+    assert type(_error(missing.value)) is StoreError
     locked = sqlite3.OperationalError("database is locked")
     locked.sqlite_errorcode = 5  # type: ignore[attr-defined]
-    assert isinstance(_error("u", locked), StoreOutage)
+    assert isinstance(_error(locked), StoreOutage)
 
 
 def test_the_newest_update_wins_after_thinning_around_linked_events(tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
 
 from synwatch.records import ActionRun, Ban
-from synwatch.store import NewEvent, Store
+from synwatch.store import History, NewEvent
+from synwatch.store.migrate import alembic_config, engine
 from synwatch.store.models import IncidentRow
 from tests.conftest import synwatch
 
@@ -35,28 +35,30 @@ def _db(path: Path) -> str:
 
 def test_open_creates_and_migrates_the_schema_in_wal_mode(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "dir" / "h.db"
-    store = Store.open(_db(db))
+    store = History.open(_db(db))
     assert store.schema_revision() == store.head_revision() == "0005"
-    tables = set(inspect(store.engine).get_table_names())
+    tables = {r[0] for r in store.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"events", "incidents", "evidence_samples", "action_runs", "bans",
             "source_positions", "alembic_version"} <= tables
     store.close()
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     # a second open is a no-op
-    assert Store.open(_db(db)).schema_revision() == "0005"
+    assert History.open(_db(db)).schema_revision() == "0005"
 
 
-def alembic(store: Store, verb: str, revision: str) -> None:
+def alembic(store: History, verb: str, revision: str) -> None:
     """Alembic's ``upgrade`` or ``downgrade`` to ``revision`` on the store's database."""
     from alembic import command
 
-    cfg = store._alembic_config()
-    with store.engine.begin() as conn:
+    cfg = alembic_config()
+    made = engine(store.url)
+    with made.begin() as conn:
         cfg.attributes["connection"] = conn
         getattr(command, verb)(cfg, revision)
+    made.dispose()
 
 
-def check_down_and_up(store: Store) -> None:
+def check_down_and_up(store: History) -> None:
     """Every migration down to nothing, then up again (on SQLite here, on PostgreSQL in
     tests/test_fleet_store.py)."""
     alembic(store, "downgrade", "base")
@@ -66,7 +68,7 @@ def check_down_and_up(store: Store) -> None:
 
 
 def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
-    check_down_and_up(Store.open(_db(tmp_path / "h.db")))
+    check_down_and_up(History.open(_db(tmp_path / "h.db")))
 
 
 OLD_HISTORIES = sorted((Path(__file__).parent / "data" / "store").glob("schema_*.db"))
@@ -79,13 +81,13 @@ def test_a_history_written_by_an_older_schema_keeps_its_data(tmp_path: Path, old
     retries that were prose in the detail converted to the retry_at column."""
     db = tmp_path / "h.db"
     shutil.copy(old, db)
-    store = Store.open(_db(db))
+    store = History.open(_db(db))
     assert store.schema_revision() == store.head_revision()
     assert (tmp_path / f"h.db.before-{store.head_revision()}").exists()
     check_old_history(store, old.stem.removeprefix("schema_"))
 
 
-def check_old_history(store: Store, revision: str) -> None:
+def check_old_history(store: History, revision: str) -> None:
     """Every row of tests/data/store/make_old_histories.py still there and readable after the
     migrations (on SQLite, and copied into PostgreSQL by tests/test_fleet_store.py)."""
     [event] = store.events()
@@ -112,15 +114,15 @@ def check_old_history(store: Store, revision: str) -> None:
     saved = store.saved_setting("", "net.ipv4.tcp_syncookies")
     assert saved == (None if revision == "0001" else "0")
     # an entry is recorded once per node: web01 has it, web02 (same journal) records its own
-    web01 = Store(store.url, store.engine, "web01")
+    web01 = History.open(store.url, host="web01")
     assert web01.record_events([_event(1, dedup_key="cursor-1")], T0) == 0
-    other = Store(store.url, store.engine, "web02")
+    other = History.open(store.url, host="web02")
     assert other.record_events([_event(1, dedup_key="cursor-1")], T0) == 1
     assert other.get_position("journald") is None  # positions are per node
 
 
 def test_events_are_recorded_exactly_once_with_their_position(tmp_path: Path) -> None:
-    store = Store.open(_db(tmp_path / "h.db"))
+    store = History.open(_db(tmp_path / "h.db"))
     now = T0 + timedelta(hours=1)
     assert store.record_events([_event(1), _event(2), _event(2)], now,
                                ("journald", {"cursor": "c2"})) == 2
@@ -132,7 +134,7 @@ def test_events_are_recorded_exactly_once_with_their_position(tmp_path: Path) ->
 
 
 def test_events_list_json_limit_and_since(tmp_path: Path, store_config: Path) -> None:
-    store = Store.open(_db(tmp_path / "history.db"))
+    store = History.open(_db(tmp_path / "history.db"))
     now = datetime.now(timezone.utc)
     store.record_events([_event(i, time=now - timedelta(hours=10 - i)) for i in range(10)], now)
     store.record_events([_event(20, time=None, source="file:/var/log/syslog", trusted=False,
@@ -158,6 +160,16 @@ def test_events_list_json_limit_and_since(tmp_path: Path, store_config: Path) ->
     assert table[0].split()[:3] == ["ID", "TIME", "SOURCE"] and len(table) == 12
 
 
+def added(url: str, rows: list[object]) -> None:
+    """Rows written as any synwatch (or an older one) may have left them, through the models."""
+    from sqlalchemy.orm import Session
+
+    made = engine(url)
+    with Session(made, expire_on_commit=False) as s, s.begin():
+        s.add_all(rows)
+    made.dispose()
+
+
 def _incident(**kw: object) -> IncidentRow:
     base: dict[str, object] = dict(
         host="web01", netns="", address="0.0.0.0", port=443, family=4, status="closed",
@@ -173,9 +185,8 @@ def test_the_port_history_counts_judged_incidents_and_the_peaks_of_real_load(
         tmp_path: Path) -> None:
     """What `doctor` advises from: an unknown verdict is no evidence, a flood fills any backlog,
     and an application that stopped accepting needs no larger one."""
-    store = Store.open(_db(tmp_path / "h.db"))
-    with store.session() as s:
-        s.add_all([_incident(verdict="unknown", peak_syn_recv=4000),
+    store = History.open(_db(tmp_path / "h.db"))
+    added(store.url, [_incident(verdict="unknown", peak_syn_recv=4000),
                    _incident(verdict="concentrated", peak_syn_recv=2000),
                    _incident(verdict="capacity", peak_syn_recv=300),
                    _incident(verdict="capacity", peak_syn_recv=900, recommendations=[
@@ -190,12 +201,11 @@ def test_the_port_history_counts_judged_incidents_and_the_peaks_of_real_load(
 
 
 def test_incidents_list_and_show(tmp_path: Path, store_config: Path) -> None:
-    store = Store.open(_db(tmp_path / "history.db"))
+    store = History.open(_db(tmp_path / "history.db"))
     first = _incident()
     second = _incident(port=80, verdict="capacity", trigger="counters", status="open",
                        opened_at=T0 + timedelta(hours=1), closed_at=None, top_prefixes=[])
-    with store.session() as s:  # rows as an older synwatch may have left them
-        s.add_all([first, second])
+    added(store.url, [first, second])
     store.add_action_runs([ActionRun(incident_id=first.id, action="ban",
                                      target="198.51.100.0/24", status="done",
                                      at=T0 + timedelta(seconds=1), rendered="nft ...")])
@@ -255,10 +265,15 @@ def test_unwritable_store_is_a_one_line_failure(tmp_path: Path) -> None:
     blocker.write_text("")
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[storage]\nurl = "sqlite:///{blocker}/sub/h.db"\n')
-    res = synwatch("events", "list", "--config", str(cfg))
+    log = tmp_path / "kern.log"
+    log.write_text("")
+    res = synwatch("import", str(log), "--config", str(cfg))
     assert res.code == 1
-    assert res.err.startswith(f"synwatch: sqlite:///{blocker}/sub/h.db: cannot create")
-    assert res.err.count("\n") == 1
+    assert res.err == (f"synwatch: sqlite:///{blocker}/sub/h.db: {blocker} cannot take the "
+                       "history file\n")
+    # a list has nothing to show there, and never makes anything
+    listed = synwatch("events", "list", "--config", str(cfg))
+    assert (listed.code, listed.err) == (0, "") and blocker.is_file()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
@@ -272,7 +287,7 @@ def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
 
     from synwatch.records import IncidentChange, TimelinePoint
 
-    store = Store.open(_db(tmp_path / "h.db"))
+    store = History.open(_db(tmp_path / "h.db"))
     ids = store.insert_events([_event(1), _event(2), _event(1)], T0)
     assert ids[0] is not None and ids[1] is not None and ids[2] is None
     opened = IncidentChange(
@@ -320,7 +335,7 @@ def test_a_new_sqlite_history_is_for_its_owner_only(tmp_path: Path) -> None:
 
     old = os.umask(0o022)
     try:
-        store = Store.open(f"sqlite:///{tmp_path}/state/synwatch.db")
+        store = History.open(f"sqlite:///{tmp_path}/state/synwatch.db")
         store.close()
     finally:
         os.umask(old)
@@ -348,12 +363,13 @@ def test_the_newest_events_come_from_an_index_not_a_sort(tmp_path: Path) -> None
 
     from synwatch.store.models import EventRow
 
-    store = Store.open(_db(tmp_path / "h.db"))
+    store = History.open(_db(tmp_path / "h.db"))
     order = func.coalesce(EventRow.time, EventRow.recorded_at)
     fleet = select(EventRow).order_by(order.desc(), EventRow.id.desc()).limit(100)
     # this node's (the default of `events list`): migration 0005's (host, when, id)
     mine = fleet.where(EventRow.host == "web1")
-    with store.engine.connect() as conn:
+    made = engine(store.url)
+    with made.connect() as conn:
         for query, index in ((fleet, "ix_events_when"), (mine, "ix_events_host_when")):
             sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
             plan = " ".join(str(row)

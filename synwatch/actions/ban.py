@@ -32,9 +32,9 @@ from synwatch.config import BanSettings, Config, Network
 from synwatch.durations import format_duration
 from synwatch.errors import CommandError, StoreError
 from synwatch.fleetcopy import BATCH, MALFORMED, PAGE, Refusal, is_plain_prefix, pick
-from synwatch.fleetlisten import FleetListener
 from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange
 from synwatch.runner import Command, run, show
+from synwatch.store.listen import FleetListener
 
 log = logging.getLogger("synwatch")
 DRIFT_TOLERANCE = 5.0  # seconds: a kernel timeout this far from the history's is a drift

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from synwatch.clock import Clock
     from synwatch.config import Config
     from synwatch.records import IncidentChange
-    from synwatch.storeapi import ServiceStore
+    from synwatch.store.api import ServiceStore
 
 GROUP = "synwatch.actions.v1"
 

@@ -12,7 +12,7 @@ from synwatch.config import Config, Network
 from synwatch.errors import NotFound, UsageError
 from synwatch.records import ActionRun, Ban
 from synwatch.runner import show
-from synwatch.store import Store
+from synwatch.store import History
 
 
 def _covers(ban: Ban, wanted: Network) -> bool:
@@ -30,7 +30,7 @@ class Unbanned:
     kept: tuple[str, ...] = ()  # the rest of a wider block, still banned until it expires
 
 
-def unban(config: Config, store: Store, text: str, now: datetime) -> list[Unbanned]:
+def unban(config: Config, store: History, text: str, now: datetime) -> list[Unbanned]:
     """Remove the active bans overlapping ``text`` (a prefix or an address) from their firewall
     and mark them removed. A prefix inside a wider banned block lifts only itself: the block is
     replaced by the rest of it (a /24 out of a /22 leaves a /23 and a /24), with the same

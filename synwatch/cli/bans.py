@@ -27,10 +27,11 @@ def cmd_bans_list(args: argparse.Namespace) -> int:
     from synwatch.views import ban_view  # noqa: PLC0415
 
     now = datetime.now(timezone.utc)
-    store = open_history(args)
-    host = chosen_host(args, store)
-    checks = store.ban_checks(host=host)
-    rows = [ban_view(b, now, enforced(b, checks, now)) for b in store.bans(host=host)]
+    store, this = open_history(args)
+    host = chosen_host(args, this)
+    checks = store.ban_checks(host=host) if store else {}
+    rows = [ban_view(b, now, enforced(b, checks, now))
+            for b in (store.bans(host=host) if store else [])]
     if args.format == "json":
         print(dumps(rows))
     else:
@@ -44,7 +45,7 @@ def cmd_unban(args: argparse.Namespace) -> int:
     from synwatch.actions.unban import unban  # noqa: PLC0415
 
     config = load(args)
-    store = existing_store(config)
+    store = existing_store(config, write=True)
     if store is None:
         raise NotFound(f"unban {args.prefix}", "no history yet, so no ban of synwatch's to lift "
                        f"({config.storage_url})")

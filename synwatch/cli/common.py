@@ -12,8 +12,7 @@ from synwatch.errors import UsageError
 
 if TYPE_CHECKING:
     from synwatch.config import Config
-    from synwatch.historyreader import HistoryQueries
-    from synwatch.store import Store
+    from synwatch.store import History
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -136,39 +135,28 @@ def load(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def open_store(args: argparse.Namespace) -> Store:
-    from synwatch.store import Store  # noqa: PLC0415
+def open_store(args: argparse.Namespace) -> History:
+    """The history to write to (`import`): created and migrated when needed."""
+    from synwatch.store import History  # noqa: PLC0415
 
     config = load(args)
-    return Store.open(config.storage_url, host=config.host)
+    return History.open(config.storage_url, host=config.host)
 
 
-def existing_store(config: Config) -> Store | None:
-    """The history to act on, or None when it is an SQLite file not made yet (a command that
-    has nothing to read there does not create it: only the service does)."""
-    from synwatch.store import Store  # noqa: PLC0415
+def existing_store(config: Config, *, write: bool = False) -> History | None:
+    """The history to read (or, ``write``, to lift bans in), or None when there is none yet:
+    a command that only looks at what is there never creates or migrates it, only the
+    service does."""
+    from synwatch.store import History  # noqa: PLC0415
 
-    return Store.open_existing(config.storage_url, host=config.host)
+    return History.open_existing(config.storage_url, host=config.host, write=write)
 
 
-def open_history(args: argparse.Namespace) -> HistoryQueries:
-    """The history for the lists: read with the database's own driver when its schema is
-    current (no SQLAlchemy import), else opened (and migrated) by Store."""
-    from synwatch.config import nearest_existing, sqlite_file  # noqa: PLC0415
-    from synwatch.historyreader import Reader  # noqa: PLC0415
-
+def open_history(args: argparse.Namespace) -> tuple[History | None, str]:
+    """The history for the lists, read-only (None: nothing recorded yet, so an empty list),
+    and this node's name in it (storage.host)."""
     config = load(args)
-    db = sqlite_file(config.storage_url)
-    # the nearest part of its path that is there: a directory can take it later, a file
-    # never (opening it says why)
-    there = nearest_existing(db) if db else None
-    if db is not None and not db.exists() and there is not None and there.is_dir():
-        from synwatch.store import Store  # noqa: PLC0415
-
-        # nothing recorded yet: an empty history in memory; a list never creates the file
-        return Store.open("sqlite://", host=config.host)
-    reader = Reader.open(config.storage_url, config.host)
-    return reader if reader is not None else open_store(args)
+    return existing_store(config), config.host
 
 
 def add_hosts(p: argparse.ArgumentParser) -> None:
@@ -179,8 +167,8 @@ def add_hosts(p: argparse.ArgumentParser) -> None:
     which.add_argument("--all-hosts", action="store_true", help="every node of the fleet")
 
 
-def chosen_host(args: argparse.Namespace, store: HistoryQueries) -> str | None:
-    """The host to show, None for all of them."""
+def chosen_host(args: argparse.Namespace, host: str) -> str | None:
+    """The host to show (this node: ``host``), None for all of them."""
     if args.all_hosts:
         return None
-    return str(args.host) if args.host else store.host
+    return str(args.host) if args.host else host

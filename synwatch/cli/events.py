@@ -23,9 +23,10 @@ def cmd_events_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, table  # noqa: PLC0415
     from synwatch.views import event_view  # noqa: PLC0415
 
-    store = open_history(args)
-    rows = [event_view(e) for e in store.events(since=args.since, limit=args.limit,
-                                                host=chosen_host(args, store))]
+    store, host = open_history(args)
+    rows = [event_view(e) for e in (store.events(since=args.since, limit=args.limit,
+                                                 host=chosen_host(args, host))
+                                    if store else [])]
     if args.format == "json":
         print(dumps(rows))
     else:

@@ -28,10 +28,10 @@ def cmd_incidents_list(args: argparse.Namespace) -> int:
     from synwatch.output import dumps, print_incident_rows  # noqa: PLC0415
     from synwatch.views import incident_view  # noqa: PLC0415
 
-    store = open_history(args)
+    store, host = open_history(args)
     incidents = store.incidents(since=args.since, port=args.port, verdict=args.verdict,
-                                limit=args.limit, host=chosen_host(args, store))
-    runs = store.actions_by_incident([i.id for i in incidents])
+                                limit=args.limit, host=chosen_host(args, host)) if store else []
+    runs = store.actions_by_incident([i.id for i in incidents]) if store else {}
     rows = [incident_view(i, runs[i.id]) for i in incidents]
     if args.format == "json":
         print(dumps(rows))

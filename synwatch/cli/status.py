@@ -53,9 +53,9 @@ def _from_history(view: dict[str, Any], config: Config) -> None:
     """The open incidents, bans, drift and nodes, read from the history; a look, never a
     write: a history that is not there yet is not created here."""
     from synwatch.banproof import drift_count  # noqa: PLC0415
-    from synwatch.store import Store  # noqa: PLC0415
+    from synwatch.store import History  # noqa: PLC0415
 
-    store = Store.open_existing(config.storage_url, host=config.host)
+    store = History.open_existing(config.storage_url, host=config.host)
     if store is None:
         view["store"] = (f"{masked(config.storage_url)} (no history yet: `synwatch run` "
                          "creates it)")

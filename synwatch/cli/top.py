@@ -21,7 +21,7 @@ from synwatch.errors import SynwatchError
 
 if TYPE_CHECKING:
     from synwatch.records import Incident
-    from synwatch.store import Store
+    from synwatch.store import History
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ def _quit_pressed(timeout: float) -> bool:
     return bool(ready) and os.read(sys.stdin.fileno(), 32).lower().startswith(b"q")
 
 
-def _open_incidents(store: Store | None) -> list[Incident] | None:
+def _open_incidents(store: History | None) -> list[Incident] | None:
     if store is None:
         return None
     try:
@@ -81,12 +81,12 @@ def cmd_top(args: argparse.Namespace) -> int:
             return 0
 
 
-def _history(url: str, host: str) -> Store | None:
+def _history(url: str, host: str) -> History | None:
     """The history, if there is one: top never creates it."""
-    from synwatch.store import Store  # noqa: PLC0415
+    from synwatch.store import History  # noqa: PLC0415
 
     try:
-        return Store.open_existing(url, migrate=False, host=host)
+        return History.open_existing(url, host=host)
     except SynwatchError:
         return None
 

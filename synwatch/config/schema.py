@@ -142,6 +142,10 @@ def _url(value: Any) -> str:
         # and then fail on the first statement that is not portable
         raise _Invalid(f"synwatch keeps its history in SQLite (sqlite:///PATH) or PostgreSQL "
                        f"(postgresql+psycopg://USER@HOST/DB), not {_show(masked(value))}")
+    if value.startswith("sqlite://") and value.removeprefix("sqlite:///").split("?", 1)[0] \
+            in ("", ":memory:", value.split("?", 1)[0]):
+        raise _Invalid(f"an SQLite history is a file, sqlite:///PATH (one in memory would keep "
+                       f"nothing), not {_show(masked(value))}")
     if value and not is_sqlite(value) and (why := port_problem(value)) is not None:
         raise _Invalid(f"{why}: {_show(masked(value))}")
     return value

@@ -1,7 +1,17 @@
-"""The history: opening (and migrating) the database, recording, and querying.
+"""The history: the one class that runs SQL, for the service, every command, `check-config`,
+the package's removal and the fleet.
 
-Only this package talks to SQLAlchemy sessions. SQLite runs in WAL mode with a busy timeout so
-the CLI can read while the service writes; migrations ship in the package and run at open.
+``History`` speaks SQLite through Python's sqlite3 and PostgreSQL through psycopg, with what
+differs between them in synwatch/store/dialect.py; each statement and each row-to-record
+conversion is written once (writes.py, state.py, reads.py, rows.py). SQLAlchemy's models and
+Alembic's migrations stay the schema's definition and are imported only to migrate, in a child
+process (synwatch/store/migrate.py): fail2ban keeps its history with sqlite3 the same way, and
+SQLAlchemy's imports alone were 28 MiB of a resident service. SQLite runs in WAL mode with a
+busy timeout, so commands read while the service writes.
+
+Opening for writing creates and migrates the history when needed; opening read-only (every
+command that only shows) never creates or migrates it: ``open_existing`` answers None when
+there is no history yet, and an older schema is an error that says what migrates it.
 """
 
 from __future__ import annotations
@@ -9,216 +19,149 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import socket
-from pathlib import Path
-from typing import Any
+import subprocess
+import sys
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
-
-from synwatch.config import sqlite_file
+from synwatch.config import nearest_existing, sqlite_file
 from synwatch.config.urls import masked
-from synwatch.errors import StoreError
-from synwatch.historyreader import head_revision
+from synwatch.errors import StaleSchema, StoreError, StoreOutage
 from synwatch.records import NewEvent
-from synwatch.store.base import BUSY_TIMEOUT, is_outage, store_error
-from synwatch.store.fleet import Fleet
-from synwatch.store.queries import Queries
-from synwatch.store.retention import Retention
-from synwatch.store.state import ServiceState
-from synwatch.store.writes import Writes
+from synwatch.store.base import HistoryBase
+from synwatch.store.dialect import BUSY_TIMEOUT, SQLite, dialect_of, head_revision
+from synwatch.store.reads import Reads
+from synwatch.store.state import State
+from synwatch.store.writes import PRUNE_BATCH, Writes
 
-__all__ = ["BUSY_TIMEOUT", "MIGRATIONS", "NewEvent", "Store", "pg_connect_args"]
-log = logging.getLogger(__name__)
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-MIGRATION_LOCK = 0x73796E77  # "synw": the advisory lock nodes take to migrate one at a time
-# Every PostgreSQL operation is bounded in time, so a server that stops answering (a network
-# partition: packets dropped, not refused) fails like one that refuses, within seconds, and the
-# service goes on on its spool (synwatch/spool.py). libpq's keywords
-# (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS): a
-# connection attempt, data sent and not acknowledged (tcp_user_timeout), an idle connection
-# waiting for an answer (keepalives: idle + interval * count), each a few seconds.
-PG_CONNECT_TIMEOUT = 2  # seconds (libpq's minimum)
-PG_TCP_USER_TIMEOUT_MS = 3000
-PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
-                 "keepalives_count": 2}
-# the service's own statements (storage is never its hot path): a live server stuck on a lock
-# or a slow query is given up on as well; migrations lift both for their transaction
-PG_STATEMENT_TIMEOUT_MS = 5000
-PG_LOCK_TIMEOUT_MS = 3000
-POOL_TIMEOUT = 5.0  # seconds a checkout waits for a pooled connection
+__all__ = ["BUSY_TIMEOUT", "PRUNE_BATCH", "History", "NewEvent", "prepare"]
+log = logging.getLogger("synwatch")
+PING_WAIT = 0.2  # seconds the away thread's test waits for another writer's lock
 
 
-def pg_connect_args(*, bounded_statements: bool = False) -> dict[str, Any]:
-    """libpq keywords that bound every wait on a PostgreSQL server (connect, send, receive);
-    ``bounded_statements``: also the service's statement and lock timeouts."""
-    args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT,
-                            "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS, **PG_KEEPALIVES}
-    if bounded_statements:
-        args["options"] = (f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS} "
-                           f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}")
-    return args
+class History(Writes, State, Reads, HistoryBase):
+    """The history of one node (``host``: storage.host, what it writes carries it and what it
+    resumes is its own), in parts by what they are for: ``Writes`` (recording, pruning),
+    ``State`` (what the service carries on with), ``Reads`` (what people read)."""
 
+    @classmethod
+    def open(cls, url: str, *, host: str | None = None, write: bool = True,
+             migrate: bool = True, bounded: bool = False) -> History:
+        """``write``: created and migrated first when needed (``migrate``); read-only: the
+        schema must be the newest. ``bounded``: the service's statements are given up on
+        after a few seconds (connecting, sending and waiting always are)."""
+        dialect = dialect_of(url)
+        if write and isinstance(dialect, SQLite):
+            make_file(dialect)
+        history = cls(dialect, host or socket.gethostname(), write=write, bounded=bounded)
+        try:
+            if write and migrate:
+                history.migrate()
+            if not write:
+                history.require_current()
+        except BaseException:
+            history.close()
+            raise
+        log.debug("store: %s opened %s (node %s)", history.display_url,
+                  "to write" if write else "read-only", history.host)
+        return history
 
-def _sqlite_pragmas(store: Store) -> Any:
-    def set_pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute(f"PRAGMA busy_timeout={int(store.busy_timeout * 1000)}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-    return set_pragmas
+    @classmethod
+    def open_existing(cls, url: str, *, host: str | None = None,
+                      write: bool = False) -> History | None:
+        """The history if there is one (None: nothing recorded yet; a command that only shows
+        or lifts what is there never creates it, only the service does)."""
+        db = sqlite_file(url)
+        if db is not None and not db.exists():
+            log.debug("store: no history yet (%s is not there)", db)
+            return None
+        history = cls.open(url, host=host, write=write)
+        if history.schema_revision() is None:  # an empty database: no history yet
+            log.debug("store: no history yet (%s has no tables)", history.display_url)
+            history.close()
+            return None
+        return history
 
-
-class Store(Writes, Queries, ServiceState, Fleet, Retention):
-    """The history: one object for the service and the CLI, in parts by what they are for
-    (``Writes``: recording; ``Queries``: what people read; ``ServiceState``: what the service
-    carries over a restart; ``Fleet``: what nodes sharing it tell each other; ``Retention``:
-    pruning). ``host`` names this node (storage.host): what it writes carries it, and what it
-    resumes is its own. Opening migrates the schema."""
-
-    def __init__(self, url: str, engine: Engine, host: str | None = None) -> None:
-        super().__init__(url, engine, host or socket.gethostname())
+    def require_current(self) -> None:
+        """A read-only history must be of the newest schema (it is never migrated here)."""
+        current, head = self.schema_revision(), head_revision()
+        if current is not None and current != head:
+            raise StaleSchema(self.display_url, f"the history's schema is {current} and this "
+                             f"synwatch reads {head}; `synwatch run` migrates it at its start")
 
     def set_busy_timeout(self, seconds: float) -> None:
         """How long a write waits for another writer's lock from now on. The service waits
-        briefly and retries later, so a locked store never holds detection up."""
+        briefly and spools, so a locked history never holds detection up."""
         self.busy_timeout = seconds
-        self.engine.dispose()  # pooled connections reconnect with the new pragma
+        if self._conn is not None and isinstance(self.db, SQLite):
+            self._conn.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
 
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
-
-    @classmethod
-    def open(cls, url: str, *, migrate: bool = True, host: str | None = None,
-             bounded: bool = False) -> Store:
-        """``bounded``: the service's statements are given up on after
-        PG_STATEMENT_TIMEOUT_MS (connecting, sending and waiting always are)."""
-        shown = masked(url)
+    def schema_revision(self) -> str | None:
+        """The schema's revision as Alembic records it, None for an empty database."""
         try:
-            parsed = make_url(url)
-        except (SQLAlchemyError, ValueError) as exc:
-            raise StoreError(shown, "not an SQLAlchemy URL") from exc
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            db_file = Path(parsed.database)
-            try:
-                # the history names attackers, listeners and bans: for its owner only (SQLite
-                # gives its -wal and -shm files the database file's mode)
-                db_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if not db_file.exists():
-                    with contextlib.suppress(FileExistsError):
-                        os.close(os.open(db_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY
-                                         | os.O_CLOEXEC, 0o600))
-            except OSError as exc:
-                raise StoreError(shown, f"cannot create {db_file}: {exc.strerror}") from exc
-        try:
-            # pre-ping: a database server restarted under a long-running service leaves dead
-            # pooled connections; each checkout tests its connection and reconnects
-            if parsed.get_backend_name() == "postgresql":
-                given = set(parsed.query)  # the URL's own keywords win
-                engine = create_engine(url, pool_pre_ping=True, pool_timeout=POOL_TIMEOUT,
-                                       connect_args={
-                                           k: v for k, v in pg_connect_args(
-                                               bounded_statements=bounded).items()
-                                           if k not in given})
-            else:
-                engine = create_engine(url,
-                                       pool_pre_ping=parsed.get_backend_name() != "sqlite")
-        except (SQLAlchemyError, ImportError) as exc:
-            raise store_error(shown, exc) from exc
-        store = cls(url, engine, host)
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas(store))
-        if migrate:
-            store.migrate()
-        return store
-
-    @classmethod
-    def open_existing(cls, url: str, *, migrate: bool = True,
-                      host: str | None = None) -> Store | None:
-        """The history if there is one: an SQLite file that is not there is not created
-        (`top`, the package's removal)."""
-        db = sqlite_file(url)
-        if db is not None and not db.exists():
-            return None
-        return cls.open(url, migrate=migrate, host=host)
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    # -- schema ---------------------------------------------------------------------------------
-
-    def _alembic_config(self) -> Any:
-        from alembic.config import Config as AlembicConfig  # noqa: PLC0415 - slow import
-
-        cfg = AlembicConfig()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        return cfg
-
-    def schema_revision(self, conn: Connection | None = None) -> str | None:
-        """The schema's revision as Alembic records it, read without Alembic (its import costs
-        5 MB and tens of milliseconds on every command)."""
-        if conn is not None:
-            if not inspect(conn).has_table("alembic_version"):
-                return None
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        try:
-            with self.engine.connect() as own:
-                return own.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        except OperationalError as exc:
-            if is_outage(exc):
-                raise store_error(self.display_url, exc) from exc
-            return None  # no alembic_version table: an empty database
-        except SQLAlchemyError:
-            return None
+            rows = self.rows("SELECT version_num FROM alembic_version")
+        except StoreOutage:
+            raise
+        except StoreError:
+            return None  # no such table: nothing migrated yet
+        return str(rows[0][0]) if rows else None
 
     def head_revision(self) -> str | None:
-        """The newest migration (read from the migration files, without Alembic)."""
         return head_revision()
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision; copy an SQLite file aside first."""
-        try:
-            current, head = self.schema_revision(), self.head_revision()
-            if current == head:
-                return  # the usual case: Alembic is not even imported
-            from alembic import command  # noqa: PLC0415
-            db = make_url(self.url).database
-            if current is not None and self.engine.dialect.name == "sqlite" and db:
-                backup = f"{db}.before-{head}"
-                shutil.copy2(db, backup)
-                log.info("store: schema %s -> %s, copy kept at %s", current, head, backup)
-            cfg = self._alembic_config()
-            cfg.attributes["host"] = self.host  # old rows without a host are this node's
-            with self.engine.begin() as conn:
-                if self.dialect == "postgresql":
-                    # nodes of a fleet starting together: one migrates, the others wait for it
-                    # and find the schema current (the lock ends with the transaction)
-                    # a migration may take longer than a service statement may
-                    conn.execute(text("SET LOCAL statement_timeout = 0"))
-                    conn.execute(text("SET LOCAL lock_timeout = 0"))
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                 {"key": MIGRATION_LOCK})
-                    if self.schema_revision(conn) == head:
-                        return
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-        except (SQLAlchemyError, OSError) as exc:
-            raise store_error(self.display_url, exc, "cannot migrate the schema: ") from exc
-
-    def check_file(self) -> None:
-        """Nothing to look at between writes: a server's files are its own (SQLite files are
-        written through synwatch/sqlitestore.py in the service)."""
+        """Bring the schema to the newest revision (in a child process)."""
+        if self.schema_revision() != head_revision():
+            in_child(self.url, self.host)
 
     def ping(self) -> None:
-        """Does the server answer? From any thread (the spool's away thread): the engine's
-        pool is thread-safe, and the connection's timeouts bound the wait."""
+        """Could a write succeed now? From any thread (the spool's away thread), on a
+        connection of its own, bounded in time: for an SQLite file, it is still the one the
+        service writes, its disk has room, and no other writer holds the lock."""
+        self.check_file()
+        probe = History(self.db, self.host, write=self.write, bounded=True)
+        probe.busy_timeout = PING_WAIT
         try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except SQLAlchemyError as exc:
-            raise store_error(self.display_url, exc) from exc
+            with probe.writing() if self.write else contextlib.nullcontext():
+                probe.rows("SELECT 1")
+        finally:
+            probe.close()
+
+
+def prepare(url: str, host: str) -> None:
+    """The history created and migrated to the newest schema unless it already is. From any
+    thread: the spool's away thread prepares a history that could not be opened at the start
+    (a read-only or full disk)."""
+    History.open(url, host=host).close()
+
+
+def make_file(dialect: SQLite) -> None:
+    """An SQLite history file that is not there yet, made for its owner only: it names
+    attackers, listeners and bans (SQLite gives its -wal and -shm files the file's mode)."""
+    db = dialect.path
+    if db.exists():
+        return
+    # cheap first (the away thread tries this while the start could not open it): a directory
+    # that cannot take the file needs no migration child to say so
+    where = nearest_existing(db)
+    if where is None or not where.is_dir() or not os.access(where, os.W_OK):
+        raise StoreOutage(dialect.url, f"{where or db.parent} cannot take the history file")
+    try:
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(db, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise StoreOutage(dialect.url, f"cannot create {db}: {exc.strerror}") from exc
+
+
+def in_child(url: str, host: str) -> None:
+    """Create or migrate the history in a child process (synwatch/store/migrate.py: Alembic and
+    SQLAlchemy stay there)."""
+    done = subprocess.run([sys.executable, "-m", "synwatch.store.migrate", url, host],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          check=False)
+    sys.stderr.write("".join(line + "\n" for line in done.stderr.splitlines()
+                             if not line.startswith("synwatch: ")))
+    if done.returncode != 0:
+        why = [line for line in done.stderr.splitlines() if line.startswith("synwatch: ")]
+        raise StoreError(masked(url), why[-1].split(": ", 2)[-1] if why else
+                         f"migration exited with status {done.returncode}")

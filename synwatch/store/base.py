@@ -1,145 +1,159 @@
-"""What every part of the store shares: the engine, sessions that turn SQLAlchemy's errors into
-StoreError, and the rows-to-records conversions (rows never leave the store)."""
+"""The history's connection: one per History, through the database's own driver (sqlite3 or
+psycopg), every failure turned into StoreError or StoreOutage (synwatch/store/dialect.py). A
+lost PostgreSQL connection is made again at the next call; an SQLite file is checked to still be
+the one opened, with room on its disk, before each write."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal, cast
+from typing import Any
 
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
-
-from synwatch.config.urls import masked
 from synwatch.errors import StoreError, StoreOutage
-from synwatch.fleetlisten import BAN_CHANNEL
-from synwatch.records import (
-    ActionRun,
-    Ban,
-    Incident,
-    RecordedEvent,
-    StoredPoint,
-    Trigger,
-    Verdict,
-)
-from synwatch.store.models import ActionRunRow, BanRow, EventRow, IncidentRow, TimelineRow
+from synwatch.store.dialect import BUSY_TIMEOUT, Dialect, SQLite
 
-BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock (the CLI, migrations)
+MIN_FREE = 1 << 20  # bytes: less free space than this on the history's disk is an outage
 
 
-def is_outage(exc: BaseException) -> bool:
-    """A database that is not there or cannot be written for now (a lost connection, a locked
-    or full SQLite file), as opposed to a table that is not there or a refused row."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if not isinstance(exc, (OperationalError, InterfaceError)):
-        return False
-    return "no such table" not in str(exc) and "does not exist" not in str(exc) \
-        and "UndefinedTable" not in type(exc.orig).__name__
+class Cursor:
+    """A driver's cursor that takes ``?`` placeholders and aware datetimes on both databases."""
+
+    def __init__(self, cur: Any, dialect: Dialect) -> None:
+        self.cur, self.db = cur, dialect
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        self.cur.execute(self.db.sql(sql), [self.db.param(p) for p in params])
+        return self
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.cur.executemany(self.db.sql(sql),
+                             [[self.db.param(p) for p in row] for row in rows])
+
+    def insert(self, sql: str, params: Sequence[Any]) -> int:
+        """An INSERT of one row; its new id."""
+        return self.db.insert_id(self.cur, self.db.sql(sql),
+                                      [self.db.param(p) for p in params])
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self.cur.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        return int(self.cur.rowcount)
 
 
-def why(exc: BaseException) -> str:
-    """The first line of a driver's message, without SQLAlchemy's background link."""
-    text_ = str(getattr(exc, "orig", None) or exc).strip()
-    return text_.splitlines()[0] if text_ else type(exc).__name__
-
-
-def store_error(url: str, exc: BaseException, prefix: str = "") -> StoreError:
-    """SQLAlchemy's error as ours: a StoreOutage when the history is away for now."""
-    return (StoreOutage if is_outage(exc) else StoreError)(url, prefix + why(exc))
-
-
-
-class StoreBase:
-    def __init__(self, url: str, engine: Engine, host: str) -> None:
-        self.url = url
-        self.engine = engine
-        self.host = host  # this node (storage.host): what it writes carries it
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+class HistoryBase:
+    def __init__(self, dialect: Dialect, host: str, *, write: bool, bounded: bool) -> None:
+        self.db, self.host = dialect, host  # host: this node (storage.host)
+        self.url = dialect.url
+        self.write, self.bounded = write, bounded
         self.busy_timeout = BUSY_TIMEOUT
+        self._conn: Any = None
+        # one connection, any thread (a CLI command, a test's reader thread): one call at a
+        # time, and a transaction is never shared with another thread's statements
+        self._lock = threading.RLock()
+        self.identity: tuple[int, int] | None = None  # the SQLite file this history writes
 
     @property
     def display_url(self) -> str:
-        return masked(self.url)  # the userinfo's password and libpq's ?password= both
+        return self.db.shown  # the userinfo's password and libpq's ?password= both
 
-    def announce_bans(self, session: Session) -> None:
-        """Wake the other nodes' fleet ban reconcile (delivered at commit, once per
-        transaction: https://www.postgresql.org/docs/current/sql-notify.html)."""
-        if self.engine.dialect.name == "postgresql":
-            session.execute(text("SELECT pg_notify(:channel, :host)"),
-                            {"channel": BAN_CHANNEL, "host": self.host})
+    @property
+    def dialect(self) -> str:
+        return self.db.name
+
+    def connection(self) -> Any:
+        """The open connection, made (again) when there is none or the last one broke."""
+        with self._lock:
+            return self._connection()
+
+    def _connection(self) -> Any:
+        conn = self._conn
+        if conn is not None and not getattr(conn, "broken", False):
+            return conn
+        self.close()
+        try:
+            conn = self.db.connect(write=self.write, busy_timeout=self.busy_timeout,
+                                        bounded=self.bounded)
+        except Exception as exc:
+            if self.db.is_error(exc) or isinstance(exc, ImportError):
+                raise self._error(exc) from exc
+            raise
+        if isinstance(self.db, SQLite) and self.write:
+            # the file this connection writes: one deleted or replaced under the service takes
+            # writes that nobody will ever read, so each write checks it is still the history
+            st = self.db.path.stat()
+            self.identity = (st.st_dev, st.st_ino)
+        self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:  # a connection already cut
+                if not self.db.is_error(exc):
+                    raise
+
+    def _error(self, exc: BaseException, prefix: str = "") -> StoreError:
+        if isinstance(exc, ImportError):
+            return StoreError(self.display_url, f"{prefix}the database driver is not "
+                              f"installed ({exc.name or exc})")
+        return self.db.error(exc, prefix)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def writing(self) -> Iterator[Cursor]:
+        """One transaction; a failure rolls it back whole."""
+        if not self.write:
+            raise StoreError(self.display_url, "opened read-only")
+        self.check_file()
         try:
-            with self._sessions.begin() as session:
-                yield session
-        except SQLAlchemyError as exc:
-            # the driver's own first line, without SQLAlchemy's "(psycopg.OperationalError)"
-            raise store_error(self.display_url, exc) from exc
+            with self._lock, self.db.transaction(self.connection()) as cur:
+                yield Cursor(cur, self.db)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if self.db.is_error(exc):
+                raise self._error(exc) from exc
+            raise
 
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            with self._lock:
+                return self._rows(sql, params)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if self.db.is_error(exc):
+                raise self._error(exc) from exc
+            raise
 
-def trigger(text: str) -> Trigger:
-    return "log" if text == "log" else "half_open" if text == "half_open" else "counters"
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        cur = self.connection().cursor()
+        try:
+            return Cursor(cur, self.db).execute(sql, params).fetchall()
+        finally:
+            cur.close()
 
-
-VERDICTS = ("capacity", "concentrated", "spoofed", "unknown")
-
-
-def verdict(text: str) -> Verdict:
-    return cast(Verdict, text) if text in VERDICTS else "unknown"
-
-
-def event_record(r: EventRow) -> RecordedEvent:
-    return RecordedEvent(
-        id=r.id, time=r.time, recorded_at=r.recorded_at, source=r.source, trusted=r.trusted,
-        historical=r.historical, kind=r.kind, family=r.family, address=r.address, port=r.port,
-        mode=r.mode, source_ip=r.source_ip, source_port=r.source_port, host=r.host,
-        message=r.message, pattern=r.pattern, dedup_key=r.dedup_key, incident_id=r.incident_id)
-
-
-def incident_record(r: IncidentRow) -> Incident:
-    return Incident(
-        id=r.id, host=r.host, netns=r.netns, address=r.address, port=r.port, family=r.family,
-        status=r.status, verdict=r.verdict, trigger=r.trigger, opened_at=r.opened_at,
-        closed_at=r.closed_at, first_evidence_at=r.first_evidence_at,
-        detected_at=r.detected_at, peak_syn_recv=r.peak_syn_recv,
-        top_prefixes=tuple(dict(p) for p in r.top_prefixes),
-        recommendations=tuple(r.recommendations), state=dict(r.evidence))
-
-
-def run_record(r: ActionRunRow) -> ActionRun:
-    return ActionRun(incident_id=r.incident_id, action=r.action, target=r.target,
-                     status=r.status, at=r.at, rendered=r.rendered, detail=r.detail,
-                     retry_at=r.retry_at, id=r.id, host=r.host or "")
-
-
-def run_row(run: ActionRun, host: str) -> ActionRunRow:
-    return ActionRunRow(incident_id=run.incident_id, action=run.action, target=run.target[:255],
-                        status=run.status, at=run.at, rendered=run.rendered,
-                        detail=run.detail, retry_at=run.retry_at, host=run.host or host)
-
-
-def ban_record(r: BanRow) -> Ban:
-    return Ban(prefix=r.prefix, backend=r.backend, netns=r.netns, incident_id=r.incident_id,
-               created_at=r.created_at, expires_at=r.expires_at, removed_at=r.removed_at,
-               times_banned=r.times_banned, id=r.id, host=r.host, scope=r.scope,
-               origin_id=r.origin_id)
-
-
-def ban_row(ban: Ban, host: str) -> BanRow:
-    return BanRow(prefix=ban.prefix, backend=ban.backend, netns=ban.netns,
-                  incident_id=ban.incident_id, created_at=ban.created_at,
-                  expires_at=ban.expires_at, removed_at=ban.removed_at,
-                  times_banned=ban.times_banned, host=ban.host or host, scope=ban.scope,
-                  origin_id=ban.origin_id)
-
-
-def point_record(r: TimelineRow) -> StoredPoint:
-    return StoredPoint(id=r.id, incident_id=r.incident_id, at=r.at, syn_recv=r.syn_recv,
-                       accept_queue=r.accept_queue, backlog=r.backlog, rates=dict(r.rates),
-                       top_prefixes=tuple((str(p), int(n)) for p, n in r.top_prefixes))
-
-
-Status = Literal["open", "closed"]
+    def check_file(self) -> None:
+        """An SQLite history file is the one opened, and its disk has room (a write to a full
+        disk fails only once SQLite needs a new page, and one to a deleted file never fails).
+        A server's files are its own."""
+        if not isinstance(self.db, SQLite) or self.identity is None:
+            return
+        path = self.db.path
+        try:
+            st = path.stat()
+            vfs = os.statvfs(path)
+        except OSError as exc:
+            raise StoreOutage(self.url, f"the history file is gone ({exc.strerror}); nothing "
+                              "is recorded until synwatch restarts, which starts a new one") \
+                from exc
+        if (st.st_dev, st.st_ino) != self.identity:
+            raise StoreOutage(self.url, "the history file was replaced; nothing is recorded "
+                              "until synwatch restarts")
+        if vfs.f_bavail * vfs.f_frsize < MIN_FREE:
+            raise StoreOutage(self.url, "the disk is full")

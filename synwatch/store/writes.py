@@ -1,5 +1,7 @@
 """Recording: kernel events with the source position that covers them, incidents with their
-timeline and linked events, action outcomes and bans. Each call is one transaction."""
+timeline and linked events, action outcomes, bans, the heartbeat, and pruning (storage.retention:
+each node prunes only its own rows, in small transactions, so a prune never holds the history
+long enough to keep a write of the detection path waiting). Each call is one transaction."""
 
 from __future__ import annotations
 
@@ -7,44 +9,52 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
-
-from synwatch.errors import StoreError
 from synwatch.records import ActionRun, Ban, IncidentChange, NewEvent
-from synwatch.store.base import StoreBase, ban_row, run_row
-from synwatch.store.models import EventRow, IncidentRow, SourcePositionRow, TimelineRow
+from synwatch.store.base import Cursor, HistoryBase
+from synwatch.store.dialect import BAN_CHANNEL
+from synwatch.store.rows import EVENT_FIELDS
+
+PRUNE_BATCH = 2000  # events per transaction
+CHUNK = 500  # ids per IN (...): SQLite's default limit on variables is 999 before 3.32
 
 
-class Writes(StoreBase):
+def marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def chunks(ids: Sequence[Any]) -> list[list[Any]]:
+    return [list(ids[i:i + CHUNK]) for i in range(0, len(ids), CHUNK)]
+
+
+class Writes(HistoryBase):
     def insert_events(self, events: Sequence[NewEvent], now: datetime,
                       position: tuple[str, dict[str, Any]] | None = None) -> list[int | None]:
         """Record ``events`` and the source position that covers them, in one transaction.
-
-        Events whose ``dedup_key`` is already stored are skipped, so a replayed entry is never
-        recorded twice. Returns the new id of each event, None for those skipped.
-        """
+        An entry whose ``dedup_key`` this node has recorded before is skipped, so a replayed
+        entry is never recorded twice. Returns each event's new id, None for those skipped."""
         keys = [e.dedup_key for e in events if e.dedup_key]
-        rows: list[EventRow | None] = []
-        with self.session() as s:
-            known = set(s.scalars(select(EventRow.dedup_key).where(
-                EventRow.host == self.host, EventRow.dedup_key.in_(keys)))) if keys else set()
+        ids: list[int | None] = []
+        insert = (f"INSERT INTO events (recorded_at, host, {', '.join(EVENT_FIELDS)}) "
+                  f"VALUES (?, ?, {marks(len(EVENT_FIELDS))})")
+        with self.writing() as cur:
+            known = {r[0] for part in chunks(keys) for r in cur.execute(
+                f"SELECT dedup_key FROM events WHERE host = ? AND dedup_key IN "
+                f"({marks(len(part))})", [self.host, *part]).fetchall()}
             for e in events:
                 if e.dedup_key and e.dedup_key in known:
-                    rows.append(None)
+                    ids.append(None)
                     continue
                 if e.dedup_key:
                     known.add(e.dedup_key)
-                row = EventRow(recorded_at=now,
-                               **{f: getattr(e, f) for f in NewEvent.__slots__})
-                row.host = self.host  # the recording node, whatever the log line names
-                s.add(row)
-                rows.append(row)
+                # host: the recording node, whatever the log line names
+                ids.append(cur.insert(insert, [now, self.host,
+                                               *(getattr(e, f) for f in EVENT_FIELDS)]))
             if position is not None:
-                s.merge(SourcePositionRow(host=self.host, source=position[0],
-                                          position=position[1], updated_at=now))
-            s.flush()
-            return [r.id if r is not None else None for r in rows]
+                cur.execute("INSERT INTO source_positions (host, source, position, updated_at) "
+                            "VALUES (?, ?, ?, ?) ON CONFLICT (host, source) DO UPDATE SET "
+                            "position = excluded.position, updated_at = excluded.updated_at",
+                            [self.host, position[0], self.db.json(position[1]), now])
+        return ids
 
     def record_events(self, events: Sequence[NewEvent], now: datetime,
                       position: tuple[str, dict[str, Any]] | None = None) -> int:
@@ -54,60 +64,143 @@ class Writes(StoreBase):
     def save_incident(self, c: IncidentChange) -> int:
         """Insert or update the incident of a correlator change, with its timeline point and
         events, in one transaction; returns the incident's id."""
-        fields = {
+        js = self.db.json
+        fields: dict[str, Any] = {
             "host": c.host, "netns": c.netns, "address": c.address, "port": c.port,
             "family": c.family, "status": c.status, "verdict": c.verdict, "trigger": c.trigger,
             "opened_at": c.opened_at, "closed_at": c.closed_at,
             "first_evidence_at": c.first_evidence_at, "detected_at": c.detected_at,
             "peak_syn_recv": c.peak_syn_recv,
-            "top_prefixes": [{"prefix": p, "count": n, "share": sh, "completed": k}
-                             for p, n, sh, k in c.top_prefixes],
-            "recommendations": list(c.recommendations),
-            "evidence": {**c.state, "reasons": list(c.reasons)},  # the column keeps its name
+            "top_prefixes": js([{"prefix": p, "count": n, "share": sh, "completed": k}
+                                for p, n, sh, k in c.top_prefixes]),
+            "recommendations": js(list(c.recommendations)),
+            "evidence": js({**c.state, "reasons": list(c.reasons)}),  # the column's old name
         }
-        with self.session() as s:
-            row = s.get(IncidentRow, c.incident_id) if c.incident_id is not None else None
-            if row is None:
-                # an SQLite file deleted and started anew keeps the incident's number (as
-                # synwatch/sqlitestore.py does); a server's sequence hands out its own
-                keep = c.incident_id is not None and self.engine.dialect.name == "sqlite"
-                row = IncidentRow(**fields, **({"id": c.incident_id} if keep else {}))
-                s.add(row)
-            else:
-                for name, value in fields.items():
-                    setattr(row, name, value)
-            s.flush()
+        with self.writing() as cur:
+            incident_id = c.incident_id
+            if incident_id is not None:
+                cur.execute(f"UPDATE incidents SET {', '.join(f'{k} = ?' for k in fields)} "
+                            "WHERE id = ?", [*fields.values(), incident_id])
+            if incident_id is None or cur.rowcount == 0:
+                # an SQLite file deleted under the service and started anew keeps the
+                # incident's number (the spool's later writes name it); a server's sequence
+                # hands out its own
+                keep = incident_id is not None and self.db.name == "sqlite"
+                given = {"id": incident_id, **fields} if keep else fields
+                incident_id = cur.insert(f"INSERT INTO incidents ({', '.join(given)}) "
+                                         f"VALUES ({marks(len(given))})", list(given.values()))
             if c.sample is not None:
                 x = c.sample
-                s.add(TimelineRow(
-                    incident_id=row.id, at=x.at, syn_recv=x.syn_recv,
-                    accept_queue=x.accept_queue, backlog=x.backlog, rates=x.rates,
-                    top_prefixes=[[p, n] for p, n in x.top_prefixes]))
-            if c.event_ids:
-                s.execute(update(EventRow).where(EventRow.id.in_(c.event_ids))
-                          .values(incident_id=row.id))
-            return row.id
+                cur.execute("INSERT INTO evidence_samples (incident_id, at, syn_recv, "
+                            "accept_queue, backlog, rates, top_prefixes) VALUES "
+                            "(?, ?, ?, ?, ?, ?, ?)",
+                            [incident_id, x.at, x.syn_recv, x.accept_queue, x.backlog,
+                             js(x.rates), js([[p, n] for p, n in x.top_prefixes])])
+            for part in chunks(c.event_ids):
+                cur.execute(f"UPDATE events SET incident_id = ? WHERE id IN "
+                            f"({marks(len(part))})", [incident_id, *part])
+            return incident_id
 
     def add_action_runs(self, runs: Sequence[ActionRun]) -> None:
         """Record action outcomes (all or none)."""
-        self._insert([run_row(r, self.host) for r in runs])
+        if not runs:
+            return
+        with self.writing() as cur:
+            cur.executemany(
+                "INSERT INTO action_runs (incident_id, action, target, status, at, rendered, "
+                "detail, retry_at, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.incident_id, r.action, r.target[:255], r.status, r.at, r.rendered,
+                  r.detail, r.retry_at, r.host or self.host) for r in runs])
 
     def add_bans(self, bans: Sequence[Ban]) -> list[int]:
         """Record bans; returns their ids. A fleet ban is announced to the other nodes when
         the transaction commits (PostgreSQL NOTIFY; they also look every few seconds)."""
-        rows = [ban_row(b, self.host) for b in bans]
-        self._insert(rows, announce=any(b.scope == "fleet" and b.origin_id is None
-                                        and b.removed_at is None for b in bans))
-        return [r.id for r in rows]
+        with self.writing() as cur:
+            ids = [cur.insert(
+                "INSERT INTO bans (prefix, backend, netns, incident_id, created_at, expires_at, "
+                "removed_at, times_banned, host, scope, origin_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [b.prefix, b.backend, b.netns, b.incident_id, b.created_at, b.expires_at,
+                 b.removed_at, b.times_banned, b.host or self.host, b.scope, b.origin_id])
+                for b in bans]
+            if any(b.scope == "fleet" and b.origin_id is None and b.removed_at is None
+                   for b in bans):
+                self._announce(cur)
+        return ids
 
-    def _insert(self, rows: Sequence[object], announce: bool = False) -> None:
-        try:
-            with self.session() as s:
-                s.add_all(rows)
-                s.flush()
-                if announce:
-                    self.announce_bans(s)
-        except StoreError as exc:
-            if isinstance(exc.__cause__, IntegrityError):
-                raise StoreError(self.display_url, f"duplicate row: {exc.why}") from exc
-            raise
+    def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
+                     everywhere: bool = False) -> None:
+        """Bans gone from the firewall. With ``everywhere`` (`unban`), a fleet ban (an origin or
+        a copy) is lifted with every copy of it on every node, and the other nodes are woken to
+        take it out of their firewalls; an expiry lifts only the row itself."""
+        ids = {i for i in ban_ids if i is not None}
+        if not ids:
+            return
+        with self.writing() as cur:
+            fleet = cur.execute(f"SELECT id, origin_id FROM bans WHERE id IN "
+                                f"({marks(len(ids))}) AND scope = 'fleet'",
+                                list(ids)).fetchall() if everywhere else []
+            origins = list({origin or ban for ban, origin in fleet})
+            if origins:
+                ids |= {r[0] for r in cur.execute(
+                    f"SELECT id FROM bans WHERE (id IN ({marks(len(origins))}) OR origin_id "
+                    f"IN ({marks(len(origins))})) AND removed_at IS NULL",
+                    origins + origins).fetchall()}
+            for part in chunks(sorted(ids)):
+                cur.execute(f"UPDATE bans SET removed_at = ? WHERE id IN ({marks(len(part))}) "
+                            "AND removed_at IS NULL", [now, *part])
+            if fleet:
+                self._announce(cur)
+
+    def _announce(self, cur: Cursor) -> None:
+        """Wake the other nodes' fleet ban reconcile."""
+        self.db.notify(cur.cur, BAN_CHANNEL, self.host)
+
+    def heartbeat(self, pid: int, started_at: datetime, now: datetime, version: str) -> None:
+        with self.writing() as cur:
+            cur.execute("INSERT INTO nodes (host, pid, started_at, seen_at, version) VALUES "
+                        "(?, ?, ?, ?, ?) ON CONFLICT (host) DO UPDATE SET pid = excluded.pid, "
+                        "started_at = excluded.started_at, seen_at = excluded.seen_at, "
+                        "version = excluded.version",
+                        [self.host, pid, started_at, now, version[:32]])
+
+    def save_setting(self, netns: str, name: str, value: str, now: datetime) -> None:
+        with self.writing() as cur:
+            cur.execute("INSERT INTO saved_settings (host, netns, name, value, saved_at) VALUES "
+                        "(?, ?, ?, ?, ?) ON CONFLICT (host, netns, name) DO UPDATE SET "
+                        "value = excluded.value, saved_at = excluded.saved_at",
+                        [self.host, netns, name, value, now])
+
+    def forget_setting(self, netns: str, name: str) -> None:
+        with self.writing() as cur:
+            cur.execute("DELETE FROM saved_settings WHERE host = ? AND netns = ? AND name = ?",
+                        [self.host, netns, name])
+
+    # -- retention (storage.retention) ----------------------------------------------------------
+
+    def prune_events(self, before: datetime, batch: int = PRUNE_BATCH) -> int:
+        """Delete up to ``batch`` of this node's events that happened before ``before``;
+        returns how many (call again while it returns ``batch``)."""
+        with self.writing() as cur:
+            return cur.execute("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE "
+                               "host = ? AND coalesce(time, recorded_at) < ? LIMIT ?)",
+                               [self.host, before, batch]).rowcount
+
+    def prune_incidents(self, before: datetime, now: datetime, batch: int = 200) -> int:
+        """Delete up to ``batch`` of this node's incidents closed before ``before``, with their
+        timelines, action runs and ended bans; their events stay, unlinked. An incident with a
+        ban still in force stays until the ban ends."""
+        with self.writing() as cur:
+            ids = [r[0] for r in cur.execute(
+                "SELECT i.id FROM incidents i WHERE i.host = ? AND i.status = 'closed' AND "
+                "i.closed_at < ? AND NOT EXISTS (SELECT 1 FROM bans b WHERE "
+                "b.incident_id = i.id AND b.removed_at IS NULL AND b.expires_at > ?) LIMIT ?",
+                [self.host, before, now, batch]).fetchall()]
+            if ids:
+                for sql in ("UPDATE events SET incident_id = NULL WHERE incident_id IN ({})",
+                            "DELETE FROM evidence_samples WHERE incident_id IN ({})",
+                            "DELETE FROM action_runs WHERE incident_id IN ({})",
+                            "DELETE FROM bans WHERE incident_id IN ({})",
+                            "DELETE FROM incidents WHERE id IN ({})"):
+                    cur.execute(sql.format(marks(len(ids))), ids)
+            return len(ids)

@@ -1,19 +1,24 @@
-"""The service's sqlite3 store (synwatch/sqlitestore.py) against the SQLAlchemy Store: the same
-calls on two new histories give the same answers and leave the same rows, byte for byte."""
+"""The history (synwatch/store): every call the service makes answers the same on SQLite and on
+PostgreSQL, the migrated schema is the models' own, the resident service never imports
+SQLAlchemy, read-only opens never create or migrate, and retention keeps what a ban holds."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
+import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from synwatch.errors import StaleSchema
 from synwatch.records import ActionRun, Ban, IncidentChange, TimelinePoint
-from synwatch.sqlitestore import SQLiteStore
-from synwatch.store import Store
-from tests.test_store import _event
+from synwatch.store import History
+from synwatch.store.dialect import head_revision
+from tests.test_store import _event, alembic
 
 NOW = datetime(2026, 11, 20, 10, 0, 0, 123456, tzinfo=timezone.utc)
 
@@ -31,9 +36,8 @@ def _change(**kw: Any) -> IncidentChange:
     return IncidentChange(**base)
 
 
-def _script(store: Any, other: Any, snapshot: Any) -> list[Any]:
-    """Every call the service makes, in a plausible order; what each returned (and the tables
-    before the retention pass)."""
+def _script(store: Any, other: Any) -> list[Any]:
+    """Every call the service makes, in a plausible order; what each returned."""
     out: list[Any] = []
     later = NOW + timedelta(minutes=5)
     out.append(store.insert_events([_event(1), _event(2), _event(1)], NOW,
@@ -78,69 +82,114 @@ def _script(store: Any, other: Any, snapshot: Any) -> list[Any]:
     out.append(store.open_incidents("web1", "ns"))
     out.append(store.latest_runs("notify", store.host, "ns", NOW - timedelta(days=1)))
     out.append(store.action_runs(inc))
-    out.append(snapshot())
     out.append(store.prune_events(NOW + timedelta(seconds=2), batch=1))
     out.append(store.prune_incidents(later + timedelta(days=1), later + timedelta(days=2)))
     return out
 
 
-def _parsed(value: Any) -> Any:
-    """JSON columns compared as values (whitespace in the text is not a difference)."""
-    if isinstance(value, str) and value[:1] in "[{":
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
 
 
-def _tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
-    conn = sqlite3.connect(db)
-    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    out = {}
-    for name in names:
-        rows = sorted(conn.execute(f"SELECT * FROM {name}").fetchall(), key=repr)
-        out[name] = [tuple(_parsed(v) for v in row) for row in rows]
-    conn.close()
-    return out
+def _url(kind: str, tmp_path: Path, pg: Any) -> str:
+    return f"sqlite:///{tmp_path}/h.db" if kind == "sqlite" else str(pg.new_database())
 
 
-def test_the_sqlite3_store_writes_and_answers_as_the_sqlalchemy_store(tmp_path: Path) -> None:
-    answers, tables = [], []
-    for kind in ("sqlalchemy", "sqlite3"):
-        db = tmp_path / f"{kind}.db"
-        url = f"sqlite:///{db}"
-        Store.open(url, host="web1").close()
-        if kind == "sqlalchemy":
-            store: Any = Store.open(url, host="web1")
-            other: Any = Store.open(url, host="web2")
-        else:
-            store, other = SQLiteStore.open(url, "web1"), SQLiteStore.open(url, "web2")
-        answers.append(_script(store, other, lambda db=db: _tables(db)))
+def test_both_databases_answer_every_call_of_the_service_alike(tmp_path: Path,
+                                                                pg: Any) -> None:
+    """One script of the service's calls on SQLite and on PostgreSQL: the same records back,
+    and the ones that matter as they should be."""
+    answers = []
+    for kind in ("sqlite", "postgresql"):
+        url = _url(kind, tmp_path, pg)
+        store, other = History.open(url, host="web1"), History.open(url, host="web2")
+        assert store.dialect == kind
+        answers.append(_script(store, other))
         store.close()
         other.close()
-        tables.append(_tables(db))
-    assert answers[0] == answers[1]
-    assert tables[0] == tables[1]
-    assert all(tables[1][t] for t in ("events", "incidents", "nodes", "saved_settings",
-                                      "source_positions"))
+    lite, server = answers
+    # an id the history does not have: an SQLite file keeps it (a file deleted under the
+    # service and started anew), a server's sequence hands out its own
+    assert (lite[4], server[4]) == (999, 2)
+    [resumed], [theirs] = lite[19], server[19]
+    assert replace(theirs, incident_id=999) == resumed
+    assert lite[:4] + lite[5:19] + lite[20:] == server[:4] + server[5:19] + server[20:]
+    assert lite[0] == [1, 2, None]  # the repeated entry is recorded once
+    assert lite[1] == [None, 3]
+    assert lite[3] == lite[2]
+    assert [b.prefix for b in lite[6]] == ["192.0.2.0/24"] and lite[7] == []
+    assert {b.prefix for b in lite[8]} == {"198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24"}
+    assert lite[10] == []  # another namespace
+    assert [b.prefix for b in lite[11]] == ["198.51.100.0/24"]  # past its expiry
+    assert lite[12] == 1 and lite[13] == {"198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24"}
+    assert lite[14] == []  # the fleet ban lifted everywhere: web2's too
+    assert lite[15:17] == ["2", [("ns", "net.ipv4.tcp_syncookies", "2")]]
+    assert lite[17:19] == [{"cursor": "b"}, None]
+    assert (resumed.port, resumed.recommendations, resumed.state) == (
+        80, ("ban 198.51.100.0/24",), {"tally": {"n": 3}, "reasons": ["few prefixes"]})
+    assert [(r.target, r.host) for r in lite[20]] == [("opened", "web1")]
+    assert [r.host for r in lite[21]] == ["web1", "web9"]
+    assert lite[22:] == [1, 1]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_the_migrated_schema_is_the_models_own(tmp_path: Path, pg: Any, kind: str) -> None:
+    """Every table's columns in a history migrated from nothing are the models' (the SQL of
+    synwatch/store is written by hand against them)."""
+    from sqlalchemy import inspect
+
+    from synwatch.store.migrate import engine
+    from synwatch.store.models import Base
+
+    url = _url(kind, tmp_path, pg)
+    History.open(url, host="web1").close()
+    made = engine(url)
+    try:
+        found = inspect(made)
+        tables = set(found.get_table_names()) - {"alembic_version"}
+        assert tables == set(Base.metadata.tables)
+        for name, table in Base.metadata.tables.items():
+            columns = {c["name"]: c for c in found.get_columns(name)}
+            assert set(columns) == {c.name for c in table.columns}, name
+            for column in table.columns:
+                assert columns[column.name]["nullable"] == column.nullable, (name, column.name)
+    finally:
+        made.dispose()
 
 
 def test_the_service_migrates_in_a_child_and_never_imports_sqlalchemy(tmp_path: Path) -> None:
-    """A new history is created and migrated by ``python -m synwatch.migrate``; the service
-    process itself then runs without SQLAlchemy or Alembic (28 MiB of imports)."""
-    import subprocess
-
+    """A new history is created and migrated by ``python -m synwatch.store.migrate``; the
+    service's process itself then runs without SQLAlchemy or Alembic (28 MiB of imports)."""
     db = tmp_path / "sub" / "h.db"
-    code = ("import sys\nfrom synwatch.sqlitestore import SQLiteStore\n"
-            f"s = SQLiteStore.open({f'sqlite:///{db}'!r}, 'web1')\n"
+    code = ("import sys\nfrom synwatch.store import History\n"
+            f"s = History.open({f'sqlite:///{db}'!r}, host='web1', bounded=True)\n"
             "print(s.schema_revision())\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in"
             " ('sqlalchemy', 'alembic')))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    assert out == [Store.open(f"sqlite:///{db}").head_revision(), "[]"]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.splitlines() == [head_revision(), "[]"]
+    assert done.stderr == ""
     assert oct(db.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_read_only_open_never_creates_or_migrates(tmp_path: Path, pg: Any, kind: str) -> None:
+    url = _url(kind, tmp_path, pg)
+    assert History.open_existing(url) is None  # nothing yet (an empty database, no file)
+    if kind == "sqlite":
+        assert not (tmp_path / "h.db").exists()
+    history = History.open(url, host="web1")
+    alembic(history, "downgrade", "base")  # then up to 0004, as a synwatch of then made it
+    alembic(history, "upgrade", "0004")
+    history.close()
+    with pytest.raises(StaleSchema, match=r"schema is 0004 .* `synwatch run` migrates it"):
+        History.open(url, write=False)
+    reader = History.open_existing(url, write=True)  # a command that writes migrates
+    assert reader is not None and reader.schema_revision() == head_revision()
+    with pytest.raises(Exception, match="read-only"):
+        History.open(url, write=False).heartbeat(1, NOW, NOW, "x")
+    if kind == "sqlite":
+        assert sqlite3.connect(tmp_path / "h.db").execute(
+            "SELECT version_num FROM alembic_version").fetchone() == (head_revision(),)
 
 
 def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_holds(
@@ -157,7 +206,7 @@ def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_ho
                           '[storage.retention]\nevents = "30d"\nincidents = "60d"\n', "test")
     now = datetime.now(timezone.utc)
     old, older = now - timedelta(days=40), now - timedelta(days=70)
-    store, other = SQLiteStore.open(url, "web1"), SQLiteStore.open(url, "web2")
+    store, other = History.open(url, host="web1"), History.open(url, host="web2")
     for s in (store, other):
         s.insert_events([_event(i, time=old if i < 5 else now) for i in range(8)], now)
     gone = store.save_incident(_change(status="closed", opened_at=older, closed_at=older,
@@ -173,11 +222,11 @@ def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_ho
     service._prune_due = 0.0
     for _ in range(20):  # one small batch a loop turn
         service._keep_up()
-    events = {(r[0], r[1]) for r in store._read("SELECT host, incident_id FROM events")}
-    assert store._read("SELECT count(*) FROM events WHERE host = 'web1'")[0][0] == 3
-    assert store._read("SELECT count(*) FROM events WHERE host = 'web2'")[0][0] == 8
+    events = {(r[0], r[1]) for r in store.rows("SELECT host, incident_id FROM events")}
+    assert store.rows("SELECT count(*) FROM events WHERE host = 'web1'")[0][0] == 3
+    assert store.rows("SELECT count(*) FROM events WHERE host = 'web2'")[0][0] == 8
     assert ("web1", gone) not in events
-    assert [r[0] for r in store._read("SELECT id FROM incidents")] == [held]
+    assert [r[0] for r in store.rows("SELECT id FROM incidents")] == [held]
     assert store.action_runs(gone) == []
-    assert store._read("SELECT count(*) FROM evidence_samples WHERE incident_id = ?",
+    assert store.rows("SELECT count(*) FROM evidence_samples WHERE incident_id = ?",
                        [gone])[0][0] == 0

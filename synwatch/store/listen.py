@@ -14,10 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from synwatch.historyreader import libpq_uri
+from synwatch.store.dialect import BAN_CHANNEL, libpq_uri, pg_connect_args
 
 log = logging.getLogger("synwatch")
-BAN_CHANNEL = "synwatch_bans"  # the PostgreSQL LISTEN/NOTIFY channel of fleet bans
 RECONNECT = 5.0  # seconds between tries after the connection is lost
 
 
@@ -39,15 +38,13 @@ class FleetListener:
     def _run(self) -> None:
         import psycopg  # noqa: PLC0415 - only a PostgreSQL fleet needs it
 
-        from synwatch.store import pg_connect_args  # noqa: PLC0415 - the store imports us
-
         problem: str | None = None
         while not self._stop.is_set():
             try:
                 # bounded as the store's connections: a partition ends the connection within
                 # seconds (keepalives, tcp_user_timeout), and the thread tries again
                 with psycopg.connect(libpq_uri(self.url), autocommit=True,
-                                     **pg_connect_args()) as conn:
+                                     **pg_connect_args(self.url)) as conn:
                     conn.execute(f"LISTEN {BAN_CHANNEL}")
                     log.info("fleet: listening for the other nodes' bans (PostgreSQL LISTEN "
                              "%s)%s", BAN_CHANNEL, " again" if problem is not None else "")

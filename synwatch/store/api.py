@@ -1,7 +1,5 @@
-"""What the service and its actions ask of the history, as a type: ``synwatch.store.Store``
-(SQLAlchemy: any database, the CLI, migrations) and ``synwatch.sqlitestore.SQLiteStore`` (the
-service on an SQLite file, through the sqlite3 module, without SQLAlchemy's 28 MiB of imports)
-both answer it; tests/test_sqlitestore.py holds the two to the same rows."""
+"""What the service and its actions ask of the history, as a type: ``synwatch.store.History``
+and the spool in front of it (synwatch/store/spool.py) both answer it."""
 
 from __future__ import annotations
 

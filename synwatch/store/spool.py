@@ -43,7 +43,7 @@ from typing import Any
 
 from synwatch.errors import StoreError, StoreOutage
 from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange, NewEvent, TimelinePoint
-from synwatch.storeapi import ServiceStore
+from synwatch.store.api import ServiceStore
 
 log = logging.getLogger("synwatch")
 VIEW_EVERY = 5.0  # seconds between writes of the bans view while the database answers

@@ -1,0 +1,268 @@
+"""What differs between the two databases a history lives in: SQLite (Python's sqlite3) and
+PostgreSQL (psycopg 3). Connecting, placeholders, how times and JSON travel, which errors are
+outages, transactions and NOTIFY; nothing else in synwatch/store knows which one it speaks.
+
+Rows are stored as the schema's SQLAlchemy models define them (synwatch/store/models.py), so a
+history written by any synwatch reads the same: on SQLite, times are naive UTC text with
+microseconds and JSON is text; on PostgreSQL, ``timestamp with time zone`` and ``json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from synwatch.config import sqlite_file
+from synwatch.config.urls import masked
+from synwatch.errors import StoreError, StoreOutage
+
+PSYCOPG = "postgresql+psycopg://"
+BAN_CHANNEL = "synwatch_bans"  # the PostgreSQL LISTEN/NOTIFY channel of fleet bans
+BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock (the CLI, migrations)
+# Every PostgreSQL operation is bounded in time, so a server that stops answering (a network
+# partition: packets dropped, not refused) fails like one that refuses, within seconds, and the
+# service goes on on its spool (synwatch/store/spool.py). libpq's keywords
+# (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS): a
+# connection attempt, data sent and not acknowledged (tcp_user_timeout), an idle connection
+# waiting for an answer (keepalives: idle + interval * count), each a few seconds.
+PG_CONNECT_TIMEOUT = 2  # seconds (libpq's minimum)
+PG_TCP_USER_TIMEOUT_MS = 3000
+PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
+                 "keepalives_count": 2}
+# the service's own statements (storage is never its hot path): a live server stuck on a lock
+# or a slow query is given up on as well; migrations lift both for their transaction
+PG_STATEMENT_TIMEOUT_MS = 5000
+PG_LOCK_TIMEOUT_MS = 3000
+# SQLite's primary result codes of a file that cannot be written for now
+# (https://sqlite.org/rescode.html): busy or locked by another writer, out of memory, read-only,
+# I/O error, corrupt, full, cannot open, locking protocol, not a database. SQLITE_ERROR (a bad
+# statement, no such table) is a bug, not an outage.
+SQLITE_OUTAGES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+# PostgreSQL's SQLSTATE classes of a server that is away or cannot take writes for now
+# (https://www.postgresql.org/docs/current/errcodes-appendix.html): connection exceptions,
+# insufficient resources, operator intervention (a shutdown), system errors; and a statement
+# or lock wait given up on (57014 query_canceled, 55P03 lock_not_available).
+PG_OUTAGE_CLASSES = ("08", "53", "57", "58")
+PG_OUTAGE_STATES = frozenset({"55P03", "40001", "40P01"})
+
+
+def libpq_uri(url: str) -> str:
+    """An SQLAlchemy ``postgresql+psycopg://`` URL as the libpq URI it is beside the driver
+    name (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-URIS)."""
+    return "postgresql://" + url.removeprefix(PSYCOPG)
+
+
+def pg_connect_args(url: str, *, bounded_statements: bool = False) -> dict[str, Any]:
+    """libpq keywords that bound every wait on a PostgreSQL server (connect, send, receive),
+    except those the URL sets itself; ``bounded_statements``: also the service's statement and
+    lock timeouts."""
+    args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT,
+                            "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS, **PG_KEEPALIVES}
+    if bounded_statements:
+        args["options"] = (f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS} "
+                           f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}")
+    given = {k for k, _ in parse_qsl(urlsplit(url).query)}
+    return {k: v for k, v in args.items() if k not in given}
+
+
+def stamp(value: datetime) -> str:
+    """A time as SQLAlchemy keeps it in SQLite: naive UTC text with microseconds."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to the store")
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Dialect:
+    """The common face; ``SQLite`` and ``Postgres`` fill it in."""
+
+    name = ""
+    placeholder = "?"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.shown = masked(url)
+
+    def connect(self, *, write: bool, busy_timeout: float, bounded: bool) -> Any:
+        raise NotImplementedError
+
+    def sql(self, statement: str) -> str:
+        return statement
+
+    def param(self, value: Any) -> Any:
+        return value
+
+    def json(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def insert_id(self, cur: Any, sql: str, params: Sequence[Any]) -> int:
+        raise NotImplementedError
+
+    def notify(self, cur: Any, channel: str, payload: str) -> None:
+        """Wake LISTENers at commit (PostgreSQL only; an SQLite fleet polls)."""
+
+    def is_error(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def outage(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def error(self, exc: BaseException, prefix: str = "") -> StoreError:
+        """The driver's error as ours: a StoreOutage when the history is away for now."""
+        return (StoreOutage if self.outage(exc) else StoreError)(
+            self.shown, prefix + first_line(exc))
+
+
+class SQLite(Dialect):
+    name = "sqlite"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        path = sqlite_file(url)
+        if path is None:
+            raise StoreError(self.shown, "an SQLite history is a file: sqlite:///PATH")
+        self.path: Path = path
+
+    def connect(self, *, write: bool, busy_timeout: float, bounded: bool) -> Any:
+        # any thread: History holds a lock around every use (synwatch/store/base.py)
+        if not write:
+            return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=busy_timeout,
+                                   check_same_thread=False)
+        # autocommit: each write is a transaction of its own (BEGIN IMMEDIATE below)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def param(self, value: Any) -> Any:
+        return stamp(value) if isinstance(value, datetime) else value
+
+    def json(self, value: Any) -> Any:
+        return json.dumps(value)
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        cur = conn.cursor()
+        try:
+            # IMMEDIATE: the write lock at the start, so a busy file fails here, not halfway
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+        finally:
+            cur.close()
+
+    def insert_id(self, cur: Any, sql: str, params: Sequence[Any]) -> int:
+        cur.execute(sql, params)
+        return int(cur.lastrowid)
+
+    def is_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, (sqlite3.Error, OSError))
+
+    def outage(self, exc: BaseException) -> bool:
+        """Locked, busy, full, read-only, I/O errors and files that are not (or no longer) a
+        database are outages; a refused row (IntegrityError) or a bad statement is a bug."""
+        if isinstance(exc, OSError):
+            return True
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return (code & 0xFF) in SQLITE_OUTAGES
+        why = first_line(exc)  # Python before 3.11: the classes are all there is
+        return isinstance(exc, sqlite3.OperationalError) and "syntax error" not in why \
+            and "no such" not in why
+
+
+class Postgres(Dialect):
+    name = "postgresql"
+    placeholder = "%s"
+
+    def connect(self, *, write: bool, busy_timeout: float, bounded: bool) -> Any:
+        import psycopg  # noqa: PLC0415 - only a PostgreSQL history needs the driver
+
+        return psycopg.connect(libpq_uri(self.url), autocommit=True,
+                               **pg_connect_args(self.url, bounded_statements=bounded))
+
+    def sql(self, statement: str) -> str:
+        # psycopg's placeholders are %s, so a literal % is %%
+        return statement.replace("%", "%%").replace("?", "%s")
+
+    def json(self, value: Any) -> Any:
+        from psycopg.types.json import Json  # noqa: PLC0415
+
+        return Json(value)
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[Any]:
+        with conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    def insert_id(self, cur: Any, sql: str, params: Sequence[Any]) -> int:
+        cur.execute(sql + " RETURNING id", params)
+        return int(cur.fetchone()[0])
+
+    def notify(self, cur: Any, channel: str, payload: str) -> None:
+        # delivered at commit, once per transaction and payload
+        # (https://www.postgresql.org/docs/current/sql-notify.html)
+        cur.execute("SELECT pg_notify(%s, %s)", [channel, payload])
+
+    def is_error(self, exc: BaseException) -> bool:
+        import psycopg  # noqa: PLC0415
+
+        return isinstance(exc, (psycopg.Error, OSError))
+
+    def outage(self, exc: BaseException) -> bool:
+        import psycopg  # noqa: PLC0415
+
+        state = getattr(exc, "sqlstate", None)
+        if isinstance(exc, (OSError, psycopg.OperationalError, psycopg.InterfaceError)) \
+                and state is None:
+            return True  # no answer from a server at all: refused, timed out, cut
+        state = state or ""
+        return state.startswith(PG_OUTAGE_CLASSES) or state in PG_OUTAGE_STATES
+
+
+def dialect_of(url: str) -> Dialect:
+    if sqlite_file(url) is not None:
+        return SQLite(url)
+    if url.startswith(PSYCOPG):
+        return Postgres(url)
+    raise StoreError(masked(url), "synwatch keeps its history in SQLite (sqlite:///PATH) or "
+                     "PostgreSQL (postgresql+psycopg://USER@HOST/DB)")
+
+
+REVISION = re.compile(r'^revision = "([^"]+)"', re.MULTILINE)
+DOWN_REVISION = re.compile(r'^down_revision = "([^"]+)"', re.MULTILINE)
+VERSIONS = Path(__file__).resolve().parent / "migrations" / "versions"
+
+
+def head_revision() -> str | None:
+    """The newest migration: the revision no other migration revises (read from the files,
+    without Alembic, whose import costs tens of milliseconds on every command)."""
+    revisions, revised = set(), set()
+    for path in VERSIONS.glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        revisions.update(REVISION.findall(source))
+        revised.update(DOWN_REVISION.findall(source))
+    heads = sorted(revisions - revised)
+    return heads[0] if len(heads) == 1 else None
