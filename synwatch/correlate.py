@@ -114,6 +114,10 @@ class Correlator:
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
+    def reconfigure(self, thresholds: Thresholds, quiet_period: float) -> None:
+        """New settings (a reload): incidents open now are judged and closed by them."""
+        self.th, self.quiet = thresholds, timedelta(seconds=quiet_period)
+
     def resume(self, change: IncidentChange) -> int:
         """Carry on with an incident that was open when synwatch stopped; returns its serial."""
         self._serial += 1

@@ -107,7 +107,6 @@ class Responder:
                         for a in self.actions if a.background}
         self.by_name = {a.name: a for a in self.actions}
         self.retry_at: list[tuple[float, Plan, int]] = []
-        self.unrecorded: list[ActionRun] = []
 
     @property
     def config(self) -> Config:
@@ -148,8 +147,6 @@ class Responder:
         now = self.ctx.clock.now()
         for a in self.actions:
             self._do_all(a, lambda a=a: a.tick(now))  # type: ignore[misc]
-        if self.unrecorded:
-            self._flush()
 
     def stop(self, wait: float = 5.0) -> None:
         for a in self.actions:
@@ -242,19 +239,14 @@ class Responder:
                         target=plan.target[:255], status=status,
                         at=at or self.ctx.clock.now(), rendered=plan.rendered, detail=detail,
                         retry_at=retry_at)
-        self.unrecorded.append(run)
         if self.on_record is not None:
             self.on_record(run)
-        self._flush()
-
-    def _flush(self) -> None:
         try:
-            self.ctx.store.add_action_runs(self.unrecorded)
+            # the service's history is behind its spool, which keeps what it cannot write now
+            self.ctx.store.add_action_runs([run])
         except StoreError as exc:
-            log.error("store: %s; %d action outcomes kept to retry",  # noqa: TRY400
-                      exc, len(self.unrecorded))
-            return
-        self.unrecorded = []
+            log.error("store: %s; the outcome of %s %s is not recorded",  # noqa: TRY400
+                      exc, plan.action, plan.target)
 
     def reload(self, config: Config) -> None:
         """New settings for the actions already running; which actions run (their enabled

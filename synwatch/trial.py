@@ -326,7 +326,7 @@ def _run_service(config: Config, log_fd: int) -> NoReturn:
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         from synwatch.cli import setup_logging  # noqa: PLC0415
-        from synwatch.service import Service  # noqa: PLC0415
+        from synwatch.daemon.service import Service  # noqa: PLC0415
 
         class TrialService(Service):
             def _reload(self) -> None:

@@ -27,7 +27,7 @@ from synwatch.probes.synsample import (
 )
 from synwatch.records import Evidence
 from synwatch.replay import evidence_line
-from synwatch.service import Service as RunningService
+from synwatch.daemon.service import Service as RunningService
 from synwatch.verdict import Tally
 from tests.harness import NotifySocket, Service
 from tests.lab import Lab, lab

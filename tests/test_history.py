@@ -194,12 +194,15 @@ def test_a_read_only_open_never_creates_or_migrates(tmp_path: Path, pg: Any, kin
 
 def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_holds(
         tmp_path: Path) -> None:
-    """storage.retention through the service's own pass (Service._keep_up): events past
+    """storage.retention through the service's own housekeeping, on a test clock: the
+    heartbeat at once, the first pass a minute after the start, then events past
     `events` go in batches, closed incidents past `incidents` go with their timelines and
     runs (their events stay, unlinked), an incident with a ban in force stays, and another
     node's rows are never touched."""
+    from synwatch.clock import FrozenClock
     from synwatch.config import parse_config
-    from synwatch.service import Service
+    from synwatch.daemon.housekeeping import PRUNE_FIRST, Housekeeping
+    from synwatch.store.spool import Spool, SpooledStore
 
     url = f"sqlite:///{tmp_path}/h.db"
     config = parse_config(f'[storage]\nurl = "{url}"\nhost = "web1"\n'
@@ -217,11 +220,16 @@ def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_ho
                         incident_id=held, created_at=older, expires_at=now + timedelta(hours=1))])
     store.add_action_runs([ActionRun(incident_id=gone, action="ban", target="x", status="done",
                                      at=older)])
-    service = Service(config, None)
-    service.store = store
-    service._prune_due = 0.0
+    clock = FrozenClock(now)
+    keeping = Housekeeping(SpooledStore(store, Spool(tmp_path / "spool.jsonl", 100),
+                                        migrated=True), config.storage, clock)
+    for _ in range(5):
+        keeping.step()
+    assert [n.host for n in store.nodes()] == ["web1"]  # the heartbeat, at once
+    assert store.rows("SELECT count(*) FROM events")[0][0] == 16  # nothing pruned yet
+    clock.advance(PRUNE_FIRST)
     for _ in range(20):  # one small batch a loop turn
-        service._keep_up()
+        keeping.step()
     events = {(r[0], r[1]) for r in store.rows("SELECT host, incident_id FROM events")}
     assert store.rows("SELECT count(*) FROM events WHERE host = 'web1'")[0][0] == 3
     assert store.rows("SELECT count(*) FROM events WHERE host = 'web2'")[0][0] == 8

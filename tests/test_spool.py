@@ -255,7 +255,7 @@ def test_a_spooled_write_the_history_refuses_is_set_aside_and_the_rest_is_writte
     holder.close()
     _back(store)
     _written(db, event)
-    assert "a spooled runs write is refused" in caplog.text
+    assert "a runs write is refused" in caplog.text
     aside = (tmp_path / "spool.rejected.jsonl").read_text()
     assert "424242" in aside
     store.close()

@@ -15,8 +15,8 @@ from synwatch.errors import ConfigError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from synwatch.daemon.service import Service  # noqa: PLC0415
     from synwatch.preflight import check_secrets  # noqa: PLC0415
-    from synwatch.service import Service  # noqa: PLC0415
 
     config = load(args)
     for check in check_secrets(config):  # once, at the start

@@ -36,6 +36,11 @@ class Cursor:
         return self.db.insert_id(self.cur, self.db.sql(sql),
                                       [self.db.param(p) for p in params])
 
+    def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        """INSERTs of one row each; their new ids, in order."""
+        return self.db.insert_ids(self.cur, self.db.sql(sql),
+                                  [[self.db.param(p) for p in row] for row in rows])
+
     def fetchall(self) -> list[tuple[Any, ...]]:
         return list(self.cur.fetchall())
 

@@ -114,6 +114,15 @@ class Dialect:
     def insert_id(self, cur: Any, sql: str, params: Sequence[Any]) -> int:
         raise NotImplementedError
 
+    def insert_ids(self, cur: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        """INSERTs of one row each; their new ids, in order."""
+        return [self.insert_id(cur, sql, row) for row in rows]
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """SQL for "``column`` is one of ``values``" (at most writes.CHUNK of them), and its
+        parameters."""
+        return f"{column} IN ({', '.join('?' * len(values))})", list(values)
+
     def notify(self, cur: Any, channel: str, payload: str) -> None:
         """Wake LISTENers at commit (PostgreSQL only; an SQLite fleet polls)."""
 
@@ -220,6 +229,24 @@ class Postgres(Dialect):
     def insert_id(self, cur: Any, sql: str, params: Sequence[Any]) -> int:
         cur.execute(sql + " RETURNING id", params)
         return int(cur.fetchone()[0])
+
+    def insert_ids(self, cur: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        # one round trip for them all, each the same short (prepared) statement: psycopg
+        # pipelines executemany and keeps each statement's result, in order
+        # (https://www.psycopg.org/psycopg3/docs/api/cursors.html#psycopg.Cursor.executemany)
+        if not rows:
+            return []
+        cur.executemany(sql + " RETURNING id", rows, returning=True)
+        ids = []
+        while True:
+            ids.append(int(cur.fetchone()[0]))
+            if not cur.nextset():
+                return ids
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        # one array parameter: a statement of the same text whatever the count (psycopg
+        # parses and PostgreSQL plans it once), not one with a placeholder per value
+        return f"{column} = ANY(?)", [list(values)]
 
     def notify(self, cur: Any, channel: str, payload: str) -> None:
         # delivered at commit, once per transaction and payload

@@ -33,7 +33,7 @@ from synwatch.store.rows import (
     point_of,
     run_of,
 )
-from synwatch.store.writes import chunks, marks
+from synwatch.store.writes import chunks
 
 
 def where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
@@ -83,8 +83,9 @@ class Reads(HistoryBase):
     def actions_by_incident(self, ids: Sequence[int]) -> dict[int, list[ActionRun]]:
         out: dict[int, list[ActionRun]] = {i: [] for i in ids}
         for part in chunks(ids):
-            for r in self.rows(f"SELECT {RUN_COLUMNS} FROM action_runs WHERE incident_id IN "
-                               f"({marks(len(part))}) ORDER BY at, id", part):
+            cond, params = self.db.any_of("incident_id", part)
+            for r in self.rows(f"SELECT {RUN_COLUMNS} FROM action_runs WHERE {cond} "
+                               "ORDER BY at, id", params):
                 out[r[0]].append(run_of(r))
         return out
 

@@ -41,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from synwatch.config import sqlite_file
 from synwatch.errors import StoreError, StoreOutage
 from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange, NewEvent, TimelinePoint
 from synwatch.store.api import ServiceStore
@@ -60,6 +61,11 @@ RUNS_KEPT = 256  # incidents whose action runs are kept in memory (the open ones
 
 class AwayError(StoreOutage):
     """The history failed lately: not tried again until the away thread sees it answer."""
+
+
+class SpoolFull(StoreError):
+    """Kernel lines that neither the history nor the spool can take now: the service keeps
+    the batch and its source does not move on (journald and files keep them for later)."""
 
 
 def unreachable(exc: StoreError) -> bool:
@@ -504,12 +510,17 @@ class SpooledStore:
     def _try(self, op: Callable[[], dict[str, Any]], method: str, *args: Any,
              **kwargs: Any) -> Any:
         """Write now if nothing is spooled and the history answers, else spool ``op()``
-        (made only then: the records turned into dicts cost more than the write itself)."""
+        (made only then: the records turned into dicts cost more than the write itself). A
+        write the history refuses for what it is (a bug, not an outage) is set aside with one
+        ERROR, as in a replay: nothing upstream keeps a list of writes to try again."""
         if not self.spooling:
             try:
                 return self._call(method, *args, **kwargs)
             except StoreOutage:
                 pass  # said in _call, once
+            except StoreError as exc:
+                self._reject(op(), exc)
+                return None
         self.spool.add(op())
         return None
 
@@ -518,7 +529,7 @@ class SpooledStore:
     def insert_events(self, events: Sequence[NewEvent], now: datetime,
                       position: tuple[str, dict[str, Any]] | None = None) -> list[int | None]:
         if self.spooling and not self.spool.fits(len(events), EVENT_BYTES * len(events)):
-            raise StoreError(self.display_url, f"the spool is full ({self.spool.records} of "
+            raise SpoolFull(self.display_url, f"the spool is full ({self.spool.records} of "
                              f"{self.spool.limit} records, storage.spool_max; "
                              f"{self.spool.bytes >> 20} of {self.spool.max_bytes >> 20} MiB): "
                              "kernel lines wait in their source")
@@ -839,11 +850,11 @@ class SpooledStore:
             op["ids"] = [self._real(i) for i in op["ids"]]
 
     def _reject(self, op: dict[str, Any], exc: Exception) -> None:
-        """A spooled write the history refuses for what it is (not an outage): set aside in
+        """A write the history refuses for what it is (not an outage): set aside in
         spool.rejected.jsonl with one ERROR, so that it never holds up the rest."""
         aside = self.spool.path.with_name("spool.rejected.jsonl")
-        log.error("store: a spooled %s write is refused by %s (%s: %s); set aside in %s",
-                  op["op"], self.display_url, type(exc).__name__, exc, aside)
+        log.error("store: a %s write is refused by %s (%s: %s); set aside in %s", op["op"],
+                  self.display_url, type(exc).__name__, exc, aside)
         try:
             with aside.open("a", encoding="utf-8") as f:
                 f.write(self.spool.line(op) + "\n")
@@ -887,3 +898,36 @@ class SpooledStore:
 
 
 _FALLBACK: Any = object()  # a read the history could not answer: the caller's fallback
+
+
+def open_spooled(url: str, host: str, spool: Spool) -> SpooledStore:
+    """The service's history, behind ``spool``: whatever happens to it (a database server that
+    does not answer; an SQLite file locked, full, read-only, deleted or corrupt), detection and
+    actions go on and it is written when it can be. A history that cannot be opened does not
+    stop the start."""
+    from synwatch.store import History, prepare  # noqa: PLC0415 - the package imports us
+
+    try:
+        # bounded: a server that does not answer fails within seconds, as one that refuses
+        history = History.open(url, host=host, bounded=True)
+    except StoreError as exc:
+        if not unreachable(exc):
+            raise
+        log.error("store: %s; starting on the spool %s (%d records waiting): "  # noqa: TRY400
+                  "acting, not recording until it can be written", exc, spool.path,
+                  spool.records)
+        if sqlite_file(url) is not None:  # not even a file: made when the disk takes it
+            spooled = SpooledStore(None, spool, migrated=False, url=url, host=host,
+                                   opener=lambda: History.open(url, host=host, bounded=True),
+                                   prepare=lambda: prepare(url, host))
+        else:  # a server: tried every few seconds, migrated when it answers
+            spooled = SpooledStore(History.open(url, host=host, migrate=False, bounded=True),
+                                   spool, migrated=False)
+        spooled.problem = exc.why
+        return spooled
+    log.info("store: %s (schema %s%s)", history.display_url, history.schema_revision(),
+             "" if sqlite_file(url) is not None else f", node {host}")
+    if spool.ops:
+        log.info("store: %d records spooled before the restart are written first",
+                 spool.records)
+    return SpooledStore(history, spool, migrated=True)

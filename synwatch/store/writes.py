@@ -37,18 +37,26 @@ class Writes(HistoryBase):
         insert = (f"INSERT INTO events (recorded_at, host, {', '.join(EVENT_FIELDS)}) "
                   f"VALUES (?, ?, {marks(len(EVENT_FIELDS))})")
         with self.writing() as cur:
-            known = {r[0] for part in chunks(keys) for r in cur.execute(
-                f"SELECT dedup_key FROM events WHERE host = ? AND dedup_key IN "
-                f"({marks(len(part))})", [self.host, *part]).fetchall()}
+            known = set()
+            for part in chunks(keys):
+                cond, params = self.db.any_of("dedup_key", part)
+                known |= {r[0] for r in cur.execute(f"SELECT dedup_key FROM events WHERE "
+                                                    f"host = ? AND {cond}",
+                                                    [self.host, *params]).fetchall()}
+            new: list[NewEvent] = []
             for e in events:
                 if e.dedup_key and e.dedup_key in known:
                     ids.append(None)
                     continue
                 if e.dedup_key:
                     known.add(e.dedup_key)
-                # host: the recording node, whatever the log line names
-                ids.append(cur.insert(insert, [now, self.host,
-                                               *(getattr(e, f) for f in EVENT_FIELDS)]))
+                ids.append(len(new))  # its place among the new ones, for now
+                new.append(e)
+            # host: the recording node, whatever the log line names
+            made = cur.insert_many(insert, [[now, self.host,
+                                             *(getattr(e, f) for f in EVENT_FIELDS)]
+                                            for e in new])
+            ids = [None if i is None else made[i] for i in ids]
             if position is not None:
                 cur.execute("INSERT INTO source_positions (host, source, position, updated_at) "
                             "VALUES (?, ?, ?, ?) ON CONFLICT (host, source) DO UPDATE SET "
@@ -97,8 +105,9 @@ class Writes(HistoryBase):
                             [incident_id, x.at, x.syn_recv, x.accept_queue, x.backlog,
                              js(x.rates), js([[p, n] for p, n in x.top_prefixes])])
             for part in chunks(c.event_ids):
-                cur.execute(f"UPDATE events SET incident_id = ? WHERE id IN "
-                            f"({marks(len(part))})", [incident_id, *part])
+                cond, params = self.db.any_of("id", part)
+                cur.execute(f"UPDATE events SET incident_id = ? WHERE {cond}",
+                            [incident_id, *params])
             return incident_id
 
     def add_action_runs(self, runs: Sequence[ActionRun]) -> None:
@@ -137,18 +146,21 @@ class Writes(HistoryBase):
         if not ids:
             return
         with self.writing() as cur:
-            fleet = cur.execute(f"SELECT id, origin_id FROM bans WHERE id IN "
-                                f"({marks(len(ids))}) AND scope = 'fleet'",
-                                list(ids)).fetchall() if everywhere else []
-            origins = list({origin or ban for ban, origin in fleet})
-            if origins:
+            fleet: list[tuple[Any, ...]] = []
+            for part in chunks(sorted(ids)) if everywhere else []:
+                cond, params = self.db.any_of("id", part)
+                fleet += cur.execute(f"SELECT id, origin_id FROM bans WHERE {cond} AND "
+                                     "scope = 'fleet'", params).fetchall()
+            for part in chunks(sorted({origin or ban for ban, origin in fleet})):
+                (one, ones), (other, others) = (self.db.any_of("id", part),
+                                                self.db.any_of("origin_id", part))
                 ids |= {r[0] for r in cur.execute(
-                    f"SELECT id FROM bans WHERE (id IN ({marks(len(origins))}) OR origin_id "
-                    f"IN ({marks(len(origins))})) AND removed_at IS NULL",
-                    origins + origins).fetchall()}
+                    f"SELECT id FROM bans WHERE ({one} OR {other}) AND removed_at IS NULL",
+                    ones + others).fetchall()}
             for part in chunks(sorted(ids)):
-                cur.execute(f"UPDATE bans SET removed_at = ? WHERE id IN ({marks(len(part))}) "
-                            "AND removed_at IS NULL", [now, *part])
+                cond, params = self.db.any_of("id", part)
+                cur.execute(f"UPDATE bans SET removed_at = ? WHERE {cond} AND removed_at IS "
+                            "NULL", [now, *params])
             if fleet:
                 self._announce(cur)
 
@@ -197,10 +209,11 @@ class Writes(HistoryBase):
                 "b.incident_id = i.id AND b.removed_at IS NULL AND b.expires_at > ?) LIMIT ?",
                 [self.host, before, now, batch]).fetchall()]
             if ids:
-                for sql in ("UPDATE events SET incident_id = NULL WHERE incident_id IN ({})",
-                            "DELETE FROM evidence_samples WHERE incident_id IN ({})",
-                            "DELETE FROM action_runs WHERE incident_id IN ({})",
-                            "DELETE FROM bans WHERE incident_id IN ({})",
-                            "DELETE FROM incidents WHERE id IN ({})"):
-                    cur.execute(sql.format(marks(len(ids))), ids)
+                for sql, column in (("UPDATE events SET incident_id = NULL", "incident_id"),
+                                    ("DELETE FROM evidence_samples", "incident_id"),
+                                    ("DELETE FROM action_runs", "incident_id"),
+                                    ("DELETE FROM bans", "incident_id"),
+                                    ("DELETE FROM incidents", "id")):
+                    cond, params = self.db.any_of(column, ids)
+                    cur.execute(f"{sql} WHERE {cond}", params)
             return len(ids)

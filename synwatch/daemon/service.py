@@ -10,18 +10,18 @@ import os
 import queue
 import signal
 import threading
-import time
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from types import FrameType
 
-from synwatch import __version__, netns, sdnotify
+from synwatch import netns, sdnotify
 from synwatch.actions.registry import resolve_policy
 from synwatch.catalogue import load_catalogue
 from synwatch.clock import Clock, SystemClock
-from synwatch.config import Config, load_config, sqlite_file, state_dir
+from synwatch.config import Config, load_config, state_dir
 from synwatch.correlate import Correlator
-from synwatch.errors import CommandError, ConfigError, ProbeError, StoreError
+from synwatch.daemon.housekeeping import Housekeeping
+from synwatch.errors import CommandError, ConfigError, ProbeError
+from synwatch.probes import accounting_off, sampler_off
 from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
 from synwatch.probes.snapshot import take
 from synwatch.probes.synsample import SynSampler, open_sampler
@@ -32,19 +32,14 @@ from synwatch.respond import Responder
 from synwatch.runner import available
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
-from synwatch.store import PRUNE_BATCH, History, prepare
-from synwatch.store.api import ServiceStore
-from synwatch.store.spool import Spool, SpooledStore, unreachable
+from synwatch.store.spool import Spool, SpooledStore, SpoolFull, open_spooled
 from synwatch.supervisor import Supervisor
 from synwatch.telemetry import Telemetry
 
 log = logging.getLogger("synwatch")
-STORE_WAIT = 0.2  # seconds a write waits for a locked store before it is kept for later
-STORE_RETRY = 1.0  # seconds between tries while the store refuses writes
+STORE_WAIT = 0.2  # seconds a write waits for a locked history before it is spooled
+BATCH_RETRY = 1.0  # seconds between offers of a batch a full spool could not take
 STATUS_EVERY = 1.0  # seconds between writes of the status file (and STATUS= updates)
-HEARTBEAT_EVERY = 10.0  # seconds between this node's heartbeats in the history (status, fleets)
-PRUNE_EVERY = 3600.0  # seconds between retention passes (storage.retention); the first is soon
-PRUNE_FIRST = 60.0
 
 
 def _shown(incident_id: int) -> str:
@@ -60,40 +55,33 @@ class _Flags:
 
 
 class Service:
-    def __init__(self, config: Config, config_arg: str | None,
-                 record: str | None = None) -> None:
+    def __init__(self, config: Config, config_arg: str | None, record: str | None = None,
+                 clock: Clock | None = None) -> None:
         self.config = config
         self.config_arg = config_arg
+        self.clock: Clock = clock or SystemClock()
         self.recording = (Recording(record, config.thresholds, config.quiet_period)
                           if record else None)
         self.flags = _Flags()
-        self.store: ServiceStore | None = None
-        self.spooled: SpooledStore | None = None  # the store, when it is a database server's
+        self.store: SpooledStore | None = None  # the history, behind its spool
+        self.housekeeping: Housekeeping | None = None
         self.supervisor: Supervisor | None = None
         self.recorder: Recorder | None = None
         self.correlator: Correlator | None = None
-        self.clock: Clock = SystemClock()
-        self._pending: Batch | None = None  # a batch the store refused, retried first
-        self._unsaved: list[IncidentChange] = []  # incident changes the store refused
+        # a batch neither the history nor its full spool could take: kept (its source does
+        # not move on meanwhile) and offered again first, every BATCH_RETRY seconds
+        self._pending: Batch | None = None
+        self._pending_retry_at = 0.0
         self._ids: dict[int, int] = {}  # correlator serial -> incident id
         self._probe_due = 0.0
         self._probe_failure: str | None = None
-        self._probed_at = time.monotonic()  # when the last probe step ran to its end
+        self._probed_at = self.clock.monotonic()  # when the last probe step ran to its end
         self._watchdog_held = False  # WATCHDOG=1 withheld: the loop is not probing
-        self._store_retry_at = 0.0  # while the store refuses writes: when to try again
-        self._store_problem: str | None = None
         self.accounting: SynAccounting | None = None
         self.sampler: SynSampler | None = None
         self.responder: Responder | None = None
         self.telemetry = Telemetry(config)
         self._status_due = 0.0
-        self._heartbeat_due = 0.0
-        self._started_at = self.clock.now()
-        self._prune_due = time.monotonic() + PRUNE_FIRST
-        self._pruning: list[str] = []  # what the running retention pass has left to prune
-        self._catch_up_due = 0.0
-        self._pruned = 0  # rows the running retention step has pruned so far
-        self._housekeeping_problem: str | None = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -106,8 +94,9 @@ class Service:
         resolve_policy(self.config)  # a plugin that is not installed stops the start (exit 2)
         self.store = self._open_store()
         # past the migration, a write waits only briefly for another writer's lock: what the
-        # store refuses is kept and retried, and probes and correlation go on meanwhile
+        # history refuses for now is spooled, and probes and correlation go on meanwhile
         self.store.set_busy_timeout(STORE_WAIT)
+        self.housekeeping = Housekeeping(self.store, self.config.storage, self.clock)
         plans, skipped = plan_sources(self.config)
         for plan in plans:
             log.info("source %s: %s", plan.name, plan.reason)
@@ -145,61 +134,15 @@ class Service:
         self.supervisor.start()
         self.telemetry.start(sources)
 
-    def _store_summary(self) -> str | None:
-        """What the status line says of the store when it is not simply written to."""
-        spooled = self.spooled
-        if spooled is not None and spooled.spooling:
-            kept = f"{spooled.spool.records} records spooled"
-            if spooled.spool.problem is not None:
-                kept += f" in memory (the spool cannot be written: {spooled.spool.problem})"
-            if spooled.away:
-                return f"history away ({spooled.problem or 'not answering'}): acting, " \
-                       f"not recording; {kept}"
-            return f"catching up, {kept}"
-        return None if self._store_problem is None else "store refusing writes"
-
     def _wake(self) -> None:
         """An action has work to do now (from its own thread): end the wait for batches."""
         if self.supervisor is not None:
             self.supervisor.wake()
 
-    def _open_store(self) -> ServiceStore:
-        """The history, behind the spool (synwatch/store/spool.py): whatever happens to it (a
-        database server that does not answer; an SQLite file locked, full, read-only, deleted
-        or corrupt), detection and actions go on and it is written when it can be. A history
-        that cannot be opened does not stop the start."""
+    def _open_store(self) -> SpooledStore:
         c = self.config
-        url, host = c.storage_url, c.host
-        spool = Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max)
-        try:
-            # bounded: a server that does not answer fails within seconds, as one that refuses
-            history = History.open(url, host=host, bounded=True)
-        except StoreError as exc:
-            if not unreachable(exc):
-                raise
-            log.error("store: %s; starting on the spool %s (%d records waiting): "  # noqa: TRY400
-                      "acting, not recording until it can be written", exc, spool.path,
-                      spool.records)
-            if sqlite_file(url) is not None:  # not even a file: made when the disk takes it
-                self.spooled = SpooledStore(
-                    None, spool, migrated=False, url=url, host=host,
-                    opener=lambda: History.open(url, host=host, bounded=True),
-                    prepare=lambda: prepare(url, host))
-            else:  # a server: tried every few seconds, migrated when it answers
-                self.spooled = SpooledStore(History.open(url, host=host, migrate=False,
-                                                         bounded=True), spool, migrated=False)
-            self.spooled.problem = exc.why
-            return self.spooled
-        log.info("store: %s (schema %s%s)", history.display_url, history.schema_revision(),
-                 "" if sqlite_file(url) is not None else f", node {host}")
-        return self._spooled(SpooledStore(history, spool, migrated=True))
-
-    def _spooled(self, spooled: SpooledStore) -> SpooledStore:
-        if spooled.spool.ops:
-            log.info("store: %d records spooled before the restart are written first",
-                     spooled.spool.records)
-        self.spooled = spooled
-        return spooled
+        return open_spooled(c.storage_url, c.host,
+                            Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max))
 
     def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
         c = self.config
@@ -214,13 +157,9 @@ class Service:
     def _accounting(self) -> tuple[SynAccounting | None, str]:
         """The accounting set, or None; what to say of it in the start's evidence line."""
         c = self.config
-        if c.accounting is False:
-            return None, "SYN accounting off (incident.accounting = false)"
-        if c.accounting == "auto":
-            why = ("actions are a dry run" if c.dry_run else "not root" if os.geteuid() != 0
-                   else "nft is not installed" if not available("nft") else None)
-            if why:
-                return None, f"SYN accounting off ({why})"
+        why = accounting_off(c, euid=os.geteuid(), nft=available("nft"))
+        if why is not None:
+            return None, f"SYN accounting off ({why})"
         acct = SynAccounting(c.netns, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
         try:
             acct.setup()
@@ -232,8 +171,9 @@ class Service:
     def _sampler(self) -> tuple[SynSampler | None, str]:
         """The SYN sampler, or None; what to say of it in the start's evidence line."""
         c = self.config
-        if c.sampler is False:
-            return None, "SYN sampler off (incident.sampler = false)"
+        why = sampler_off(c)
+        if why is not None:
+            return None, f"SYN sampler off ({why})"
         try:
             sampler = open_sampler(c.netns, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
         except ProbeError as exc:
@@ -245,36 +185,14 @@ class Service:
 
     # -- incidents ------------------------------------------------------------------------------
 
-    def _store_refused(self, exc: StoreError, kept: str) -> None:
-        """Log an outage once (not every retry) and wait STORE_RETRY before the next write."""
-        log.debug("store: %s", exc)
-        self._store_retry_at = time.monotonic() + STORE_RETRY
-        if self._store_problem is None:  # one line an outage; its errors vary in wording
-            self._store_problem = str(exc)
-            log.error("store: %s; %s kept, retrying every %.0f s; detection goes on",
-                      exc, kept, STORE_RETRY)
-
-    def _store_ok(self) -> None:
-        if self._store_problem is not None:
-            self._store_problem = None
-            log.info("store: writable again")
-
     def _save(self, changes: list[IncidentChange]) -> None:
-        """Store incident changes in order; what the store refuses is kept and retried first.
-        Their times are the evidence's, whenever the write succeeds."""
+        """Record incident changes in order (the spool keeps what the history cannot take
+        now) and hand them to telemetry and the actions. Their times are the evidence's."""
         assert self.store is not None
-        self._unsaved.extend(changes)
-        while self._unsaved and time.monotonic() >= self._store_retry_at:
-            change = self._unsaved[0]
-            if change.serial in self._ids:
-                change = replace(change, incident_id=self._ids[change.serial])
-            try:
-                incident_id = self.store.save_incident(change)
-            except StoreError as exc:
-                self._store_refused(exc, f"{len(self._unsaved)} incident changes")
-                return
-            self._store_ok()
-            self._unsaved.pop(0)
+        for made in changes:
+            change = (replace(made, incident_id=self._ids[made.serial])
+                      if made.serial in self._ids else made)
+            incident_id = self.store.save_incident(change)
             # one id for the incident's lifetime: a spooled (provisional) one stays what the
             # actions know it by after the history numbered it (the store maps it on every
             # write), or the close would not find what opened (SYN cookies left on)
@@ -295,7 +213,7 @@ class Service:
     def _probe(self) -> None:
         assert self.correlator is not None
         c = self.config
-        started = time.monotonic()
+        started = self.clock.monotonic()
         try:
             snap = take(c.netns, v4_len=c.thresholds.ipv4_prefix,
                         v6_len=c.thresholds.ipv6_prefix,
@@ -312,7 +230,7 @@ class Service:
                 log.warning("netns %s does not exist: %d kernel lines open no incident",
                             c.netns, dropped)
             self._save(changes)
-            self._probed_at = time.monotonic()
+            self._probed_at = self.clock.monotonic()
             return
         if self._probe_failure is not None:
             log.info("probe: reading kernel state again")
@@ -325,17 +243,17 @@ class Service:
                 log.warning("%s", exc)
         sampled = self.sampler.read() if self.sampler is not None else None
         evidence = Evidence(self.clock.now(), snap, counted, sampled)
-        self.telemetry.probe(snap, time.monotonic() - started)
+        self.telemetry.probe(snap, self.clock.monotonic() - started)
         if self.recording is not None:
             self.recording.write(evidence_line(evidence.at, evidence))
         self._save(self.correlator.on_evidence(evidence))
-        self._probed_at = time.monotonic()
+        self._probed_at = self.clock.monotonic()
 
     def _watchdog(self, ping: float | None, next_ping: float) -> float:
         """WATCHDOG=1 when a ping is due and the loop is healthy; the next ping's time."""
-        if ping and time.monotonic() >= next_ping and self._healthy(ping):
+        if ping and self.clock.monotonic() >= next_ping and self._healthy(ping):
             sdnotify.notify("WATCHDOG=1")
-            return time.monotonic() + ping
+            return self.clock.monotonic() + ping
         return next_ping
 
     def _healthy(self, ping: float) -> bool:
@@ -343,7 +261,7 @@ class Service:
         probing: the last probe step (a probe, or one that found the namespace missing) ended
         within a probe interval and one watchdog ping interval. A loop that still turns but no
         longer probes (blind to floods) goes unfed, and systemd restarts it."""
-        late = time.monotonic() - self._probed_at - self.config.probe_interval
+        late = self.clock.monotonic() - self._probed_at - self.config.probe_interval
         if late <= ping:
             if self._watchdog_held:
                 self._watchdog_held = False
@@ -356,17 +274,21 @@ class Service:
         return False
 
     def _record(self, batch: Batch) -> bool:
-        """Store one batch; on a store failure keep it to retry first (its position is not
-        stored either, so even a stop meanwhile loses nothing: the source reads it again)."""
+        """Record one batch; one that neither the history nor its full spool can take is kept
+        and offered again first (its position is not stored either, so even a stop meanwhile
+        loses nothing: the source reads it again)."""
         assert self.recorder is not None
         assert self.correlator is not None
         try:
             stored = self.recorder.record(batch)
-        except StoreError as exc:
+        except SpoolFull as exc:
+            if self._pending is None:  # once, not at every offer
+                log.error("store: %s", exc)  # noqa: TRY400
             self._pending = batch
-            self._store_refused(exc, f"a batch of {len(batch.records)} log records")
+            self._pending_retry_at = self.clock.monotonic() + BATCH_RETRY
             return False
-        self._store_ok()
+        if self._pending is not None:
+            log.info("store: the spool takes kernel lines again")
         self._pending = None
         self.telemetry.batch(batch, stored, self.clock.now())
         for event in stored:
@@ -382,20 +304,21 @@ class Service:
         due."""
         if self.supervisor is None:
             return
-        deadline = time.monotonic() + timeout
-        while not self.flags.stop and time.monotonic() < min(deadline, self._probe_due):
+        deadline = self.clock.monotonic() + timeout
+        while not self.flags.stop and self.clock.monotonic() < min(deadline, self._probe_due):
             batch = self._pending
-            if batch is not None and time.monotonic() < self._store_retry_at:
-                # the store refused it: later batches wait behind it (the sources' positions
-                # are not stored meanwhile, so nothing is lost), and probes go on
+            if batch is not None and self.clock.monotonic() < self._pending_retry_at:
+                # refused: later batches wait behind it (the sources' positions are not
+                # stored meanwhile, so nothing is lost), and probes go on
                 self.flags.wake.wait(max(0.0, min(deadline, self._probe_due,
-                                                  self._store_retry_at) - time.monotonic()))
+                                                  self._pending_retry_at)
+                                         - self.clock.monotonic()))
                 continue
             if batch is None:
                 try:
                     # wake for the probe too: a probe interval under a second was a second
                     batch = self.supervisor.batches.get(
-                        timeout=max(0.0, min(deadline, self._probe_due) - time.monotonic()))
+                        timeout=max(0.0, min(deadline, self._probe_due) - self.clock.monotonic()))
                 except queue.Empty:
                     return
                 if batch is None:
@@ -417,59 +340,6 @@ class Service:
             if not self._record(batch):
                 return
 
-    def _keep_up(self) -> None:
-        """Store housekeeping between the steps of detection: the heartbeat, and one small
-        batch of the retention pass at a time (never a long transaction)."""
-        assert self.store is not None
-        mono = time.monotonic()
-        if self.spooled is not None and self.spooled.spooling:
-            # while it does not answer, only the spool's own thread tries it (never this loop)
-            if mono >= self._catch_up_due and not self.spooled.away:
-                try:
-                    self.spooled.catch_up()
-                except StoreError as exc:
-                    self._catch_up_due = mono + STORE_RETRY
-                    log.debug("store: still unreachable: %s", exc)
-            return
-        if self._store_problem is not None:
-            return
-        try:
-            if mono >= self._heartbeat_due:
-                self._heartbeat_due = mono + HEARTBEAT_EVERY
-                self.store.heartbeat(os.getpid(), self._started_at, self.clock.now(),
-                                     __version__)
-            if mono >= self._prune_due and not self._pruning:
-                self._prune_due = mono + PRUNE_EVERY
-                self._pruning = ["events", "incidents"]
-            if self._pruning:
-                self._prune_step()
-        except StoreError as exc:
-            if str(exc) != self._housekeeping_problem:  # once, not every ten seconds
-                log.warning("store: %s; housekeeping (heartbeat, retention) tried again later",
-                            exc)
-                self._housekeeping_problem = str(exc)
-        else:
-            self._housekeeping_problem = None
-
-    def _prune_step(self) -> None:
-        assert self.store is not None
-        keep = self.config.storage
-        what, now = self._pruning[0], self.clock.now()
-        if what == "events" and keep.keep_events is not None:
-            gone = self.store.prune_events(now - timedelta(seconds=keep.keep_events))
-            done = gone < PRUNE_BATCH
-        elif what == "incidents" and keep.keep_incidents is not None:
-            gone = self.store.prune_incidents(now - timedelta(seconds=keep.keep_incidents), now)
-            done = gone == 0
-        else:
-            gone, done = 0, True
-        self._pruned += gone
-        if done:
-            if self._pruned:  # one line a pass, however many batches it took
-                log.info("retention: %d %s pruned", self._pruned, what)
-            self._pruned = 0
-            self._pruning.pop(0)
-
     def _reload(self) -> None:
         sdnotify.reloading()
         try:
@@ -483,8 +353,9 @@ class Service:
             if new.netns != self.config.netns:
                 log.warning("watch.netns changed; it takes effect at the next restart")
             if self.correlator is not None:
-                self.correlator.th = new.thresholds
-                self.correlator.quiet = timedelta(seconds=new.quiet_period)
+                self.correlator.reconfigure(new.thresholds, new.quiet_period)
+            if self.housekeeping is not None:
+                self.housekeeping.storage = new.storage
             if self.responder is not None:
                 self.responder.reload(new)
             self.config = replace(new, netns=self.config.netns)
@@ -498,22 +369,22 @@ class Service:
         sdnotify.notify("READY=1", "STATUS=watching")
         log.info("synwatch running (config: %s)", self.config.path)
         ping = sdnotify.watchdog_interval()
-        next_ping = time.monotonic()
+        next_ping = self.clock.monotonic()
         while not self.flags.stop:
             self._drain(timeout=min(ping or 1.0, 1.0))
-            if time.monotonic() >= self._probe_due and not self.flags.stop:
-                self._probe_due = time.monotonic() + self.config.probe_interval
+            if self.clock.monotonic() >= self._probe_due and not self.flags.stop:
+                self._probe_due = self.clock.monotonic() + self.config.probe_interval
                 self._probe()
             if self.responder is not None:
                 self.responder.tick()
-            self._keep_up()
-            if time.monotonic() >= self._status_due:
-                self._status_due = time.monotonic() + STATUS_EVERY
-                if self.spooled is not None:
-                    self.spooled.check()
-                if self._store_problem is None:  # once a second, not at every probe
-                    self.telemetry.count_bans(self.store)
-                self.telemetry.tell(self.supervisor, self._store_summary())
+            assert self.store is not None
+            assert self.housekeeping is not None
+            self.housekeeping.step()
+            if self.clock.monotonic() >= self._status_due:  # once a second, not every probe
+                self._status_due = self.clock.monotonic() + STATUS_EVERY
+                self.store.check()
+                self.telemetry.count_bans(self.store)
+                self.telemetry.tell(self.supervisor, self.housekeeping.summary())
             next_ping = self._watchdog(ping, next_ping)
             if self.flags.reload and not self.flags.stop:
                 self.flags.reload = False
@@ -528,9 +399,6 @@ class Service:
             # one last look, so an open incident is saved with everything seen until now (the
             # sampler's current interval, the counters): a restart goes on from there
             self._probe()
-        if self.store is not None and self._unsaved:
-            self._store_retry_at = 0.0  # one last try, whenever the last one was
-            self._save([])
         if self.responder is not None:
             self.responder.stop()
         if self.sampler is not None:
