@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synwatch.clock import FrozenClock
 from synwatch.config import Thresholds
-from synwatch.correlate import Correlator
-from synwatch.records import Evidence
-from synwatch.replay import ProbeFailed, read
+from synwatch.detect.correlate import Correlator
+from synwatch.detect.replay import ProbeFailed, read
+from synwatch.probes.evidence import Evidence
 
 REPO = Path(__file__).resolve().parent.parent
 REPLAYS = REPO / "tests" / "data" / "replays"

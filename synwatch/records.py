@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from synwatch.probes.snapshot import Snapshot
-    from synwatch.probes.synsample import SynSample
+from typing import Any, Literal
 
 EventKind = Literal["syn_flood", "drop_open_request", "conntrack_full"]
 Mode = Literal["cookies", "drop"]
@@ -82,19 +78,6 @@ class StoredEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class Evidence:
-    """One probe of a network namespace: its kernel state at ``at``."""
-
-    at: datetime
-    snapshot: Snapshot
-    # SYNs per (listener port, source prefix) from the nftables accounting set, cumulative;
-    # None where there is no set.
-    accounting: dict[tuple[int, str], int] | None = None
-    # SYNs sampled from packets since the previous probe; None where there is no sampler.
-    sampled: SynSample | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class TimelinePoint:
     """One point of an incident's timeline: the listener and the counter rates at one probe."""
 
@@ -110,7 +93,7 @@ class TimelinePoint:
 class BanTarget:
     """One block to ban (or one address to rate limit), the blocks at the ban prefix length it
     was joined from (tried one by one where the whole is refused), and why this width, in
-    numbers (synwatch.bantargets)."""
+    numbers (synwatch.detect.bantargets)."""
 
     prefix: str
     syns: int
@@ -265,8 +248,8 @@ class StoredPoint:
     top_prefixes: tuple[tuple[str, int], ...]
 
 
-# how a recommendation says that an application stopped calling accept() (synwatch/verdict.py);
-# the history finds those incidents by it
+# how a recommendation says that an application stopped calling accept()
+# (synwatch/detect/verdict.py); the history finds those incidents by it
 NOT_ACCEPTING = "is not accepting connections"
 NOT_ACCEPTING_AFTER = 10.0  # seconds of a full accept queue at every probe: not a burst
 

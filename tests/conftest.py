@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from synwatch.catalogue import Catalogue, load_catalogue
+from synwatch.lines.catalogue import Catalogue, load_catalogue
 from tests.lab import LAB_NAMESPACES, lab_namespaces
 from tests.pgcluster import Cluster
 

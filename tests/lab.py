@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synwatch.lab import (  # noqa: F401 (the lab's names, for the tests and the benchmarks)
+from synwatch.system.lab import (  # noqa: F401 (the lab's names, for the tests and the benchmarks)
     CLIENT_IP,
     CLIENT_IP6,
     IPV6_HDRINCL,

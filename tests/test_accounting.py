@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from synwatch.probes.accounting import SynAccounting, parse_set
-from synwatch.runner import run
+from synwatch.system.runner import run
 from tests.lab import SPOOF_NET, lab, lab_port
 
 SETUP_24_64 = """\

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.actions.ban import ALWAYS_PROTECTED, Guard, ban_seconds, choose
+from synwatch.actions.banchoice import ALWAYS_PROTECTED, Guard, ban_seconds, choose
 from synwatch.actions.exec import incident_env
 from synwatch.actions.firewall import BanItem, Firewall, mask
 from synwatch.actions.message import compose
 from synwatch.actions.presets import load_presets, merge_batches, parse_preset
 from synwatch.actions.registry import GROUP, Action, Plan, registered
+from synwatch.actions.responder import Outcome, Responder
 from synwatch.config import BanSettings, parse_config
 from synwatch.errors import ActionFailed, ConfigError
 from synwatch.records import ActionRun, BanTarget, IncidentChange
-from synwatch.respond import Outcome, Responder
-from synwatch.runner import Command, reason, show
 from synwatch.store import History
+from synwatch.system.runner import Command, reason, show
 
 PRESETS = load_presets()
 SAMPLES = [(name, i) for name, p in PRESETS.items() for i in range(len(p.samples))]

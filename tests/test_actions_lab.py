@@ -28,7 +28,7 @@ import pytest
 from synwatch.actions.presets import load_presets
 from synwatch.actions.ratelimit import ratelimit_context
 from synwatch.config import parse_config
-from synwatch.runner import execute
+from synwatch.system.runner import execute
 from tests.conftest import synwatch
 from tests.harness import Service, wait_for
 from tests.lab import CLIENT_IP, SERVER_IP, SPOOF_NET, Lab, lab, lab_port, sh

@@ -1,4 +1,4 @@
-"""Whether a ban is enforced (synwatch/banproof.py), without a kernel: a firewall's listing
+"""Whether a ban is enforced (synwatch/actions/banproof.py), without a kernel: a firewall's listing
 against the history's active bans (prefixes compared as networks, lengths, time left), what the
 reconcile keeps of its check and how `bans list` reads it back through both SQL paths. The
 kernel itself is in tests/test_firewall_lab.py."""
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from synwatch.actions.banproof import CHECK, UNENFORCED, Check, compare, drift_count, enforced
 from synwatch.actions.presets import load_presets
-from synwatch.banproof import CHECK, UNENFORCED, Check, compare, drift_count, enforced
 from synwatch.config import parse_config
 from synwatch.errors import ConfigError
 from synwatch.records import Ban

@@ -1,8 +1,8 @@
-"""Which networks a ban takes (synwatch.bantargets), on the cases the lab measures: pure."""
+"""Which networks a ban takes (synwatch.detect.bantargets), on the cases the lab measures: pure."""
 
 from __future__ import annotations
 
-from synwatch.bantargets import TargetPlan, plan_targets
+from synwatch.detect.bantargets import TargetPlan, plan_targets
 
 RULES: dict[str, float] = {"v4_len": 24, "v6_len": 64, "widest_v4": 16, "widest_v6": 48,
                            "floor": 0.05, "coverage": 0.95}
@@ -80,7 +80,8 @@ def test_a_client_seen_only_in_the_socket_table_is_spared_by_the_verdict() -> No
     """The sampler keeps 1 in N ACKs and may miss a client; its connections in the socket table
     (inet_diag) are enough to keep it out of a ban."""
     from synwatch.config import Thresholds
-    from synwatch.verdict import Tally, targets
+    from synwatch.detect.tally import Tally
+    from synwatch.detect.verdict import targets
 
     t = Tally(port=80, sampled_addr={**{f"10.98.9.{i}": 800 for i in range(1, 7)},
                                      "10.98.9.200": 40},
@@ -97,7 +98,8 @@ def test_a_phase_keeps_who_completed_before_it() -> None:
     """A client seen completing in an earlier phase, idle since, is never in a later phase's
     ban (a flood at .1 and .254 of a shared-hosting /24, a client at .50)."""
     from synwatch.config import Thresholds
-    from synwatch.verdict import Tally, targets
+    from synwatch.detect.tally import Tally
+    from synwatch.detect.verdict import targets
 
     earlier = Tally(port=80, completed={"10.98.9.50/32": 12}, sampler_on=True)
     now = Tally(port=80, sampled_addr={"10.98.9.1": 900, "10.98.9.254": 900},
@@ -111,7 +113,8 @@ def test_an_overflow_the_sampler_did_not_see_bans_nothing() -> None:
     """A local user floods over lo (the counters move, the sampler skips lo) while real
     clients come from outside: the sample holds only them, and must not make them a target."""
     from synwatch.config import Thresholds
-    from synwatch.verdict import Tally, targets
+    from synwatch.detect.tally import Tally
+    from synwatch.detect.verdict import targets
 
     t = Tally(port=80, sampled_addr={"10.98.9.7": 60}, sampled_n=60, sampled_syns=60,
               sampler_on=True, overflow_watched=5000, syns_overflowed=5000)
@@ -121,7 +124,7 @@ def test_an_overflow_the_sampler_did_not_see_bans_nothing() -> None:
 
 
 def test_completing_sources_stay_bounded_and_are_never_forgotten() -> None:
-    from synwatch.delta import MAX_PREFIXES, add_completed
+    from synwatch.detect.delta import MAX_PREFIXES, add_completed
 
     counts: dict[str, int] = {}
     for round_ in range(4):
@@ -135,7 +138,7 @@ def test_a_prefix_with_an_ipv6_scope_never_reaches_a_firewall_command() -> None:
     """ipaddress takes "2001:db8::1%<text>/128" and keeps the text: a fleet row so written is
     refused, and a ban item renders from the numbers."""
     from synwatch.actions.firewall import BanItem
-    from synwatch.fleetcopy import is_plain_prefix
+    from synwatch.actions.fleetcopy import is_plain_prefix
 
     hostile = "2001:db8::1%}\nflush ruleset\n/128"
     assert not is_plain_prefix(hostile)

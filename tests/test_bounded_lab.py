@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from synwatch.clock import FrozenClock
 from synwatch.config import load_config
-from synwatch.delta import MAX_PREFIXES, ProbeDelta
+from synwatch.daemon.service import Service as RunningService
+from synwatch.detect.delta import MAX_PREFIXES, ProbeDelta
+from synwatch.detect.replay import evidence_line
+from synwatch.detect.tally import Tally
+from synwatch.probes.evidence import Evidence
 from synwatch.probes.snapshot import Snapshot
 from synwatch.probes.synsample import (
     KEPT,
@@ -25,10 +30,6 @@ from synwatch.probes.synsample import (
     SynSampler,
     _Interval,
 )
-from synwatch.records import Evidence
-from synwatch.replay import evidence_line
-from synwatch.daemon.service import Service as RunningService
-from synwatch.verdict import Tally
 from tests.harness import NotifySocket, Service
 from tests.lab import Lab, lab
 
@@ -173,27 +174,27 @@ def test_watchdog_fed_only_while_probing(tmp_path: Path, notify: NotifySocket,
                       '[sources]\njournald = false\nkmsg = false\nfiles = []\n'
                       '[incident]\nprobe_interval = "0.1s"\nsampler = false\n'
                       '[actions]\ndry_run = true\n')
-    service = RunningService(load_config(str(config)), str(config))
+    clock = FrozenClock(datetime.now(timezone.utc))  # the loop's time, moved by the test
+    service = RunningService(load_config(str(config)), str(config), clock=clock)
     service._start()
     try:
         ping = 0.05
         service._probe()
-        next_ping = service._watchdog(ping, 0.0)
+        service.watchdog.tick(ping)
         assert _datagrams(notify) == ["WATCHDOG=1"]
+        clock.advance(ping)
+        service.watchdog.tick(ping)
+        assert _datagrams(notify) == ["WATCHDOG=1"], "fed while the last probe is recent"
         # the loop turns, but no probe step ends: past a probe interval and a ping interval
         # the watchdog goes unfed, however often the loop asks
-        stalled_from = time.monotonic()
-        while time.monotonic() - stalled_from < 0.1 + ping + 0.05:
-            next_ping = service._watchdog(ping, next_ping)
-        fed = _datagrams(notify)
-        later = time.monotonic() + 0.05
-        while time.monotonic() < later:
-            next_ping = service._watchdog(ping, next_ping)
+        clock.advance(0.1 + ping)
+        for _ in range(3):
+            service.watchdog.tick(ping)
+            clock.advance(ping)
         assert _datagrams(notify) == [], "no WATCHDOG=1 once the probes stopped"
-        assert fed, "fed while the last probe was recent"
         assert "systemd's watchdog is no longer fed" in caplog.text
         service._probe()  # probing again: fed again at once
-        service._watchdog(ping, 0.0)
+        service.watchdog.tick(ping)
         assert _datagrams(notify) == ["WATCHDOG=1"]
         assert "fed again" in caplog.text
     finally:

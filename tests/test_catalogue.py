@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.catalogue import AnnotatedLine, load_catalogue
 from synwatch.errors import FilterError
-from synwatch.filters import event_fields, match_record, try_pattern
-from synwatch.sinks import parse_line
+from synwatch.lines.catalogue import AnnotatedLine, load_catalogue
+from synwatch.lines.match import event_fields, match_record, try_pattern
+from synwatch.lines.sinks import parse_line
 from tests.conftest import NOW
 
 CATALOGUE = load_catalogue()

@@ -39,7 +39,7 @@ def test_tables_are_rich_and_never_wrap_on_a_terminal_or_in_a_pipe() -> None:
     as text (never as markup: "[::]:443")."""
     import io
 
-    from synwatch.output import table
+    from synwatch.cli.render import table
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -247,7 +247,7 @@ def test_check_config_exits_2_on_the_values_that_stopped_the_service(
 
 
 def test_ipset_bans_are_bounded_by_ipsets_largest_timeout() -> None:
-    from synwatch.config.schema import IPSET_MAX_TIMEOUT
+    from synwatch.config.validators import IPSET_MAX_TIMEOUT
 
     ipset = '[actions.ban]\nbackend = "iptables-ipset"\n'
     with pytest.raises(ConfigError) as err:
@@ -320,8 +320,8 @@ def test_the_largest_accepted_values_work_where_they_are_used(tmp_path: Path) ->
     from synwatch.actions.presets import load_presets
     from synwatch.actions.ratelimit import PRESET, ratelimit_context
     from synwatch.clock import FrozenClock
-    from synwatch.config.schema import NFT_MAX_TIMEOUT, POLL_MAX_TIMEOUT
-    from synwatch.correlate import Correlator
+    from synwatch.config.validators import NFT_MAX_TIMEOUT, POLL_MAX_TIMEOUT
+    from synwatch.detect.correlate import Correlator
     from synwatch.store import History
 
     c = parse_config(LARGEST, "largest")
@@ -338,7 +338,7 @@ def test_the_largest_accepted_values_work_where_they_are_used(tmp_path: Path) ->
     assert 0 < hold <= NFT_MAX_TIMEOUT
     setup = load_presets()[PRESET].render("setup", ratelimit_context(c))
     assert f"timeout {hold}s;" in str(setup[0].stdin)
-    from synwatch.actions.ban import ban_seconds
+    from synwatch.actions.banchoice import ban_seconds
 
     longest = ban_seconds(c.ban, 3)  # increment 100, three bans before: capped at max_duration
     assert longest == int(c.ban.max_duration) <= NFT_MAX_TIMEOUT

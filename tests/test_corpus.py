@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.filters import event_fields, match_record
-from synwatch.sinks import parse_line
+from synwatch.lines.match import event_fields, match_record
+from synwatch.lines.sinks import parse_line
 from tests.conftest import NOW, REPO, synwatch
 
 CORPUS = Path(os.environ.get("SYNWATCH_CORPUS",

@@ -15,12 +15,14 @@ import pytest
 
 from synwatch.clock import FrozenClock
 from synwatch.config import Thresholds
-from synwatch.correlate import Correlator
+from synwatch.detect.correlate import Correlator
+from synwatch.detect.replay import replay
+from synwatch.detect.tally import Tally
+from synwatch.detect.verdict import judge, suggested_backlog
+from synwatch.probes.evidence import Evidence
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
-from synwatch.records import Evidence, KernelEvent, LogRecord, StoredEvent
-from synwatch.replay import replay
-from synwatch.verdict import Tally, judge, suggested_backlog
+from synwatch.records import KernelEvent, LogRecord, StoredEvent
 from tests.conftest import DATA, NOW, synwatch
 
 REPLAYS = DATA / "replays"
@@ -30,7 +32,7 @@ FIELDS = ("verdict", "trigger", "status", "opened_at", "closed_at", "peak_syn_re
 
 
 def _replayed(name: str, th: Thresholds | None = None, quiet: float = LAB_QUIET) -> list[dict]:
-    from synwatch.views import change_view
+    from synwatch.cli.views import change_view
 
     return [{k: change_view(c)[k] for k in FIELDS}
             for c in replay(str(REPLAYS / f"{name}.jsonl"), th or Thresholds(), quiet)]
@@ -177,7 +179,7 @@ def test_a_line_this_namespace_shows_no_overflow_for_opens_nothing(
     """A user can make the kernel print a genuine line for any port from a namespace of their
     own (`unshare -rn`, a veth, raw SYNs): a port listened on here is not enough, the
     namespace's own counters or sockets must show the overflow within two probes."""
-    caplog.set_level(logging.INFO, logger="synwatch.correlate")
+    caplog.set_level(logging.INFO, logger="synwatch.detect.correlate")
     assert corr.on_event(_event(1, True, clock)) == []
     assert _probe(corr, clock, _snap()) == [] and len(corr.held) == 1
     assert _probe(corr, clock, _snap()) == [] and not corr.held
@@ -236,7 +238,7 @@ def test_a_failed_probe_is_replayed_as_the_service_handled_it(tmp_path: Path) ->
     """When a probe fails the service closes what has been quiet (and lets held lines go): a
     recording says so, and its replay closes the incident at that moment too (a loaded CI
     machine once replayed an incident differently from the live one)."""
-    from synwatch.replay import event_line, evidence_line, probe_failed_line, settings_line
+    from synwatch.detect.replay import event_line, evidence_line, probe_failed_line, settings_line
 
     clock = FrozenClock(NOW)
     lines = [settings_line(Thresholds(), 10), evidence_line(NOW, Evidence(NOW, _snap()))]
@@ -258,7 +260,7 @@ def test_a_line_for_a_port_nobody_here_listens_on_waits_for_the_next_probe(
         corr: Correlator, clock: FrozenClock, caplog: pytest.LogCaptureFixture) -> None:
     """The kernel's log is every namespace's: a line opens an incident only where its port
     is listened on, checked by the next probe for a listener newer than the last one."""
-    caplog.set_level(logging.INFO, logger="synwatch.correlate")
+    caplog.set_level(logging.INFO, logger="synwatch.detect.correlate")
     assert corr.on_event(_event(1, True, clock, port=9001)) == []  # held
     assert corr.on_event(_event(2, True, clock, port=9002)) == []
     printed = clock.now()
@@ -428,7 +430,7 @@ def test_suggested_backlog_is_a_bounded_power_of_two() -> None:
 
 def test_prefix_counts_stay_bounded_under_a_flood_from_everywhere(
         corr: Correlator, clock: FrozenClock) -> None:
-    from synwatch.delta import MAX_PREFIXES
+    from synwatch.detect.delta import MAX_PREFIXES
 
     corr.on_event(_event(1, True, clock))
     qfull = 0
@@ -445,7 +447,7 @@ def test_prefix_counts_stay_bounded_under_a_flood_from_everywhere(
 # -- statistics ---------------------------------------------------------------------------------
 
 def test_wilson_bounds_are_honest_for_small_samples() -> None:
-    from synwatch.stats import wilson
+    from synwatch.detect.stats import wilson
 
     low, high = wilson(1.0, 16)
     assert 0.80 < low < 0.81 and high == 1.0  # 16 of 16: at least 80.6 %
@@ -457,7 +459,7 @@ def test_wilson_bounds_are_honest_for_small_samples() -> None:
 
 
 def test_chao1_sees_the_prefixes_a_sample_missed() -> None:
-    from synwatch.stats import chao1
+    from synwatch.detect.stats import chao1
 
     assert chao1(16, 16, 0) == 16 + 120  # all different: far more out there
     assert chao1(4, 0, 0) == 4  # every prefix seen repeatedly: that is all of them
@@ -465,7 +467,7 @@ def test_chao1_sees_the_prefixes_a_sample_missed() -> None:
 
 
 def test_aggregate_joins_complete_blocks_only_and_never_too_wide() -> None:
-    from synwatch.stats import aggregate
+    from synwatch.detect.stats import aggregate
 
     quad = [f"10.99.{n}.0/24" for n in (32, 33, 34, 35)]
     assert aggregate(quad) == ["10.99.32.0/22"]
@@ -647,7 +649,8 @@ def test_a_queue_that_just_filled_is_the_flooded_one_when_the_sample_lags(
 def test_a_filling_conntrack_table_is_evidence_and_a_recommendation() -> None:
     """A spoofed flood on a host that tracks connections: the incident says how full the
     table got and how many new flows it dropped, and what to do about it."""
-    from synwatch.verdict import Tally, judge
+    from synwatch.detect.tally import Tally
+    from synwatch.detect.verdict import judge
 
     t = Tally(family=4, address="0.0.0.0", port=443, backlog=511, syns_overflowed=50_000,
               cookies_sent=50_000, conntrack_max=262_144, conntrack_peak=262_144,

@@ -186,9 +186,9 @@ def test_the_try_example_has_the_shape_of_what_try_prints() -> None:
     incidents as the service records them, against the README's example, line by line."""
     from datetime import datetime, timezone
 
-    from synwatch.output import print_judged, print_trial_end
+    from synwatch.cli.render import print_judged, print_trial_end
+    from synwatch.cli.trial import FLOODS, Judged
     from synwatch.records import ActionRun, Incident
-    from synwatch.trial import FLOODS, Judged
 
     now = datetime(2026, 12, 6, tzinfo=timezone.utc)
 

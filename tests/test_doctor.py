@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.doctor import PortHistory, examine
+from synwatch.detect.doctor import PortHistory, examine
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.records import IncidentChange

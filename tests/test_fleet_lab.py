@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from synwatch.fleetcopy import BATCH
+from synwatch.actions.fleetcopy import BATCH
 from synwatch.store.listen import BAN_CHANNEL
 from tests.conftest import synwatch
 from tests.harness import Service

@@ -260,7 +260,8 @@ def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
     the old ids; when the server answers, everything is written with the links mapped."""
     from synwatch.errors import StoreError
     from synwatch.records import IncidentChange
-    from synwatch.store.spool import Spool, SpooledStore
+    from synwatch.store.spool import Spool
+    from synwatch.store.spooled import SpooledStore
 
     now = datetime.now(timezone.utc)
     path = tmp_path / "spool.jsonl"

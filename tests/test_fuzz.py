@@ -22,11 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from synwatch import journalfold
-from synwatch.catalogue import Catalogue
-from synwatch.filters import match_record
+from synwatch.lines import journalfold
+from synwatch.lines.catalogue import Catalogue
+from synwatch.lines.match import match_record
+from synwatch.lines.sinks import BAD_LINES, BadLines, parse_line
 from synwatch.records import KernelEvent, LogRecord
-from synwatch.sinks import BAD_LINES, BadLines, parse_line
 from tests.conftest import NOW, REPO
 
 MUTATED_LINES = 100_000
@@ -201,7 +201,7 @@ def test_a_line_that_makes_a_parser_raise_is_counted_logged_once_and_skipped(
         caplog: pytest.LogCaptureFixture) -> None:
     """For the bugs no fuzzer found yet: the line is skipped, counted per source, and logged
     once a minute per source, and the reader goes on."""
-    from synwatch import sinks
+    from synwatch.lines import sinks
 
     def explode(*_args: object, **_kw: object) -> None:
         raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
@@ -209,7 +209,7 @@ def test_a_line_that_makes_a_parser_raise_is_counted_logged_once_and_skipped(
     bad = BadLines()
     monkeypatch.setattr(sinks, "BAD_LINES", bad)
     monkeypatch.setattr(sinks, "_parse", explode)
-    caplog.set_level("WARNING", logger="synwatch.sinks")
+    caplog.set_level("WARNING", logger="synwatch.lines.sinks")
     for _ in range(3):
         assert parse_line("poison", catalogue, NOW, timezone.utc, source="file:/x") is None
     assert parse_line("poison", catalogue, NOW, timezone.utc, source="kmsg") is None
@@ -223,7 +223,8 @@ def test_scan_and_import_exit_1_when_lines_were_skipped(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """The output is short of the lines a parser choked on: the exit status says so."""
-    from synwatch import cli, sinks
+    from synwatch import cli
+    from synwatch.lines import sinks
 
     log = tmp_path / "syslog"
     good = ("Nov 21 12:00:00 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding on "
@@ -272,7 +273,7 @@ def test_any_proc_table_is_numbers_or_nothing(text: str) -> None:
 @settings(max_examples=1000, deadline=None)
 @given(st.text(max_size=300))
 def test_any_tool_output_gives_one_line_of_reason(output: str) -> None:
-    from synwatch.runner import reason
+    from synwatch.system.runner import reason
 
     said = reason(output)
     assert isinstance(said, str) and "\n" not in said and said
@@ -289,8 +290,8 @@ def test_any_recording_head_is_settings_nothing_or_a_usage_error(first: str) -> 
     import tempfile
 
     from synwatch.config import Thresholds
+    from synwatch.detect.replay import recorded_settings
     from synwatch.errors import UsageError
-    from synwatch.replay import recorded_settings
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r.jsonl"
@@ -317,8 +318,8 @@ def test_any_recording_line_is_an_item_or_a_usage_error(line: str) -> None:
     or a UsageError naming the file and line; never another exception."""
     import tempfile
 
+    from synwatch.detect.replay import read
     from synwatch.errors import UsageError
-    from synwatch.replay import read
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r.jsonl"

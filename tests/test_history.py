@@ -202,7 +202,8 @@ def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_ho
     from synwatch.clock import FrozenClock
     from synwatch.config import parse_config
     from synwatch.daemon.housekeeping import PRUNE_FIRST, Housekeeping
-    from synwatch.store.spool import Spool, SpooledStore
+    from synwatch.store.spool import Spool
+    from synwatch.store.spooled import SpooledStore
 
     url = f"sqlite:///{tmp_path}/h.db"
     config = parse_config(f'[storage]\nurl = "{url}"\nhost = "web1"\n'

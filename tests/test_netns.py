@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from synwatch import netns
 from synwatch.errors import ProbeError
-from synwatch.netns import WORKERS_PER_NETNS, in_netns
+from synwatch.system import netns
+from synwatch.system.netns import WORKERS_PER_NETNS, in_netns
 from tests.lab import sh
 
 

@@ -295,7 +295,7 @@ def test_slow_clients_on_the_metrics_port_cost_no_thread_and_are_closed(
     service stopped ("can't start new thread"). Now one thread serves them all, a scraper is
     still answered meanwhile, every slow connection is closed within the request timeout, and
     SIGTERM ends the service at once."""
-    from synwatch.metricsserver import REQUEST_TIMEOUT
+    from synwatch.daemon.metricsserver import REQUEST_TIMEOUT
 
     metrics_port = free_port()
     config = host_config(tmp_path, "[sources]\njournald = false\nkmsg = false\n"

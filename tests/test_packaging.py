@@ -22,9 +22,9 @@ from synwatch.actions.firewall import BanItem, Firewall
 from synwatch.actions.presets import load_presets
 from synwatch.probes.accounting import SynAccounting
 from synwatch.records import Ban
-from synwatch.runner import execute
 from synwatch.store import History
-from synwatch.sysctl import write_sysctl
+from synwatch.system.runner import execute
+from synwatch.system.sysctl import write_sysctl
 from tests.conftest import REPO, cli_commands
 
 
@@ -166,7 +166,7 @@ def test_prerm_lifts_what_synwatch_holds_on_remove_only(tmp_path: Path) -> None:
         log.unlink(missing_ok=True)
         subprocess.run(["sh", str(prerm), *args], env=env, check=True, timeout=30)
         ran = log.read_text() if log.exists() else ""
-        expect = "python -m synwatch.uninstall --note /var/lib/synwatch/namespaces\n"
+        expect = "python -m synwatch.cli.uninstall --note /var/lib/synwatch/namespaces\n"
         assert (expect in ran) == lifts, (args, ran)
         assert ("deb-systemd-invoke stop synwatch.service" in ran) == (
             lifts and Path("/run/systemd/system").is_dir()), (args, ran)
@@ -198,7 +198,7 @@ def test_the_removal_lifts_every_ban_and_puts_back_what_it_raised(tmp_path: Path
     """What a running synwatch leaves in the watched namespace, made by its own presets and
     recorded as its actions record it: nftables bans (IPv4 and IPv6), an ipset/iptables ban,
     the accounting chain, both rate-limit chains, tcp_syncookies raised from 0. `python -m
-    synwatch.uninstall` (run in a fresh network namespace of its own, so that "the host's"
+    synwatch.cli.uninstall` (run in a fresh network namespace of its own, so that "the host's"
     is one the test owns too) lifts all of it, says each on a line, marks the bans removed in
     the history and notes the namespace for the purge; run again, it has nothing to do."""
     ns, now = watched, datetime.now(timezone.utc)
@@ -235,7 +235,7 @@ def test_the_removal_lifts_every_ban_and_puts_back_what_it_raised(tmp_path: Path
 
     def uninstall() -> list[str]:
         res = subprocess.run(["unshare", "--net", "--", sys.executable, "-m",
-                              "synwatch.uninstall", "--note", str(note)], env=env,
+                              "synwatch.cli.uninstall", "--note", str(note)], env=env,
                              capture_output=True, text=True, timeout=60, check=True)
         assert res.stderr == "", res.stderr  # no warning: everything went
         return res.stdout.splitlines()
@@ -306,8 +306,8 @@ def test_a_configuration_that_does_not_load_still_names_the_watched_namespace(
         tmp_path: Path) -> None:
     """A key this version does not know (an upgrade's configuration, a typo) fails
     load_config; the removal still cleans the namespace the file names (a path is no name)."""
+    from synwatch.cli.uninstall import _watched_without_config
     from synwatch.config import ConfigError, load_config
-    from synwatch.uninstall import _watched_without_config
 
     cfg = tmp_path / "synwatch.toml"
     cfg.write_text('[watch]\nnetns = "web"\nno_such_key = 1\n')
@@ -339,7 +339,7 @@ def test_the_removal_lifts_ufw_bans_and_leaves_the_admins_rules(tmp_path: Path,
         cfg.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n'
                        f'[watch]\nnetns = "{watched}"\n')
         res = subprocess.run(["unshare", "--net", "--", sys.executable, "-m",
-                              "synwatch.uninstall"],
+                              "synwatch.cli.uninstall"],
                              env={**os.environ, "SYNWATCH_CONFIG": str(cfg)},
                              capture_output=True, text=True, timeout=60, check=True)
         assert res.stdout.splitlines() == [

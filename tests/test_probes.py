@@ -9,7 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from synwatch.probes.snapshot import ListenerState, Snapshot, as_json, diagnose, take
+from synwatch.cli.views import snapshot_view as as_json
+from synwatch.detect.rules import diagnose
+from synwatch.probes.snapshot import ListenerState, Snapshot, take
 from synwatch.probes.sockdiag import Listener
 from tests.conftest import synwatch
 from tests.lab import Lab, lab, lab_port
@@ -147,8 +149,9 @@ def test_diagnosis_rules() -> None:
 def test_snapshot_doctor_and_verdict_share_one_rule_table() -> None:
     """The same namespace judged three ways says the same about somaxconn and cookies."""
     from synwatch.config import Thresholds
-    from synwatch.doctor import examine
-    from synwatch.verdict import Tally, judge
+    from synwatch.detect.doctor import examine
+    from synwatch.detect.tally import Tally
+    from synwatch.detect.verdict import judge
 
     snap = _snap(Listener(4, "0.0.0.0", 80, 1024, 0), somaxconn=1024, tcp_syncookies=0)
     said = "\n".join(diagnose(snap))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from synwatch import rules
+from synwatch.detect import rules
 from synwatch.probes.conntrack import Conntrack, read_conntrack
 from synwatch.probes.procnet import COUNTERS, SYSCTLS, read_counters, read_sysctls
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from synwatch.metrics import Metrics
+from synwatch.daemon.metrics import Metrics
 from synwatch.probes.conntrack import Conntrack
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
@@ -123,9 +123,9 @@ def test_lag_is_measured_on_lines_printed_since_the_start_not_on_the_backlog(
     from datetime import UTC, datetime, timedelta
 
     from synwatch.config import parse_config
+    from synwatch.daemon.telemetry import Telemetry
     from synwatch.records import LogRecord
     from synwatch.sources.base import Batch
-    from synwatch.telemetry import Telemetry
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.filters import match_record
-from synwatch.sinks import parse_line
+from synwatch.lines.match import match_record
+from synwatch.lines.sinks import parse_line
 from tests.conftest import synwatch
 from tests.lab import Kmsg, lab, lab_port
 

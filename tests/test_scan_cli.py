@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from synwatch import journalfold
-from synwatch import scan as scan_module
-from synwatch.catalogue import Catalogue
-from synwatch.scan import candidate_lines, candidates, open_input
+from synwatch.lines import journalfold
+from synwatch.lines import scan as scan_module
+from synwatch.lines.catalogue import Catalogue
+from synwatch.lines.scan import candidate_lines, candidates, open_input
 from synwatch.store import History
 from tests.conftest import DATA, synwatch
 

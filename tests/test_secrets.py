@@ -113,7 +113,7 @@ def _notify_config(tmp_path: Path, urls: list[str], mode: int) -> Path:
 def test_a_notify_url_with_a_token_in_a_file_others_read_warns(tmp_path: Path,
                                                                url: str) -> None:
     from synwatch.config import load_config
-    from synwatch.preflight import check_secrets
+    from synwatch.daemon.preflight import check_secrets
 
     path = _notify_config(tmp_path, [*PLAIN_NOTIFY, url], 0o644)
     [check] = check_secrets(load_config(str(path)))
@@ -126,7 +126,7 @@ def test_a_notify_url_with_a_token_in_a_file_others_read_warns(tmp_path: Path,
 @pytest.mark.parametrize("url", PLAIN_NOTIFY)
 def test_a_notify_url_without_a_token_does_not_warn(tmp_path: Path, url: str) -> None:
     from synwatch.config import load_config
-    from synwatch.preflight import check_secrets
+    from synwatch.daemon.preflight import check_secrets
 
     assert check_secrets(load_config(str(_notify_config(tmp_path, [url], 0o644)))) == []
 
@@ -184,7 +184,7 @@ def test_a_password_file_others_can_read_warns_and_the_config_does_not(tmp_path:
 def test_a_password_file_root_only_reads_does_not_warn_but_another_group_does(
         tmp_path: Path) -> None:
     from synwatch.config import load_config
-    from synwatch.preflight import check_secrets
+    from synwatch.daemon.preflight import check_secrets
 
     path, secret = _password_config(tmp_path, 0o600, 0o640)
     os.chown(secret, 0, 0)  # as the package installs its files

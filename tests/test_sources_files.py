@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.catalogue import Catalogue
 from synwatch.clock import SystemClock
-from synwatch.recorder import Recorder
+from synwatch.daemon.recorder import Recorder
+from synwatch.lines.catalogue import Catalogue
 from synwatch.records import LogRecord
 from synwatch.sources.base import Batch
 from synwatch.sources.files import FileSource
@@ -221,7 +221,7 @@ def test_a_backlog_of_events_is_logged_as_one_summary_line(
                                   position=f"line:{n}") for n in numbers)
         return Batch("file:x", records, {"offset": 0})
 
-    caplog.set_level(logging.INFO, logger="synwatch.recorder")
+    caplog.set_level(logging.INFO, logger="synwatch.daemon.recorder")
     assert len(recorder.record(batch(range(20)))) == 20
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert infos == ["source file:x: 20 kernel events (0 trusted)"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from synwatch.catalogue import Catalogue
+from synwatch.lines.catalogue import Catalogue
 from synwatch.records import LogRecord, RecordedEvent
 from synwatch.sources.base import Batch
 from synwatch.sources.journald import JournalctlReader, JournaldSource, SystemdReader

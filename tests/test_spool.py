@@ -19,7 +19,8 @@ import pytest
 from synwatch.errors import StoreOutage
 from synwatch.records import ActionRun, Ban, TimelinePoint
 from synwatch.store import History, prepare
-from synwatch.store.spool import THIN_EVERY, Spool, SpooledStore
+from synwatch.store.spool import THIN_EVERY, Spool
+from synwatch.store.spooled import SpooledStore
 from tests.test_history import NOW, _change
 from tests.test_store import _event
 
@@ -206,7 +207,7 @@ def test_a_stop_in_the_middle_of_a_catch_up_leaves_nothing_unmappable(
     """The history comes back, part of the spool is written, and synwatch stops: what waits
     names the history's ids, so the next start writes it (before: a foreign key error at the
     head of the spool, for ever) and resumes the incident once."""
-    import synwatch.store.spool
+    import synwatch.store.spooling
 
     store, db = _spooled(tmp_path)
     holder = sqlite3.connect(db, isolation_level=None)
@@ -225,7 +226,7 @@ def test_a_stop_in_the_middle_of_a_catch_up_leaves_nothing_unmappable(
     while store.away:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    monkeypatch.setattr(synwatch.store.spool, "CATCH_UP_SECONDS", 0.0)  # one op a call
+    monkeypatch.setattr(synwatch.store.spooling, "CATCH_UP_SECONDS", 0.0)  # one op a call
     for _ in range(5):
         store.catch_up()
     assert store.spool.ops  # stopped half-way

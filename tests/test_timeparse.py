@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from synwatch.timeparse import (
+from synwatch.lines.timeparse import (
     from_epoch_micros,
     parse_bsd,
     parse_ctime,

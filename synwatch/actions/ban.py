@@ -1,6 +1,6 @@
 """Subnet bans for concentrated floods, from kernel-side evidence only.
 
-The blocks come from the verdict (synwatch.bantargets: the flood's own sources, from the SYN
+The blocks come from the verdict (synwatch.detect.bantargets: the flood's own sources, from the SYN
 sampler, SYN-RECV sockets or the nftables accounting set, never from log text, at the width
 that holds them and sparing every source that completes handshakes). A prefix is refused when it
 touches the allowlist, loopback, one of the host's own addresses or its default gateway, and the
@@ -16,131 +16,37 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
-from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
 
+from synwatch.actions.banchoice import (
+    ALWAYS_PROTECTED,
+    Guard,
+    ban_seconds,
+    choose,
+    host_networks,
+)
+from synwatch.actions.banfleet import FleetCopies, FleetScan
+from synwatch.actions.banproof import CHECK, UNENFORCED, Check, Comparison, compare, normal
 from synwatch.actions.firewall import BanItem, Firewall
 from synwatch.actions.presets import load_presets
-from synwatch.actions.registry import Action, ActionContext, Plan, skipped
-from synwatch.banproof import CHECK, UNENFORCED, Check, Comparison, compare, normal
-from synwatch.config import BanSettings, Config, Network
+from synwatch.actions.registry import ActionContext, Plan, skipped
+from synwatch.config import Config, Network
 from synwatch.durations import format_duration
 from synwatch.errors import CommandError, StoreError
-from synwatch.fleetcopy import BATCH, MALFORMED, PAGE, Refusal, is_plain_prefix, pick
-from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange
-from synwatch.runner import Command, run, show
+from synwatch.records import Ban, IncidentChange
 from synwatch.store.listen import FleetListener
+from synwatch.system.runner import Command, show
 
 log = logging.getLogger("synwatch")
 DRIFT_TOLERANCE = 5.0  # seconds: a kernel timeout this far from the history's is a drift
-MAX_SHOWN = 5  # drifted bans named in the one warning of a reconcile (and fleet refusals)
-MALFORMED_SHOWN = 20  # malformed fleet rows named, each in a warning, per loop turn
-FLEET_EVERY = 5.0  # seconds: a fleet's bans are looked at this often without a notification
-ALWAYS_PROTECTED = ((ipaddress.ip_network("127.0.0.0/8"), "loopback"),
-                    (ipaddress.ip_network("::1/128"), "loopback"),
-                    (ipaddress.ip_network("0.0.0.0/32"), "unspecified"),
-                    (ipaddress.ip_network("::/128"), "unspecified"))
-
-
-@dataclass(frozen=True, slots=True)
-class Guard:
-    """Networks a ban must never touch, each with the reason."""
-
-    protected: tuple[tuple[Network, str], ...]
-
-    def refuses(self, prefix: str) -> str | None:
-        net = ipaddress.ip_network(prefix)
-        for other, why in self.protected:
-            if net.version == other.version and net.overlaps(other):
-                return f"{why} ({other})"
-        return None
-
-
-def host_networks(netns: str) -> list[tuple[Network, str]]:
-    """The namespace's own addresses and default gateways, from `ip -j`."""
-    found: list[tuple[Network, str]] = []
-    for entry in json.loads(run(["ip", "-j", "addr", "show"], netns=netns) or "[]"):
-        for a in entry.get("addr_info", []):
-            found.append((ipaddress.ip_network(a["local"]), "one of this host's addresses"))
-    for family in ("-4", "-6"):
-        routes = json.loads(run(["ip", "-j", family, "route", "show", "default"],
-                                netns=netns) or "[]")
-        for r in routes:
-            if "gateway" in r:
-                found.append((ipaddress.ip_network(r["gateway"]), "the default gateway"))
-    return found
-
-
-def ban_seconds(settings: BanSettings, times_before: int) -> int:
-    """The first ban lasts ``duration``; each one after it ``increment`` times longer (the
-    exponent capped: 2.0 ** 1024 is past what a float holds, and max_duration is reached long
-    before)."""
-    return int(min(settings.duration * settings.increment ** min(times_before, 64),
-                   settings.max_duration))
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    ban: tuple[str, ...]  # blocks to ban: a prefix, or prefixes that fill a block, as that block
-    refused: tuple[tuple[str, str], ...]  # prefix, why
-    handled: tuple[str, ...] = ()  # every prefix of the incident these decide for
-
-
-def choose(targets: Iterable[BanTarget], *, settings: BanSettings, guard: Guard,
-           seen: set[str], banned_here: int, active_total: int,
-           active: Sequence[str] = ()) -> Choice:
-    """Which of an incident's ban targets (synwatch.bantargets: the flood's own sources at the
-    width that holds them, each with a real share) to ban now: those not already handled or
-    inside an active ban, within the guard and the caps. A block the guard refuses is tried
-    part by part (the prefixes it was joined from), so the allowlist is never covered."""
-    ban: list[str] = []
-    refused: list[tuple[str, str]] = []
-    handled: list[str] = []
-    banned = Guard(tuple((ipaddress.ip_network(p), "banned") for p in active))
-    for target in targets:
-        if target.prefix in seen:
-            continue
-        handled.append(target.prefix)
-        if banned.refuses(target.prefix) is not None:
-            continue  # already dropped by an active ban (a block around it)
-        whole = guard.refuses(target.prefix) is None or len(target.parts) <= 1
-        for prefix in (target.prefix,) if whole else target.parts:
-            why = guard.refuses(prefix)
-            if why is None and banned_here + len(ban) >= settings.max_per_incident:
-                why = f"cap of {settings.max_per_incident} bans per incident reached"
-            if why is None and active_total + len(ban) >= settings.max_total:
-                why = f"cap of {settings.max_total} active bans reached"
-            if why is None:
-                ban.append(prefix)
-            else:
-                refused.append((prefix, why))
-    return Choice(tuple(ban), tuple(refused), tuple(handled))
-
-
+MAX_SHOWN = 5  # drifted bans named in the one warning of a reconcile
 def _absent(exc: CommandError) -> bool:
     """Did listing fail because synwatch's table or set is not there (nft, ipset)?"""
     return "No such file or directory" in exc.why or "does not exist" in exc.why
-
-
-@dataclass
-class _FleetScan:
-    """Where the reading of other nodes' fleet bans is: a page of rows per loop turn, by id
-    from ``after``, into ``pending``; the copies go in batches from there."""
-
-    after: int = 0
-    reading: bool = False
-    again: bool = False  # a look was asked for while reading: read from the start once more
-    pending: deque[Ban] = field(default_factory=deque)
-    problem: str | None = None  # the store's, said once
-
-    @property
-    def busy(self) -> bool:
-        return self.reading or bool(self.pending)
 
 
 @dataclass
@@ -150,7 +56,7 @@ class _Reconcile:
     store_problem: str | None = None
 
 
-class BanAction(Action):
+class BanAction(FleetCopies):
     name = "ban"
     order = 20
 
@@ -169,17 +75,13 @@ class BanAction(Action):
         self.listener: FleetListener | None = None
         self.fleet_due = 0.0
         self.fleet_seen: set[int] = set()  # other nodes' fleet bans decided on here
-        self.fleet_scan = _FleetScan()
+        self.fleet_scan = FleetScan()
         self.malformed_own: set[int] = set()  # this node's own rows found malformed (warned)
         self.forgotten: set[str] = set()  # held in the kernel, unknown to the history (said)
 
     @classmethod
     def enabled(cls, config: Config) -> bool:
         return config.ban.enabled
-
-    @property
-    def fleet(self) -> bool:
-        return self.ctx.config.ban.scope == "fleet"
 
     def _refresh_guard(self) -> None:
         try:
@@ -220,134 +122,8 @@ class BanAction(Action):
         self._refresh_guard()
         return self._reconcile()
 
-    # -- a fleet's bans -------------------------------------------------------------------------
-
-    def _fleet_tick(self, mono: float) -> list[Plan]:
-        """Lifts what another node unbanned (the reconcile: its copy here was marked removed),
-        then looks at the bans other nodes decided since the last look."""
-        if not self.fleet:
-            return []
-        if self.listener is not None:
-            self.listener.woken.clear()
-        self.fleet_due = mono + FLEET_EVERY
-        scan = self.fleet_scan
-        if scan.reading:
-            scan.again = True
-        else:
-            scan.reading, scan.after = True, 0
-        return self._reconcile() + self._copy_fleet()
-
-    def _copy_fleet(self) -> list[Plan]:
-        """One loop turn's share of other nodes' fleet bans (synwatch/fleetcopy.py): a page of
-        rows read, then at most one batch copied (one firewall command), so the probes keep
-        their schedule and a stop is honoured whatever the backlog; the rest on the next turns
-        (the loop is woken for them). Each row is checked like a log line and against this
-        node's own guards and caps; a refusal is logged and counted, never stored."""
-        scan, store, now = self.fleet_scan, self.ctx.store, self.ctx.clock.now()
-        try:
-            if scan.reading and len(scan.pending) < BATCH:
-                page = store.fleet_bans_to_copy(now, after=scan.after, limit=PAGE)
-                scan.after = max((b.id or 0 for b in page), default=scan.after)
-                scan.pending.extend(b for b in page if b.id not in self.fleet_seen)
-                self.fleet_seen.update(b.id for b in page if b.id is not None)
-                if len(page) < PAGE:
-                    scan.reading, scan.after = scan.again, 0
-                    scan.again = False
-            active = self._well_formed(store.active_bans(self.ctx.netns, now)) \
-                if scan.pending else []
-        except StoreError as exc:  # the database is gone: looked at again when it answers
-            if scan.problem != exc.why:
-                log.warning("ban: the fleet's bans cannot be read (%s); looking again every "
-                            "%.0f s", exc.why, FLEET_EVERY)
-                scan.problem = exc.why
-            scan.reading = scan.again = False
-            return []
-        scan.problem = None
-        if not scan.pending:
-            if scan.reading:
-                self.ctx.wake()
-            return []
-        picked = pick(scan.pending, now=now, settings=self.ctx.config.ban,
-                      protected=self.guard.protected, active=active)
-        self._refused(picked.refused)
-        if scan.busy:
-            self.ctx.wake()  # the next page or batch at the next turn, after a probe if due
-        if not picked.copies:
-            return []
-        items = [BanItem(b.prefix, seconds, f"synwatch fleet ban {b.id} from {b.host}")
-                 for b, seconds in picked.copies]
-        commands = self.firewall.render_ban(items)
-        origins = sorted({b.host for b, _ in picked.copies})
-        target = (picked.copies[0][0].prefix if len(items) == 1
-                  else f"{len(items)} fleet bans from {', '.join(origins[:3])}"
-                  + (f" and {len(origins) - 3} more nodes" if len(origins) > 3 else ""))
-        return [Plan(self.name, target, show(commands),
-                     partial(self._copy, picked.copies, commands),
-                     picked.copies[0][0].incident_id if len(items) == 1 else None)]
-
-    def _refused(self, refused: Sequence[Refusal]) -> None:
-        """Logged (a malformed row as a WARNING naming its id, the rest as INFO; a few by name
-        and the others as a count) and counted, never stored one by one."""
-        if not refused:
-            return
-        counts: dict[str, int] = {}
-        for r in refused:
-            counts[r.reason] = counts.get(r.reason, 0) + 1
-        for reason, n in counts.items():
-            self.ctx.fleet_refused(reason, n)
-        bad = [r for r in refused if r.reason == MALFORMED]
-        rest = [r for r in refused if r.reason != MALFORMED]
-        shown = bad[:MALFORMED_SHOWN] + rest[:MAX_SHOWN]
-        for r in shown:
-            log.log(logging.WARNING if r.reason == MALFORMED else logging.INFO,
-                    "ban: fleet ban %s from %s (%s) not copied: %s", r.ban.id, r.ban.host[:64],
-                    r.ban.prefix[:64], r.why)
-        more = bad[MALFORMED_SHOWN:] + rest[MAX_SHOWN:]
-        if more:
-            log.log(logging.WARNING if len(bad) > MALFORMED_SHOWN else logging.INFO,
-                    "ban: %d more fleet bans not copied (ids %s to %s); in all: %s", len(more),
-                    min(r.ban.id or 0 for r in more), max(r.ban.id or 0 for r in more),
-                    ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())))
-
-    def _copy(self, copies: Sequence[tuple[Ban, int]], commands: Sequence[Command]) -> str:
-        """Stored first, then one firewall command for the whole batch; each copy names its
-        origin (``origin_id``, the element's comment, its action run on the origin's
-        incident)."""
-        now = self.ctx.clock.now()
-        store = self.ctx.store
-        store.add_bans([replace(origin, id=None, host="", netns=self.ctx.netns,
-                                backend=self.firewall.name, created_at=now,
-                                expires_at=now + timedelta(seconds=seconds),
-                                origin_id=origin.id)
-                        for origin, seconds in copies])
-        self.firewall.apply(commands)  # a failure: the reconcile puts them in from the store
-        self.reconcile_state.due = 0.0  # proven in the kernel at the next tick
-        if len(copies) > 1:  # one plan for the batch: each copy on its origin's incident too
-            store.add_action_runs([ActionRun(
-                incident_id=origin.incident_id, action=self.name, target=origin.prefix,
-                status="done", at=now, rendered="",
-                detail=f"fleet ban {origin.id} from {origin.host}, for "
-                       f"{format_duration(seconds)} (one batch of {len(copies)})")
-                for origin, seconds in copies])
-        longest = max(seconds for _, seconds in copies)
-        if len(copies) == 1:
-            origin = copies[0][0]
-            return f"fleet ban {origin.id} from {origin.host}, for {format_duration(longest)}"
-        return f"{len(copies)} fleet bans copied, for up to {format_duration(longest)}"
-
-    def _well_formed(self, bans: list[Ban]) -> list[Ban]:
-        """This node's own rows whose prefix is a network (anyone who can write the table can
-        write a row in this node's name): the others are left alone, warned once each."""
-        out = []
-        for b in bans:
-            if not is_plain_prefix(b.prefix):
-                if b.id not in self.malformed_own:
-                    log.warning("ban: ban %s of this node in the history has a prefix that is "
-                                "not a network (%r): ignored", b.id, b.prefix[:64])
-                    self.malformed_own.add(b.id or 0)
-                continue
-            out.append(b)
-        return out
+    def _mark_due(self) -> None:
+        self.reconcile_state.due = 0.0
 
     def _apply(self, commands: Sequence[Command], outcome: str) -> str:
         self.firewall.apply(commands)
@@ -408,7 +184,7 @@ class BanAction(Action):
         with the time left the history says (within a few seconds). A ban that is not (deleted
         by hand, a flushed ruleset, a shortened timeout, a removed ufw rule) is a drift: put
         back with its remaining time, logged once and counted. Expired and unknown ones are
-        removed. The outcome of the check is kept in the history (synwatch/banproof.py) for
+        removed. The outcome of the check is kept in the history (synwatch/actions/banproof.py) for
         `bans list` and `status`. ``setup``: put the backend's table or set back with the bans
         (not at the start, whose setup runs before)."""
         st = self.reconcile_state
@@ -551,7 +327,7 @@ class BanAction(Action):
 
     def _keep_check(self, now: datetime, drifts: int, unenforced: dict[int, str],
                     active: Sequence[Ban]) -> None:
-        """The check's outcome in the history (synwatch/banproof.py): when it was, the drift
+        """The check's outcome in the history (synwatch/actions/banproof.py): when it was, the drift
         count, and a row for each ban it found not enforced. Written when that changes, when a
         ban is newer than the check kept, and else once per reconcile period (not at every
         fleet look, every 5 s)."""

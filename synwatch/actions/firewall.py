@@ -11,7 +11,7 @@ from typing import Any
 
 from synwatch.actions.presets import Preset
 from synwatch.probes.accounting import mask
-from synwatch.runner import Command, execute, run
+from synwatch.system.runner import Command, execute, run
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from synwatch.errors import ConfigError
-from synwatch.runner import Command
+from synwatch.system.runner import Command
 
 if sys.version_info >= (3, 11):
     import tomllib

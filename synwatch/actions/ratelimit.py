@@ -2,7 +2,7 @@
 
 - Per incident (`ratelimit` in [actions.policy], by default for *concentrated*): an address the
   verdict found both flooding and completing handshakes (many users behind one NAT address,
-  synwatch.bantargets) is not banned, which would lock its users out; its SYNs over the rate
+  synwatch.detect.bantargets) is not banned, which would lock its users out; its SYNs over the rate
   are dropped instead, with a kernel-side timeout as long as a ban (preset
   ratelimit-sources-nftables).
 - A standing rule for every source while synwatch runs ([actions.ratelimit] enabled, opt-in;
@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from synwatch.actions.ban import ALWAYS_PROTECTED, Guard, host_networks
+from synwatch.actions.banchoice import ALWAYS_PROTECTED, Guard, host_networks
 from synwatch.actions.firewall import BanItem, Firewall
 from synwatch.actions.presets import load_presets
 from synwatch.actions.registry import Action, Plan, skipped
@@ -22,7 +22,7 @@ from synwatch.config import Config
 from synwatch.durations import format_duration
 from synwatch.errors import CommandError
 from synwatch.records import BanTarget, IncidentChange
-from synwatch.runner import Command, execute, show
+from synwatch.system.runner import Command, execute, show
 
 PRESET = "ratelimit-nftables"
 SOURCES = "ratelimit-sources-nftables"

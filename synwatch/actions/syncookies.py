@@ -11,7 +11,7 @@ from __future__ import annotations
 from synwatch.actions.registry import Action, Plan, skipped
 from synwatch.config import Config
 from synwatch.records import IncidentChange
-from synwatch.sysctl import read_sysctl, write_sysctl
+from synwatch.system.sysctl import read_sysctl, write_sysctl
 
 SYSCTL = "net.ipv4.tcp_syncookies"
 

@@ -28,10 +28,10 @@ from datetime import datetime
 from synwatch.actions.registry import Action, ActionContext, Plan, skipped
 from synwatch.config import Config
 from synwatch.errors import CommandError
-from synwatch.netns import in_netns
 from synwatch.records import IncidentChange
-from synwatch.runner import Command, execute, run, show
-from synwatch.sysctl import sysctl_or_none, write_sysctl
+from synwatch.system.netns import in_netns
+from synwatch.system.runner import Command, execute, run, show
+from synwatch.system.sysctl import sysctl_or_none, write_sysctl
 
 TABLE = "synwatch"
 LOOSE = "net.netfilter.nf_conntrack_tcp_loose"

@@ -11,8 +11,8 @@ from synwatch.actions.presets import load_presets
 from synwatch.config import Config, Network
 from synwatch.errors import NotFound, UsageError
 from synwatch.records import ActionRun, Ban
-from synwatch.runner import show
 from synwatch.store import History
+from synwatch.system.runner import show
 
 
 def _covers(ban: Ban, wanted: Network) -> bool:

@@ -1,5 +1,5 @@
 """The command line: one module per noun, each registering its own subcommands; rendering lives
-in ``synwatch.output``. ``main`` maps errors to exit codes.
+in ``synwatch.cli.render``. ``main`` maps errors to exit codes.
 
 Heavy imports (SQLAlchemy, alembic) happen inside the commands that need them, so `scan` starts
 in a few tens of milliseconds.
@@ -8,7 +8,6 @@ in a few tens of milliseconds.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import traceback
@@ -18,6 +17,7 @@ from synwatch import __version__
 from synwatch.cli import bans, events, incidents, kernel, logs, service, status, top
 from synwatch.cli.common import Parser, add_common
 from synwatch.errors import ExitStatus, SynwatchError, UsageError
+from synwatch.system.logsetup import setup_logging
 
 # in the order `synwatch --help` lists them
 NOUNS = (service, status, logs, kernel, top, events, incidents, bans)
@@ -32,48 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     for noun in NOUNS:
         noun.register(sub)
     return parser
-
-
-# syslog priorities (sd-daemon(3)): journald reads a "<N>" line prefix as the entry's priority
-PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-            logging.CRITICAL: 2}
-
-
-class JournalFormatter(logging.Formatter):
-    """For a stderr that is the journal: a priority on every line (so `journalctl -p warning`
-    works, and a multi-line message keeps its level), no level name, no time of our own."""
-
-    def __init__(self) -> None:
-        super().__init__("%(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        prefix = f"<{PRIORITY.get(record.levelno, 6)}>"
-        return prefix + super().format(record).replace("\n", "\n" + prefix)
-
-
-def stderr_is_journal() -> bool:
-    """systemd sets JOURNAL_STREAM to the device and inode of the stream it connected
-    (systemd.exec(5)); it only counts while stderr is still that stream."""
-    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        st = os.fstat(sys.stderr.fileno())
-        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
-    except (OSError, ValueError):
-        return False
-
-
-def setup_logging(debug: bool, *, timestamps: bool = False) -> None:
-    """``timestamps``: the service in the foreground (a terminal, a file) says when; the
-    journal has its own time for every line, and a command's one warning needs none."""
-    # Our own messages at INFO; libraries (alembic announces every plugin) only when they warn.
-    handler = logging.StreamHandler(sys.stderr)
-    plain = "%(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(JournalFormatter() if stderr_is_journal()
-                         else logging.Formatter("%(asctime)s.%(msecs)03d " + plain,
-                                                "%Y-%m-%d %H:%M:%S") if timestamps
-                         else logging.Formatter(plain))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
-    logging.getLogger("synwatch").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def report(exc: SynwatchError) -> None:

@@ -22,9 +22,9 @@ from synwatch.errors import NotFound
 
 
 def cmd_bans_list(args: argparse.Namespace) -> int:
-    from synwatch.banproof import enforced  # noqa: PLC0415
-    from synwatch.output import dumps, table  # noqa: PLC0415
-    from synwatch.views import ban_view  # noqa: PLC0415
+    from synwatch.actions.banproof import enforced  # noqa: PLC0415
+    from synwatch.cli.render import dumps, table  # noqa: PLC0415
+    from synwatch.cli.views import ban_view  # noqa: PLC0415
 
     now = datetime.now(timezone.utc)
     store, this = open_history(args)

@@ -115,11 +115,11 @@ def seconds_in(low: float, high: float) -> Callable[[str], float]:
 
 def netns_name(text: str) -> str:
     """An `ip netns` name, as watch.netns takes it ("" = our own namespace)."""
-    from synwatch.config.schema import _Invalid, _netns  # noqa: PLC0415
+    from synwatch.config.validators import Invalid, netns_name  # noqa: PLC0415
 
     try:
-        return _netns(text)
-    except _Invalid as exc:
+        return netns_name(text)
+    except Invalid as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 

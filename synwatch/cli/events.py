@@ -20,8 +20,8 @@ from synwatch.cli.common import (
 
 
 def cmd_events_list(args: argparse.Namespace) -> int:
-    from synwatch.output import dumps, table  # noqa: PLC0415
-    from synwatch.views import event_view  # noqa: PLC0415
+    from synwatch.cli.render import dumps, table  # noqa: PLC0415
+    from synwatch.cli.views import event_view  # noqa: PLC0415
 
     store, host = open_history(args)
     rows = [event_view(e) for e in (store.events(since=args.since, limit=args.limit,

@@ -25,8 +25,8 @@ from synwatch.records import Verdict
 
 
 def cmd_incidents_list(args: argparse.Namespace) -> int:
-    from synwatch.output import dumps, print_incident_rows  # noqa: PLC0415
-    from synwatch.views import incident_view  # noqa: PLC0415
+    from synwatch.cli.render import dumps, print_incident_rows  # noqa: PLC0415
+    from synwatch.cli.views import incident_view  # noqa: PLC0415
 
     store, host = open_history(args)
     incidents = store.incidents(since=args.since, port=args.port, verdict=args.verdict,
@@ -41,8 +41,8 @@ def cmd_incidents_list(args: argparse.Namespace) -> int:
 
 
 def cmd_incidents_show(args: argparse.Namespace) -> int:
-    from synwatch.output import dumps, print_incident  # noqa: PLC0415
-    from synwatch.views import incident_view, sample_view  # noqa: PLC0415
+    from synwatch.cli.render import dumps, print_incident  # noqa: PLC0415
+    from synwatch.cli.views import incident_view, sample_view  # noqa: PLC0415
 
     store = existing_store(load(args))
     if store is None:  # a look never creates the history

@@ -20,10 +20,11 @@ from synwatch.errors import SynwatchError
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from synwatch.output import dumps, print_snapshot  # noqa: PLC0415
-    from synwatch.probes.snapshot import as_json, take  # noqa: PLC0415
+    from synwatch.cli.render import dumps, print_snapshot  # noqa: PLC0415
+    from synwatch.cli.views import snapshot_view  # noqa: PLC0415
+    from synwatch.probes.snapshot import take  # noqa: PLC0415
 
-    view = as_json(take(args.netns))
+    view = snapshot_view(take(args.netns))
     if args.format == "json":
         print(dumps(view))
     else:
@@ -32,8 +33,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from synwatch.doctor import examine  # noqa: PLC0415
-    from synwatch.output import dumps  # noqa: PLC0415
+    from synwatch.cli.render import dumps  # noqa: PLC0415
+    from synwatch.detect.doctor import examine  # noqa: PLC0415
     from synwatch.probes.snapshot import take  # noqa: PLC0415
 
     config = load(args)

@@ -15,8 +15,8 @@ from synwatch.cli.common import add_config, command, open_store, whole
 from synwatch.errors import ExitStatus
 
 if TYPE_CHECKING:
-    from synwatch.output import ProgressBar
-    from synwatch.scan import Hit
+    from synwatch.cli.render import ProgressBar
+    from synwatch.lines.scan import Hit
 
 # A progress bar on a terminal for inputs larger than this (the variable is for tests).
 PROGRESS_THRESHOLD = int(os.environ.get("SYNWATCH_PROGRESS_BYTES", str(64 << 20)))
@@ -24,7 +24,7 @@ PROGRESS_THRESHOLD = int(os.environ.get("SYNWATCH_PROGRESS_BYTES", str(64 << 20)
 
 def _progress_bar(path: str, size: int | None, threshold: int) -> ProgressBar | None:
     """A bar on stderr when it is a terminal and the input is bigger than ``threshold``."""
-    from synwatch.output import ProgressBar  # noqa: PLC0415
+    from synwatch.cli.render import ProgressBar  # noqa: PLC0415
 
     if size and size > threshold and sys.stderr.isatty():
         return ProgressBar(path, size, sys.stderr)
@@ -40,9 +40,9 @@ SCAN_KINDS = frozenset({"syn_flood", "drop_open_request"})
 def _scan_inputs(paths: Sequence[str], line_numbers: bool = True,
                  kinds: frozenset[str] | None = SCAN_KINDS) -> Iterator[Hit]:
     """Every match in ``paths``, with a progress bar on a terminal."""
-    from synwatch.catalogue import load_catalogue  # noqa: PLC0415
     from synwatch.clock import local_timezone  # noqa: PLC0415
-    from synwatch.scan import open_input, scan_stream  # noqa: PLC0415
+    from synwatch.lines.catalogue import load_catalogue  # noqa: PLC0415
+    from synwatch.lines.scan import open_input, scan_stream  # noqa: PLC0415
 
     catalogue = load_catalogue()
     now, tz = datetime.now(timezone.utc), local_timezone()
@@ -61,7 +61,7 @@ def _scan_inputs(paths: Sequence[str], line_numbers: bool = True,
 def _bad_lines_status(command_name: str, code: int) -> int:
     """Exit 1 when some lines made a parser raise: they were skipped (and logged), and the
     admin should know that the output is short of them."""
-    from synwatch.sinks import BAD_LINES  # noqa: PLC0415
+    from synwatch.lines.sinks import BAD_LINES  # noqa: PLC0415
 
     bad = sum(BAD_LINES.counts.values())
     if bad and code == 0:
@@ -72,7 +72,7 @@ def _bad_lines_status(command_name: str, code: int) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from synwatch.output import print_hits  # noqa: PLC0415
+    from synwatch.cli.render import print_hits  # noqa: PLC0415
 
     hits = _scan_inputs(args.paths, line_numbers=not args.count,
                         kinds=None if args.all else SCAN_KINDS)
@@ -84,7 +84,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_test_filter(args: argparse.Namespace) -> int:
-    from synwatch import testfilter  # noqa: PLC0415
+    from synwatch.cli import testfilter  # noqa: PLC0415
 
     target = args.target
     try:
@@ -97,8 +97,8 @@ def cmd_test_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from synwatch.catalogue import load_catalogue  # noqa: PLC0415
-    from synwatch.importer import import_paths  # noqa: PLC0415
+    from synwatch.cli.importer import import_paths  # noqa: PLC0415
+    from synwatch.lines.catalogue import load_catalogue  # noqa: PLC0415
 
     store = open_store(args)
     bars: list[ProgressBar] = []

@@ -15,8 +15,8 @@ from synwatch.errors import ConfigError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from synwatch.daemon.preflight import check_secrets  # noqa: PLC0415
     from synwatch.daemon.service import Service  # noqa: PLC0415
-    from synwatch.preflight import check_secrets  # noqa: PLC0415
 
     config = load(args)
     for check in check_secrets(config):  # once, at the start
@@ -25,9 +25,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from synwatch.output import dumps, print_incident_rows  # noqa: PLC0415
-    from synwatch.replay import recorded_settings, replay  # noqa: PLC0415
-    from synwatch.views import change_view  # noqa: PLC0415
+    from synwatch.cli.render import dumps, print_incident_rows  # noqa: PLC0415
+    from synwatch.cli.views import change_view  # noqa: PLC0415
+    from synwatch.detect.replay import recorded_settings, replay  # noqa: PLC0415
 
     # the settings the recording was made with, unless a configuration is named
     recorded = None if args.config else recorded_settings(args.recording)
@@ -45,7 +45,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from synwatch.preflight import preflight  # noqa: PLC0415
+    from synwatch.daemon.preflight import preflight  # noqa: PLC0415
 
     config = load(args)  # a malformed file stops here, with one line naming the key
     checks = preflight(config)
@@ -61,9 +61,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_try(args: argparse.Namespace) -> int:
-    from synwatch.output import dumps, print_judged, print_trial_end  # noqa: PLC0415
-    from synwatch.trial import FLOODS, QUIET, Stopped, Trial, can_try  # noqa: PLC0415
-    from synwatch.views import judged_view  # noqa: PLC0415
+    from synwatch.cli.render import dumps, print_judged, print_trial_end  # noqa: PLC0415
+    from synwatch.cli.trial import FLOODS, QUIET, Stopped, Trial, can_try  # noqa: PLC0415
+    from synwatch.cli.views import judged_view  # noqa: PLC0415
 
     can_try()
     config = load(args)

@@ -21,8 +21,8 @@ RECENT = 120.0  # seconds: a node whose heartbeat is newer is "heard from recent
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from synwatch.output import dumps, print_status  # noqa: PLC0415
-    from synwatch.status import alive, read_status, status_path  # noqa: PLC0415
+    from synwatch.cli.render import dumps, print_status  # noqa: PLC0415
+    from synwatch.daemon.status import alive, read_status, status_path  # noqa: PLC0415
 
     config = load(args)
     found = read_status(status_path(config)) or {}
@@ -35,7 +35,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_errors": found.get("last_errors", []),
         "summary": found.get("summary") if running else "not running",
         "host": config.host, "store": found.get("store"), "hosts": [],
-        # other nodes' fleet bans this node refused since it started (synwatch/fleetcopy.py)
+        # other nodes' fleet bans this node refused since it started (synwatch/actions/fleetcopy.py)
         "fleet_refused": found.get("fleet_refused", 0) if running else 0,
     }
     try:
@@ -52,7 +52,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _from_history(view: dict[str, Any], config: Config) -> None:
     """The open incidents, bans, drift and nodes, read from the history; a look, never a
     write: a history that is not there yet is not created here."""
-    from synwatch.banproof import drift_count  # noqa: PLC0415
+    from synwatch.actions.banproof import drift_count  # noqa: PLC0415
     from synwatch.store import History  # noqa: PLC0415
 
     store = History.open_existing(config.storage_url, host=config.host)

@@ -60,8 +60,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.live import Live  # noqa: PLC0415
 
+    from synwatch.cli.topview import view  # noqa: PLC0415
     from synwatch.probes.snapshot import take  # noqa: PLC0415
-    from synwatch.top import view  # noqa: PLC0415
 
     config = load(args)
     netns = config.netns if args.netns is None else args.netns

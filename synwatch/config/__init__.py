@@ -15,14 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from synwatch.config.schema import (
-    IPSET_MAX_TIMEOUT,
-    SCHEMA,
-    SECTION_HELP,
-    Setting,
-    _Invalid,
-    _show,
-)
+from synwatch.config.schema import SCHEMA, SECTION_HELP, Setting
 from synwatch.config.types import (
     BAN_BACKENDS,
     BUILTIN_ACTIONS,
@@ -41,6 +34,7 @@ from synwatch.config.types import (
     Thresholds,
 )
 from synwatch.config.urls import has_password, is_sqlite, with_password
+from synwatch.config.validators import IPSET_MAX_TIMEOUT, Invalid, shown
 from synwatch.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -69,7 +63,7 @@ def _flatten(doc: dict[str, Any], path: str) -> dict[str, dict[str, Any]]:
             if dotted in SCHEMA:
                 if not isinstance(value, dict):
                     raise ConfigError(path, dotted,
-                                      f"must be a table ([{dotted}]), got {_show(value)}")
+                                      f"must be a table ([{dotted}]), got {shown(value)}")
                 walk(value, dotted)
             elif prefix in SCHEMA and key in SCHEMA[prefix]:
                 out.setdefault(prefix, {})[key] = value
@@ -140,7 +134,7 @@ def parse_config(text: str, path: str) -> Config:
             raw = given.get(section, {}).get(key, setting.default)
             try:
                 values[f"{section}.{key}"] = setting.validate(raw)
-            except _Invalid as exc:
+            except Invalid as exc:
                 raise ConfigError(path, f"{section}.{key}", str(exc)) from None
     v = values
     if v["sources.journald"] is True and v["sources.kmsg"] is True:
@@ -154,7 +148,7 @@ def parse_config(text: str, path: str) -> Config:
     if v["storage.password_file"]:
         if is_sqlite(storage_url):
             raise ConfigError(path, "storage.password_file",
-                              f"storage.url is an SQLite history ({_show(storage_url)}"
+                              f"storage.url is an SQLite history ({shown(storage_url)}"
                               f"{'' if v['storage.url'] else ', the default'}), which has no "
                               "password: a password file is for a database server "
                               "(postgresql+psycopg://USER@HOST/DB)")

@@ -14,7 +14,7 @@ from synwatch.clock import Clock
 from synwatch.config import StorageSettings
 from synwatch.errors import StoreError
 from synwatch.store import PRUNE_BATCH
-from synwatch.store.spool import SpooledStore
+from synwatch.store.spooled import SpooledStore
 
 log = logging.getLogger("synwatch")
 HEARTBEAT_EVERY = 10.0  # seconds between this node's heartbeats in the history (status, fleets)

@@ -13,28 +13,31 @@ import threading
 from dataclasses import dataclass, field, replace
 from types import FrameType
 
-from synwatch import netns, sdnotify
 from synwatch.actions.registry import resolve_policy
-from synwatch.catalogue import load_catalogue
+from synwatch.actions.responder import Responder
 from synwatch.clock import Clock, SystemClock
 from synwatch.config import Config, load_config, state_dir
-from synwatch.correlate import Correlator
 from synwatch.daemon.housekeeping import Housekeeping
+from synwatch.daemon.recorder import Recorder
+from synwatch.daemon.telemetry import Telemetry
+from synwatch.daemon.watchdog import Watchdog
+from synwatch.detect.correlate import Correlator
+from synwatch.detect.replay import Recording, event_line, evidence_line, probe_failed_line
 from synwatch.errors import CommandError, ConfigError, ProbeError
+from synwatch.lines.catalogue import load_catalogue
 from synwatch.probes import accounting_off, sampler_off
 from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
+from synwatch.probes.evidence import Evidence
 from synwatch.probes.snapshot import take
 from synwatch.probes.synsample import SynSampler, open_sampler
-from synwatch.recorder import Recorder
-from synwatch.records import Evidence, IncidentChange, endpoint
-from synwatch.replay import Recording, event_line, evidence_line, probe_failed_line
-from synwatch.respond import Responder
-from synwatch.runner import available
+from synwatch.records import IncidentChange, endpoint
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
-from synwatch.store.spool import Spool, SpooledStore, SpoolFull, open_spooled
-from synwatch.supervisor import Supervisor
-from synwatch.telemetry import Telemetry
+from synwatch.sources.supervisor import Supervisor
+from synwatch.store.spool import Spool, SpoolFull
+from synwatch.store.spooled import SpooledStore, open_spooled
+from synwatch.system import netns, sdnotify
+from synwatch.system.runner import available
 
 log = logging.getLogger("synwatch")
 STORE_WAIT = 0.2  # seconds a write waits for a locked history before it is spooled
@@ -75,8 +78,7 @@ class Service:
         self._ids: dict[int, int] = {}  # correlator serial -> incident id
         self._probe_due = 0.0
         self._probe_failure: str | None = None
-        self._probed_at = self.clock.monotonic()  # when the last probe step ran to its end
-        self._watchdog_held = False  # WATCHDOG=1 withheld: the loop is not probing
+        self.watchdog = Watchdog(self.clock, config.probe_interval)
         self.accounting: SynAccounting | None = None
         self.sampler: SynSampler | None = None
         self.responder: Responder | None = None
@@ -230,7 +232,7 @@ class Service:
                 log.warning("netns %s does not exist: %d kernel lines open no incident",
                             c.netns, dropped)
             self._save(changes)
-            self._probed_at = self.clock.monotonic()
+            self.watchdog.probed()
             return
         if self._probe_failure is not None:
             log.info("probe: reading kernel state again")
@@ -247,31 +249,7 @@ class Service:
         if self.recording is not None:
             self.recording.write(evidence_line(evidence.at, evidence))
         self._save(self.correlator.on_evidence(evidence))
-        self._probed_at = self.clock.monotonic()
-
-    def _watchdog(self, ping: float | None, next_ping: float) -> float:
-        """WATCHDOG=1 when a ping is due and the loop is healthy; the next ping's time."""
-        if ping and self.clock.monotonic() >= next_ping and self._healthy(ping):
-            sdnotify.notify("WATCHDOG=1")
-            return self.clock.monotonic() + ping
-        return next_ping
-
-    def _healthy(self, ping: float) -> bool:
-        """May systemd's watchdog be told the service is alive? Only while the loop keeps
-        probing: the last probe step (a probe, or one that found the namespace missing) ended
-        within a probe interval and one watchdog ping interval. A loop that still turns but no
-        longer probes (blind to floods) goes unfed, and systemd restarts it."""
-        late = self.clock.monotonic() - self._probed_at - self.config.probe_interval
-        if late <= ping:
-            if self._watchdog_held:
-                self._watchdog_held = False
-                log.info("watchdog: probing again; systemd's watchdog is fed again")
-            return True
-        if not self._watchdog_held:
-            self._watchdog_held = True
-            log.error("watchdog: no probe for %.1f s; systemd's watchdog is no longer fed",
-                      late + self.config.probe_interval)
-        return False
+        self.watchdog.probed()
 
     def _record(self, batch: Batch) -> bool:
         """Record one batch; one that neither the history nor its full spool can take is kept
@@ -359,6 +337,7 @@ class Service:
             if self.responder is not None:
                 self.responder.reload(new)
             self.config = replace(new, netns=self.config.netns)
+            self.watchdog.probe_interval = new.probe_interval
             log.info("configuration reloaded from %s", new.path)
         sdnotify.notify("READY=1", "STATUS=watching")
 
@@ -369,7 +348,6 @@ class Service:
         sdnotify.notify("READY=1", "STATUS=watching")
         log.info("synwatch running (config: %s)", self.config.path)
         ping = sdnotify.watchdog_interval()
-        next_ping = self.clock.monotonic()
         while not self.flags.stop:
             self._drain(timeout=min(ping or 1.0, 1.0))
             if self.clock.monotonic() >= self._probe_due and not self.flags.stop:
@@ -385,7 +363,7 @@ class Service:
                 self.store.check()
                 self.telemetry.count_bans(self.store)
                 self.telemetry.tell(self.supervisor, self.housekeeping.summary())
-            next_ping = self._watchdog(ping, next_ping)
+            self.watchdog.tick(ping)
             if self.flags.reload and not self.flags.stop:
                 self.flags.reload = False
                 self._reload()

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from synwatch.errors import CommandError, ProbeError
-from synwatch.runner import run
+from synwatch.system.runner import run
 
 TABLE = "synwatch"
 CHAIN = "account"

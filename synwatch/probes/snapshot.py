@@ -6,12 +6,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from synwatch import rules
-from synwatch.netns import in_netns
 from synwatch.probes import procnet, sockdiag
 from synwatch.probes.conntrack import Conntrack, read_conntrack
+from synwatch.system.netns import in_netns
 
 SHOWN = 5  # prefixes shown per listener
 KEPT = 64  # prefixes kept per listener for the correlator; the rest are only counted
@@ -66,46 +64,3 @@ def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
                         procnet.read_sysctls(proc), read_conntrack(proc))
 
     return in_netns(netns, collect)
-
-
-def diagnose(snap: Snapshot) -> list[str]:
-    """Plain statements with numbers, from the one rule table (synwatch.rules)."""
-    found = rules.sysctls(snap.sysctls)
-    somaxconn = snap.sysctls.get("net.core.somaxconn")
-    for st in snap.listeners:
-        want = rules.suggested_backlog(st.listener.backlog, st.syn_recv)
-        found += rules.listener(st.listener, st.syn_recv, somaxconn, want)
-    table = rules.conntrack(snap.conntrack)
-    if table is not None:
-        found.append(table)
-    out = [f.sentence for f in found]
-    overflowed = (snap.counters.get("TcpExt.TCPReqQFullDoCookies", 0)
-                  + snap.counters.get("TcpExt.TCPReqQFullDrop", 0))
-    if overflowed:
-        out.append(f"since boot, {overflowed} SYNs found a full SYN queue "
-                   f"({snap.counters.get('TcpExt.SyncookiesRecv', 0)} cookie handshakes "
-                   "completed)")
-    if snap.counters.get("TcpExt.ListenOverflows"):
-        out.append(f"since boot, accept queues overflowed "
-                   f"{snap.counters['TcpExt.ListenOverflows']} times")
-    return out or ["nothing overflowing"]
-
-
-def as_json(snap: Snapshot) -> dict[str, Any]:
-    listeners = []
-    for st in snap.listeners:
-        li = st.listener
-        listeners.append({
-            "address": li.address, "port": li.port, "family": li.family,
-            "backlog": li.backlog, "accept_queue": li.accept_queue, "drops": li.drops,
-            "syn_recv": st.syn_recv,
-            "top_prefixes": [{"prefix": p, "count": n,
-                              "share": round(n / st.syn_recv, 3) if st.syn_recv else 0.0}
-                             for p, n in st.top_prefixes],
-        })
-    ct = snap.conntrack
-    conntrack = None if ct is None else {
-        "count": ct.count, "max": ct.max, "fill": round(ct.fill, 3), "drop": ct.drop,
-        "early_drop": ct.early_drop, "insert_failed": ct.insert_failed}
-    return {"netns": snap.netns, "listeners": listeners, "counters": snap.counters,
-            "sysctls": snap.sysctls, "conntrack": conntrack, "diagnosis": diagnose(snap)}

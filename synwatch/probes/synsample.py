@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from synwatch.errors import ProbeError
-from synwatch.netns import in_netns
 from synwatch.probes.sockdiag import prefix_of
 from synwatch.probes.synfilter import (
     ETH_P_ALL,
@@ -42,6 +41,7 @@ from synwatch.probes.synfilter import (
     attach_filter,
     parse_packet,
 )
+from synwatch.system.netns import in_netns
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,15 @@ service restarts them. This module only decides, from the config and the machine
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synwatch.catalogue import Catalogue
 from synwatch.config import Config
-from synwatch.sources.base import Source
+from synwatch.lines.catalogue import Catalogue
+from synwatch.sources.base import Source, journal_reader
 
 JOURNAL_DIRS = (Path("/run/log/journal"), Path("/var/log/journal"))
 # journald's native socket: there while journald runs (systemd-journald.service(8))
@@ -33,14 +31,6 @@ def journal_present(dirs: tuple[Path, ...] = JOURNAL_DIRS) -> Path | None:
     for d in dirs:
         if d.is_dir() and any(d.rglob("*.journal")):
             return d
-    return None
-
-
-def journal_reader() -> str | None:
-    if importlib.util.find_spec("systemd") is not None:
-        return "systemd-python"
-    if shutil.which("journalctl"):
-        return "journalctl -o json"
     return None
 
 

@@ -8,6 +8,8 @@ it, and it resumes from ``self.position``, which only ever covers records alread
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,3 +75,12 @@ class OccurrenceCounter:
         while len(self.counts) > self.LIMIT:
             del self.counts[next(iter(self.counts))]
         return f"line:{digest}#{n}"
+
+
+def journal_reader() -> str | None:
+    """How the journal can be read here: the systemd bindings, else journalctl, else not."""
+    if importlib.util.find_spec("systemd") is not None:
+        return "systemd-python"
+    if shutil.which("journalctl"):
+        return "journalctl -o json"
+    return None

@@ -28,11 +28,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from synwatch.catalogue import Catalogue
 from synwatch.clock import local_timezone
 from synwatch.errors import SourceUnavailable
+from synwatch.lines.catalogue import Catalogue
+from synwatch.lines.scan import needle_line_starts, parse_candidate
 from synwatch.records import LogRecord
-from synwatch.scan import needle_line_starts, parse_candidate
 from synwatch.sources.base import Batch, Emit, OccurrenceCounter
 
 log = logging.getLogger(__name__)

@@ -24,13 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from synwatch.catalogue import Catalogue
 from synwatch.errors import SourceUnavailable
+from synwatch.lines.catalogue import Catalogue
+from synwatch.lines.sinks import journal_entry_is_kernels
+from synwatch.lines.timeparse import from_epoch_micros
 from synwatch.records import LogRecord
-from synwatch.sinks import journal_entry_is_kernels
-from synwatch.sources import journal_reader
-from synwatch.sources.base import Batch, Emit
-from synwatch.timeparse import from_epoch_micros
+from synwatch.sources.base import Batch, Emit, journal_reader
 
 log = logging.getLogger(__name__)
 MATCH = {"_TRANSPORT": "kernel", "SYSLOG_FACILITY": "0"}

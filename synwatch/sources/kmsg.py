@@ -18,11 +18,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from synwatch.catalogue import Catalogue
 from synwatch.clock import local_timezone
 from synwatch.errors import SourceUnavailable
+from synwatch.lines.catalogue import Catalogue
+from synwatch.lines.sinks import parse_line
 from synwatch.records import LogRecord
-from synwatch.sinks import parse_line
 from synwatch.sources.base import Batch, Emit
 
 BATCH = 256

@@ -174,7 +174,8 @@ class SourcePositionRow(Base):
 class SavedSettingRow(Base):
     """A kernel setting synwatch changed and must put back (tcp_syncookies during incidents),
     kept in the store so a crash or a restart still restores it. Rows named ``ban.*`` are what
-    the ban reconcile last found in the kernel instead (synwatch/banproof.py), never restored."""
+    the ban reconcile last found in the kernel instead (synwatch/actions/banproof.py), never
+    restored."""
 
     __tablename__ = "saved_settings"
     host: Mapped[str] = mapped_column(String(255), primary_key=True)

@@ -118,7 +118,7 @@ class Reads(HistoryBase):
                                              "ORDER BY created_at, id", params)]
 
     def ban_checks(self, host: str | None = None) -> dict[tuple[str, str, str], str]:
-        """What the ban reconcile last found (synwatch/banproof.py): (host, netns, name) ->
+        """What the ban reconcile last found (synwatch/actions/banproof.py): (host, netns, name) ->
         value of the ``ban.*`` saved settings."""
         cond, params = where([("name LIKE ?", "ban.%"), ("host = ?", host)])
         return {(r[0], r[1], r[2]): r[3] for r in self.rows(

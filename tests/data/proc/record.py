@@ -18,8 +18,8 @@ import platform
 import sys
 from pathlib import Path
 
-from synwatch.netns import in_netns
 from synwatch.probes.procnet import COUNTERS, SYSCTLS
+from synwatch.system.netns import in_netns
 
 HERE = Path(__file__).resolve().parent
 

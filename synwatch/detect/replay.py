@@ -22,15 +22,16 @@ from typing import Any, TextIO
 
 from synwatch.clock import FrozenClock
 from synwatch.config import Thresholds
-from synwatch.config.schema import LONGEST_SECONDS
-from synwatch.correlate import Correlator
-from synwatch.delta import MAX_PREFIXES
+from synwatch.config.validators import LONGEST_SECONDS
+from synwatch.detect.correlate import Correlator
+from synwatch.detect.delta import MAX_PREFIXES
 from synwatch.errors import UsageError
 from synwatch.probes.conntrack import Conntrack
+from synwatch.probes.evidence import Evidence
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.probes.synsample import PortSample, SynSample
-from synwatch.records import Evidence, IncidentChange, KernelEvent, LogRecord, StoredEvent
+from synwatch.records import IncidentChange, KernelEvent, LogRecord, StoredEvent
 
 log = logging.getLogger(__name__)
 RECORDED_ACCOUNTING = MAX_PREFIXES  # accounting-set elements a recording line keeps

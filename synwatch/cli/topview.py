@@ -12,7 +12,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from synwatch.delta import listener_id
+from synwatch.detect.delta import listener_id
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import Incident, endpoint
 

@@ -11,13 +11,13 @@ from collections import Counter
 from datetime import datetime, timezone
 from typing import TextIO
 
-from synwatch.catalogue import Catalogue, load_catalogue
+from synwatch.cli.render import cell
 from synwatch.clock import local_timezone
-from synwatch.filters import explain
-from synwatch.output import cell
+from synwatch.lines.catalogue import Catalogue, load_catalogue
+from synwatch.lines.match import explain
+from synwatch.lines.scan import candidates, open_input
+from synwatch.lines.sinks import parse_line
 from synwatch.records import KernelEvent
-from synwatch.scan import candidates, open_input
-from synwatch.sinks import parse_line
 
 
 def _fields(event: KernelEvent) -> str:

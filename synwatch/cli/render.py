@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from synwatch.records import endpoint
 
 if TYPE_CHECKING:
-    from synwatch.scan import Hit
-    from synwatch.trial import Judged
+    from synwatch.cli.trial import Judged
+    from synwatch.lines.scan import Hit
 
 
 def dumps(value: Any) -> str:
@@ -105,7 +105,7 @@ class ProgressBar:
 
 def print_hits(hits: Iterable[Hit], fmt: str, out: TextIO) -> None:
     """`synwatch scan`: JSON lines as they come, or a table."""
-    from synwatch.filters import event_fields  # noqa: PLC0415
+    from synwatch.lines.match import event_fields  # noqa: PLC0415
 
     if fmt == "json":
         for hit in hits:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from synwatch.probes.conntrack import Conntrack
+from synwatch.probes.snapshot import Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.records import endpoint
 
@@ -140,3 +141,26 @@ def listener(li: Listener, syn_recv: int, somaxconn_value: int | None, want: int
         out.append(Finding("bad", where, f"accept queue full now ({li.accept_queue} of "
                                          f"{li.backlog}): the application is not accepting"))
     return out
+
+
+def diagnose(snap: Snapshot) -> list[str]:
+    """Plain statements with numbers, from the one rule table (above)."""
+    found = sysctls(snap.sysctls)
+    somaxconn = snap.sysctls.get("net.core.somaxconn")
+    for st in snap.listeners:
+        want = suggested_backlog(st.listener.backlog, st.syn_recv)
+        found += listener(st.listener, st.syn_recv, somaxconn, want)
+    table = conntrack(snap.conntrack)
+    if table is not None:
+        found.append(table)
+    out = [f.sentence for f in found]
+    overflowed = (snap.counters.get("TcpExt.TCPReqQFullDoCookies", 0)
+                  + snap.counters.get("TcpExt.TCPReqQFullDrop", 0))
+    if overflowed:
+        out.append(f"since boot, {overflowed} SYNs found a full SYN queue "
+                   f"({snap.counters.get('TcpExt.SyncookiesRecv', 0)} cookie handshakes "
+                   "completed)")
+    if snap.counters.get("TcpExt.ListenOverflows"):
+        out.append(f"since boot, accept queues overflowed "
+                   f"{snap.counters['TcpExt.ListenOverflows']} times")
+    return out or ["nothing overflowing"]

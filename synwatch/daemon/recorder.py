@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from synwatch.catalogue import Catalogue
 from synwatch.clock import Clock
-from synwatch.filters import match_record
+from synwatch.lines.catalogue import Catalogue
+from synwatch.lines.match import match_record
 from synwatch.records import KernelEvent, NewEvent, StoredEvent
 from synwatch.sources.base import Batch
 from synwatch.store.api import ServiceStore

@@ -27,8 +27,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from synwatch.config import VERDICTS
-from synwatch.delta import OVERFLOW
-from synwatch.metricsserver import MetricsServer
+from synwatch.daemon.metricsserver import MetricsServer
+from synwatch.detect.delta import OVERFLOW
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import IncidentChange
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
-from synwatch import netns
 from synwatch.config import EMBEDDED, Config, nearest_existing, sqlite_file
 from synwatch.config.urls import has_password, masked
 from synwatch.errors import ConfigError, StaleSchema, StoreError, StoreOutage
+from synwatch.system import netns
 
 Outcome = Literal["ok", "warn", "fail"]
 
@@ -53,7 +53,8 @@ def check_netns(config: Config) -> list[Check]:
 
 
 def check_sources(config: Config, kmsg_path: str = "/dev/kmsg") -> list[Check]:
-    from synwatch.sources import journal_reader, plan_sources  # noqa: PLC0415
+    from synwatch.sources import plan_sources  # noqa: PLC0415
+    from synwatch.sources.base import journal_reader  # noqa: PLC0415
 
     plans, skipped = plan_sources(config, kmsg_path)
     out = [Check("ok", f"sources.{p.name.split(':', 1)[0]}", f"{p.name}: {p.reason}")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from synwatch.catalogue import Catalogue, Pattern
+from synwatch.lines.catalogue import Catalogue, Pattern
+from synwatch.lines.sinks import BAD_LINES, LINE_ERRORS
 from synwatch.records import KernelEvent, LogRecord, Mode
-from synwatch.sinks import BAD_LINES, LINE_ERRORS
 
 _MODES: dict[str, Mode] = {
     "Sending cookies": "cookies",

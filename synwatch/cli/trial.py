@@ -1,14 +1,11 @@
 """`synwatch try`: the real thing on this kernel, safely. A throwaway pair of network namespaces
-(synwatch.lab), three listeners there, three short bounded floods (spoofed, concentrated, a burst
-of real clients), judged by `synwatch run` itself with the admin's own configuration, watching
-only that namespace, in a dry run, recording into a throwaway history. Everything it made is
-removed at the end, also on failure, Ctrl-C or SIGTERM.
-
-What it cannot help: the kernel prints its SYN-flood line into the host's log (one per flooded
-listener). A synwatch service watching this host records it as an event for a port it does not
-listen on, and nothing more (a line opens an incident only where the watched namespace's own
-counters bear it out).
-"""
+(synwatch.system.lab), three listeners there, three short bounded floods (spoofed, concentrated,
+a burst of real clients), judged by `synwatch run` itself with the admin's own configuration,
+watching only that namespace, in a dry run, recording into a throwaway history. Everything it
+made is removed at the end, also on failure, Ctrl-C or SIGTERM. What it cannot help: the kernel
+prints its SYN-flood line into the host's log (one per flooded listener). A synwatch service
+watching this host records it as an event for a port it does not listen on, and nothing more (a
+line opens an incident only where the watched namespace's own counters bear it out)."""
 
 from __future__ import annotations
 
@@ -31,8 +28,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from synwatch.config import Config
+from synwatch.daemon.status import status_path
 from synwatch.errors import SynwatchError
-from synwatch.lab import (
+from synwatch.records import ActionRun, Incident
+from synwatch.system.lab import (
     CLIENT_IP,
     SERVER_IP,
     SPOOF_NET,
@@ -44,8 +43,6 @@ from synwatch.lab import (
     ports_in_kernel_log,
     remove_pair,
 )
-from synwatch.records import ActionRun, Incident
-from synwatch.status import status_path
 
 if TYPE_CHECKING:
     from synwatch.store import History
@@ -92,7 +89,7 @@ def _sender(flood: Flood, port: int) -> list[str]:
             sources = [f"{SPOOF_NET}.{net}.{random.randint(1, 254)}"
                        for net in (1, 2) for _ in range(1500)]
             random.shuffle(sources)
-        code = (f"from synwatch.lab import send_syns\n"
+        code = (f"from synwatch.system.lab import send_syns\n"
                 f"send_syns({SERVER_IP!r}, {port}, {sources!r})\n")
     return [sys.executable, "-c", code]
 
@@ -325,8 +322,8 @@ def _run_service(config: Config, log_fd: int) -> NoReturn:
         for s in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        from synwatch.cli import setup_logging  # noqa: PLC0415
         from synwatch.daemon.service import Service  # noqa: PLC0415
+        from synwatch.system.logsetup import setup_logging  # noqa: PLC0415
 
         class TrialService(Service):
             def _reload(self) -> None:

@@ -6,10 +6,10 @@ tested without a kernel; the CLI does the probing.
 
 from __future__ import annotations
 
-from synwatch import rules
+from synwatch.detect import rules
+from synwatch.detect.rules import Finding
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import NOT_ACCEPTING_AFTER, PortHistory, endpoint
-from synwatch.rules import Finding
 
 __all__ = ["Finding", "PortHistory", "examine"]
 

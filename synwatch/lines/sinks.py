@@ -11,9 +11,9 @@ import time
 from datetime import datetime, tzinfo
 from typing import Any
 
-from synwatch.catalogue import Catalogue, Sink
+from synwatch.lines.catalogue import Catalogue, Sink
+from synwatch.lines.timeparse import TIME_FORMATS, from_epoch_micros
 from synwatch.records import LogRecord
-from synwatch.timeparse import TIME_FORMATS, from_epoch_micros
 
 log = logging.getLogger(__name__)
 # What one malformed line may raise in a parser; anything else is a bug and propagates.

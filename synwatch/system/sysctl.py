@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from synwatch.netns import in_netns
+from synwatch.system.netns import in_netns
 
 SYSCTL_DIR = Path("/proc/sys")
 

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from synwatch.probes.evidence import Evidence
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.synsample import SynSample
-from synwatch.records import Evidence
 
 OVERFLOW = ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")
 # the movements an incident adds up, each the sum of these counters (docs/kernel.md §3)

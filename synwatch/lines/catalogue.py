@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from synwatch.errors import FilterError
+from synwatch.lines.timeparse import TIME_FORMATS
 from synwatch.records import EventKind
-from synwatch.timeparse import TIME_FORMATS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,7 +78,7 @@ class Catalogue:
 
 def default_filter_dir() -> Path:
     """``synwatch/filters`` in an installed wheel, else ``filters/`` at the top of a checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the synwatch package
     for candidate in (here / "filters", here.parent / "filters"):
         if (candidate / "sinks.toml").is_file():
             return candidate

@@ -9,18 +9,18 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from synwatch import sdnotify
 from synwatch.config import Config
+from synwatch.daemon.status import DaemonStatus, SourceState, status_path
 from synwatch.errors import StoreError
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import ActionRun, IncidentChange, StoredEvent, endpoint
 from synwatch.sources.base import Batch, Source
-from synwatch.status import DaemonStatus, SourceState, status_path
+from synwatch.sources.supervisor import Supervisor
 from synwatch.store.api import ServiceStore
-from synwatch.supervisor import Supervisor
+from synwatch.system import sdnotify
 
 if TYPE_CHECKING:
-    from synwatch.metrics import Metrics
+    from synwatch.daemon.metrics import Metrics
 
 
 BANS_EVERY = 10.0  # seconds between counts of the active bans without a ban action
@@ -31,7 +31,7 @@ class Telemetry:
         self.config = config
         self.metrics: Metrics | None = None
         if config.metrics_listen:  # prometheus_client costs 14 MB: only when asked for
-            from synwatch.metrics import Metrics  # noqa: PLC0415
+            from synwatch.daemon.metrics import Metrics  # noqa: PLC0415
 
             self.metrics = Metrics()
         self.status = DaemonStatus(status_path(config), config.path)
@@ -104,7 +104,7 @@ class Telemetry:
             self.metrics.bans_drift.labels(backend).inc(n)
 
     def fleet_refused(self, reason: str, n: int) -> None:
-        """``n`` of other nodes' fleet bans refused here (synwatch/fleetcopy.py: malformed,
+        """``n`` of other nodes' fleet bans refused here (synwatch/actions/fleetcopy.py: malformed,
         origin, guard, cap, covered)."""
         self.fleet_refused_n += n
         self.status.counts["fleet_refused"] = self.fleet_refused_n

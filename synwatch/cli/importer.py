@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from synwatch.catalogue import Catalogue
 from synwatch.clock import local_timezone
-from synwatch.recorder import new_event
+from synwatch.daemon.recorder import new_event
+from synwatch.lines.catalogue import Catalogue
+from synwatch.lines.scan import Progress, candidates, open_input
 from synwatch.records import NewEvent
-from synwatch.scan import Progress, candidates, open_input
 from synwatch.sources.base import OccurrenceCounter
 from synwatch.store import History
 

@@ -19,7 +19,7 @@ purge, whose ``postrm`` runs after the configuration is gone (Debian policy §6.
 namespaces acted in are written for it to the file ``--note`` names (the package's prerm:
 ``/var/lib/synwatch/namespaces``).
 
-    python -m synwatch.uninstall [--note FILE]
+    python -m synwatch.cli.uninstall [--note FILE]
 """
 
 from __future__ import annotations
@@ -41,22 +41,22 @@ from synwatch.actions.syncookies import SYSCTL
 from synwatch.actions.synproxy import LOOSE, proxied_ports, render_off
 from synwatch.config import config_location, load_config
 from synwatch.errors import CommandError, SynwatchError
-from synwatch.netns import exists
 from synwatch.probes.accounting import CHAIN as ACCOUNTING
 from synwatch.probes.accounting import TABLE, SynAccounting
 from synwatch.records import ActionRun
-from synwatch.runner import execute, run, show
 from synwatch.store import History
-from synwatch.sysctl import write_sysctl
+from synwatch.system.netns import exists
+from synwatch.system.runner import execute, run, show
+from synwatch.system.sysctl import write_sysctl
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-log = logging.getLogger("synwatch.uninstall")
+log = logging.getLogger("synwatch.cli.uninstall")
 BAN_BACKENDS = ("nftables", "iptables-ipset", "ufw")
-DETAIL = "lifted by the package's removal (synwatch.uninstall)"
+DETAIL = "lifted by the package's removal (synwatch.cli.uninstall)"
 
 
 def where(netns: str) -> str:
@@ -291,7 +291,7 @@ def _watched_without_config(path: str | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m synwatch.uninstall",
+    parser = argparse.ArgumentParser(prog="python -m synwatch.cli.uninstall",
                                      description="Lift what synwatch holds in the kernel and "
                                                  "put back what it raised (the package's prerm).")
     parser.add_argument("--note", type=Path, metavar="FILE",

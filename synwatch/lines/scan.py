@@ -26,12 +26,12 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from synwatch import journalfold, sinks
-from synwatch.catalogue import Catalogue
 from synwatch.errors import SynwatchError, UsageError
-from synwatch.filters import match_record
+from synwatch.lines import journalfold, sinks
+from synwatch.lines.catalogue import Catalogue
+from synwatch.lines.match import match_record
+from synwatch.lines.sinks import parse_line
 from synwatch.records import KernelEvent, LogRecord
-from synwatch.sinks import parse_line
 
 CHUNK = 8 << 20
 

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from synwatch.config.types import Network
+from synwatch.detect.stats import aggregate
 from synwatch.records import BanTarget as Target
-from synwatch.stats import aggregate
 
 MAX_UNITS = 1024  # flooding sources weighed per verdict (the busiest), to bound its work
 

@@ -1,0 +1,195 @@
+"""A fleet's bans on this node (actions.ban.scope = "fleet"): the bans other nodes decided,
+read a page per loop turn and copied into this node's firewall in batches, each row checked
+like a log line and against this node's own guards and caps (synwatch/actions/fleetcopy.py
+decides); a refusal is logged and counted, never stored."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from functools import partial
+
+from synwatch.actions.banchoice import Guard
+from synwatch.actions.firewall import BanItem, Firewall
+from synwatch.actions.fleetcopy import BATCH, MALFORMED, PAGE, Refusal, is_plain_prefix, pick
+from synwatch.actions.registry import Action, Plan
+from synwatch.durations import format_duration
+from synwatch.errors import StoreError
+from synwatch.records import ActionRun, Ban
+from synwatch.store.listen import FleetListener
+from synwatch.system.runner import Command, show
+
+log = logging.getLogger("synwatch")
+FLEET_EVERY = 5.0  # seconds: a fleet's bans are looked at this often without a notification
+MAX_SHOWN = 5  # refusals named in one log line (the rest as a count)
+MALFORMED_SHOWN = 20  # malformed fleet rows named, each in a warning, per loop turn
+
+
+@dataclass
+class FleetScan:
+    """Where the reading of other nodes' fleet bans is: a page of rows per loop turn, by id
+    from ``after``, into ``pending``; the copies go in batches from there."""
+
+    after: int = 0
+    reading: bool = False
+    again: bool = False  # a look was asked for while reading: read from the start once more
+    pending: deque[Ban] = field(default_factory=deque)
+    problem: str | None = None  # the store's, said once
+
+    @property
+    def busy(self) -> bool:
+        return self.reading or bool(self.pending)
+
+
+class FleetCopies(Action):
+    """The ban action's fleet half; synwatch/actions/ban.py is the rest."""
+
+    firewall: Firewall
+    guard: Guard
+    listener: FleetListener | None
+    fleet_due: float
+    fleet_seen: set[int]  # other nodes' fleet bans decided on here
+    fleet_scan: FleetScan
+    malformed_own: set[int]  # this node's own rows found malformed (warned)
+
+    @property
+    def fleet(self) -> bool:
+        return self.ctx.config.ban.scope == "fleet"
+
+    def _reconcile(self, *, setup: bool = True) -> list[Plan]:
+        raise NotImplementedError  # the ban action's (synwatch/actions/ban.py)
+
+    def _mark_due(self) -> None:
+        """The reconcile at the next tick (the ban action's)."""
+        raise NotImplementedError
+
+
+    def _fleet_tick(self, mono: float) -> list[Plan]:
+        """Lifts what another node unbanned (the reconcile: its copy here was marked removed),
+        then looks at the bans other nodes decided since the last look."""
+        if not self.fleet:
+            return []
+        if self.listener is not None:
+            self.listener.woken.clear()
+        self.fleet_due = mono + FLEET_EVERY
+        scan = self.fleet_scan
+        if scan.reading:
+            scan.again = True
+        else:
+            scan.reading, scan.after = True, 0
+        return self._reconcile() + self._copy_fleet()
+
+    def _copy_fleet(self) -> list[Plan]:
+        """One loop turn's share of other nodes' fleet bans (synwatch/actions/fleetcopy.py): a
+        page of rows read, then at most one batch copied (one firewall command), so the probes keep
+        their schedule and a stop is honoured whatever the backlog; the rest on the next turns
+        (the loop is woken for them). Each row is checked like a log line and against this
+        node's own guards and caps; a refusal is logged and counted, never stored."""
+        scan, store, now = self.fleet_scan, self.ctx.store, self.ctx.clock.now()
+        try:
+            if scan.reading and len(scan.pending) < BATCH:
+                page = store.fleet_bans_to_copy(now, after=scan.after, limit=PAGE)
+                scan.after = max((b.id or 0 for b in page), default=scan.after)
+                scan.pending.extend(b for b in page if b.id not in self.fleet_seen)
+                self.fleet_seen.update(b.id for b in page if b.id is not None)
+                if len(page) < PAGE:
+                    scan.reading, scan.after = scan.again, 0
+                    scan.again = False
+            active = self._well_formed(store.active_bans(self.ctx.netns, now)) \
+                if scan.pending else []
+        except StoreError as exc:  # the database is gone: looked at again when it answers
+            if scan.problem != exc.why:
+                log.warning("ban: the fleet's bans cannot be read (%s); looking again every "
+                            "%.0f s", exc.why, FLEET_EVERY)
+                scan.problem = exc.why
+            scan.reading = scan.again = False
+            return []
+        scan.problem = None
+        if not scan.pending:
+            if scan.reading:
+                self.ctx.wake()
+            return []
+        picked = pick(scan.pending, now=now, settings=self.ctx.config.ban,
+                      protected=self.guard.protected, active=active)
+        self._refused(picked.refused)
+        if scan.busy:
+            self.ctx.wake()  # the next page or batch at the next turn, after a probe if due
+        if not picked.copies:
+            return []
+        items = [BanItem(b.prefix, seconds, f"synwatch fleet ban {b.id} from {b.host}")
+                 for b, seconds in picked.copies]
+        commands = self.firewall.render_ban(items)
+        origins = sorted({b.host for b, _ in picked.copies})
+        target = (picked.copies[0][0].prefix if len(items) == 1
+                  else f"{len(items)} fleet bans from {', '.join(origins[:3])}"
+                  + (f" and {len(origins) - 3} more nodes" if len(origins) > 3 else ""))
+        return [Plan(self.name, target, show(commands),
+                     partial(self._copy, picked.copies, commands),
+                     picked.copies[0][0].incident_id if len(items) == 1 else None)]
+
+    def _refused(self, refused: Sequence[Refusal]) -> None:
+        """Logged (a malformed row as a WARNING naming its id, the rest as INFO; a few by name
+        and the others as a count) and counted, never stored one by one."""
+        if not refused:
+            return
+        counts: dict[str, int] = {}
+        for r in refused:
+            counts[r.reason] = counts.get(r.reason, 0) + 1
+        for reason, n in counts.items():
+            self.ctx.fleet_refused(reason, n)
+        bad = [r for r in refused if r.reason == MALFORMED]
+        rest = [r for r in refused if r.reason != MALFORMED]
+        shown = bad[:MALFORMED_SHOWN] + rest[:MAX_SHOWN]
+        for r in shown:
+            log.log(logging.WARNING if r.reason == MALFORMED else logging.INFO,
+                    "ban: fleet ban %s from %s (%s) not copied: %s", r.ban.id, r.ban.host[:64],
+                    r.ban.prefix[:64], r.why)
+        more = bad[MALFORMED_SHOWN:] + rest[MAX_SHOWN:]
+        if more:
+            log.log(logging.WARNING if len(bad) > MALFORMED_SHOWN else logging.INFO,
+                    "ban: %d more fleet bans not copied (ids %s to %s); in all: %s", len(more),
+                    min(r.ban.id or 0 for r in more), max(r.ban.id or 0 for r in more),
+                    ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())))
+
+    def _copy(self, copies: Sequence[tuple[Ban, int]], commands: Sequence[Command]) -> str:
+        """Stored first, then one firewall command for the whole batch; each copy names its
+        origin (``origin_id``, the element's comment, its action run on the origin's
+        incident)."""
+        now = self.ctx.clock.now()
+        store = self.ctx.store
+        store.add_bans([replace(origin, id=None, host="", netns=self.ctx.netns,
+                                backend=self.firewall.name, created_at=now,
+                                expires_at=now + timedelta(seconds=seconds),
+                                origin_id=origin.id)
+                        for origin, seconds in copies])
+        self.firewall.apply(commands)  # a failure: the reconcile puts them in from the store
+        self._mark_due()  # proven in the kernel at the next tick
+        if len(copies) > 1:  # one plan for the batch: each copy on its origin's incident too
+            store.add_action_runs([ActionRun(
+                incident_id=origin.incident_id, action=self.name, target=origin.prefix,
+                status="done", at=now, rendered="",
+                detail=f"fleet ban {origin.id} from {origin.host}, for "
+                       f"{format_duration(seconds)} (one batch of {len(copies)})")
+                for origin, seconds in copies])
+        longest = max(seconds for _, seconds in copies)
+        if len(copies) == 1:
+            origin = copies[0][0]
+            return f"fleet ban {origin.id} from {origin.host}, for {format_duration(longest)}"
+        return f"{len(copies)} fleet bans copied, for up to {format_duration(longest)}"
+
+    def _well_formed(self, bans: list[Ban]) -> list[Ban]:
+        """This node's own rows whose prefix is a network (anyone who can write the table can
+        write a row in this node's name): the others are left alone, warned once each."""
+        out = []
+        for b in bans:
+            if not is_plain_prefix(b.prefix):
+                if b.id not in self.malformed_own:
+                    log.warning("ban: ban %s of this node in the history has a prefix that is "
+                                "not a network (%r): ignored", b.id, b.prefix[:64])
+                    self.malformed_own.add(b.id or 0)
+                continue
+            out.append(b)
+        return out
