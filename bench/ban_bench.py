@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import SERVER_IP, SPOOF_NET, Lab, lab
+from tests.support.lab import SERVER_IP, SPOOF_NET, Lab, lab
 
 RUNS = 5
 FLOOD_NET = f"{SPOOF_NET}.7"
@@ -33,7 +33,7 @@ CLIENTS = [f"{SPOOF_NET}.30.{h}" for h in range(1, 21)]
 SENDER = textwrap.dedent("""
     import random, socket, sys, time
     sys.path.insert(0, {bench_repo!r})
-    from tests.lab import syn_packet
+    from tests.support.lab import syn_packet
     packets = [syn_packet(f"{net}.{{random.randint(1, 254)}}", {dst!r},
                           random.randint(1024, 65535), {port}) for _ in range(8000)]
     raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.conftest import Journald
-from tests.lab import SPOOF_NET, Lab, lab
+from tests.support.journald import Journald
+from tests.support.lab import SPOOF_NET, Lab, lab
 
 RUNS = 10
 PROBE = 1.0

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from synwatch.actions.ban import FLEET_EVERY
 from synwatch.records import Ban
 from synwatch.store import History
-from tests.pgcluster import Cluster
+from tests.support.pgcluster import Cluster
 
 TRIALS = int(os.environ.get("SYNWATCH_BENCH_TRIALS", "20"))
 

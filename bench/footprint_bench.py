@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import flood_rate, lab, lab_port
+from tests.support.lab import flood_rate, lab, lab_port
 
 IDLE = int(os.environ.get("SYNWATCH_BENCH_IDLE", "60"))
 FLOOD = int(os.environ.get("SYNWATCH_BENCH_FLOOD", "180"))

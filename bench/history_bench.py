@@ -30,7 +30,7 @@ from synwatch.records import NewEvent
 from synwatch.store import History
 from synwatch.store.migrate import engine
 from synwatch.store.models import EventRow, IncidentRow
-from tests.pgcluster import Cluster
+from tests.support.pgcluster import Cluster
 
 EVENTS = int(os.environ.get("SYNWATCH_BENCH_EVENTS", "1000000"))
 INCIDENTS = EVENTS // 10

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.lab import flood_rate, lab, lab_port  # noqa: E402
+from tests.support.lab import flood_rate, lab, lab_port  # noqa: E402
 
 FLOOD = int(os.environ.get("SYNWATCH_BENCH_FLOOD", "75"))
 SETTLE = 5

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synwatch.probes.snapshot import take
-from tests.lab import lab
+from tests.support.lab import lab
 
 N = 60_000
 

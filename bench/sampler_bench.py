@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import CLIENT_IP, Lab, flood_rate, lab
+from tests.support.lab import CLIENT_IP, Lab, flood_rate, lab
 
 SECONDS = 10
 RATES = (10_000, 50_000, 0)  # 0: as fast as the lab goes

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from synwatch.actions.synproxy import client_mss, listener_wscale, render_on
 from synwatch.probes.snapshot import take
 from synwatch.system.runner import execute
-from tests.lab import SERVER_IP, SPOOF_NET, lab, lab_port
+from tests.support.lab import SERVER_IP, SPOOF_NET, lab, lab_port
 
 SECONDS = 20
 RATE = 20_000

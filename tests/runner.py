@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from tests.lab import lab_namespaces
+from tests.support.lab import lab_namespaces
 
 NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
 

@@ -6,7 +6,7 @@ import pytest
 
 from synwatch.probes.accounting import SynAccounting, parse_set
 from synwatch.system.runner import run
-from tests.lab import SPOOF_NET, lab, lab_port
+from tests.support.lab import SPOOF_NET, lab, lab_port
 
 SETUP_24_64 = """\
 add table inet synwatch

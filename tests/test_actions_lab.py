@@ -11,7 +11,6 @@ value, and a dead mail server does not delay a ban.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -29,10 +28,20 @@ from synwatch.actions.presets import load_presets
 from synwatch.actions.ratelimit import ratelimit_context
 from synwatch.config import parse_config
 from synwatch.system.runner import execute
-from tests.conftest import synwatch
-from tests.harness import Service, wait_for
-from tests.lab import CLIENT_IP, SERVER_IP, SPOOF_NET, Lab, lab, lab_port, sh
-from tests.receivers import blackhole, http_receiver, smtp_receiver
+from tests.support.cli import synwatch
+from tests.support.harness import Service
+from tests.support.lab import (
+    CLIENT_IP,
+    SERVER_IP,
+    SPOOF_NET,
+    Lab,
+    banned_in_nft,
+    flood_from,
+    lab,
+    lab_port,
+)
+from tests.support.receivers import blackhole, http_receiver, smtp_receiver
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 ONE, TWO, ALLOWED = (f"{SPOOF_NET}.{n}.0/24" for n in (1, 2, 9))
@@ -48,20 +57,6 @@ def the_lab() -> Iterator[Lab]:
 
 def syncookies(the_lab: Lab) -> int:
     return int(the_lab.in_server("sysctl", "-n", "net.ipv4.tcp_syncookies").stdout)
-
-
-def banned_in_nft(the_lab: Lab) -> dict[str, dict[str, Any]]:
-    listed = sh("ip", "netns", "exec", the_lab.server_ns, "nft", "-j", "list", "set", "inet",
-                "synwatch", "bannet4", check=False)
-    if listed.returncode != 0:  # no table (yet, or flushed): nothing banned
-        return {}
-    out = listed.stdout
-    found = {}
-    for item in json.loads(out)["nftables"]:
-        for e in item.get("set", {}).get("elem", []):
-            block = e["elem"]["val"]["prefix"]
-            found[f"{block['addr']}/{block['len']}"] = e["elem"]
-    return found
 
 
 def ban_drops(the_lab: Lab) -> int:
@@ -85,13 +80,6 @@ def syncookies_runs(service: Service) -> list[str]:
             if a["action"] == "syncookies"]
 
 
-def flood_from(the_lab: Lab, port: int, nets: list[str], each: int) -> None:
-    sources = [f"{net.rsplit('.', 1)[0]}.{random.randint(1, 254)}"
-               for net in nets for _ in range(each)]
-    random.shuffle(sources)
-    the_lab.flood(port, len(sources), sources)
-
-
 def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
         the_lab: Lab, tmp_path: Path) -> None:
     with http_receiver() as (http_port, posts), smtp_receiver() as (smtp_port, mails):
@@ -111,8 +99,9 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
             port = lab_port()
             the_lab.listen(port, backlog=64)
             flood_from(the_lab, port, [ONE, TWO, ALLOWED], each=1000)
-            active = wait_for("two bans", lambda: [b for b in bans(service) if b["active"]]
-                              if len([b for b in bans(service) if b["active"]]) >= 2 else None)
+            active = eventually(lambda: [b for b in bans(service) if b["active"]]
+                                if len([b for b in bans(service) if b["active"]]) >= 2 else None,
+                                "two bans")
             assert syncookies(the_lab) == 1, "cookies are on while the incident is open"
             assert {b["prefix"] for b in active} == {ONE, TWO}
             assert all(b["backend"] == "nftables" for b in active)
@@ -131,14 +120,14 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
             [inc] = service.wait_incidents(port, 1, "closed")
             assert inc["id"] == inc_id and inc["verdict"] == "concentrated"
             # the value before the incident is back (right after the close is stored)
-            wait_for("tcp_syncookies back to 0", lambda: syncookies(the_lab) == 0, 5)
+            eventually(lambda: syncookies(the_lab) == 0, "tcp_syncookies back to 0", 5)
             # this listener's only (the receivers are the test's own, but a message is cheap to
             # misaddress)
             def mine(titles: list[str]) -> list[str]:
                 return [t for t in titles if f":{port}: " in t]
 
-            wait_for("the closing messages", lambda: len(mine([p["title"] for p in posts])) >= 2
-                     and len(mine([m["subject"] for m in mails])) >= 2)
+            eventually(lambda: len(mine([p["title"] for p in posts])) >= 2
+                     and len(mine([m["subject"] for m in mails])) >= 2, "the closing messages")
             service.wait_probes(3)  # a storm would show by now
             [inc] = service.incidents(port)  # with every outcome recorded
             did = {(a["action"], a["target"], a["status"]) for a in inc["actions"]}
@@ -180,10 +169,10 @@ def test_a_spread_flood_bans_nothing(the_lab: Lab, tmp_path: Path) -> None:
         port = lab_port()
         the_lab.listen(port, backlog=128)
         the_lab.flood(port, 4000)  # random sources all over 10.232.0.0/16
-        wait_for("cookies on", lambda: syncookies(the_lab) == 1)
+        eventually(lambda: syncookies(the_lab) == 1, "cookies on")
         [inc] = service.wait_incidents(port, 1, "closed")
         assert inc["verdict"] == "spoofed"
-        wait_for("tcp_syncookies back to 0", lambda: syncookies(the_lab) == 0, 5)
+        eventually(lambda: syncookies(the_lab) == 0, "tcp_syncookies back to 0", 5)
         assert bans(service) == [] and banned_in_nft(the_lab) == {}
         assert not [a for a in inc["actions"] if a["action"] == "ban"]
     finally:
@@ -196,7 +185,7 @@ def test_a_restart_after_a_crash_restores_lost_bans_and_the_syncookies_value(
     port = lab_port()
     the_lab.listen(port, backlog=64)
     flood_from(the_lab, port, [ONE, TWO], each=1500)
-    wait_for("two bans", lambda: len(banned_in_nft(the_lab)) == 2)
+    eventually(lambda: len(banned_in_nft(the_lab)) == 2, "two bans")
     assert syncookies(the_lab) == 1
     service.proc.send_signal(signal.SIGKILL)  # a crash: nothing is cleaned up
     service.proc.wait(10)
@@ -205,13 +194,13 @@ def test_a_restart_after_a_crash_restores_lost_bans_and_the_syncookies_value(
     time.sleep(1)
     service.start()
     try:
-        restored = wait_for("the bans back", lambda: banned_in_nft(the_lab) or None, 10)
+        restored = eventually(lambda: banned_in_nft(the_lab) or None, "the bans back", 10)
         assert set(restored) == {ONE, TWO}
         assert all(e["expires"] < 3600 for e in restored.values()), "only the time left"
         assert syncookies(the_lab) == 1, "the incident is still open after the restart"
         service.wait_incidents(port, 1, "closed")
         # restored from the value kept in the store
-        wait_for("tcp_syncookies back to 0", lambda: syncookies(the_lab) == 0, 5)
+        eventually(lambda: syncookies(the_lab) == 0, "tcp_syncookies back to 0", 5)
         service.wait_probes(2)
         assert syncookies_runs(service) == ["done net.ipv4.tcp_syncookies"] * 2
     finally:
@@ -227,14 +216,14 @@ def test_bans_are_back_at_once_after_a_flushed_ruleset_and_a_restart(
     port = lab_port()
     the_lab.listen(port, backlog=64)
     flood_from(the_lab, port, [ONE, TWO], each=1500)
-    wait_for("two bans", lambda: len(banned_in_nft(the_lab)) == 2)
+    eventually(lambda: len(banned_in_nft(the_lab)) == 2, "two bans")
     service.stop()
     the_lab.in_server("nft", "flush", "ruleset")
     logged = len(service.log.read_text())
     service.start()
     try:
         started = time.monotonic()  # start() returns once the log says "synwatch running"
-        restored = wait_for("the bans back", lambda: banned_in_nft(the_lab) or None, 10)
+        restored = eventually(lambda: banned_in_nft(the_lab) or None, "the bans back", 10)
         assert time.monotonic() - started < 1.0, "restored at the start"
         assert set(restored) == {ONE, TWO}
         assert "cannot list" not in service.log.read_text()[logged:]
@@ -268,7 +257,7 @@ def test_a_dead_mail_server_does_not_delay_a_ban(the_lab: Lab, tmp_path: Path) -
                 runs = {(a["action"], a["target"]): a for a in inc["actions"]}
                 return runs if ("notify", "opened") in runs else None
 
-            runs = wait_for("the notification's outcome", runs_with_notify)
+            runs = eventually(runs_with_notify, "the notification's outcome")
             [inc] = service.incidents(port)
             banned = datetime.fromisoformat(runs[("ban", ONE)]["at"])
             detected = datetime.fromisoformat(inc["detected_at"])
@@ -303,13 +292,13 @@ def test_messages_a_down_endpoint_missed_are_sent_once_after_a_restart(
                 runs = {a["target"]: a for a in inc["actions"] if a["action"] == "notify"}
                 return runs if len(runs) == 2 else None
 
-            failed = wait_for("both messages refused", notify_runs)
+            failed = eventually(notify_runs, "both messages refused")
             assert {r["status"] for r in failed.values()} == {"failed"}
             assert posts == []
             service.stop()  # their retries are ten minutes away
             up.set()
             service.start()
-            wait_for("the missed messages", lambda: len(posts) >= 2)
+            eventually(lambda: len(posts) >= 2, "the missed messages")
             service.wait_probes(3)
             assert [p["title"].split(" on ")[0] for p in posts] == [
                 "synwatch: SYN flood", "synwatch: over"]

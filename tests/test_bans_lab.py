@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import synwatch
-from tests.harness import Service, wait_for
-from tests.lab import (
+from tests.support.cli import synwatch
+from tests.support.harness import Service
+from tests.support.lab import (
     CLIENT_IP6,
     SERVER_IP6,
     SPOOF_NET,
@@ -37,6 +37,7 @@ from tests.lab import (
     lab_port,
     sh,
 )
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 
@@ -132,13 +133,13 @@ def test_a_ban_takes_the_flood_and_spares_the_real_clients(the_lab: Lab, tmp_pat
         clients = the_lab.real_clients(port, case.clients, seconds=30)  # stopped sooner
         sources = [random.choice(case.flood) for _ in range(8_000)]
         the_lab.start_flood(port, len(sources), sources, rate=1000)
-        bans = wait_for("a ban", lambda: active_bans(service), timeout=30)
+        bans = eventually(lambda: active_bans(service), "a ban", timeout=30)
         banned_at = time.time()
         assert {b["prefix"] for b in bans} == case.banned, service.log.read_text()
         assert in_nft(the_lab, 6 if v6 else 4) == case.banned
         # the ban's rule drops the flood's SYNs from then on
         before = ban_drops(the_lab)
-        wait_for("the ban rule to drop the flood", lambda: ban_drops(the_lab) > before + 100,
+        eventually(lambda: ban_drops(the_lab) > before + 100, "the ban rule to drop the flood",
                  timeout=30)
         service.wait_probes(3)  # a later ban (the clients' own prefix...) had its chance
         results = outcomes_until(clients, lambda seen: sum(at > banned_at
@@ -201,9 +202,9 @@ def test_one_address_that_floods_and_completes_is_rate_limited_not_banned(
     try:
         clients = the_lab.real_clients(port, [nat], seconds=5)
         the_lab.start_flood(port, 12_000, [nat] * 12_000, rate=1000)
-        held = wait_for("the rate limit", lambda: limited(the_lab), timeout=30)
+        held = eventually(lambda: limited(the_lab), "the rate limit", timeout=30)
         assert held == {nat: 4}, held
-        wait_for("the rate limit to drop the flood", lambda: limit_drops(the_lab) > 100,
+        eventually(lambda: limit_drops(the_lab) > 100, "the rate limit to drop the flood",
                  timeout=30)
 
         def renewals() -> int:
@@ -211,7 +212,7 @@ def test_one_address_that_floods_and_completes_is_rate_limited_not_banned(
             return sum(1 for a in inc["actions"]
                        if (a["action"], a["target"], a["status"]) == ("ratelimit", f"{nat}/32",
                                                                       "done"))
-        wait_for("the limit renewed", lambda: renewals() >= 2, timeout=15)
+        eventually(lambda: renewals() >= 2, "the limit renewed", timeout=15)
         assert nat in limited(the_lab)
         client_outcomes(clients)
         service.wait_probes()
@@ -246,7 +247,7 @@ def test_a_restart_between_a_flood_and_its_verdict_keeps_the_incident_and_its_ev
     try:
         the_lab.start_flood(port, 2000, [f"{first}.{random.randint(1, 254)}"
                                          for _ in range(2000)], rate=1000)
-        [opened] = wait_for("the incident", lambda: service.incidents(port), timeout=20)
+        [opened] = eventually(lambda: service.incidents(port), "the incident", timeout=20)
         service.stop()
         down = the_lab.start_flood(port, 3000, [f"{second}.{random.randint(1, 254)}"
                                                 for _ in range(3000)], rate=1500)
@@ -256,7 +257,7 @@ def test_a_restart_between_a_flood_and_its_verdict_keeps_the_incident_and_its_ev
         # and a little more after the restart, which the sampler sees
         the_lab.start_flood(port, 3000, [f"{second}.{random.randint(1, 254)}"
                                          for _ in range(3000)], rate=1000)
-        wait_for("the new /24's ban", banned_second, timeout=60)
+        eventually(banned_second, "the new /24's ban", timeout=60)
     finally:
         service.stop()
     # read after the stop: nothing can change it any more
@@ -296,8 +297,9 @@ def test_a_local_user_cannot_aim_a_ban_with_forged_local_sources(the_lab: Lab,
         # real server), and nothing answers: the requests stay half-open, as a flood's do
         the_lab.in_server("ip", "-6", "route", "add", "fd98:77::/64", "via", CLIENT_IP6)
         the_lab.in_server(sys.executable, "-c", forger)
-        [inc] = wait_for("its incident", lambda: [
-            i for i in service.incidents(port) if i["status"] == "closed"], timeout=40)
+        [inc] = eventually(lambda: [
+            i for i in service.incidents(port) if i["status"] == "closed"], "its incident",
+            timeout=40)
         service.wait_probes()
         assert active_bans(service) == [], inc
         assert not any(a["action"] in ("ban", "ratelimit") and a["status"] == "done"

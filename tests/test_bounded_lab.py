@@ -30,8 +30,8 @@ from synwatch.probes.synsample import (
     SynSampler,
     _Interval,
 )
-from tests.harness import NotifySocket, Service
-from tests.lab import Lab, lab
+from tests.support.harness import NotifySocket, Service
+from tests.support.lab import Lab, lab
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from synwatch.errors import FilterError
 from synwatch.lines.catalogue import AnnotatedLine, load_catalogue
 from synwatch.lines.match import event_fields, match_record, try_pattern
 from synwatch.lines.sinks import parse_line
-from tests.conftest import NOW
+from tests.support import NOW
 
 CATALOGUE = load_catalogue()
 SINK_SAMPLES = [s for s in CATALOGUE.samples if s.file == "sinks.toml"]

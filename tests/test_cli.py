@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import synwatch
+from tests.support.cli import synwatch
 
 
 def test_a_bad_command_is_named_once() -> None:
@@ -184,7 +184,7 @@ def _arguments(parser: argparse.ArgumentParser) -> st.SearchStrategy[list[str]]:
 
 def _commands() -> list[tuple[list[str], argparse.ArgumentParser]]:
     from synwatch.cli import build_parser
-    from tests.conftest import cli_commands
+    from tests.support.cli import cli_commands
 
     parser = build_parser()
     return [(name.split(), _subparser(parser, name.split()))

@@ -20,7 +20,8 @@ from synwatch.config import (
     parse_config,
 )
 from synwatch.errors import ConfigError
-from tests.conftest import DATA, REPO, synwatch
+from tests.support import DATA, REPO
+from tests.support.cli import synwatch
 
 INVALID = sorted((DATA / "config" / "invalid").glob("*.toml"))
 

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from synwatch.probes.snapshot import take
-from tests.conftest import synwatch
-from tests.lab import SPOOF_NET, Lab, lab_port
+from tests.support.cli import synwatch
+from tests.support.lab import SPOOF_NET, Lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 FORGED = 5000

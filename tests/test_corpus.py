@@ -18,7 +18,8 @@ import pytest
 
 from synwatch.lines.match import event_fields, match_record
 from synwatch.lines.sinks import parse_line
-from tests.conftest import NOW, REPO, synwatch
+from tests.support import NOW, REPO
+from tests.support.cli import synwatch
 
 CORPUS = Path(os.environ.get("SYNWATCH_CORPUS",
                              REPO / "tests" / "data" / "corpus" / "kernel-lines.tsv"))

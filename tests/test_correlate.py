@@ -23,7 +23,8 @@ from synwatch.probes.evidence import Evidence
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.records import KernelEvent, LogRecord, StoredEvent
-from tests.conftest import DATA, NOW, synwatch
+from tests.support import DATA, NOW
+from tests.support.cli import synwatch
 
 REPLAYS = DATA / "replays"
 LAB_QUIET = 3.0  # the quiet period the lab scenarios ran with

@@ -13,8 +13,9 @@ import pytest
 
 from synwatch.cli import build_parser
 from synwatch.config import SCHEMA, parse_config
-from tests.conftest import REPO, cli_commands, synwatch
-from tests.doctext import DOC_FILES, DOCS, console_examples, in_order, shape
+from tests.support import REPO
+from tests.support.cli import cli_commands, synwatch
+from tests.support.doctext import DOC_FILES, DOCS, console_examples, in_order, shape
 
 README = (REPO / "README.md").read_text()
 CONFIGURATION = DOCS[REPO / "docs" / "configuration.md"]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import synwatch
-from tests.doctext import console_examples, in_order
-from tests.harness import Service, wait_for
-from tests.lab import SPOOF_NET, Lab, lab, lab_port
+from tests.support.cli import synwatch
+from tests.support.doctext import console_examples, in_order
+from tests.support.harness import Service
+from tests.support.lab import SPOOF_NET, Lab, lab, lab_port
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 
@@ -69,8 +70,8 @@ def test_every_console_example_runs_and_prints_what_the_doc_shows(
         slow = lab_port()
         the_lab.listen(slow, backlog=4)
         the_lab.connect_burst(slow, established=5, attempts=50, hold=0.5)
-        wait_for("the status file", lambda: "watching" in synwatch(
-            "status", "--config", str(service.config)).out)
+        eventually(lambda: "watching" in synwatch(
+            "status", "--config", str(service.config)).out, "the status file")
         ran = []
         for example in examples:
             argv_text = example.command.split("synwatch ", 1)[1].split(" #")[0]

@@ -13,8 +13,9 @@ from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.records import IncidentChange
 from synwatch.store import History
-from tests.conftest import NOW, synwatch
-from tests.lab import lab, lab_port
+from tests.support import NOW
+from tests.support.cli import synwatch
+from tests.support.lab import lab, lab_port
 
 
 def _snap(*listeners: tuple[int, int, int], counters: dict[str, int] | None = None,

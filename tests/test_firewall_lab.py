@@ -27,10 +27,12 @@ from synwatch.actions.presets import load_presets
 from synwatch.probes.snapshot import take
 from synwatch.records import Ban
 from synwatch.store import History
-from tests.conftest import REPO, synwatch
-from tests.harness import Service
-from tests.lab import SPOOF_NET, Lab, lab, lab_port, sh
-from tests.unitjail import confined
+from tests.support import REPO
+from tests.support.cli import synwatch
+from tests.support.harness import Service
+from tests.support.lab import SPOOF_NET, Lab, lab, lab_port, sh
+from tests.support.unitjail import confined
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 BANNED, OPEN = f"{SPOOF_NET}.1.0/24", f"{SPOOF_NET}.2.0/24"
@@ -211,13 +213,6 @@ TWO, SIX, MAPPED = f"{SPOOF_NET}.2.0/24", "2001:db8:7::/64", "::ffff:0:0/96"
 DRIFT = "not enforced by {} in the kernel"  # the one warning of a reconcile that found drift
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -270,7 +265,7 @@ class Proven:
         """Until a reconcile that listed the firewall after ``after`` has kept its outcome:
         the positive marker before asserting that it found nothing more."""
         since = after or datetime.min.replace(tzinfo=timezone.utc)
-        wait_for("a later check", lambda: (self.checked_at() or since) > since,
+        eventually(lambda: (self.checked_at() or since) > since, "a later check",
                  timeout=3 * self.reconcile + 10)
 
     def enforced(self) -> dict[str, bool]:
@@ -294,7 +289,7 @@ class Proven:
         warned, repairs, counted = self.warnings(), self.repairs(), self.drift_total()
         started = time.monotonic()
         make()
-        wait_for("the repair", repaired, timeout=self.reconcile + 10)
+        eventually(repaired, "the repair", timeout=self.reconcile + 10)
         took = time.monotonic() - started
         # a reconcile is due every `reconcile` s; a loaded machine gets a little more
         assert took < self.reconcile + 4, f"repaired after {took:.1f} s"
@@ -368,8 +363,9 @@ def test_every_kind_of_nftables_drift_is_repaired_within_one_reconcile(the_lab: 
         warned, failed = run.warnings(), run.log().count("action ban nftables reconcile failed")
         nft(the_lab, "flush ruleset\nadd table inet synwatch\n"
                      "add set inet synwatch bannet4 { type ipv6_addr; }")
-        wait_for("two failed repairs", lambda: run.log().count(
-            "action ban nftables reconcile failed") >= failed + 2, timeout=3 * run.reconcile + 10)
+        eventually(lambda: run.log().count(
+            "action ban nftables reconcile failed") >= failed + 2, "two failed repairs",
+            timeout=3 * run.reconcile + 10)
         run.wait_checked(after=datetime.now(timezone.utc))
         assert run.enforced() == dict.fromkeys([BANNED, TWO, SIX, MAPPED], False)
         assert run.warnings() == warned + 1
@@ -380,7 +376,7 @@ def test_every_kind_of_nftables_drift_is_repaired_within_one_reconcile(the_lab: 
         text = synwatch("status", "--config", str(run.service.config)).out
         assert "ban drift: 11 repaired, the last at " in text, text
         the_lab.in_server("nft", "delete", "table", "inet", "synwatch")  # the admin's fix
-        wait_for("the bans back", lambda: len(nft_held(the_lab)) == 4,
+        eventually(lambda: len(nft_held(the_lab)) == 4, "the bans back",
                  timeout=run.reconcile + 10)
         run.wait_checked(after=datetime.now(timezone.utc) + timedelta(seconds=1))
         assert all(run.enforced().values())

@@ -1,5 +1,5 @@
-"""Two synwatch nodes sharing one real PostgreSQL history (tests/pgcluster.py), each watching
-and acting on its own network namespace (its own server, clients and nftables), as two web
+"""Two synwatch nodes sharing one real PostgreSQL history (tests/support/pgcluster.py), each
+watching and acting on its own network namespace (its own server, clients and nftables), as two web
 servers behind a load balancer.
 
 - A concentrated flood against one node is banned in both nodes' nftables (a fleet ban,
@@ -28,11 +28,11 @@ import pytest
 
 from synwatch.actions.fleetcopy import BATCH
 from synwatch.store.listen import BAN_CHANNEL
-from tests.conftest import synwatch
-from tests.harness import Service
-from tests.lab import SPOOF_NET, Kmsg, Lab, lab, lab_port
-from tests.pgcluster import Cluster
-from tests.test_actions_lab import banned_in_nft, flood_from, wait_for
+from tests.support.cli import synwatch
+from tests.support.harness import Service
+from tests.support.lab import SPOOF_NET, Kmsg, Lab, banned_in_nft, flood_from, lab, lab_port
+from tests.support.pgcluster import Cluster
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 # every other /24: none fills a /23 with another, so each is banned as itself
@@ -82,14 +82,15 @@ def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
         lab_b.listen(port_b, backlog=64)
         flood_from(lab_a, port_a, [ONE, TWO, THREE], each=700)
         # node-a bans all three; node-b copies two: THREE is on its own allowlist
-        wait_for("node-a's bans", lambda: set(banned_in_nft(lab_a)) == {ONE, TWO, THREE})
-        wait_for("node-a's bans copied by node-b", lambda: set(banned_in_nft(lab_b)) == {ONE, TWO})
+        eventually(lambda: set(banned_in_nft(lab_a)) == {ONE, TWO, THREE}, "node-a's bans")
+        eventually(lambda: set(banned_in_nft(lab_b)) == {ONE, TWO},
+                   "node-a's bans copied by node-b")
         b.wait_log(f"({THREE}) not copied: allowlisted ({THREE})")
         for n in (a, b):  # woken by NOTIFY (bench/fleet_bench.py measures how fast)
             n.wait_log("fleet: listening for the other nodes' bans (PostgreSQL LISTEN")
         # and the other way round: a flood against node-b is banned on node-a too
         flood_from(lab_b, port_b, [FOUR], each=800)
-        wait_for("node-b's ban copied by node-a", lambda: FOUR in banned_in_nft(lab_a))
+        eventually(lambda: FOUR in banned_in_nft(lab_a), "node-b's ban copied by node-a")
         assert set(banned_in_nft(lab_b)) == {ONE, TWO, FOUR}
 
         rows = listed(a, "bans", "list", "--all-hosts")
@@ -112,7 +113,7 @@ def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
         r = synwatch("unban", ONE, "--config", str(b.config))
         assert r.code == 0, r.err
         assert set(banned_in_nft(lab_b)) == {TWO, FOUR}
-        wait_for("node-a to lift ONE", lambda: set(banned_in_nft(lab_a)) == {TWO, THREE, FOUR})
+        eventually(lambda: set(banned_in_nft(lab_a)) == {TWO, THREE, FOUR}, "node-a to lift ONE")
         assert not any(r["active"] for r in listed(a, "bans", "list", "--all-hosts")
                        if r["prefix"] == ONE)
         status = json.loads(synwatch("status", "--format", "json", "--config",
@@ -153,11 +154,11 @@ def test_a_node_that_loses_the_database_keeps_acting_and_loses_no_event(
         for port in ports:
             the_lab.listen(port, backlog=64)
         the_lab.flood(ports[0], 300)
-        wait_for("the first line recorded", lambda: listed(service, "events", "list"))
+        eventually(lambda: listed(service, "events", "list"), "the first line recorded")
         pg.stop()
         # a concentrated flood while the database is gone: detected and banned all the same
         flood_from(the_lab, ports[1], [ONE], each=800)
-        wait_for("a ban without the database", lambda: ONE in banned_in_nft(the_lab))
+        eventually(lambda: ONE in banned_in_nft(the_lab), "a ban without the database")
         service.wait_log("writes go to the spool")
         assert (tmp_path / "node-a" / "spool.jsonl").exists()
         # a restart while it is still gone: it starts on the spool and goes on
@@ -256,13 +257,13 @@ def test_hostile_fleet_rows_are_refused_and_a_backlog_never_blinds_the_node(
                "'node-a', 'fleet')",
                f"('{OTHER}', 'nftables', '', {values}, NULL, 1, 'mallory', 'fleet')",
                f"('{GOOD}', 'nftables', '', {values}, NULL, 1, 'web7', 'fleet')"]))
-        wait_for("the good row copied", lambda: GOOD in banned_in_nft(the_lab))
+        eventually(lambda: GOOD in banned_in_nft(the_lab), "the good row copied")
         service.wait_log("(garbage) not copied: prefix 'garbage' is not a network")
         service.wait_log("not copied: a time past what this node can hold")
         # and the node goes on detecting and banning its own flood meanwhile
         flood_from(the_lab, port, [ONE], each=700)
         try:
-            wait_for("its own ban", lambda: ONE in banned_in_nft(the_lab), timeout=30)
+            eventually(lambda: ONE in banned_in_nft(the_lab), "its own ban", timeout=30)
         except AssertionError as exc:  # what it decided, and why
             raise AssertionError(f"{exc}: {service.incidents(port)}\n"
                                  f"{service.log.read_text()[-4000:]}") from exc
@@ -297,7 +298,7 @@ def test_hostile_fleet_rows_are_refused_and_a_backlog_never_blinds_the_node(
         assert BATCH <= copied < CAP
         restarted = datetime.now(timezone.utc)
         service.start()  # and it goes on from where it was, up to its cap
-        wait_for("the cap reached", lambda: len(banned_in_nft(the_lab)) == CAP, timeout=60)
+        eventually(lambda: len(banned_in_nft(the_lab)) == CAP, "the cap reached", timeout=60)
         done = time.monotonic()
         service.wait_probes(3)
         assert len(banned_in_nft(the_lab)) == CAP

@@ -1,4 +1,4 @@
-"""The history on a real PostgreSQL server (tests/pgcluster.py): the same migrations as on
+"""The history on a real PostgreSQL server (tests/support/pgcluster.py): the same migrations as on
 SQLite, from an old schema with data; many nodes writing at once; the fleet views of the CLI."""
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from sqlalchemy import MetaData, create_engine, insert, select, text
 from synwatch.records import Ban
 from synwatch.store import History
 from synwatch.store.migrate import engine
-from tests.conftest import synwatch
-from tests.pgcluster import Cluster
-from tests.test_store import (
+from tests.support.cli import synwatch
+from tests.support.history import (
     OLD_HISTORIES,
     T0,
-    _event,
     added,
     alembic,
     check_down_and_up,
     check_old_history,
+    event_no,
 )
+from tests.support.pgcluster import Cluster
 
 
 def _copy_old_history(sqlite_file: Path, url: str, revision: str) -> None:
@@ -94,7 +94,7 @@ def test_nodes_writing_at_once_lose_nothing_and_duplicate_nothing(pg_url: str) -
     """Four nodes on one machine read the same journal and write at once: each records every
     entry once under its own name, and a second pass (a restart) adds nothing."""
     History.open(pg_url).close()
-    entries = [_event(i) for i in range(300)]
+    entries = [event_no(i) for i in range(300)]
     counts: dict[str, list[int]] = {}
 
     def node(name: str) -> None:
@@ -189,7 +189,7 @@ def _history(url: str, now: datetime) -> History:
 
     for n, host in enumerate(("web1", "web2")):
         store = History.open(url, host=host)
-        store.record_events([_event(i, time=now - timedelta(hours=i * 7 + n))
+        store.record_events([event_no(i, time=now - timedelta(hours=i * 7 + n))
                              for i in range(12)], now, ("journald", {"c": n}))
         rows = [IncidentRow(host=host, netns="", address="0.0.0.0", port=80 + i, family=4,
                             status="closed" if i else "open",
@@ -266,11 +266,11 @@ def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
     now = datetime.now(timezone.utc)
     path = tmp_path / "spool.jsonl"
     first = SpooledStore(History.open(pg_url, host="n1"), Spool(path, 10), migrated=True)
-    [before] = first.insert_events([_event(1)], now, ("journald", {"c": 1}))
+    [before] = first.insert_events([event_no(1)], now, ("journald", {"c": 1}))
     assert before > 0 and not path.exists()
     pg.stop()
     try:
-        [during] = first.insert_events([_event(2)], now, ("journald", {"c": 2}))
+        [during] = first.insert_events([event_no(2)], now, ("journald", {"c": 2}))
         change = IncidentChange(
             change="opened", serial=1, incident_id=None, host="n1", netns="", address="0.0.0.0",
             port=443, family=4, status="open", verdict="concentrated", trigger="log",
@@ -284,14 +284,14 @@ def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
         assert during < 0 and incident < 0 and ban < 0
         assert [op["op"] for op in Spool(path, 10).ops] == ["events", "incident", "bans"]
         with pytest.raises(StoreError, match="the spool is full"):
-            first.insert_events([_event(i) for i in range(3, 12)], now)
+            first.insert_events([event_no(i) for i in range(3, 12)], now)
         # a restart while the server is still down
         second = SpooledStore(History.open(pg_url, host="n1", migrate=False), Spool(path, 10),
                               migrated=False)
         assert second.get_position("journald") == {"c": 2}
         [resumed] = second.open_incidents("n1", "")
         assert (resumed.incident_id, resumed.port, resumed.state) == (incident, 443, {"k": 1})
-        [later] = second.insert_events([_event(3)], now, ("journald", {"c": 3}))
+        [later] = second.insert_events([event_no(3)], now, ("journald", {"c": 3}))
         assert later < min(during, incident, ban)
         second.save_incident(replace(resumed, change="closed", status="closed", closed_at=now,
                                      event_ids=(later,)))

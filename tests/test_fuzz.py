@@ -27,7 +27,7 @@ from synwatch.lines.catalogue import Catalogue
 from synwatch.lines.match import match_record
 from synwatch.lines.sinks import BAD_LINES, BadLines, parse_line
 from synwatch.records import KernelEvent, LogRecord
-from tests.conftest import NOW, REPO
+from tests.support import NOW, REPO
 
 MUTATED_LINES = 100_000
 # Inputs that once raised (issue: "nothing a local user writes can stop synwatch").
@@ -186,7 +186,7 @@ def test_any_bytes_fold_the_same_whatever_the_chunks(kind: journalfold.Layout,
 
 
 def test_scan_reports_and_skips_a_poison_line(tmp_path: Path) -> None:
-    from tests.conftest import synwatch
+    from tests.support.cli import synwatch
 
     log = tmp_path / "syslog"
     good = ("Nov 21 12:00:00 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding on "

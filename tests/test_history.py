@@ -15,40 +15,25 @@ from typing import Any
 import pytest
 
 from synwatch.errors import StaleSchema
-from synwatch.records import ActionRun, Ban, IncidentChange, TimelinePoint
+from synwatch.records import ActionRun, Ban
 from synwatch.store import History
 from synwatch.store.dialect import head_revision
-from tests.test_store import _event, alembic
-
-NOW = datetime(2026, 11, 20, 10, 0, 0, 123456, tzinfo=timezone.utc)
-
-
-def _change(**kw: Any) -> IncidentChange:
-    base: dict[str, Any] = dict(
-        change="opened", serial=1, incident_id=None, host="web1", netns="ns", address="0.0.0.0",
-        port=443, family=4, status="open", verdict="concentrated", trigger="log", opened_at=NOW,
-        closed_at=None, first_evidence_at=NOW - timedelta(seconds=2), detected_at=NOW,
-        peak_syn_recv=300, top_prefixes=(("198.51.100.0/24", 280, 0.93, 0),),
-        recommendations=("ban 198.51.100.0/24",), reasons=("few prefixes",),
-        state={"tally": {"n": 3}}, sample=TimelinePoint(NOW, 300, 0, 511, {"overflow": 9.5},
-                                                        (("198.51.100.0/24", 280),)))
-    base.update(kw)
-    return IncidentChange(**base)
+from tests.support.history import NOW, alembic, change, event_no
 
 
 def _script(store: Any, other: Any) -> list[Any]:
     """Every call the service makes, in a plausible order; what each returned."""
     out: list[Any] = []
     later = NOW + timedelta(minutes=5)
-    out.append(store.insert_events([_event(1), _event(2), _event(1)], NOW,
+    out.append(store.insert_events([event_no(1), event_no(2), event_no(1)], NOW,
                                    ("journald", {"cursor": "a"})))
-    out.append(store.insert_events([_event(2), _event(3, time=None)], later,
+    out.append(store.insert_events([event_no(2), event_no(3, time=None)], later,
                                    ("journald", {"cursor": "b"})))
-    inc = store.save_incident(_change(event_ids=(1, 2)))
+    inc = store.save_incident(change(event_ids=(1, 2)))
     out.append(inc)
-    out.append(store.save_incident(_change(change="closed", incident_id=inc, status="closed",
+    out.append(store.save_incident(change(change="closed", incident_id=inc, status="closed",
                                            closed_at=later, sample=None, event_ids=(3,))))
-    out.append(store.save_incident(_change(incident_id=999, serial=2, port=80)))  # unknown id
+    out.append(store.save_incident(change(incident_id=999, serial=2, port=80)))  # unknown id
     store.add_action_runs([ActionRun(incident_id=inc, action="notify", target="opened",
                                      status="failed", at=NOW, rendered="t\nb",
                                      detail="refused; retrying", retry_at=later),
@@ -212,10 +197,10 @@ def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_ho
     old, older = now - timedelta(days=40), now - timedelta(days=70)
     store, other = History.open(url, host="web1"), History.open(url, host="web2")
     for s in (store, other):
-        s.insert_events([_event(i, time=old if i < 5 else now) for i in range(8)], now)
-    gone = store.save_incident(_change(status="closed", opened_at=older, closed_at=older,
+        s.insert_events([event_no(i, time=old if i < 5 else now) for i in range(8)], now)
+    gone = store.save_incident(change(status="closed", opened_at=older, closed_at=older,
                                        event_ids=(1,)))
-    held = store.save_incident(_change(status="closed", opened_at=older, closed_at=older,
+    held = store.save_incident(change(status="closed", opened_at=older, closed_at=older,
                                        serial=2))
     store.add_bans([Ban(prefix="198.51.100.0/24", backend="nftables", netns="ns",
                         incident_id=held, created_at=older, expires_at=now + timedelta(hours=1))])

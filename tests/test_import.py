@@ -6,7 +6,7 @@ import gzip
 from pathlib import Path
 
 from synwatch.store import History
-from tests.conftest import synwatch
+from tests.support.cli import synwatch
 
 LINE = ("Jul 28 18:57:32 PC kernel: [538538.407269] TCP: request_sock_TCP: Possible SYN flooding "
         "on port {}. Sending cookies.  Check SNMP counters.\n")

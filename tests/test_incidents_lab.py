@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import synwatch
-from tests.harness import Service
-from tests.lab import CLIENT_IP, SPOOF_NET, Lab, client_outcomes, lab, lab_port
+from tests.support.cli import synwatch
+from tests.support.harness import Service
+from tests.support.lab import CLIENT_IP, SPOOF_NET, Lab, client_outcomes, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 

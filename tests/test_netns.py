@@ -15,7 +15,7 @@ import pytest
 from synwatch.errors import ProbeError
 from synwatch.system import netns
 from synwatch.system.netns import WORKERS_PER_NETNS, in_netns
-from tests.lab import sh
+from tests.support.lab import sh
 
 
 def _tasks() -> set[int]:

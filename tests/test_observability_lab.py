@@ -14,16 +14,25 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO, synwatch
-from tests.harness import NotifySocket, Service, host_config, log_of, start_service, stop_service
-from tests.lab import CLIENT_IP, SPOOF_NET, Lab, lab, lab_port
+from tests.support import REPO
+from tests.support.cli import synwatch
+from tests.support.harness import (
+    NotifySocket,
+    Service,
+    host_config,
+    log_of,
+    start_service,
+    stop_service,
+)
+from tests.support.lab import CLIENT_IP, SPOOF_NET, Lab, lab, lab_port
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 T = TypeVar("T")
@@ -34,17 +43,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30,
-             seen: Callable[[], object] = lambda: "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s\n{seen()}"
-        time.sleep(0.2)
 
 
 def scrape(port: int) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
@@ -143,7 +141,7 @@ def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
             _, now = scrape(metrics_port)
             return now if value(now, "synwatch_listener_backlog", **listener) == 64 else None
 
-        before = wait_for("the listener in /metrics", probed, timeout=10)
+        before = eventually(probed, "the listener in /metrics", timeout=10)
         assert value(before, "synwatch_incidents_open", verdict="concentrated") == 0
         sources = [f"{SPOOF_NET}.{n}.{random.randint(1, 254)}" for n in (7, 8)
                    for _ in range(1500)]
@@ -163,7 +161,7 @@ def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
             return now if overflowed and value(now, "synwatch_incidents_open",
                                                verdict="concentrated") == 1 else None
 
-        values = wait_for("the concentrated incident and the overflows in /metrics", during)
+        values = eventually(during, "the concentrated incident and the overflows in /metrics", 30)
         assert (value(values, "synwatch_listener_syn_recv", **listener) or 0) >= 60
         assert (value(values, "synwatch_events_total", source="kmsg", trusted="true",
                       kind="syn_flood") or 0) >= 1
@@ -188,7 +186,7 @@ def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
             return said if "concentrated" in said else None
 
         assert (f"1 open incident (#{inc['id']} concentrated on 0.0.0.0:{port})"
-                in wait_for("the verdict in the status line", summary))
+                in eventually(summary, "the verdict in the status line", 30))
 
         service.wait_incidents(port, 1, "closed")
 
@@ -197,7 +195,7 @@ def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
             return now if value(now, "synwatch_incidents_total",
                                 verdict="concentrated") == 1 else None
 
-        after = wait_for("the close in /metrics", closed)
+        after = eventually(closed, "the close in /metrics", 30)
         assert value(after, "synwatch_incidents_open", verdict="concentrated") == 0
         open_series = scraper.stop("synwatch_incidents_open", verdict="concentrated")
         fires_on_the_flood(open_series, tmp_path)
@@ -246,7 +244,7 @@ def test_top_shows_the_flooded_listener_its_prefixes_and_the_incident(the_lab: L
                            f"--config {service.config}")
         assert started.returncode == 0, started.stderr
         term.run("resize-window", "-t", "top", "-x", "200", "-y", "50")  # as wide as asked
-        wait_for("the listener on the screen", lambda: f"0.0.0.0:{port}" in term.screen())
+        eventually(lambda: f"0.0.0.0:{port}" in term.screen(), "the listener on the screen", 30)
         sources = [f"{SPOOF_NET}.{n}.{random.randint(1, 254)}" for n in (7, 8)
                    for _ in range(1500)]
         the_lab.flood(port, len(sources), sources)
@@ -257,7 +255,7 @@ def test_top_shows_the_flooded_listener_its_prefixes_and_the_incident(the_lab: L
             return screen if (f"{SPOOF_NET}.7.0/24" in screen
                               and "concentrated" in screen) else None
 
-        screen = wait_for("the flood on the screen", flooded, timeout=20, seen=term.screen)
+        screen = eventually(flooded, "the flood on the screen", timeout=20, seen=term.screen)
         row = next(line for line in screen.splitlines() if f"0.0.0.0:{port}" in line)
         assert f"{SPOOF_NET}.7.0/24" in row, screen  # the listener's own prefixes
         assert re.search(r"6[45]/64", row), screen  # its SYN-RECV against its backlog
@@ -278,11 +276,12 @@ def test_top_shows_the_flooded_listener_its_prefixes_and_the_incident(the_lab: L
                       and max(len(re.sub(r"\x1b\[[0-9;]*m", "", x)) for x in lines) <= width)
                 return lines[at[0]:at[0] + 2] if ok else None
 
-            row, bar = wait_for(f"the queues drawn at {width} columns", drawn, seen=term.screen)
+            row, bar = eventually(drawn, f"the queues drawn at {width} columns", 30,
+                                  seen=term.screen)
             accept_bar = bar.split("│")[2]  # listener │ accept queue │ ...
             assert "\x1b[31m" in accept_bar and "\x1b[32m" not in accept_bar, repr(bar)
         term.run("send-keys", "-t", "top", "q")
-        wait_for("top to quit on q", lambda: not term.alive(), timeout=10)
+        eventually(lambda: not term.alive(), "top to quit on q", timeout=10)
     finally:
         term.kill()
         service.stop()
@@ -305,7 +304,7 @@ def test_slow_clients_on_the_metrics_port_cost_no_thread_and_are_closed(
     slow: list[socket.socket] = []
     try:
         notify.wait_for("READY=1")
-        wait_for("/metrics", lambda: "synwatch_incidents_open" in scrape(metrics_port)[0],
+        eventually(lambda: "synwatch_incidents_open" in scrape(metrics_port)[0], "/metrics", 30,
                  seen=log_of(config).read_text)
 
         def tasks() -> int:

@@ -25,9 +25,11 @@ from synwatch.records import Ban
 from synwatch.store import History
 from synwatch.system.runner import execute
 from synwatch.system.sysctl import write_sysctl
-from tests.conftest import REPO, cli_commands
+from tests.support import REPO
+from tests.support.cli import cli_commands
 
 
+@pytest.mark.needs_network  # the wheel's dependencies from the package index (or its mirror)
 def test_wheel_ships_the_data_and_runs_without_the_journald_extra(tmp_path: Path) -> None:
     """The venv is made without pip and the wheel installed into it by the test's own pip
     (`pip --python`), without byte-compiling: ensurepip and compileall took seconds and are

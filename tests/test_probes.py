@@ -13,8 +13,8 @@ from synwatch.cli.views import snapshot_view as as_json
 from synwatch.detect.rules import diagnose
 from synwatch.probes.snapshot import ListenerState, Snapshot, take
 from synwatch.probes.sockdiag import Listener
-from tests.conftest import synwatch
-from tests.lab import Lab, lab, lab_port
+from tests.support.cli import synwatch
+from tests.support.lab import Lab, lab, lab_port
 
 
 @pytest.fixture

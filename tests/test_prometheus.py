@@ -18,7 +18,7 @@ from synwatch.daemon.metrics import Metrics
 from synwatch.probes.conntrack import Conntrack
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
-from tests.conftest import REPO
+from tests.support import REPO
 
 RULES = REPO / "packaging" / "prometheus"
 DASHBOARD = REPO / "packaging" / "grafana" / "synwatch.json"

@@ -13,8 +13,8 @@ import pytest
 
 from synwatch.lines.match import match_record
 from synwatch.lines.sinks import parse_line
-from tests.conftest import synwatch
-from tests.lab import Kmsg, lab, lab_port
+from tests.support.cli import synwatch
+from tests.support.lab import Kmsg, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 

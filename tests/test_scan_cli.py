@@ -17,7 +17,8 @@ from synwatch.lines import scan as scan_module
 from synwatch.lines.catalogue import Catalogue
 from synwatch.lines.scan import candidate_lines, candidates, open_input
 from synwatch.store import History
-from tests.conftest import DATA, synwatch
+from tests.support import DATA
+from tests.support.cli import synwatch
 
 FLOOD = ("Mar  7 09:17:14 web01 kernel: TCP: request_sock_TCP: Possible SYN flooding on port "
          "0.0.0.0:443. Sending cookies.")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import synwatch
-from tests.harness import NotifySocket, start_service, stop_service
+from tests.support.cli import synwatch
+from tests.support.harness import NotifySocket, start_service, stop_service
 
 # a server that refuses at once: check-config warns about it, `run` starts on its spool
 REFUSED = "postgresql+psycopg://synwatch:s3cret@127.0.0.1:1/synwatch"

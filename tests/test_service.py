@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Journald, synwatch
-from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
+from tests.support.cli import synwatch
+from tests.support.harness import NotifySocket, host_config, log_of, start_service, stop_service
+from tests.support.journald import Journald
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def test_a_poison_line_in_a_followed_file_stops_nothing(tmp_path: Path,
     was never saved). It is skipped and counted; the lines after it are recorded."""
     import json
 
-    from tests.conftest import synwatch
+    from tests.support.cli import synwatch
 
     syslog = tmp_path / "syslog"
     syslog.write_text("")

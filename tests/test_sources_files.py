@@ -23,8 +23,8 @@ from synwatch.records import LogRecord
 from synwatch.sources.base import Batch
 from synwatch.sources.files import FileSource
 from synwatch.store import History
-from tests.conftest import synwatch
-from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
+from tests.support.cli import synwatch
+from tests.support.harness import NotifySocket, host_config, log_of, start_service, stop_service
 
 
 def kernel_line(n: int) -> str:

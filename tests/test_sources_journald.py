@@ -24,9 +24,9 @@ from synwatch.sources.base import Batch
 from synwatch.sources.journald import JournalctlReader, JournaldSource, SystemdReader
 from synwatch.sources.kmsg import KmsgSource, current_boot_id
 from synwatch.store import History
-from tests.conftest import Journald
-from tests.harness import NotifySocket, host_config, log_of, start_service, stop_service
-from tests.lab import Lab, lab, lab_port
+from tests.support.harness import NotifySocket, host_config, log_of, start_service, stop_service
+from tests.support.journald import Journald
+from tests.support.lab import Lab, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 

@@ -21,8 +21,7 @@ from synwatch.records import ActionRun, Ban, TimelinePoint
 from synwatch.store import History, prepare
 from synwatch.store.spool import THIN_EVERY, Spool
 from synwatch.store.spooled import SpooledStore
-from tests.test_history import NOW, _change
-from tests.test_store import _event
+from tests.support.history import NOW, change, event_no
 
 pytestmark = pytest.mark.needs_root  # the tmpfs
 SAMPLE = TimelinePoint(NOW, 300, 0, 511, {"overflow": 9.5}, (("198.51.100.0/24", 280),))
@@ -61,10 +60,10 @@ def _back(store: SpooledStore, timeout: float = 10) -> None:
 def _one_flood(store: SpooledStore) -> tuple[int, int, int]:
     """What the service writes for a flood: its kernel line, the incident, an update, a ban,
     an action run; the ids it was given."""
-    [event] = store.insert_events([_event(1)], NOW, ("journald", {"cursor": "a"}))
+    [event] = store.insert_events([event_no(1)], NOW, ("journald", {"cursor": "a"}))
     assert event is not None
-    incident = store.save_incident(_change(event_ids=(event,)))
-    store.save_incident(_change(change="updated", incident_id=incident, verdict="concentrated"))
+    incident = store.save_incident(change(event_ids=(event,)))
+    store.save_incident(change(change="updated", incident_id=incident, verdict="concentrated"))
     [ban] = store.add_bans([Ban(prefix="198.51.100.0/24", backend="nftables", netns="ns",
                                 incident_id=incident, created_at=NOW,
                                 expires_at=NOW + timedelta(hours=1))])
@@ -90,7 +89,7 @@ def test_a_locked_history_costs_one_short_wait_and_loses_nothing(tmp_path: Path)
         started = time.monotonic()
         event, incident, ban = _one_flood(store)
         for n in range(50):  # a probe's updates, every one of them spooled at once
-            store.save_incident(_change(change="updated", incident_id=incident,
+            store.save_incident(change(change="updated", incident_id=incident,
                                         sample=replace(SAMPLE, at=NOW + timedelta(seconds=n))))
         took = time.monotonic() - started
         assert incident < 0 and ban < 0
@@ -146,7 +145,7 @@ def test_a_deleted_history_file_is_an_outage_not_a_silent_loss(tmp_path: Path) -
     store, _ = _spooled(tmp_path)
     for name in ("h.db", "h.db-wal", "h.db-shm"):
         (tmp_path / name).unlink(missing_ok=True)
-    [event] = store.insert_events([_event(1)], NOW)
+    [event] = store.insert_events([event_no(1)], NOW)
     assert event is not None and event < 0
     assert store.away and "gone" in (store.problem or "")
     assert len(Spool(tmp_path / "spool.jsonl", 10).ops) == 1  # on disk for the next start
@@ -179,13 +178,13 @@ def test_the_spool_is_bounded_however_long_the_outage(tmp_path: Path) -> None:
     limit = 400
     store = SpooledStore(None, Spool(tmp_path / "spool.jsonl", limit), migrated=False,
                          url="sqlite:////nonexistent/h.db", host="web1", prepare=_never)
-    incident = store.save_incident(_change())
+    incident = store.save_incident(change())
     linked = []
     for n in range(3600):
-        events = [e for e in store.insert_events([_event(10_000 + n)], NOW)
+        events = [e for e in store.insert_events([event_no(10_000 + n)], NOW)
                   if n % 100 == 0] if store.spool.fits(1) else []
         linked += [e for e in events if e is not None]
-        store.save_incident(_change(change="updated", incident_id=incident,
+        store.save_incident(change(change="updated", incident_id=incident,
                                     sample=replace(SAMPLE, at=NOW + timedelta(seconds=n)),
                                     event_ids=tuple(e for e in events if e is not None)))
     assert store.spool.records <= limit + 1
@@ -214,8 +213,8 @@ def test_a_stop_in_the_middle_of_a_catch_up_leaves_nothing_unmappable(
     holder.execute("BEGIN EXCLUSIVE")
     event, incident, _ = _one_flood(store)
     for n in range(30):  # updates that link events: never thinned
-        [e] = store.insert_events([_event(100 + n)], NOW)
-        store.save_incident(_change(change="updated", incident_id=incident,
+        [e] = store.insert_events([event_no(100 + n)], NOW)
+        store.save_incident(change(change="updated", incident_id=incident,
                                     sample=replace(SAMPLE, at=NOW + timedelta(seconds=n)),
                                     event_ids=(e,) if e is not None else ()))
     store.add_action_runs([ActionRun(incident_id=incident, action="notify", target="opened",
@@ -266,14 +265,14 @@ def test_events_linked_during_an_outage_stay_linked_through_thinning(tmp_path: P
     store, db = _spooled(tmp_path)
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
-    incident = store.save_incident(_change())
+    incident = store.save_incident(change())
     for n in range(12):  # a probe a second, and a kernel line now and then
         linked: tuple[int, ...] = ()
         if n % 4 == 1:
-            [e] = store.insert_events([_event(200 + n)], NOW)
+            [e] = store.insert_events([event_no(200 + n)], NOW)
             assert e is not None
             linked = (e,)
-        store.save_incident(_change(change="updated", incident_id=incident, event_ids=linked,
+        store.save_incident(change(change="updated", incident_id=incident, event_ids=linked,
                                     sample=replace(SAMPLE, at=NOW + timedelta(seconds=n))))
     holder.execute("COMMIT")
     holder.close()
@@ -324,14 +323,14 @@ def test_the_newest_update_wins_after_thinning_around_linked_events(tmp_path: Pa
     store, db = _spooled(tmp_path)
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
-    incident = store.save_incident(_change())
+    incident = store.save_incident(change())
     for n in range(9):
         linked: tuple[int, ...] = ()
         if n == 7:
-            [e] = store.insert_events([_event(300)], NOW)
+            [e] = store.insert_events([event_no(300)], NOW)
             assert e is not None
             linked = (e,)
-        store.save_incident(_change(change="updated", incident_id=incident, event_ids=linked,
+        store.save_incident(change(change="updated", incident_id=incident, event_ids=linked,
                                     peak_syn_recv=300 + n,
                                     sample=replace(SAMPLE, at=NOW + timedelta(seconds=n))))
     holder.execute("COMMIT")

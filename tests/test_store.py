@@ -11,22 +11,18 @@ from pathlib import Path
 import pytest
 
 from synwatch.records import ActionRun, Ban
-from synwatch.store import History, NewEvent
-from synwatch.store.migrate import alembic_config, engine
+from synwatch.store import History
+from synwatch.store.migrate import engine
 from synwatch.store.models import IncidentRow
-from tests.conftest import synwatch
-
-T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
-
-
-def _event(i: int, **kw: object) -> NewEvent:
-    base: dict[str, object] = dict(
-        time=T0 + timedelta(seconds=i), source="journald", trusted=True, kind="syn_flood",
-        family=4, address="0.0.0.0", port=443, mode="cookies", source_ip=None,
-        source_port=None, host="web01", message=f"msg {i}",
-        pattern="kernel-synflood/form-f", dedup_key=f"cursor-{i}")
-    base.update(kw)
-    return NewEvent(**base)  # type: ignore[arg-type]
+from tests.support.cli import synwatch
+from tests.support.history import (
+    OLD_HISTORIES,
+    T0,
+    added,
+    check_down_and_up,
+    check_old_history,
+    event_no,
+)
 
 
 def _db(path: Path) -> str:
@@ -46,32 +42,8 @@ def test_open_creates_and_migrates_the_schema_in_wal_mode(tmp_path: Path) -> Non
     assert History.open(_db(db)).schema_revision() == "0005"
 
 
-def alembic(store: History, verb: str, revision: str) -> None:
-    """Alembic's ``upgrade`` or ``downgrade`` to ``revision`` on the store's database."""
-    from alembic import command
-
-    cfg = alembic_config()
-    made = engine(store.url)
-    with made.begin() as conn:
-        cfg.attributes["connection"] = conn
-        getattr(command, verb)(cfg, revision)
-    made.dispose()
-
-
-def check_down_and_up(store: History) -> None:
-    """Every migration down to nothing, then up again (on SQLite here, on PostgreSQL in
-    tests/test_fleet_store.py)."""
-    alembic(store, "downgrade", "base")
-    assert store.schema_revision() is None
-    store.migrate()
-    assert store.schema_revision() == "0005"
-
-
 def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:
     check_down_and_up(History.open(_db(tmp_path / "h.db")))
-
-
-OLD_HISTORIES = sorted((Path(__file__).parent / "data" / "store").glob("schema_*.db"))
 
 
 @pytest.mark.parametrize("old", OLD_HISTORIES, ids=[p.stem for p in OLD_HISTORIES])
@@ -87,47 +59,13 @@ def test_a_history_written_by_an_older_schema_keeps_its_data(tmp_path: Path, old
     check_old_history(store, old.stem.removeprefix("schema_"))
 
 
-def check_old_history(store: History, revision: str) -> None:
-    """Every row of tests/data/store/make_old_histories.py still there and readable after the
-    migrations (on SQLite, and copied into PostgreSQL by tests/test_fleet_store.py)."""
-    [event] = store.events()
-    assert (event.time, event.port, event.incident_id) == (T0 + timedelta(seconds=1), 443, 1)
-    # rows from before fleets (0005) belong to their incident's host, else to this node
-    assert event.host == "web01"
-    incident, runs = store.incident(1)
-    assert (incident.verdict, incident.peak_syn_recv, incident.opened_at) == (
-        "concentrated", 200, T0 + timedelta(seconds=1))
-    assert incident.reasons == ["4 prefixes carry 90% of SYN-RECV"]
-    assert incident.top_prefixes[0]["prefix"] == "203.0.113.0/24"
-    assert [(r.target, r.retry_at, r.host) for r in runs] == [
-        ("203.0.113.0/24", None, "web01"),
-        ("opened", T0 + timedelta(minutes=1), "web01"),  # "retrying in 30 s"
-        ("closed", T0 + timedelta(minutes=1), "web01"),  # "retrying at the next start"
-        ("update", None, "web01")]  # given up
-    [ban] = store.bans()
-    assert (ban.prefix, ban.expires_at, ban.host, ban.scope) == (
-        "203.0.113.0/24", T0 + timedelta(hours=1, minutes=1), "web01", "local")
-    [point] = store.samples(1)
-    assert (point.rates, point.top_prefixes) == ({"syns_overflowed": 950.0},
-                                                 (("203.0.113.0/24", 180),))
-    assert store.get_position("journald") == {"cursor": "c1"}
-    saved = store.saved_setting("", "net.ipv4.tcp_syncookies")
-    assert saved == (None if revision == "0001" else "0")
-    # an entry is recorded once per node: web01 has it, web02 (same journal) records its own
-    web01 = History.open(store.url, host="web01")
-    assert web01.record_events([_event(1, dedup_key="cursor-1")], T0) == 0
-    other = History.open(store.url, host="web02")
-    assert other.record_events([_event(1, dedup_key="cursor-1")], T0) == 1
-    assert other.get_position("journald") is None  # positions are per node
-
-
 def test_events_are_recorded_exactly_once_with_their_position(tmp_path: Path) -> None:
     store = History.open(_db(tmp_path / "h.db"))
     now = T0 + timedelta(hours=1)
-    assert store.record_events([_event(1), _event(2), _event(2)], now,
+    assert store.record_events([event_no(1), event_no(2), event_no(2)], now,
                                ("journald", {"cursor": "c2"})) == 2
-    assert store.record_events([_event(2), _event(3)], now, ("journald", {"cursor": "c3"})) == 1
-    assert store.record_events([_event(9, dedup_key=None)] * 2, now) == 2  # no key: no dedup
+    assert store.record_events([event_no(2), event_no(3)], now, ("journald", {"cursor": "c3"})) == 1
+    assert store.record_events([event_no(9, dedup_key=None)] * 2, now) == 2  # no key: no dedup
     assert [e.message for e in store.events()] == ["msg 1", "msg 2", "msg 3", "msg 9", "msg 9"]
     assert store.get_position("journald") == {"cursor": "c3"}
     assert store.get_position("kmsg") is None
@@ -136,8 +74,8 @@ def test_events_are_recorded_exactly_once_with_their_position(tmp_path: Path) ->
 def test_events_list_json_limit_and_since(tmp_path: Path, store_config: Path) -> None:
     store = History.open(_db(tmp_path / "history.db"))
     now = datetime.now(timezone.utc)
-    store.record_events([_event(i, time=now - timedelta(hours=10 - i)) for i in range(10)], now)
-    store.record_events([_event(20, time=None, source="file:/var/log/syslog", trusted=False,
+    store.record_events([event_no(i, time=now - timedelta(hours=10 - i)) for i in range(10)], now)
+    store.record_events([event_no(20, time=None, source="file:/var/log/syslog", trusted=False,
                                 kind="drop_open_request", port=None, address=None, mode=None,
                                 source_ip="203.0.113.7", source_port=5555)], now)
     res = synwatch("events", "list", "--format", "json", "--config", str(store_config))
@@ -158,16 +96,6 @@ def test_events_list_json_limit_and_since(tmp_path: Path, store_config: Path) ->
     assert [r["id"] for r in recent] == [r["id"] for r in rows[7:]]
     table = synwatch("events", "list", "--config", str(store_config)).out.splitlines()
     assert table[0].split()[:3] == ["ID", "TIME", "SOURCE"] and len(table) == 12
-
-
-def added(url: str, rows: list[object]) -> None:
-    """Rows written as any synwatch (or an older one) may have left them, through the models."""
-    from sqlalchemy.orm import Session
-
-    made = engine(url)
-    with Session(made, expire_on_commit=False) as s, s.begin():
-        s.add_all(rows)
-    made.dispose()
 
 
 def _incident(**kw: object) -> IncidentRow:
@@ -288,7 +216,7 @@ def test_incident_changes_are_saved_linked_and_resumed(tmp_path: Path) -> None:
     from synwatch.records import IncidentChange, TimelinePoint
 
     store = History.open(_db(tmp_path / "h.db"))
-    ids = store.insert_events([_event(1), _event(2), _event(1)], T0)
+    ids = store.insert_events([event_no(1), event_no(2), event_no(1)], T0)
     assert ids[0] is not None and ids[1] is not None and ids[2] is None
     opened = IncidentChange(
         change="opened", serial=1, incident_id=None, host="web01", netns="", address="0.0.0.0",

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import synwatch
-from tests.harness import Service, wait_for
-from tests.lab import SPOOF_NET, Lab, lab, lab_port, sh
-from tests.pgcluster import Cluster
-from tests.test_actions_lab import banned_in_nft, flood_from
+from tests.support.cli import synwatch
+from tests.support.harness import Service
+from tests.support.lab import SPOOF_NET, Lab, banned_in_nft, flood_from, lab, lab_port, sh
+from tests.support.pgcluster import Cluster
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 FLOODED = f"{SPOOF_NET}.41.0/24"
@@ -96,10 +96,10 @@ def test_a_partitioned_database_never_holds_the_response_up(
         time.sleep(1)  # the partition is there before the flood, as in the finding
         flooded = time.monotonic()
         flood_from(the_lab, port, [FLOODED], each=800)
-        wait_for("SYN cookies during the partition", lambda: partitioned.cookies() == 1,
+        eventually(lambda: partitioned.cookies() == 1, "SYN cookies during the partition",
                  timeout=15)
         cookies_after = time.monotonic() - flooded
-        wait_for("the ban during the partition", lambda: FLOODED in banned_in_nft(the_lab),
+        eventually(lambda: FLOODED in banned_in_nft(the_lab), "the ban during the partition",
                  timeout=15)
         banned_after = time.monotonic() - flooded
         # the probes keep their schedule (0.5 s): 10 rounds within 10 s
@@ -148,7 +148,7 @@ def test_bans_stay_in_the_kernel_when_the_history_file_is_deleted(
     the_lab.listen(port, backlog=64)
     try:
         flood_from(the_lab, port, nets, each=700)
-        wait_for("both bans", lambda: set(banned_in_nft(the_lab)) == set(nets))
+        eventually(lambda: set(banned_in_nft(the_lab)) == set(nets), "both bans")
         for name in ("h.db", "h.db-wal", "h.db-shm"):
             (tmp_path / name).unlink(missing_ok=True)
         # seen within a second, said once: nothing is recorded until the restart
@@ -218,10 +218,10 @@ def test_an_sqlite_history_that_cannot_be_written_never_holds_the_response_up(
         service.wait_probes(2)
         flooded = time.monotonic()
         flood_from(the_lab, port, [FLOODED], each=800)
-        wait_for("SYN cookies", lambda: int(the_lab.in_server(
-            "sysctl", "-n", "net.ipv4.tcp_syncookies").stdout) == 1, timeout=15)
+        eventually(lambda: int(the_lab.in_server(
+            "sysctl", "-n", "net.ipv4.tcp_syncookies").stdout) == 1, "SYN cookies", timeout=15)
         cookies_after = time.monotonic() - flooded
-        wait_for("the ban", lambda: FLOODED in banned_in_nft(the_lab), timeout=15)
+        eventually(lambda: FLOODED in banned_in_nft(the_lab), "the ban", timeout=15)
         banned_after = time.monotonic() - flooded
         print(f"{outage}: cookies after {cookies_after:.1f} s, ban after {banned_after:.1f} s")
         assert cookies_after < 8 and banned_after < 8
@@ -245,8 +245,9 @@ def test_an_sqlite_history_that_cannot_be_written_never_holds_the_response_up(
         # the incident opened on a spooled id and closes after the history numbered it: the
         # close still finds what opened it, and SYN cookies go back as they were
         service.wait_incidents(port, 1, "closed")
-        wait_for("SYN cookies put back", lambda: int(the_lab.in_server(
-            "sysctl", "-n", "net.ipv4.tcp_syncookies").stdout) == 0, timeout=15)
+        eventually(lambda: int(the_lab.in_server(
+            "sysctl", "-n", "net.ipv4.tcp_syncookies").stdout) == 0, "SYN cookies put back",
+            timeout=15)
     finally:
         if holder is not None and holder.poll() is None:
             holder.kill()

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from synwatch.probes.snapshot import take
-from tests.conftest import NOW
-from tests.harness import Service
-from tests.lab import SERVER_IP, Lab, lab_port
+from tests.support import NOW
+from tests.support.harness import Service
+from tests.support.lab import SERVER_IP, Lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 CLIENTS = 300

@@ -299,7 +299,7 @@ def test_interval_keeps_flooding_addresses_and_never_forgets_a_completing_one() 
 
 @pytest.mark.needs_root
 def test_real_sampler_counts_a_lab_flood_by_port_and_prefix() -> None:
-    from tests.lab import SPOOF_NET, lab, lab_port
+    from tests.support.lab import SPOOF_NET, lab, lab_port
 
     with lab() as the_lab:
         port = lab_port()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import lab_namespaces
-from tests.receivers import http_receiver
+from tests.support.lab import lab_namespaces
+from tests.support.receivers import http_receiver
 
 pytestmark = pytest.mark.needs_root
 

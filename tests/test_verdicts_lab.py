@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import synwatch
-from tests.harness import Service
-from tests.lab import SERVER_IP, SPOOF_NET, SPOOF_NET6, Lab, lab, lab_port
+from tests.support.cli import synwatch
+from tests.support.harness import Service
+from tests.support.lab import SERVER_IP, SPOOF_NET, SPOOF_NET6, Lab, lab, lab_port
 
 pytestmark = pytest.mark.needs_root
 

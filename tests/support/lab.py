@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from synwatch.system.lab import (  # noqa: F401 (the lab's names, for the tests and the benchmarks)
     CLIENT_IP,
@@ -217,7 +218,7 @@ class Lab:
     def _client_process(self, code: str, stdout: int | None = subprocess.PIPE,
                         stdin: int | None = None) -> subprocess.Popen[str]:
         """Python ``code`` in the background in the client namespace, able to import
-        tests.lab; stopped with the lab."""
+        tests.support.lab; stopped with the lab."""
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, sys.executable, "-c",
                                  code], stdin=stdin, stdout=stdout, text=True, env=env)
@@ -238,7 +239,7 @@ class Lab:
         srcs = sources or [f"{SPOOF_NET}.{random.randint(0, 255)}.{random.randint(1, 254)}"
                            for _ in range(count)]
         dst = SERVER_IP6 if ":" in srcs[0] else SERVER_IP
-        code = ("import json, sys; from tests.lab import send_syns; "
+        code = ("import json, sys; from tests.support.lab import send_syns; "
                 f"send_syns({dst!r}, {port}, json.load(sys.stdin), {rate})")
         proc = self._client_process(code, stdout=None, stdin=subprocess.PIPE)
         assert proc.stdin is not None
@@ -257,7 +258,7 @@ class Lab:
             return self._timed_flood6(port, seconds, rate, pool)
         code = textwrap.dedent(f"""
             import random, socket, time
-            from tests.lab import syn_packet
+            from tests.support.lab import syn_packet
             packets = [syn_packet(f"{SPOOF_NET}.{{random.randint(0, 255)}}."
                                   f"{{random.randint(1, 254)}}", {SERVER_IP!r},
                                   random.randint(1024, 65535), {port}) for _ in range({pool})]
@@ -280,7 +281,7 @@ class Lab:
         packet's TCP checksum stays right without being computed again."""
         code = textwrap.dedent(f"""
             import random, socket, struct, time
-            from tests.lab import IPV6_HDRINCL, syn_packet6
+            from tests.support.lab import IPV6_HDRINCL, syn_packet6
             packets = [bytearray(syn_packet6("{SPOOF_NET6}::" + f"{{random.randint(1, 65535):x}}",
                                              {SERVER_IP6!r}, random.randint(1024, 65535),
                                              {port})) for _ in range({pool})]
@@ -361,3 +362,24 @@ def client_outcomes(proc: subprocess.Popen[str]) -> list[tuple[float, bool]]:
     """What ``Lab.real_clients`` saw: (start time, connected) per attempt."""
     out, _ = proc.communicate(timeout=120)
     return [(float(line.split()[0]), line.split()[1] == "ok") for line in out.splitlines()]
+
+
+def banned_in_nft(the_lab: Lab) -> dict[str, dict[str, Any]]:
+    listed = sh("ip", "netns", "exec", the_lab.server_ns, "nft", "-j", "list", "set", "inet",
+                "synwatch", "bannet4", check=False)
+    if listed.returncode != 0:  # no table (yet, or flushed): nothing banned
+        return {}
+    out = listed.stdout
+    found = {}
+    for item in json.loads(out)["nftables"]:
+        for e in item.get("set", {}).get("elem", []):
+            block = e["elem"]["val"]["prefix"]
+            found[f"{block['addr']}/{block['len']}"] = e["elem"]
+    return found
+
+
+def flood_from(the_lab: Lab, port: int, nets: list[str], each: int) -> None:
+    sources = [f"{net.rsplit('.', 1)[0]}.{random.randint(1, 254)}"
+               for net in nets for _ in range(each)]
+    random.shuffle(sources)
+    the_lab.flood(port, len(sources), sources)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 DOCS = {path: path.read_text() for path in DOC_FILES}

@@ -13,7 +13,7 @@ mounts vanish with the process, so the host is never touched):
 A bind mount inherits the read-only flag of the mount it comes from (the kernel's clone_mnt()
 copies mnt_flags), which is why `ip netns exec`'s bind of /etc/netns/NS/x over /etc/x is
 read-only unless /etc/netns is writable: the jail reproduces that too, because it is the kernel
-doing it. Run as ``python -m tests.unitjail UNIT -- ARGV...``.
+doing it. Run as ``python -m tests.support.unitjail UNIT -- ARGV...``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def writable_paths(unit: Path) -> list[str]:
 def confined(argv: list[str], unit: Path) -> list[str]:
     """``argv`` wrapped so it runs under ``unit``'s restrictions."""
     return ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
-            "tests.unitjail", str(unit), "--", *argv]
+            "tests.support.unitjail", str(unit), "--", *argv]
 
 
 def _mount_points() -> list[str]:
@@ -104,7 +104,7 @@ def enter(unit: Path) -> None:
 def main() -> None:
     unit, sep, *argv = sys.argv[1:]
     if sep != "--" or not argv:
-        raise SystemExit("usage: python -m tests.unitjail UNIT -- ARGV...")
+        raise SystemExit("usage: python -m tests.support.unitjail UNIT -- ARGV...")
     enter(Path(unit))
     os.execvp(argv[0], argv)
 

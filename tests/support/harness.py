@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import synwatch
-from tests.lab import Lab
+from tests.support.cli import synwatch
+from tests.support.lab import Lab
 
 
 class NotifySocket:
@@ -195,14 +195,3 @@ class Service:
             (keep / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
             (keep / f"{name}.expected.json").write_text(
                 json.dumps([{k: i[k] for k in fields} for i in replayed], indent=1) + "\n")
-
-
-def wait_for(what: str, check: Any, timeout: float = 20) -> Any:
-    """``check()`` until it gives something true, which is returned; fails after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
