@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synwatch.actions.ban import FLEET_EVERY
+from synwatch.actions.banfleet import FLEET_EVERY
 from synwatch.records import Ban
 from synwatch.store import History
 from tests.support.pgcluster import Cluster

@@ -59,3 +59,24 @@ def test_counts_every_syn_per_prefix_and_port_in_a_namespace() -> None:
         acct.teardown()  # nothing left to remove is not an error
         ruleset = run(["nft", "list", "table", "inet", "synwatch"], netns=the_lab.server_ns)
         assert "account" not in ruleset and "syn4" not in ruleset
+
+
+@pytest.mark.parametrize(("toml", "euid", "nft", "off"), [
+    ("", 0, True, "actions are a dry run"),  # the default: a dry run changes no firewall
+    ("[actions]\ndry_run = false\n", 0, True, None),
+    ("[actions]\ndry_run = false\n", 1000, True, "not root"),
+    ("[actions]\ndry_run = false\n", 0, False, "nft is not installed"),
+    ("[incident]\naccounting = false\n[actions]\ndry_run = false\n", 0, True,
+     "incident.accounting = false"),
+    ("[incident]\naccounting = true\n", 1000, False, None),  # asked for: tried, and said
+])
+def test_whether_the_accounting_set_runs_and_why_not(toml: str, euid: int, nft: bool,
+                                                       off: str | None) -> None:
+    from synwatch.config import parse_config
+    from synwatch.probes import accounting_off, sampler_off
+
+    config = parse_config(toml, "t")
+    assert accounting_off(config, euid=euid, nft=nft) == off
+    assert sampler_off(config) is None
+    assert sampler_off(parse_config("[incident]\nsampler = false\n", "t")) == \
+        "incident.sampler = false"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import tracemalloc
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ from synwatch.probes.synsample import (
 )
 from tests.support.harness import NotifySocket, Service
 from tests.support.lab import Lab, lab
+from tests.support.wait import eventually
 
 
 @pytest.fixture
@@ -69,10 +69,11 @@ def test_probes_of_a_named_namespace_start_no_thread(the_lab: Lab, tmp_path: Pat
         assert workers, "a thread of the service lives in the watched namespace"
         seen = set(before)
         want = service.probes() + 10
-        deadline = time.monotonic() + 30
-        while service.probes() < want:  # 10 probes, the tasks looked at all the while
-            assert time.monotonic() < deadline
-            seen |= _tasks(pid)
+        def looked() -> bool:  # 10 probes, the tasks looked at all the while
+            seen.update(_tasks(pid))
+            return service.probes() >= want
+
+        eventually(looked, "10 probes", 30, every=0.01)
         assert seen == before, "no thread came or went over 10 probes"
         assert _in_ns(pid, watched) == workers, "the same worker served them all"
     finally:

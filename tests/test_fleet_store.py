@@ -307,3 +307,57 @@ def test_the_spool_keeps_order_ids_and_positions_across_a_restart(
     assert [(b.prefix, b.incident_id) for b in store.bans(host="n1")] == [
         ("198.51.100.0/24", inc.id)]
     assert store.get_position("journald") == {"c": 3}
+
+
+def test_a_live_write_the_server_refuses_is_set_aside_and_the_rest_goes_on(
+        tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel line PostgreSQL refuses for what it is (a NUL in its text) and an opening it
+    refuses are set aside in spool.rejected.jsonl with one ERROR each, never spooled for ever
+    and never a crash of the service; the next lines are written, and the incident's later
+    changes are numbered by the history and linked."""
+    from synwatch.records import IncidentChange
+    from synwatch.store.spool import Spool
+    from synwatch.store.spooled import SpooledStore
+
+    now = datetime.now(timezone.utc)
+    store = SpooledStore(History.open(pg_url, host="n1", bounded=True),
+                         Spool(tmp_path / "spool.jsonl", 100), migrated=True)
+    [bad] = store.insert_events([replace(event_no(1), message="a\x00b")], now)
+    [good] = store.insert_events([event_no(2)], now)
+    assert bad is not None and bad < 0 and good is not None and good > 0
+    opening = IncidentChange(
+        change="opened", serial=1, incident_id=None, host="n1", netns="", address="0.0.0.0",
+        port=443, family=4, status="open", verdict="unknown", trigger="log", opened_at=now,
+        closed_at=None, first_evidence_at=now, detected_at=now, peak_syn_recv=9,
+        top_prefixes=(), recommendations=(), reasons=(), state={})
+    provisional = store.save_incident(replace(opening, netns="a\x00b"))
+    assert provisional < 0
+    assert store.save_incident(replace(opening, change="updated", incident_id=provisional,
+                                       recommendations=("fine",), event_ids=(good,))) \
+        == provisional  # the id the service knows it by stays
+    numbered = store.save_incident(replace(opening, change="closed", incident_id=provisional,
+                                           status="closed", closed_at=now,
+                                           recommendations=("fine",)))
+    assert not store.spooling and not (tmp_path / "spool.jsonl").exists()
+    rejected = (tmp_path / "spool.rejected.jsonl").read_text().splitlines()
+    assert [json.loads(line)["op"] for line in rejected] == ["events", "incident"]
+    assert caplog.text.count("is refused by") == 2
+    reader = History.open(pg_url, host="n1", write=False)
+    [inc] = reader.incidents()  # one row: the close went to the history's number
+    assert (inc.id, inc.recommendations, inc.status) == (numbered, ("fine",), "closed")
+    assert [(e.dedup_key, e.incident_id) for e in reader.events()] == [("cursor-2", inc.id)]
+
+
+def test_a_database_that_is_not_there_is_an_error_not_an_outage(pg_url: str) -> None:
+    """A server that answers no (no such database) is a mistake to fix, not an outage to
+    spool through for ever; a server that does not answer is an outage."""
+    from synwatch.errors import StoreError, StoreOutage
+
+    base, query = pg_url.split("?", 1)
+    missing = base.rsplit("/", 1)[0] + "/no_such_db?" + query
+    with pytest.raises(StoreError, match="does not exist") as refused:
+        History.open(missing, write=False)
+    assert not isinstance(refused.value, StoreOutage)
+    with pytest.raises(StoreOutage):
+        History.open("postgresql+psycopg://postgres@/x?host=/nonexistent-socket-dir",
+                     write=False)

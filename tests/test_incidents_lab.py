@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from tests.support.cli import synwatch
 from tests.support.harness import Service
 from tests.support.lab import CLIENT_IP, SPOOF_NET, Lab, client_outcomes, lab, lab_port
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 
@@ -175,10 +175,7 @@ def test_a_flood_in_another_namespace_opens_nothing_here(the_lab: Lab, service: 
     with lab() as other:
         other.listen(port, backlog=8)
         other.flood(port, 300)
-        deadline = time.monotonic() + 15
-        while not service.events(port) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        [event] = service.events(port)
+        [event] = eventually(lambda: service.events(port), "the kernel line recorded", 15)
         assert event["trusted"], "a real kernel line"
         service.wait_log(f"nothing listens on port {port} in {the_lab.server_ns}")
     service.wait_probes(3)
@@ -204,15 +201,11 @@ def test_a_watched_namespace_that_does_not_exist_opens_nothing(tmp_path: Path) -
         port = lab_port()
         with lab() as other:
             other.listen(port, backlog=8)
-            deadline = time.monotonic() + 20
-            while "synwatch running" not in log.read_text():
-                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-                time.sleep(0.05)
+            eventually(lambda: "synwatch running" in log.read_text(), "the start", 20,
+                       alive=proc, seen=log.read_text)
             other.flood(port, 300)
-            deadline = time.monotonic() + 20
-            while f"netns {missing} does not exist" not in log.read_text():
-                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-                time.sleep(0.1)
+            eventually(lambda: f"netns {missing} does not exist" in log.read_text(),
+                       "the missing namespace said", 20, alive=proc, seen=log.read_text)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
@@ -244,10 +237,7 @@ def test_a_line_from_another_namespace_for_a_port_listened_on_here_starts_nothin
         with lab() as other:
             other.listen(port, backlog=8)
             other.flood(port, 300)
-            deadline = time.monotonic() + 15
-            while not service.events(port) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            [event] = service.events(port)
+            [event] = eventually(lambda: service.events(port), "the kernel line recorded", 15)
             assert event["trusted"], "a real kernel line"
         service.wait_probes(3)
         assert service.incidents(port) == []
@@ -261,11 +251,9 @@ def test_a_line_from_another_namespace_for_a_port_listened_on_here_starts_nothin
         [inc] = service.wait_incidents(port, 1, "open")
         assert inc["trigger"] == "log" and inc["netns"] == the_lab.server_ns
         opened = tmp_path / "hook-opened"
-        deadline = time.monotonic() + 15
-        while "SYNWATCH_VERDICT" not in (opened.read_text() if opened.exists() else "") \
-                or syncookies() != 1:
-            assert time.monotonic() < deadline, service.log.read_text()
-            time.sleep(0.1)
+        eventually(lambda: "SYNWATCH_VERDICT" in (opened.read_text() if opened.exists() else "")
+                   and syncookies() == 1, "the hook and the cookies", 15,
+                   seen=service.log.read_text)
         assert f"SYNWATCH_NETNS={the_lab.server_ns}\n" in opened.read_text()
         assert [e["incident_id"] for e in service.events(port)] == [None, inc["id"]]
     finally:

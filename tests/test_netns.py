@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from synwatch.errors import ProbeError
 from synwatch.system import netns
 from synwatch.system.netns import WORKERS_PER_NETNS, in_netns
 from tests.support.lab import sh
+from tests.support.wait import eventually
 
 
 def _tasks() -> set[int]:
@@ -36,13 +36,6 @@ def _inode(name: str) -> int:
 def _where() -> tuple[int, int]:
     """The calling thread's id and the inode of its network namespace."""
     return threading.get_native_id(), Path("/proc/thread-self/ns/net").stat().st_ino
-
-
-def _until(condition: object, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not (callable(condition) and condition()):
-        assert time.monotonic() < deadline, "not within the time"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -128,7 +121,7 @@ def test_namespace_gone_and_back_leaves_nothing(named: str) -> None:
     with pytest.raises(ProbeError, match="cannot open"):
         in_netns(named, _where)
     # its workers exit: no thread of ours holds the deleted namespace alive
-    _until(lambda: _tasks() == baseline)
+    eventually(lambda: _tasks() == baseline, "the threads back to the baseline", 10, every=0.02)
     assert all(_ns_of(t) != first for t in _tasks())
     assert named not in netns.workers()
     sh("ip", "netns", "add", named)
@@ -143,6 +136,6 @@ def test_namespace_gone_and_back_leaves_nothing(named: str) -> None:
     third = _inode(named)
     assert third != second  # the old namespace is still held by its workers here
     assert {in_netns(named, _where)[1] for _ in range(20)} == {third}
-    _until(lambda: not old & _tasks())
+    eventually(lambda: not old & _tasks(), "the old threads gone", 10, every=0.02)
     assert all(_ns_of(t) != second for t in _tasks())
     assert len(_tasks() - baseline) <= WORKERS_PER_NETNS

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from synwatch.cli.views import snapshot_view as as_json
+from synwatch.cli.snapshotview import snapshot_view as as_json
 from synwatch.detect.rules import diagnose
 from synwatch.probes.snapshot import ListenerState, Snapshot, take
 from synwatch.probes.sockdiag import Listener

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from tests.support.cli import synwatch
 from tests.support.harness import NotifySocket, host_config, log_of, start_service, stop_service
 from tests.support.journald import Journald
+from tests.support.wait import eventually
 
 
 @pytest.fixture
@@ -112,14 +112,16 @@ def test_a_poison_line_in_a_followed_file_stops_nothing(tmp_path: Path,
         return [e["port"] for e in json.loads(out)]
 
     def follow(want: int, write: str = "") -> None:
-        deadline = time.monotonic() + 20
-        while want not in ports():
-            assert time.monotonic() < deadline and proc.poll() is None, \
-                log_of(config).read_text()
+        def followed() -> bool:
+            if want in ports():
+                return True
             if write:
                 with syslog.open("a") as f:
                     f.write(write)
-            time.sleep(0.5)
+            return False
+
+        eventually(followed, f"port {want} followed", 20, every=0.5, alive=proc,
+                   seen=log_of(config).read_text)
 
     proc = start_service(config, notify)
     notify.wait_for("READY=1")
@@ -156,10 +158,8 @@ def test_logs_to_the_journal_carry_their_priority(tmp_path: Path, journald: Jour
                               capture_output=True, text=True, check=True).stdout
 
     try:
-        deadline = time.monotonic() + 20
-        while "synwatch running" not in journal():
-            assert time.monotonic() < deadline and proc.poll() is None, journal()
-            time.sleep(0.1)
+        eventually(lambda: "synwatch running" in journal(), "the start in the journal", 20,
+                   alive=proc, seen=journal)
     finally:
         subprocess.run(["pkill", "-TERM", "-f", f"synwatch run --config {config}"], check=False)
         proc.wait(20)

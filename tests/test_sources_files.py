@@ -25,6 +25,7 @@ from synwatch.sources.files import FileSource
 from synwatch.store import History
 from tests.support.cli import synwatch
 from tests.support.harness import NotifySocket, host_config, log_of, start_service, stop_service
+from tests.support.wait import eventually
 
 
 def kernel_line(n: int) -> str:
@@ -76,11 +77,11 @@ class Harness:
     @staticmethod
     def wait(condition: Callable[[], bool], errors: list[BaseException],
              timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
+        def there() -> bool:
             assert not errors, errors
-            assert time.monotonic() < deadline, "the file source did not get there"
-            time.sleep(0.02)
+            return condition()
+
+        eventually(there, "the file source there", timeout, every=0.02)
 
     @staticmethod
     def caught_up(source: FileSource, path: Path) -> bool:
@@ -258,12 +259,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def _wait_until(what: str, condition: Callable[[], bool], proc: subprocess.Popen[str],
                 config: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, log_of(config).read_text()
-        assert time.monotonic() < deadline, f"no {what} in {timeout} s\n" + \
-            log_of(config).read_text()
-        time.sleep(0.1)
+    eventually(condition, what, timeout, alive=proc, seen=log_of(config).read_text)
 
 
 @pytest.mark.parametrize("replacement", ["symlink to /dev/zero", "FIFO"])

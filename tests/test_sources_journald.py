@@ -27,6 +27,7 @@ from synwatch.store import History
 from tests.support.harness import NotifySocket, host_config, log_of, start_service, stop_service
 from tests.support.journald import Journald
 from tests.support.lab import Lab, lab, lab_port
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 
@@ -53,13 +54,11 @@ def events_for(store: History, port: int, mark: Callable[[], int],
     not after a sleep."""
 
     def recorded(wanted: int) -> list[RecordedEvent]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [e for e in store.events() if e.port == wanted]
-            if found:
-                return found
-            time.sleep(0.05)
-        return []
+        try:
+            return eventually(lambda: [e for e in store.events() if e.port == wanted],
+                              f"port {wanted} recorded", timeout, every=0.05)
+        except AssertionError:
+            return []
 
     if not recorded(port):
         return []
@@ -69,20 +68,15 @@ def events_for(store: History, port: int, mark: Callable[[], int],
 
 def in_journal(port: int, timeout: float = 15) -> None:
     """Wait until journald has stored the kernel's line for ``port``."""
-    deadline = time.monotonic() + timeout
-    while f":{port}." not in subprocess.run(
-            ["journalctl", "-k", "-o", "cat", "--no-pager", "-n", "50"],
-            capture_output=True, text=True, check=False).stdout:
-        assert time.monotonic() < deadline, f"the line for port {port} is not in the journal"
-        time.sleep(0.1)
+    eventually(lambda: f":{port}." in subprocess.run(
+        ["journalctl", "-k", "-o", "cat", "--no-pager", "-n", "50"],
+        capture_output=True, text=True, check=False).stdout,
+        f"the line for port {port} in the journal", timeout)
 
 
 def wait_log(tmp_path: Path, text: str, timeout: float) -> None:
     log = log_of(tmp_path / "synwatch.toml")
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text():
-        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log.read_text()}"
-        time.sleep(0.1)
+    eventually(lambda: text in log.read_text(), repr(text), timeout, seen=log.read_text)
 
 
 def _config(tmp_path: Path, files: list[str] | None = None) -> Path:

@@ -22,6 +22,7 @@ from synwatch.store import History, prepare
 from synwatch.store.spool import THIN_EVERY, Spool
 from synwatch.store.spooled import SpooledStore
 from tests.support.history import NOW, change, event_no
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root  # the tmpfs
 SAMPLE = TimelinePoint(NOW, 300, 0, 511, {"overflow": 9.5}, (("198.51.100.0/24", 280),))
@@ -48,10 +49,8 @@ def _spooled(tmp: Path, limit: int = 10_000) -> tuple[SpooledStore, Path]:
 
 def _back(store: SpooledStore, timeout: float = 10) -> None:
     """The away thread saw the history answer; the spool written to it."""
-    deadline = time.monotonic() + timeout
-    while store.away:
-        assert time.monotonic() < deadline, store.problem
-        time.sleep(0.05)
+    eventually(lambda: not store.away, "the history back", timeout, every=0.05,
+               seen=lambda: store.problem)
     while store.catch_up():
         pass
     assert not store.spooling
@@ -221,10 +220,7 @@ def test_a_stop_in_the_middle_of_a_catch_up_leaves_nothing_unmappable(
                                      status="done", at=NOW, rendered="", detail="")])
     holder.execute("COMMIT")
     holder.close()
-    deadline = time.monotonic() + 10
-    while store.away:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: not store.away, "the history back", 10, every=0.05)
     monkeypatch.setattr(synwatch.store.spooling, "CATCH_UP_SECONDS", 0.0)  # one op a call
     for _ in range(5):
         store.catch_up()

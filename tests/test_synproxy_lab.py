@@ -11,7 +11,6 @@ the sysctls are exactly as before. nf_conntrack_max is global: the test never lo
 from __future__ import annotations
 
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from synwatch.probes.snapshot import take
 from tests.support import NOW
 from tests.support.harness import Service
 from tests.support.lab import SERVER_IP, Lab, lab_port
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 CLIENTS = 300
@@ -33,10 +33,8 @@ def state(the_lab: Lab) -> tuple[str, str, str]:
 
 def back_to(the_lab: Lab, before: tuple[str, str, str], timeout: float = 10) -> None:
     """Wait until the ruleset and the sysctls are exactly ``before`` again."""
-    deadline = time.monotonic() + timeout
-    while state(the_lab) != before:
-        assert time.monotonic() < deadline, (before, state(the_lab))
-        time.sleep(0.3)
+    eventually(lambda: state(the_lab) == before, "the ruleset and sysctls as before", timeout,
+               every=0.3, seen=lambda: (before, state(the_lab)))
 
 
 def real_clients(the_lab: Lab, port: int, count: int) -> tuple[int, float]:
@@ -68,14 +66,13 @@ def service(the_lab: Lab, tmp_path: Path, dry_run: bool) -> Service:
 
 
 def wait_for_run(svc: Service, port: int, status: str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for inc in svc.incidents(port):
-            runs = [a for a in inc["actions"] if a["action"] == "synproxy"]
-            if any(a["status"] == status for a in runs):
-                return inc
-        time.sleep(0.3)
-    raise AssertionError(f"no synproxy {status} on {port}:\\n{svc.log.read_text()[-3000:]}")
+    def with_run() -> dict | None:
+        return next((inc for inc in svc.incidents(port)
+                     if any(a["action"] == "synproxy" and a["status"] == status
+                            for a in inc["actions"])), None)
+
+    return eventually(with_run, f"synproxy {status} on {port}", timeout, every=0.3,
+                      seen=lambda: svc.log.read_text()[-3000:])
 
 
 def test_synproxy_keeps_a_spoofed_flood_out_of_conntrack(tracked: Lab, tmp_path: Path) -> None:
@@ -172,10 +169,8 @@ def test_synproxy_is_reconciled_after_a_crash(tracked: Lab, tmp_path: Path) -> N
                     if a["action"] == "synproxy" and a["status"] == "done"]
             return len(runs) >= 2
 
-        deadline = time.monotonic() + 30
-        while not put_back():
-            assert time.monotonic() < deadline, svc.log.read_text()[-3000:]
-            time.sleep(0.3)
+        eventually(put_back, "SYNPROXY put back", 30, every=0.3,
+                   seen=lambda: svc.log.read_text()[-3000:])
         assert f"synproxy_in_{port}" in tracked.in_server("nft", "list", "ruleset").stdout
         assert state(tracked)[1].strip() == "0"
         flood.kill()

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.lab import lab_namespaces
 from tests.support.receivers import http_receiver
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 
@@ -95,10 +95,12 @@ def test_try_interrupted_removes_its_lab_and_judges_with_the_configurations_sett
     proc = _try("--config", str(config))
     assert proc.stdout is not None
     seen = []
-    deadline = time.monotonic() + 90
-    while not any(line.startswith("   judged ") for line in seen):
-        assert time.monotonic() < deadline and proc.poll() is None, seen
-        seen.append(proc.stdout.readline())
+    def judged_one() -> bool:
+        assert proc.stdout is not None
+        seen.append(proc.stdout.readline())  # blocks until a line: no sleep needed
+        return any(line.startswith("   judged ") for line in seen)
+
+    eventually(judged_one, "first judgement", 90, every=0, alive=proc, seen=lambda: seen)
     assert _lab_namespaces(), "the lab is there while it runs"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

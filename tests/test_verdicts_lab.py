@@ -4,6 +4,7 @@ real kernel with spoofed sources routed through the client namespace as on the i
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
@@ -23,6 +24,7 @@ import pytest
 from tests.support.cli import synwatch
 from tests.support.harness import Service
 from tests.support.lab import SERVER_IP, SPOOF_NET, SPOOF_NET6, Lab, lab, lab_port
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
 
@@ -43,14 +45,15 @@ def _wait_verdict(service: Service, port: int, verdict: str, timeout: float = 40
                   status: str | None = None, latest: bool = True) -> dict[str, Any]:
     """The port's latest incident once it has ``verdict`` (and ``status``); with
     ``latest=False``, any of its incidents that has."""
-    deadline = time.monotonic() + timeout
     found: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        found = service.incidents(port)
-        for inc in found[-1:] if latest else found:
-            if inc["verdict"] == verdict and status in (None, inc["status"]):
-                return inc
-        time.sleep(0.3)
+
+    def judged() -> dict[str, Any] | None:
+        found[:] = service.incidents(port)
+        return next((inc for inc in (found[-1:] if latest else found)
+                     if inc["verdict"] == verdict and status in (None, inc["status"])), None)
+
+    with contextlib.suppress(AssertionError):
+        return eventually(judged, f"a {verdict} incident on {port}", timeout, every=0.3)
     raise AssertionError(f"wanted a {verdict} incident on {port}, got {found}\n"
                          f"{service.log.read_text()[-4000:]}")
 
@@ -182,10 +185,9 @@ def test_a_new_flood_next_to_an_earlier_floods_residue_opens_one_incident(
 def _wait_banned(the_lab: Lab, timeout: float = 10) -> set[str]:
     """The bans in the namespace's nftables once there are any (a ban lands within the probe
     that decided it, after the incident's change is stored)."""
-    deadline = time.monotonic() + timeout
-    while not _banned(the_lab) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return _banned(the_lab)
+    with contextlib.suppress(AssertionError):
+        return eventually(lambda: _banned(the_lab), "a ban in nftables", timeout, every=0.2)
+    return set()
 
 
 def _banned(the_lab: Lab) -> set[str]:
@@ -241,10 +243,8 @@ def nginx(the_lab: Lab, tmp_path: Path, port: int, backlog: int) -> Iterator[Non
     proc = subprocess.Popen(["ip", "netns", "exec", the_lab.server_ns, "nginx", "-c", str(conf),
                              "-p", str(tmp_path), "-g", "daemon off;"])
     try:
-        deadline = time.monotonic() + 10
-        while port not in {li["port"] for li in _listeners(the_lab)}:
-            assert proc.poll() is None and time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
+        eventually(lambda: port in {li["port"] for li in _listeners(the_lab)}, "nginx listening",
+                   10, every=0.05, alive=proc)
         yield
     finally:
         proc.terminate()  # the master stops its workers (SIGKILL would orphan them)
@@ -289,11 +289,8 @@ def _just_probed(service: Service, timeout: float = 10) -> None:
     """Returns as soon as the service has taken a new probe (each writes its evidence line to
     the recording as it is taken): the moment a burst's phase is counted from."""
     seen = service.probes()
-    deadline = time.monotonic() + timeout
-    while service.probes() == seen:
-        assert service.proc.poll() is None, service.log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"no probe within {timeout} s"
-        time.sleep(0.01)
+    eventually(lambda: service.probes() != seen, "probe", timeout, every=0.01,
+               alive=service.proc, seen=lambda: service.log.read_text()[-3000:])
 
 
 def test_the_nginx_burst_is_capacity_at_every_phase_of_the_probe(the_lab: Lab,
@@ -316,12 +313,12 @@ def test_the_nginx_burst_is_capacity_at_every_phase_of_the_probe(the_lab: Lab,
                                     capture_output=True, text=True, timeout=120, check=False)
                 assert ab.returncode == 0, ab.stderr
                 assert "Complete requests:      40000" in ab.stdout
-                deadline = time.monotonic() + 40
-                found = service.incidents(port)
-                while not (len(found) >= run and all(i["status"] == "closed" for i in found)):
-                    assert time.monotonic() < deadline, (run, found)
-                    time.sleep(0.3)
-                    found = service.incidents(port)
+                def all_closed(run: int = run) -> list[dict[str, Any]] | None:
+                    got = service.incidents(port)
+                    return got if len(got) >= run and all(
+                        i["status"] == "closed" for i in got) else None
+
+                found = eventually(all_closed, f"{run} closed incidents", 40, every=0.3)
         finally:
             service.stop()
     assert [i["verdict"] for i in found] == ["capacity"] * len(found), [
@@ -414,11 +411,10 @@ def test_floods_during_a_held_store_lock_are_detected_at_their_own_times(
             the_lab.flood(port, 1500, [f"{SPOOF_NET}.{30 + n}.{i % 250 + 1}" for i in range(1500)])
             time.sleep(2)
         assert holder.wait(timeout=20) == 0
-        deadline = time.monotonic() + 20
-        while not all(service.incidents(p) and service.events(p)
-                      and service.events(p)[0]["incident_id"] for p in ports):
-            assert time.monotonic() < deadline, service.log.read_text()[-3000:]
-            time.sleep(0.3)
+        eventually(lambda: all(service.incidents(p) and service.events(p)
+                               and service.events(p)[0]["incident_id"] for p in ports),
+                   "every flood's incident and its line", 20, every=0.3,
+                   seen=lambda: service.log.read_text()[-3000:])
     finally:
         holder.kill()
         service.stop()

@@ -21,7 +21,7 @@ from synwatch.errors import SynwatchError
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from synwatch.cli.render import dumps, print_snapshot  # noqa: PLC0415
-    from synwatch.cli.views import snapshot_view  # noqa: PLC0415
+    from synwatch.cli.snapshotview import snapshot_view  # noqa: PLC0415
     from synwatch.probes.snapshot import take  # noqa: PLC0415
 
     view = snapshot_view(take(args.netns))

@@ -20,8 +20,6 @@ import contextlib
 import logging
 import os
 import socket
-import subprocess
-import sys
 
 from synwatch.config import nearest_existing, sqlite_file
 from synwatch.config.urls import masked
@@ -35,6 +33,7 @@ from synwatch.store.writes import PRUNE_BATCH, Writes
 
 __all__ = ["BUSY_TIMEOUT", "PRUNE_BATCH", "History", "NewEvent", "prepare"]
 log = logging.getLogger("synwatch")
+OUTAGE_STATUS = 75  # the migration child's "away for now" (synwatch/store/migrate.py)
 PING_WAIT = 0.2  # seconds the away thread's test waits for another writer's lock
 
 
@@ -74,11 +73,17 @@ class History(Writes, State, Reads, HistoryBase):
         if db is not None and not db.exists():
             log.debug("store: no history yet (%s is not there)", db)
             return None
-        history = cls.open(url, host=host, write=write)
-        if history.schema_revision() is None:  # an empty database: no history yet
-            log.debug("store: no history yet (%s has no tables)", history.display_url)
+        history = cls.open(url, host=host, write=write, migrate=False)
+        try:
+            if history.schema_revision() is None:  # an empty database: no history yet
+                log.debug("store: no history yet (%s has no tables)", history.display_url)
+                history.close()
+                return None
+            if write:
+                history.migrate()  # an older schema, to act on (`unban`, the removal)
+        except BaseException:
             history.close()
-            return None
+            raise
         return history
 
     def require_current(self) -> None:
@@ -99,10 +104,10 @@ class History(Writes, State, Reads, HistoryBase):
         """The schema's revision as Alembic records it, None for an empty database."""
         try:
             rows = self.rows("SELECT version_num FROM alembic_version")
-        except StoreOutage:
+        except StoreError as exc:
+            if exc.__cause__ is not None and self.db.missing_table(exc.__cause__):
+                return None  # nothing migrated yet
             raise
-        except StoreError:
-            return None  # no such table: nothing migrated yet
         return str(rows[0][0]) if rows else None
 
     def head_revision(self) -> str | None:
@@ -155,13 +160,17 @@ def make_file(dialect: SQLite) -> None:
 
 def in_child(url: str, host: str) -> None:
     """Create or migrate the history in a child process (synwatch/store/migrate.py: Alembic and
-    SQLAlchemy stay there)."""
-    done = subprocess.run([sys.executable, "-m", "synwatch.store.migrate", url, host],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          check=False)
+    SQLAlchemy stay there); a history away for now is a StoreOutage, as any other write."""
+    import subprocess  # noqa: PLC0415 - only to migrate: a list need not load it
+    import sys  # noqa: PLC0415
+
+    done = subprocess.run([sys.executable, "-m", "synwatch.store.migrate", host],
+                          input=url + "\n", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, check=False)
     sys.stderr.write("".join(line + "\n" for line in done.stderr.splitlines()
                              if not line.startswith("synwatch: ")))
     if done.returncode != 0:
         why = [line for line in done.stderr.splitlines() if line.startswith("synwatch: ")]
-        raise StoreError(masked(url), why[-1].split(": ", 2)[-1] if why else
-                         f"migration exited with status {done.returncode}")
+        error = StoreOutage if done.returncode == OUTAGE_STATUS else StoreError
+        raise error(masked(url), why[-1].split(": ", 2)[-1] if why else
+                    f"migration exited with status {done.returncode}")

@@ -82,8 +82,10 @@ class HistoryBase:
         try:
             conn = self.db.connect(write=self.write, busy_timeout=self.busy_timeout,
                                         bounded=self.bounded)
+        except ImportError as exc:  # psycopg, for a PostgreSQL history
+            raise self._error(exc) from exc
         except Exception as exc:
-            if self.db.is_error(exc) or isinstance(exc, ImportError):
+            if self.db.is_error(exc):
                 raise self._error(exc) from exc
             raise
         if isinstance(self.db, SQLite) and self.write:

@@ -9,6 +9,7 @@ microseconds and JSON is text; on PostgreSQL, ``timestamp with time zone`` and `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -50,7 +51,11 @@ SQLITE_OUTAGES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
 # insufficient resources, operator intervention (a shutdown), system errors; and a statement
 # or lock wait given up on (57014 query_canceled, 55P03 lock_not_available).
 PG_OUTAGE_CLASSES = ("08", "53", "57", "58")
-PG_OUTAGE_STATES = frozenset({"55P03", "40001", "40P01"})
+PG_OUTAGE_STATES = frozenset({"55P03", "40001", "40P01",
+                              "25006"})  # read-only: a standby after a failover, for now
+# what libpq says when a server answers a connection with a refusal (no SQLSTATE comes with it)
+PG_REFUSALS = ("does not exist", "authentication failed", "no pg_hba.conf entry",
+               "password authentication", "permission denied")
 
 
 def libpq_uri(url: str) -> str:
@@ -129,6 +134,10 @@ class Dialect:
     def is_error(self, exc: BaseException) -> bool:
         raise NotImplementedError
 
+    def missing_table(self, exc: BaseException) -> bool:
+        """Is the driver's error a table that is not there (an empty database)?"""
+        raise NotImplementedError
+
     def outage(self, exc: BaseException) -> bool:
         raise NotImplementedError
 
@@ -175,10 +184,16 @@ class SQLite(Dialect):
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
+                cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                # after a full disk, an I/O error or a busy COMMIT SQLite may have rolled back
+                # itself, or not (https://sqlite.org/lang_transaction.html "Response To Errors
+                # Within A Transaction"): never leave a transaction open for the next write,
+                # and never let the rollback's own error hide the one that matters
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        cur.execute("ROLLBACK")
                 raise
-            cur.execute("COMMIT")
         finally:
             cur.close()
 
@@ -188,6 +203,9 @@ class SQLite(Dialect):
 
     def is_error(self, exc: BaseException) -> bool:
         return isinstance(exc, (sqlite3.Error, OSError))
+
+    def missing_table(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
 
     def outage(self, exc: BaseException) -> bool:
         """Locked, busy, full, read-only, I/O errors and files that are not (or no longer) a
@@ -258,13 +276,19 @@ class Postgres(Dialect):
 
         return isinstance(exc, (psycopg.Error, OSError))
 
+    def missing_table(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlstate", None) == "42P01"  # undefined_table
+
     def outage(self, exc: BaseException) -> bool:
         import psycopg  # noqa: PLC0415
 
         state = getattr(exc, "sqlstate", None)
         if isinstance(exc, (OSError, psycopg.OperationalError, psycopg.InterfaceError)) \
                 and state is None:
-            return True  # no answer from a server at all: refused, timed out, cut
+            # no answer from a server at all (refused, timed out, cut) is an outage; an answer
+            # that says no (no such database or role, a password or pg_hba refused) is not
+            why = str(exc)
+            return not any(no in why for no in PG_REFUSALS)
         state = state or ""
         return state.startswith(PG_OUTAGE_CLASSES) or state in PG_OUTAGE_STATES
 

@@ -1,4 +1,5 @@
-"""Creating and migrating a history: ``python -m synwatch.store.migrate URL HOST``.
+"""Creating and migrating a history: ``python -m synwatch.store.migrate HOST``, the URL on
+stdin.
 
 SQLAlchemy's models (synwatch/store/models.py) and Alembic's migrations are the schema's one
 definition; they are imported only here, in a child process the service and the CLI's writing
@@ -18,7 +19,7 @@ from typing import Any
 
 from synwatch.config import sqlite_file
 from synwatch.config.urls import masked
-from synwatch.errors import StoreError, SynwatchError
+from synwatch.errors import StoreError, StoreOutage, SynwatchError
 from synwatch.store.dialect import (
     PSYCOPG,
     dialect_of,
@@ -29,6 +30,7 @@ from synwatch.store.dialect import (
 
 log = logging.getLogger("synwatch")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+OUTAGE_STATUS = 75  # EX_TEMPFAIL (sysexits.h): the history is away for now, try again later
 MIGRATION_LOCK = 0x73796E77  # "synw": the advisory lock nodes take to migrate one at a time
 
 
@@ -95,20 +97,29 @@ def upgrade(url: str, host: str) -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except (SQLAlchemyError, OSError) as exc:
-        why = first_line(getattr(exc, "orig", None) or exc)
-        raise StoreError(masked(url), f"cannot migrate the schema: {why}") from exc
+        cause = getattr(exc, "orig", None) or exc
+        why = first_line(cause)
+        away = isinstance(exc, OSError) or dialect_of(url).outage(cause)
+        raise (StoreOutage if away else StoreError)(
+            masked(url), f"cannot migrate the schema: {why}") from exc
     finally:
         made.dispose()
 
 
 def main(argv: list[str]) -> int:
+    """``python -m synwatch.store.migrate HOST`` with the URL on stdin (a command line is any
+    local user's to read, and the URL may hold the database's password)."""
     # the CLI's own format (synwatch/cli/__init__.py), without importing the CLI
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    url, host = argv
+    [host] = argv
+    url = sys.stdin.readline().rstrip("\n")
     try:
         dialect_of(url)  # one of the two databases synwatch speaks, or why not
         upgrade(url, host)
+    except StoreOutage as exc:
+        sys.stderr.write(f"synwatch: {exc.subject}: {exc.why}\n")
+        return OUTAGE_STATUS
     except SynwatchError as exc:
         sys.stderr.write(f"synwatch: {exc.subject}: {exc.why}\n")
         return int(exc.status)

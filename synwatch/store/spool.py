@@ -204,8 +204,11 @@ class Spool:
         return self.records + records <= self.limit and self.bytes + size <= self.max_bytes
 
     def line(self, op: dict[str, Any]) -> str:
-        return op["line"] if op["op"] == "events" else json.dumps(
-            to_json({k: v for k, v in op.items() if k != "bytes"}))
+        """An op as its line: an events op kept in memory is one already; any other op, and
+        an events op not spooled (a live write set aside), as JSON."""
+        if "line" in op:
+            return str(op["line"])
+        return json.dumps(to_json({k: v for k, v in op.items() if k != "bytes"}))
 
     def add(self, op: dict[str, Any]) -> None:
         """Append ``op``, durably when the file takes it (fsync: a crash right after loses

@@ -25,7 +25,7 @@ from synwatch.store.spool import (
     change_of,
     unreachable,
 )
-from synwatch.store.spooling import SpoolingHistory
+from synwatch.store.spooling import SET_ASIDE, SpoolingHistory
 
 log = logging.getLogger("synwatch")
 
@@ -48,7 +48,7 @@ class SpooledStore(SpoolingHistory):
                                   "made": made}, "insert_events", events, now, position)
         if position is not None:  # the newest, written or spooled (a restart reads it)
             self._positions[position[0]] = position[1]
-        return list(done) if done is not None else list(made)
+        return list(done) if isinstance(done, list) else list(made)
 
     def save_incident(self, c: IncidentChange) -> int:
         c = replace(c, incident_id=self._real(c.incident_id),
@@ -62,7 +62,16 @@ class SpooledStore(SpoolingHistory):
         if (self.spooling and c.change == "updated" and not c.event_ids
                 and self._thinned(made[0], c, op())):
             return made[0]
-        done = self._try(op, "save_incident", c)
+        # a provisional id the history never numbered (its opening was set aside): the
+        # history gives this change its own, which later changes are mapped to
+        unnumbered = c.incident_id is not None and c.incident_id < 0
+        done = self._try(op, "save_incident",
+                         replace(c, incident_id=None) if unnumbered else c)
+        if done is SET_ASIDE:
+            return int(made[0])
+        if unnumbered and done is not None:
+            self.ids[made[0]] = int(done)
+            return int(made[0])
         if done is None and c.change == "updated":
             # an update that links events is the newest state: later updates thin into it,
             # never into a slot before it (replayed after them, that would win)
@@ -113,7 +122,7 @@ class SpooledStore(SpoolingHistory):
         made = self._provisional(len(bans))
         done = self._try(lambda: {"op": "bans", "bans": [asdict(b) for b in bans],
                                   "made": made}, "add_bans", bans)
-        given = list(done) if done is not None else made
+        given = list(done) if isinstance(done, list) else made
         # the fallback view of active bans, whichever way they were written: an outage
         # before the next read must not hide them from the reconcile
         for key, active in self._active.items():

@@ -33,6 +33,7 @@ from synwatch.store.spool import (
 )
 
 log = logging.getLogger("synwatch")
+SET_ASIDE: Any = object()  # what _try answers for a write the history refused (not spooled)
 
 
 class SpoolingHistory:
@@ -217,7 +218,8 @@ class SpoolingHistory:
         """Write now if nothing is spooled and the history answers, else spool ``op()``
         (made only then: the records turned into dicts cost more than the write itself). A
         write the history refuses for what it is (a bug, not an outage) is set aside with one
-        ERROR, as in a replay: nothing upstream keeps a list of writes to try again."""
+        ERROR, as in a replay (SET_ASIDE): nothing upstream keeps a list of writes to try
+        again. None: spooled."""
         if not self.spooling:
             try:
                 return self._call(method, *args, **kwargs)
@@ -225,7 +227,7 @@ class SpoolingHistory:
                 pass  # said in _call, once
             except StoreError as exc:
                 self._reject(op(), exc)
-                return None
+                return SET_ASIDE
         self.spool.add(op())
         return None
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.support.cli import synwatch
 from tests.support.lab import Lab
+from tests.support.wait import eventually
 
 
 class NotifySocket:
@@ -109,13 +110,8 @@ class Service:
         self.wait_log("synwatch running", after=logged)
 
     def wait_log(self, text: str, timeout: float = 20, after: int = 0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log.read_text()[after:]:
-                return
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.05)
-        raise AssertionError(f"no {text!r} in the log:\n{self.log.read_text()}")
+        eventually(lambda: text in self.log.read_text()[after:], f"{text!r} in the log",
+                   timeout, every=0.05, alive=self.proc, seen=self.log.read_text)
 
     def incidents(self, port: int) -> list[dict[str, Any]]:
         r = synwatch("incidents", "list", "--port", str(port), "--format", "json",
@@ -126,15 +122,15 @@ class Service:
 
     def wait_incidents(self, port: int, want: int, status: str,
                        timeout: float = 30) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
         found: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            found = self.incidents(port)
-            if len(found) >= want and all(i["status"] == status for i in found):
-                return found
-            time.sleep(0.5)
-        raise AssertionError(f"wanted {want} {status} incidents on {port}, got {found}\n"
-                             f"{self.log.read_text()}")
+
+        def there() -> list[dict[str, Any]] | None:
+            found[:] = self.incidents(port)
+            return list(found) if len(found) >= want and all(
+                i["status"] == status for i in found) else None
+
+        return eventually(there, f"{want} {status} incidents on {port}", timeout, every=0.5,
+                          seen=lambda: f"got {found}\n{self.log.read_text()}")
 
     def events(self, port: int) -> list[dict[str, Any]]:
         r = synwatch("events", "list", "--format", "json", "--config", str(self.config))
@@ -158,11 +154,8 @@ class Service:
         of the service's loop (probe, correlation, actions and their ticks) ran since the call,
         so whatever must not happen had its chance."""
         want = self.probes() + rounds + 1
-        deadline = time.monotonic() + timeout
-        while self.probes() < want:
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, f"fewer than {rounds} probes in {timeout} s"
-            time.sleep(0.05)
+        eventually(lambda: self.probes() >= want, f"{rounds} probes", timeout, every=0.05,
+                   alive=self.proc, seen=self.log.read_text)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
