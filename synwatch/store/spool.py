@@ -2,7 +2,9 @@
 on disk, in order, and is written to the history when it can be again. The one outage path of
 every history (a database server, an SQLite file).
 
-``SpooledStore`` is the service's store, whatever the history. A write refused for an outage
+``SpooledStore`` (synwatch/store/spooled.py, on synwatch/store/spooling.py) is the service's
+store, whatever the history; this module is the spool itself, its file and its records. A
+write refused for an outage
 (``StoreOutage``: a server that does not answer; an SQLite file that is locked, on a full or
 read-only disk, deleted or corrupt) is appended to ``spool.jsonl`` in the state directory, with
 provisional (negative) ids for the incidents, events and bans it creates, so detection and
