@@ -117,20 +117,18 @@ class HistoryBase:
         if not self.write:
             raise StoreError(self.display_url, "opened read-only")
         self.check_file()
-        try:
-            with self._lock, self.db.transaction(self.connection()) as cur:
-                yield Cursor(cur, self.db)
-        except StoreError:
-            raise
-        except Exception as exc:
-            if self.db.is_error(exc):
-                raise self._error(exc) from exc
-            raise
+        with self._ours(), self._lock, self.db.transaction(self.connection()) as cur:
+            yield Cursor(cur, self.db)
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._ours(), self._lock:
+            return self._rows(sql, params)
+
+    @contextmanager
+    def _ours(self) -> Iterator[None]:
+        """The driver's errors as ours (StoreError, StoreOutage); anything else as it is."""
         try:
-            with self._lock:
-                return self._rows(sql, params)
+            yield
         except StoreError:
             raise
         except Exception as exc:
