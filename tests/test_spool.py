@@ -43,7 +43,7 @@ def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
 def _spooled(tmp: Path, limit: int = 10_000) -> tuple[SpooledStore, Path]:
     db = tmp / "h.db"
     lite = History.open(f"sqlite:///{db}", host="web1", bounded=True)
-    lite.set_busy_timeout(0.2)  # as the service (synwatch/service.py STORE_WAIT)
+    lite.set_busy_timeout(0.2)  # as the service (synwatch/daemon/service.py STORE_WAIT)
     return SpooledStore(lite, Spool(tmp / "spool.jsonl", limit), migrated=True), db
 
 
