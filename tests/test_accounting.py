@@ -71,7 +71,7 @@ def test_counts_every_syn_per_prefix_and_port_in_a_namespace() -> None:
     ("[incident]\naccounting = true\n", 1000, False, None),  # asked for: tried, and said
 ])
 def test_whether_the_accounting_set_runs_and_why_not(toml: str, euid: int, nft: bool,
-                                                       off: str | None) -> None:
+                                                     off: str | None) -> None:
     from synwatch.config import parse_config
     from synwatch.probes import accounting_off, sampler_off
 

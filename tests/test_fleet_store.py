@@ -211,12 +211,12 @@ def _history(url: str, now: datetime) -> History:
 
 
 def test_every_filter_of_the_lists_reads_alike_on_both_databases(tmp_path: Path,
-                                                                  pg: Cluster) -> None:
+                                                                 pg: Cluster) -> None:
     """The lists' queries, for every filter, on SQLite and on PostgreSQL: the same records, and
     the filters filter."""
     now = datetime.now(timezone.utc).replace(microsecond=123456)
     lite, server = (_history(url, now) for url in (f"sqlite:///{tmp_path}/h.db",
-                                                    pg.new_database()))
+                                                   pg.new_database()))
     day = now - timedelta(days=1)
     for kw, n in (({}, 24), ({"host": "web1"}, 12), ({"since": day}, 8), ({"limit": 5}, 5),
                   ({"limit": 3, "host": "web2"}, 3), ({"since": day, "limit": 2,

@@ -32,7 +32,7 @@ def _script(store: Any, other: Any) -> list[Any]:
     inc = store.save_incident(change(event_ids=(1, 2)))
     out.append(inc)
     out.append(store.save_incident(change(change="closed", incident_id=inc, status="closed",
-                                           closed_at=later, sample=None, event_ids=(3,))))
+                                          closed_at=later, sample=None, event_ids=(3,))))
     out.append(store.save_incident(change(incident_id=999, serial=2, port=80)))  # unknown id
     store.add_action_runs([ActionRun(incident_id=inc, action="notify", target="opened",
                                      status="failed", at=NOW, rendered="t\nb",
@@ -79,7 +79,7 @@ def _url(kind: str, tmp_path: Path, pg: Any) -> str:
 
 
 def test_both_databases_answer_every_call_of_the_service_alike(tmp_path: Path,
-                                                                pg: Any) -> None:
+                                                               pg: Any) -> None:
     """One script of the service's calls on SQLite and on PostgreSQL: the same records back,
     and the ones that matter as they should be."""
     answers = []
@@ -199,9 +199,9 @@ def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_ho
     for s in (store, other):
         s.insert_events([event_no(i, time=old if i < 5 else now) for i in range(8)], now)
     gone = store.save_incident(change(status="closed", opened_at=older, closed_at=older,
-                                       event_ids=(1,)))
+                                      event_ids=(1,)))
     held = store.save_incident(change(status="closed", opened_at=older, closed_at=older,
-                                       serial=2))
+                                      serial=2))
     store.add_bans([Ban(prefix="198.51.100.0/24", backend="nftables", netns="ns",
                         incident_id=held, created_at=older, expires_at=now + timedelta(hours=1))])
     store.add_action_runs([ActionRun(incident_id=gone, action="ban", target="x", status="done",
@@ -223,4 +223,4 @@ def test_retention_prunes_this_nodes_old_rows_in_batches_and_keeps_what_a_ban_ho
     assert [r[0] for r in store.rows("SELECT id FROM incidents")] == [held]
     assert store.action_runs(gone) == []
     assert store.rows("SELECT count(*) FROM evidence_samples WHERE incident_id = ?",
-                       [gone])[0][0] == 0
+                      [gone])[0][0] == 0

@@ -131,16 +131,16 @@ def storage_url(value: Any) -> str:
         raise Invalid(f"expected a string, got {shown(value)}")
     if value and not URL_SHAPE.fullmatch(value):
         raise Invalid(f"not an SQLAlchemy URL (e.g. sqlite:////var/lib/synwatch/"
-                       f"synwatch.db): {shown(masked(value))}")
+                      f"synwatch.db): {shown(masked(value))}")
     if value and not value.startswith(DIALECTS):
         # the two histories that are built and tested; another SQLAlchemy dialect would load
         # and then fail on the first statement that is not portable
         raise Invalid(f"synwatch keeps its history in SQLite (sqlite:///PATH) or PostgreSQL "
-                       f"(postgresql+psycopg://USER@HOST/DB), not {shown(masked(value))}")
+                      f"(postgresql+psycopg://USER@HOST/DB), not {shown(masked(value))}")
     if value.startswith("sqlite://") and value.removeprefix("sqlite:///").split("?", 1)[0] \
             in ("", ":memory:", value.split("?", 1)[0]):
         raise Invalid(f"an SQLite history is a file, sqlite:///PATH (one in memory would keep "
-                       f"nothing), not {shown(masked(value))}")
+                      f"nothing), not {shown(masked(value))}")
     if value and not is_sqlite(value) and (why := port_problem(value)) is not None:
         raise Invalid(f"{why}: {shown(masked(value))}")
     return value
@@ -150,7 +150,7 @@ def host_name(value: Any) -> str:
     if not isinstance(value, str) or len(value) > 255 or not re.fullmatch(r"[^\x00-\x20\x7f]*",
                                                                           value):
         raise Invalid(f"expected a host name (up to 255 characters, no spaces), got "
-                       f"{shown(value)}")
+                      f"{shown(value)}")
     return value
 
 
@@ -159,7 +159,7 @@ def host_globs(value: Any) -> tuple[str, ...]:
     for name in names:
         if not name or len(name) > 255 or not re.fullmatch(r"[^\x00-\x20\x7f]*", name):
             raise Invalid(f"expected host names or globs (up to 255 characters, no spaces), "
-                           f"got {shown(name)}")
+                          f"got {shown(name)}")
     return names
 
 
@@ -206,7 +206,7 @@ def netns_name(value: Any) -> str:
         raise Invalid(f"expected a network namespace name, got {shown(value)}")
     # not "-x": `ip netns exec -x` would read it as an option
     if value and (value in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,254}",
-                                                            value)):
+                                                           value)):
         raise Invalid(f"{shown(value)} is not an `ip netns` name")
     return value
 
@@ -245,11 +245,11 @@ def ports(value: Any) -> tuple[int, ...]:
 
 
 def argv(value: Any) -> tuple[str, ...]:
-    argv = string_list(value)
-    if argv and not argv[0].startswith("/"):
+    given = string_list(value)
+    if given and not given[0].startswith("/"):
         raise Invalid(f"the program must be an absolute path (no shell, no $PATH), "
-                       f"got {shown(argv[0])}")
-    return argv
+                      f"got {shown(given[0])}")
+    return given
 
 
 def exec_on(value: Any) -> tuple[str, ...]:
@@ -266,10 +266,10 @@ def actions_for(verdict: str) -> Callable[[Any], tuple[str, ...]]:
         for name in names:
             if name in ("ban", "ratelimit") and verdict != "concentrated":
                 raise Invalid(f"{verdict} incidents are never banned or rate limited: only a "
-                               "flood from a few networks (concentrated) is")
+                              "flood from a few networks (concentrated) is")
             if BUILTIN_ACTIONS.get(name) is False:
                 raise Invalid(f"{shown(name)} is not run per incident (it has its own "
-                               f"[actions.{name}] section)")
+                              f"[actions.{name}] section)")
         # any other name may be a plugin: it is looked up among the entry points when the
         # service starts and by `check-config` (registry.resolve_policy)
         return names

@@ -83,10 +83,6 @@ class Housekeeping:
             self._pruned = 0
             self._pruning.pop(0)
 
-    def prune_now(self) -> None:
-        """Start a retention pass at the next step (tests; an admin's SIGHUP does not)."""
-        self._prune_due = self.clock.monotonic()
-
     def summary(self) -> str | None:
         """What the status line says of the history when it is not simply written to."""
         store = self.store

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 
 from synwatch.config import nearest_existing, sqlite_file
 from synwatch.config.urls import masked
@@ -48,20 +49,12 @@ class History(Writes, State, Reads, HistoryBase):
         """``write``: created and migrated first when needed (``migrate``); read-only: the
         schema must be the newest. ``bounded``: the service's statements are given up on
         after a few seconds (connecting, sending and waiting always are)."""
-        dialect = dialect_of(url)
-        if write and isinstance(dialect, SQLite):
-            make_file(dialect)
-        history = cls(dialect, host or socket.gethostname(), write=write, bounded=bounded)
-        try:
+        history = cls._made(url, host, write=write, bounded=bounded)
+        with history._closed_on_error():
             if write and migrate:
                 history.migrate()
-            if not write:
-                history.require_current()
-        except BaseException:
-            history.close()
-            raise
-        log.debug("store: %s opened %s (node %s)", history.display_url,
-                  "to write" if write else "read-only", history.host)
+            elif not write:
+                history.require_current(history.schema_revision())
         return history
 
     @classmethod
@@ -73,25 +66,46 @@ class History(Writes, State, Reads, HistoryBase):
         if db is not None and not db.exists():
             log.debug("store: no history yet (%s is not there)", db)
             return None
-        history = cls.open(url, host=host, write=write, migrate=False)
-        try:
-            if history.schema_revision() is None:  # an empty database: no history yet
+        history = cls._made(url, host, write=write, bounded=False)
+        with history._closed_on_error():
+            current = history.schema_revision()
+            if current is None:  # an empty database: no history yet
                 log.debug("store: no history yet (%s has no tables)", history.display_url)
                 history.close()
                 return None
             if write:
                 history.migrate()  # an older schema, to act on (`unban`, the removal)
-        except BaseException:
-            history.close()
-            raise
+            else:
+                history.require_current(current)
         return history
 
-    def require_current(self) -> None:
-        """A read-only history must be of the newest schema (it is never migrated here)."""
-        current, head = self.schema_revision(), head_revision()
+    @classmethod
+    def _made(cls, url: str, host: str | None, *, write: bool, bounded: bool) -> History:
+        """The history's object, its SQLite file made first when it is to be written (it
+        connects at its first call)."""
+        dialect = dialect_of(url)
+        if write and isinstance(dialect, SQLite):
+            make_file(dialect)
+        history = cls(dialect, host or socket.gethostname(), write=write, bounded=bounded)
+        log.debug("store: %s, %s (node %s)", history.display_url,
+                  "to write" if write else "read-only", history.host)
+        return history
+
+    @contextlib.contextmanager
+    def _closed_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
+    def require_current(self, current: str | None) -> None:
+        """A read-only history (its schema ``current``) must be of the newest schema: it is
+        never migrated here."""
+        head = head_revision()
         if current is not None and current != head:
             raise StaleSchema(self.display_url, f"the history's schema is {current} and this "
-                             f"synwatch reads {head}; `synwatch run` migrates it at its start")
+                              f"synwatch reads {head}; `synwatch run` migrates it at its start")
 
     def set_busy_timeout(self, seconds: float) -> None:
         """How long a write waits for another writer's lock from now on. The service waits

@@ -34,7 +34,7 @@ class Cursor:
     def insert(self, sql: str, params: Sequence[Any]) -> int:
         """An INSERT of one row; its new id."""
         return self.db.insert_id(self.cur, self.db.sql(sql),
-                                      [self.db.param(p) for p in params])
+                                 [self.db.param(p) for p in params])
 
     def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
         """INSERTs of one row each; their new ids, in order."""
@@ -79,15 +79,9 @@ class HistoryBase:
         if conn is not None and not getattr(conn, "broken", False):
             return conn
         self.close()
-        try:
+        with self._ours():
             conn = self.db.connect(write=self.write, busy_timeout=self.busy_timeout,
-                                        bounded=self.bounded)
-        except ImportError as exc:  # psycopg, for a PostgreSQL history
-            raise self._error(exc) from exc
-        except Exception as exc:
-            if self.db.is_error(exc):
-                raise self._error(exc) from exc
-            raise
+                                   bounded=self.bounded)
         if isinstance(self.db, SQLite) and self.write:
             # the file this connection writes: one deleted or replaced under the service takes
             # writes that nobody will ever read, so each write checks it is still the history
@@ -126,11 +120,14 @@ class HistoryBase:
 
     @contextmanager
     def _ours(self) -> Iterator[None]:
-        """The driver's errors as ours (StoreError, StoreOutage); anything else as it is."""
+        """The driver's errors as ours (StoreError, StoreOutage), and a driver that is not
+        installed (psycopg, for a PostgreSQL history); anything else as it is."""
         try:
             yield
         except StoreError:
             raise
+        except ImportError as exc:
+            raise self._error(exc) from exc
         except Exception as exc:
             if self.db.is_error(exc):
                 raise self._error(exc) from exc

@@ -93,7 +93,6 @@ class Dialect:
     """The common face; ``SQLite`` and ``Postgres`` fill it in."""
 
     name = ""
-    placeholder = "?"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -222,7 +221,6 @@ class SQLite(Dialect):
 
 class Postgres(Dialect):
     name = "postgresql"
-    placeholder = "%s"
 
     def connect(self, *, write: bool, busy_timeout: float, bounded: bool) -> Any:
         import psycopg  # noqa: PLC0415 - only a PostgreSQL history needs the driver

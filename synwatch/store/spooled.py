@@ -39,9 +39,9 @@ class SpooledStore(SpoolingHistory):
                       position: tuple[str, dict[str, Any]] | None = None) -> list[int | None]:
         if self.spooling and not self.spool.fits(len(events), EVENT_BYTES * len(events)):
             raise SpoolFull(self.display_url, f"the spool is full ({self.spool.records} of "
-                             f"{self.spool.limit} records, storage.spool_max; "
-                             f"{self.spool.bytes >> 20} of {self.spool.max_bytes >> 20} MiB): "
-                             "kernel lines wait in their source")
+                            f"{self.spool.limit} records, storage.spool_max; "
+                            f"{self.spool.bytes >> 20} of {self.spool.max_bytes >> 20} MiB): "
+                            "kernel lines wait in their source")
         made = self._provisional(len(events))
         done = self._try(lambda: {"op": "events", "events": [asdict(e) for e in events],
                                   "now": now, "position": list(position) if position else None,
@@ -127,7 +127,7 @@ class SpooledStore(SpoolingHistory):
         # before the next read must not hide them from the reconcile
         for key, active in self._active.items():
             active += [replace(b, id=i, host=self.host) for b, i in zip(bans, given,
-                                                                         strict=True)
+                                                                        strict=True)
                        if b.netns == key[0] and key[1] in (None, b.backend)
                        and b.removed_at is None]
         self._keep_view(now=self.spooling)
