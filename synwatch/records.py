@@ -24,6 +24,16 @@ def endpoint(address: str | None, port: int | None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Place:
+    """What a watched network namespace is, for advice that fits it: ours, an `ip netns` one,
+    a container's (its runtime, and its Kubernetes pod when it is one), or a process's."""
+
+    kind: Literal["own", "netns", "container", "process"] = "own"
+    runtime: str = ""  # docker | containerd | cri-o | podman
+    pod: str = ""  # "namespace/name" of a Kubernetes pod
+
+
+@dataclass(frozen=True, slots=True)
 class LogRecord:
     """One log entry with its envelope taken apart.
 

@@ -180,7 +180,7 @@ def test_a_line_this_namespace_shows_no_overflow_for_opens_nothing(
     """A user can make the kernel print a genuine line for any port from a namespace of their
     own (`unshare -rn`, a veth, raw SYNs): a port listened on here is not enough, the
     namespace's own counters or sockets must show the overflow within two probes."""
-    caplog.set_level(logging.INFO, logger="synwatch.detect.correlate")
+    caplog.set_level(logging.INFO, logger="synwatch.detect")
     assert corr.on_event(_event(1, True, clock)) == []
     assert _probe(corr, clock, _snap()) == [] and len(corr.held) == 1
     assert _probe(corr, clock, _snap()) == [] and not corr.held
@@ -261,7 +261,7 @@ def test_a_line_for_a_port_nobody_here_listens_on_waits_for_the_next_probe(
         corr: Correlator, clock: FrozenClock, caplog: pytest.LogCaptureFixture) -> None:
     """The kernel's log is every namespace's: a line opens an incident only where its port
     is listened on, checked by the next probe for a listener newer than the last one."""
-    caplog.set_level(logging.INFO, logger="synwatch.detect.correlate")
+    caplog.set_level(logging.INFO, logger="synwatch.detect")
     assert corr.on_event(_event(1, True, clock, port=9001)) == []  # held
     assert corr.on_event(_event(2, True, clock, port=9002)) == []
     printed = clock.now()

@@ -191,7 +191,8 @@ def _history(url: str, now: datetime) -> History:
         store = History.open(url, host=host)
         store.record_events([event_no(i, time=now - timedelta(hours=i * 7 + n))
                              for i in range(12)], now, ("journald", {"c": n}))
-        rows = [IncidentRow(host=host, netns="", address="0.0.0.0", port=80 + i, family=4,
+        rows = [IncidentRow(host=host, netns=("", "docker:web_1", "docker:webX1")[i % 3],
+                            address="0.0.0.0", port=80 + i, family=4,
                             status="closed" if i else "open",
                             verdict=("capacity", "concentrated", "spoofed")[i % 3],
                             trigger="log", opened_at=now - timedelta(hours=i * 9 + n),
@@ -225,7 +226,10 @@ def test_every_filter_of_the_lists_reads_alike_on_both_databases(tmp_path: Path,
         assert found == server.events(**kw) and len(found) == n, kw  # type: ignore[arg-type]
     for kw, n in (({}, 14), ({"host": "web2"}, 7), ({"since": day}, 6), ({"port": 81}, 2),
                   ({"verdict": "spoofed"}, 4), ({"status": "open"}, 2),
-                  ({"limit": 4, "host": "web1"}, 4)):
+                  ({"limit": 4, "host": "web1"}, 4), ({"netns": ""}, 6),
+                  ({"netns": "docker:*"}, 8), ({"netns": "docker:web_1"}, 4),
+                  ({"netns": "docker:web?1"}, 8), ({"netns": "Docker:*"}, 0),
+                  ({"netns": "docker:%"}, 0), ({"netns": "*X1", "host": "web2"}, 2)):
         got = lite.incidents(**kw)  # type: ignore[arg-type]
         assert got == server.incidents(**kw) and len(got) == n, kw  # type: ignore[arg-type]
     ids = [i.id for i in lite.incidents()]

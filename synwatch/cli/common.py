@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from synwatch.errors import UsageError
+from synwatch.errors import NotFound, UsageError
 
 if TYPE_CHECKING:
     from synwatch.config import Config
@@ -114,13 +114,33 @@ def seconds_in(low: float, high: float) -> Callable[[str], float]:
 
 
 def netns_name(text: str) -> str:
-    """An `ip netns` name, as watch.netns takes it ("" = our own namespace)."""
-    from synwatch.config.validators import Invalid, netns_name  # noqa: PLC0415
+    """An `ip netns` name ("" = our own namespace), or the name synwatch gives a container's
+    or a process's namespace ("docker:web1", `synwatch namespaces` lists them)."""
+    from synwatch.config.validators import GLOB, Invalid, netns_choice  # noqa: PLC0415
 
+    if GLOB.search(text):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is a pattern; one namespace's name "
+                                         "is needed here")
     try:
-        return netns_name(text)
+        chosen = netns_choice(text if ":" not in text else [text])
     except Invalid as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return chosen if isinstance(chosen, str) else chosen[0]
+
+
+def enter_name(name: str) -> str:
+    """Make a container's or a process's namespace name enterable (probes, commands) and
+    return it; an `ip netns` name or "" as it is. NotFound when no namespace has the name."""
+    if ":" not in name:
+        return name
+    from synwatch.system import netns  # noqa: PLC0415
+    from synwatch.system.netnsfind import find_namespaces  # noqa: PLC0415
+
+    for found in find_namespaces():
+        if found.name == name:
+            netns.bind(name, found.path, found.ident)
+            return name
+    raise NotFound(f"netns {name}", "no such namespace now (`synwatch namespaces` lists them)")
 
 
 def tcp_port(text: str) -> int:

@@ -24,16 +24,19 @@ def cmd_events_list(args: argparse.Namespace) -> int:
     from synwatch.cli.views import event_view  # noqa: PLC0415
 
     store, host = open_history(args)
-    rows = [event_view(e) for e in (store.events(since=args.since, limit=args.limit,
-                                                 host=chosen_host(args, host))
-                                    if store else [])]
+    events = store.events(since=args.since, limit=args.limit,
+                          host=chosen_host(args, host)) if store else []
+    where = store.namespaces_of([e.incident_id for e in events
+                                 if e.incident_id is not None]) if store else {}
+    rows = [event_view(e, where.get(e.incident_id) if e.incident_id is not None else None)
+            for e in events]
     if args.format == "json":
         print(dumps(rows))
     else:
         table(rows, ["id", "time", "source", "trusted", "kind", "family", "address", "port",
-                     "mode", "source_ip", "incident_id"], sys.stdout,
+                     "mode", "source_ip", "incident_id", "netns"], sys.stdout,
               headers=["id", "time", "source", "trusted", "kind", "fam", "address", "port",
-                       "mode", "source_ip", "incident"])
+                       "mode", "source_ip", "incident", "netns"])
     return 0
 
 

@@ -30,7 +30,8 @@ def cmd_incidents_list(args: argparse.Namespace) -> int:
 
     store, host = open_history(args)
     incidents = store.incidents(since=args.since, port=args.port, verdict=args.verdict,
-                                limit=args.limit, host=chosen_host(args, host)) if store else []
+                                limit=args.limit, host=chosen_host(args, host),
+                                netns=args.netns) if store else []
     runs = store.actions_by_incident([i.id for i in incidents]) if store else {}
     rows = [incident_view(i, runs[i.id]) for i in incidents]
     if args.format == "json":
@@ -70,6 +71,9 @@ def register(sub: Any) -> None:
     p.add_argument("--since", type=since, metavar="DUR")
     p.add_argument("--port", type=tcp_port, metavar="N")
     p.add_argument("--verdict", choices=get_args(Verdict))
+    p.add_argument("--netns", metavar="PATTERN",
+                   help='in the network namespaces whose names match (a glob: "docker:*", '
+                        '"k8s:shop/*"; "" is the host\'s own)')
     p.add_argument("--limit", type=positive, metavar="N", help="only the newest N")
     add_hosts(p)
     add_format(p)

@@ -217,6 +217,11 @@ def print_status(view: dict[str, Any], out: TextIO) -> None:
     heard = [h["host"] for h in view.get("hosts", []) if h["recent"]]
     if heard and heard != [view["host"]]:
         out.write(f"hosts heard from in the last 2 minutes: {', '.join(heard)}\n")
+    spaces = view.get("namespaces") or {}
+    if spaces.get("watched", 0) > 1:
+        probed = [n["name"] or "(our own)" for n in spaces.get("probed", [])]
+        out.write(f"namespaces: {spaces['watched']} watched; probed in full: "
+                  f"{', '.join(probed) or 'none'}\n")
     ids = ", ".join(f"#{i}" for i in view["open_incidents"]) or "none"
     out.write(f"open incidents: {ids}\nactive bans: {view['active_bans']}\n")
     drift = view.get("bans_drift") or 0  # bans found not enforced in the kernel, put back

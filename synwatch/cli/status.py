@@ -31,6 +31,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "running": running, "pid": found.get("pid") if running else None,
         "since": found.get("since") if running else None,
         "sources": found.get("sources", []) if running else [],
+        "namespaces": found.get("namespaces", {}) if running else {},
         "open_incidents": [], "active_bans": 0, "bans_drift": 0, "bans_drift_at": None,
         "last_errors": found.get("last_errors", []),
         "summary": found.get("summary") if running else "not running",
@@ -63,7 +64,8 @@ def _from_history(view: dict[str, Any], config: Config) -> None:
     now = datetime.now(timezone.utc)
     view["store"] = store.display_url
     view["open_incidents"] = [i.id for i in store.incidents(status="open", host=config.host)]
-    view["active_bans"] = len(store.active_bans(config.netns, now))
+    view["active_bans"] = len(store.active_bans(None if config.many_namespaces else config.netns,
+                                                now))
     # bans the reconcile found not enforced in the kernel and put back (banproof.py)
     drift, drift_at = drift_count(store.ban_checks(config.host), config.host, config.netns)
     view["bans_drift"] = drift

@@ -16,7 +16,14 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from synwatch.cli.common import add_config, command, load, netns_name, seconds_in
+from synwatch.cli.common import (
+    add_config,
+    command,
+    enter_name,
+    load,
+    netns_name,
+    seconds_in,
+)
 from synwatch.errors import SynwatchError
 
 if TYPE_CHECKING:
@@ -64,7 +71,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     from synwatch.probes.snapshot import take  # noqa: PLC0415
 
     config = load(args)
-    netns = config.netns if args.netns is None else args.netns
+    netns = enter_name(config.netns if args.netns is None else args.netns)
     interval = args.interval or config.probe_interval
     store = _history(config.storage_url, config.host)
     prev, prev_at = None, time.monotonic()
@@ -96,7 +103,8 @@ def register(sub: Any) -> None:
                 "a live view of the listeners (queues, SYN-RECV, drops, source prefixes) and "
                 "the open incidents; q quits")
     p.add_argument("--netns", type=netns_name, default=None, metavar="NAME",
-                   help="an `ip netns` name (default: watch.netns of the config)")
+                   help="an `ip netns` name or a container's (default: watch.netns of the "
+                        "config)")
     p.add_argument("--interval", type=seconds_in(0.1, 3600), default=None, metavar="S",
                    help="seconds between refreshes, 0.1 to 3600 (default: "
                         "incident.probe_interval)")

@@ -33,7 +33,7 @@ from synwatch.config.validators import (
     keep_for,
     listen_address,
     log_files,
-    netns_name,
+    netns_choice,
     networks,
     notify_urls,
     password_file,
@@ -112,7 +112,11 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                    "readable"),
     },
     "watch": {
-        "netns": _s(netns_name, "", 'an `ip netns` name to probe and act in; `""` = our own'),
+        "netns": _s(netns_choice, "",
+                    'where to probe and act: `""` = our own namespace; an `ip netns` name; '
+                    '`"*"` = every network namespace of the host (each container\'s, followed as '
+                    "they come and go); or a list of names and globs "
+                    '(`["", "docker:*", "k8s:shop/*"]`)'),
     },
     "incident": {
         "quiet_period": _s(duration, "60s", "an incident closes after this long without "

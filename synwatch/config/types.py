@@ -3,6 +3,7 @@ names that parsing checks against (the built-in actions and ban backends)."""
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 from dataclasses import dataclass
 from typing import Literal
@@ -118,7 +119,7 @@ class Config:
     journald: Auto
     files: tuple[str, ...]
     kmsg: Auto
-    netns: str
+    netns: str  # the one namespace watched ("" = our own) when netns_globs is empty
     quiet_period: float
     probe_interval: float
     accounting: Auto
@@ -135,7 +136,22 @@ class Config:
     metrics_listen: tuple[str, int] | None
     synproxy: SynproxySettings = SynproxySettings()
     storage: StorageSettings = StorageSettings()
+    # `watch.netns = "*"` or a list: the names and globs of the namespaces to follow (every one
+    # found that matches); empty: ``netns`` alone
+    netns_globs: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
         return self.storage.host
+
+    @property
+    def many_namespaces(self) -> bool:
+        return bool(self.netns_globs)
+
+    def watches(self, name: str) -> bool:
+        """Does watch.netns take the namespace of this name? "" is our own: a list takes it
+        where it holds "" or "*"."""
+        if not self.netns_globs:
+            return name == self.netns
+        return any(fnmatch.fnmatchcase(name, g) if name else g in ("", "*")
+                   for g in self.netns_globs)

@@ -211,6 +211,25 @@ def netns_name(value: Any) -> str:
     return value
 
 
+GLOB = re.compile(r"[][*?]")
+NETNS_PATTERN = re.compile(r"[A-Za-z0-9_.:/*?#\[\]][A-Za-z0-9_.:/*?#\[\]-]{0,254}")
+
+
+def netns_choice(value: Any) -> str | tuple[str, ...]:
+    """One `ip netns` name (or "" for our own) as before, or the namespaces to follow as they
+    come and go: "*" (every one) or a list of names and globs matched against the names
+    synwatch gives them ("docker:web*", "k8s:shop/*", an `ip netns` name, "" for our own)."""
+    if isinstance(value, str) and not GLOB.search(value):
+        return netns_name(value)
+    patterns = (value,) if isinstance(value, str) else string_list(value)
+    if not patterns:
+        raise Invalid('is an empty list: "" watches our own namespace, "*" every one')
+    for p in patterns:
+        if p and not NETNS_PATTERN.fullmatch(p):
+            raise Invalid(f"{shown(p)} is neither a namespace name nor a glob of names")
+    return patterns
+
+
 def networks(value: Any) -> tuple[Network, ...]:
     out = []
     for text in string_list(value):

@@ -6,11 +6,11 @@ Signals only set flags; the main loop does the work, so nothing runs inside a si
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import threading
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from types import FrameType
 
 from synwatch.actions.registry import resolve_policy
@@ -21,23 +21,17 @@ from synwatch.daemon.housekeeping import Housekeeping
 from synwatch.daemon.recorder import Recorder
 from synwatch.daemon.telemetry import Telemetry
 from synwatch.daemon.watchdog import Watchdog
-from synwatch.detect.correlate import Correlator
+from synwatch.daemon.watchset import Watched, WatchSet
 from synwatch.detect.replay import Recording, event_line, evidence_line, probe_failed_line
-from synwatch.errors import CommandError, ConfigError, ProbeError
+from synwatch.errors import ConfigError, ProbeError
 from synwatch.lines.catalogue import load_catalogue
-from synwatch.probes import accounting_off, sampler_off
-from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
-from synwatch.probes.evidence import Evidence
-from synwatch.probes.snapshot import take
-from synwatch.probes.synsample import SynSampler, open_sampler
-from synwatch.records import IncidentChange, endpoint
+from synwatch.records import IncidentChange, StoredEvent, endpoint
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
 from synwatch.sources.supervisor import Supervisor
 from synwatch.store.spool import Spool, SpoolFull
 from synwatch.store.spooled import SpooledStore, open_spooled
 from synwatch.system import netns, sdnotify
-from synwatch.system.runner import available
 
 log = logging.getLogger("synwatch")
 STORE_WAIT = 0.2  # seconds a write waits for a locked history before it is spooled
@@ -70,18 +64,13 @@ class Service:
         self.housekeeping: Housekeeping | None = None
         self.supervisor: Supervisor | None = None
         self.recorder: Recorder | None = None
-        self.correlator: Correlator | None = None
+        self.watch = WatchSet(config, self.clock, self._responder)
         # a batch neither the history nor its full spool could take: kept (its source does
         # not move on meanwhile) and offered again first, every BATCH_RETRY seconds
         self._pending: Batch | None = None
         self._pending_retry_at = 0.0
-        self._ids: dict[int, int] = {}  # correlator serial -> incident id
-        self._probe_due = 0.0
-        self._probe_failure: str | None = None
+        self._ids: dict[tuple[str, int], int] = {}  # (netns, correlator serial) -> incident id
         self.watchdog = Watchdog(self.clock, config.probe_interval)
-        self.accounting: SynAccounting | None = None
-        self.sampler: SynSampler | None = None
-        self.responder: Responder | None = None
         self.telemetry = Telemetry(config)
         self._status_due = 0.0
 
@@ -116,25 +105,43 @@ class Service:
         catalogue = load_catalogue()
         sources = build_sources(plans, catalogue, self.store.get_position)
         self.recorder = Recorder(self.store, catalogue, self.clock)
-        resumed = self.store.open_incidents(self.config.host, self.config.netns)
-        self.correlator = self._correlator(resumed)
-        self.accounting, accounting = self._accounting()
-        self.sampler, sampler = self._sampler()
+        said = self.watch.start()
         # where the flood's sources come from, said once
-        used = [x for x in (sampler, accounting) if " off" not in x]
-        off = [x for x in (sampler, accounting) if " off" in x]
+        used = [x for x in said if " off" not in x]
+        off = [x for x in said if " off" in x]
         log.info("sources of a flood: %s%s", ", ".join([*used, "SYN-RECV sockets"]),
                  f"; {'; '.join(off)}" if off else "")
-        self.responder = Responder(self.config, self.store, self.clock,
-                                   on_record=self.telemetry.action, wake=self._wake,
-                                   on_drift=self.telemetry.drift,
-                                   on_fleet_refused=self.telemetry.fleet_refused)
-        log.info("actions: %s", ", ".join(self.responder.names()) or "none")
-        self.responder.resume(resumed)
-        self.responder.start()
+        c = self.config
+        resumed = self.store.open_incidents(c.host, None if c.many_namespaces else c.netns)
+        for left_open in resumed:
+            assert left_open.incident_id is not None
+            self._ids[self.watch.resume(left_open)] = left_open.incident_id
+            log.info("incident %s on %s: still open from before the restart",
+                     left_open.incident_id, left_open.port or "an unknown listener")
+        for w in self.watch.all():  # ours, and every namespace with an incident left open
+            if w.always or w.correlator.open:
+                self.watch.responder(w).resume(
+                    [x for x in resumed if x.netns == w.name and x.host == c.host])
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
         self.telemetry.start(sources)
+
+    def _responder(self, config: Config) -> Responder:
+        """A namespace's responder, started: its setup runs at once (at the start for ours, at
+        a namespace's first incident for the others)."""
+        responder = Responder(config, self._history(), self.clock,
+                              on_record=self.telemetry.action, wake=self._wake,
+                              on_drift=self.telemetry.drift,
+                              on_fleet_refused=self.telemetry.fleet_refused)
+        log.info("actions%s: %s", f" in {config.netns}" if self.config.many_namespaces
+                 and config.netns else "",
+                 ", ".join(responder.names()) or "none")
+        responder.start()
+        return responder
+
+    def _history(self) -> SpooledStore:
+        assert self.store is not None
+        return self.store
 
     def _wake(self) -> None:
         """An action has work to do now (from its own thread): end the wait for batches."""
@@ -146,117 +153,107 @@ class Service:
         return open_spooled(c.storage_url, c.host,
                             Spool(state_dir(c) / "spool.jsonl", c.storage.spool_max))
 
-    def _correlator(self, resumed: list[IncidentChange]) -> Correlator:
-        c = self.config
-        correlator = Correlator(c.host, c.netns, c.thresholds, c.quiet_period, self.clock)
-        for left_open in resumed:
-            assert left_open.incident_id is not None
-            self._ids[correlator.resume(left_open)] = left_open.incident_id
-            log.info("incident %s on %s: still open from before the restart",
-                     left_open.incident_id, left_open.port or "an unknown listener")
-        return correlator
-
-    def _accounting(self) -> tuple[SynAccounting | None, str]:
-        """The accounting set, or None; what to say of it in the start's evidence line."""
-        c = self.config
-        why = accounting_off(c, euid=os.geteuid(), nft=available("nft"))
-        if why is not None:
-            return None, f"SYN accounting off ({why})"
-        acct = SynAccounting(c.netns, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
-        try:
-            acct.setup()
-        except CommandError as exc:
-            log.warning("SYN accounting: off: %s", exc)
-            return None, "SYN accounting off (it could not be set up)"
-        return acct, f"SYN accounting (nftables table inet {TABLE}, chain {CHAIN})"
-
-    def _sampler(self) -> tuple[SynSampler | None, str]:
-        """The SYN sampler, or None; what to say of it in the start's evidence line."""
-        c = self.config
-        why = sampler_off(c)
-        if why is not None:
-            return None, f"SYN sampler off ({why})"
-        try:
-            sampler = open_sampler(c.netns, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
-        except ProbeError as exc:
-            if c.sampler is True:  # asked for: its failure is a warning of its own
-                log.warning("SYN sampler: off: %s", exc.why)
-            return None, f"SYN sampler off ({exc.why})"
-        return sampler, (f"SYN sampler (a packet socket in "
-                         f"{c.netns or 'the host namespace'}, 1 in N adapting to the rate)")
-
     # -- incidents ------------------------------------------------------------------------------
 
     def _save(self, changes: list[IncidentChange]) -> None:
         """Record incident changes in order (the spool keeps what the history cannot take
-        now) and hand them to telemetry and the actions. Their times are the evidence's."""
+        now) and hand them to telemetry and their namespace's actions. Their times are the
+        evidence's."""
         assert self.store is not None
         for made in changes:
-            change = (replace(made, incident_id=self._ids[made.serial])
-                      if made.serial in self._ids else made)
+            key = (made.netns, made.serial)
+            change = replace(made, incident_id=self._ids[key]) if key in self._ids else made
             incident_id = self.store.save_incident(change)
             # one id for the incident's lifetime: a spooled (provisional) one stays what the
             # actions know it by after the history numbered it (the store maps it on every
             # write), or the close would not find what opened (SYN cookies left on)
-            incident_id = self._ids.setdefault(change.serial, incident_id)
+            incident_id = self._ids.setdefault(key, incident_id)
             self.telemetry.incident(replace(change, incident_id=incident_id))
-            if self.responder is not None:
-                self.responder.on_change(replace(change, incident_id=incident_id))
+            w = self.watch.named(change.netns)
+            if w is not None:
+                self.watch.responder(w).on_change(replace(change, incident_id=incident_id))
+                if change.event_ids:  # a line one namespace took is no other's to hold
+                    for other in self.watch.all():
+                        if other is not w:
+                            for event_id in change.event_ids:
+                                other.correlator.forget(event_id)
             if change.change != "updated":
                 log.info("incident %s %s: %s %s, verdict %s", _shown(incident_id),
                          change.change,
                          change.netns or "host", endpoint(change.address, change.port),
                          change.verdict)
-            if change.change == "opened":
-                self._probe_due = 0.0  # fresh evidence for what just opened
+            if change.change == "opened" and w is not None:
+                self.watch.probe_now(w)  # fresh evidence for what just opened
             if change.change == "closed":
-                self._ids.pop(change.serial, None)
+                self._ids.pop(key, None)
 
-    def _probe(self) -> None:
-        assert self.correlator is not None
+    def _probe(self, w: Watched) -> None:
         c = self.config
         started = self.clock.monotonic()
         try:
-            snap = take(c.netns, v4_len=c.thresholds.ipv4_prefix,
-                        v6_len=c.thresholds.ipv6_prefix,
-                        peers_for=self.correlator.ports_to_watch())
+            evidence = self.watch.evidence(w)
         except ProbeError as exc:
-            if str(exc) != self._probe_failure:
+            if str(exc) != w.failure:
                 log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
-                self._probe_failure = str(exc)
-            gone, now = not netns.exists(c.netns), self.clock.now()
+                w.failure = str(exc)
+            gone, now = not netns.exists(w.name), self.clock.now()
             if self.recording is not None:  # what follows changes incidents: a replay does it too
                 self.recording.write(probe_failed_line(now, gone))
-            changes, dropped = self.correlator.on_probe_failed(now, gone=gone)
+            changes, dropped = w.correlator.on_probe_failed(now, gone=gone)
             if dropped:
                 log.warning("netns %s does not exist: %d kernel lines open no incident",
-                            c.netns, dropped)
+                            w.name, dropped)
             self._save(changes)
             self.watchdog.probed()
             return
-        if self._probe_failure is not None:
+        if w.failure is not None:
             log.info("probe: reading kernel state again")
-            self._probe_failure = None
-        counted = None
-        if self.accounting is not None:
-            try:
-                counted = self.accounting.read()
-            except ProbeError as exc:
-                log.warning("%s", exc)
-        sampled = self.sampler.read() if self.sampler is not None else None
-        evidence = Evidence(self.clock.now(), snap, counted, sampled)
-        self.telemetry.probe(snap, self.clock.monotonic() - started)
+            w.failure = None
+        self.telemetry.probe(evidence.snapshot, self.clock.monotonic() - started)
         if self.recording is not None:
             self.recording.write(evidence_line(evidence.at, evidence))
-        self._save(self.correlator.on_evidence(evidence))
+        self._save(w.correlator.on_evidence(evidence))
+        self.watch.settle(w, w.correlator.moving)
         self.watchdog.probed()
+
+    def _probe_due(self) -> None:
+        """Probe the namespaces that are due; close the incidents of those that went."""
+        ready, went = self.watch.due()
+        for w in went:
+            self._save(w.correlator.close_all(self.clock.now()))
+            self.watch.forget(w)
+        for w in ready:
+            if self.flags.stop:
+                return
+            self._probe(w)
+
+    def _on_event(self, stored: StoredEvent) -> None:
+        """A kernel line to the namespaces it may be about: a trusted SYN-flood line to each
+        with a listener it fits (each holds it until its own state bears it out, and the first
+        that does takes it), any other line to every namespace."""
+        e = stored.event
+        now = self.clock.now()
+        if not (e.kind == "syn_flood" and e.trusted and not stored.historical
+                and now - (e.time or now) <= timedelta(seconds=self.config.quiet_period)):
+            # (a line printed before the quiet period is an earlier run's: no namespace looks)
+            for w in self.watch.all():
+                self._save(w.correlator.on_event(stored))
+            return
+        fitting = self.watch.fitting(stored)
+        if not fitting:
+            log.info("kernel event %d: nothing listens on port %s in a watched namespace; "
+                     "no incident", stored.id, e.port)
+        for w in fitting:
+            also = tuple(x.name or "(our own)" for x in fitting if x is not w)
+            self._save(w.correlator.on_event(stored, also))
+            if w.correlator.held:  # a line the last probe cannot bear out: look now
+                self.watch.activate(w, self.clock.monotonic())
 
     def _record(self, batch: Batch) -> bool:
         """Record one batch; one that neither the history nor its full spool can take is kept
         and offered again first (its position is not stored either, so even a stop meanwhile
         loses nothing: the source reads it again)."""
         assert self.recorder is not None
-        assert self.correlator is not None
         try:
             stored = self.recorder.record(batch)
         except SpoolFull as exc:
@@ -272,9 +269,7 @@ class Service:
         for event in stored:
             if self.recording is not None:
                 self.recording.write(event_line(self.clock.now(), event))
-            self._save(self.correlator.on_event(event))
-        if self.correlator.held:
-            self._probe_due = 0.0  # a line for a port the last probe did not see: look now
+            self._on_event(event)
         return True
 
     def _drain(self, timeout: float) -> None:
@@ -283,12 +278,13 @@ class Service:
         if self.supervisor is None:
             return
         deadline = self.clock.monotonic() + timeout
-        while not self.flags.stop and self.clock.monotonic() < min(deadline, self._probe_due):
+        while not self.flags.stop and self.clock.monotonic() < min(deadline,
+                                                                   self.watch.next_due()):
             batch = self._pending
             if batch is not None and self.clock.monotonic() < self._pending_retry_at:
                 # refused: later batches wait behind it (the sources' positions are not
                 # stored meanwhile, so nothing is lost), and probes go on
-                self.flags.wake.wait(max(0.0, min(deadline, self._probe_due,
+                self.flags.wake.wait(max(0.0, min(deadline, self.watch.next_due(),
                                                   self._pending_retry_at)
                                          - self.clock.monotonic()))
                 continue
@@ -296,7 +292,8 @@ class Service:
                 try:
                     # wake for the probe too: a probe interval under a second was a second
                     batch = self.supervisor.batches.get(
-                        timeout=max(0.0, min(deadline, self._probe_due) - self.clock.monotonic()))
+                        timeout=max(0.0, min(deadline, self.watch.next_due())
+                                    - self.clock.monotonic()))
                 except queue.Empty:
                     return
                 if batch is None:
@@ -330,13 +327,17 @@ class Service:
                 log.warning("storage.url changed; it takes effect at the next restart")
             if new.netns != self.config.netns:
                 log.warning("watch.netns changed; it takes effect at the next restart")
-            if self.correlator is not None:
-                self.correlator.reconfigure(new.thresholds, new.quiet_period)
+            if new.netns_globs != self.config.netns_globs:
+                log.warning("watch.netns changed; it takes effect at the next restart")
+            for w in self.watch.all():
+                w.correlator.reconfigure(new.thresholds, new.quiet_period)
             if self.housekeeping is not None:
                 self.housekeeping.storage = new.storage
-            if self.responder is not None:
-                self.responder.reload(new)
-            self.config = replace(new, netns=self.config.netns)
+            for responder in self.watch.responders():
+                responder.reload(new)
+            self.config = replace(new, netns=self.config.netns,
+                                  netns_globs=self.config.netns_globs)
+            self.watch.config = self.config
             self.watchdog.probe_interval = new.probe_interval
             log.info("configuration reloaded from %s", new.path)
         sdnotify.notify("READY=1", "STATUS=watching")
@@ -350,17 +351,20 @@ class Service:
         ping = sdnotify.watchdog_interval()
         while not self.flags.stop:
             self._drain(timeout=min(ping or 1.0, 1.0))
-            if self.clock.monotonic() >= self._probe_due and not self.flags.stop:
-                self._probe_due = self.clock.monotonic() + self.config.probe_interval
-                self._probe()
-            if self.responder is not None:
-                self.responder.tick()
+            if self.clock.monotonic() >= self.watch.next_due() and not self.flags.stop:
+                self._probe_due()
+            for responder in self.watch.responders():
+                responder.tick()
             assert self.store is not None
             assert self.housekeeping is not None
             self.housekeeping.step()
             if self.clock.monotonic() >= self._status_due:  # once a second, not every probe
                 self._status_due = self.clock.monotonic() + STATUS_EVERY
                 self.store.check()
+                self.telemetry.watching = self.watch.summary()
+                self.telemetry.status.namespaces = self.watch.describe()
+                self.telemetry.ban_namespaces = [w.name for w in self.watch.all()
+                                                 if w.responder is not None]
                 self.telemetry.count_bans(self.store)
                 self.telemetry.tell(self.supervisor, self.housekeeping.summary())
             self.watchdog.tick(ping)
@@ -373,19 +377,14 @@ class Service:
         if self.supervisor is not None:
             self.supervisor.stop()
             self._drain_queued()
-        if self.correlator is not None and self.correlator.open:
-            # one last look, so an open incident is saved with everything seen until now (the
-            # sampler's current interval, the counters): a restart goes on from there
-            self._probe()
-        if self.responder is not None:
-            self.responder.stop()
-        if self.sampler is not None:
-            self.sampler.stop()
-        if self.accounting is not None:
-            try:
-                self.accounting.teardown()
-            except CommandError as exc:
-                log.warning("SYN accounting: could not remove its chain: %s", exc)
+        for w in self.watch.all():
+            if w.correlator.open and not w.gone:
+                # one last look, so an open incident is saved with everything seen until now
+                # (the sampler's current interval, the counters): a restart goes on from there
+                self._probe(w)
+        for responder in self.watch.responders():
+            responder.stop()
+        self.watch.stop()
         if self.store is not None:
             self.store.close()
         if self.recording is not None:

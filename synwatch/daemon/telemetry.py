@@ -46,6 +46,8 @@ class Telemetry:
         self.fleet_refused_n = 0  # other nodes' fleet bans refused here since the start
         self._summary = ""
         self.started = datetime.now(tz=UTC)
+        self.watching = config.netns or "the host"  # what the summary says is watched
+        self.ban_namespaces: list[str] = [config.netns]  # where bans are counted
 
     def start(self, sources: list[Source]) -> None:
         self._sources = list(sources)
@@ -118,7 +120,8 @@ class Telemetry:
             return
         self._bans_due, self._bans_stale = time.monotonic() + BANS_EVERY, False
         try:
-            bans = store.active_bans(self.config.netns, datetime.now(tz=UTC))
+            now = datetime.now(tz=UTC)
+            bans = [b for ns in self.ban_namespaces for b in store.active_bans(ns, now)]
         except StoreError:
             return  # counted again at the next probe
         self.bans = len(bans)
@@ -142,7 +145,7 @@ class Telemetry:
         incidents = (f"{n} open incident{'s' if n != 1 else ''}"
                      + (f" ({'; '.join(f'#{i} {t}' for i, t in sorted(self.open.items()))})"
                         if self.open else ""))
-        return (f"watching {self.config.netns or 'the host'}: "
+        return (f"watching {self.watching}: "
                 f"{len(self.status.sources)} source{'s' if len(self.status.sources) != 1 else ''}"
                 + (f" ({', '.join(failing)} failing)" if failing else "")
                 + f", {incidents}, {self.bans} bans"

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from synwatch.clock import Clock
 from synwatch.config import Thresholds
+from synwatch.detect.advice import in_place
 from synwatch.detect.delta import RATES, ProbeDelta, listener_id
 from synwatch.detect.tally import Tally
 from synwatch.detect.verdict import judge
@@ -19,6 +20,7 @@ from synwatch.probes.evidence import Evidence
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.records import (
     IncidentChange,
+    Place,
     StoredEvent,
     TimelinePoint,
     Trigger,
@@ -55,6 +57,8 @@ class OpenIncident:
     # resumed after a restart: the first probe's counter movement since the last probe before
     # the stop (saved with the incident) is its own, unless another listener's queue claims it
     resumed: bool = False
+    # other namespaces with a listener that a kernel line of this incident's also fits
+    also_fits: tuple[str, ...] = ()
 
 
 def ports_sampled_by(probe: ProbeDelta) -> set[int]:
@@ -84,8 +88,9 @@ class Incidents:
     """Incidents by listener, and what makes a change of one."""
 
     def __init__(self, host: str, netns: str, thresholds: Thresholds, quiet_period: float,
-                 clock: Clock) -> None:
+                 clock: Clock, *, place: Place | None = None) -> None:
         self.host, self.netns, self.th, self.clock = host, netns, thresholds, clock
+        self.place = place or Place()
         self.quiet = timedelta(seconds=quiet_period)
         self.open: dict[int, OpenIncident] = {}
         self._serial = 0
@@ -100,6 +105,7 @@ class Incidents:
             maxlen=PENDING_UNTRUSTED)  # (time, port, event id)
         # trusted lines waiting for a probe of this namespace, with the probes they have seen
         self.held: deque[tuple[StoredEvent, int]] = deque(maxlen=PENDING_TRUSTED)
+        self._also: dict[int, tuple[str, ...]] = {}  # held line -> other namespaces it fits
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -144,6 +150,11 @@ class Incidents:
         return {"at": self._last.at.isoformat(),
                 "counters": {c: counters[c] for c in sorted(wanted) if c in counters}}
 
+    @property
+    def moving(self) -> bool:
+        """Did the overflow counters move over the last probe's interval?"""
+        return self._last_probe is not None and self._last_probe.moving
+
     def ports_to_watch(self) -> frozenset[int]:
         """Listener ports whose completed connections the next probe reads (inet_diag), to
         tell sources that complete handshakes from a flood's: those of open incidents, and
@@ -186,7 +197,11 @@ class Incidents:
             trigger=inc.trigger, opened_at=inc.opened_at, closed_at=closed_at,
             first_evidence_at=inc.first_evidence_at, detected_at=inc.detected_at,
             peak_syn_recv=t.peak_syn_recv, top_prefixes=j.top_prefixes,
-            recommendations=j.recommendations, reasons=j.reasons,
+            recommendations=in_place(j.recommendations, self.place),
+            reasons=j.reasons + ((f"the kernel's line fits a listener in {len(inc.also_fits) + 1} "
+                                  f"namespaces ({', '.join(inc.also_fits)} too): it is linked "
+                                  "to the first whose own state showed the overflow",)
+                                 if inc.also_fits else ()),
             state={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat(),
                    "phases": [{"at": at.isoformat(), "verdict": v} for at, v in inc.phases],
                    "probe": self._saved_probe()},
@@ -246,4 +261,12 @@ class Incidents:
             if now - inc.last_activity >= self.quiet:
                 del self.open[inc.serial]
                 out.append(self._change(inc, "closed", closed_at=now))
+        return out
+
+    def close_all(self, now: datetime) -> list[IncidentChange]:
+        """Close every open incident now: the namespace is gone (its container stopped), so no
+        evidence will come and nothing is left to protect there."""
+        out = [self._change(inc, "closed", closed_at=now) for inc in self.open.values()]
+        self.open.clear()
+        self.held.clear()
         return out

@@ -43,8 +43,14 @@ class KernelLines(Incidents):
         same_port.sort(key=lambda st: st.listener.family != family)
         return same_port[0] if same_port else None
 
-    def on_event(self, stored: StoredEvent) -> list[IncidentChange]:
+    def on_event(self, stored: StoredEvent, also: tuple[str, ...] = ()) -> list[IncidentChange]:
+        """``also``: the other namespaces with a listener this line fits (the service offers a
+        line to each; the first whose state bears it out takes it, and its incident says so)."""
         e = stored.event
+        if also:
+            self._also[stored.id] = also
+            while len(self._also) > PENDING_TRUSTED:  # lines no probe bore out
+                self._also.pop(next(iter(self._also)))
         now = self.clock.now()
         at = e.time or now
         if stored.historical or e.kind != "syn_flood":
@@ -113,12 +119,15 @@ class KernelLines(Incidents):
         at = e.time or self.clock.now()
         key = self._line_key(e, listener)
         inc = self._by_key(key)
+        also = self._also.pop(stored.id, ())
         if inc is not None:
+            inc.also_fits = tuple(dict.fromkeys((*inc.also_fits, *also)))
             inc.new_events.append(stored.id)
             inc.last_activity = max(inc.last_activity, at)
             return [self._change(inc, "updated")]
         inc = self._new(key, "log", at=at, first=at, listener=listener,
                         snap=self._last.snapshot if self._last else None)
+        inc.also_fits = also
         inc.new_events.append(stored.id)
         self._corroborate(inc)
         last = corroborated_by or self._last_probe
@@ -170,6 +179,12 @@ class KernelLines(Incidents):
         dropped = self.drop_held() if gone else 0
         changes = [] if gone else self.release_held()
         return changes + self.expire(now), dropped
+
+    def forget(self, event_id: int) -> None:
+        """Another namespace took this line: it is not held here any longer."""
+        self._also.pop(event_id, None)
+        self.held = deque(((s, n) for s, n in self.held if s.id != event_id),
+                          maxlen=PENDING_TRUSTED)
 
     def drop_held(self) -> int:
         """Forget the held lines (they stay recorded events); returns how many there were."""

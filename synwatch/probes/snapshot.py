@@ -4,6 +4,7 @@ counters and sysctls, and what they mean (`synwatch snapshot`)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,10 @@ class Snapshot:
     conntrack: Conntrack | None = None  # None: no connection tracking here
 
 
-def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
-         v6_len: int = 64, peers_for: frozenset[int] = frozenset()) -> Snapshot:
+def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,  # noqa: PLR0917
+         v6_len: int = 64, peers_for: frozenset[int] = frozenset(),
+         enter: Callable[[str, Callable[[], Snapshot]], Snapshot] = in_netns) -> Snapshot:
+    """``enter``: how to get into the namespace (``netns.visit`` from a loop over many)."""
     def collect() -> Snapshot:
         found = sockdiag.listeners()
         recv = sockdiag.syn_recv(v4_len, v6_len)
@@ -63,4 +66,4 @@ def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,
         return Snapshot(netns, tuple(states), procnet.read_counters(proc).values,
                         procnet.read_sysctls(proc), read_conntrack(proc))
 
-    return in_netns(netns, collect)
+    return enter(netns, collect)

@@ -127,6 +127,11 @@ class Dialect:
         parameters."""
         return f"{column} IN ({', '.join('?' * len(values))})", list(values)
 
+    def glob(self, column: str, pattern: str) -> tuple[str, str]:
+        """SQL for "``column`` matches the shell glob ``pattern``" (``*``, ``?``, case
+        sensitive), and its parameter: SQLite's own GLOB (its LIKE ignores case)."""
+        return f"{column} GLOB ?", pattern
+
     def notify(self, cur: Any, channel: str, payload: str) -> None:
         """Wake LISTENers at commit (PostgreSQL only; an SQLite fleet polls)."""
 
@@ -263,6 +268,12 @@ class Postgres(Dialect):
         # one array parameter: a statement of the same text whatever the count (psycopg
         # parses and PostgreSQL plans it once), not one with a placeholder per value
         return f"{column} = ANY(?)", [list(values)]
+
+    def glob(self, column: str, pattern: str) -> tuple[str, str]:
+        # LIKE with its own wildcards escaped (PostgreSQL has no GLOB)
+        like = (pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                .replace("*", "%").replace("?", "_"))
+        return f"{column} LIKE ? ESCAPE '\\'", like
 
     def notify(self, cur: Any, channel: str, payload: str) -> None:
         # delivered at commit, once per transaction and payload

@@ -61,17 +61,30 @@ class Reads(HistoryBase):
 
     def incidents(self, since: datetime | None = None, port: int | None = None, *,
                   verdict: str | None = None, limit: int | None = None,
-                  status: str | None = None, host: str | None = None) -> list[Incident]:
-        """Incidents oldest first (of ``host``, else of every node)."""
+                  status: str | None = None, host: str | None = None,
+                  netns: str | None = None) -> list[Incident]:
+        """Incidents oldest first (of ``host``, else of every node; in the namespaces whose
+        names match the glob ``netns``, else in all)."""
+        netns_sql, netns_glob = self.db.glob("netns", netns or "")
         cond, params = where([("host = ?", host), ("status = ?", status),
                               ("opened_at >= ?", since), ("port = ?", port),
-                              ("verdict = ?", verdict)])
+                              ("verdict = ?", verdict),
+                              (netns_sql, netns_glob if netns is not None else None)])
         sql = f"SELECT {INCIDENT_COLUMNS} FROM incidents{cond} ORDER BY "
         if limit is not None:
             rows = self.rows(sql + "opened_at DESC, id DESC LIMIT ?", [*params, limit])[::-1]
         else:
             rows = self.rows(sql + "opened_at, id", params)
         return [incident_of(r) for r in rows]
+
+    def namespaces_of(self, incident_ids: Sequence[int]) -> dict[int, str]:
+        """The namespace of each incident (events carry none: the kernel's log is shared)."""
+        out: dict[int, str] = {}
+        for part in chunks(sorted(set(incident_ids))):
+            cond, params = self.db.any_of("id", part)
+            out.update((r[0], r[1]) for r in self.rows(
+                f"SELECT id, netns FROM incidents WHERE {cond}", params))
+        return out
 
     def incident(self, incident_id: int) -> tuple[Incident, list[ActionRun]]:
         rows = self.rows(f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE id = ?",

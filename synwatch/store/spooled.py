@@ -277,7 +277,7 @@ class SpooledStore(SpoolingHistory):
             return None
         return None if found is None else dict(found)
 
-    def open_incidents(self, host: str, netns: str) -> list[IncidentChange]:
+    def open_incidents(self, host: str, netns: str | None) -> list[IncidentChange]:
         """Incidents left open, from the history and from the spool (a restart during an
         outage), the spool's latest change of each."""
         found = self._read("open_incidents", host, netns)
@@ -289,7 +289,8 @@ class SpooledStore(SpoolingHistory):
                     c, incident_id=c.incident_id or op["made"][0])
         spooled = [replace(c, change="updated", serial=0, sample=None, event_ids=())
                    for c in latest.values()
-                   if c.status == "open" and (c.host, c.netns) == (host, netns)]
+                   if c.status == "open" and c.host == host
+                   and netns in (None, c.netns)]
         known = {c.incident_id for c in spooled}
         return [c for c in ([] if found is FALLBACK else found)
                 if c.incident_id not in known] + spooled

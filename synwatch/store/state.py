@@ -29,11 +29,13 @@ class State(HistoryBase):
                          [self.host, source])
         return dict(parsed(rows[0][0])) if rows else None
 
-    def open_incidents(self, host: str, netns: str) -> list[IncidentChange]:
-        """Incidents left open (by a stop or a crash), as changes the correlator resumes."""
+    def open_incidents(self, host: str, netns: str | None) -> list[IncidentChange]:
+        """Incidents left open (by a stop or a crash), as changes the correlator resumes; in
+        every namespace when ``netns`` is None."""
+        where, params = ("", [host]) if netns is None else (" AND netns = ?", [host, netns])
         return [resumed_of(r) for r in self.rows(
-            f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE status = 'open' AND host = ? "
-            "AND netns = ? ORDER BY id", [host, netns])]
+            f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE status = 'open' AND host = ?"
+            f"{where} ORDER BY id", params)]
 
     def latest_runs(self, action: str, host: str, netns: str,
                     since: datetime) -> list[ActionRun]:
@@ -72,13 +74,16 @@ class State(HistoryBase):
 
     # -- bans -----------------------------------------------------------------------------------
 
-    def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
-        """This node's bans in force in ``netns`` (a fleet shares the table)."""
+    def active_bans(self, netns: str | None, now: datetime,
+                    backend: str | None = None) -> list[Ban]:
+        """This node's bans in force in ``netns`` (every namespace: None; a fleet shares the
+        table)."""
         extra, params = (" AND backend = ?", [backend]) if backend is not None else ("", [])
+        where, first = (" AND netns = ?", [netns]) if netns is not None else ("", [])
         return [ban_of(r) for r in self.rows(
-            f"SELECT {BAN_COLUMNS} FROM bans WHERE host = ? AND netns = ? AND removed_at IS "
+            f"SELECT {BAN_COLUMNS} FROM bans WHERE host = ?{where} AND removed_at IS "
             f"NULL AND expires_at > ? AND {loadable('created_at', 'expires_at')}{extra} "
-            "ORDER BY created_at, id", [self.host, netns, now, *params])]
+            "ORDER BY created_at, id", [self.host, *first, now, *params])]
 
     def expired_bans(self, netns: str, now: datetime, backend: str) -> list[Ban]:
         """Bans past their expiry that nobody removed (for backends without kernel timeouts)."""

@@ -1,4 +1,5 @@
-"""Running a function inside a named network namespace (`ip netns` names).
+"""Running a function inside a named network namespace (`ip netns` names, and names
+synwatch gives the namespaces of containers and processes, bound to a /proc path by ``bind``).
 
 Python 3.11 has no os.setns, so libc's is called through ctypes. setns() moves only the calling
 thread (on the main thread it would move every later socket and /proc/thread-self/net read of
@@ -13,6 +14,10 @@ go), and a worker idle for IDLE_SECONDS exits. A worker serves one namespace onl
 name named when it started (device and inode of the nsfs file): when the name goes away the
 next call fails as before and the workers exit (they no longer hold the old namespace alive),
 and when it names a new namespace the old workers are let go and new ones enter the new one.
+
+Watching every namespace of a host (``watch.netns = "*"``: a container each) would churn that
+pool, so ``visit`` runs short calls (a probe) on the calling thread, which enters the namespace
+and comes home: 200 namespaces cost no thread at all.
 """
 
 from __future__ import annotations
@@ -47,8 +52,57 @@ def _setns(fd: int) -> None:
 
 
 def exists(name: str, netns_dir: Path = NETNS_DIR) -> bool:
-    """Is there an `ip netns` namespace of that name ("" is our own: always)?"""
-    return not name or (netns_dir / name).exists()
+    """Is there a namespace of that name ("" is our own: always)?"""
+    if not name:
+        return True
+    with _lock:
+        bound = _bound.get(name)
+    if bound is None:
+        return (netns_dir / name).exists()
+    try:
+        st = bound[0].stat()
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == bound[1]
+
+
+def bind(name: str, path: Path, ident: NsId) -> None:
+    """Let ``name`` (a container's, a process's) mean the namespace at ``path`` while it is the
+    one of ``ident``: a /proc/PID/ns/net path outlives nothing (a reused PID is another
+    namespace, and the ident check says so), and holds no namespace alive."""
+    with _lock:
+        _bound[name] = (path, ident)
+
+
+def unbind(name: str) -> None:
+    with _lock:
+        _bound.pop(name, None)
+
+
+def bound() -> dict[str, Path]:
+    with _lock:
+        return {name: path for name, (path, _) in _bound.items()}
+
+
+def _path_of(name: str, netns_dir: Path) -> tuple[Path, NsId | None]:
+    with _lock:
+        found = _bound.get(name)
+    return found if found is not None else (netns_dir / name, None)
+
+
+def location(name: str, netns_dir: Path = NETNS_DIR) -> str:
+    """How a command reaches namespace ``name``: "" (here), an `ip netns` name, or the /proc
+    path of a bound name (ProbeError when it is no longer that namespace)."""
+    path, ident = _path_of(name, netns_dir)
+    if ident is None:
+        return name
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ProbeError(f"netns {name}", f"gone ({path}: {exc.strerror})") from exc
+    if (st.st_dev, st.st_ino) != ident:
+        raise ProbeError(f"netns {name}", f"gone ({path} is another namespace now)")
+    return str(path)
 
 
 @dataclass
@@ -72,6 +126,7 @@ class _Namespace:
 
 
 _lock = threading.Lock()
+_bound: dict[str, tuple[Path, NsId]] = {}  # a name synwatch gave -> /proc/PID/ns/net, its ident
 _pool: OrderedDict[str, _Namespace] = OrderedDict()  # least recently used first
 _here = threading.local()  # on a worker: the NsId it is in
 
@@ -152,7 +207,7 @@ def in_netns(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T
     """``func()`` run in network namespace ``name``; "" runs it right here."""
     if not name:
         return func()
-    path = netns_dir / name
+    path, expected = _path_of(name, netns_dir)
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -164,6 +219,8 @@ def in_netns(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T
     try:
         st = os.fstat(target)
         ident = (st.st_dev, st.st_ino)
+        if expected is not None and ident != expected:
+            raise ProbeError(f"netns {name}", f"gone ({path} is another namespace now)")
         if getattr(_here, "ident", None) == ident:
             return func()  # already in it: a worker's function asking for its own namespace
         call = _Call(func)
@@ -199,3 +256,38 @@ def workers() -> dict[str, int]:
     """Worker threads per namespace name (for tests and the status line)."""
     with _lock:
         return {ns.name: ns.workers for ns in _pool.values()}
+
+
+def visit(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T:
+    """``func()`` run in namespace ``name`` on the calling thread, which comes home after it (for
+    short calls: a probe); "" runs it right here. Two setns() calls cost microseconds where a
+    hand-over to a worker costs a few hundred, and a thread that came home holds no namespace
+    alive that its owner let go (a stopped container's). ``func`` must not block: nothing
+    else runs on this thread meanwhile, and it must not leave sockets it made to outlive the
+    call unless they are meant to stay in that namespace."""
+    if not name:
+        return func()
+    path, expected = _path_of(name, netns_dir)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ProbeError(f"netns {name}", f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(target)
+            if expected is not None and (st.st_dev, st.st_ino) != expected:
+                raise ProbeError(f"netns {name}", f"gone ({path} is another namespace now)")
+            try:
+                _setns(target)
+            except OSError as exc:
+                raise ProbeError(f"netns {name}", f"cannot enter: {exc.strerror} "
+                                                  "(needs CAP_SYS_ADMIN)") from exc
+        finally:
+            os.close(target)
+        try:
+            return func()
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)

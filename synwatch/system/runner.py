@@ -9,7 +9,8 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from synwatch.errors import CommandError
+from synwatch.errors import CommandError, ProbeError
+from synwatch.system.netns import location
 
 TIMEOUT = 10.0
 
@@ -20,11 +21,18 @@ def available(tool: str) -> bool:
 
 def run(argv: Sequence[str], *, stdin: str | None = None, netns: str = "",
         timeout: float = TIMEOUT) -> str:
-    """Run ``argv`` (inside ``ip netns exec NETNS`` when given); returns its stdout."""
+    """Run ``argv`` (inside ``ip netns exec NETNS`` when given; a container's namespace through
+    ``nsenter --net=/proc/PID/ns/net``, which keeps our own mounts and /sys); returns its
+    stdout."""
     if not argv:
         raise ValueError("empty argv")
-    full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
     shown = " ".join(argv)
+    try:
+        where = location(netns)
+    except ProbeError as exc:
+        raise CommandError(shown, exc.why) from exc
+    full = (["nsenter", f"--net={where}", "--", *argv] if where.startswith("/")
+            else ["ip", "netns", "exec", where, *argv] if where else list(argv))
     try:
         proc = subprocess.run(full, input=stdin, capture_output=True, text=True,
                               timeout=timeout, check=False)

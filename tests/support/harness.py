@@ -76,8 +76,9 @@ def stop_service(proc: subprocess.Popen[str]) -> tuple[int, str]:
 class Service:
     def __init__(self, the_lab: Lab, tmp_path: Path, quiet: str = "3s",
                  dry_run: bool = True, extra: str = "", incident: str = "",
-                 storage: str = "", run_in: str = "") -> None:
+                 storage: str = "", run_in: str = "", watch: str = "") -> None:
         """``storage``: the [storage] section's keys (default: an SQLite file in tmp_path);
+        ``watch``: watch.netns as TOML (default: the lab's server namespace);
         ``run_in``: a namespace the process itself runs in (`ip netns exec`, which execs: the
         pid is the service's), e.g. one routed to a database server in a namespace."""
         self.run_in = run_in
@@ -87,7 +88,7 @@ class Service:
         self.config.write_text(
             f'[storage]\n{storage}\n'
             '[sources]\njournald = false\nkmsg = true\n'
-            f'[watch]\nnetns = "{the_lab.server_ns}"\n'
+            f'[watch]\nnetns = {watch or json.dumps(the_lab.server_ns)}\n'
             f'[incident]\nquiet_period = "{quiet}"\nprobe_interval = "0.5s"\n{incident}'
             f'[actions]\ndry_run = {str(dry_run).lower()}\n{extra}')
         self.netns = the_lab.server_ns

@@ -1,0 +1,140 @@
+"""Containers on the real kernel: a dockerd of the test's own (tests/support/docker.py) runs
+busybox httpd containers, each in a network namespace of its own, and synwatch watches them all
+(`watch.netns` a glob of their names). A flood against one of them is that container's
+incident, named for it, with its SYN cookies raised and restored inside it; two flooded at
+once get their own verdicts; a container stopped mid-incident closes it."""
+
+from __future__ import annotations
+
+import json
+import random
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from tests.support.cli import synwatch
+from tests.support.docker import Container, DockerLab, docker_lab
+from tests.support.harness import Service
+from tests.support.lab import SPOOF_NET, Lab, lab_port, sh
+from tests.support.wait import eventually
+
+pytestmark = pytest.mark.needs_root
+
+
+@pytest.fixture
+def docker() -> Iterator[DockerLab]:
+    with docker_lab() as made:
+        yield made
+
+
+def _service(tmp_path: Path, tag: str, **kwargs: Any) -> Service:
+    """synwatch on every container of this test (and nothing else of the machine's)."""
+    no_lab = cast(Lab, types.SimpleNamespace(server_ns=""))
+    return Service(no_lab, tmp_path, watch=json.dumps([f"docker:*-{tag}"]), **kwargs)
+
+
+def _wait(service: Service, what: str, check: Any, timeout: float = 40) -> Any:
+    return eventually(check, what, timeout, every=0.3, alive=service.proc,
+                      seen=lambda: service.log.read_text()[-4000:])
+
+
+def _cookies(docker: DockerLab, c: Container) -> int:
+    return int(docker.in_container(c, "sysctl", "-n", "net.ipv4.tcp_syncookies").stdout)
+
+
+def _banned(docker: DockerLab, c: Container) -> set[str]:
+    listed = sh("nsenter", f"--net={c.netns}", "nft", "-j", "list", "set", "inet", "synwatch",
+                "bannet4", check=False)
+    if listed.returncode:
+        return set()
+    return {f"{e['elem']['val']['prefix']['addr']}/{e['elem']['val']['prefix']['len']}"
+            for item in json.loads(listed.stdout)["nftables"]
+            for e in item.get("set", {}).get("elem", [])}
+
+
+def test_a_flood_against_one_container_among_several_is_its_incident(
+        docker: DockerLab, tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:6]
+    port = lab_port()
+    flooded = docker.run(f"shop-{tag}", ["busybox", "httpd", "-f", "-p", str(port), "-h", "/"],
+                         port=port, options=["--sysctl", "net.ipv4.tcp_syncookies=0"])
+    others = [docker.httpd(f"blog{i}-{tag}", port) for i in (1, 2)]
+    service = _service(tmp_path, tag, dry_run=False, quiet="3s")
+    try:
+        for c in (flooded, *others):
+            service.wait_log(f"watching namespace docker:{c.name} (docker {c.id[:12]})")
+        docker.flood(flooded.ip, port, 3000)
+        [inc] = _wait(service, "an incident", lambda: service.incidents(port) or None)
+        assert inc["netns"] == f"docker:{flooded.name}", inc
+        _wait(service, "cookies raised in the container", lambda: _cookies(docker, flooded) == 1)
+        [closed] = _wait(service, "the incident closed", lambda: [
+            i for i in service.incidents(port) if i["status"] == "closed"] or None)
+        assert closed["verdict"] == "spoofed"
+        _wait(service, "cookies restored in it", lambda: _cookies(docker, flooded) == 0)
+        shown = synwatch("incidents", "show", str(inc["id"]), "--config", str(service.config))
+        assert f"docker:{flooded.name}" in shown.out, shown.out
+        service.wait_probes(3)
+    finally:
+        service.stop()
+    assert [i["netns"] for i in service.incidents(port)] == [f"docker:{flooded.name}"]
+    for c in others:
+        assert _cookies(docker, c) == 1, "a new namespace's own default, never touched"
+        assert "synwatch" not in docker.in_container(c, "nft", "list", "tables").stdout
+    listed = synwatch("incidents", "list", "--netns", "docker:shop-*", "--format", "json",
+                      "--config", str(service.config))
+    assert [i["id"] for i in json.loads(listed.out)] == [inc["id"]]
+
+
+def test_two_containers_flooded_at_once_get_their_own_verdicts(docker: DockerLab,
+                                                               tmp_path: Path) -> None:
+    """One spoofed (a /16), one concentrated (two /24s), at the same time on the same port: the
+    concentrated one's bans land in its own namespace and its real client still gets in."""
+    tag = uuid.uuid4().hex[:6]
+    port = lab_port()
+    spoofed = docker.httpd(f"spoofed-{tag}", port)
+    concentrated = docker.httpd(f"concentrated-{tag}", port)
+    service = _service(tmp_path, tag, dry_run=False, quiet="5s")
+    try:
+        service.wait_log(f"watching namespace docker:{concentrated.name}")
+        nets = [f"{SPOOF_NET}.7", f"{SPOOF_NET}.8"]
+        sources = [f"{random.choice(nets)}.{random.randint(1, 254)}" for _ in range(8000)]
+        docker.start_flood(concentrated.ip, port, len(sources), sources, rate=1000)
+        docker.start_flood(spoofed.ip, port, 8000, rate=1000)
+        want = {f"{n}.0/24" for n in nets}
+        _wait(service, "both /24s banned in the concentrated container",
+              lambda: _banned(docker, concentrated) >= want)
+        def judged() -> dict[str, str] | None:
+            v = {i["netns"]: i["verdict"] for i in service.incidents(port)}
+            return v if set(v.values()) == {"spoofed", "concentrated"} else None
+
+        verdicts = _wait(service, "both verdicts", judged)
+        assert verdicts == {f"docker:{spoofed.name}": "spoofed",
+                            f"docker:{concentrated.name}": "concentrated"}
+        assert "200 OK" in docker.connect(concentrated.ip, port), "a real client gets in"
+        service.wait_probes(3)
+        assert _banned(docker, concentrated) == want
+        assert _banned(docker, spoofed) == set()
+    finally:
+        service.stop()
+
+
+def test_a_container_stopped_mid_incident_closes_it(docker: DockerLab, tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:6]
+    port = lab_port()
+    web = docker.httpd(f"web-{tag}", port)
+    service = _service(tmp_path, tag, quiet="5m")
+    try:
+        service.wait_log(f"watching namespace docker:{web.name}")
+        docker.flood(web.ip, port, 3000)
+        [inc] = _wait(service, "an incident", lambda: service.incidents(port) or None)
+        docker.stop(web.name)
+        [closed] = _wait(service, "the incident closed", lambda: [
+            i for i in service.incidents(port) if i["status"] == "closed"] or None, timeout=20)
+        assert closed["id"] == inc["id"]
+        service.wait_log(f"namespace docker:{web.name} is gone")
+    finally:
+        service.stop()

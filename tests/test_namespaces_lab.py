@@ -1,0 +1,168 @@
+"""Many network namespaces at once (`watch.netns` a list or "*"), on the real kernel: each
+namespace's flood is its own incident with its own verdict and its own responses, a kernel line
+goes to the namespace whose state bears it out, and a namespace that goes away mid-incident
+closes it. Containers are network namespaces too; tests/test_containers_lab.py runs the same
+with real Docker containers."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cli import synwatch
+from tests.support.harness import Service
+from tests.support.lab import SPOOF_NET, Lab, banned_in_nft, lab, lab_port, sh
+from tests.support.wait import eventually
+
+pytestmark = pytest.mark.needs_root
+
+
+@pytest.fixture
+def two_labs() -> Iterator[tuple[Lab, Lab]]:
+    with lab() as a, lab() as b:
+        yield a, b
+
+
+def _cookies(the_lab: Lab) -> int:
+    return int(the_lab.in_server("sysctl", "-n", "net.ipv4.tcp_syncookies").stdout)
+
+
+def _tables(the_lab: Lab) -> str:
+    return the_lab.in_server("nft", "list", "tables").stdout
+
+
+def _incidents(service: Service, port: int) -> list[dict[str, Any]]:
+    return service.incidents(port)
+
+
+def _wait(service: Service, what: str, check: Any, timeout: float = 40) -> Any:
+    return eventually(check, what, timeout, every=0.3, alive=service.proc,
+                      seen=lambda: service.log.read_text()[-4000:])
+
+
+def test_a_flood_in_one_of_two_namespaces_is_its_incident_alone(
+        two_labs: tuple[Lab, Lab], tmp_path: Path) -> None:
+    """Both namespaces listen on the same port, so the kernel's line fits both: only the
+    flooded one's state bears it out. Its SYN cookies are raised and restored inside it; the
+    other's are never touched, and no action ever runs there."""
+    a, b = two_labs
+    port = lab_port()
+    for the_lab in (a, b):
+        the_lab.sysctl("net.ipv4.tcp_syncookies", 0)
+        the_lab.listen(port, backlog=16)
+    service = Service(a, tmp_path, dry_run=False, quiet="3s",
+                      watch=json.dumps([a.server_ns, b.server_ns]))
+    try:
+        service.wait_log(f"watching namespace {b.server_ns}")
+        a.flood(port, 3000)
+        [inc] = _wait(service, "an incident", lambda: _incidents(service, port) or None)
+        assert inc["netns"] == a.server_ns
+        _wait(service, "cookies raised in the flooded namespace", lambda: _cookies(a) == 1)
+        [closed] = _wait(service, "the incident closed",
+                         lambda: [i for i in _incidents(service, port)
+                                  if i["status"] == "closed"] or None)
+        _wait(service, "cookies restored there", lambda: _cookies(a) == 0)
+        assert (closed["id"], closed["verdict"]) == (inc["id"], "spoofed"), closed
+        service.wait_probes(3)
+    finally:
+        service.stop()
+    assert _cookies(b) == 0
+    assert "synwatch" not in _tables(b), "no action ever set up in the quiet namespace"
+    assert [i["netns"] for i in _incidents(service, port)] == [a.server_ns]
+    log = service.log.read_text()
+    assert f"actions in {a.server_ns}: syncookies" in log and f"actions in {b.server_ns}" \
+        not in log
+    # the list finds it by its namespace's name, globs included
+    listed = synwatch("incidents", "list", "--netns", f"{a.server_ns[:6]}*", "--format", "json",
+                      "--config", str(service.config))
+    assert [i["id"] for i in json.loads(listed.out)] == [inc["id"]], listed.err
+    none = synwatch("incidents", "list", "--netns", b.server_ns, "--format", "json",
+                    "--config", str(service.config))
+    assert json.loads(none.out) == [], none.err
+
+
+def test_two_namespaces_flooded_at_once_get_their_own_verdicts_and_bans(
+        two_labs: tuple[Lab, Lab], tmp_path: Path) -> None:
+    """A spoofed flood over a /16 in one, a flood from two /24s in the other, at the same time
+    and on the same port: one spoofed incident (no ban), one concentrated incident whose bans
+    land in its own namespace's nftables set and spare its real clients."""
+    spoofed, concentrated = two_labs
+    port = lab_port()
+    spoofed.listen(port, backlog=16)
+    concentrated.serve(port, 16)
+    service = Service(spoofed, tmp_path, dry_run=False, quiet="5s",
+                      watch=json.dumps([spoofed.server_ns, concentrated.server_ns]))
+    try:
+        service.wait_log(f"watching namespace {concentrated.server_ns}")
+        clients = concentrated.real_clients(port, [f"{SPOOF_NET}.30.{i}" for i in range(1, 21)],
+                                            seconds=30)
+        nets = [f"{SPOOF_NET}.7", f"{SPOOF_NET}.8"]
+        sources = [f"{random.choice(nets)}.{random.randint(1, 254)}" for _ in range(8000)]
+        concentrated.start_flood(port, len(sources), sources, rate=1000)
+        spoofed.start_flood(port, 8000, rate=1000)
+        want = {f"{n}.0/24" for n in nets}
+        _wait(service, "both /24s banned in the concentrated namespace",
+              lambda: set(banned_in_nft(concentrated)) >= want)
+        banned_at = time.time()
+        def judged() -> dict[str, str] | None:
+            v = {i["netns"]: i["verdict"] for i in _incidents(service, port)}
+            return v if set(v.values()) == {"spoofed", "concentrated"} else None
+
+        verdicts = _wait(service, "both verdicts", judged)
+        assert verdicts == {spoofed.server_ns: "spoofed", concentrated.server_ns: "concentrated"}
+        service.wait_probes(3)
+        assert set(banned_in_nft(concentrated)) == want, "nothing else"
+        assert banned_in_nft(spoofed) == {}, "nothing banned where the flood is spoofed"
+        assert clients.stdout is not None
+        after = []
+        for line in clients.stdout:
+            at, outcome = line.split()[:2]
+            if float(at) > banned_at:
+                after.append(outcome == "ok")
+            if len(after) >= 40:
+                break
+        clients.kill()
+        assert sum(after) / len(after) >= 0.95, after
+    finally:
+        service.stop()
+    bans = json.loads(synwatch("bans", "list", "--format", "json", "--config",
+                               str(service.config)).out)
+    by_incident = {i["id"]: i["netns"] for i in _incidents(service, port)}
+    assert {by_incident[b["incident_id"]] for b in bans} == {concentrated.server_ns}
+
+
+def test_a_namespace_that_goes_away_mid_incident_closes_it(two_labs: tuple[Lab, Lab],
+                                                           tmp_path: Path) -> None:
+    """A container stopped mid-flood: its namespace goes, and with it everything the incident
+    was about. The incident closes at the next look, without waiting for the quiet period, and
+    the other namespace is still watched."""
+    a, b = two_labs
+    port = lab_port()
+    a.listen(port, backlog=16)
+    b.listen(port, backlog=16)
+    service = Service(a, tmp_path, quiet="5m",
+                      watch=json.dumps([a.server_ns, b.server_ns]))
+    try:
+        service.wait_log(f"watching namespace {b.server_ns}")
+        a.flood(port, 3000)
+        [inc] = _wait(service, "an incident", lambda: _incidents(service, port) or None)
+        for proc in a.processes:
+            proc.kill()
+            proc.wait()
+        a.processes.clear()
+        sh("ip", "netns", "del", a.server_ns)
+        [closed] = _wait(service, "the incident closed", lambda: [
+            i for i in _incidents(service, port) if i["status"] == "closed"] or None, timeout=20)
+        assert closed["id"] == inc["id"]
+        service.wait_log(f"namespace {a.server_ns} is gone")
+        b.flood(port, 3000)
+        _wait(service, "the other namespace's incident", lambda: [
+            i for i in _incidents(service, port) if i["netns"] == b.server_ns] or None)
+    finally:
+        service.stop()
