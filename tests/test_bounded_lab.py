@@ -180,7 +180,7 @@ def test_watchdog_fed_only_while_probing(tmp_path: Path, notify: NotifySocket,
     service._start()
     try:
         ping = 0.05
-        service._probe()
+        service._probe(service.watch.all()[0])
         service.watchdog.tick(ping)
         assert _datagrams(notify) == ["WATCHDOG=1"]
         clock.advance(ping)
@@ -194,13 +194,14 @@ def test_watchdog_fed_only_while_probing(tmp_path: Path, notify: NotifySocket,
             clock.advance(ping)
         assert _datagrams(notify) == [], "no WATCHDOG=1 once the probes stopped"
         assert "systemd's watchdog is no longer fed" in caplog.text
-        service._probe()  # probing again: fed again at once
+        service._probe(service.watch.all()[0])  # probing again: fed again at once
         service.watchdog.tick(ping)
         assert _datagrams(notify) == ["WATCHDOG=1"]
         assert "fed again" in caplog.text
     finally:
-        assert service.responder is not None and service.supervisor is not None
-        service.responder.stop()
+        assert service.supervisor is not None
+        for responder in service.watch.responders():
+            responder.stop()
         service.supervisor.stop()
         assert service.store is not None
         service.store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import types
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.support.cli import synwatch
 from tests.support.docker import Container, DockerLab, docker_lab
 from tests.support.harness import Service
 from tests.support.lab import SPOOF_NET, Lab, lab_port, sh
+from tests.support.receivers import free_port, http_receiver
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
@@ -58,35 +60,62 @@ def _banned(docker: DockerLab, c: Container) -> set[str]:
 
 def test_a_flood_against_one_container_among_several_is_its_incident(
         docker: DockerLab, tmp_path: Path) -> None:
+    """The incident, its notification and its metrics name the container; its cookies are
+    raised and restored inside it; the other containers are never touched."""
     tag = uuid.uuid4().hex[:6]
     port = lab_port()
     flooded = docker.run(f"shop-{tag}", ["busybox", "httpd", "-f", "-p", str(port), "-h", "/"],
                          port=port, options=["--sysctl", "net.ipv4.tcp_syncookies=0"])
     others = [docker.httpd(f"blog{i}-{tag}", port) for i in (1, 2)]
-    service = _service(tmp_path, tag, dry_run=False, quiet="3s")
-    try:
-        for c in (flooded, *others):
-            service.wait_log(f"watching namespace docker:{c.name} (docker {c.id[:12]})")
-        docker.flood(flooded.ip, port, 3000)
-        [inc] = _wait(service, "an incident", lambda: service.incidents(port) or None)
-        assert inc["netns"] == f"docker:{flooded.name}", inc
-        _wait(service, "cookies raised in the container", lambda: _cookies(docker, flooded) == 1)
-        [closed] = _wait(service, "the incident closed", lambda: [
-            i for i in service.incidents(port) if i["status"] == "closed"] or None)
-        assert closed["verdict"] == "spoofed"
-        _wait(service, "cookies restored in it", lambda: _cookies(docker, flooded) == 0)
-        shown = synwatch("incidents", "show", str(inc["id"]), "--config", str(service.config))
-        assert f"docker:{flooded.name}" in shown.out, shown.out
-        service.wait_probes(3)
-    finally:
-        service.stop()
-    assert [i["netns"] for i in service.incidents(port)] == [f"docker:{flooded.name}"]
+    name = f"docker:{flooded.name}"
+    metrics = free_port()
+    with http_receiver() as (http_port, posts):
+        service = _service(tmp_path, tag, dry_run=False, quiet="3s", extra=(
+            f'[actions.notify]\nenabled = true\nurls = ["json://127.0.0.1:{http_port}/hook"]\n'
+            f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n'))
+        try:
+            for c in (flooded, *others):
+                service.wait_log(f"watching namespace docker:{c.name} (docker {c.id[:12]})")
+            docker.flood(flooded.ip, port, 3000)
+            [inc] = _wait(service, "an incident", lambda: service.incidents(port) or None)
+            assert inc["netns"] == name, inc
+            _wait(service, "cookies raised in the container",
+                  lambda: _cookies(docker, flooded) == 1)
+            def exported() -> str | None:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics",
+                                            timeout=5) as answer:
+                    text: str = answer.read().decode()
+                return text if (f'synwatch_listener_backlog{{address="::",netns="{name}",'
+                                f'port="{port}"}} 9.0') in text else None
+
+            served = _wait(service, "its listener in the metrics", exported)
+            assert f'synwatch_syn_overflow_total{{netns="{name}"}}' in served
+            [closed] = _wait(service, "the incident closed", lambda: [
+                i for i in service.incidents(port) if i["status"] == "closed"] or None)
+            assert closed["verdict"] == "spoofed"
+            _wait(service, "cookies restored in it", lambda: _cookies(docker, flooded) == 0)
+            titles = _wait(service, "the opening and closing messages", lambda: [
+                p["title"] for p in posts if f":{port}: " in p["title"]][1:] and [
+                p["title"] for p in posts if f":{port}: " in p["title"]])
+            assert all(f"({name}) [::]:{port}" in t for t in titles), titles
+            shown = synwatch("incidents", "show", str(inc["id"]), "--config", str(service.config))
+            assert name in shown.out, shown.out
+            service.wait_probes(3)
+        finally:
+            service.stop()
+    assert [i["netns"] for i in service.incidents(port)] == [name]
     for c in others:
         assert _cookies(docker, c) == 1, "a new namespace's own default, never touched"
         assert "synwatch" not in docker.in_container(c, "nft", "list", "tables").stdout
     listed = synwatch("incidents", "list", "--netns", "docker:shop-*", "--format", "json",
                       "--config", str(service.config))
     assert [i["id"] for i in json.loads(listed.out)] == [inc["id"]]
+    events = json.loads(synwatch("events", "list", "--netns", "docker:shop-*", "--format",
+                                 "json", "--config", str(service.config)).out)
+    assert events and {e["incident_id"] for e in events} == {inc["id"]}
+    table = synwatch("events", "list", "--netns", "docker:shop-*", "--config",
+                     str(service.config)).out
+    assert name in table
 
 
 def test_two_containers_flooded_at_once_get_their_own_verdicts(docker: DockerLab,
@@ -122,19 +151,36 @@ def test_two_containers_flooded_at_once_get_their_own_verdicts(docker: DockerLab
         service.stop()
 
 
-def test_a_container_stopped_mid_incident_closes_it(docker: DockerLab, tmp_path: Path) -> None:
+def test_a_container_stopped_mid_incident_closes_it_and_leaves_nothing_for_its_successor(
+        docker: DockerLab, tmp_path: Path) -> None:
+    """Stopped mid-flood with its SYN cookies raised from 0: the incident closes at the next
+    look, and what synwatch would have put back goes with the namespace. A new container under
+    the same name (cookies 1, a new namespace's default) is never set to the old one's 0."""
     tag = uuid.uuid4().hex[:6]
     port = lab_port()
-    web = docker.httpd(f"web-{tag}", port)
-    service = _service(tmp_path, tag, quiet="5m")
+    web = docker.run(f"web-{tag}", ["busybox", "httpd", "-f", "-p", str(port), "-h", "/"],
+                     port=port, options=["--sysctl", "net.ipv4.tcp_syncookies=0"])
+    service = _service(tmp_path, tag, dry_run=False, quiet="3s")
     try:
         service.wait_log(f"watching namespace docker:{web.name}")
         docker.flood(web.ip, port, 3000)
         [inc] = _wait(service, "an incident", lambda: service.incidents(port) or None)
+        _wait(service, "cookies raised", lambda: _cookies(docker, web) == 1)
         docker.stop(web.name)
         [closed] = _wait(service, "the incident closed", lambda: [
             i for i in service.incidents(port) if i["status"] == "closed"] or None, timeout=20)
         assert closed["id"] == inc["id"]
         service.wait_log(f"namespace docker:{web.name} is gone")
+        again = docker.httpd(web.name, port)
+        service.wait_log(f"watching namespace docker:{again.name} (docker {again.id[:12]})")
+        docker.flood(again.ip, port, 3000)
+        second = _wait(service, "the new container's incident closed", lambda: next(
+            (i for i in service.incidents(port)
+             if i["id"] != inc["id"] and i["status"] == "closed"), None))
+        assert second["netns"] == f"docker:{web.name}"
+        service.wait_probes(3)
+        assert _cookies(docker, again) == 1, "the old container's 0 is not put back here"
     finally:
         service.stop()
+    log = service.log.read_text()
+    assert "syncookies net.ipv4.tcp_syncookies (incident" in log and "skipped: already 1" in log

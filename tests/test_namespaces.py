@@ -133,3 +133,78 @@ def test_advice_for_a_container_says_how_its_runtime_sets_a_sysctl() -> None:
     assert "securityContext.sysctls" in pod[2] and "a safe sysctl in Kubernetes" in pod[2]
     plain = in_place(recs, Place("container", "containerd"))
     assert "OCI spec" in plain[0]
+
+
+class _Settings:
+    """The history's saved settings and bans, as much of it as letting a namespace go uses."""
+
+    def __init__(self) -> None:
+        self.settings = {("docker:web1", "net.ipv4.tcp_syncookies"): "0",
+                         ("", "net.ipv4.tcp_syncookies"): "0"}
+        self.removed: list[object] = []
+
+    def saved_settings(self) -> list[tuple[str, str, str]]:
+        return [(ns, name, v) for (ns, name), v in self.settings.items()]
+
+    def forget_setting(self, netns: str, name: str) -> None:
+        del self.settings[(netns, name)]
+
+    def active_bans(self, netns: str, now: object) -> list[object]:
+        return []
+
+    def mark_removed(self, ids: list[object], now: object) -> None:
+        self.removed += ids
+
+
+def test_a_container_back_under_its_name_is_admitted_only_once_the_old_one_is_let_go(
+        tmp_path: Path) -> None:
+    """`docker restart` between two looks: the old namespace goes and a new one has its name.
+    Its name keeps meaning the old namespace until the service has closed the old one's
+    incidents and forgotten what it saved there; then it means the new one, which is watched
+    from the next turn on, and nothing saved for the old one is left for it."""
+    from datetime import datetime, timezone
+
+    from synwatch.clock import FrozenClock
+    from synwatch.daemon.watchset import DISCOVER_EVERY, WatchSet
+    from synwatch.system import netns
+
+    proc, run = tmp_path / "proc", tmp_path / "run"
+    run.mkdir()
+    own, old, new = (_ns_file(tmp_path, n) for n in ("own", "old", "new"))
+    (proc / "self" / "ns").mkdir(parents=True)
+    os.link(own, proc / "self" / "ns" / "net")
+    _process(proc, 1, own, "init")
+    _process(proc, 100, old, "httpd", f"0::/docker/{DOCKER_ID}\n")
+    data = tmp_path / "docker"
+    (data / "containers" / DOCKER_ID).mkdir(parents=True)
+    (data / "containers" / DOCKER_ID / "config.v2.json").write_text('{"Name": "/web1"}')
+    dockerd = proc / "50"
+    _process(proc, 50, own, "dockerd")
+    (dockerd / "cmdline").write_bytes(f"dockerd\0--data-root\0{data}\0".encode())
+    config = load_config(str(_config(tmp_path, '"*"')))
+    clock = FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc))
+    watch = WatchSet(config, clock, lambda _c: None, proc=proc,  # type: ignore[arg-type,return-value]
+                     netns_dir=run)
+    try:
+        watch.discover()
+        first = watch.named("docker:web1")
+        assert first is not None and netns.bound()["docker:web1"] == proc / "100" / "ns" / "net"
+        import shutil
+        shutil.rmtree(proc / "100")  # restarted: a new init, a new namespace
+        _process(proc, 200, new, "httpd", f"0::/docker/{DOCKER_ID}\n")
+        clock.advance(DISCOVER_EVERY)
+        _, went = watch.due()
+        assert went == [first] and watch.named("docker:web1") is None
+        assert netns.bound()["docker:web1"] == proc / "100" / "ns" / "net", \
+            "the old one's until it is let go"
+        store = _Settings()
+        watch.forget(first, store)  # type: ignore[arg-type]
+        assert store.settings == {("", "net.ipv4.tcp_syncookies"): "0"}
+        _, went = watch.due()
+        second = watch.named("docker:web1")
+        assert went == [] and second is not None and second is not first
+        assert second.found.ident == (new.stat().st_dev, new.stat().st_ino)
+        assert netns.bound()["docker:web1"] == proc / "200" / "ns" / "net"
+        assert watch.next_due() > clock.monotonic(), "nothing left to do at once: no busy loop"
+    finally:
+        netns.unbind("docker:web1")

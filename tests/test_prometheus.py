@@ -30,7 +30,7 @@ PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "and", "o
 def exported() -> set[str]:
     """Every series name a running synwatch serves, with one listener probed."""
     metrics = Metrics()
-    metrics.kernel.snapshot = Snapshot(
+    metrics.kernel.snapshots[""] = Snapshot(
         "", (ListenerState(Listener(4, "0.0.0.0", 80, 128, 0, 0), 3, (("10.0.0.0/24", 3),), 1),),
         {"TcpExt.TCPReqQFullDoCookies": 5}, {}, Conntrack(10, 262144, 2))
     metrics.events.labels("kmsg", "true", "syn_flood").inc()
@@ -41,6 +41,25 @@ def exported() -> set[str]:
     text = generate_latest(metrics.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
             if line and not line.startswith("#")}
+
+
+def test_every_watched_namespace_is_in_the_metrics_under_its_name() -> None:
+    """Watching many namespaces, each one's listeners and counters are there at once, labelled
+    with the namespace's name (a container's, not an inode); one that went leaves."""
+    metrics = Metrics()
+    for netns, port, overflow in (("", 80, 5), ("docker:shop", 8080, 7), ("lab1", 80, 0)):
+        metrics.kernel.snapshots[netns] = Snapshot(
+            netns, (ListenerState(Listener(4, "0.0.0.0", port, 128, 0, 0), 3, (), 1),),
+            {"TcpExt.TCPReqQFullDoCookies": overflow}, {}, None)
+    text = generate_latest(metrics.registry).decode()
+    assert 'synwatch_listener_syn_recv{address="0.0.0.0",netns="docker:shop",port="8080"} 3.0' \
+        in text
+    assert 'synwatch_syn_overflow_total{netns="docker:shop"} 7.0' in text
+    assert 'synwatch_syn_overflow_total{netns=""} 5.0' in text
+    assert text.count("# TYPE synwatch_syn_overflow_total counter") == 1
+    assert "synwatch_conntrack_entries" not in text
+    del metrics.kernel.snapshots["docker:shop"]
+    assert "docker:shop" not in generate_latest(metrics.registry).decode()
 
 
 def test_the_alert_rules_pass_their_promtool_tests() -> None:

@@ -17,7 +17,9 @@ TRIGGERS = {"log": "the kernel log", "counters": "the kernel counters",
 def compose(kind: str, c: IncidentChange, runs: Sequence[ActionRun],
             now: datetime) -> tuple[str, str]:
     """(title, body) for an ``opened``, ``update`` or ``closed`` message."""
-    where = f"{c.host}{f' (netns {c.netns})' if c.netns else ''}"
+    # a container's namespace by its name ("docker:web1"), an `ip netns` one as such
+    where = (f"{c.host} ({c.netns})" if ":" in c.netns else
+             f"{c.host}{f' (netns {c.netns})' if c.netns else ''}")
     listener = endpoint(c.address, c.port) if c.port is not None else "an unknown listener"
     title = (f"synwatch: {HEADLINES[kind]} on {where} {listener}: {c.verdict} "
              f"(incident {c.incident_id})")

@@ -122,7 +122,7 @@ def netns_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is a pattern; one namespace's name "
                                          "is needed here")
     try:
-        chosen = netns_choice(text if ":" not in text else [text])
+        chosen = netns_choice([text] if ":" in text or "#" in text else text)
     except Invalid as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return chosen if isinstance(chosen, str) else chosen[0]

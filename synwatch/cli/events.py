@@ -24,17 +24,18 @@ def cmd_events_list(args: argparse.Namespace) -> int:
     from synwatch.cli.views import event_view  # noqa: PLC0415
 
     store, host = open_history(args)
-    events = store.events(since=args.since, limit=args.limit,
-                          host=chosen_host(args, host)) if store else []
-    where = store.namespaces_of([e.incident_id for e in events
-                                 if e.incident_id is not None]) if store else {}
-    rows = [event_view(e, where.get(e.incident_id) if e.incident_id is not None else None)
-            for e in events]
-    if args.format == "json":
+    events = store.events(since=args.since, limit=args.limit, host=chosen_host(args, host),
+                          netns=args.netns) if store else []
+    rows = [event_view(e) for e in events]
+    if args.format == "json":  # the contract's keys: an event's namespace is its incident's
         print(dumps(rows))
     else:
-        table(rows, ["id", "time", "source", "trusted", "kind", "family", "address", "port",
-                     "mode", "source_ip", "incident_id", "netns"], sys.stdout,
+        where = store.namespaces_of([e.incident_id for e in events
+                                     if e.incident_id is not None]) if store else {}
+        shown = [{**r, "netns": ("-" if r["incident_id"] is None else
+                                 where.get(r["incident_id"]) or "host")} for r in rows]
+        table(shown, ["id", "time", "source", "trusted", "kind", "family", "address", "port",
+                      "mode", "source_ip", "incident_id", "netns"], sys.stdout,
               headers=["id", "time", "source", "trusted", "kind", "fam", "address", "port",
                        "mode", "source_ip", "incident", "netns"])
     return 0
@@ -45,6 +46,9 @@ def register(sub: Any) -> None:
     p = command(events, "list", cmd_events_list, "list recorded kernel events, oldest first")
     p.add_argument("--since", type=since, metavar="DUR", help="only the last DUR (e.g. 1h)")
     p.add_argument("--limit", type=positive, metavar="N", help="only the newest N")
+    p.add_argument("--netns", metavar="PATTERN",
+                   help="only the events of incidents in the network namespaces whose names "
+                        'match (a glob: "docker:*"; "" is the host\'s own)')
     add_hosts(p)
     add_format(p)
     add_config(p)

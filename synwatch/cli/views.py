@@ -15,14 +15,11 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def event_view(e: RecordedEvent, netns: str | None = None) -> dict[str, Any]:
-    """``netns``: the namespace of the incident the event belongs to (null: none; "" is the
-    host's own)."""
+def event_view(e: RecordedEvent) -> dict[str, Any]:
     return {
         "id": e.id, "time": iso(e.time), "source": e.source, "trusted": e.trusted,
         "kind": e.kind, "family": e.family, "address": e.address, "port": e.port,
         "mode": e.mode, "source_ip": e.source_ip, "incident_id": e.incident_id,
-        "netns": netns,
     }
 
 

@@ -217,10 +217,11 @@ NETNS_PATTERN = re.compile(r"[A-Za-z0-9_.:/*?#\[\]][A-Za-z0-9_.:/*?#\[\]-]{0,254
 
 def netns_choice(value: Any) -> str | tuple[str, ...]:
     """One `ip netns` name (or "" for our own) as before, or the namespaces to follow as they
-    come and go: "*" (every one) or a list of names and globs matched against the names
-    synwatch gives them ("docker:web*", "k8s:shop/*", an `ip netns` name, "" for our own)."""
-    if isinstance(value, str) and not GLOB.search(value):
-        return netns_name(value)
+    come and go: "*" (every one), one of the names synwatch gives them ("docker:web1"), or a
+    list of names and globs ("docker:web*", "k8s:shop/*", an `ip netns` name, "" for our
+    own). Globs take ``*`` and ``?``."""
+    if isinstance(value, str) and not GLOB.search(value) and not re.search(r"[:#]", value):
+        return netns_name(value)  # an `ip netns` name: probed and acted in as before
     patterns = (value,) if isinstance(value, str) else string_list(value)
     if not patterns:
         raise Invalid('is an empty list: "" watches our own namespace, "*" every one')

@@ -48,14 +48,15 @@ NAMESPACE_COUNTERS = {
 
 
 class _KernelCollector(Collector):
-    """Listeners and namespace counters, from the latest probe."""
+    """Listeners and namespace counters, from the latest probe of each namespace (a quiet one
+    of many, read on its counters alone, keeps its last full probe's)."""
 
     def __init__(self) -> None:
-        self.snapshot: Snapshot | None = None
+        self.snapshots: dict[str, Snapshot] = {}  # netns -> its latest, replaced whole
 
     def collect(self) -> Iterator[Any]:
-        snap = self.snapshot  # replaced whole by the probe thread: read once
-        if snap is None:
+        snaps = list(self.snapshots.values())  # the probe thread replaces entries: read once
+        if not snaps:
             return
         gauges = {
             "syn_recv": GaugeMetricFamily("synwatch_listener_syn_recv", "request sockets "
@@ -67,31 +68,37 @@ class _KernelCollector(Collector):
         }
         drops = CounterMetricFamily("synwatch_listener_drops", "SYNs and final ACKs the listener "
                                     "dropped (its sk_drops)", labels=LISTENER)
-        for st in snap.listeners:
-            li = st.listener
-            labels = [snap.netns, li.address, str(li.port)]
-            gauges["syn_recv"].add_metric(labels, st.syn_recv)
-            gauges["backlog"].add_metric(labels, li.backlog)
-            gauges["accept_queue"].add_metric(labels, li.accept_queue)
-            drops.add_metric(labels, li.drops)
+        entries = GaugeMetricFamily("synwatch_conntrack_entries", "entries in the "
+                                    "connection-tracking table", labels=["netns"])
+        limit = GaugeMetricFamily("synwatch_conntrack_max", "the table's size "
+                                  "(net.netfilter.nf_conntrack_max)", labels=["netns"])
+        dropped = CounterMetricFamily("synwatch_conntrack_dropped", "new flows dropped "
+                                      "because the table was full", labels=["netns"])
+        families = {name: CounterMetricFamily(name, f"the namespace's {text}", labels=["netns"])
+                    for name, (_, text) in NAMESPACE_COUNTERS.items()}
+        tracked = False
+        for snap in snaps:
+            for st in snap.listeners:
+                li = st.listener
+                labels = [snap.netns, li.address, str(li.port)]
+                gauges["syn_recv"].add_metric(labels, st.syn_recv)
+                gauges["backlog"].add_metric(labels, li.backlog)
+                gauges["accept_queue"].add_metric(labels, li.accept_queue)
+                drops.add_metric(labels, li.drops)
+            table = snap.conntrack
+            if table is not None:  # connection tracking in the namespace (docs/kernel.md §7)
+                tracked = True
+                entries.add_metric([snap.netns], table.count)
+                limit.add_metric([snap.netns], table.max)
+                dropped.add_metric([snap.netns], table.drop)
+            for name, (counters, _) in NAMESPACE_COUNTERS.items():
+                families[name].add_metric([snap.netns],
+                                          sum(snap.counters.get(c, 0) for c in counters))
         yield from gauges.values()
         yield drops
-        table = snap.conntrack
-        if table is not None:  # connection tracking in the namespace (docs/kernel.md §7)
-            entries = GaugeMetricFamily("synwatch_conntrack_entries", "entries in the "
-                                        "connection-tracking table", labels=["netns"])
-            entries.add_metric([snap.netns], table.count)
-            limit = GaugeMetricFamily("synwatch_conntrack_max", "the table's size "
-                                      "(net.netfilter.nf_conntrack_max)", labels=["netns"])
-            limit.add_metric([snap.netns], table.max)
-            dropped = CounterMetricFamily("synwatch_conntrack_dropped", "new flows dropped "
-                                          "because the table was full", labels=["netns"])
-            dropped.add_metric([snap.netns], table.drop)
+        if tracked:
             yield from (entries, limit, dropped)
-        for name, (counters, text) in NAMESPACE_COUNTERS.items():
-            family = CounterMetricFamily(name, f"the namespace's {text}", labels=["netns"])
-            family.add_metric([snap.netns], sum(snap.counters.get(c, 0) for c in counters))
-            yield family
+        yield from families.values()
 
 
 class Metrics:

@@ -10,7 +10,6 @@ import queue
 import signal
 import threading
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from types import FrameType
 
 from synwatch.actions.registry import resolve_policy
@@ -21,11 +20,12 @@ from synwatch.daemon.housekeeping import Housekeeping
 from synwatch.daemon.recorder import Recorder
 from synwatch.daemon.telemetry import Telemetry
 from synwatch.daemon.watchdog import Watchdog
-from synwatch.daemon.watchset import Watched, WatchSet
+from synwatch.daemon.watched import Watched
+from synwatch.daemon.watchset import WatchSet
 from synwatch.detect.replay import Recording, event_line, evidence_line, probe_failed_line
 from synwatch.errors import ConfigError, ProbeError
 from synwatch.lines.catalogue import load_catalogue
-from synwatch.records import IncidentChange, StoredEvent, endpoint
+from synwatch.records import IncidentChange, endpoint
 from synwatch.sources import build_sources, plan_sources
 from synwatch.sources.base import Batch
 from synwatch.sources.supervisor import Supervisor
@@ -69,7 +69,9 @@ class Service:
         # not move on meanwhile) and offered again first, every BATCH_RETRY seconds
         self._pending: Batch | None = None
         self._pending_retry_at = 0.0
-        self._ids: dict[tuple[str, int], int] = {}  # (netns, correlator serial) -> incident id
+        # (namespace, correlator serial) -> incident id; a namespace by its identity, not its
+        # name (a container back under its name is another namespace)
+        self._ids: dict[tuple[tuple[int, int], int], int] = {}
         self.watchdog = Watchdog(self.clock, config.probe_interval)
         self.telemetry = Telemetry(config)
         self._status_due = 0.0
@@ -100,8 +102,9 @@ class Service:
                      "[actions] dry_run = false acts)")
         else:
             log.warning("actions: LIVE: synwatch changes sysctls and firewall rules in %s "
-                        "([actions] dry_run = false in %s)", self.config.netns or
-                        "this host's namespace", self.config.path)
+                        "([actions] dry_run = false in %s)",
+                        "every watched namespace" if self.config.many_namespaces else
+                        self.config.netns or "this host's namespace", self.config.path)
         catalogue = load_catalogue()
         sources = build_sources(plans, catalogue, self.store.get_position)
         self.recorder = Recorder(self.store, catalogue, self.clock)
@@ -119,16 +122,15 @@ class Service:
             log.info("incident %s on %s: still open from before the restart",
                      left_open.incident_id, left_open.port or "an unknown listener")
         for w in self.watch.all():  # ours, and every namespace with an incident left open
-            if w.always or w.correlator.open:
-                self.watch.responder(w).resume(
-                    [x for x in resumed if x.netns == w.name and x.host == c.host])
+            if (w.always or w.correlator.open) and not w.gone:
+                self.watch.responder(w, [x for x in resumed if x.netns == w.name])
+        self.watch.drop_stale(self.store)
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
         self.telemetry.start(sources)
 
     def _responder(self, config: Config) -> Responder:
-        """A namespace's responder, started: its setup runs at once (at the start for ours, at
-        a namespace's first incident for the others)."""
+        """A namespace's responder (the watch set resumes and starts it)."""
         responder = Responder(config, self._history(), self.clock,
                               on_record=self.telemetry.action, wake=self._wake,
                               on_drift=self.telemetry.drift,
@@ -136,7 +138,6 @@ class Service:
         log.info("actions%s: %s", f" in {config.netns}" if self.config.many_namespaces
                  and config.netns else "",
                  ", ".join(responder.names()) or "none")
-        responder.start()
         return responder
 
     def _history(self) -> SpooledStore:
@@ -155,13 +156,14 @@ class Service:
 
     # -- incidents ------------------------------------------------------------------------------
 
-    def _save(self, changes: list[IncidentChange]) -> None:
-        """Record incident changes in order (the spool keeps what the history cannot take
-        now) and hand them to telemetry and their namespace's actions. Their times are the
-        evidence's."""
+    def _save(self, changes: list[IncidentChange], w: Watched) -> None:
+        """Record namespace ``w``'s incident changes in order (the spool keeps what the
+        history cannot take now) and hand them to telemetry and its actions (not to those of a
+        namespace gone before they ever ran: they would act by its name, which may be another
+        namespace's by then). Their times are the evidence's."""
         assert self.store is not None
         for made in changes:
-            key = (made.netns, made.serial)
+            key = (w.found.ident, made.serial)
             change = replace(made, incident_id=self._ids[key]) if key in self._ids else made
             incident_id = self.store.save_incident(change)
             # one id for the incident's lifetime: a spooled (provisional) one stays what the
@@ -169,20 +171,19 @@ class Service:
             # write), or the close would not find what opened (SYN cookies left on)
             incident_id = self._ids.setdefault(key, incident_id)
             self.telemetry.incident(replace(change, incident_id=incident_id))
-            w = self.watch.named(change.netns)
-            if w is not None:
+            if not w.gone or w.responder is not None:
                 self.watch.responder(w).on_change(replace(change, incident_id=incident_id))
-                if change.event_ids:  # a line one namespace took is no other's to hold
-                    for other in self.watch.all():
-                        if other is not w:
-                            for event_id in change.event_ids:
-                                other.correlator.forget(event_id)
+            if change.event_ids:  # a line one namespace took is no other's to hold
+                for other in self.watch.all():
+                    if other is not w:
+                        for event_id in change.event_ids:
+                            other.correlator.forget(event_id)
             if change.change != "updated":
                 log.info("incident %s %s: %s %s, verdict %s", _shown(incident_id),
                          change.change,
                          change.netns or "host", endpoint(change.address, change.port),
                          change.verdict)
-            if change.change == "opened" and w is not None:
+            if change.change == "opened":
                 self.watch.probe_now(w)  # fresh evidence for what just opened
             if change.change == "closed":
                 self._ids.pop(key, None)
@@ -203,7 +204,7 @@ class Service:
             if dropped:
                 log.warning("netns %s does not exist: %d kernel lines open no incident",
                             w.name, dropped)
-            self._save(changes)
+            self._save(changes, w)
             self.watchdog.probed()
             return
         if w.failure is not None:
@@ -212,7 +213,7 @@ class Service:
         self.telemetry.probe(evidence.snapshot, self.clock.monotonic() - started)
         if self.recording is not None:
             self.recording.write(evidence_line(evidence.at, evidence))
-        self._save(w.correlator.on_evidence(evidence))
+        self._save(w.correlator.on_evidence(evidence), w)
         self.watch.settle(w, w.correlator.moving)
         self.watchdog.probed()
 
@@ -220,34 +221,16 @@ class Service:
         """Probe the namespaces that are due; close the incidents of those that went."""
         ready, went = self.watch.due()
         for w in went:
-            self._save(w.correlator.close_all(self.clock.now()))
-            self.watch.forget(w)
+            self._save(w.correlator.close_all(self.clock.now()), w)
+            assert self.store is not None
+            self.watch.forget(w, self.store)
+            self.telemetry.forget(w.name)
         for w in ready:
             if self.flags.stop:
                 return
             self._probe(w)
-
-    def _on_event(self, stored: StoredEvent) -> None:
-        """A kernel line to the namespaces it may be about: a trusted SYN-flood line to each
-        with a listener it fits (each holds it until its own state bears it out, and the first
-        that does takes it), any other line to every namespace."""
-        e = stored.event
-        now = self.clock.now()
-        if not (e.kind == "syn_flood" and e.trusted and not stored.historical
-                and now - (e.time or now) <= timedelta(seconds=self.config.quiet_period)):
-            # (a line printed before the quiet period is an earlier run's: no namespace looks)
-            for w in self.watch.all():
-                self._save(w.correlator.on_event(stored))
-            return
-        fitting = self.watch.fitting(stored)
-        if not fitting:
-            log.info("kernel event %d: nothing listens on port %s in a watched namespace; "
-                     "no incident", stored.id, e.port)
-        for w in fitting:
-            also = tuple(x.name or "(our own)" for x in fitting if x is not w)
-            self._save(w.correlator.on_event(stored, also))
-            if w.correlator.held:  # a line the last probe cannot bear out: look now
-                self.watch.activate(w, self.clock.monotonic())
+        if not ready:  # quiet namespaces swept (or none due): the loop is alive all the same
+            self.watchdog.probed()
 
     def _record(self, batch: Batch) -> bool:
         """Record one batch; one that neither the history nor its full spool can take is kept
@@ -269,7 +252,8 @@ class Service:
         for event in stored:
             if self.recording is not None:
                 self.recording.write(event_line(self.clock.now(), event))
-            self._on_event(event)
+            for w, changes in self.watch.on_event(event):
+                self._save(changes, w)
         return True
 
     def _drain(self, timeout: float) -> None:
@@ -287,6 +271,7 @@ class Service:
                 self.flags.wake.wait(max(0.0, min(deadline, self.watch.next_due(),
                                                   self._pending_retry_at)
                                          - self.clock.monotonic()))
+                self.flags.wake.clear()  # a signal's wake-up, seen: the next wait waits
                 continue
             if batch is None:
                 try:
@@ -325,19 +310,12 @@ class Service:
         else:
             if new.storage_url != self.config.storage_url:
                 log.warning("storage.url changed; it takes effect at the next restart")
-            if new.netns != self.config.netns:
+            if new.netns != self.config.netns or new.netns_globs != self.config.netns_globs:
                 log.warning("watch.netns changed; it takes effect at the next restart")
-            if new.netns_globs != self.config.netns_globs:
-                log.warning("watch.netns changed; it takes effect at the next restart")
-            for w in self.watch.all():
-                w.correlator.reconfigure(new.thresholds, new.quiet_period)
             if self.housekeeping is not None:
                 self.housekeeping.storage = new.storage
-            for responder in self.watch.responders():
-                responder.reload(new)
-            self.config = replace(new, netns=self.config.netns,
-                                  netns_globs=self.config.netns_globs)
-            self.watch.config = self.config
+            self.watch.reload(new)
+            self.config = self.watch.config
             self.watchdog.probe_interval = new.probe_interval
             log.info("configuration reloaded from %s", new.path)
         sdnotify.notify("READY=1", "STATUS=watching")
@@ -355,6 +333,7 @@ class Service:
                 self._probe_due()
             for responder in self.watch.responders():
                 responder.tick()
+            self.watch.retire()
             assert self.store is not None
             assert self.housekeeping is not None
             self.housekeeping.step()

@@ -62,7 +62,12 @@ class Telemetry:
     def probe(self, snap: Snapshot, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.probe_duration.observe(seconds)
-            self.metrics.kernel.snapshot = snap
+            self.metrics.kernel.snapshots[snap.netns] = snap
+
+    def forget(self, netns: str) -> None:
+        """A namespace gone: its listeners leave /metrics."""
+        if self.metrics is not None:
+            self.metrics.kernel.snapshots.pop(netns, None)
 
     def batch(self, batch: Batch, stored: list[StoredEvent], now: datetime) -> None:
         source = self.status.sources.get(batch.source)

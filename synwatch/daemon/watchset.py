@@ -16,65 +16,33 @@ quiet period. Our own namespace is probed as it always was.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from synwatch.actions.responder import Responder
 from synwatch.clock import Clock
 from synwatch.config import Config
+from synwatch.daemon.watched import MAX_SAMPLERS, Watched, accounting_for, place_of
 from synwatch.detect.correlate import Correlator
-from synwatch.errors import CommandError, ProbeError
-from synwatch.probes import accounting_off, procnet, sampler_off, sockdiag
-from synwatch.probes.accounting import CHAIN, TABLE, SynAccounting
+from synwatch.errors import CommandError
 from synwatch.probes.evidence import Evidence
-from synwatch.probes.snapshot import take
-from synwatch.probes.synsample import SynSampler, open_sampler
-from synwatch.records import IncidentChange, Place, StoredEvent
+from synwatch.probes.synsample import SynSampler
+from synwatch.records import IncidentChange, StoredEvent
+from synwatch.store.api import ServiceStore
 from synwatch.system import netns
 from synwatch.system.netnsfind import FoundNamespace, find_namespaces
-from synwatch.system.runner import available
 
 log = logging.getLogger("synwatch")
 IDLE_SWEEP = 10.0  # seconds between reads of every quiet namespace's counters
 DISCOVER_EVERY = 5.0  # seconds between looks for namespaces that came or went
-MAX_SAMPLERS = 16  # packet sockets open at once in flooded namespaces (our own's aside)
-LISTENERS_FRESH = 1.0  # seconds a namespace's listener table answers a burst of kernel lines
+RETIRE_AFTER = 60.0  # seconds a gone namespace's responder has to finish (notifications)
 
 
-@dataclass
-class Watched:
-    found: FoundNamespace
-    correlator: Correlator
-    always: bool  # probed every probe_interval (the one namespace, or our own among many)
-    sampler: SynSampler | None = None
-    accounting: SynAccounting | None = None
-    responder: Responder | None = None
-    stirring: tuple[int, ...] | None = None
-    active_until: float = 0.0  # probed in full until then (monotonic)
-    due: float = 0.0  # its next full probe
-    failure: str | None = None  # the last probe's failure, said once
-    listeners: tuple[float, frozenset[tuple[int, str, int]]] | None = None
-    gone: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.found.name
-
-    def active(self, now: float) -> bool:
-        return (self.always or now < self.active_until or bool(self.correlator.open)
-                or bool(self.correlator.held))
-
-
-def _place(found: FoundNamespace) -> Place:
-    owner = found.owner
-    if owner is None:
-        return Place("own" if found.kind == "own" else
-                     "netns" if found.kind == "netns" else "process")
-    pod = f"{owner.pod_namespace}/{owner.pod}" if owner.pod else ""
-    return Place("container", owner.runtime, pod)
+def _ident_text(ident: netns.NsId) -> str:
+    return f"{ident[0]}:{ident[1]}"
 
 
 @dataclass
@@ -83,10 +51,14 @@ class WatchSet:
     clock: Clock
     make_responder: Callable[[Config], Responder]
     proc: Path = Path("/proc")
+    netns_dir: Path = netns.NETNS_DIR
     by_ident: dict[netns.NsId, Watched] = field(default_factory=dict)
     _discover_due: float = 0.0
     _sweep_due: float = 0.0
     _probe_due: float = 0.0  # the earliest due full probe, as due() last worked it out
+    retiring: list[tuple[float, Responder]] = field(default_factory=list)  # gone ones': until
+    _seen: dict[netns.NsId, FoundNamespace] = field(default_factory=dict)  # watched or not
+    _arrivals: list[FoundNamespace] = field(default_factory=list)  # found, not yet admitted
 
     # -- which namespaces ---------------------------------------------------------------------
 
@@ -98,7 +70,8 @@ class WatchSet:
         return list(self.by_ident.values())
 
     def named(self, name: str) -> Watched | None:
-        return next((w for w in self.by_ident.values() if w.name == name), None)
+        """The live namespace of that name."""
+        return next((w for w in self.by_ident.values() if w.name == name and not w.gone), None)
 
     def start(self) -> list[str]:
         """The first namespaces and their evidence; returns what to say of the sources of a
@@ -108,7 +81,7 @@ class WatchSet:
             found = FoundNamespace((0, 0), c.netns, netns.NETNS_DIR / c.netns,
                                    "netns" if c.netns else "own")
             w = self._add(found, always=True)
-            w.accounting, acct = self._accounting(w)
+            w.accounting, acct = accounting_for(w.name, c)
             w.sampler, sampler = self._open_sampler(w, say=True)
             said = [sampler, acct]
         else:
@@ -121,49 +94,112 @@ class WatchSet:
                 said[0] += f"; in the others where counters move (at most {MAX_SAMPLERS})"
         return said
 
-    def resume(self, change: IncidentChange) -> tuple[str, int]:
+    def resume(self, change: IncidentChange) -> tuple[netns.NsId, int]:
         """An incident left open by the last run, carried on in its namespace's correlator;
-        returns its handle there. Its namespace gone meanwhile, it closes at the next look."""
+        returns its handle. Its namespace gone meanwhile (or its name now another namespace's:
+        a container replaced while synwatch was down), it closes at the first turn, and no
+        action of it runs."""
         w = self.named(change.netns)
-        if w is None:
-            w = self._add(FoundNamespace((-1, len(self.by_ident)), change.netns,
-                                         Path("/nonexistent"), "netns"), always=False)
-            w.gone = True
-        return w.name, w.correlator.resume(change)
+        was = change.state.get("netns_ident")
+        if w is None or (self.many and was is not None and was != _ident_text(w.found.ident)):
+            w = Watched(FoundNamespace((-1, len(self.by_ident)), change.netns,
+                                       Path("/nonexistent"), "netns"),
+                        self._correlator(change.netns, None), always=False, gone=True)
+            self.by_ident[w.found.ident] = w
+        return w.found.ident, w.correlator.resume(change)
+
+    def drop_stale(self, store: ServiceStore) -> None:
+        """Watching many: a setting saved for a namespace with no incident carried on is a
+        namespace's that went while synwatch was down (its restore failed, or never ran); its
+        name may be another container's now, which must never get it."""
+        if not self.many:
+            return
+        kept = {w.name for w in self.by_ident.values() if w.correlator.open and not w.gone}
+        for ns, name, _ in store.saved_settings():
+            if ns and ns not in kept:
+                log.info("netns %s: forgetting %s saved before it went", ns, name)
+                store.forget_setting(ns, name)
+
+    def _correlator(self, name: str, found: FoundNamespace | None) -> Correlator:
+        c = self.config
+        correlator = Correlator(c.host, name, c.thresholds, c.quiet_period, self.clock,
+                                place=place_of(found) if found else None)
+        if found is not None:
+            correlator.ident = _ident_text(found.ident)
+        return correlator
 
     def _add(self, found: FoundNamespace, *, always: bool) -> Watched:
-        c = self.config
         if found.kind in ("container", "process"):
             netns.bind(found.name, found.path, found.ident)
-        w = Watched(found, Correlator(c.host, found.name, c.thresholds, c.quiet_period,
-                                      self.clock, place=_place(found)), always=always)
+        w = Watched(found, self._correlator(found.name, found), always=always)
         self.by_ident[found.ident] = w
         return w
 
-    def discover(self) -> list[Watched]:
-        """Look for namespaces that came or went; returns those that went (their incidents
-        close, their responders stop)."""
+    def discover(self) -> None:
+        """Look for namespaces that came or went. Those that went are marked (due() hands them
+        to the service, which closes their incidents and forgets them); those that came are
+        admitted once no gone one is left, so a container back under its old name is never
+        reached by what was meant for the old one (a restore, a ban, its name's binding)."""
         self._discover_due = self.clock.monotonic() + DISCOVER_EVERY
-        known = {ident: w.found for ident, w in self.by_ident.items()}
-        found = {f.ident: f for f in find_namespaces(self.proc, known=known)
-                 if self.config.watches(f.name)}
-        went = [w for ident, w in self.by_ident.items() if ident not in found]
-        for w in went:
-            w.gone = True
-        for ident, f in found.items():
-            if ident not in self.by_ident:
-                w = self._add(f, always=f.kind == "own")
-                log.info("watching namespace %s%s", f.name or "(our own)",
-                         f" ({f.owner.runtime} {f.owner.container_id[:12]})" if f.owner else "")
-        return went
+        every = find_namespaces(self.proc, self.netns_dir, known=self._seen)
+        self._seen = {f.ident: f for f in every}  # watched or not: named once each
+        found = {f.ident: f for f in every if self.config.watches(f.name)}
+        for ident, w in self.by_ident.items():
+            f = found.get(ident)
+            if f is None:
+                w.gone = True
+            elif f != w.found:
+                self._refresh(w, f)
+        self._arrivals = [f for ident, f in found.items() if ident not in self.by_ident]
+        self._admit()
 
-    def forget(self, w: Watched) -> None:
-        """A namespace that went: its sampler closes, its name no longer enters anything."""
+    def _admit(self) -> None:
+        if not self._arrivals or any(w.gone for w in self.by_ident.values()):
+            return
+        for f in self._arrivals:
+            self._add(f, always=f.kind == "own")
+            log.info("watching namespace %s%s", f.name or "(our own)",
+                     f" ({f.owner.runtime} {f.owner.container_id[:12]})" if f.owner else "")
+        self._arrivals = []
+
+    def _refresh(self, w: Watched, f: FoundNamespace) -> None:
+        """A namespace entered another way now (its first process ended), or named at last (a
+        pod's, pinned before its first process): renamed only while nothing of it is kept
+        under the old name (no responder, no incident)."""
+        if f.name != w.name and (w.responder is not None or w.correlator.open):
+            f = replace(f, name=w.name)
+        if f.name != w.name:
+            self.by_ident.pop(w.found.ident)
+            if w.found.kind in ("container", "process"):
+                netns.unbind(w.name, w.found.ident)
+            if w.sampler is not None:
+                w.sampler.stop()
+            self._add(f, always=w.always)
+            log.info("namespace %s is %s", w.name, f.name)
+            return
+        w.found = f
+        if f.kind in ("container", "process"):
+            netns.bind(f.name, f.path, f.ident)
+
+    def forget(self, w: Watched, store: ServiceStore) -> None:
+        """A namespace that went (its container stopped; its incidents closed already) took
+        what synwatch held there with it: its sampler closes, its name no longer enters
+        anything, and the history forgets the settings it would put back and ends its bans, or
+        a container that comes back under the same name would get them. Its responder ends
+        after RETIRE_AFTER (a close notification may be on its way)."""
         if w.sampler is not None:
             w.sampler.stop()
+        if self.many:  # (the one namespace named may come back, and is waited for)
+            now = self.clock.now()
+            for ns, name, _ in store.saved_settings():
+                if ns == w.name:
+                    store.forget_setting(ns, name)
+            store.mark_removed([b.id for b in store.active_bans(w.name, now)], now)
+            if w.responder is not None:
+                self.retiring.append((self.clock.monotonic() + RETIRE_AFTER, w.responder))
         self.by_ident.pop(w.found.ident, None)
         if w.found.kind in ("container", "process"):
-            netns.unbind(w.name)
+            netns.unbind(w.name, w.found.ident)
         log.info("namespace %s is gone", w.name)
 
     # -- when to probe what -------------------------------------------------------------------
@@ -179,18 +215,32 @@ class WatchSet:
     def due(self) -> tuple[list[Watched], list[Watched]]:
         """The namespaces to probe in full now, and those that went since the last look."""
         now = self.clock.monotonic()
-        went: list[Watched] = []
+        self._admit()  # (after the service let go of the ones that went)
         if self.many and now >= self._discover_due:
-            went = self.discover()
+            self.discover()
         if self.many and now >= self._sweep_due:
             self._sweep(now)
-        active = [w for w in self.by_ident.values() if not w.gone and w.active(now)]
+        active: list[Watched] = []
+        quiet: list[Watched] = []
+        for w in self.by_ident.values():
+            if not w.gone:
+                (active if w.active(now) else quiet).append(w)
+        for w in quiet:  # quiet for the quiet period: counters alone again
+            if w.sampler is not None:
+                w.sampler.stop()
+                w.sampler = None
+            if w.was_active:  # the next sweep's reading is the new quiet spell's reference
+                w.stirring, w.was_active = None, False
+        for w in active:
+            w.was_active = True
         ready = [w for w in active if now >= w.due]
         for w in ready:
             w.due = now + self.config.probe_interval
         # a namespace that went quiet meanwhile is not waited for (it is swept instead)
         self._probe_due = min((w.due for w in active), default=now + IDLE_SWEEP)
-        return ready, went + [w for w in self.by_ident.values() if w.gone and w not in went]
+        if self._arrivals:
+            self._probe_due = now  # admitted at the next turn, once the gone ones are let go
+        return ready, [w for w in self.by_ident.values() if w.gone]
 
     def probe_now(self, w: Watched | None = None) -> None:
         for each in [w] if w is not None else self.by_ident.values():
@@ -203,133 +253,118 @@ class WatchSet:
         for w in self.by_ident.values():
             if w.gone or w.active(now):
                 continue
-            seen = self._stirring(w)
+            seen = w.stirring_now(self.proc)
             if seen is not None and w.stirring is not None and seen != w.stirring:
-                self.activate(w, now)
-            w.stirring = seen
-
-    def _stirring(self, w: Watched) -> tuple[int, ...] | None:
-        pid = w.found.pid
-        if pid is not None:  # no entering, where the process is still the namespace's
-            try:
-                st = (self.proc / str(pid) / "ns" / "net").stat()
-            except OSError:
-                st = None
-            if st is not None and (st.st_dev, st.st_ino) == w.found.ident:
-                return procnet.stirring(self.proc / str(pid) / "net" / "netstat")
-        try:
-            return netns.visit(w.name, lambda: procnet.stirring(
-                Path("/proc/thread-self/net/netstat")))
-        except ProbeError:
-            return None
+                self.activate(w, now)  # from the reading before, which the flood had not moved
+            w.stirring, w.stirring_at = seen, self.clock.now()
 
     def activate(self, w: Watched, now: float) -> None:
-        if not w.active(now):
+        if not w.probing(now):
             log.debug("namespace %s: counters moved; probing it every %.1f s", w.name,
                       self.config.probe_interval)
+            self._rebase(w)
         w.active_until = now + self.config.quiet_period
         w.due = self._probe_due = 0.0
         if w.sampler is None and self.many and not w.gone:
             w.sampler, _ = self._open_sampler(w, say=False)
 
+    def _rebase(self, w: Watched) -> None:
+        baseline = w.baseline(self.proc, self.clock.now())
+        if baseline is None:
+            w.correlator.rebase_none()
+        else:
+            w.correlator.rebase(baseline)
+        w.stirring = None  # taken again by the sweep once it is quiet again
+
     def settle(self, w: Watched, moving: bool) -> None:
-        """After a probe: a namespace still moving stays active; one quiet for the quiet period
-        with nothing open goes back to counter reads, and its sampler closes."""
-        now = self.clock.monotonic()
+        """After a probe: a namespace still moving stays active (due() closes the sampler of
+        one quiet for the quiet period with nothing open)."""
         if moving:
-            w.active_until = now + self.config.quiet_period
-        if self.many and not w.always and not w.active(now) and w.sampler is not None:
-            w.sampler.stop()
-            w.sampler = None
+            w.active_until = self.clock.monotonic() + self.config.quiet_period
 
-    # -- evidence -----------------------------------------------------------------------------
-
-    def evidence(self, w: Watched) -> Evidence:
-        """A full probe of one namespace (ProbeError when it cannot be read)."""
-        c = self.config
-        snap = take(w.name, v4_len=c.thresholds.ipv4_prefix, v6_len=c.thresholds.ipv6_prefix,
-                    peers_for=w.correlator.ports_to_watch(),
-                    enter=netns.visit if self.many else netns.in_netns)
-        counted = None
-        if w.accounting is not None:
-            try:
-                counted = w.accounting.read()
-            except ProbeError as exc:
-                log.warning("%s", exc)
-        sampled = w.sampler.read() if w.sampler is not None else None
-        return Evidence(self.clock.now(), snap, counted, sampled)
-
-    def _accounting(self, w: Watched) -> tuple[SynAccounting | None, str]:
-        c = self.config
-        why = accounting_off(c, euid=os.geteuid(), nft=available("nft"))
-        if why is not None:
-            return None, f"SYN accounting off ({why})"
-        acct = SynAccounting(w.name, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
-        try:
-            acct.setup()
-        except CommandError as exc:
-            log.warning("SYN accounting: off: %s", exc)
-            return None, "SYN accounting off (it could not be set up)"
-        return acct, f"SYN accounting (nftables table inet {TABLE}, chain {CHAIN})"
+    def evidence(self, w: Watched) -> Evidence:  # (entered on this thread, watching many)
+        return w.evidence(self.config, self.clock, visiting=self.many)
 
     def _open_sampler(self, w: Watched, *, say: bool) -> tuple[SynSampler | None, str]:
-        c = self.config
-        why = sampler_off(c)
-        if why is None and self.many and not w.always and sum(
-                1 for x in self.by_ident.values() if x.sampler is not None and not x.always
-        ) >= MAX_SAMPLERS:
-            why = f"{MAX_SAMPLERS} flooded namespaces have one already"
-        if why is not None:
-            return None, f"SYN sampler off ({why})"
-        try:
-            sampler = open_sampler(w.name, c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
-        except ProbeError as exc:
-            if say and c.sampler is True:  # asked for: its failure is a warning of its own
-                log.warning("SYN sampler: off: %s", exc.why)
-            return None, f"SYN sampler off ({exc.why})"
-        return sampler, (f"SYN sampler (a packet socket in "
-                         f"{w.name or 'the host namespace'}, 1 in N adapting to the rate)")
-
-    # -- kernel lines -------------------------------------------------------------------------
+        crowded = self.many and not w.always and sum(
+            1 for x in self.by_ident.values() if x.sampler is not None and not x.always
+        ) >= MAX_SAMPLERS
+        return w.open_sampler(self.config, say=say, crowded=crowded)
 
     def fitting(self, stored: StoredEvent) -> list[Watched]:
         """The namespaces with a listener a trusted kernel line fits (its port, and its address
         where it prints one): every one, when one namespace is watched."""
         if not self.many:
             return self.all()
-        e = stored.event
         now = self.clock.monotonic()
-        out = []
-        for w in self.by_ident.values():
-            if w.gone:
-                continue
-            if w.listeners is None or now - w.listeners[0] > LISTENERS_FRESH:
-                try:
-                    table = netns.visit(w.name, sockdiag.listeners)
-                except ProbeError:
-                    continue
-                w.listeners = (now, frozenset((li.family, li.address, li.port) for li in table))
-            if any(port == e.port and (e.address is None or address == e.address
-                                       or address in ("0.0.0.0", "::"))  # noqa: S104 - names
-                   for _, address, port in w.listeners[1]):
-                out.append(w)
-        return out
+        return [w for w in self.by_ident.values()
+                if not w.gone and w.listens_for(stored.event, now)]
+
+    def on_event(self, stored: StoredEvent) -> list[tuple[Watched, list[IncidentChange]]]:
+        """A kernel line to the namespaces it may be about: a trusted SYN-flood line to each
+        with a listener it fits (each holds it until its own state bears it out, and the first
+        that does takes it: the service has the others forget it), any other line to every
+        namespace. A line printed before the quiet period is an earlier run's: no namespace
+        looks for it."""
+        e = stored.event
+        now = self.clock.now()
+        if not (e.kind == "syn_flood" and e.trusted and not stored.historical
+                and now - (e.time or now) <= timedelta(seconds=self.config.quiet_period)):
+            return [(w, w.correlator.on_event(stored)) for w in self.all()]
+        fitting = self.fitting(stored)
+        if not fitting:
+            log.info("kernel event %d: nothing listens on port %s in a watched namespace; "
+                     "no incident", stored.id, e.port)
+        changes: list[tuple[Watched, list[IncidentChange]]] = []
+        for w in fitting:
+            also = tuple(x.name or "(our own)" for x in fitting if x is not w)
+            made = w.correlator.on_event(stored, also)
+            changes.append((w, made))
+            if any(stored.id in c.event_ids for c in made):
+                break  # taken (its listener's incident is open there): no other holds it
+            if w.correlator.held:  # a line the last probe cannot bear out: look now
+                self.activate(w, self.clock.monotonic())
+        return changes
 
     # -- responses ----------------------------------------------------------------------------
 
-    def responder(self, w: Watched) -> Responder:
-        """The namespace's responder, made at its first incident: its actions act in it. A
-        fleet's shared bans are our own namespace's alone."""
+    def responder(self, w: Watched, resumed: list[IncidentChange] | None = None) -> Responder:
+        """The namespace's responder, made at the start (ours, and where incidents were left
+        open: ``resumed``, handed to it before its setup runs) or at its first incident: its
+        actions act in it. A fleet's shared bans are our own namespace's alone."""
         if w.responder is None:
-            c = self.config
-            if self.many:
-                c = replace(c, netns=w.name, netns_globs=(),
-                            ban=c.ban if not w.name else replace(c.ban, scope="local"))
-            w.responder = self.make_responder(c)
+            w.responder = self.make_responder(self.config_for(w))
+            w.responder.resume(resumed or [])
+            w.responder.start()
         return w.responder
 
+    def config_for(self, w: Watched) -> Config:
+        """The configuration a namespace's actions run with: in it, and a fleet's shared bans
+        our own namespace's alone (another node has no such container)."""
+        c = self.config
+        if not self.many:
+            return c
+        return replace(c, netns=w.name, netns_globs=(),
+                       ban=c.ban if not w.name else replace(c.ban, scope="local"))
+
+    def reload(self, config: Config) -> None:
+        """New settings (a SIGHUP) for every namespace's correlator and actions; which
+        namespaces are watched stays as it was until a restart."""
+        self.config = replace(config, netns=self.config.netns,
+                              netns_globs=self.config.netns_globs)
+        for w in self.by_ident.values():
+            w.correlator.reconfigure(config.thresholds, config.quiet_period)
+            if w.responder is not None:
+                w.responder.reload(self.config_for(w))
+
     def responders(self) -> list[Responder]:
-        return [w.responder for w in self.by_ident.values() if w.responder is not None]
+        return [*(w.responder for w in self.by_ident.values() if w.responder is not None),
+                *(r for _, r in self.retiring)]
+
+    def retire(self) -> None:
+        """Stop the responders of namespaces gone RETIRE_AFTER ago."""
+        while self.retiring and self.retiring[0][0] <= self.clock.monotonic():
+            self.retiring.pop(0)[1].stop(wait=1.0)
 
     def describe(self) -> dict[str, Any]:
         """The watched namespaces as `synwatch status` shows them: how many, and the ones

@@ -91,6 +91,7 @@ class Incidents:
                  clock: Clock, *, place: Place | None = None) -> None:
         self.host, self.netns, self.th, self.clock = host, netns, thresholds, clock
         self.place = place or Place()
+        self.ident = ""  # the namespace's identity (device:inode), kept with its incidents
         self.quiet = timedelta(seconds=quiet_period)
         self.open: dict[int, OpenIncident] = {}
         self._serial = 0
@@ -150,6 +151,22 @@ class Incidents:
         return {"at": self._last.at.isoformat(),
                 "counters": {c: counters[c] for c in sorted(wanted) if c in counters}}
 
+    def rebase(self, baseline: Evidence) -> None:
+        """A namespace probed again after a quiet spell: its last probe, maybe hours old, is no
+        interval's evidence (PassiveOpens would count the whole spell's handshakes). The next
+        probe measures from ``baseline``: its counters read just before the flood (service
+        side: synwatch/daemon/watchset.py) and no listener."""
+        self._last = baseline
+        self._last_probe = self._moving_since = None
+        self._recent.clear()
+        self._high_since.clear()
+
+    def rebase_none(self) -> None:
+        """As rebase, with nothing to measure from: the next probe is the first."""
+        self._last = self._last_probe = self._moving_since = None
+        self._recent.clear()
+        self._high_since.clear()
+
     @property
     def moving(self) -> bool:
         """Did the overflow counters move over the last probe's interval?"""
@@ -204,7 +221,8 @@ class Incidents:
                                  if inc.also_fits else ()),
             state={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat(),
                    "phases": [{"at": at.isoformat(), "verdict": v} for at, v in inc.phases],
-                   "probe": self._saved_probe()},
+                   "probe": self._saved_probe(),
+                   **({"netns_ident": self.ident} if self.ident else {})},
             sample=sample, event_ids=events,
             bans=j.targets.ban if j.targets else (), limits=j.targets.limit if j.targets else ())
 

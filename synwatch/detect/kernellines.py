@@ -181,10 +181,12 @@ class KernelLines(Incidents):
         return changes + self.expire(now), dropped
 
     def forget(self, event_id: int) -> None:
-        """Another namespace took this line: it is not held here any longer."""
+        """Another namespace took this line: it is not held (nor kept to corroborate) here."""
         self._also.pop(event_id, None)
         self.held = deque(((s, n) for s, n in self.held if s.id != event_id),
                           maxlen=PENDING_TRUSTED)
+        self._untrusted = deque((u for u in self._untrusted if u[2] != event_id),
+                                maxlen=PENDING_UNTRUSTED)
 
     def drop_held(self) -> int:
         """Forget the held lines (they stay recorded events); returns how many there were."""

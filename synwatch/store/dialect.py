@@ -129,8 +129,9 @@ class Dialect:
 
     def glob(self, column: str, pattern: str) -> tuple[str, str]:
         """SQL for "``column`` matches the shell glob ``pattern``" (``*``, ``?``, case
-        sensitive), and its parameter: SQLite's own GLOB (its LIKE ignores case)."""
-        return f"{column} GLOB ?", pattern
+        sensitive), and its parameter: SQLite's own GLOB (its LIKE ignores case), with "[" made
+        literal as PostgreSQL's LIKE has it."""
+        return f"{column} GLOB ?", pattern.replace("[", "[[]")
 
     def notify(self, cur: Any, channel: str, payload: str) -> None:
         """Wake LISTENers at commit (PostgreSQL only; an SQLite fleet polls)."""

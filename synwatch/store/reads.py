@@ -46,10 +46,14 @@ def where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
 
 class Reads(HistoryBase):
     def events(self, since: datetime | None = None, limit: int | None = None,
-               host: str | None = None) -> list[RecordedEvent]:
-        """Events oldest first (of ``host``, else of every node); with ``limit``, the newest
-        ``limit`` of them."""
-        cond, params = where([("host = ?", host), ("coalesce(time, recorded_at) >= ?", since)])
+               host: str | None = None, netns: str | None = None) -> list[RecordedEvent]:
+        """Events oldest first (of ``host``, else of every node; of the incidents in the
+        namespaces whose names match the glob ``netns``, else all); with ``limit``, the
+        newest ``limit`` of them."""
+        glob_sql, glob = self.db.glob("netns", netns or "")
+        cond, params = where([("host = ?", host), ("coalesce(time, recorded_at) >= ?", since),
+                              (f"incident_id IN (SELECT id FROM incidents WHERE {glob_sql})",
+                               glob if netns is not None else None)])
         # as the index ix_events_when reads them (migration 0004)
         order = "coalesce(time, recorded_at) {0}, id {0}"
         sql = f"SELECT {EVENT_COLUMNS} FROM events{cond} ORDER BY "

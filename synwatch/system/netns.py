@@ -74,9 +74,12 @@ def bind(name: str, path: Path, ident: NsId) -> None:
         _bound[name] = (path, ident)
 
 
-def unbind(name: str) -> None:
+def unbind(name: str, ident: NsId | None = None) -> None:
+    """Forget ``name`` (only while it still means ``ident``, when given: a container that came
+    back under its name is bound to its new namespace already)."""
     with _lock:
-        _bound.pop(name, None)
+        if ident is None or (name in _bound and _bound[name][1] == ident):
+            _bound.pop(name, None)
 
 
 def bound() -> dict[str, Path]:
@@ -263,31 +266,51 @@ def visit(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T:
     short calls: a probe); "" runs it right here. Two setns() calls cost microseconds where a
     hand-over to a worker costs a few hundred, and a thread that came home holds no namespace
     alive that its owner let go (a stopped container's). ``func`` must not block: nothing
-    else runs on this thread meanwhile, and it must not leave sockets it made to outlive the
-    call unless they are meant to stay in that namespace."""
+    else runs on this thread meanwhile. A thread that cannot come home is a fatal error (it
+    would act in a container's namespace): NotHome, which nothing catches."""
     if not name:
         return func()
-    path, expected = _path_of(name, netns_dir)
+    target = _open_checked(name, netns_dir)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
-            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            _setns(target)
         except OSError as exc:
-            raise ProbeError(f"netns {name}", f"cannot open {path}: {exc.strerror}") from exc
-        try:
-            st = os.fstat(target)
-            if expected is not None and (st.st_dev, st.st_ino) != expected:
-                raise ProbeError(f"netns {name}", f"gone ({path} is another namespace now)")
-            try:
-                _setns(target)
-            except OSError as exc:
-                raise ProbeError(f"netns {name}", f"cannot enter: {exc.strerror} "
-                                                  "(needs CAP_SYS_ADMIN)") from exc
-        finally:
-            os.close(target)
+            raise ProbeError(f"netns {name}", f"cannot enter: {exc.strerror} "
+                                              "(needs CAP_SYS_ADMIN)") from exc
         try:
             return func()
         finally:
-            _setns(home)
+            try:
+                _setns(home)
+            except OSError as exc:
+                raise NotHome(f"cannot return from netns {name}: {exc.strerror}") from exc
     finally:
         os.close(home)
+        os.close(target)
+
+
+class NotHome(BaseException):
+    """A thread left in another namespace: the process must end (systemd restarts it)."""
+
+
+def _open_checked(name: str, netns_dir: Path = NETNS_DIR) -> int:
+    """An fd of namespace ``name``'s nsfs file, checked to be the namespace the name was
+    bound to (a reused PID's /proc path is another namespace's)."""
+    path, expected = _path_of(name, netns_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProbeError(f"netns {name}", f"cannot open {path}: {exc.strerror}") from exc
+    st = os.fstat(fd)
+    if expected is not None and (st.st_dev, st.st_ino) != expected:
+        os.close(fd)
+        raise ProbeError(f"netns {name}", f"gone ({path} is another namespace now)")
+    return fd
+
+
+def opened(name: str, netns_dir: Path = NETNS_DIR) -> int | None:
+    """For a command run in namespace ``name`` (synwatch.system.runner): an fd of it, checked,
+    to hand to ``nsenter --net=/proc/self/fd/N``, so what runs is in the namespace that was
+    checked, not in whatever the path means by then; None for our own."""
+    return _open_checked(name, netns_dir) if name else None

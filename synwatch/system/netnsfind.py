@@ -12,8 +12,9 @@ See namespaces(7) and network_namespaces(7) for the nsfs files.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from synwatch.system.netns import NETNS_DIR, NsId
@@ -45,10 +46,12 @@ def _ident(path: Path) -> NsId | None:
 
 
 def _comm(proc: Path, pid: int) -> str:
+    """The process's name as a name may hold it (a comm may hold spaces and quotes)."""
     try:
-        return (proc / str(pid) / "comm").read_text().strip() or "?"
+        comm = (proc / str(pid) / "comm").read_text().strip()
     except OSError:
         return "?"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", comm) or "?"
 
 
 def _processes(proc: Path) -> dict[NsId, list[int]]:
@@ -89,14 +92,14 @@ def find_namespaces(proc: Path = Path("/proc"), netns_dir: Path = NETNS_DIR,
     found: list[FoundNamespace] = []
     if own is not None:
         found.append(FoundNamespace(own, "", proc / "self" / "ns" / "net", "own", pid=None))
-    taken = {""}
-    for ident, pids in _processes(proc).items():
-        if ident == own:
-            continue
-        if ident in known:
+    groups = {ident: pids for ident, pids in _processes(proc).items() if ident != own}
+    # the names of namespaces still there are theirs: a new one never takes one of them
+    taken = {""} | {known[i].name for i in (groups.keys() | named.keys()) if i in known}
+    for ident, pids in groups.items():
+        before = known.get(ident)
+        if before is not None and not _pinned_early(before):
             named.pop(ident, None)
-            taken.add(known[ident].name)
-            found.append(known[ident])
+            found.append(_current(before, pids, proc))
             continue
         if roots is None:  # read once, and only when a new namespace needs it
             roots = RuntimeRoots(docker=docker_roots(proc))
@@ -104,11 +107,12 @@ def find_namespaces(proc: Path = Path("/proc"), netns_dir: Path = NETNS_DIR,
                                           for p in pids[:OWNER_LOOKUPS]) if o is not None),
                      None)
         pid = pids[0]
-        owner = None
         if owned is not None:
             pid, owner = owned
             item = FoundNamespace(ident, owner.label, proc / str(pid) / "ns" / "net",
                                   "container", owner, pid)
+        elif before is not None:  # still no owner: as it was
+            item = _current(before, pids, proc)
         elif ident in named:
             item = FoundNamespace(ident, named[ident], netns_dir / named[ident], "netns",
                                   pid=pid)
@@ -116,12 +120,34 @@ def find_namespaces(proc: Path = Path("/proc"), netns_dir: Path = NETNS_DIR,
             item = FoundNamespace(ident, f"process:{_comm(proc, pid)}:{pid}",
                                   proc / str(pid) / "ns" / "net", "process", pid=pid)
         named.pop(ident, None)
-        found.append(_unique(item, taken))
+        if before is not None and item.name == before.name:
+            found.append(item)
+        else:
+            found.append(_unique(item, taken))
     for ident, name in named.items():  # named namespaces no process is in
-        found.append(known[ident] if ident in known else
+        found.append(replace(known[ident], pid=None) if ident in known else
                      _unique(FoundNamespace(ident, name, netns_dir / name, "netns"), taken))
     return [found[0], *sorted(found[1:], key=lambda f: f.name)] if own is not None else \
         sorted(found, key=lambda f: f.name)
+
+
+def _pinned_early(before: FoundNamespace) -> bool:
+    """A pod's namespace is pinned in /run/netns (cni-UUID) by its runtime before its first
+    process starts: found in that window, it is looked at again until an owner shows."""
+    return before.kind == "netns" and before.owner is None and before.name.startswith("cni-")
+
+
+def _current(before: FoundNamespace, pids: list[int], proc: Path) -> FoundNamespace:
+    """A namespace found before, with a process of its own now: the one it was entered by
+    may have ended while others keep it (a /proc path of a pid reused elsewhere would be
+    another namespace's)."""
+    if before.pid is None and before.kind in ("own", "netns") and pids:
+        return replace(before, pid=pids[0])
+    if before.pid in pids or before.pid is None:
+        return before
+    pid = pids[0]
+    return replace(before, pid=pid, path=(before.path if before.kind == "netns"
+                                          else proc / str(pid) / "ns" / "net"))
 
 
 def _unique(item: FoundNamespace, taken: set[str]) -> FoundNamespace:

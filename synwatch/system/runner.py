@@ -3,6 +3,7 @@ network namespace, a timeout, and a typed error that says what failed and why.""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from synwatch.errors import CommandError, ProbeError
-from synwatch.system.netns import location
+from synwatch.system.netns import location, opened
 
 TIMEOUT = 10.0
 
@@ -27,19 +28,24 @@ def run(argv: Sequence[str], *, stdin: str | None = None, netns: str = "",
     if not argv:
         raise ValueError("empty argv")
     shown = " ".join(argv)
+    fd = None
     try:
-        where = location(netns)
+        if location(netns).startswith("/"):  # a container's: entered by the fd checked here
+            fd = opened(netns)
     except ProbeError as exc:
         raise CommandError(shown, exc.why) from exc
-    full = (["nsenter", f"--net={where}", "--", *argv] if where.startswith("/")
-            else ["ip", "netns", "exec", where, *argv] if where else list(argv))
+    full = (["nsenter", f"--net=/proc/self/fd/{fd}", "--", *argv] if fd is not None
+            else ["ip", "netns", "exec", netns, *argv] if netns else list(argv))
     try:
         proc = subprocess.run(full, input=stdin, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, pass_fds=(fd,) if fd else ())
     except FileNotFoundError as exc:
         raise CommandError(shown, f"{full[0]} is not installed") from exc
     except subprocess.TimeoutExpired as exc:
         raise CommandError(shown, f"no answer within {timeout:.0f} s") from exc
+    finally:
+        if fd is not None:
+            os.close(fd)
     if proc.returncode != 0:
         raise CommandError(shown, f"exit status {proc.returncode}: "
                                   f"{reason(proc.stderr or proc.stdout)}")
