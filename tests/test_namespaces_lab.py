@@ -69,7 +69,7 @@ def test_a_flood_in_one_of_two_namespaces_is_its_incident_alone(
                                   if i["status"] == "closed"] or None)
         _wait(service, "cookies restored there", lambda: _cookies(a) == 0)
         assert (closed["id"], closed["verdict"]) == (inc["id"], "spoofed"), closed
-        service.wait_probes(3)
+        service.wait_turns(3)
     finally:
         service.stop()
     assert _cookies(b) == 0
@@ -116,7 +116,7 @@ def test_two_namespaces_flooded_at_once_get_their_own_verdicts_and_bans(
 
         verdicts = _wait(service, "both verdicts", judged)
         assert verdicts == {spoofed.server_ns: "spoofed", concentrated.server_ns: "concentrated"}
-        service.wait_probes(3)
+        service.wait_turns(3)
         assert set(banned_in_nft(concentrated)) == want, "nothing else"
         assert banned_in_nft(spoofed) == {}, "nothing banned where the flood is spoofed"
         assert clients.stdout is not None

@@ -45,7 +45,8 @@ from synwatch.probes.accounting import CHAIN as ACCOUNTING
 from synwatch.probes.accounting import TABLE, SynAccounting
 from synwatch.records import ActionRun
 from synwatch.store import History
-from synwatch.system.netns import exists
+from synwatch.system.netns import bind, exists
+from synwatch.system.netnsfind import find_namespaces
 from synwatch.system.runner import execute, run, show
 from synwatch.system.sysctl import write_sysctl
 
@@ -57,6 +58,17 @@ else:  # pragma: no cover
 log = logging.getLogger("synwatch.cli.uninstall")
 BAN_BACKENDS = ("nftables", "iptables-ipset", "ufw")
 DETAIL = "lifted by the package's removal (synwatch.cli.uninstall)"
+
+
+def _find_containers(names: Sequence[str]) -> None:
+    """The containers' namespaces the history names ("docker:web1"), found as the service
+    finds them, so that what it holds in a running container is lifted there too (one gone
+    took it with it)."""
+    wanted = {n for n in names if ":" in n or "#" in n}
+    if wanted:
+        for found in find_namespaces():
+            if found.name in wanted and found.kind in ("container", "process"):
+                bind(found.name, found.path, found.ident)
 
 
 def where(netns: str) -> str:
@@ -92,6 +104,7 @@ class Uninstall:
 
     def run(self) -> list[str]:
         named = list(dict.fromkeys(["", *self.namespaces]))
+        _find_containers(named)
         here = [ns for ns in named if exists(ns)]
         for ns in named:
             if ns not in here:  # gone, and what it held with it

@@ -4,6 +4,7 @@ through the CLI. Helpers live here, not in test modules, so no test imports anot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -157,6 +158,24 @@ class Service:
         want = self.probes() + rounds + 1
         eventually(lambda: self.probes() >= want, f"{rounds} probes", timeout, every=0.05,
                    alive=self.proc, seen=self.log.read_text)
+
+    def wait_turns(self, rounds: int = 3, timeout: float = 20) -> None:
+        """wait_probes for a service watching many namespaces, whose quiet ones are swept, not
+        probed: ``rounds`` writes of its status file (one a second, from the loop, after its
+        probes, sweeps and actions' ticks)."""
+        from synwatch.config import load_config
+        from synwatch.daemon.status import status_path
+
+        path = status_path(load_config(str(self.config)))
+        seen: set[str] = set()
+
+        def turned() -> bool:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                seen.add(json.loads(path.read_text())["updated_at"])
+            return len(seen) > rounds
+
+        eventually(turned, f"{rounds} turns of the loop", timeout, every=0.05, alive=self.proc,
+                   seen=self.log.read_text)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
