@@ -166,3 +166,25 @@ def test_a_namespace_that_goes_away_mid_incident_closes_it(two_labs: tuple[Lab, 
             i for i in _incidents(service, port) if i["netns"] == b.server_ns] or None)
     finally:
         service.stop()
+
+
+def test_a_namespace_made_after_the_last_look_is_found_by_its_kernel_line(
+        tmp_path: Path) -> None:
+    """A container started a second ago and flooded at once: its kernel line fits no namespace
+    watched yet, so synwatch looks again then, rather than at its next look (10 s)."""
+    with lab() as first:
+        service = Service(first, tmp_path, quiet="3s", watch='["swt-*-s"]')
+        try:
+            service.wait_log(f"watching namespace {first.server_ns}")
+            with lab() as late:
+                port = lab_port()
+                late.listen(port, backlog=16)
+                late.flood(port, 3000)
+                [inc] = _wait(service, "its incident", lambda: service.incidents(port) or None)
+                assert inc["netns"] == late.server_ns
+                log = service.log.read_text()
+                assert f"port {port}: looking for namespaces new since the last look" in log
+                assert log.index("looking for namespaces new") < log.index(
+                    f"watching namespace {late.server_ns}")
+        finally:
+            service.stop()

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from synwatch.actions.responder import Responder
 from synwatch.clock import Clock
@@ -50,6 +51,7 @@ class Watched:
     responder: Responder | None = None
     stirring: tuple[int, ...] | None = None  # its STIRRING counters at the last sweep
     stirring_at: datetime | None = None
+    segments: int | None = None  # its Tcp InSegs at the last sweep
     active_until: float = 0.0  # probed in full until then (monotonic)
     due: float = 0.0  # its next full probe
     failure: str | None = None  # the last probe's failure, said once
@@ -149,6 +151,17 @@ class Watched:
             return False
         return (st.st_dev, st.st_ino) == self.found.ident
 
+    def segments_now(self, proc: Path) -> int | None:
+        """Its Tcp InSegs (synwatch.probes.procnet.segments_in), read as stirring_now reads."""
+        pid = self.found.pid
+        if pid is not None and self._still_in(proc, pid):
+            return procnet.segments_in(proc / str(pid) / "net" / "snmp")
+        try:
+            return netns.visit(self.name, lambda: procnet.segments_in(
+                Path("/proc/thread-self/net/snmp")))
+        except ProbeError:
+            return None
+
     def stirring_now(self, proc: Path) -> tuple[int, ...] | None:
         """Its STIRRING counters (synwatch.probes.procnet): through a process of its own where
         it still has one (no entering), else entered."""
@@ -160,6 +173,16 @@ class Watched:
                 Path("/proc/thread-self/net/netstat")))
         except ProbeError:
             return None
+
+
+def describe(live: list[Watched], now: float) -> dict[str, Any]:
+    """Namespaces as `synwatch status` shows them: how many, and the ones probed in full now
+    (a quiet one is a count, not a line a second in the status file)."""
+    return {"watched": len(live), "probed": [
+        {"name": w.name, "kind": w.found.kind,
+         "owner": (f"{w.found.owner.runtime} {w.found.owner.container_id[:12]}"
+                   if w.found.owner else None),
+         "open_incidents": len(w.correlator.open)} for w in live if w.active(now)]}
 
 
 def accounting_for(name: str, config: Config) -> tuple[SynAccounting | None, str]:

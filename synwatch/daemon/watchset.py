@@ -25,7 +25,7 @@ from typing import Any
 from synwatch.actions.responder import Responder
 from synwatch.clock import Clock
 from synwatch.config import Config
-from synwatch.daemon.watched import MAX_SAMPLERS, Watched, accounting_for, place_of
+from synwatch.daemon.watched import MAX_SAMPLERS, Watched, accounting_for, describe, place_of
 from synwatch.detect.correlate import Correlator
 from synwatch.errors import CommandError
 from synwatch.probes.evidence import Evidence
@@ -37,7 +37,8 @@ from synwatch.system.netnsfind import FoundNamespace, find_namespaces
 
 log = logging.getLogger("synwatch")
 IDLE_SWEEP = 10.0  # seconds between reads of every quiet namespace's counters
-DISCOVER_EVERY = 5.0  # seconds between looks for namespaces that came or went
+DISCOVER_EVERY = 10.0  # seconds between looks for namespaces that came or went (and at a
+# kernel line no watched namespace fits: a container started since the last look)
 RETIRE_AFTER = 60.0  # seconds a gone namespace's responder has to finish (notifications)
 
 
@@ -60,7 +61,6 @@ class WatchSet:
     _seen: dict[netns.NsId, FoundNamespace] = field(default_factory=dict)  # watched or not
     _arrivals: list[FoundNamespace] = field(default_factory=list)  # found, not yet admitted
 
-    # -- which namespaces ---------------------------------------------------------------------
 
     @property
     def many(self) -> bool:
@@ -202,7 +202,6 @@ class WatchSet:
             netns.unbind(w.name, w.found.ident)
         log.info("namespace %s is gone", w.name)
 
-    # -- when to probe what -------------------------------------------------------------------
 
     def next_due(self) -> float:
         """When the service must next call due(); cheap (the loop asks often), because due()
@@ -248,15 +247,20 @@ class WatchSet:
         self._probe_due = 0.0
 
     def _sweep(self, now: float) -> None:
-        """Every quiet namespace's counters: the ones that moved are probed from now on."""
+        """Quiet namespaces' counters (InSegs first, a third of the cost: no segment in, nothing
+        moved); those that moved are probed from now on."""
         self._sweep_due = now + IDLE_SWEEP
         for w in self.by_ident.values():
             if w.gone or w.active(now):
                 continue
+            segments = w.segments_now(self.proc)
+            if segments is not None and segments == w.segments and w.stirring is not None:
+                w.stirring_at = self.clock.now()  # no segment came in: still what it was
+                continue
             seen = w.stirring_now(self.proc)
             if seen is not None and w.stirring is not None and seen != w.stirring:
                 self.activate(w, now)  # from the reading before, which the flood had not moved
-            w.stirring, w.stirring_at = seen, self.clock.now()
+            w.stirring, w.stirring_at, w.segments = seen, self.clock.now(), segments
 
     def activate(self, w: Watched, now: float) -> None:
         if not w.probing(now):
@@ -282,7 +286,7 @@ class WatchSet:
         if moving:
             w.active_until = self.clock.monotonic() + self.config.quiet_period
 
-    def evidence(self, w: Watched) -> Evidence:  # (entered on this thread, watching many)
+    def evidence(self, w: Watched) -> Evidence:
         return w.evidence(self.config, self.clock, visiting=self.many)
 
     def _open_sampler(self, w: Watched, *, say: bool) -> tuple[SynSampler | None, str]:
@@ -312,6 +316,11 @@ class WatchSet:
                 and now - (e.time or now) <= timedelta(seconds=self.config.quiet_period)):
             return [(w, w.correlator.on_event(stored)) for w in self.all()]
         fitting = self.fitting(stored)
+        if not fitting and self.many:  # a container started since the last look?
+            log.info("kernel event %d: port %s: looking for namespaces new since the last "
+                     "look", stored.id, e.port)
+            self.discover()
+            fitting = self.fitting(stored)
         if not fitting:
             log.info("kernel event %d: nothing listens on port %s in a watched namespace; "
                      "no incident", stored.id, e.port)
@@ -326,7 +335,6 @@ class WatchSet:
                 self.activate(w, self.clock.monotonic())
         return changes
 
-    # -- responses ----------------------------------------------------------------------------
 
     def responder(self, w: Watched, resumed: list[IncidentChange] | None = None) -> Responder:
         """The namespace's responder, made at the start (ours, and where incidents were left
@@ -367,26 +375,18 @@ class WatchSet:
             self.retiring.pop(0)[1].stop(wait=1.0)
 
     def describe(self) -> dict[str, Any]:
-        """The watched namespaces as `synwatch status` shows them: how many, and the ones
-        probed in full now (a quiet one is a count, not a line a second in the status file)."""
-        now = self.clock.monotonic()
-        live = [w for w in self.by_ident.values() if not w.gone]
-        return {"watched": len(live), "probed": [
-            {"name": w.name, "kind": w.found.kind,
-             "owner": (f"{w.found.owner.runtime} {w.found.owner.container_id[:12]}"
-                       if w.found.owner else None),
-             "open_incidents": len(w.correlator.open)} for w in live if w.active(now)]}
+        """The watched namespaces as `synwatch status` shows them."""
+        return describe([w for w in self.by_ident.values() if not w.gone],
+                        self.clock.monotonic())
 
     def summary(self) -> str:
         """What is watched, for the one-line summary: "lab1", "the host", "12 namespaces (2
         probed in full)"."""
         if not self.many:
             return self.config.netns or "the host"
-        now = self.clock.monotonic()
-        live = [w for w in self.by_ident.values() if not w.gone]
-        probed = sum(1 for w in live if w.active(now))
-        return (f"{len(live)} namespace{'s' if len(live) != 1 else ''} ({probed} probed in "
-                "full)")
+        seen = self.describe()
+        return (f"{seen['watched']} namespace{'s' if seen['watched'] != 1 else ''} "
+                f"({len(seen['probed'])} probed in full)")
 
     def stop(self) -> None:
         for w in self.by_ident.values():
