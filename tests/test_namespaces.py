@@ -208,3 +208,52 @@ def test_a_container_back_under_its_name_is_admitted_only_once_the_old_one_is_le
         assert watch.next_due() > clock.monotonic(), "nothing left to do at once: no busy loop"
     finally:
         netns.unbind("docker:web1")
+
+
+def test_another_container_on_a_reused_inode_is_a_new_namespace(tmp_path: Path) -> None:
+    """The kernel hands a new namespace the lowest free nsfs inode: one made right after
+    another went can have its inode. Another container there is another namespace (its
+    predecessor let go, then it is admitted), never the old one carried on."""
+    from datetime import datetime, timezone
+
+    from synwatch.clock import FrozenClock
+    from synwatch.daemon.watchset import DISCOVER_EVERY, WatchSet
+    from synwatch.system import netns
+
+    other = "7" * 64
+    proc, run = tmp_path / "proc", tmp_path / "run"
+    run.mkdir()
+    own, shared = _ns_file(tmp_path, "own"), _ns_file(tmp_path, "shared")
+    (proc / "self" / "ns").mkdir(parents=True)
+    os.link(own, proc / "self" / "ns" / "net")
+    _process(proc, 1, own, "init")
+    _process(proc, 100, shared, "httpd", f"0::/docker/{DOCKER_ID}\n")
+    data = tmp_path / "docker"
+    for cid, name in ((DOCKER_ID, "web1"), (other, "db1")):
+        (data / "containers" / cid).mkdir(parents=True)
+        (data / "containers" / cid / "config.v2.json").write_text(f'{{"Name": "/{name}"}}')
+    _process(proc, 50, own, "dockerd")
+    (proc / "50" / "cmdline").write_bytes(f"dockerd\0--data-root\0{data}\0".encode())
+    config = load_config(str(_config(tmp_path, '"*"')))
+    clock = FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc))
+    watch = WatchSet(config, clock, lambda _c: None, proc=proc,  # type: ignore[arg-type,return-value]
+                     netns_dir=run)
+    try:
+        watch.discover()
+        web = watch.named("docker:web1")
+        assert web is not None
+        import shutil
+        shutil.rmtree(proc / "100")
+        _process(proc, 300, shared, "postgres", f"0::/docker/{other}\n")  # the same inode
+        clock.advance(DISCOVER_EVERY)
+        _, went = watch.due()
+        assert went == [web] and watch.named("db1") is None
+        watch.forget(web, _Settings())  # type: ignore[arg-type]
+        watch.due()
+        db = watch.named("docker:db1")
+        assert db is not None and db is not web and db.found.ident == web.found.ident
+        assert netns.bound()["docker:db1"] == proc / "300" / "ns" / "net"
+        assert "docker:web1" not in netns.bound()
+    finally:
+        netns.unbind("docker:db1")
+        netns.unbind("docker:web1")

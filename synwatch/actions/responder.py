@@ -107,6 +107,9 @@ class Responder:
                         for a in self.actions if a.background}
         self.by_name = {a.name: a for a in self.actions}
         self.retry_at: list[tuple[float, Plan, int]] = []
+        # its namespace went: only its messages (notify, exec) are finished, nothing more runs
+        # in a namespace its name may mean another of by now (a container back under it)
+        self.retired = False
 
     @property
     def config(self) -> Config:
@@ -130,6 +133,8 @@ class Responder:
             self.ctx.open[change.incident_id] = change
         chosen = self.config.policy.get(change.verdict, ())
         for a in self.actions:
+            if self.retired and not a.background:
+                continue  # its namespace is gone: what acts there would act by its name
             if not a.per_incident or a.name in chosen:
                 self._do_all(a, lambda a=a: a.on_change(change))  # type: ignore[misc]
         if change.change == "closed" and change.incident_id is not None:
@@ -146,7 +151,8 @@ class Responder:
             self.workers[plan.action].submit(plan, attempt)
         now = self.ctx.clock.now()
         for a in self.actions:
-            self._do_all(a, lambda a=a: a.tick(now))  # type: ignore[misc]
+            if not self.retired:
+                self._do_all(a, lambda a=a: a.tick(now))  # type: ignore[misc]
 
     def stop(self, wait: float = 5.0) -> None:
         for a in self.actions:

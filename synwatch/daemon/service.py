@@ -116,14 +116,17 @@ class Service:
                  f"; {'; '.join(off)}" if off else "")
         c = self.config
         resumed = self.store.open_incidents(c.host, None if c.many_namespaces else c.netns)
+        carried: dict[tuple[int, int], list[IncidentChange]] = {}
         for left_open in resumed:
             assert left_open.incident_id is not None
-            self._ids[self.watch.resume(left_open)] = left_open.incident_id
+            w, serial = self.watch.resume(left_open)
+            self._ids[(w.found.ident, serial)] = left_open.incident_id
+            carried.setdefault(w.found.ident, []).append(left_open)
             log.info("incident %s on %s: still open from before the restart",
                      left_open.incident_id, left_open.port or "an unknown listener")
         for w in self.watch.all():  # ours, and every namespace with an incident left open
             if (w.always or w.correlator.open) and not w.gone:
-                self.watch.responder(w, [x for x in resumed if x.netns == w.name])
+                self.watch.responder(w, carried.get(w.found.ident, []))
         self.watch.drop_stale(self.store)
         self.supervisor = Supervisor(sources)
         self.supervisor.start()
@@ -192,12 +195,17 @@ class Service:
         c = self.config
         started = self.clock.monotonic()
         try:
-            evidence = self.watch.evidence(w)
+            evidence = w.evidence(c, self.clock, visiting=c.many_namespaces)
         except ProbeError as exc:
             if str(exc) != w.failure:
                 log.warning("probe: %s; retrying every %.0f s", exc, c.probe_interval)
                 w.failure = str(exc)
-            gone, now = not netns.exists(w.name), self.clock.now()
+            # watching many, whether it went is the next look's to say (the process it was
+            # entered by may have ended while others keep it): a look at once
+            gone = not c.many_namespaces and not netns.exists(w.name)
+            now = self.clock.now()
+            if c.many_namespaces:
+                self.watch.look_soon()
             if self.recording is not None:  # what follows changes incidents: a replay does it too
                 self.recording.write(probe_failed_line(now, gone))
             changes, dropped = w.correlator.on_probe_failed(now, gone=gone)
@@ -223,8 +231,9 @@ class Service:
         for w in went:
             self._save(w.correlator.close_all(self.clock.now()), w)
             assert self.store is not None
+            if not self.watch.name_live(w):
+                self.telemetry.forget(w.name)
             self.watch.forget(w, self.store)
-            self.telemetry.forget(w.name)
         for w in ready:
             if self.flags.stop:
                 return

@@ -31,6 +31,18 @@ MAX_SAMPLERS = 16  # packet sockets open at once in flooded namespaces (our own'
 LISTENERS_FRESH = 1.0  # seconds a namespace's listener table answers a burst of kernel lines
 
 
+def ident_text(ident: netns.NsId) -> str:
+    """A namespace's identity as its incidents keep it: this boot's (an inode is reused after
+    a reboot), its nsfs device and inode."""
+    return f"{_BOOT}:{ident[0]}:{ident[1]}"
+
+
+try:
+    _BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+except OSError:
+    _BOOT = "?"
+
+
 def place_of(found: FoundNamespace) -> Place:
     """What the namespace is, for advice that fits it."""
     owner = found.owner
@@ -51,7 +63,7 @@ class Watched:
     responder: Responder | None = None
     stirring: tuple[int, ...] | None = None  # its STIRRING counters at the last sweep
     stirring_at: datetime | None = None
-    segments: int | None = None  # its Tcp InSegs at the last sweep
+    segments: tuple[int, ...] | None = None  # its SEGMENTS counters at the last sweep
     active_until: float = 0.0  # probed in full until then (monotonic)
     due: float = 0.0  # its next full probe
     failure: str | None = None  # the last probe's failure, said once
@@ -107,10 +119,11 @@ class Watched:
         return sampler, (f"SYN sampler (a packet socket in "
                          f"{self.name or 'the host namespace'}, 1 in N adapting to the rate)")
 
-    def listens_for(self, e: KernelEvent, now: float) -> bool:
+    def listens_for(self, e: KernelEvent, now: float, *, fresh: bool = False) -> bool:
         """Has it a listener a kernel line fits (its port, and its address where the line
-        prints one)? Its listener table is read again when older than LISTENERS_FRESH."""
-        if self.listeners is None or now - self.listeners[0] > LISTENERS_FRESH:
+        prints one)? Its listener table is read again when older than LISTENERS_FRESH, or
+        ``fresh``."""
+        if fresh or self.listeners is None or now - self.listeners[0] > LISTENERS_FRESH:
             try:
                 table = netns.visit(self.name, sockdiag.listeners)
             except ProbeError:
@@ -121,18 +134,18 @@ class Watched:
                    for _, address, port in self.listeners[1])
 
     def baseline(self, proc: Path, now: datetime) -> Evidence | None:
-        """What the first full probe of a quiet namespace measures from: its counters now,
-        but the STIRRING ones as the last sweep read them, at that time (they had not moved
-        then, or it would have been probed: whatever moved them since is what woke it)."""
-        counters = self.counters_now(proc)
-        if counters is None:
-            return None
-        at = now
-        if self.stirring is not None and self.stirring_at is not None:
-            counters.update(zip((f"TcpExt.{n}" for n in procnet.STIRRING), self.stirring,
+        """What the first full probe of a quiet namespace measures from: its counters as the
+        last sweep read them, all at that time (they had not moved then, or it would have been
+        probed: whatever moved them since is what woke it); never swept, its counters now."""
+        if (self.stirring is not None and self.segments is not None
+                and self.stirring_at is not None):
+            counters = dict(zip((f"TcpExt.{n}" for n in procnet.STIRRING), self.stirring,
                                 strict=True))
-            at = self.stirring_at
-        return Evidence(at, Snapshot(self.name, (), counters, {}))
+            counters.update(zip((f"Tcp.{n}" for n in procnet.SEGMENTS), self.segments,
+                                strict=True))
+            return Evidence(self.stirring_at, Snapshot(self.name, (), counters, {}))
+        fresh = self.counters_now(proc)  # never swept: from now on
+        return None if fresh is None else Evidence(now, Snapshot(self.name, (), fresh, {}))
 
     def counters_now(self, proc: Path) -> dict[str, int] | None:
         """All its counters now (a baseline), read as stirring_now reads its few."""
@@ -151,8 +164,8 @@ class Watched:
             return False
         return (st.st_dev, st.st_ino) == self.found.ident
 
-    def segments_now(self, proc: Path) -> int | None:
-        """Its Tcp InSegs (synwatch.probes.procnet.segments_in), read as stirring_now reads."""
+    def segments_now(self, proc: Path) -> tuple[int, ...] | None:
+        """Its SEGMENTS (synwatch.probes.procnet.segments_in), read as stirring_now reads."""
         pid = self.found.pid
         if pid is not None and self._still_in(proc, pid):
             return procnet.segments_in(proc / str(pid) / "net" / "snmp")

@@ -1,17 +1,11 @@
 """The network namespaces the service watches, each with its own correlator, SYN sampler and
-responder: one (``watch.netns`` a name, or our own), or every one that matches ``watch.netns``'s
-globs, followed as containers start and stop.
-
-What a namespace costs is kept to what it needs. A SYN-RECV dump walks the kernel's whole
-established-socket table, every namespace's together (inet_diag_dump_icsk loops over every
-ehash bucket and skips the sockets of other namespaces: about 1.3 ms here, empty namespace or
-not), so 200 namespaces probed each second would cost a core a quarter of its time. A quiet
-namespace gets only a read of its TcpExt counters every IDLE_SWEEP seconds (from
-/proc/PID/net/netstat where a process is in it: no entering; ~0.1 ms); a namespace whose
-overflow, cookie or SYN-ACK retransmit counters moved, or that a kernel line names, is probed
-in full every probe_interval with a SYN sampler of its own until it has been quiet for the
-quiet period. Our own namespace is probed as it always was.
-"""
+responder: one (``watch.netns`` a name, or our own), or every one that matches its globs,
+followed as containers start and stop. A SYN-RECV dump walks every namespace's established
+sockets (inet_diag_dump_icsk skips the other namespaces': ~1.3 ms here, empty or not), so a
+quiet namespace is only swept every IDLE_SWEEP s (its Tcp InSegs, its TcpExt counters when a
+segment came in, from /proc/PID/net: no entering); one whose counters moved, or that a kernel
+line names, is probed in full every probe_interval with a SYN sampler of its own until quiet
+for the quiet period. Our own namespace is probed as it always was."""
 
 from __future__ import annotations
 
@@ -25,10 +19,10 @@ from typing import Any
 from synwatch.actions.responder import Responder
 from synwatch.clock import Clock
 from synwatch.config import Config
-from synwatch.daemon.watched import MAX_SAMPLERS, Watched, accounting_for, describe, place_of
+from synwatch.daemon import watched as ns
+from synwatch.daemon.watched import Watched
 from synwatch.detect.correlate import Correlator
 from synwatch.errors import CommandError
-from synwatch.probes.evidence import Evidence
 from synwatch.probes.synsample import SynSampler
 from synwatch.records import IncidentChange, StoredEvent
 from synwatch.store.api import ServiceStore
@@ -40,10 +34,6 @@ IDLE_SWEEP = 10.0  # seconds between reads of every quiet namespace's counters
 DISCOVER_EVERY = 10.0  # seconds between looks for namespaces that came or went (and at a
 # kernel line no watched namespace fits: a container started since the last look)
 RETIRE_AFTER = 60.0  # seconds a gone namespace's responder has to finish (notifications)
-
-
-def _ident_text(ident: netns.NsId) -> str:
-    return f"{ident[0]}:{ident[1]}"
 
 
 @dataclass
@@ -81,51 +71,50 @@ class WatchSet:
             found = FoundNamespace((0, 0), c.netns, netns.NETNS_DIR / c.netns,
                                    "netns" if c.netns else "own")
             w = self._add(found, always=True)
-            w.accounting, acct = accounting_for(w.name, c)
+            w.accounting, acct = ns.accounting_for(w.name, c)
             w.sampler, sampler = self._open_sampler(w, say=True)
             said = [sampler, acct]
         else:
             self.discover()
             ours = next((w for w in self.by_ident.values() if w.always), None)
-            said = [f"SYN samplers opened where counters move (at most {MAX_SAMPLERS} besides "
+            said = [f"SYN samplers opened where counters move (at most {ns.MAX_SAMPLERS} besides "
                     "our own namespace's)", "SYN accounting off (watching several namespaces)"]
             if ours is not None:  # probed as it always was, with its sampler from the start
                 ours.sampler, said[0] = self._open_sampler(ours, say=True)
-                said[0] += f"; in the others where counters move (at most {MAX_SAMPLERS})"
+                said[0] += f"; in the others where counters move (at most {ns.MAX_SAMPLERS})"
         return said
 
-    def resume(self, change: IncidentChange) -> tuple[netns.NsId, int]:
+    def resume(self, change: IncidentChange) -> tuple[Watched, int]:
         """An incident left open by the last run, carried on in its namespace's correlator;
-        returns its handle. Its namespace gone meanwhile (or its name now another namespace's:
-        a container replaced while synwatch was down), it closes at the first turn, and no
-        action of it runs."""
+        returns the namespace and its handle there. Its namespace gone meanwhile (or its name
+        now another namespace's: a container replaced while synwatch was down), it closes at
+        the first turn, and no action of it runs."""
         w = self.named(change.netns)
         was = change.state.get("netns_ident")
-        if w is None or (self.many and was is not None and was != _ident_text(w.found.ident)):
+        if w is None or (w.correlator.ident and was and was != w.correlator.ident):
             w = Watched(FoundNamespace((-1, len(self.by_ident)), change.netns,
                                        Path("/nonexistent"), "netns"),
                         self._correlator(change.netns, None), always=False, gone=True)
             self.by_ident[w.found.ident] = w
-        return w.found.ident, w.correlator.resume(change)
+        return w, w.correlator.resume(change)
 
     def drop_stale(self, store: ServiceStore) -> None:
-        """Watching many: a setting saved for a namespace with no incident carried on is a
-        namespace's that went while synwatch was down (its restore failed, or never ran); its
-        name may be another container's now, which must never get it."""
+        """Watching many: what is saved for a namespace no longer there (gone while synwatch
+        was down) went with it; its name may be another container's by the time it is seen."""
         if not self.many:
             return
-        kept = {w.name for w in self.by_ident.values() if w.correlator.open and not w.gone}
-        for ns, name, _ in store.saved_settings():
-            if ns and ns not in kept:
-                log.info("netns %s: forgetting %s saved before it went", ns, name)
-                store.forget_setting(ns, name)
+        live = {f.name for f in self._seen.values()}
+        for where, name, _ in store.saved_settings():
+            if where and where not in live:
+                log.info("netns %s: gone; forgetting its %s", where, name)
+                store.forget_setting(where, name)
 
     def _correlator(self, name: str, found: FoundNamespace | None) -> Correlator:
         c = self.config
         correlator = Correlator(c.host, name, c.thresholds, c.quiet_period, self.clock,
-                                place=place_of(found) if found else None)
-        if found is not None:
-            correlator.ident = _ident_text(found.ident)
+                                place=ns.place_of(found) if found else None)
+        if found is not None and self.many and found.kind != "own":
+            correlator.ident = ns.ident_text(found.ident)  # ours is ours, whatever its inode
         return correlator
 
     def _add(self, found: FoundNamespace, *, always: bool) -> Watched:
@@ -144,42 +133,42 @@ class WatchSet:
         every = find_namespaces(self.proc, self.netns_dir, known=self._seen)
         self._seen = {f.ident: f for f in every}  # watched or not: named once each
         found = {f.ident: f for f in every if self.config.watches(f.name)}
+        renamed = []
         for ident, w in self.by_ident.items():
             f = found.get(ident)
             if f is None:
                 w.gone = True
-            elif f != w.found:
-                self._refresh(w, f)
+            elif f != w.found and not self._refresh(w, f):
+                w.gone = True  # another container under its inode, or a pod named at last:
+                renamed.append(f)  # the old one let go first, then this one admitted
         self._arrivals = [f for ident, f in found.items() if ident not in self.by_ident]
+        self._arrivals += renamed
         self._admit()
 
     def _admit(self) -> None:
         if not self._arrivals or any(w.gone for w in self.by_ident.values()):
             return
         for f in self._arrivals:
-            self._add(f, always=f.kind == "own")
+            w = self._add(f, always=f.kind == "own")
+            if self.many and not w.always:  # its reference at once: a flood right after its
+                w.stirring = w.stirring_now(self.proc)  # start shows at the next sweep
+                w.segments, w.stirring_at = w.segments_now(self.proc), self.clock.now()
             log.info("watching namespace %s%s", f.name or "(our own)",
                      f" ({f.owner.runtime} {f.owner.container_id[:12]})" if f.owner else "")
         self._arrivals = []
 
-    def _refresh(self, w: Watched, f: FoundNamespace) -> None:
-        """A namespace entered another way now (its first process ended), or named at last (a
-        pod's, pinned before its first process): renamed only while nothing of it is kept
-        under the old name (no responder, no incident)."""
-        if f.name != w.name and (w.responder is not None or w.correlator.open):
-            f = replace(f, name=w.name)
-        if f.name != w.name:
-            self.by_ident.pop(w.found.ident)
-            if w.found.kind in ("container", "process"):
-                netns.unbind(w.name, w.found.ident)
-            if w.sampler is not None:
-                w.sampler.stop()
-            self._add(f, always=w.always)
-            log.info("namespace %s is %s", w.name, f.name)
-            return
-        w.found = f
+    def _refresh(self, w: Watched, f: FoundNamespace) -> bool:
+        """A namespace found again, entered another way (its first process ended): True.
+        False when it is not the same one for people: another container's (an nsfs inode is
+        reused: the lowest free one is taken) or a pod's named at last (pinned in /run/netns
+        before its first process), unless it holds something under its old name."""
+        other = (f.owner and w.found.owner and f.owner.container_id != w.found.owner.container_id)
+        if other or (f.name != w.name and w.responder is None and not w.correlator.open):
+            return False
+        w.found = replace(f, name=w.name)
         if f.kind in ("container", "process"):
-            netns.bind(f.name, f.path, f.ident)
+            netns.bind(w.name, f.path, f.ident)
+        return True
 
     def forget(self, w: Watched, store: ServiceStore) -> None:
         """A namespace that went (its container stopped; its incidents closed already) took
@@ -189,19 +178,28 @@ class WatchSet:
         after RETIRE_AFTER (a close notification may be on its way)."""
         if w.sampler is not None:
             w.sampler.stop()
-        if self.many:  # (the one namespace named may come back, and is waited for)
+        if self.many and not self.name_live(w):  # (the one namespace named may come back)
             now = self.clock.now()
-            for ns, name, _ in store.saved_settings():
-                if ns == w.name:
-                    store.forget_setting(ns, name)
+            for where, name, _ in store.saved_settings():
+                if where == w.name:
+                    store.forget_setting(where, name)
             store.mark_removed([b.id for b in store.active_bans(w.name, now)], now)
             if w.responder is not None:
+                w.responder.retired = True
                 self.retiring.append((self.clock.monotonic() + RETIRE_AFTER, w.responder))
         self.by_ident.pop(w.found.ident, None)
         if w.found.kind in ("container", "process"):
             netns.unbind(w.name, w.found.ident)
         log.info("namespace %s is gone", w.name)
 
+
+    def look_soon(self) -> None:
+        self._discover_due = 0.0
+
+    def name_live(self, w: Watched) -> bool:
+        """Is ``w``'s name another live namespace's (a stale incident's stand-in, ours)?"""
+        return any(x is not w and not x.gone and x.name == w.name
+                   for x in self.by_ident.values())
 
     def next_due(self) -> float:
         """When the service must next call due(); cheap (the loop asks often), because due()
@@ -260,6 +258,7 @@ class WatchSet:
             seen = w.stirring_now(self.proc)
             if seen is not None and w.stirring is not None and seen != w.stirring:
                 self.activate(w, now)  # from the reading before, which the flood had not moved
+                continue  # (the reading after it is taken once it is quiet again)
             w.stirring, w.stirring_at, w.segments = seen, self.clock.now(), segments
 
     def activate(self, w: Watched, now: float) -> None:
@@ -286,23 +285,19 @@ class WatchSet:
         if moving:
             w.active_until = self.clock.monotonic() + self.config.quiet_period
 
-    def evidence(self, w: Watched) -> Evidence:
-        return w.evidence(self.config, self.clock, visiting=self.many)
-
     def _open_sampler(self, w: Watched, *, say: bool) -> tuple[SynSampler | None, str]:
         crowded = self.many and not w.always and sum(
             1 for x in self.by_ident.values() if x.sampler is not None and not x.always
-        ) >= MAX_SAMPLERS
+        ) >= ns.MAX_SAMPLERS
         return w.open_sampler(self.config, say=say, crowded=crowded)
 
-    def fitting(self, stored: StoredEvent) -> list[Watched]:
+    def fitting(self, stored: StoredEvent, *, fresh: bool = False) -> list[Watched]:
         """The namespaces with a listener a trusted kernel line fits (its port, and its address
-        where it prints one): every one, when one namespace is watched."""
-        if not self.many:
-            return self.all()
+        where it prints one): every one, when one namespace is watched. ``fresh``: their
+        listener tables read again (a listener may be newer than the last read)."""
         now = self.clock.monotonic()
-        return [w for w in self.by_ident.values()
-                if not w.gone and w.listens_for(stored.event, now)]
+        return [w for w in self.by_ident.values() if not w.gone and (
+            not self.many or w.listens_for(stored.event, now, fresh=fresh))]
 
     def on_event(self, stored: StoredEvent) -> list[tuple[Watched, list[IncidentChange]]]:
         """A kernel line to the namespaces it may be about: a trusted SYN-flood line to each
@@ -320,7 +315,7 @@ class WatchSet:
             log.info("kernel event %d: port %s: looking for namespaces new since the last "
                      "look", stored.id, e.port)
             self.discover()
-            fitting = self.fitting(stored)
+            fitting = self.fitting(stored, fresh=True)
         if not fitting:
             log.info("kernel event %d: nothing listens on port %s in a watched namespace; "
                      "no incident", stored.id, e.port)
@@ -341,9 +336,15 @@ class WatchSet:
         open: ``resumed``, handed to it before its setup runs) or at its first incident: its
         actions act in it. A fleet's shared bans are our own namespace's alone."""
         if w.responder is None:
-            w.responder = self.make_responder(self.config_for(w))
-            w.responder.resume(resumed or [])
-            w.responder.start()
+            w.responder = r = self.make_responder(self.config_for(w))
+            if self.many and w.name and resumed is None:
+                # a value saved for this name with no incident carried on is another
+                # namespace's of that name, or was left by a crash: never put into this one
+                for where, name, _ in r.ctx.store.saved_settings():
+                    if where == w.name and name.startswith("net."):
+                        r.ctx.store.forget_setting(where, name)
+            r.resume(resumed or [])
+            r.start()
         return w.responder
 
     def config_for(self, w: Watched) -> Config:
@@ -376,8 +377,8 @@ class WatchSet:
 
     def describe(self) -> dict[str, Any]:
         """The watched namespaces as `synwatch status` shows them."""
-        return describe([w for w in self.by_ident.values() if not w.gone],
-                        self.clock.monotonic())
+        return ns.describe([w for w in self.by_ident.values() if not w.gone],
+                           self.clock.monotonic())
 
     def summary(self) -> str:
         """What is watched, for the one-line summary: "lab1", "the host", "12 namespaces (2

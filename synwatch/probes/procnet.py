@@ -66,7 +66,10 @@ def read_sysctls(proc: Path = Path("/proc")) -> dict[str, int | None]:
 # What moves when a listener is flooded or requests go unanswered (the SYN-ACK retransmits of a
 # half-open build-up): a namespace whose counters stay still needs no socket dump.
 STIRRING = ("TCPReqQFullDoCookies", "TCPReqQFullDrop", "ListenOverflows", "ListenDrops",
-            "SyncookiesSent", "TCPSynRetrans")
+            "SyncookiesSent", "TCPSynRetrans", "SyncookiesRecv", "SyncookiesFailed")
+# every TcpExt counter of COUNTERS is one: a reading of them and of SEGMENTS is a probe's
+# baseline (synwatch/daemon/watched.py)
+SEGMENTS = ("InSegs", "PassiveOpens", "AttemptFails")
 
 
 def stirring(path: Path) -> tuple[int, ...] | None:
@@ -93,24 +96,26 @@ def _columns(header: str) -> tuple[int, ...]:
     return tuple(names.index(n) if n in names else -1 for n in STIRRING)
 
 
-def segments_in(path: Path) -> int | None:
-    """Tcp InSegs of the namespace whose snmp file ``path`` is: every TCP segment it received.
-    Still, nothing can have overflowed there (no SYN came in), and its netstat, three times
-    the cost to read, is not read (RFC 1213 tcpInSegs)."""
+def segments_in(path: Path) -> tuple[int, ...] | None:
+    """The SEGMENTS Tcp counters of the namespace whose snmp file ``path`` is; InSegs first,
+    every TCP segment it received. Still, nothing can have overflowed there (no SYN came in),
+    and its netstat, three times the cost to read, is not read (RFC 1213 tcpInSegs)."""
     try:
         text = path.read_text()
     except OSError:
         return None
     start = text.find("\nTcp:")
-    if start < 0:
+    parts = text[start + 1:].split("\n", 2) if start >= 0 else []
+    if len(parts) < 2:
         return None
-    header, values, _ = text[start + 1:].split("\n", 2)
-    at = _insegs_column(header)
-    numbers = values.split()
-    return int(numbers[at]) if 0 <= at < len(numbers) else None
+    numbers = parts[1].split()
+    at = _segments_columns(parts[0])
+    if not at or max(at) >= len(numbers):
+        return None
+    return tuple(int(numbers[i]) for i in at)
 
 
 @functools.lru_cache(maxsize=8)
-def _insegs_column(header: str) -> int:
+def _segments_columns(header: str) -> tuple[int, ...]:
     names = header.split()
-    return names.index("InSegs") if "InSegs" in names else -1
+    return tuple(names.index(n) for n in SEGMENTS) if all(n in names for n in SEGMENTS) else ()

@@ -271,7 +271,11 @@ def visit(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T:
     if not name:
         return func()
     target = _open_checked(name, netns_dir)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        os.close(target)
+        raise ProbeError(f"netns {name}", f"cannot open our own: {exc.strerror}") from exc
     try:
         try:
             _setns(target)

@@ -97,7 +97,10 @@ def find_namespaces(proc: Path = Path("/proc"), netns_dir: Path = NETNS_DIR,
     taken = {""} | {known[i].name for i in (groups.keys() | named.keys()) if i in known}
     for ident, pids in groups.items():
         before = known.get(ident)
-        if before is not None and not _pinned_early(before):
+        # a container's first process gone: its inode may be another container's now (the
+        # kernel hands out the lowest free one), so its owner is asked again
+        if before is not None and not _pinned_early(before) and not (
+                before.kind == "container" and before.pid not in pids):
             named.pop(ident, None)
             found.append(_current(before, pids, proc))
             continue

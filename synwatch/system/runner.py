@@ -38,7 +38,8 @@ def run(argv: Sequence[str], *, stdin: str | None = None, netns: str = "",
             else ["ip", "netns", "exec", netns, *argv] if netns else list(argv))
     try:
         proc = subprocess.run(full, input=stdin, capture_output=True, text=True,
-                              timeout=timeout, check=False, pass_fds=(fd,) if fd else ())
+                              timeout=timeout, check=False,
+                              pass_fds=(fd,) if fd is not None else ())
     except FileNotFoundError as exc:
         raise CommandError(shown, f"{full[0]} is not installed") from exc
     except subprocess.TimeoutExpired as exc:
