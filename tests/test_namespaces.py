@@ -257,3 +257,84 @@ def test_another_container_on_a_reused_inode_is_a_new_namespace(tmp_path: Path) 
     finally:
         netns.unbind("docker:db1")
         netns.unbind("docker:web1")
+
+
+def test_what_a_namespace_gone_while_synwatch_was_down_held_is_not_carried_on(
+        tmp_path: Path) -> None:
+    """At the start: a setting saved for a namespace that is not there any more is forgotten
+    (its name may be another container's later); one of a live namespace stays. An incident
+    left open in a namespace whose identity changed meanwhile (a container replaced under its
+    name) is carried on in a stand-in that closes at the first turn, not in the new one."""
+    from dataclasses import replace as copied
+    from datetime import datetime, timezone
+
+    from synwatch.clock import FrozenClock
+    from synwatch.daemon.watchset import WatchSet
+    from synwatch.system import netns
+    from tests.support.history import change
+
+    proc, run = tmp_path / "proc", tmp_path / "run"
+    run.mkdir()
+    own, web = _ns_file(tmp_path, "own"), _ns_file(tmp_path, "web")
+    (proc / "self" / "ns").mkdir(parents=True)
+    os.link(own, proc / "self" / "ns" / "net")
+    _process(proc, 1, own, "init")
+    _process(proc, 100, web, "httpd", f"0::/docker/{DOCKER_ID}\n")
+    data = tmp_path / "docker"
+    (data / "containers" / DOCKER_ID).mkdir(parents=True)
+    (data / "containers" / DOCKER_ID / "config.v2.json").write_text('{"Name": "/web1"}')
+    _process(proc, 50, own, "dockerd")
+    (proc / "50" / "cmdline").write_bytes(f"dockerd\0--data-root\0{data}\0".encode())
+    config = load_config(str(_config(tmp_path, '"*"')))
+    clock = FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc))
+    watch = WatchSet(config, clock, lambda _c: None, proc=proc,  # type: ignore[arg-type,return-value]
+                     netns_dir=run)
+    try:
+        watch.discover()
+        live = watch.named("docker:web1")
+        assert live is not None and live.correlator.ident
+        store = _Settings()
+        store.settings[("docker:db-gone", "net.ipv4.tcp_syncookies")] = "0"
+        watch.drop_stale(store)  # type: ignore[arg-type]
+        assert set(store.settings) == {("docker:web1", "net.ipv4.tcp_syncookies"),
+                                       ("", "net.ipv4.tcp_syncookies")}
+        left = change(netns="docker:web1", incident_id=7, state={
+            "tally": {}, "netns_ident": "x:1:2"})  # the identity the old one had
+        stand_in, _ = watch.resume(left)
+        assert stand_in is not live and stand_in.gone and stand_in.correlator.open
+        assert not live.correlator.open
+        same = copied(left, state={"tally": {}, "netns_ident": live.correlator.ident})
+        assert watch.resume(same)[0] is live and live.correlator.open
+        _, went = watch.due()
+        assert went == [stand_in]
+    finally:
+        netns.unbind("docker:web1")
+
+
+def test_a_namespace_first_flooded_here_gets_no_value_saved_under_its_name_before(
+        tmp_path: Path) -> None:
+    """A sysctl value saved under a name before this run (a crash between a close and its
+    restore, a container of that name long gone) is never put into the namespace that has the
+    name now: its responder, made at its first incident, forgets it before its setup runs."""
+    import types
+    from datetime import datetime, timezone
+
+    from synwatch.clock import FrozenClock
+    from synwatch.daemon.watched import Watched
+    from synwatch.daemon.watchset import WatchSet
+    from synwatch.system.netnsfind import FoundNamespace
+
+    store = _Settings()
+    store.settings[("docker:web1", "ban.check")] = "{}"
+    started: list[str] = []
+    made = types.SimpleNamespace(ctx=types.SimpleNamespace(store=store),
+                                 resume=lambda _r: None,
+                                 start=lambda: started.append(str(sorted(store.settings))))
+    config = load_config(str(_config(tmp_path, '"*"')))
+    watch = WatchSet(config, FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc)),
+                     lambda _c: made, proc=tmp_path)  # type: ignore[arg-type,return-value]
+    w = Watched(FoundNamespace((1, 2), "docker:web1", tmp_path, "container"),
+                watch._correlator("docker:web1", None), always=False)
+    assert watch.responder(w) is made
+    assert set(store.settings) == {("", "net.ipv4.tcp_syncookies"), ("docker:web1", "ban.check")}
+    assert started == [str(sorted(store.settings))], "forgotten before its setup ran"
