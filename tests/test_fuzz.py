@@ -332,3 +332,37 @@ def test_any_recording_line_is_an_item_or_a_usage_error(line: str) -> None:
         if refused is not None:  # splitlines() also splits at \x1c-\x1e, \x85, \u2028 ...
             assert re.fullmatch(rf"{re.escape(str(path))}:\d+", refused.subject), refused.subject
         assert len(items) <= len(line.splitlines())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(PROC_TEXT | st.text(max_size=300) | st.builds(
+    lambda h, v: f"TcpExt: {h}\nTcpExt: {v}\nTcp: {h}\nTcp: {v}\n",
+    st.text(alphabet="SyncookiesSentInSegsPassiveOpens 0123456789-x", max_size=80),
+    st.text(alphabet="0123456789 -x+", max_size=80)))
+def test_any_counter_file_of_a_quiet_namespace_is_numbers_or_nothing(text: str) -> None:
+    """What a sweep reads of a quiet namespace (/proc/PID/net/netstat and snmp, as the kernel
+    or anything in its place writes them): its counters, or None; never an exception, which
+    would stop the service's loop."""
+    import tempfile
+
+    from synwatch.probes.procnet import segments_in, stirring
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "netstat"
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        for got in (stirring(path), segments_in(path)):
+            assert got is None or all(isinstance(n, int) for n in got)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.text(max_size=300) | st.builds(
+    lambda n, c, p: f"{n}:{c}:{p}\n",
+    st.text(alphabet="0123456789", max_size=3), st.text(alphabet="cpu,memory=name", max_size=20),
+    st.text(alphabet="/docker-libpod-cri-containerd.scopeslicekubepods0123456789abcdef_:",
+            max_size=160)))
+def test_any_cgroup_file_is_a_container_or_none(text: str) -> None:
+    """/proc/PID/cgroup of any process, a container's own included: a (runtime, id) or None."""
+    from synwatch.system.owners import container_in_cgroup
+
+    got = container_in_cgroup(text)
+    assert got is None or (isinstance(got[0], str) and isinstance(got[1], str) and got[1])

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from synwatch.clock import FrozenClock
 from synwatch.config import load_config
+from synwatch.daemon.watchset import DISCOVER_EVERY, WatchSet
 from synwatch.detect.advice import in_place
 from synwatch.errors import ConfigError
 from synwatch.records import Place
+from synwatch.system import netns
 from synwatch.system.netnsfind import find_namespaces
 from synwatch.system.owners import RuntimeRoots
 
@@ -135,6 +140,33 @@ def test_advice_for_a_container_says_how_its_runtime_sets_a_sysctl() -> None:
     assert "OCI spec" in plain[0]
 
 
+def _docker_host(tmp_path: Path, containers: dict[str, str]) -> tuple[Path, Path]:
+    """A recorded host: its /proc with our own namespace (init, and a dockerd whose data root
+    holds ``containers``, id -> name) and an empty /run/netns. The tests add the containers'
+    processes."""
+    proc, run = tmp_path / "proc", tmp_path / "run"
+    run.mkdir()
+    own = _ns_file(tmp_path, "own")
+    (proc / "self" / "ns").mkdir(parents=True)
+    os.link(own, proc / "self" / "ns" / "net")
+    _process(proc, 1, own, "init")
+    data = tmp_path / "docker"
+    for cid, name in containers.items():
+        (data / "containers" / cid).mkdir(parents=True)
+        (data / "containers" / cid / "config.v2.json").write_text(f'{{"Name": "/{name}"}}')
+    _process(proc, 50, own, "dockerd")
+    (proc / "50" / "cmdline").write_bytes(f"dockerd\0--data-root\0{data}\0".encode())
+    return proc, run
+
+
+def _watching_every(tmp_path: Path, proc: Path, run: Path) -> tuple[WatchSet, FrozenClock]:
+    """The watch set of a service with watch.netns = "*" on that host, on a frozen clock."""
+    config = load_config(str(_config(tmp_path, '"*"')))
+    clock = FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc))
+    return WatchSet(config, clock, lambda _c: None, proc=proc,  # type: ignore[arg-type,return-value]
+                    netns_dir=run), clock
+
+
 class _Settings:
     """The history's saved settings and bans, as much of it as letting a namespace go uses."""
 
@@ -162,34 +194,14 @@ def test_a_container_back_under_its_name_is_admitted_only_once_the_old_one_is_le
     Its name keeps meaning the old namespace until the service has closed the old one's
     incidents and forgotten what it saved there; then it means the new one, which is watched
     from the next turn on, and nothing saved for the old one is left for it."""
-    from datetime import datetime, timezone
-
-    from synwatch.clock import FrozenClock
-    from synwatch.daemon.watchset import DISCOVER_EVERY, WatchSet
-    from synwatch.system import netns
-
-    proc, run = tmp_path / "proc", tmp_path / "run"
-    run.mkdir()
-    own, old, new = (_ns_file(tmp_path, n) for n in ("own", "old", "new"))
-    (proc / "self" / "ns").mkdir(parents=True)
-    os.link(own, proc / "self" / "ns" / "net")
-    _process(proc, 1, own, "init")
+    proc, run = _docker_host(tmp_path, {DOCKER_ID: "web1"})
+    old, new = _ns_file(tmp_path, "old"), _ns_file(tmp_path, "new")
     _process(proc, 100, old, "httpd", f"0::/docker/{DOCKER_ID}\n")
-    data = tmp_path / "docker"
-    (data / "containers" / DOCKER_ID).mkdir(parents=True)
-    (data / "containers" / DOCKER_ID / "config.v2.json").write_text('{"Name": "/web1"}')
-    dockerd = proc / "50"
-    _process(proc, 50, own, "dockerd")
-    (dockerd / "cmdline").write_bytes(f"dockerd\0--data-root\0{data}\0".encode())
-    config = load_config(str(_config(tmp_path, '"*"')))
-    clock = FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc))
-    watch = WatchSet(config, clock, lambda _c: None, proc=proc,  # type: ignore[arg-type,return-value]
-                     netns_dir=run)
+    watch, clock = _watching_every(tmp_path, proc, run)
     try:
         watch.discover()
         first = watch.named("docker:web1")
         assert first is not None and netns.bound()["docker:web1"] == proc / "100" / "ns" / "net"
-        import shutil
         shutil.rmtree(proc / "100")  # restarted: a new init, a new namespace
         _process(proc, 200, new, "httpd", f"0::/docker/{DOCKER_ID}\n")
         clock.advance(DISCOVER_EVERY)
@@ -214,35 +226,15 @@ def test_another_container_on_a_reused_inode_is_a_new_namespace(tmp_path: Path) 
     """The kernel hands a new namespace the lowest free nsfs inode: one made right after
     another went can have its inode. Another container there is another namespace (its
     predecessor let go, then it is admitted), never the old one carried on."""
-    from datetime import datetime, timezone
-
-    from synwatch.clock import FrozenClock
-    from synwatch.daemon.watchset import DISCOVER_EVERY, WatchSet
-    from synwatch.system import netns
-
     other = "7" * 64
-    proc, run = tmp_path / "proc", tmp_path / "run"
-    run.mkdir()
-    own, shared = _ns_file(tmp_path, "own"), _ns_file(tmp_path, "shared")
-    (proc / "self" / "ns").mkdir(parents=True)
-    os.link(own, proc / "self" / "ns" / "net")
-    _process(proc, 1, own, "init")
+    proc, run = _docker_host(tmp_path, {DOCKER_ID: "web1", other: "db1"})
+    shared = _ns_file(tmp_path, "shared")
     _process(proc, 100, shared, "httpd", f"0::/docker/{DOCKER_ID}\n")
-    data = tmp_path / "docker"
-    for cid, name in ((DOCKER_ID, "web1"), (other, "db1")):
-        (data / "containers" / cid).mkdir(parents=True)
-        (data / "containers" / cid / "config.v2.json").write_text(f'{{"Name": "/{name}"}}')
-    _process(proc, 50, own, "dockerd")
-    (proc / "50" / "cmdline").write_bytes(f"dockerd\0--data-root\0{data}\0".encode())
-    config = load_config(str(_config(tmp_path, '"*"')))
-    clock = FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc))
-    watch = WatchSet(config, clock, lambda _c: None, proc=proc,  # type: ignore[arg-type,return-value]
-                     netns_dir=run)
+    watch, clock = _watching_every(tmp_path, proc, run)
     try:
         watch.discover()
         web = watch.named("docker:web1")
         assert web is not None
-        import shutil
         shutil.rmtree(proc / "100")
         _process(proc, 300, shared, "postgres", f"0::/docker/{other}\n")  # the same inode
         clock.advance(DISCOVER_EVERY)
@@ -266,29 +258,12 @@ def test_what_a_namespace_gone_while_synwatch_was_down_held_is_not_carried_on(
     left open in a namespace whose identity changed meanwhile (a container replaced under its
     name) is carried on in a stand-in that closes at the first turn, not in the new one."""
     from dataclasses import replace as copied
-    from datetime import datetime, timezone
 
-    from synwatch.clock import FrozenClock
-    from synwatch.daemon.watchset import WatchSet
-    from synwatch.system import netns
     from tests.support.history import change
 
-    proc, run = tmp_path / "proc", tmp_path / "run"
-    run.mkdir()
-    own, web = _ns_file(tmp_path, "own"), _ns_file(tmp_path, "web")
-    (proc / "self" / "ns").mkdir(parents=True)
-    os.link(own, proc / "self" / "ns" / "net")
-    _process(proc, 1, own, "init")
-    _process(proc, 100, web, "httpd", f"0::/docker/{DOCKER_ID}\n")
-    data = tmp_path / "docker"
-    (data / "containers" / DOCKER_ID).mkdir(parents=True)
-    (data / "containers" / DOCKER_ID / "config.v2.json").write_text('{"Name": "/web1"}')
-    _process(proc, 50, own, "dockerd")
-    (proc / "50" / "cmdline").write_bytes(f"dockerd\0--data-root\0{data}\0".encode())
-    config = load_config(str(_config(tmp_path, '"*"')))
-    clock = FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc))
-    watch = WatchSet(config, clock, lambda _c: None, proc=proc,  # type: ignore[arg-type,return-value]
-                     netns_dir=run)
+    proc, run = _docker_host(tmp_path, {DOCKER_ID: "web1"})
+    _process(proc, 100, _ns_file(tmp_path, "web"), "httpd", f"0::/docker/{DOCKER_ID}\n")
+    watch, _ = _watching_every(tmp_path, proc, run)
     try:
         watch.discover()
         live = watch.named("docker:web1")
@@ -317,11 +292,8 @@ def test_a_namespace_first_flooded_here_gets_no_value_saved_under_its_name_befor
     restore, a container of that name long gone) is never put into the namespace that has the
     name now: its responder, made at its first incident, forgets it before its setup runs."""
     import types
-    from datetime import datetime, timezone
 
-    from synwatch.clock import FrozenClock
     from synwatch.daemon.watched import Watched
-    from synwatch.daemon.watchset import WatchSet
     from synwatch.system.netnsfind import FoundNamespace
 
     store = _Settings()

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from synwatch.actions.responder import Responder
 from synwatch.clock import Clock
@@ -27,6 +28,7 @@ from synwatch.system.netnsfind import FoundNamespace
 from synwatch.system.runner import available
 
 log = logging.getLogger("synwatch")
+T = TypeVar("T")
 MAX_SAMPLERS = 16  # packet sockets open at once in flooded namespaces (our own's aside)
 LISTENERS_FRESH = 1.0  # seconds a namespace's listener table answers a burst of kernel lines
 
@@ -148,45 +150,34 @@ class Watched:
         return None if fresh is None else Evidence(now, Snapshot(self.name, (), fresh, {}))
 
     def counters_now(self, proc: Path) -> dict[str, int] | None:
-        """All its counters now (a baseline), read as stirring_now reads its few."""
-        pid = self.found.pid
-        if pid is not None and self._still_in(proc, pid):
-            return procnet.read_counters(proc, f"{pid}/net").values
-        try:
-            return netns.visit(self.name, lambda: procnet.read_counters().values)
-        except ProbeError:
-            return None
-
-    def _still_in(self, proc: Path, pid: int) -> bool:
-        try:
-            st = (proc / str(pid) / "ns" / "net").stat()
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self.found.ident
+        """All its counters now (a baseline when it was never swept)."""
+        return self._read_net(proc, lambda net: procnet.read_counters(net.parent,
+                                                                      net.name).values)
 
     def segments_now(self, proc: Path) -> tuple[int, ...] | None:
-        """Its SEGMENTS (synwatch.probes.procnet.segments_in), read as stirring_now reads."""
-        pid = self.found.pid
-        if pid is not None and self._still_in(proc, pid):
-            return procnet.segments_in(proc / str(pid) / "net" / "snmp")
-        try:
-            return netns.visit(self.name, lambda: procnet.segments_in(
-                Path("/proc/thread-self/net/snmp")))
-        except ProbeError:
-            return None
+        """Its SEGMENTS (synwatch.probes.procnet.segments_in)."""
+        return self._read_net(proc, lambda net: procnet.segments_in(net / "snmp"))
 
     def stirring_now(self, proc: Path) -> tuple[int, ...] | None:
-        """Its STIRRING counters (synwatch.probes.procnet): through a process of its own where
-        it still has one (no entering), else entered."""
+        """Its STIRRING counters (synwatch.probes.procnet.stirring)."""
+        return self._read_net(proc, lambda net: procnet.stirring(net / "netstat"))
+
+    def _read_net(self, proc: Path, read: Callable[[Path], T | None]) -> T | None:
+        """``read`` of its /proc net directory: a process's of its own where it still has one
+        (no entering: /proc/PID/net is the namespace of PID), else entered; None when neither
+        can be read."""
         pid = self.found.pid
-        if pid is not None and self._still_in(proc, pid):
-            return procnet.stirring(proc / str(pid) / "net" / "netstat")
+        if pid is not None:
+            try:
+                st = (proc / str(pid) / "ns" / "net").stat()
+            except OSError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == self.found.ident:
+                return read(proc / str(pid) / "net")
         try:
-            return netns.visit(self.name, lambda: procnet.stirring(
-                Path("/proc/thread-self/net/netstat")))
+            return netns.visit(self.name, lambda: read(Path("/proc/thread-self/net")))
         except ProbeError:
             return None
-
 
 def describe(live: list[Watched], now: float) -> dict[str, Any]:
     """Namespaces as `synwatch status` shows them: how many, and the ones probed in full now

@@ -85,7 +85,10 @@ def stirring(path: Path) -> tuple[int, ...] | None:
     if not header.startswith("TcpExt:") or not values.startswith("TcpExt:"):
         return None
     numbers = values.split()
-    return tuple(int(numbers[i]) if 0 <= i < len(numbers) else 0 for i in _columns(header))
+    try:
+        return tuple(int(numbers[i]) if 0 <= i < len(numbers) else 0 for i in _columns(header))
+    except ValueError:  # not the kernel's numbers: nothing is known
+        return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,7 +115,10 @@ def segments_in(path: Path) -> tuple[int, ...] | None:
     at = _segments_columns(parts[0])
     if not at or max(at) >= len(numbers):
         return None
-    return tuple(int(numbers[i]) for i in at)
+    try:
+        return tuple(int(numbers[i]) for i in at)
+    except ValueError:  # not the kernel's numbers: nothing is known
+        return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -93,21 +93,6 @@ def _path_of(name: str, netns_dir: Path) -> tuple[Path, NsId | None]:
     return found if found is not None else (netns_dir / name, None)
 
 
-def location(name: str, netns_dir: Path = NETNS_DIR) -> str:
-    """How a command reaches namespace ``name``: "" (here), an `ip netns` name, or the /proc
-    path of a bound name (ProbeError when it is no longer that namespace)."""
-    path, ident = _path_of(name, netns_dir)
-    if ident is None:
-        return name
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise ProbeError(f"netns {name}", f"gone ({path}: {exc.strerror})") from exc
-    if (st.st_dev, st.st_ino) != ident:
-        raise ProbeError(f"netns {name}", f"gone ({path} is another namespace now)")
-    return str(path)
-
-
 @dataclass
 class _Call:
     func: Callable[[], Any]
@@ -210,20 +195,17 @@ def in_netns(name: str, func: Callable[[], T], netns_dir: Path = NETNS_DIR) -> T
     """``func()`` run in network namespace ``name``; "" runs it right here."""
     if not name:
         return func()
-    path, expected = _path_of(name, netns_dir)
     try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
+        target = _open_checked(name, netns_dir)
+    except ProbeError:
         with _lock:  # gone: its workers must not keep the old namespace alive
             gone = _pool.get(name)
             if gone is not None:
                 _retire(gone)
-        raise ProbeError(f"netns {name}", f"cannot open {path}: {exc.strerror}") from exc
+        raise
     try:
         st = os.fstat(target)
         ident = (st.st_dev, st.st_ino)
-        if expected is not None and ident != expected:
-            raise ProbeError(f"netns {name}", f"gone ({path} is another namespace now)")
         if getattr(_here, "ident", None) == ident:
             return func()  # already in it: a worker's function asking for its own namespace
         call = _Call(func)
@@ -313,8 +295,12 @@ def _open_checked(name: str, netns_dir: Path = NETNS_DIR) -> int:
     return fd
 
 
-def opened(name: str, netns_dir: Path = NETNS_DIR) -> int | None:
-    """For a command run in namespace ``name`` (synwatch.system.runner): an fd of it, checked,
-    to hand to ``nsenter --net=/proc/self/fd/N``, so what runs is in the namespace that was
-    checked, not in whatever the path means by then; None for our own."""
-    return _open_checked(name, netns_dir) if name else None
+def bound_fd(name: str, netns_dir: Path = NETNS_DIR) -> int | None:
+    """For a command run in namespace ``name`` (synwatch.system.runner): where the name is a
+    container's or a process's (``bind``), an fd of it, checked, to hand to ``nsenter
+    --net=/proc/self/fd/N``, so what runs is in the namespace that was checked, not in whatever
+    the path means by then (ProbeError when it is not that namespace any more); None for our
+    own and an `ip netns` name (`ip netns exec` enters those)."""
+    with _lock:
+        bound = name in _bound
+    return _open_checked(name, netns_dir) if bound else None

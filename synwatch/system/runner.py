@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from synwatch.errors import CommandError, ProbeError
-from synwatch.system.netns import location, opened
+from synwatch.system.netns import bound_fd
 
 TIMEOUT = 10.0
 
@@ -28,10 +28,8 @@ def run(argv: Sequence[str], *, stdin: str | None = None, netns: str = "",
     if not argv:
         raise ValueError("empty argv")
     shown = " ".join(argv)
-    fd = None
     try:
-        if location(netns).startswith("/"):  # a container's: entered by the fd checked here
-            fd = opened(netns)
+        fd = bound_fd(netns)  # a container's: entered by the fd checked here
     except ProbeError as exc:
         raise CommandError(shown, exc.why) from exc
     full = (["nsenter", f"--net=/proc/self/fd/{fd}", "--", *argv] if fd is not None
