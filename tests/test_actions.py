@@ -20,6 +20,7 @@ from synwatch.actions.presets import load_presets, merge_batches, parse_preset
 from synwatch.actions.registry import GROUP, Action, Plan, registered
 from synwatch.actions.responder import Outcome, Responder
 from synwatch.config import BanSettings, parse_config
+from synwatch.config.validators import BAN_BACKENDS
 from synwatch.errors import ActionFailed, ConfigError
 from synwatch.records import ActionRun, BanTarget, IncidentChange
 from synwatch.store import History
@@ -45,12 +46,15 @@ def test_every_preset_sample_renders_exactly(name: str, index: int) -> None:
     assert show(rendered) == sample["expect"].strip("\n")
 
 
-def test_the_shipped_presets_are_the_three_backends_and_the_rate_limit() -> None:
+def test_the_shipped_presets_are_the_three_backends_the_bridge_path_and_the_rate_limit(
+        ) -> None:
     assert {n: p.action for n, p in PRESETS.items()} == {
-        "nftables": "ban", "ufw": "ban", "iptables-ipset": "ban",
+        "nftables": "ban", "ufw": "ban", "iptables-ipset": "ban", "nftables-path": "ban",
         "ratelimit-nftables": "ratelimit", "ratelimit-sources-nftables": "ratelimit"}
     assert [n for n, p in PRESETS.items() if p.kernel_timeouts] == [
-        "iptables-ipset", "nftables", "ratelimit-sources-nftables"]
+        "iptables-ipset", "nftables-path", "nftables", "ratelimit-sources-nftables"]
+    # the bridge path is chosen by `bridged`, never as a backend of its own
+    assert "nftables-path" not in BAN_BACKENDS
 
 
 def test_a_preset_step_without_a_sample_is_refused(tmp_path: Path) -> None:

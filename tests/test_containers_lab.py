@@ -124,12 +124,14 @@ def test_a_flood_against_one_container_among_several_is_its_incident(
 def test_two_containers_flooded_at_once_get_their_own_verdicts(docker: DockerLab,
                                                                tmp_path: Path) -> None:
     """One spoofed (a /16), one concentrated (two /24s), at the same time on the same port: the
-    concentrated one's bans land in its own namespace and its real client still gets in."""
+    concentrated one's bans land in its own namespace (``bridged = "inside"``) and its real
+    client still gets in."""
     tag = uuid.uuid4().hex[:6]
     port = lab_port()
     spoofed = docker.httpd(f"spoofed-{tag}", port)
     concentrated = docker.httpd(f"concentrated-{tag}", port)
-    service = _service(tmp_path, tag, dry_run=False, quiet="5s")
+    service = _service(tmp_path, tag, dry_run=False, quiet="5s",
+                       extra='[actions.ban]\nbridged = "inside"\n')
     try:
         service.wait_log(f"watching namespace docker:{concentrated.name}")
         nets = [f"{SPOOF_NET}.7", f"{SPOOF_NET}.8"]
@@ -168,6 +170,77 @@ def test_two_containers_flooded_at_once_get_their_own_verdicts(docker: DockerLab
         assert (f"synwatch: lifted the ban of {prefix} (nftables) in netns "
                 f"docker:{concentrated.name}") in removed.stdout, removed
     assert _banned(docker, concentrated) == set()
+
+
+def _path_table(docker: DockerLab, table: str) -> dict[str, Any] | None:
+    """A table on the host's path to a container (in the dockerd namespace, where its bridge
+    is): its banned blocks, its destinations and the packets its rules dropped; None if
+    absent."""
+    listed = sh("nsenter", f"--net=/run/netns/{docker.host_ns}", "nft", "-j", "list", "table",
+                "inet", table, check=False)
+    if listed.returncode:
+        return None
+    items = json.loads(listed.stdout)["nftables"]
+    sets = {i["set"]["name"]: i["set"].get("elem", []) for i in items if "set" in i}
+    return {"banned": {f"{e['elem']['val']['prefix']['addr']}/"
+                       f"{e['elem']['val']['prefix']['len']}" for e in sets["bannet4"]},
+            "to": set(sets["to4"]),
+            "dropped": sum(x["counter"]["packets"] for i in items if "rule" in i
+                           for x in i["rule"]["expr"] if "counter" in x)}
+
+
+def test_a_bridged_containers_bans_go_on_the_hosts_path_to_it_and_spare_its_neighbour(
+        docker: DockerLab, tmp_path: Path) -> None:
+    """The default (``bridged = "path"``): a concentrated flood's /24s are banned in a table of
+    the container's own in the namespace of its bridge, toward its address alone. Nothing is
+    put inside it; its real client gets in; from inside a banned /24, its neighbour on the same
+    bridge is still reached and it is not. The container stopped, the table goes with it (its
+    address may be the next container's)."""
+    tag = uuid.uuid4().hex[:6]
+    port = lab_port()
+    flooded = docker.httpd(f"shop-{tag}", port)
+    neighbour = docker.httpd(f"blog-{tag}", port)
+    table = f"synwatch_path_{Path(flooded.netns).stat().st_ino}"  # its namespace's inode
+    service = _service(tmp_path, tag, dry_run=False, quiet="5s")
+    nets = [f"{SPOOF_NET}.17", f"{SPOOF_NET}.18"]
+    user = f"{nets[0]}.250"  # a real user inside a flood's /24, never one of its sources
+    sh("ip", "-n", docker.client_ns, "addr", "add", f"{user}/32", "dev", "lo")
+    try:
+        service.wait_log(f"watching namespace docker:{flooded.name}")
+        sources = [f"{random.choice(nets)}.{random.randint(1, 240)}" for _ in range(8000)]
+        docker.start_flood(flooded.ip, port, len(sources), sources, rate=1000)
+        want = {f"{n}.0/24" for n in nets}
+        path = _wait(service, "both /24s banned on the path to the container", lambda: (
+            t if (t := _path_table(docker, table)) and t["banned"] >= want else None))
+        assert path["to"] == {flooded.ip}, path
+        service.wait_log(f"netns docker:{flooded.name}: its bans go on the host's path to it: "
+                         f"netns {docker.host_ns}, bridge docker0")
+        assert _wait(service, "the flood dropped on the path", lambda: (
+            (t := _path_table(docker, table)) and t["dropped"] > 0))
+        assert _banned(docker, flooded) == set(), "nothing inside the container"
+        assert "synwatch" not in docker.in_container(flooded, "nft", "list", "tables").stdout
+        assert "200 OK" in docker.connect(flooded.ip, port), "its real client gets in"
+        assert "200 OK" in docker.connect(neighbour.ip, port, source=user), \
+            "the neighbour is reached from a banned /24"
+        with pytest.raises(subprocess.CalledProcessError):
+            docker.connect(flooded.ip, port, timeout=2, source=user)
+        [inc] = [i for i in service.incidents(port) if i["netns"] == f"docker:{flooded.name}"]
+        assert inc["verdict"] == "concentrated"
+        assert [i["netns"] for i in service.incidents(port)] == [f"docker:{flooded.name}"]
+        bans = json.loads(synwatch("bans", "list", "--format", "json", "--config",
+                                   str(service.config)).out)
+        assert {b["prefix"] for b in bans if b["backend"] == "nftables-path"} == want, bans
+        synwatch("unban", f"{nets[1]}.0/24", "--config", str(service.config))  # by hand
+        lifted = _path_table(docker, table)
+        assert lifted is not None and lifted["banned"] == {f"{nets[0]}.0/24"}, lifted
+        docker.stop(flooded.name)
+        _wait(service, "its table removed with it", lambda: _path_table(docker, table) is None)
+        service.wait_log(f"namespace docker:{flooded.name} is gone")
+        service.wait_log(f"netns docker:{flooded.name}: gone; removing its bans on the host's "
+                         "path to it:\nnft list table inet synwatch_path_")
+        assert "synwatch_path_" not in docker.in_host("nft", "list", "tables").stdout
+    finally:
+        service.stop()
 
 
 def test_a_container_stopped_mid_incident_closes_it_and_leaves_nothing_for_its_successor(

@@ -163,7 +163,7 @@ def _watching_every(tmp_path: Path, proc: Path, run: Path) -> tuple[WatchSet, Fr
     """The watch set of a service with watch.netns = "*" on that host, on a frozen clock."""
     config = load_config(str(_config(tmp_path, '"*"')))
     clock = FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc))
-    return WatchSet(config, clock, lambda _c: None, proc=proc,  # type: ignore[arg-type,return-value]
+    return WatchSet(config, clock, lambda _c, _p: None, proc=proc,  # type: ignore[arg-type,return-value]
                     netns_dir=run), clock
 
 
@@ -304,9 +304,40 @@ def test_a_namespace_first_flooded_here_gets_no_value_saved_under_its_name_befor
                                  start=lambda: started.append(str(sorted(store.settings))))
     config = load_config(str(_config(tmp_path, '"*"')))
     watch = WatchSet(config, FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc)),
-                     lambda _c: made, proc=tmp_path)  # type: ignore[arg-type,return-value]
+                     lambda _c, _p: made, proc=tmp_path)  # type: ignore[arg-type,return-value]
     w = Watched(FoundNamespace((1, 2), "docker:web1", tmp_path, "container"),
                 watch._correlator("docker:web1", None), always=False)
     assert watch.responder(w) is made
     assert set(store.settings) == {("", "net.ipv4.tcp_syncookies"), ("docker:web1", "ban.check")}
     assert started == [str(sorted(store.settings))], "forgotten before its setup ran"
+
+
+def test_the_netns_id_request_and_any_reply() -> None:
+    """RTM_GETNSID as the kernel reads it (rtnl_net_getid: a 4-byte rtgenmsg, then NETNSA_FD),
+    and its reply read back; a reply that is not one, truncated or an error is no id."""
+    import struct
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from synwatch.system.bridgepath import RTM_NEWNSID, nsid_request, parse_nsid
+
+    request = nsid_request(7, seq=3)
+    assert request == struct.pack("=IHHII", 28, 90, 1, 3, 0) + b"\0" * 4 + struct.pack(
+        "=HHI", 8, 3, 7)
+
+    def reply(nsid: int, kind: int = RTM_NEWNSID) -> bytes:
+        body = b"\0" * 4 + struct.pack("=HHi", 8, 1, nsid)
+        return struct.pack("=IHHII", 16 + len(body), kind, 0, 3, 0) + body
+
+    assert parse_nsid(reply(0)) == 0 and parse_nsid(reply(5)) == 5
+    assert parse_nsid(reply(-1)) is None  # NETNSA_NSID_NOT_ASSIGNED
+    assert parse_nsid(reply(5, kind=2)) is None  # NLMSG_ERROR
+    assert parse_nsid(reply(5)[:20]) is None
+
+    @given(st.binary(max_size=64))
+    def any_bytes(data: bytes) -> None:
+        got = parse_nsid(data)
+        assert got is None or got >= 0
+
+    any_bytes()

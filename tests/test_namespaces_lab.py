@@ -7,9 +7,13 @@ with real Docker containers."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +194,69 @@ def test_a_namespace_made_after_the_last_look_is_found_by_its_kernel_line(
                     f"watching namespace {late.server_ns}")
         finally:
             service.stop()
+
+
+def _path_tables(the_lab: Lab) -> set[str]:
+    listed = json.loads(the_lab.in_server("nft", "-j", "list", "tables").stdout)["nftables"]
+    return {t["table"]["name"] for t in listed
+            if "table" in t and t["table"]["name"].startswith("synwatch_path_")}
+
+
+def test_tables_on_the_path_to_containers_that_went_are_removed(two_labs: tuple[Lab, Lab],
+                                                               tmp_path: Path) -> None:
+    """A table on the path to a bridged container outlives nothing it guarded: one left for a
+    namespace that went while synwatch was down is removed at the next start, one for a live
+    namespace stays; the package's removal lifts the rest, bans and tables (real nft in a
+    namespace of the test's, standing for a bridge's)."""
+    from synwatch.actions.ban import PATH_PRESET
+    from synwatch.actions.firewall import BanItem, Firewall
+    from synwatch.actions.presets import load_presets
+    from synwatch.daemon.bridging import PATH_SETTING, drop_stale
+    from synwatch.records import Ban
+    from synwatch.store import History
+    from synwatch.system.bridgepath import BridgePath, record
+    from synwatch.system.netnsfind import find_namespaces
+
+    bridge, live = two_labs
+    seen = find_namespaces()
+    [bridge_ns] = [f for f in seen if f.name == bridge.server_ns]
+    [live_ns] = [f for f in seen if f.name == live.server_ns]
+    store = History.open(f"sqlite:///{tmp_path}/h.db")
+    now = datetime.now(timezone.utc)
+    tables = {}
+    for name, inode, container in (("docker:gone", 11, (0, 11)),
+                                   (live.server_ns, live_ns.ident[1], live_ns.ident)):
+        path = BridgePath(bridge.server_ns, bridge_ns.ident, "docker0", "veth1", ("10.9.0.2",),
+                          (), inode)
+        fw = Firewall(load_presets()[PATH_PRESET], bridge.server_ns,
+                      values=(("table", path.table), ("container", name)),
+                      destinations=((4, path.addresses4),))
+        fw.apply(fw.render_setup() + fw.render_ban([BanItem("198.51.100.0/24", 600)]))
+        store.save_setting(name, PATH_SETTING, record(container, path), now)
+        store.add_bans([Ban(prefix="198.51.100.0/24", backend=PATH_PRESET, netns=name,
+                            incident_id=None, created_at=now,
+                            expires_at=now + timedelta(seconds=600))])
+        tables[name] = path.table
+    assert _path_tables(bridge) == set(tables.values())
+    drop_stale(store, seen)  # the service's start, watching many
+    assert _path_tables(bridge) == {tables[live.server_ns]}
+    assert store.saved_setting("docker:gone", PATH_SETTING) is None
+    assert store.saved_setting(live.server_ns, PATH_SETTING) is not None
+    config = tmp_path / "synwatch.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
+    # in a network namespace of its own for "the host's", as tests/test_packaging.py runs it
+    locks = [lock for lock in (Path("/run/ufw.lock"), Path("/run/xtables.lock"))
+             if not lock.exists()]  # ufw and iptables open them on the host's /run
+    try:
+        said = subprocess.run(["unshare", "--net", "--", sys.executable, "-m",
+                               "synwatch.cli.uninstall"], capture_output=True, text=True,
+                              timeout=60, check=True, env={**os.environ,
+                                                           "SYNWATCH_CONFIG": str(config)})
+    finally:
+        for lock in locks:
+            lock.unlink(missing_ok=True)
+    assert (f"lifted the ban of 198.51.100.0/24 ({PATH_PRESET}, table inet "
+            f"{tables[live.server_ns]}) in netns {bridge.server_ns}") in said.stdout, said
+    assert _path_tables(bridge) == set()
+    assert not store.active_bans(live.server_ns, now)
+    assert store.saved_setting(live.server_ns, PATH_SETTING) is None

@@ -31,7 +31,7 @@ from synwatch.actions.banchoice import (
 )
 from synwatch.actions.banfleet import FleetCopies, FleetScan
 from synwatch.actions.banproof import CHECK, UNENFORCED, Check, Comparison, compare, normal
-from synwatch.actions.firewall import BanItem, Firewall
+from synwatch.actions.firewall import BanItem, Firewall, safe_comment
 from synwatch.actions.presets import load_presets
 from synwatch.actions.registry import ActionContext, Plan, skipped
 from synwatch.config import Config, Network
@@ -44,6 +44,7 @@ from synwatch.system.runner import Command, show
 log = logging.getLogger("synwatch")
 DRIFT_TOLERANCE = 5.0  # seconds: a kernel timeout this far from the history's is a drift
 MAX_SHOWN = 5  # drifted bans named in the one warning of a reconcile
+PATH_PRESET = "nftables-path"  # a bridged container's bans, on the host's path to it
 def _absent(exc: CommandError) -> bool:
     """Did listing fail because synwatch's table or set is not there (nft, ipset)?"""
     return "No such file or directory" in exc.why or "does not exist" in exc.why
@@ -63,9 +64,16 @@ class BanAction(FleetCopies):
     def __init__(self, ctx: ActionContext) -> None:
         super().__init__(ctx)
         c = ctx.config
-        preset = load_presets()[c.ban.backend]
-        self.firewall = Firewall(preset, c.netns, c.thresholds.ipv4_prefix,
-                                 c.thresholds.ipv6_prefix)
+        path = ctx.bridge_path
+        if path is None:
+            self.firewall = Firewall(load_presets()[c.ban.backend], c.netns,
+                                     c.thresholds.ipv4_prefix, c.thresholds.ipv6_prefix)
+        else:  # a bridged container's: on the host's path to it (synwatch/system/bridgepath.py)
+            self.firewall = Firewall(
+                load_presets()[PATH_PRESET], path.netns, c.thresholds.ipv4_prefix,
+                c.thresholds.ipv6_prefix,
+                values=(("table", path.table), ("container", safe_comment(c.netns))),
+                destinations=((4, path.addresses4), (6, path.addresses6)))
         self.seen: dict[int, set[str]] = {}  # incident -> prefixes banned or refused
         self.guard = Guard(())
         self.host: list[tuple[Network, str]] = []

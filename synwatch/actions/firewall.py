@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from synwatch.actions.presets import Preset
+from synwatch.actions.presets import Preset, merge_batches
 from synwatch.probes.accounting import mask
 from synwatch.system.runner import Command, execute, run
 
@@ -45,6 +45,10 @@ class Firewall:
     netns: str = ""
     v4_len: int = 24
     v6_len: int = 64
+    # the preset's vars chosen here (a bridge path's table and container: nftables-path)
+    values: tuple[tuple[str, str], ...] = ()
+    # the addresses the bans guard, per family (a bridge path's: the container's own)
+    destinations: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     @property
     def name(self) -> str:
@@ -52,10 +56,17 @@ class Firewall:
 
     def context(self) -> dict[str, Any]:
         """Values a preset may use besides its own vars: the ban granularity's masks."""
-        return {"mask4": mask(4, self.v4_len), "mask6": mask(6, self.v6_len)}
+        return {"mask4": mask(4, self.v4_len), "mask6": mask(6, self.v6_len),
+                **dict(self.values)}
 
     def render_setup(self) -> list[Command]:
-        return self.preset.render("setup", self.context())
+        items = [{"family": family, "addresses": ", ".join(addresses)}
+                 for family, addresses in self.destinations if addresses]
+        return merge_batches(self.preset.render("setup", self.context())
+                             + self.preset.render("destinations", self.context(), items))
+
+    def render_teardown(self) -> list[Command]:
+        return self.preset.render("teardown", self.context())
 
     def render_ban(self, items: Sequence[BanItem]) -> list[Command]:
         return self.preset.render("ban", self.context(), [i.fields() for i in items])

@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-STEPS = ("setup", "ban", "unban", "teardown")
+STEPS = ("setup", "destinations", "ban", "unban", "teardown")
 PER_FAMILY_STEPS = ("ban", "unban")
 _TOP_KEYS = {"name", "action", "description", "kernel_timeouts", "vars", "vars4", "vars6",
              "list", "samples", *STEPS}

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from synwatch.config import Config
     from synwatch.records import IncidentChange
     from synwatch.store.api import ServiceStore
+    from synwatch.system.bridgepath import BridgePath
 
 GROUP = "synwatch.actions.v1"
 
@@ -56,6 +57,8 @@ class ActionContext:
     drift: Callable[[str, int], None] = field(default=lambda _backend, _n: None)
     # other nodes' fleet bans refused here, per reason (synwatch_fleet_refused_total)
     fleet_refused: Callable[[str, int], None] = field(default=lambda _reason, _n: None)
+    # a bridged container's: where its traffic is routed to it (its bans go there)
+    bridge_path: BridgePath | None = None
 
     @property
     def netns(self) -> str:

@@ -26,6 +26,7 @@ from synwatch.config import Config
 from synwatch.errors import StoreError, SynwatchError
 from synwatch.records import ActionRun, IncidentChange
 from synwatch.store.api import ServiceStore
+from synwatch.system.bridgepath import BridgePath
 
 log = logging.getLogger("synwatch")
 
@@ -91,10 +92,12 @@ class Responder:
                  on_record: Callable[[ActionRun], None] | None = None,
                  wake: Callable[[], None] | None = None, *,
                  on_drift: Callable[[str, int], None] | None = None,
-                 on_fleet_refused: Callable[[str, int], None] | None = None) -> None:
+                 on_fleet_refused: Callable[[str, int], None] | None = None,
+                 bridge_path: BridgePath | None = None) -> None:
         self.ctx = ActionContext(config, store, clock, wake=wake or (lambda: None),
                                  drift=on_drift or (lambda _backend, _n: None),
-                                 fleet_refused=on_fleet_refused or (lambda _reason, _n: None))
+                                 fleet_refused=on_fleet_refused or (lambda _reason, _n: None),
+                                 bridge_path=bridge_path)
         self.on_record = on_record  # every outcome, as it is recorded (metrics)
         chosen = {name for names in config.policy.values() for name in names}
         self.actions: list[Action] = sorted(

@@ -6,12 +6,16 @@ import ipaddress
 from dataclasses import dataclass
 from datetime import datetime
 
+from synwatch.actions.ban import PATH_PRESET
 from synwatch.actions.firewall import BanItem, Firewall
-from synwatch.actions.presets import load_presets
+from synwatch.actions.presets import Preset, load_presets
 from synwatch.config import Config, Network
 from synwatch.errors import NotFound, UsageError
 from synwatch.records import ActionRun, Ban
 from synwatch.store import History
+from synwatch.system.bridgepath import SETTING, recorded
+from synwatch.system.netns import bind, exists
+from synwatch.system.netnsfind import find_namespaces
 from synwatch.system.runner import show
 
 
@@ -21,6 +25,27 @@ def _covers(ban: Ban, wanted: Network) -> bool:
     except ValueError:  # a row anyone who can write the table wrote: not a ban of anything
         return False
     return net.version == wanted.version and net.overlaps(wanted)
+
+
+def _firewall(ban: Ban, config: Config, store: History,
+              presets: dict[str, Preset]) -> Firewall:
+    """Where the ban acts: its namespace's firewall, or a bridged container's table on the
+    host's path to it (where the history recorded it). A namespace gone is a NotFound: what
+    it held went with it, and the service ends its bans when it sees it gone."""
+    v4, v6 = config.thresholds.ipv4_prefix, config.thresholds.ipv6_prefix
+    if ban.backend == PATH_PRESET:
+        saved = store.saved_setting(ban.netns, SETTING)
+        place = recorded(saved, find_namespaces()) if saved else None
+        if place is None:
+            raise NotFound(f"unban {ban.prefix}", f"the path to {ban.netns} is gone")
+        return Firewall(presets[PATH_PRESET], place[0].name, v4, v6,
+                        values=(("table", place[1]),))
+    if ban.netns and not exists(ban.netns):  # a container's, by the name synwatch gave it
+        found = next((f for f in find_namespaces() if f.name == ban.netns), None)
+        if found is None:
+            raise NotFound(f"unban {ban.prefix}", f"netns {ban.netns} is gone")
+        bind(found.name, found.path, found.ident)
+    return Firewall(presets[ban.backend], ban.netns, v4, v6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +64,9 @@ def unban(config: Config, store: History, text: str, now: datetime) -> list[Unba
         wanted = ipaddress.ip_network(text, strict=False)
     except ValueError as exc:
         raise UsageError("unban", f"{text!r} is not a prefix or an address") from exc
-    hits = [b for b in store.active_bans(config.netns, now) if _covers(b, wanted)]
+    # watching many namespaces, a container's bans too
+    hits = [b for b in store.active_bans(None if config.many_namespaces else config.netns, now)
+            if _covers(b, wanted)]
     if not hits:
         # a fleet ban this node did not copy (refused, or not looked at yet) is lifted too
         elsewhere = [b for b in store.fleet_bans_to_copy(now) if _covers(b, wanted)]
@@ -50,8 +77,7 @@ def unban(config: Config, store: History, text: str, now: datetime) -> list[Unba
     presets = load_presets()
     done: list[Unbanned] = []
     for ban in hits:
-        fw = Firewall(presets[ban.backend], config.netns, config.thresholds.ipv4_prefix,
-                      config.thresholds.ipv6_prefix)
+        fw = _firewall(ban, config, store, presets)
         block = ipaddress.ip_network(ban.prefix)
         rest: list[str] = []
         if block.prefixlen < wanted.prefixlen:

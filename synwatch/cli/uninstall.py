@@ -11,7 +11,9 @@ tool that would have lifted it is going away. In the host's namespace, the watch
   the preset's teardown) and ufw's rules with a synwatch comment; the history marks the bans
   removed, so a reinstall does not put them back;
 - the SYN accounting chain and sets, the standing rate-limit chain and the per-source one (the
-  presets' teardown).
+  presets' teardown);
+- the bans of bridged containers on the host's path to them: every ``synwatch_path_*`` table, in
+  whichever namespace holds it (a bridge's: the host's for Docker), lifted and removed.
 
 Each thing done is one line on stdout (the terminal of the apt run); a failure is a warning on
 stderr and never fails the removal. The nftables table itself, empty of bans, stays until the
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from synwatch.actions.ban import PATH_PRESET
 from synwatch.actions.firewall import Firewall
 from synwatch.actions.presets import Preset, load_presets
 from synwatch.actions.ratelimit import PRESET as RATELIMIT
@@ -40,6 +43,7 @@ from synwatch.actions.ratelimit import SOURCES as SRCLIMIT
 from synwatch.actions.syncookies import SYSCTL
 from synwatch.actions.synproxy import LOOSE, proxied_ports, render_off
 from synwatch.config import config_location, load_config
+from synwatch.daemon.bridging import PATH_SETTING
 from synwatch.errors import CommandError, SynwatchError
 from synwatch.probes.accounting import CHAIN as ACCOUNTING
 from synwatch.probes.accounting import TABLE, SynAccounting
@@ -132,6 +136,7 @@ class Uninstall:
                 else:
                     self.did(f"removed the SYN accounting chain {ACCOUNTING} and its sets "
                              f"(table inet {TABLE}) {where(ns)}")
+        self._lift_paths(named)
         if not self.done and not self.failed:
             self.did("held no ban, rate limit or changed setting: nothing to lift")
         return self.done
@@ -247,6 +252,47 @@ class Uninstall:
         self._forget(preset.name, netns, set(held) - set(lifted), set(lifted))
         if preset.steps.get("teardown"):
             self._teardown(preset, netns, f"the {preset.name} rules and sets")
+
+    def _lift_paths(self, named: Sequence[str]) -> None:
+        """Every table on the path to a bridged container, in every namespace found (the
+        containers' bridges may be in any), its bans lifted and then the table removed."""
+        preset = self.presets[PATH_PRESET]
+        lifted: set[str] = set()
+        for found in find_namespaces():
+            if found.kind in ("container", "process"):
+                bind(found.name, found.path, found.ident)
+            try:
+                listing = json.loads(run(["nft", "-j", "list", "tables"], netns=found.name))
+            except (CommandError, ValueError):
+                continue  # no nft, no table, a namespace gone meanwhile: nothing of ours
+            for item in listing.get("nftables", []):
+                table = item.get("table", {}) if isinstance(item, dict) else {}
+                name = str(table.get("name", ""))
+                if table.get("family") != "inet" or not name.startswith("synwatch_path_"):
+                    continue
+                fw = Firewall(preset, found.name, values=(("table", name),))
+                held = self._held(fw) or {}
+                try:
+                    execute(fw.render_teardown(), found.name)
+                except CommandError as exc:
+                    self.warn("cannot remove table inet %s %s: %s", name, where(found.name),
+                              exc)
+                    continue
+                for prefix in sorted(held):
+                    self.did(f"lifted the ban of {prefix} ({PATH_PRESET}, table inet {name}) "
+                             f"{where(found.name)}")
+                lifted |= set(held)
+                self.did(f"removed table inet {name}, the path to a container, "
+                         f"{where(found.name)}")
+        for ns in named:
+            self._forget(PATH_PRESET, ns, set(), lifted)
+        if self.store is not None:
+            try:
+                for ns, name, _ in self.store.saved_settings():
+                    if name == PATH_SETTING:
+                        self.store.forget_setting(ns, name)
+            except SynwatchError as exc:
+                self.warn("cannot forget the tables in the history: %s", exc)
 
     def _forget(self, backend: str, netns: str, still_held: set[str],
                 lifted: set[str]) -> None:

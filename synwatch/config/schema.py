@@ -20,6 +20,7 @@ from synwatch.config.validators import (
     argv,
     auto_or_bool,
     ban_backend,
+    ban_bridged,
     ban_scope,
     ban_timeout,
     boolean,
@@ -222,6 +223,13 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                          "v4-mapped/compatible ranges, `max_total`, `max_per_incident`, "
                          "`max_duration`); a refusal is logged and counted "
                          "(`synwatch_fleet_refused_total`), not stored"),
+        "bridged": _s(ban_bridged, "path", "where a bridged container's bans go when "
+                      '`watch.netns` takes containers and `backend = "nftables"`: `"path"`, '
+                      "on the host's path to it (a table of its own in the namespace of its "
+                      "bridge, forward hook, matching its own addresses: its processes cannot "
+                      'lift it and it needs no nft inside); `"inside"`, in its own namespace. '
+                      "A container on no bridge (host or macvlan networking, a pod's CNI "
+                      "without one) is banned inside whatever this says"),
         "reconcile": _s(reconcile_period, "60s", "how often every active ban is checked in the "
                         "kernel (present, at its prefix length, with the time left the history "
                         "says) and a drifted one put back"),

@@ -66,6 +66,7 @@ class BanSettings:
     scope: str = "local"  # local | fleet: copied by every node sharing the history
     fleet_from: tuple[str, ...] = ("*",)  # nodes (names or globs) whose fleet bans are copied
     reconcile: float = 60.0  # seconds between checks of the bans in the kernel
+    bridged: str = "path"  # a bridged container's bans: "path" (the host's path) | "inside"
 
 
 @dataclass(frozen=True, slots=True)

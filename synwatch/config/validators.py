@@ -193,6 +193,12 @@ def ban_scope(value: Any) -> str:
     return str(value)
 
 
+def ban_bridged(value: Any) -> str:
+    if value not in ("path", "inside"):
+        raise Invalid(f'expected "path" or "inside", got {shown(value)}')
+    return str(value)
+
+
 def log_files(value: Any) -> tuple[str, ...]:
     paths = string_list(value)
     for p in paths:

@@ -32,6 +32,7 @@ from synwatch.sources.supervisor import Supervisor
 from synwatch.store.spool import Spool, SpoolFull
 from synwatch.store.spooled import SpooledStore, open_spooled
 from synwatch.system import netns, sdnotify
+from synwatch.system.bridgepath import BridgePath
 
 log = logging.getLogger("synwatch")
 STORE_WAIT = 0.2  # seconds a write waits for a locked history before it is spooled
@@ -132,12 +133,12 @@ class Service:
         self.supervisor.start()
         self.telemetry.start(sources)
 
-    def _responder(self, config: Config) -> Responder:
+    def _responder(self, config: Config, path: BridgePath | None = None) -> Responder:
         """A namespace's responder (the watch set resumes and starts it)."""
         responder = Responder(config, self._history(), self.clock,
                               on_record=self.telemetry.action, wake=self._wake,
                               on_drift=self.telemetry.drift,
-                              on_fleet_refused=self.telemetry.fleet_refused)
+                              on_fleet_refused=self.telemetry.fleet_refused, bridge_path=path)
         log.info("actions%s: %s", f" in {config.netns}" if self.config.many_namespaces
                  and config.netns else "",
                  ", ".join(responder.names()) or "none")

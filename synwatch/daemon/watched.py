@@ -33,18 +33,6 @@ MAX_SAMPLERS = 16  # packet sockets open at once in flooded namespaces (our own'
 LISTENERS_FRESH = 1.0  # seconds a namespace's listener table answers a burst of kernel lines
 
 
-def ident_text(ident: netns.NsId) -> str:
-    """A namespace's identity as its incidents keep it: this boot's (an inode is reused after
-    a reboot), its nsfs device and inode."""
-    return f"{_BOOT}:{ident[0]}:{ident[1]}"
-
-
-try:
-    _BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-except OSError:
-    _BOOT = "?"
-
-
 def place_of(found: FoundNamespace) -> Place:
     """What the namespace is, for advice that fits it."""
     owner = found.owner
@@ -187,6 +175,12 @@ def describe(live: list[Watched], now: float) -> dict[str, Any]:
          "owner": (f"{w.found.owner.runtime} {w.found.owner.container_id[:12]}"
                    if w.found.owner else None),
          "open_incidents": len(w.correlator.open)} for w in live if w.active(now)]}
+
+
+def summary(seen: dict[str, Any]) -> str:
+    """``describe``'s outcome in a few words: "12 namespaces (2 probed in full)"."""
+    return (f"{seen['watched']} namespace{'s' if seen['watched'] != 1 else ''} "
+            f"({len(seen['probed'])} probed in full)")
 
 
 def accounting_for(name: str, config: Config) -> tuple[SynAccounting | None, str]:

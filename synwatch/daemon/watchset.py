@@ -19,6 +19,7 @@ from typing import Any
 from synwatch.actions.responder import Responder
 from synwatch.clock import Clock
 from synwatch.config import Config
+from synwatch.daemon import bridging
 from synwatch.daemon import watched as ns
 from synwatch.daemon.watched import Watched
 from synwatch.detect.correlate import Correlator
@@ -27,7 +28,8 @@ from synwatch.probes.synsample import SynSampler
 from synwatch.records import IncidentChange, StoredEvent
 from synwatch.store.api import ServiceStore
 from synwatch.system import netns
-from synwatch.system.netnsfind import FoundNamespace, find_namespaces
+from synwatch.system.bridgepath import BridgePath
+from synwatch.system.netnsfind import FoundNamespace, find_namespaces, ident_text
 
 log = logging.getLogger("synwatch")
 IDLE_SWEEP = 10.0  # seconds between reads of every quiet namespace's counters
@@ -40,7 +42,7 @@ RETIRE_AFTER = 60.0  # seconds a gone namespace's responder has to finish (notif
 class WatchSet:
     config: Config
     clock: Clock
-    make_responder: Callable[[Config], Responder]
+    make_responder: Callable[[Config, BridgePath | None], Responder]
     proc: Path = Path("/proc")
     netns_dir: Path = netns.NETNS_DIR
     by_ident: dict[netns.NsId, Watched] = field(default_factory=dict)
@@ -50,7 +52,6 @@ class WatchSet:
     retiring: list[tuple[float, Responder]] = field(default_factory=list)  # gone ones': until
     _seen: dict[netns.NsId, FoundNamespace] = field(default_factory=dict)  # watched or not
     _arrivals: list[FoundNamespace] = field(default_factory=list)  # found, not yet admitted
-
 
     @property
     def many(self) -> bool:
@@ -101,20 +102,15 @@ class WatchSet:
     def drop_stale(self, store: ServiceStore) -> None:
         """Watching many: what is saved for a namespace no longer there (gone while synwatch
         was down) went with it; its name may be another container's by the time it is seen."""
-        if not self.many:
-            return
-        live = {f.name for f in self._seen.values()}
-        for where, name, _ in store.saved_settings():
-            if where and where not in live:
-                log.info("netns %s: gone; forgetting its %s", where, name)
-                store.forget_setting(where, name)
+        if self.many:
+            bridging.drop_stale(store, list(self._seen.values()))
 
     def _correlator(self, name: str, found: FoundNamespace | None) -> Correlator:
         c = self.config
         correlator = Correlator(c.host, name, c.thresholds, c.quiet_period, self.clock,
                                 place=ns.place_of(found) if found else None)
         if found is not None and self.many and found.kind != "own":
-            correlator.ident = ns.ident_text(found.ident)  # ours is ours, whatever its inode
+            correlator.ident = ident_text(found.ident)  # ours is ours, whatever its inode
         return correlator
 
     def _add(self, found: FoundNamespace, *, always: bool) -> Watched:
@@ -180,8 +176,10 @@ class WatchSet:
             w.sampler.stop()
         if self.many and not self.name_live(w):  # (the one namespace named may come back)
             now = self.clock.now()
-            for where, name, _ in store.saved_settings():
+            for where, name, value in store.saved_settings():
                 if where == w.name:
+                    if name == bridging.PATH_SETTING:  # the address may be the next one's
+                        bridging.drop_path(w.name, value, self._seen.values())
                     store.forget_setting(where, name)
             store.mark_removed([b.id for b in store.active_bans(w.name, now)], now)
             if w.responder is not None:
@@ -191,7 +189,6 @@ class WatchSet:
         if w.found.kind in ("container", "process"):
             netns.unbind(w.name, w.found.ident)
         log.info("namespace %s is gone", w.name)
-
 
     def look_soon(self) -> None:
         self._discover_due = 0.0
@@ -330,13 +327,15 @@ class WatchSet:
                 self.activate(w, self.clock.monotonic())
         return changes
 
-
     def responder(self, w: Watched, resumed: list[IncidentChange] | None = None) -> Responder:
         """The namespace's responder, made at the start (ours, and where incidents were left
         open: ``resumed``, handed to it before its setup runs) or at its first incident: its
         actions act in it. A fleet's shared bans are our own namespace's alone."""
         if w.responder is None:
-            w.responder = r = self.make_responder(self.config_for(w))
+            path = bridging.bridge_path(w, self.config, self._seen.values())
+            w.responder = r = self.make_responder(self.config_for(w), path)
+            if path is not None and not self.config.dry_run:
+                bridging.keep_path(r.ctx.store, w, path, self._seen.values(), self.clock.now())
             if self.many and w.name and resumed is None:
                 # a value saved for this name with no incident carried on is another
                 # namespace's of that name, or was left by a crash: never put into this one
@@ -383,11 +382,7 @@ class WatchSet:
     def summary(self) -> str:
         """What is watched, for the one-line summary: "lab1", "the host", "12 namespaces (2
         probed in full)"."""
-        if not self.many:
-            return self.config.netns or "the host"
-        seen = self.describe()
-        return (f"{seen['watched']} namespace{'s' if seen['watched'] != 1 else ''} "
-                f"({len(seen['probed'])} probed in full)")
+        return ns.summary(self.describe()) if self.many else self.config.netns or "the host"
 
     def stop(self) -> None:
         for w in self.by_ident.values():

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,6 +117,7 @@ class JournalctlReader:
         self._dir = ["--directory", directory] if directory else []
         self._proc: subprocess.Popen[bytes] | None = None
         self._buf = b""
+        self._lines: deque[bytes] = deque()
 
     def _cursor_present(self, cursor: str) -> bool:
         try:
@@ -160,16 +162,22 @@ class JournalctlReader:
         if proc is None or proc.stdout is None:
             return
         fd = proc.stdout.fileno()
-        while select.select([fd], [], [], 0)[0]:
+        while True:
+            # lines are taken off the reader one by one: the source stops at a full batch
+            # and asks again, and a line read but not yet handed over must still be there
+            while self._lines:
+                line = self._lines.popleft()
+                if line.strip():
+                    yield {k: _text(v) for k, v in json.loads(line).items()
+                           if isinstance(v, str | int)}
+            if not select.select([fd], [], [], 0)[0]:
+                return
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 raise SourceUnavailable("journald", f"journalctl exited with status {proc.wait()}")
             self._buf += chunk
             *lines, self._buf = self._buf.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    yield {k: _text(v) for k, v in json.loads(line).items()
-                           if isinstance(v, str | int)}
+            self._lines.extend(lines)
 
     def wait(self, timeout: float) -> None:
         if self._proc is not None and self._proc.stdout is not None:

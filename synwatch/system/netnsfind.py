@@ -37,6 +37,18 @@ class FoundNamespace:
         return self.owner is not None
 
 
+def ident_text(ident: NsId) -> str:
+    """A namespace's identity as the history keeps it (an incident's, a bridge path's): this
+    boot's (an inode is reused after a reboot), its nsfs device and inode."""
+    return f"{_BOOT}:{ident[0]}:{ident[1]}"
+
+
+try:
+    _BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+except OSError:
+    _BOOT = "?"
+
+
 def _ident(path: Path) -> NsId | None:
     try:
         st = path.stat()

@@ -170,11 +170,12 @@ class DockerLab:
                                      f"sport = :{port}").stdout.splitlines())
 
     def connect(self, ip: str, port: int, request: bytes = b"GET / HTTP/1.0\r\n\r\n",
-                timeout: float = 5) -> str:
-        """A real client from the client namespace: sends ``request``, returns the answer."""
+                timeout: float = 5, source: str = "") -> str:
+        """A real client from the client namespace (from ``source`` if given): the answer."""
         code = textwrap.dedent(f"""
             import socket, sys
-            with socket.create_connection(({ip!r}, {port}), timeout={timeout}) as s:
+            with socket.create_connection(({ip!r}, {port}), timeout={timeout},
+                                          source_address=({source!r}, 0)) as s:
                 s.sendall({request!r})
                 answer = b"".join(iter(lambda: s.recv(65536), b""))
             sys.stdout.write(answer.decode("latin-1"))
