@@ -201,7 +201,8 @@ def test_a_bridged_containers_bans_go_on_the_hosts_path_to_it_and_spare_its_neig
     flooded = docker.httpd(f"shop-{tag}", port)
     neighbour = docker.httpd(f"blog-{tag}", port)
     table = f"synwatch_path_{Path(flooded.netns).stat().st_ino}"  # its namespace's inode
-    service = _service(tmp_path, tag, dry_run=False, quiet="5s")
+    service = _service(tmp_path, tag, dry_run=False, quiet="5s",
+                       extra='[actions.ban]\nreconcile = "2s"\n')
     nets = [f"{SPOOF_NET}.17", f"{SPOOF_NET}.18"]
     user = f"{nets[0]}.250"  # a real user inside a flood's /24, never one of its sources
     sh("ip", "-n", docker.client_ns, "addr", "add", f"{user}/32", "dev", "lo")
@@ -230,6 +231,11 @@ def test_a_bridged_containers_bans_go_on_the_hosts_path_to_it_and_spare_its_neig
         bans = json.loads(synwatch("bans", "list", "--format", "json", "--config",
                                    str(service.config)).out)
         assert {b["prefix"] for b in bans if b["backend"] == "nftables-path"} == want, bans
+        # an address added to it (as `docker network connect` does) is guarded too
+        more = flooded.ip.rsplit(".", 1)[0] + ".200"
+        docker.in_container(flooded, "ip", "addr", "add", f"{more}/24", "dev", "eth0")
+        _wait(service, "its new address guarded", lambda: (
+            (t := _path_table(docker, table)) and t["to"] == {flooded.ip, more}))
         synwatch("unban", f"{nets[1]}.0/24", "--config", str(service.config))  # by hand
         lifted = _path_table(docker, table)
         assert lifted is not None and lifted["banned"] == {f"{nets[0]}.0/24"}, lifted

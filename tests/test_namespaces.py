@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -303,6 +304,7 @@ def test_a_namespace_first_flooded_here_gets_no_value_saved_under_its_name_befor
                                  resume=lambda _r: None,
                                  start=lambda: started.append(str(sorted(store.settings))))
     config = load_config(str(_config(tmp_path, '"*"')))
+    config = replace(config, ban=replace(config.ban, bridged="inside"))  # no bridge looked for
     watch = WatchSet(config, FrozenClock(datetime(2026, 12, 6, tzinfo=timezone.utc)),
                      lambda _c, _p: made, proc=tmp_path)  # type: ignore[arg-type,return-value]
     w = Watched(FoundNamespace((1, 2), "docker:web1", tmp_path, "container"),
@@ -334,10 +336,15 @@ def test_the_netns_id_request_and_any_reply() -> None:
     assert parse_nsid(reply(-1)) is None  # NETNSA_NSID_NOT_ASSIGNED
     assert parse_nsid(reply(5, kind=2)) is None  # NLMSG_ERROR
     assert parse_nsid(reply(5)[:20]) is None
+    # a header that claims less than the attribute it holds (the attribute ends past it)
+    assert parse_nsid(struct.pack("=IHHII", 24, RTM_NEWNSID, 0, 3, 0) + b"\0" * 4
+                      + struct.pack("=HH", 8, 1)) is None
 
-    @given(st.binary(max_size=64))
-    def any_bytes(data: bytes) -> None:
+    @given(st.integers(0, 64), st.binary(max_size=64))
+    def any_bytes(cut: int, tail: bytes) -> None:  # a real reply cut anywhere, then anything
+        data = reply(5)[:cut] + tail
         got = parse_nsid(data)
         assert got is None or got >= 0
+        assert parse_nsid(tail) is None or len(tail) >= 28
 
     any_bytes()

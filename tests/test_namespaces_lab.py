@@ -6,6 +6,7 @@ with real Docker containers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -204,10 +205,12 @@ def _path_tables(the_lab: Lab) -> set[str]:
 
 def test_tables_on_the_path_to_containers_that_went_are_removed(two_labs: tuple[Lab, Lab],
                                                                tmp_path: Path) -> None:
-    """A table on the path to a bridged container outlives nothing it guarded: one left for a
-    namespace that went while synwatch was down is removed at the next start, one for a live
-    namespace stays; the package's removal lifts the rest, bans and tables (real nft in a
-    namespace of the test's, standing for a bridge's)."""
+    """A table on the path to a bridged container outlives nothing it guarded. At a start,
+    one left for a namespace that went while synwatch was down, and one for a namespace
+    replaced under its name (another container, its id told apart), are removed and their bans
+    ended in the history; one for the namespace still there stays with its bans; a dry run only
+    says so. The package's removal lifts the rest, bans and tables. Real nft in a namespace of
+    the test's, standing for a bridge's."""
     from synwatch.actions.ban import PATH_PRESET
     from synwatch.actions.firewall import BanItem, Firewall
     from synwatch.actions.presets import load_presets
@@ -215,7 +218,7 @@ def test_tables_on_the_path_to_containers_that_went_are_removed(two_labs: tuple[
     from synwatch.records import Ban
     from synwatch.store import History
     from synwatch.system.bridgepath import BridgePath, record
-    from synwatch.system.netnsfind import find_namespaces
+    from synwatch.system.netnsfind import FoundNamespace, find_namespaces
 
     bridge, live = two_labs
     seen = find_namespaces()
@@ -224,10 +227,12 @@ def test_tables_on_the_path_to_containers_that_went_are_removed(two_labs: tuple[
     store = History.open(f"sqlite:///{tmp_path}/h.db")
     now = datetime.now(timezone.utc)
     tables = {}
-    for name, inode, container in (("docker:gone", 11, (0, 11)),
-                                   (live.server_ns, live_ns.ident[1], live_ns.ident)):
+    for name, container in (
+            ("docker:gone", FoundNamespace((0, 11), "docker:gone", Path("/"), "container")),
+            (bridge.server_ns, dataclasses.replace(bridge_ns, pid=999_999)),  # replaced
+            (live.server_ns, live_ns)):
         path = BridgePath(bridge.server_ns, bridge_ns.ident, "docker0", "veth1", ("10.9.0.2",),
-                          (), inode)
+                          (), container.ident[1])
         fw = Firewall(load_presets()[PATH_PRESET], bridge.server_ns,
                       values=(("table", path.table), ("container", name)),
                       destinations=((4, path.addresses4),))
@@ -238,10 +243,16 @@ def test_tables_on_the_path_to_containers_that_went_are_removed(two_labs: tuple[
                             expires_at=now + timedelta(seconds=600))])
         tables[name] = path.table
     assert _path_tables(bridge) == set(tables.values())
-    drop_stale(store, seen)  # the service's start, watching many
+    drop_stale(store, seen, now, dry_run=True)
+    assert _path_tables(bridge) == set(tables.values()), "a dry run removes nothing"
+    assert store.saved_setting("docker:gone", PATH_SETTING) is not None
+    drop_stale(store, seen, now, dry_run=False)  # the service's start, watching many
     assert _path_tables(bridge) == {tables[live.server_ns]}
-    assert store.saved_setting("docker:gone", PATH_SETTING) is None
+    for name in ("docker:gone", bridge.server_ns):
+        assert store.saved_setting(name, PATH_SETTING) is None
+        assert not store.active_bans(name, now), f"{name}'s bans ended"
     assert store.saved_setting(live.server_ns, PATH_SETTING) is not None
+    assert store.active_bans(live.server_ns, now)
     config = tmp_path / "synwatch.toml"
     config.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n')
     # in a network namespace of its own for "the host's", as tests/test_packaging.py runs it

@@ -39,6 +39,7 @@ from synwatch.durations import format_duration
 from synwatch.errors import CommandError, StoreError
 from synwatch.records import Ban, IncidentChange
 from synwatch.store.listen import FleetListener
+from synwatch.system.bridgepath import addresses_toward
 from synwatch.system.runner import Command, show
 
 log = logging.getLogger("synwatch")
@@ -128,7 +129,26 @@ class BanAction(FleetCopies):
         if mono < self.reconcile_state.due:
             return []
         self._refresh_guard()
-        return self._reconcile()
+        return self._follow_addresses() + self._reconcile()
+
+    def _follow_addresses(self) -> list[Plan]:
+        """A bridged container's addresses change (`docker network connect`, `disconnect`):
+        the path's destinations follow at each reconcile, its bans stay."""
+        path = self.ctx.bridge_path
+        if path is None or self.ctx.config.dry_run:
+            return []
+        try:
+            now4, now6 = addresses_toward(self.ctx.netns, path.nsid)
+        except (CommandError, ValueError) as exc:
+            log.debug("ban: cannot read the addresses of %s: %s", self.ctx.netns, exc)
+            return []
+        toward = ((4, now4), (6, now6))
+        if toward == self.firewall.destinations:
+            return []
+        self.firewall = replace(self.firewall, destinations=toward)
+        setup = self.firewall.render_setup()
+        return [Plan(self.name, f"{self.firewall.name} destinations", show(setup),
+                     lambda: self._apply(setup, f"toward {', '.join((*now4, *now6))}"))]
 
     def _mark_due(self) -> None:
         self.reconcile_state.due = 0.0

@@ -28,22 +28,22 @@ def _covers(ban: Ban, wanted: Network) -> bool:
 
 
 def _firewall(ban: Ban, config: Config, store: History,
-              presets: dict[str, Preset]) -> Firewall:
+              presets: dict[str, Preset]) -> Firewall | None:
     """Where the ban acts: its namespace's firewall, or a bridged container's table on the
-    host's path to it (where the history recorded it). A namespace gone is a NotFound: what
-    it held went with it, and the service ends its bans when it sees it gone."""
+    host's path to it (where the history recorded it). None when that namespace went, and
+    what it held with it."""
     v4, v6 = config.thresholds.ipv4_prefix, config.thresholds.ipv6_prefix
     if ban.backend == PATH_PRESET:
         saved = store.saved_setting(ban.netns, SETTING)
         place = recorded(saved, find_namespaces()) if saved else None
         if place is None:
-            raise NotFound(f"unban {ban.prefix}", f"the path to {ban.netns} is gone")
+            return None
         return Firewall(presets[PATH_PRESET], place[0].name, v4, v6,
                         values=(("table", place[1]),))
     if ban.netns and not exists(ban.netns):  # a container's, by the name synwatch gave it
         found = next((f for f in find_namespaces() if f.name == ban.netns), None)
         if found is None:
-            raise NotFound(f"unban {ban.prefix}", f"netns {ban.netns} is gone")
+            return None
         bind(found.name, found.path, found.ident)
     return Firewall(presets[ban.backend], ban.netns, v4, v6)
 
@@ -80,6 +80,10 @@ def unban(config: Config, store: History, text: str, now: datetime) -> list[Unba
         fw = _firewall(ban, config, store, presets)
         block = ipaddress.ip_network(ban.prefix)
         rest: list[str] = []
+        if fw is None:  # its namespace went, and the ban with it: the history says so
+            store.mark_removed([ban.id], now)
+            done.append(Unbanned(ban, f"# netns {ban.netns} is gone, and this ban with it"))
+            continue
         if block.prefixlen < wanted.prefixlen:
             parts = block.address_exclude(wanted)  # type: ignore[arg-type]
             rest = [str(n) for n in sorted(parts)]

@@ -49,6 +49,7 @@ from synwatch.probes.accounting import CHAIN as ACCOUNTING
 from synwatch.probes.accounting import TABLE, SynAccounting
 from synwatch.records import ActionRun
 from synwatch.store import History
+from synwatch.system.bridgepath import recorded
 from synwatch.system.netns import bind, exists
 from synwatch.system.netnsfind import find_namespaces
 from synwatch.system.runner import execute, run, show
@@ -254,13 +255,24 @@ class Uninstall:
             self._teardown(preset, netns, f"the {preset.name} rules and sets")
 
     def _lift_paths(self, named: Sequence[str]) -> None:
-        """Every table on the path to a bridged container, in every namespace found (the
-        containers' bridges may be in any), its bans lifted and then the table removed."""
+        """Every table on the path to a bridged container, its bans lifted and then the table
+        removed: in the namespaces the history recorded tables in, in the host's and in every
+        `ip netns` one (where a table whose record was lost can be), never in a container's
+        own (its processes could make one of that name)."""
         preset = self.presets[PATH_PRESET]
         lifted: set[str] = set()
-        for found in find_namespaces():
-            if found.kind in ("container", "process"):
-                bind(found.name, found.path, found.ident)
+        still: set[str] = set()
+        records: list[str] = []
+        if self.store is not None:
+            try:
+                records = [v for _, n, v in self.store.saved_settings() if n == PATH_SETTING]
+            except SynwatchError as exc:
+                self.warn("cannot read the tables in the history: %s", exc)
+        every = find_namespaces()
+        bridges = {place[0].ident for v in records if (place := recorded(v, every))}
+        for found in every:
+            if found.kind not in ("own", "netns") and found.ident not in bridges:
+                continue
             try:
                 listing = json.loads(run(["nft", "-j", "list", "tables"], netns=found.name))
             except (CommandError, ValueError):
@@ -277,6 +289,7 @@ class Uninstall:
                 except CommandError as exc:
                     self.warn("cannot remove table inet %s %s: %s", name, where(found.name),
                               exc)
+                    still |= set(held)
                     continue
                 for prefix in sorted(held):
                     self.did(f"lifted the ban of {prefix} ({PATH_PRESET}, table inet {name}) "
@@ -285,8 +298,8 @@ class Uninstall:
                 self.did(f"removed table inet {name}, the path to a container, "
                          f"{where(found.name)}")
         for ns in named:
-            self._forget(PATH_PRESET, ns, set(), lifted)
-        if self.store is not None:
+            self._forget(PATH_PRESET, ns, still, lifted)
+        if self.store is not None and not still:
             try:
                 for ns, name, _ in self.store.saved_settings():
                     if name == PATH_SETTING:

@@ -103,7 +103,8 @@ class WatchSet:
         """Watching many: what is saved for a namespace no longer there (gone while synwatch
         was down) went with it; its name may be another container's by the time it is seen."""
         if self.many:
-            bridging.drop_stale(store, list(self._seen.values()))
+            bridging.drop_stale(store, list(self._seen.values()), self.clock.now(),
+                                dry_run=self.config.dry_run)
 
     def _correlator(self, name: str, found: FoundNamespace | None) -> Correlator:
         c = self.config
@@ -177,10 +178,9 @@ class WatchSet:
         if self.many and not self.name_live(w):  # (the one namespace named may come back)
             now = self.clock.now()
             for where, name, value in store.saved_settings():
-                if where == w.name:
-                    if name == bridging.PATH_SETTING:  # the address may be the next one's
-                        bridging.drop_path(w.name, value, self._seen.values())
-                    store.forget_setting(where, name)
+                if where == w.name and (name != bridging.PATH_SETTING or bridging.drop_path(
+                        w.name, value, self._seen.values(), dry_run=self.config.dry_run)):
+                    store.forget_setting(where, name)  # (a table not removed: next start)
             store.mark_removed([b.id for b in store.active_bans(w.name, now)], now)
             if w.responder is not None:
                 w.responder.retired = True
@@ -334,8 +334,9 @@ class WatchSet:
         if w.responder is None:
             path = bridging.bridge_path(w, self.config, self._seen.values())
             w.responder = r = self.make_responder(self.config_for(w), path)
-            if path is not None and not self.config.dry_run:
-                bridging.keep_path(r.ctx.store, w, path, self._seen.values(), self.clock.now())
+            if path is not None:
+                bridging.keep_path(r.ctx.store, w, path, self._seen.values(), self.clock.now(),
+                                   dry_run=self.config.dry_run)
             if self.many and w.name and resumed is None:
                 # a value saved for this name with no incident carried on is another
                 # namespace's of that name, or was left by a crash: never put into this one

@@ -174,28 +174,30 @@ class SpooledStore(SpoolingHistory):
                 pass
         return FALLBACK
 
-    def active_bans(self, netns: str, now: datetime, backend: str | None = None) -> list[Ban]:
-        key = (netns, backend)
+    def active_bans(self, netns: str | None, now: datetime,
+                    backend: str | None = None) -> list[Ban]:
         if not self.spooling:
             found = self._read("active_bans", netns, now, backend)
             if found is not FALLBACK:
-                if found != self._active.get(key):
-                    self._active[key] = list(found)
+                if netns is not None and found != self._active.get((netns, backend)):
+                    self._active[(netns, backend)] = list(found)  # (every namespace's: not kept)
                     self._keep_view()
                 return list(found)
-        if key not in self._active:
+        if netns is None or (netns, backend) not in self._active:
             if backend is not None:
                 # never a guess: the ban reconcile would remove what it does not see
                 raise AwayError(self.display_url, "away, and its bans were never read")
             # every backend's as read last, and what was banned since (a ban's caps and
             # overlaps, not a reconcile: with nothing read, the caps count from here)
-            seen = [b for (ns, _), bans in self._active.items() if ns == netns for b in bans]
+            seen = [b for (ns, _), bans in self._active.items() if netns in (None, ns)
+                    for b in bans]
             gone = {i for op in self.spool.ops if op["op"] == "removed" for i in op["ids"]}
             seen += [replace(Ban(**b), id=i, host=self.host) for op in self.spool.ops
                      if op["op"] == "bans" for b, i in zip(op["bans"], op["made"], strict=True)
-                     if b["netns"] == netns and b["removed_at"] is None and i not in gone]
+                     if netns in (None, b["netns"]) and b["removed_at"] is None
+                     and i not in gone]
             return list({b.id: b for b in seen if b.expires_at > now}.values())
-        return [b for b in self._active[key] if b.expires_at > now]
+        return [b for b in self._active[(netns, backend)] if b.expires_at > now]
 
     def _spooled_runs(self, keep: Callable[[dict[str, Any]], bool]) -> list[ActionRun]:
         return [ActionRun(**r) for op in self.spool.ops if op["op"] == "runs"

@@ -49,9 +49,10 @@ class BridgePath:
     ident: NsId
     bridge: str  # docker0, br-1a2b3c4d5e6f, cni0, ...
     port: str  # the veth's end on the bridge
-    addresses4: tuple[str, ...]  # the container's own addresses on that link
+    addresses4: tuple[str, ...]  # the container's own addresses on its links to that namespace
     addresses6: tuple[str, ...]
     container_inode: int = 0  # the container's namespace: its table's name
+    nsid: int = 0  # the id the container's namespace gives the bridge's (its veths' link_netnsid)
 
     @property
     def table(self) -> str:
@@ -79,7 +80,7 @@ def parse_nsid(reply: bytes) -> int | None:
     at = _HEADER.size + 4
     while at + _ATTR.size <= length:
         size, attr = _ATTR.unpack_from(reply, at)
-        if size < _ATTR.size:
+        if size < _ATTR.size or at + size > length:
             return None
         if attr == NETNSA_NSID and size >= 8:
             (nsid,) = struct.unpack_from("=i", reply, at + _ATTR.size)
@@ -119,16 +120,31 @@ def _addresses(link: dict[str, Any], family: str) -> tuple[str, ...]:
                  and a.get("scope") == "global" and a.get("local"))
 
 
+def _veths(container: str) -> list[dict[str, Any]]:
+    """The container's veths whose other end is in another namespace, with an IPv4 address."""
+    return [link for link in _links(container)
+            if isinstance(link.get("linkinfo"), dict)
+            and link["linkinfo"].get("info_kind") == "veth"
+            and isinstance(link.get("link_netnsid"), int)
+            and isinstance(link.get("link_index"), int) and _addresses(link, "inet")]
+
+
+def addresses_toward(container: str, nsid: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The container's addresses now on its links to the namespace it calls ``nsid`` (they
+    change with `docker network connect`/`disconnect`)."""
+    links = [link for link in _veths(container) if link["link_netnsid"] == nsid]
+    return (tuple(a for link in links for a in _addresses(link, "inet")),
+            tuple(a for link in links for a in _addresses(link, "inet6")))
+
+
 def find_path(container: str, container_inode: int,
               candidates: Iterable[FoundNamespace]) -> BridgePath | None:
     """The bridge path of namespace ``container`` (a synwatch name it can be entered by) among
     ``candidates`` (the namespaces found on the host, ours included); None when none of its
-    veths ends on a bridge in one of them. A command that fails is a CommandError."""
-    veths = [link for link in _links(container)
-             if isinstance(link.get("linkinfo"), dict)
-             and link["linkinfo"].get("info_kind") == "veth"
-             and isinstance(link.get("link_netnsid"), int)
-             and isinstance(link.get("link_index"), int) and _addresses(link, "inet")]
+    veths ends on a bridge in one of them. The bans guard every address the container has on
+    its links to that namespace (a container on two networks of one host has two). A command
+    that fails is a CommandError."""
+    veths = _veths(container)
     if not veths:
         return None
     wanted = {link["link_netnsid"] for link in veths}
@@ -155,7 +171,8 @@ def find_path(container: str, container_inode: int,
         for _, fd in fds:
             os.close(fd)
     for link in veths:
-        peer_ns = by_nsid.get(link["link_netnsid"])
+        nsid = link["link_netnsid"]
+        peer_ns = by_nsid.get(nsid)
         if peer_ns is None:
             continue
         if peer_ns.kind in ("container", "process"):
@@ -166,16 +183,37 @@ def find_path(container: str, container_inode: int,
                     and isinstance(peer.get("linkinfo"), dict)
                     and peer["linkinfo"].get("info_slave_kind") == "bridge"
                     and peer.get("master")):
-                return BridgePath(peer_ns.name, peer_ns.ident, str(peer["master"]),
-                                  str(peer.get("ifname", "?")), _addresses(link, "inet"),
-                                  _addresses(link, "inet6"), container_inode)
+                toward = [v for v in veths if v["link_netnsid"] == nsid]
+                return BridgePath(
+                    peer_ns.name, peer_ns.ident, str(peer["master"]),
+                    str(peer.get("ifname", "?")),
+                    tuple(a for v in toward for a in _addresses(v, "inet")),
+                    tuple(a for v in toward for a in _addresses(v, "inet6")),
+                    container_inode, nsid)
     return None
 
 
-def record(container: NsId, path: BridgePath) -> str:
+def owner_key(found: FoundNamespace) -> str:
+    """What tells two containers apart on one reused nsfs inode (the kernel hands out the
+    lowest free one): the runtime's container id, else the process."""
+    return found.owner.container_id if found.owner else f"pid:{found.pid}"
+
+
+def record(container: FoundNamespace, path: BridgePath) -> str:
     """How the history remembers a container's table (the setting ``ban.path``)."""
-    return json.dumps({"container": ident_text(container), "bridge": ident_text(path.ident),
-                       "table": path.table})
+    return json.dumps({"container": ident_text(container.ident), "owner": owner_key(container),
+                       "bridge": ident_text(path.ident), "table": path.table})
+
+
+def same_container(saved: str, live: FoundNamespace | None) -> bool:
+    """Is the remembered table ``live``'s (not a namespace gone, nor another container on its
+    name or its inode)?"""
+    try:
+        doc = json.loads(saved)
+        return (live is not None and doc.get("container") == ident_text(live.ident)
+                and doc.get("owner") == owner_key(live))
+    except (ValueError, AttributeError):
+        return False
 
 
 def recorded(saved: str, seen: Iterable[FoundNamespace]) -> tuple[FoundNamespace, str] | None:
