@@ -10,6 +10,7 @@ value, and a dead mail server does not delay a ban.
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -40,6 +41,7 @@ from tests.support.lab import (
     lab,
     lab_port,
 )
+from tests.support.pictures import check_picture
 from tests.support.receivers import blackhole, http_receiver, smtp_receiver
 from tests.support.wait import eventually
 
@@ -146,6 +148,16 @@ def test_concentrated_flood_bans_two_slash24s_not_the_allowlisted_one(
             [opened] = [p for p in posts if p["title"] == titles[0]]
             assert f"ban {ONE}: done (banned for 1h; {ONE}: " in opened["message"]
             assert mine([m["subject"] for m in mails]) == titles
+            # each message carries the incident's picture, the closing one the whole of it
+            for post in (p for p in posts if p["title"] in titles):
+                [png] = post["attachments"]
+                assert png["mimetype"] == "image/png", png
+                assert base64.b64decode(png["base64"]).startswith(b"\x89PNG\r\n\x1a\n")
+            for mail in (m for m in mails if m["subject"] in titles):
+                assert [(t, f) for t, f, _ in mail["attachments"]] == [
+                    ("image/png", f"synwatch-incident-{inc_id}.png")], mail["attachments"]
+            check_picture(service.config, inc_id, "concentrated-banned",
+                          series=("syns_full", "syns_all", "syn_recv", "cookies_sent"), bans=2)
             assert {m["to"] for m in mails} == {"ops@example.org"}
             opened = (tmp_path / f"{inc_id}-opened").read_text()
             assert f"SYNWATCH_INCIDENT_ID={inc_id}\n" in opened

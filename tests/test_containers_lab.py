@@ -6,6 +6,7 @@ once get their own verdicts; a container stopped mid-incident closes it."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -79,7 +80,10 @@ def test_a_flood_against_one_container_among_several_is_its_incident(
         try:
             for c in (flooded, *others):
                 service.wait_log(f"watching namespace docker:{c.name} (docker {c.id[:12]})")
-            docker.flood(flooded.ip, port, 3000)
+            # for 4 s: the namespace's sampler opens at its first kernel line, and a flood over
+            # by then (3,000 SYNs at full speed take 20 ms) leaves its 9 request sockets alone
+            # to judge by (an "unknown" verdict, seen in CI)
+            docker.start_flood(flooded.ip, port, 4000, rate=1000)
             [inc] = _wait(service, "an incident", lambda: service.incidents(port) or None)
             assert inc["netns"] == name, inc
             _wait(service, "cookies raised in the container",
@@ -203,17 +207,27 @@ def test_a_bridged_containers_bans_go_on_the_hosts_path_to_it_and_spare_its_neig
     table = f"synwatch_path_{Path(flooded.netns).stat().st_ino}"  # its namespace's inode
     service = _service(tmp_path, tag, dry_run=False, quiet="5s",
                        extra='[actions.ban]\nreconcile = "2s"\n')
-    nets = [f"{SPOOF_NET}.17", f"{SPOOF_NET}.18"]
-    user = f"{nets[0]}.250"  # a real user inside a flood's /24, never one of its sources
-    sh("ip", "-n", docker.client_ns, "addr", "add", f"{user}/32", "dev", "lo")
+    nets = [ipaddress.ip_network(f"{SPOOF_NET}.{n}.0/24") for n in (17, 18)]
     try:
         service.wait_log(f"watching namespace docker:{flooded.name}")
-        sources = [f"{random.choice(nets)}.{random.randint(1, 240)}" for _ in range(8000)]
+        sources = [str(random.choice(nets)[random.randint(1, 240)]) for _ in range(8000)]
         docker.start_flood(flooded.ip, port, len(sources), sources, rate=1000)
-        want = {f"{n}.0/24" for n in nets}
-        path = _wait(service, "both /24s banned on the path to the container", lambda: (
-            t if (t := _path_table(docker, table)) and t["banned"] >= want else None))
+
+        def both() -> dict[str, Any] | None:  # each /24 banned, at the width its evidence held
+            t = _path_table(docker, table)
+            held = [ipaddress.ip_network(b) for b in (t or {}).get("banned", ())]
+            return t if held and all(any(b.subnet_of(n) for b in held) for n in nets) and all(
+                any(b.subnet_of(n) for n in nets) for b in held) else None
+
+        path = _wait(service, "both /24s banned on the path to the container", both)
         assert path["to"] == {flooded.ip}, path
+        want = set(path["banned"])
+        # a real user inside a banned block: its last address but one (banned already, it
+        # takes no part in what was decided)
+        first = next(ipaddress.ip_network(b) for b in want
+                     if ipaddress.ip_network(b).subnet_of(nets[0]))
+        user = str(first[-2])
+        sh("ip", "-n", docker.client_ns, "addr", "add", f"{user}/32", "dev", "lo")
         service.wait_log(f"netns docker:{flooded.name}: its bans go on the host's path to it: "
                          f"netns {docker.host_ns}, bridge docker0")
         assert _wait(service, "the flood dropped on the path", lambda: (
@@ -230,15 +244,16 @@ def test_a_bridged_containers_bans_go_on_the_hosts_path_to_it_and_spare_its_neig
         assert [i["netns"] for i in service.incidents(port)] == [f"docker:{flooded.name}"]
         bans = json.loads(synwatch("bans", "list", "--format", "json", "--config",
                                    str(service.config)).out)
-        assert {b["prefix"] for b in bans if b["backend"] == "nftables-path"} == want, bans
+        assert {b["prefix"] for b in bans if b["backend"] == "nftables-path"} >= want, bans
         # an address added to it (as `docker network connect` does) is guarded too
         more = flooded.ip.rsplit(".", 1)[0] + ".200"
         docker.in_container(flooded, "ip", "addr", "add", f"{more}/24", "dev", "eth0")
         _wait(service, "its new address guarded", lambda: (
             (t := _path_table(docker, table)) and t["to"] == {flooded.ip, more}))
-        synwatch("unban", f"{nets[1]}.0/24", "--config", str(service.config))  # by hand
+        synwatch("unban", str(nets[1]), "--config", str(service.config))  # by hand
         lifted = _path_table(docker, table)
-        assert lifted is not None and lifted["banned"] == {f"{nets[0]}.0/24"}, lifted
+        assert lifted is not None and lifted["banned"] == {
+            b for b in want if ipaddress.ip_network(b).subnet_of(nets[0])}, lifted
         docker.stop(flooded.name)
         _wait(service, "its table removed with it", lambda: _path_table(docker, table) is None)
         service.wait_log(f"namespace docker:{flooded.name} is gone")

@@ -210,6 +210,9 @@ def test_a_flood_shows_in_metrics_status_and_the_status_line(the_lab: Lab,
     assert json.loads(stopped.out)["open_incidents"] == []
 
 
+RISING = "▂▃▄▅▆▇█"  # a sparkline's blocks above its lowest
+
+
 class Tmux:
     """A real terminal: a tmux server of the test's own (its own socket), killed at the end."""
 
@@ -244,21 +247,43 @@ def test_top_shows_the_flooded_listener_its_prefixes_and_the_incident(the_lab: L
                            f"--config {service.config}")
         assert started.returncode == 0, started.stderr
         term.run("resize-window", "-t", "top", "-x", "200", "-y", "50")  # as wide as asked
-        eventually(lambda: f"0.0.0.0:{port}" in term.screen(), "the listener on the screen", 30)
+        def row_of(screen: str) -> str:
+            return next(line for line in screen.splitlines() if f"0.0.0.0:{port}" in line)
+
+        quiet = eventually(lambda: f"0.0.0.0:{port}" in (s := term.screen()) and "▁" in
+                           row_of(s) and s, "the listener and its sparklines on the screen", 30)
+        assert not set(row_of(quiet)) & set(RISING), row_of(quiet)  # flat: nothing happened
         sources = [f"{SPOOF_NET}.{n}.{random.randint(1, 254)}" for n in (7, 8)
                    for _ in range(1500)]
         the_lab.flood(port, len(sources), sources)
-        service.wait_incidents(port, 1, "open", timeout=20)
+        [inc] = service.wait_incidents(port, 1, "open", timeout=20)
 
         def flooded() -> str | None:
             screen = term.screen()
-            return screen if (f"{SPOOF_NET}.7.0/24" in screen
-                              and "concentrated" in screen) else None
+            return screen if (f"{SPOOF_NET}.7.0/24" in screen and "concentrated" in screen
+                              and "█" in row_of(screen)) else None
 
         screen = eventually(flooded, "the flood on the screen", timeout=20, seen=term.screen)
-        row = next(line for line in screen.splitlines() if f"0.0.0.0:{port}" in line)
+        row = row_of(screen)
         assert f"{SPOOF_NET}.7.0/24" in row, screen  # the listener's own prefixes
         assert re.search(r"6[45]/64", row), screen  # its SYN-RECV against its backlog
+        assert "SYN-RECV" in row and "█" in row.split("│")[5], screen  # its sparkline rose
+        # the incident's picture in the terminal: its series, in colour
+        term.run("new-window", "-t", "top", "-n", "plot",
+                 f"env -u COLUMNS -u LINES {sys.executable} -m synwatch incidents show "
+                 f"{inc['id']} --plot --config {service.config}; sleep 60")
+        def plot() -> str | None:
+            shown = term.run("capture-pane", "-e", "-p", "-t", "top:plot").stdout
+            return shown if "SYN-RECV" in shown and "cookies validated" in shown else None
+
+        plotted = eventually(plot, "the plot", 20)
+        assert "found the queue full" in plotted and "\x1b[" in plotted, plotted
+        assert any(c in plotted for c in "▀▄█▌▐▖▗▘▝▞▚▙▛▜▟"), plotted
+        term.run("kill-window", "-t", "top:plot")
+        piped = synwatch("incidents", "show", str(inc["id"]), "--plot", "--config",
+                         str(service.config))
+        assert piped.code == 0 and "found the queue full" in piped.out
+        assert "\x1b[" not in piped.out, "plain in a pipe"
         # an application that stopped accepting: its accept queue full (5 of backlog 4) for
         # as long as its clients hold on; and an idle listener with a long backlog
         stuck, idle = lab_port(), lab_port()

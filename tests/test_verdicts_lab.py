@@ -24,6 +24,7 @@ import pytest
 from tests.support.cli import synwatch
 from tests.support.harness import Service
 from tests.support.lab import SERVER_IP, SPOOF_NET, SPOOF_NET6, Lab, lab, lab_port
+from tests.support.pictures import check_picture
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.needs_root
@@ -90,6 +91,13 @@ def test_spoofed_slash16_against_a_backlog_of_16_is_spoofed(the_lab: Lab,
     assert inc["top_prefixes"][0]["share"] < 0.15 and top4 < 0.4, inc["top_prefixes"][:4]
     shown = _evidence(inc, service)
     assert "packet sample" in shown and "95% bound" in shown
+    seen = check_picture(service.config, inc["id"], "spoofed",
+                         series=("syns_full", "syns_all", "syn_recv", "cookies_sent"))
+    # the picture of spoofing: cookies sent, hardly any validated
+    pic = seen["picture"]
+    sent = sum(v or 0 for v in pic.cookies_sent.v)  # type: ignore[attr-defined]
+    back = sum(v or 0 for v in pic.cookies_recv.v)  # type: ignore[attr-defined]
+    assert sent > 0 and back < 0.05 * sent, (sent, back)
 
 
 def test_cookies_for_every_syn_in_a_dry_run_are_spoofed_from_sampled_prefixes(
@@ -145,6 +153,8 @@ def test_slow_build_up_from_one_slash22_is_half_open_and_concentrated(
                                                           for n in (4, 5, 6, 7)}
     # the build-up started well before the incident opened: half_open_for (4 s) earlier
     assert inc["first_evidence_at"] < inc["opened_at"]
+    seen = check_picture(service.config, inc["id"], "half-open", series=("syn_recv",))
+    assert seen["picture"].syn_recv.t[0] < -2, "its picture shows the build-up"  # type: ignore[attr-defined]
 
 
 def test_a_new_flood_next_to_an_earlier_floods_residue_opens_one_incident(
@@ -280,6 +290,7 @@ def test_a_real_burst_against_nginx_with_a_small_backlog_is_capacity(
     assert re.search(rf"nginx: `listen {port} backlog=\d+;`", recs), recs
     assert inc["top_prefixes"][0]["prefix"] == "10.231.0.0/24"  # the client namespace itself
     assert not any(a["action"] == "ban" for a in inc["actions"])
+    check_picture(service.config, inc["id"], "capacity", series=("syn_recv",))
 
 
 PROBE_INTERVAL = 0.5  # incident.probe_interval of the harness's Service
@@ -351,6 +362,15 @@ def test_nginx_spoofed_then_concentrated_is_banned_in_its_second_phase(
     assert "phase:             spoofed from" in shown
     assert "phase:             concentrated from" in shown
     assert [i["id"] for i in service.incidents(port)] == [first["id"]]
+    seen = check_picture(service.config, first["id"], "two-phases",
+                         series=("syns_full", "syn_recv", "cookies_sent"), bans=1)
+    phases = [m.label for m in seen["picture"].markers  # type: ignore[attr-defined]
+              if m.kind == "phase"]
+    assert phases == ["spoofed", "concentrated"], phases
+    drawn = synwatch("incidents", "show", str(first["id"]), "--plot",
+                     str(tmp_path / "two-phases.png"), "--config", str(service.config))
+    assert drawn.code == 0 and (tmp_path / "two-phases.png").read_bytes().startswith(
+        b"\x89PNG"), drawn.err
 
 
 def test_real_clients_on_a_slow_link_hold_requests_half_open_and_open_nothing(

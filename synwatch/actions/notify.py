@@ -12,11 +12,14 @@ a second time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any
 
 from synwatch.actions.message import compose
+from synwatch.actions.picture import Picture, draw_picture
 from synwatch.actions.registry import Action, ActionContext, Plan
 from synwatch.config import Config
 from synwatch.errors import ActionFailed
@@ -38,20 +41,43 @@ class _IncidentMessages:
     pending: bool = False
 
 
-def send(urls: tuple[str, ...], title: str, body: str, timeout: float) -> str:
+def send(urls: tuple[str, ...], title: str, body: str, timeout: float,
+         picture: Callable[[], Picture | None] = lambda: None) -> str:
+    """One message to every URL; with the incident's ``picture`` attached where the service
+    takes attachments (mail, JSON, Telegram, ...), and a line saying where to see it where it
+    takes none (SMS, syslog)."""
     import apprise  # noqa: PLC0415 - 90 ms to import; only the worker needs it
 
-    sender = apprise.Apprise()
+    plugins = []
     for url in urls:
-        if not sender.add(url):
+        plugin = apprise.Apprise.instantiate(url)
+        if not plugin:
             # the scheme only: a URL may carry a password
             raise ActionFailed("notify", f"apprise cannot use a {url.split('://')[0]}:// URL")
-    result = sender.notify(body=body, title=title, timeout=timeout)
-    if not result:
-        raise ActionFailed("notify", f"{getattr(result, 'status', 'failed')}: "
-                                     f"{getattr(result, 'failed_count', '?')} of {len(urls)} "
-                                     "URLs failed")
-    return f"sent to {len(urls)} URL{'s' if len(urls) > 1 else ''}"
+        plugins.append(plugin)
+    drawn = picture() if any(getattr(p, "attachment_support", False) for p in plugins) else None
+    with_picture, without = apprise.Apprise(), apprise.Apprise()
+    for plugin in plugins:
+        (with_picture if drawn and plugin.attachment_support else without).add(plugin)
+    failed = 0
+    try:
+        if len(with_picture):
+            failed += _failed(with_picture.notify(body=body, title=title, timeout=timeout,
+                                                  attach=str(drawn.path) if drawn else None))
+        if len(without):
+            hint = f"\n\nIts picture: {drawn.command}" if drawn else ""
+            failed += _failed(without.notify(body=body + hint, title=title, timeout=timeout))
+    finally:
+        if drawn is not None:
+            drawn.remove()
+    if failed:
+        raise ActionFailed("notify", f"{failed} of {len(urls)} URLs failed")
+    said = f"sent to {len(urls)} URL{'s' if len(urls) > 1 else ''}"
+    return said + (" with its picture" if drawn and len(with_picture) else "")
+
+
+def _failed(result: Any) -> int:
+    return 0 if result else int(getattr(result, "failed_count", 1) or 1)
 
 
 class NotifyAction(Action):
@@ -78,8 +104,15 @@ class NotifyAction(Action):
         t.pending = False
         settings = self.ctx.config.notify
         return Plan(self.name, kind, f"{title}\n{body}",
-                    lambda: send(settings.urls, title, body, settings.timeout),
-                    change.incident_id)
+                    partial(send, settings.urls, title, body, settings.timeout,
+                            self._picture(change.incident_id)), change.incident_id)
+
+    def _picture(self, incident_id: int | None) -> Callable[[], Picture | None]:
+        """How the worker gets the incident's picture as it is when the message goes."""
+        c = self.ctx.config
+        if incident_id is None or not c.notify.picture:
+            return lambda: None
+        return partial(draw_picture, c.storage_url, incident_id)
 
     def start(self) -> list[Plan]:
         """Messages the last run did not get out, as they were rendered then."""
@@ -91,8 +124,8 @@ class NotifyAction(Action):
                 continue
             title, _, body = run.rendered.partition("\n")
             plans.append(Plan(self.name, run.target, run.rendered,
-                              partial(send, settings.urls, title, body, settings.timeout),
-                              run.incident_id))
+                              partial(send, settings.urls, title, body, settings.timeout,
+                                      self._picture(run.incident_id)), run.incident_id))
         return plans
 
     def _thread(self, incident_id: int) -> _IncidentMessages:

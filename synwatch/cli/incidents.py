@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, get_args
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
 
 from synwatch.cli.common import (
     add_config,
@@ -20,8 +22,11 @@ from synwatch.cli.common import (
     since,
     tcp_port,
 )
-from synwatch.errors import NotFound
+from synwatch.errors import NotFound, UsageError
 from synwatch.records import Verdict
+
+if TYPE_CHECKING:
+    from synwatch.store import History
 
 
 def cmd_incidents_list(args: argparse.Namespace) -> int:
@@ -48,6 +53,8 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
     store = existing_store(load(args))
     if store is None:  # a look never creates the history
         raise NotFound(f"incident {args.id}", "no history yet: `synwatch run` creates it")
+    if args.plot is not None:
+        return _plot(store, args.id, args.plot)
     incident, runs = store.incident(args.id)
     view = incident_view(incident, runs)
     samples = [sample_view(x) for x in store.samples(args.id)]
@@ -62,6 +69,33 @@ def cmd_incidents_show(args: argparse.Namespace) -> int:
         details = [(r.target, r.detail) for r in runs if r.action == "ban" and r.detail]
         print_incident(view, incident.reasons, incident.phases, samples, sys.stdout,
                        details=details)
+    return 0
+
+
+def _plot(store: History, incident_id: int, where: str) -> int:
+    """The incident's picture: in the terminal (``-``) or as a PNG file."""
+    import shutil  # noqa: PLC0415
+
+    from synwatch.charts import require  # noqa: PLC0415
+    from synwatch.charts.draw import picture_of  # noqa: PLC0415
+
+    if where == "-":
+        require("uniplot", "incidents show --plot")
+        from synwatch.charts.terminal import draw_text  # noqa: PLC0415
+
+        width = max(40, min(shutil.get_terminal_size().columns - 12, 100))
+        shown = picture_of(store, incident_id, datetime.now(timezone.utc))
+        sys.stdout.write(draw_text(shown, colour=sys.stdout.isatty(), width=width))
+        return 0
+    require("matplotlib", f"incidents show --plot {where}")
+    from synwatch.charts.png import draw_png  # noqa: PLC0415
+
+    drawn = draw_png(picture_of(store, incident_id, datetime.now(timezone.utc)))
+    try:
+        Path(where).write_bytes(drawn.png)
+    except OSError as exc:
+        raise UsageError(f"--plot {where}", exc.strerror or str(exc)) from exc
+    print(f"wrote {where} ({len(drawn.png):,} bytes)")
     return 0
 
 
@@ -84,5 +118,9 @@ def register(sub: Any) -> None:
     p.add_argument("--evidence", action="store_true",
                    help='with --format json: add "evidence" (the verdict\'s reasons), "phases" and '
                         '"timeline" (every probe while it lasted)')
+    p.add_argument("--plot", nargs="?", const="-", metavar="FILE.png",
+                   help="its picture: SYNs a second, SYN-RECV against the backlog, cookies "
+                        "sent and validated, with the phases, cookies and bans marked; in the "
+                        "terminal, or as a PNG to FILE.png (needs the charts extra)")
     add_format(p)
     add_config(p)

@@ -63,11 +63,14 @@ def _open_incidents(store: History | None) -> list[Incident] | None:
         return None
 
 
+SPARKLINES_FROM = 110  # columns
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.live import Live  # noqa: PLC0415
 
-    from synwatch.cli.topview import view  # noqa: PLC0415
+    from synwatch.cli.topview import Trends, view  # noqa: PLC0415
     from synwatch.probes.snapshot import take  # noqa: PLC0415
 
     config = load(args)
@@ -75,12 +78,17 @@ def cmd_top(args: argparse.Namespace) -> int:
     interval = args.interval or config.probe_interval
     store = _history(config.storage_url, config.host)
     prev, prev_at = None, time.monotonic()
+    trends = Trends()
     with _keys(), Live(console=Console(), screen=True, auto_refresh=False) as live:
         try:
             while True:
                 snap, at = take(netns), time.monotonic()
+                trends.add(snap, prev, at - prev_at, at)
+                # the sparklines where there is room for them beside whole numbers
+                wide = live.console.width >= SPARKLINES_FROM
                 live.update(view(snap, prev, at - prev_at, _open_incidents(store),
-                                 datetime.now(timezone.utc).astimezone()), refresh=True)
+                                 datetime.now(timezone.utc).astimezone(),
+                                 trends=trends if wide else None), refresh=True)
                 prev, prev_at = snap, at
                 if _quit_pressed(interval):
                     return 0

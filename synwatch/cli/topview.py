@@ -4,6 +4,7 @@ Pure: it gets two snapshots and the incidents, so it is tested without a termina
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -12,7 +13,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from synwatch.detect.delta import listener_id
+from synwatch.detect.delta import ListenerId, listener_id
 from synwatch.probes.snapshot import Snapshot
 from synwatch.records import Incident, endpoint
 
@@ -43,13 +44,64 @@ def _rate(now: int, before: int | None, seconds: float) -> str:
     return f"{max(0, now - before) / seconds:.0f}/s"
 
 
-def listeners_table(snap: Snapshot, prev: Snapshot | None, seconds: float) -> Table:
+BLOCKS = "▁▂▃▄▅▆▇█"
+TREND = 60.0  # seconds a sparkline covers
+OVERFLOW = ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")
+
+
+def sparkline(values: Sequence[float], width: int = 20) -> str:
+    """The last ``width`` values as eighth blocks, scaled to their own peak (zero is the
+    lowest block: a flat line says nothing happened, not that nothing was drawn). Eight
+    characters need no library: rich has none, and a plotting one is not loaded by `top`."""
+    shown = list(values)[-width:]
+    top = max(shown, default=0.0)
+    if top <= 0:
+        return BLOCKS[0] * len(shown)
+    return "".join(BLOCKS[min(7, round(v / top * 7))] for v in shown)
+
+
+class Trends:
+    """Each listener's SYN-RECV and overflow rate over the last TREND seconds, for its
+    sparklines. The overflow rate is the namespace's (SYNs that found a queue full, cookies
+    or drops) while this listener's SYN queue is full, else its own drops: the counters are
+    the namespace's, and a full queue is what makes them a listener's."""
+
+    def __init__(self) -> None:
+        self.points: dict[ListenerId, deque[tuple[float, int, float]]] = {}
+
+    def add(self, snap: Snapshot, prev: Snapshot | None, seconds: float, at: float) -> None:
+        full = (sum(snap.counters.get(n, 0) for n in OVERFLOW)
+                - sum(prev.counters.get(n, 0) for n in OVERFLOW)) if prev else 0
+        drops = {listener_id(st): st.listener.drops for st in prev.listeners} if prev else {}
+        for st in snap.listeners:
+            key = listener_id(st)
+            queue_full = st.listener.backlog > 0 and st.syn_recv >= st.listener.backlog
+            own = st.listener.drops - drops.get(key, st.listener.drops)
+            rate = max(0, full if queue_full else own) / seconds if seconds > 0 else 0.0
+            kept = self.points.setdefault(key, deque(maxlen=600))
+            kept.append((at, st.syn_recv, rate))
+            while kept and kept[0][0] < at - TREND:
+                kept.popleft()
+        live = {listener_id(st) for st in snap.listeners}
+        for key in [k for k in self.points if k not in live]:
+            del self.points[key]
+
+    def lines(self, key: ListenerId) -> Text:
+        kept = self.points.get(key, deque())
+        return Text(f"{sparkline([float(n) for _, n, _ in kept])} SYN-RECV\n"
+                    f"{sparkline([r for _, _, r in kept])} overflow/s", no_wrap=True)
+
+
+def listeners_table(snap: Snapshot, prev: Snapshot | None, seconds: float,
+                    trends: Trends | None = None) -> Table:
     table = Table(title=f"listeners in {snap.netns or 'the host namespace'}", expand=True)
     numbers = _numbers_width(snap)
     table.add_column("listener", no_wrap=True)
     for name in ("accept queue", "SYN-RECV"):
         table.add_column(name, no_wrap=True, min_width=numbers, max_width=max(numbers, BAR))
     table.add_column("drops", no_wrap=True)
+    if trends is not None:
+        table.add_column("last minute", no_wrap=True)
     table.add_column("top source prefixes", ratio=1, overflow="fold")
     before = {listener_id(st): st.listener.drops for st in prev.listeners} if prev else {}
     busiest = sorted(snap.listeners, key=lambda st: (-st.syn_recv, -st.listener.accept_queue,
@@ -59,6 +111,7 @@ def listeners_table(snap: Snapshot, prev: Snapshot | None, seconds: float) -> Ta
         table.add_row(endpoint(li.address, li.port), _bar(li.accept_queue, li.backlog),
                       _bar(st.syn_recv, li.backlog),
                       _rate(li.drops, before.get(listener_id(st)), seconds),
+                      *([trends.lines(listener_id(st))] if trends is not None else []),
                       ", ".join(f"{p} ({n})" for p, n in st.top_prefixes) or "-")
     return table
 
@@ -97,7 +150,8 @@ def incidents_table(incidents: Sequence[Incident] | None) -> Table | Text:
 
 
 def view(snap: Snapshot, prev: Snapshot | None, seconds: float,
-         incidents: Sequence[Incident] | None, now: datetime) -> Group:
+         incidents: Sequence[Incident] | None, now: datetime, *,
+         trends: Trends | None = None) -> Group:
     return Group(Text(f"synwatch top   {now:%H:%M:%S}   q quits", style="bold"),
-                 listeners_table(snap, prev, seconds), counters_line(snap, prev, seconds),
-                 incidents_table(incidents))
+                 listeners_table(snap, prev, seconds, trends),
+                 counters_line(snap, prev, seconds), incidents_table(incidents))

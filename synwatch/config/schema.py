@@ -253,6 +253,11 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "retry": _s(upto_1d, "30s", "first retry of a failed message, doubling after"),
         # retry * 2**(attempts - 2) must stay a timedelta: 1d * 2**18 is 718 years
         "attempts": _s(int_in(1, 20), 5, "tries per message"),
+        "picture": _s(boolean, True, "attach the incident's picture (a PNG: SYNs a second, "
+                      "SYN-RECV against the backlog, cookies sent and validated, phases, "
+                      "cookies and bans marked) where the service takes attachments, and say "
+                      "how to see it where it takes none; needs the charts extra (Debian: "
+                      "python3-matplotlib), without which messages are text"),
     },
     "actions.exec": {
         "enabled": _s(boolean, False, "run a program on incident changes"),

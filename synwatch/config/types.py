@@ -98,6 +98,7 @@ class NotifySettings:
     timeout: float = 10.0
     retry: float = 30.0  # first retry after a failure, doubling
     attempts: int = 5
+    picture: bool = True  # the incident's PNG attached where the service takes attachments
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,8 @@ class Correlator(KernelLines):
                                 listener=st, snap=probe.snap)
                 self._corroborate(inc)
                 self._add(inc, st, probe, active=True)
-                changes.append(self._change(inc, "opened", sample=timeline_point(at, st, rates)))
+                changes.append(self._change(inc, "opened",
+                                            sample=timeline_point(at, st, rates, probe.sampled)))
         return changes
 
     def _open_half_open(self, at: datetime, probe: ProbeDelta,
@@ -113,7 +114,8 @@ class Correlator(KernelLines):
                         self._add(inc, None, earlier, active=True)
                 self._add(inc, st, probe, active=True)
                 changes.append(self._change(inc, "opened",
-                                            sample=timeline_point(at, st, probe.rates)))
+                                            sample=timeline_point(at, st, probe.rates,
+                                                                  probe.sampled)))
         return changes
 
     def _follow_open(self, at: datetime, probe: ProbeDelta, active: set[ListenerKey],
@@ -139,7 +141,8 @@ class Correlator(KernelLines):
                 changes.append(self._change(inc, "closed", closed_at=at))
             else:
                 changes.append(self._change(inc, "updated",
-                                            sample=timeline_point(at, st, probe.rates)))
+                                            sample=timeline_point(at, st, probe.rates,
+                                                                  probe.sampled)))
         return changes
 
     def _next_phase(self, inc: OpenIncident, at: datetime) -> None:

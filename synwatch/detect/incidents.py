@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from synwatch.detect.tally import Tally
 from synwatch.detect.verdict import judge
 from synwatch.probes.evidence import Evidence
 from synwatch.probes.snapshot import ListenerState, Snapshot
+from synwatch.probes.synsample import SynSample
 from synwatch.records import (
     IncidentChange,
     Place,
@@ -35,6 +37,7 @@ PENDING_TRUSTED = 1024  # trusted lines waiting for the next probe (one line per
 CORROBORATING_PROBES = 2
 MAX_PHASES = 32
 RECENT_PROBES = 120  # probes kept for an incident that opens after its build-up
+BUILDUP, BUILDUP_FOR = 60, timedelta(minutes=2)  # probes before the opening kept for its picture
 FRESH_FOR = timedelta(seconds=3)  # a queue filled, sampled or dropping this recently is a flood's
 
 
@@ -59,6 +62,7 @@ class OpenIncident:
     resumed: bool = False
     # other namespaces with a listener that a kernel line of this incident's also fits
     also_fits: tuple[str, ...] = ()
+    buildup: list[dict[str, Any]] = field(default_factory=list)  # timeline points before it
 
 
 def ports_sampled_by(probe: ProbeDelta) -> set[int]:
@@ -76,12 +80,37 @@ def full_accept_queue(st: ListenerState) -> bool:
     return st.listener.backlog > 0 and st.listener.accept_queue >= st.listener.backlog
 
 
-def timeline_point(at: datetime, st: ListenerState | None,
-                   rates: dict[str, float]) -> TimelinePoint:
+def timeline_point(at: datetime, st: ListenerState | None, rates: dict[str, float],
+                   sampled: SynSample | None = None) -> TimelinePoint:
+    """The listener at one probe, with the counters' rates and, where the packet sampler saw
+    its port, its estimate of every SYN a second (``syns_sampled``: the queue-full rate is
+    only those that overflowed)."""
+    point_rates = dict(rates)
+    port = sampled.port(st.listener.port) if sampled is not None and st is not None else None
+    if port is not None and sampled is not None and sampled.seconds > 0:
+        point_rates["syns_sampled"] = round(port.syns / sampled.seconds, 1)
     return TimelinePoint(at=at, syn_recv=st.syn_recv if st else None,
-                  accept_queue=st.listener.accept_queue if st else None,
-                  backlog=st.listener.backlog if st else None, rates=dict(rates),
-                  top_prefixes=st.top_prefixes if st else ())
+                         accept_queue=st.listener.accept_queue if st else None,
+                         backlog=st.listener.backlog if st else None, rates=point_rates,
+                         top_prefixes=st.top_prefixes if st else ())
+
+
+def buildup_of(recent: Iterable[tuple[datetime, ProbeDelta]], key: ListenerKey,
+               before: datetime) -> list[dict[str, Any]]:
+    """The listener's last BUILDUP probes before an incident opened, for its picture (kept
+    in the incident's state: the history's timeline starts at the opening)."""
+    if key is None:
+        return []
+    points = []
+    for at, probe in recent:
+        if at >= before or before - at > BUILDUP_FOR:
+            continue
+        st = next((s for s in probe.snap.listeners if listener_id(s) == key), None)
+        p = timeline_point(at, st, probe.rates, probe.sampled)
+        points.append({"at": at.isoformat(), "syn_recv": p.syn_recv,
+                       "accept_queue": p.accept_queue, "backlog": p.backlog,
+                       "rates": {k: round(v, 1) for k, v in p.rates.items()}})
+    return points[-BUILDUP:]
 
 
 class Incidents:
@@ -129,6 +158,7 @@ class Incidents:
         inc.phases = [(datetime.fromisoformat(p["at"]), str(p["verdict"]))
                       for p in ev.get("phases", [])]
         inc.resumed = True
+        inc.buildup = [p for p in ev.get("buildup", []) if isinstance(p, dict)]
         self.open[self._serial] = inc
         saved = ev.get("probe")
         if isinstance(saved, dict) and saved.get("at") and isinstance(saved.get("counters"), dict):
@@ -198,6 +228,7 @@ class Incidents:
             tally.sysctls = dict(snap.sysctls)
         inc = OpenIncident(self._serial, key, trigger, at, first, self.clock.now(), at, tally)
         inc.window, inc.window_start = tally.fresh(), at
+        inc.buildup = buildup_of(self._recent, key, at)
         self.open[inc.serial] = inc
         return inc
 
@@ -222,6 +253,7 @@ class Incidents:
             state={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat(),
                    "phases": [{"at": at.isoformat(), "verdict": v} for at, v in inc.phases],
                    "probe": self._saved_probe(),
+                   **({"buildup": inc.buildup} if inc.buildup else {}),
                    **({"netns_ident": self.ident} if self.ident else {})},
             sample=sample, event_ids=events,
             bans=j.targets.ban if j.targets else (), limits=j.targets.limit if j.targets else ())

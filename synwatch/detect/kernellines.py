@@ -142,8 +142,8 @@ class KernelLines(Incidents):
             return [self._change(inc, "opened")]
         if key in self._attribute(corroborated_by):
             inc.last_activity = self._last.at  # still overflowing then, as _follow_open says
-        return [self._change(inc, "opened", sample=timeline_point(self._last.at, listener,
-                                                           corroborated_by.rates))]
+        return [self._change(inc, "opened", sample=timeline_point(
+            self._last.at, listener, corroborated_by.rates, corroborated_by.sampled))]
 
     def _resolve_held(self, probe: ProbeDelta) -> list[IncidentChange]:
         """Trusted lines held for a probe: where this probe shows the overflow here on a

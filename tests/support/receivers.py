@@ -24,19 +24,26 @@ def free_port() -> int:
 
 class _Mailbox:
     def __init__(self) -> None:
-        self.messages: list[dict[str, str]] = []
+        self.messages: list[dict[str, Any]] = []
 
     async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
         msg = message_from_bytes(envelope.content)
-        body = msg.get_payload(decode=True) if not msg.is_multipart() else \
-            msg.get_payload(0).get_payload(decode=True)
-        self.messages.append({"subject": str(msg["Subject"]), "to": ",".join(envelope.rcpt_tos),
-                              "body": (body or b"").decode("utf-8", "replace")})
+        parts = [part for part in msg.walk() if not part.is_multipart()]
+        text = next((part for part in parts if part.get_content_type() == "text/plain"),
+                    parts[0] if parts else msg)
+        body = text.get_payload(decode=True)
+        self.messages.append({
+            "subject": str(msg["Subject"]), "to": ",".join(envelope.rcpt_tos),
+            "body": (body if isinstance(body, bytes) else b"").decode("utf-8", "replace"),
+            # (content type, file name, bytes) of each attachment
+            "attachments": [(part.get_content_type(), part.get_filename(),
+                             part.get_payload(decode=True)) for part in parts
+                            if part.get_filename()]})
         return "250 OK"
 
 
 @contextmanager
-def smtp_receiver() -> Iterator[tuple[int, list[dict[str, str]]]]:
+def smtp_receiver() -> Iterator[tuple[int, list[dict[str, Any]]]]:
     box = _Mailbox()
     port = free_port()
     controller = Controller(box, hostname="127.0.0.1", port=port)
