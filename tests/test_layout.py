@@ -16,7 +16,8 @@ PACKAGE = REPO / "synwatch"
 STEPS = (("synwatch", "synwatch.errors", "synwatch.clock", "synwatch.durations"),
          ("synwatch.records", "synwatch.config"), ("synwatch.system",),
          ("synwatch.lines", "synwatch.probes"), ("synwatch.sources", "synwatch.detect"),
-         ("synwatch.store",), ("synwatch.actions",), ("synwatch.daemon",), ("synwatch.cli",),
+         ("synwatch.store",), ("synwatch.charts",), ("synwatch.actions",), ("synwatch.daemon",),
+         ("synwatch.cli",),
          ("synwatch.__main__",))
 TOP = {"__init__", "__main__", "records", "errors", "clock", "durations"}
 MAX_LINES = 400
