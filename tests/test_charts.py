@@ -86,6 +86,11 @@ def test_the_series_and_markers_come_from_the_history_records() -> None:
     assert p.span == (-3.0, 40.0)
     assert p.title == "#7 0.0.0.0:443 on web01: concentrated"
     assert p.prefixes == (("198.51.100.0/24", 0.6),)
+    # drawn after its ban expired: named, and the incident's time is not stretched to it
+    later = picture(_incident(), _points(), _runs(), _bans(), T0 + timedelta(hours=2))
+    assert (3600.0, "ban-end", "198.51.100.0/24 expired") in [
+        (m.t, m.kind, m.label) for m in later.markers]
+    assert later.span == (-3.0, 40.0)
 
 
 def test_the_png_has_each_series_where_it_peaked_and_the_bans_where_they_landed() -> None:

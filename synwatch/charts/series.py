@@ -84,7 +84,7 @@ def _count(point: dict[str, Any], name: str) -> float | None:
 
 
 def _markers(incident: Incident, runs: Sequence[ActionRun], bans: Sequence[Ban],
-             end: datetime) -> list[Marker]:
+             now: datetime) -> list[Marker]:
     start = incident.opened_at
     marks = [Marker(_seconds(datetime.fromisoformat(p["at"]), start), "phase",
                     f"{p['verdict']}") for p in incident.phases if p.get("at")]
@@ -95,9 +95,13 @@ def _markers(incident: Incident, runs: Sequence[ActionRun], bans: Sequence[Ban],
                             "cookies raised" if raised else "cookies restored"))
     for b in bans:
         marks.append(Marker(_seconds(b.created_at, start), "ban", f"ban {b.prefix}"))
-        ended = b.removed_at or (b.expires_at if b.expires_at <= end else None)
-        if ended is not None:
-            marks.append(Marker(_seconds(ended, start), "ban-end", f"{b.prefix} lifted"))
+        # lifted by hand or expired by now: drawn where it falls within the incident's time,
+        # named in the markers' line wherever it falls (an hour's ban ends long after)
+        if b.removed_at is not None:
+            marks.append(Marker(_seconds(b.removed_at, start), "ban-end", f"{b.prefix} lifted"))
+        elif b.expires_at <= now:
+            marks.append(Marker(_seconds(b.expires_at, start), "ban-end",
+                                f"{b.prefix} expired"))
     if incident.closed_at is not None:
         marks.append(Marker(_seconds(incident.closed_at, start), "closed", "closed"))
     return sorted(marks, key=lambda m: m.t)
@@ -123,7 +127,7 @@ def picture(incident: Incident, samples: Sequence[StoredPoint], runs: Sequence[A
 
     end = incident.closed_at or now
     own = [b for b in bans if b.incident_id == incident.id]
-    markers = _markers(incident, runs, own, end)
+    markers = _markers(incident, runs, own, now)
     last = max([*t, _seconds(end, start), *(m.t for m in markers if m.kind != "ban-end")],
                default=0.0)
     first = min([*t, 0.0])
