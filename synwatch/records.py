@@ -142,6 +142,8 @@ class IncidentChange:
     reasons: tuple[str, ...]
     state: dict[str, Any]  # the tally, phases and last activity, to resume after a restart
     sample: TimelinePoint | None = None
+    # an opening's: its listener's probes before it (its build-up), written as timeline points
+    earlier: tuple[TimelinePoint, ...] = ()
     event_ids: tuple[int, ...] = field(default=())  # events to link to the incident
     bans: tuple[BanTarget, ...] = ()  # what a ban takes (concentrated only)
     limits: tuple[BanTarget, ...] = ()  # addresses that flood and complete: rate limited

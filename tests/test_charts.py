@@ -10,6 +10,7 @@ import base64
 import io
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -37,16 +38,17 @@ def _incident(**changed: object) -> Incident:
         recommendations=("Ban 198.51.100.0/24: 60% of the SYNs, none completes.",),
         state={"phases": [{"at": T0.isoformat(), "verdict": "spoofed"},
                           {"at": (T0 + timedelta(seconds=20)).isoformat(),
-                           "verdict": "concentrated"}],
-               "buildup": [{"at": (T0 - timedelta(seconds=s)).isoformat(), "syn_recv": 10 * s,
-                            "backlog": 128, "rates": {"syns_sampled": 100.0}}
-                           for s in (3, 2, 1)]})
+                           "verdict": "concentrated"}, {"at": "not a time"}]})
     fields.update(changed)
     return Incident(**fields)  # type: ignore[arg-type]
 
 
 def _points() -> list[StoredPoint]:
-    return [StoredPoint(id=i, incident_id=7, at=T0 + timedelta(seconds=i),
+    """Its build-up (three probes before the opening), then a flood until 25 s."""
+    before = [StoredPoint(id=100 + n, incident_id=7, at=T0 - timedelta(seconds=n),
+                          syn_recv=10 * n, accept_queue=0, backlog=128,
+                          rates={"syns_sampled": 100.0}, top_prefixes=()) for n in (3, 2, 1)]
+    return before + [StoredPoint(id=i, incident_id=7, at=T0 + timedelta(seconds=i),
                         syn_recv=128 if 5 <= i < 25 else 3, accept_queue=0, backlog=128,
                         rates={"syns_overflowed": 1500.0 if i == 12 else 900.0,
                                "syns_sampled": 2000.0, "cookies_sent": 900.0 if i < 25 else 0,
@@ -84,7 +86,7 @@ def test_the_series_and_markers_come_from_the_history_records() -> None:
         (22.0, "ban", "ban 203.0.113.0/24"), (30.0, "ban-end", "203.0.113.0/24 lifted"),
         (40.0, "cookies", "cookies restored"), (40.0, "closed", "closed")]
     assert p.span == (-3.0, 40.0)
-    assert p.title == "#7 0.0.0.0:443 on web01: concentrated"
+    assert p.title == "concentrated: incident 7, 0.0.0.0:443 on web01"
     assert p.prefixes == (("198.51.100.0/24", 0.6),)
     # drawn after its ban expired: named, and the incident's time is not stretched to it
     later = picture(_incident(), _points(), _runs(), _bans(), T0 + timedelta(hours=2))
@@ -122,10 +124,12 @@ def test_the_terminal_picture_in_colour_and_plain() -> None:
     assert "\x1b[" not in plain
     for text in ("SYNs/s", "found the queue full", "all SYNs (sampled)", "backlog (effective)",
                  "cookies validated", "+22.0 s  ban 198.51.100.0/24", "198.51.100.0/24",
-                 "#7 0.0.0.0:443 on web01: concentrated"):
+                 "concentrated: incident 7, 0.0.0.0:443 on web01"):
         assert text in plain, text
     assert "\x1b[" in draw_text(p, colour=True)
-    empty = picture(_incident(state={}), [], [], [], T0 + timedelta(minutes=5))
+    empty = picture(_incident(state={}, top_prefixes=({"share": "x"}, "junk")), [], [], [],
+                    T0 + timedelta(minutes=5))
+    assert empty.prefixes == (("?", 0.0),), "rows anyone may write are drawn, never fatal"
     assert "SYNs/s: nothing recorded" in draw_text(empty, colour=False)
 
 
@@ -137,8 +141,8 @@ def test_a_notification_carries_the_picture_where_the_service_takes_one(
                                      T0 + timedelta(minutes=5))).png)
     with http_receiver() as (port, posts):
         said = send((f"json://127.0.0.1:{port}/hook", f"gotify://127.0.0.1:{port}/tok"),
-                    "synwatch: SYN flood", "the text", 10,
-                    lambda: Attached(png, "synwatch incidents show 7 --plot"))
+                    "synwatch: SYN flood", "the text", 10, picture=lambda: Attached(png),
+                    hint="synwatch incidents show 7 --plot")
     assert said == "sent to 2 URLs with its picture"
     [json_post] = [p for p in posts if "attachments" in p]
     [attached] = json_post["attachments"]
@@ -148,10 +152,50 @@ def test_a_notification_carries_the_picture_where_the_service_takes_one(
     assert gotify["message"] == "the text\n\nIts picture: synwatch incidents show 7 --plot"
     assert not png.exists(), "the drawing is removed once sent"
     with http_receiver() as (port, posts):  # without the charts extra: text, as it was
-        send((f"json://127.0.0.1:{port}/hook",), "synwatch: SYN flood", "the text", 10,
-             lambda: None)
+        send((f"json://127.0.0.1:{port}/hook",), "synwatch: SYN flood", "the text", 10)
     assert [p.get("attachments") for p in posts] in ([None], [[]])
     assert posts[0]["message"] == "the text"
+    with http_receiver() as (port, posts):  # only services that take none: the line, always
+        said = send((f"gotify://127.0.0.1:{port}/tok",), "synwatch: SYN flood", "the text", 10,
+                    picture=lambda: Attached(png), hint="synwatch incidents show 7 --plot")
+    assert said == "sent to 1 URL"
+    assert posts[0]["message"] == "the text\n\nIts picture: synwatch incidents show 7 --plot"
+
+
+def test_a_picture_drawn_for_a_message_by_a_child_process(tmp_path: Path) -> None:
+    """What the notify worker does: the child draws from the history, the PNG is handed over
+    in a folder of its own; an incident the history does not have is no picture, and a
+    warning, never a failed message."""
+    from dataclasses import asdict
+
+    from synwatch.actions.picture import draw_picture
+    from synwatch.records import IncidentChange, TimelinePoint
+    from synwatch.store.spool import change_of, from_json, to_json
+
+    def point(at: datetime, syn_recv: int) -> TimelinePoint:
+        return TimelinePoint(at=at, syn_recv=syn_recv, accept_queue=0, backlog=64,
+                             rates={"syns_overflowed": float(syn_recv)}, top_prefixes=())
+
+    change = IncidentChange(
+        change="opened", serial=1, incident_id=None, host="web01", netns="",
+        address="0.0.0.0", port=443, family=4, status="open", verdict="spoofed",
+        trigger="log", opened_at=T0, closed_at=None, first_evidence_at=T0, detected_at=T0,
+        peak_syn_recv=64, top_prefixes=(), recommendations=(), reasons=(), state={},
+        sample=point(T0, 64), earlier=(point(T0 - timedelta(seconds=2), 5),
+                                       point(T0 - timedelta(seconds=1), 30)))
+    assert change_of(from_json(to_json(asdict(change)))) == change, "spooled as it is"
+    url = f"sqlite:///{tmp_path}/h.db"
+    store = History.open(url)
+    incident_id = store.save_incident(change)
+    assert [s.syn_recv for s in store.samples(incident_id)] == [5, 30, 64], "the build-up kept"
+    store.close()
+    before = set(Path(tempfile.gettempdir()).glob("synwatch-picture-*"))
+    drawn = draw_picture(url, incident_id, tmp_path)
+    assert drawn is not None and drawn.path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert (tmp_path / "matplotlib").is_dir(), "its font cache in the state directory"
+    drawn.remove()
+    assert draw_picture(url, incident_id + 1, tmp_path) is None  # no such incident
+    assert set(Path(tempfile.gettempdir()).glob("synwatch-picture-*")) == before
 
 
 def _without(module: str, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -191,3 +235,31 @@ def test_the_service_never_loads_a_plotting_library() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_top_sparklines_cover_the_last_minute_whatever_the_interval() -> None:
+    """Each listener's SYN-RECV and overflow rate in 20 slices of the last minute: a flood
+    30 s ago sits in the middle whether probes came every 0.5 s or every 5 s; the overflow is
+    the namespace's while this listener's queue is full, else its own drops."""
+    from synwatch.cli.topview import Trends, sparkline
+    from synwatch.probes.snapshot import ListenerState, Snapshot
+    from synwatch.probes.sockdiag import Listener
+
+    def snap(syn_recv: int, full: int) -> Snapshot:
+        li = ListenerState(Listener(4, "0.0.0.0", 80, 64, 0), syn_recv, (), 0)
+        return Snapshot("", (li,), {"TcpExt.TCPReqQFullDoCookies": full}, {})
+
+    assert sparkline([0.0, 0.0]) == "▁▁" and sparkline([0.0, 4.0, 8.0]) == "▁▅█"
+    for every in (0.5, 5.0):
+        trends, prev, full = Trends(), None, 0
+        for n in range(int(60 / every) + 1):
+            at = n * every
+            flooding = 28 <= at < 33
+            full += 500 if flooding else 0
+            now = snap(64 if flooding else 0, full)
+            trends.add(now, prev, every, at)
+            prev = now
+        syn_recv, overflow = str(trends.lines((4, "0.0.0.0", 80))).split("\n")
+        line = syn_recv.split(" ")[0]
+        assert len(line) == 20 and "█" in line[9:11] and set(line[:9] + line[11:]) == {"▁"}, line
+        assert "█" in overflow.split(" ")[0], overflow

@@ -665,3 +665,18 @@ def test_a_filling_conntrack_table_is_evidence_and_a_recommendation() -> None:
                         syns_overflowed=500, conntrack_max=262_144, conntrack_peak=900),
                   Thresholds())
     assert not any("connection" in r for r in quiet.reasons + quiet.recommendations)
+
+
+def test_an_opening_carries_its_listeners_build_up(corr: Correlator,
+                                                   clock: FrozenClock) -> None:
+    """The probes before a flood (quiet ones included: the history's timeline, and the
+    picture, start before the opening), once, with the opening alone."""
+    for n in (1, 2, 3):
+        assert _probe(corr, clock, _snap(syn_recv=n)) == []
+    [opened] = _probe(corr, clock, _snap(syn_recv=64, qfull=500, cookies=500))
+    assert opened.change == "opened"
+    assert [(p.syn_recv, p.backlog) for p in opened.earlier] == [
+        (0, None), (1, 64), (2, 64), (3, 64)]
+    assert all(p.at < opened.sample.at for p in opened.earlier)  # type: ignore[union-attr]
+    [updated] = _probe(corr, clock, _snap(syn_recv=64, qfull=1000, cookies=1000))
+    assert updated.change == "updated" and updated.earlier == ()

@@ -79,6 +79,9 @@ def test_every_console_example_runs_and_prints_what_the_doc_shows(
             if argv[0] in RUN_ELSEWHERE:
                 continue
             argv = [str(files.get(a, a)) for a in argv]
+            # a file an example writes (`--plot incident-12.png`) goes to the test's own folder
+            argv = [str(tmp_path / a) if a.endswith(".png") and "/" not in a else a
+                    for a in argv]
             if argv[0] in ON_THE_LAB:
                 argv += ["--netns", the_lab.server_ns]
             if argv[0] in WITH_HISTORY and "--config" not in argv:

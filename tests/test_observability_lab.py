@@ -248,7 +248,7 @@ def test_top_shows_the_flooded_listener_its_prefixes_and_the_incident(the_lab: L
         assert started.returncode == 0, started.stderr
         term.run("resize-window", "-t", "top", "-x", "200", "-y", "50")  # as wide as asked
         def row_of(screen: str) -> str:
-            return next(line for line in screen.splitlines() if f"0.0.0.0:{port}" in line)
+            return next((line for line in screen.splitlines() if f"0.0.0.0:{port}" in line), "")
 
         quiet = eventually(lambda: f"0.0.0.0:{port}" in (s := term.screen()) and "▁" in
                            row_of(s) and s, "the listener and its sparklines on the screen", 30)

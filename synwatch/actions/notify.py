@@ -19,9 +19,9 @@ from functools import partial
 from typing import Any
 
 from synwatch.actions.message import compose
-from synwatch.actions.picture import Picture, draw_picture
+from synwatch.actions.picture import Picture, available, draw_picture
 from synwatch.actions.registry import Action, ActionContext, Plan
-from synwatch.config import Config
+from synwatch.config import Config, state_dir
 from synwatch.errors import ActionFailed
 from synwatch.records import IncidentChange
 
@@ -41,17 +41,17 @@ class _IncidentMessages:
     pending: bool = False
 
 
-def send(urls: tuple[str, ...], title: str, body: str, timeout: float,
-         picture: Callable[[], Picture | None] = lambda: None) -> str:
+def send(urls: tuple[str, ...], title: str, body: str, timeout: float, *,
+         picture: Callable[[], Picture | None] = lambda: None, hint: str = "") -> str:
     """One message to every URL; with the incident's ``picture`` attached where the service
-    takes attachments (mail, JSON, Telegram, ...), and a line saying where to see it where it
-    takes none (SMS, syslog)."""
+    takes attachments (mail, JSON, Telegram, ...), and ``hint`` (how to see it) where it takes
+    none (SMS, syslog, gotify) or the drawing failed."""
     import apprise  # noqa: PLC0415 - 90 ms to import; only the worker needs it
 
     plugins = []
     for url in urls:
         plugin = apprise.Apprise.instantiate(url)
-        if not plugin:
+        if plugin is None:
             # the scheme only: a URL may carry a password
             raise ActionFailed("notify", f"apprise cannot use a {url.split('://')[0]}:// URL")
         plugins.append(plugin)
@@ -65,8 +65,8 @@ def send(urls: tuple[str, ...], title: str, body: str, timeout: float,
             failed += _failed(with_picture.notify(body=body, title=title, timeout=timeout,
                                                   attach=str(drawn.path) if drawn else None))
         if len(without):
-            hint = f"\n\nIts picture: {drawn.command}" if drawn else ""
-            failed += _failed(without.notify(body=body + hint, title=title, timeout=timeout))
+            said = f"\n\nIts picture: {hint}" if hint else ""
+            failed += _failed(without.notify(body=body + said, title=title, timeout=timeout))
     finally:
         if drawn is not None:
             drawn.remove()
@@ -105,14 +105,16 @@ class NotifyAction(Action):
         settings = self.ctx.config.notify
         return Plan(self.name, kind, f"{title}\n{body}",
                     partial(send, settings.urls, title, body, settings.timeout,
-                            self._picture(change.incident_id)), change.incident_id)
+                            **self._picture(change.incident_id)), change.incident_id)
 
-    def _picture(self, incident_id: int | None) -> Callable[[], Picture | None]:
-        """How the worker gets the incident's picture as it is when the message goes."""
+    def _picture(self, incident_id: int | None) -> dict[str, Any]:
+        """How the worker gets the incident's picture as it is when the message goes, and how
+        to see it where it cannot go (nothing without the charts extra: text as before)."""
         c = self.ctx.config
-        if incident_id is None or not c.notify.picture:
-            return lambda: None
-        return partial(draw_picture, c.storage_url, incident_id)
+        if incident_id is None or not c.notify.picture or not available():
+            return {}
+        return {"picture": partial(draw_picture, c.storage_url, incident_id, state_dir(c)),
+                "hint": f"synwatch incidents show {incident_id} --plot"}
 
     def start(self) -> list[Plan]:
         """Messages the last run did not get out, as they were rendered then."""
@@ -125,7 +127,7 @@ class NotifyAction(Action):
             title, _, body = run.rendered.partition("\n")
             plans.append(Plan(self.name, run.target, run.rendered,
                               partial(send, settings.urls, title, body, settings.timeout,
-                                      self._picture(run.incident_id)), run.incident_id))
+                                      **self._picture(run.incident_id)), run.incident_id))
         return plans
 
     def _thread(self, incident_id: int) -> _IncidentMessages:

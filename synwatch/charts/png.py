@@ -67,13 +67,16 @@ def draw_png(p: Picture) -> Drawn:
     from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: no global state
 
     fig = Figure(figsize=(WIDTH, HEIGHT), dpi=DPI, facecolor="white")
-    grid = fig.add_gridspec(4, 1, height_ratios=[3, 3, 3, 2], hspace=0.45,
-                            left=0.13, right=0.97, top=0.845, bottom=0.05)
+    grid = fig.add_gridspec(4, 1, height_ratios=[3, 3, 3, 2], hspace=0.62,
+                            left=0.13, right=0.97, top=0.78, bottom=0.05)
     rate, queue, cookies = (fig.add_subplot(grid[i]) for i in range(3))
     shares = fig.add_subplot(grid[3])
-    fig.suptitle(p.title, x=0.02, ha="left", fontsize=12, fontweight="bold")
+    # text from the history is shown as it is: never read as mathtext ("$...$")
+    fig.text(0.02, 0.99, p.title, ha="left", va="top", fontsize=12, fontweight="bold",
+             parse_math=False)
     if p.subtitle:
-        fig.text(0.02, 0.945, p.subtitle, ha="left", va="top", fontsize=8, color="#111111")
+        fig.text(0.02, 0.925, p.subtitle, ha="left", va="top", fontsize=8, color="#111111",
+                 parse_math=False)
     _plot(rate, p.syns_all, SERIES_COLOURS["syns_all"], "all SYNs (sampled)")
     _plot(rate, p.syns_full, SERIES_COLOURS["syns_full"], "found the queue full")
     rate.set_ylabel("SYNs/s")
@@ -93,19 +96,21 @@ def draw_png(p: Picture) -> Drawn:
         for m in p.markers:
             ax.axvline(m.t, color=MARKER_COLOURS[m.kind], linewidth=1.4,
                        linestyle=":" if m.kind in ("ban-end", "closed") else "-")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right", fontsize=7, frameon=True, framealpha=0.9)
     kinds = {m.kind for m in p.markers}
     for kind, name in (("phase", "phase"), ("cookies", "cookies"), ("ban", "ban"),
                        ("closed", "closed")):
         if kind in kinds:  # the marker lines' key, beside the series'
             rate.plot([], [], color=MARKER_COLOURS[kind], linewidth=1.4,
                       linestyle=":" if kind == "closed" else "-", label=name)
-    rate.legend(loc="upper right", fontsize=7, frameon=True, framealpha=0.9, ncol=2)
+    for ax in (rate, queue, cookies):  # above its panel: never over the data
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=7, ncol=6,
+                      frameon=False, borderaxespad=0.2, handlelength=1.6, columnspacing=1.0)
     said = "; ".join(f"{label} {t:+.1f} s" for t, _, label in _labels(p))
     if said:
-        fig.text(0.02, 0.9, "\n".join(textwrap.wrap(said, 120)[:2]), ha="left", va="top",
-                 fontsize=7, color="#333333")
+        lines = textwrap.wrap(said, 120)
+        fig.text(0.02, 0.875, "\n".join(lines[:2]) + (" …" if len(lines) > 2 else ""),
+                 ha="left", va="top", fontsize=7, color="#333333", parse_math=False)
     names = [n for n, _ in p.prefixes][::-1]
     values = [v * 100 for _, v in p.prefixes][::-1]
     if names:
@@ -113,7 +118,7 @@ def draw_png(p: Picture) -> Drawn:
         for bar, name, value in zip(bars, names, values, strict=True):
             shares.text(1, bar.get_y() + bar.get_height() / 2, f"{name}  {value:.0f}%",
                         va="center", ha="left", fontsize=8, color="white"
-                        if value > 45 else "#222222")
+                        if value > 45 else "#222222", parse_math=False)
         shares.set_xlim(0, 100)
         shares.set_yticks([])
     else:

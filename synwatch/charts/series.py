@@ -9,10 +9,10 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
-from synwatch.records import ActionRun, Ban, Incident, StoredPoint
+from synwatch.records import ActionRun, Ban, Incident, StoredPoint, endpoint
 
 COOKIES = "syncookies"
 
@@ -53,23 +53,24 @@ class Picture:
     markers: tuple[Marker, ...]
 
 
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
+
+
 def _seconds(at: datetime, start: datetime) -> float:
-    return round((at - start).total_seconds(), 3)
+    return round((_aware(at) - _aware(start)).total_seconds(), 3)
 
 
-def _points(incident: Incident, samples: Sequence[StoredPoint]) -> list[dict[str, Any]]:
-    """The build-up (kept in the incident's state), then the history's timeline."""
-    out: list[dict[str, Any]] = []
-    for p in incident.state.get("buildup", []):
-        try:
-            out.append({**p, "at": datetime.fromisoformat(str(p["at"]))})
-        except (KeyError, TypeError, ValueError):
-            continue
-    first = min((s.at for s in samples), default=None)
-    out = [p for p in out if first is None or p["at"] < first]
-    out += [{"at": s.at, "syn_recv": s.syn_recv, "accept_queue": s.accept_queue,
-             "backlog": s.backlog, "rates": s.rates} for s in samples]
-    return sorted(out, key=lambda p: p["at"])
+def _number(value: object) -> float:
+    """A value of a row anyone who can write the history wrote: a number, else 0."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else 0.0
+
+
+def _points(samples: Sequence[StoredPoint]) -> list[dict[str, Any]]:
+    """The history's timeline, the build-up before the opening included."""
+    return [{"at": s.at, "syn_recv": s.syn_recv, "accept_queue": s.accept_queue,
+             "backlog": s.backlog, "rates": s.rates} for s in sorted(samples, key=lambda s: s.at)]
 
 
 def _rate(point: dict[str, Any], name: str) -> float | None:
@@ -86,8 +87,13 @@ def _count(point: dict[str, Any], name: str) -> float | None:
 def _markers(incident: Incident, runs: Sequence[ActionRun], bans: Sequence[Ban],
              now: datetime) -> list[Marker]:
     start = incident.opened_at
-    marks = [Marker(_seconds(datetime.fromisoformat(p["at"]), start), "phase",
-                    f"{p['verdict']}") for p in incident.phases if p.get("at")]
+    marks = []
+    for p in incident.phases:
+        try:
+            at = datetime.fromisoformat(str(p.get("at")))
+        except (TypeError, ValueError, AttributeError):
+            continue
+        marks.append(Marker(_seconds(at, start), "phase", str(p.get("verdict", "?"))))
     cookies = [r for r in runs if r.action == COOKIES and r.status == "done"]
     for r in cookies:
         raised = "=1 " in r.rendered.split("#")[0] + " "
@@ -119,7 +125,7 @@ def picture(incident: Incident, samples: Sequence[StoredPoint], runs: Sequence[A
             bans: Sequence[Ban], now: datetime) -> Picture:
     """The picture of ``incident``: ``bans`` are the history's bans of it (any node's)."""
     start = incident.opened_at
-    points = _points(incident, samples)
+    points = _points(samples)
     t = tuple(_seconds(p["at"], start) for p in points)
 
     def series(values: list[float | None]) -> Series:
@@ -131,9 +137,9 @@ def picture(incident: Incident, samples: Sequence[StoredPoint], runs: Sequence[A
     last = max([*t, _seconds(end, start), *(m.t for m in markers if m.kind != "ban-end")],
                default=0.0)
     first = min([*t, 0.0])
-    where = f"{incident.address or '*'}:{incident.port}" if incident.port else "the host"
+    where = endpoint(incident.address, incident.port) if incident.port else "the host"
     place = f"{incident.host}{f' ({incident.netns})' if incident.netns else ''}"
-    title = f"#{incident.id} {where} on {place}: {incident.verdict}"
+    title = _shortened(f"{incident.verdict}: incident {incident.id}, {where} on {place}", 64)
     advice = incident.recommendations[0] if incident.recommendations else ""
     return Picture(
         title=title, subtitle=_shortened(advice), opened_at=start,
@@ -144,6 +150,6 @@ def picture(incident: Incident, samples: Sequence[StoredPoint], runs: Sequence[A
         backlog=series([_count(p, "backlog") for p in points]),
         cookies_sent=series([_rate(p, "cookies_sent") for p in points]),
         cookies_recv=series([_rate(p, "cookies_recv") for p in points]),
-        prefixes=tuple((str(p.get("prefix", "?")), float(p.get("share", 0.0)))
-                       for p in incident.top_prefixes[:6]),
+        prefixes=tuple((str(p.get("prefix", "?")), min(1.0, max(0.0, _number(p.get("share")))))
+                       for p in incident.top_prefixes[:6] if isinstance(p, dict)),
         markers=tuple(markers))

@@ -86,10 +86,22 @@ class Trends:
         for key in [k for k in self.points if k not in live]:
             del self.points[key]
 
-    def lines(self, key: ListenerId) -> Text:
+    def lines(self, key: ListenerId, width: int = 20) -> Text:
+        """The last TREND seconds in ``width`` equal slices, each its highest value (a probe
+        every 0.5 s or every 5 s, the line covers the same minute)."""
         kept = self.points.get(key, deque())
-        return Text(f"{sparkline([float(n) for _, n, _ in kept])} SYN-RECV\n"
-                    f"{sparkline([r for _, _, r in kept])} overflow/s", no_wrap=True)
+        end = kept[-1][0] if kept else 0.0
+
+        def slices(index: int) -> list[float]:
+            out = [0.0] * width
+            for point in kept:
+                at = min(width - 1, int((point[0] - (end - TREND)) / TREND * width))
+                if at >= 0:
+                    out[at] = max(out[at], float(point[index]))
+            return out
+
+        return Text(f"{sparkline(slices(1), width)} SYN-RECV\n"
+                    f"{sparkline(slices(2), width)} overflow/s", no_wrap=True)
 
 
 def listeners_table(snap: Snapshot, prev: Snapshot | None, seconds: float,

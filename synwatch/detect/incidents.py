@@ -37,7 +37,7 @@ PENDING_TRUSTED = 1024  # trusted lines waiting for the next probe (one line per
 CORROBORATING_PROBES = 2
 MAX_PHASES = 32
 RECENT_PROBES = 120  # probes kept for an incident that opens after its build-up
-BUILDUP, BUILDUP_FOR = 60, timedelta(minutes=2)  # probes before the opening kept for its picture
+BUILDUP = 60  # probes before an opening kept as its build-up (a minute at the default interval)
 FRESH_FOR = timedelta(seconds=3)  # a queue filled, sampled or dropping this recently is a flood's
 
 
@@ -62,7 +62,7 @@ class OpenIncident:
     resumed: bool = False
     # other namespaces with a listener that a kernel line of this incident's also fits
     also_fits: tuple[str, ...] = ()
-    buildup: list[dict[str, Any]] = field(default_factory=list)  # timeline points before it
+    buildup: tuple[TimelinePoint, ...] = ()  # the probes before it, written with its opening
 
 
 def ports_sampled_by(probe: ProbeDelta) -> set[int]:
@@ -95,22 +95,45 @@ def timeline_point(at: datetime, st: ListenerState | None, rates: dict[str, floa
                          top_prefixes=st.top_prefixes if st else ())
 
 
-def buildup_of(recent: Iterable[tuple[datetime, ProbeDelta]], key: ListenerKey,
-               before: datetime) -> list[dict[str, Any]]:
-    """The listener's last BUILDUP probes before an incident opened, for its picture (kept
-    in the incident's state: the history's timeline starts at the opening)."""
+@dataclass(frozen=True, slots=True)
+class Glimpse:
+    """What a probe said of the listeners that held anything, kept small: an incident's
+    build-up is made of the last BUILDUP of them (whole probes hold their snapshots)."""
+
+    at: datetime
+    rates: dict[str, float]
+    sampled: dict[int, float]  # the sampler's SYNs a second per port
+    listeners: dict[tuple[int, str, int], tuple[int, int, int]]  # syn_recv, accept, backlog
+
+
+def glimpse(at: datetime, probe: ProbeDelta) -> Glimpse:
+    s = probe.sampled
+    return Glimpse(at, dict(probe.rates),
+                   {p.port: round(p.syns / s.seconds, 1) for p in s.ports if p.syns}
+                   if s is not None and s.seconds > 0 else {},
+                   {listener_id(st): (st.syn_recv, st.listener.accept_queue,
+                                      st.listener.backlog)
+                    for st in probe.snap.listeners if st.syn_recv or st.listener.accept_queue})
+
+
+def buildup_of(before: Iterable[Glimpse], key: ListenerKey,
+               opened: datetime) -> tuple[TimelinePoint, ...]:
+    """The listener at the probes before an incident opened (its build-up), for the history's
+    timeline and the incident's picture; a probe that saw nothing in its queues says 0."""
     if key is None:
-        return []
+        return ()
     points = []
-    for at, probe in recent:
-        if at >= before or before - at > BUILDUP_FOR:
+    for g in before:
+        if g.at >= opened:
             continue
-        st = next((s for s in probe.snap.listeners if listener_id(s) == key), None)
-        p = timeline_point(at, st, probe.rates, probe.sampled)
-        points.append({"at": at.isoformat(), "syn_recv": p.syn_recv,
-                       "accept_queue": p.accept_queue, "backlog": p.backlog,
-                       "rates": {k: round(v, 1) for k, v in p.rates.items()}})
-    return points[-BUILDUP:]
+        syn_recv, accept, backlog = g.listeners.get(key, (0, 0, -1))
+        rates = dict(g.rates)
+        if key[2] in g.sampled:
+            rates["syns_sampled"] = g.sampled[key[2]]
+        points.append(TimelinePoint(at=g.at, syn_recv=syn_recv, accept_queue=accept,
+                                    backlog=backlog if backlog >= 0 else None, rates=rates,
+                                    top_prefixes=()))
+    return tuple(points[-BUILDUP:])
 
 
 class Incidents:
@@ -128,6 +151,9 @@ class Incidents:
         self._resumed_from: Evidence | None = None  # the last probe before a restart
         self._last_probe: ProbeDelta | None = None
         self._recent: deque[tuple[datetime, ProbeDelta]] = deque(maxlen=RECENT_PROBES)
+        # the last probes whatever happened: an incident's build-up (_recent is emptied
+        # while nothing builds up)
+        self._before: deque[Glimpse] = deque(maxlen=BUILDUP)
         # listeners whose SYN-RECV is high: since when, and PassiveOpens then
         self._high_since: dict[tuple[int, str, int], tuple[datetime, int]] = {}
         self._moving_since: datetime | None = None
@@ -158,7 +184,6 @@ class Incidents:
         inc.phases = [(datetime.fromisoformat(p["at"]), str(p["verdict"]))
                       for p in ev.get("phases", [])]
         inc.resumed = True
-        inc.buildup = [p for p in ev.get("buildup", []) if isinstance(p, dict)]
         self.open[self._serial] = inc
         saved = ev.get("probe")
         if isinstance(saved, dict) and saved.get("at") and isinstance(saved.get("counters"), dict):
@@ -228,7 +253,7 @@ class Incidents:
             tally.sysctls = dict(snap.sysctls)
         inc = OpenIncident(self._serial, key, trigger, at, first, self.clock.now(), at, tally)
         inc.window, inc.window_start = tally.fresh(), at
-        inc.buildup = buildup_of(self._recent, key, at)
+        inc.buildup = buildup_of(self._before, key, at)
         self.open[inc.serial] = inc
         return inc
 
@@ -253,9 +278,9 @@ class Incidents:
             state={"tally": t.to_json(), "last_activity": inc.last_activity.isoformat(),
                    "phases": [{"at": at.isoformat(), "verdict": v} for at, v in inc.phases],
                    "probe": self._saved_probe(),
-                   **({"buildup": inc.buildup} if inc.buildup else {}),
                    **({"netns_ident": self.ident} if self.ident else {})},
-            sample=sample, event_ids=events,
+            sample=sample, earlier=inc.buildup if change == "opened" else (),
+            event_ids=events,
             bans=j.targets.ban if j.targets else (), limits=j.targets.limit if j.targets else ())
 
     def _attribute(self, probe: ProbeDelta) -> set[ListenerKey]:

@@ -91,15 +91,20 @@ def from_json(value: Any) -> Any:
     return value
 
 
+def _point(sample: dict[str, Any]) -> TimelinePoint:
+    return TimelinePoint(**{**sample,
+                            "top_prefixes": tuple(tuple(p) for p in sample["top_prefixes"])})
+
+
 def change_of(data: dict[str, Any]) -> IncidentChange:
     sample = data.pop("sample")
+    earlier = tuple(_point(x) for x in data.pop("earlier", ()))  # (spools before it: none)
     tuples = {k: tuple(tuple(x) if isinstance(x, list) else x for x in data[k])
               for k in ("top_prefixes", "recommendations", "reasons", "event_ids")}
-    point = None if sample is None else TimelinePoint(
-        **{**sample, "top_prefixes": tuple(tuple(p) for p in sample["top_prefixes"])})
+    point = None if sample is None else _point(sample)
     targets = {k: tuple(BanTarget(**{**x, "parts": tuple(x["parts"])})
                         for x in data.get(k, ())) for k in ("bans", "limits")}
-    return IncidentChange(**{**data, **tuples, **targets, "sample": point})
+    return IncidentChange(**{**data, **tuples, **targets, "sample": point, "earlier": earlier})
 
 
 def _weight(op: dict[str, Any]) -> int:

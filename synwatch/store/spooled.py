@@ -289,7 +289,7 @@ class SpooledStore(SpoolingHistory):
                 c = change_of(dict(op["change"]))
                 latest[c.incident_id or op["made"][0]] = replace(
                     c, incident_id=c.incident_id or op["made"][0])
-        spooled = [replace(c, change="updated", serial=0, sample=None, event_ids=())
+        spooled = [replace(c, change="updated", serial=0, sample=None, earlier=(), event_ids=())
                    for c in latest.values()
                    if c.status == "open" and c.host == host
                    and netns in (None, c.netns)]

@@ -97,8 +97,7 @@ class Writes(HistoryBase):
                 given = {"id": incident_id, **fields} if keep else fields
                 incident_id = cur.insert(f"INSERT INTO incidents ({', '.join(given)}) "
                                          f"VALUES ({marks(len(given))})", list(given.values()))
-            if c.sample is not None:
-                x = c.sample
+            for x in (*c.earlier, *([c.sample] if c.sample is not None else [])):
                 cur.execute("INSERT INTO evidence_samples (incident_id, at, syn_recv, "
                             "accept_queue, backlog, rates, top_prefixes) VALUES "
                             "(?, ?, ?, ?, ?, ?, ?)",
