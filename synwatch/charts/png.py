@@ -18,6 +18,7 @@ from typing import Any
 from synwatch.charts.series import Picture, Series
 
 SERIES_COLOURS = {"syns_full": "#d62728", "syns_all": "#1f77b4", "syn_recv": "#ff7f0e",
+                  "accept_queue": "#bcbd22",
                   "backlog": "#555555", "cookies_sent": "#9467bd", "cookies_recv": "#2ca02c",
                   "prefixes": "#8c564b"}
 MARKER_COLOURS = {"phase": "#000000", "cookies": "#17becf", "ban": "#e377c2",
@@ -81,6 +82,8 @@ def draw_png(p: Picture) -> Drawn:
     _plot(rate, p.syns_full, SERIES_COLOURS["syns_full"], "found the queue full")
     rate.set_ylabel("SYNs/s")
     _plot(queue, p.syn_recv, SERIES_COLOURS["syn_recv"], "SYN-RECV")
+    if p.accept_queue.peak is not None:  # (an application that does not accept fast enough)
+        _plot(queue, p.accept_queue, SERIES_COLOURS["accept_queue"], "accept queue")
     _plot(queue, p.backlog, SERIES_COLOURS["backlog"], "backlog (effective)", dashed=True)
     queue.set_ylabel("requests")
     _plot(cookies, p.cookies_sent, SERIES_COLOURS["cookies_sent"], "cookies sent")

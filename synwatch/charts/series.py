@@ -46,6 +46,7 @@ class Picture:
     syns_full: Series  # SYNs a second that found the queue full (cookies sent or dropped)
     syns_all: Series  # the packet sampler's estimate of every SYN a second to the port
     syn_recv: Series
+    accept_queue: Series  # connections waiting for accept(): real load that is not served
     backlog: Series  # the listener's effective backlog: min(backlog, somaxconn)
     cookies_sent: Series
     cookies_recv: Series  # validated: near zero while sent is high is the picture of spoofing
@@ -147,6 +148,7 @@ def picture(incident: Incident, samples: Sequence[StoredPoint], runs: Sequence[A
         syns_full=series([_rate(p, "syns_overflowed") for p in points]),
         syns_all=series([_rate(p, "syns_sampled") for p in points]),
         syn_recv=series([_count(p, "syn_recv") for p in points]),
+        accept_queue=series([_count(p, "accept_queue") for p in points]),
         backlog=series([_count(p, "backlog") for p in points]),
         cookies_sent=series([_rate(p, "cookies_sent") for p in points]),
         cookies_recv=series([_rate(p, "cookies_recv") for p in points]),

@@ -7,7 +7,8 @@ from __future__ import annotations
 from synwatch.charts.series import Picture, Series
 
 PANELS = (("SYNs/s", (("all SYNs (sampled)", "syns_all"), ("found the queue full", "syns_full"))),
-          ("SYN-RECV", (("SYN-RECV", "syn_recv"), ("backlog (effective)", "backlog"))),
+          ("SYN-RECV", (("SYN-RECV", "syn_recv"), ("accept queue", "accept_queue"),
+                        ("backlog (effective)", "backlog"))),
           ("cookies/s", (("cookies sent", "cookies_sent"), ("cookies validated", "cookies_recv"))))
 
 
