@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 
 from synwatch.actions.ban import PATH_PRESET
 from synwatch.actions.firewall import BanItem, Firewall
@@ -15,7 +17,7 @@ from synwatch.records import ActionRun, Ban
 from synwatch.store import History
 from synwatch.system.bridgepath import SETTING, recorded
 from synwatch.system.netns import bind, exists
-from synwatch.system.netnsfind import find_namespaces
+from synwatch.system.netnsfind import FoundNamespace, find_namespaces
 from synwatch.system.runner import show
 
 
@@ -27,21 +29,21 @@ def _covers(ban: Ban, wanted: Network) -> bool:
     return net.version == wanted.version and net.overlaps(wanted)
 
 
-def _firewall(ban: Ban, config: Config, store: History,
-              presets: dict[str, Preset]) -> Firewall | None:
+def _firewall(ban: Ban, config: Config, store: History, presets: dict[str, Preset],
+              namespaces: Callable[[], list[FoundNamespace]]) -> Firewall | None:
     """Where the ban acts: its namespace's firewall, or a bridged container's table on the
     host's path to it (where the history recorded it). None when that namespace went, and
     what it held with it."""
     v4, v6 = config.thresholds.ipv4_prefix, config.thresholds.ipv6_prefix
     if ban.backend == PATH_PRESET:
         saved = store.saved_setting(ban.netns, SETTING)
-        place = recorded(saved, find_namespaces()) if saved else None
+        place = recorded(saved, namespaces()) if saved else None
         if place is None:
             return None
         return Firewall(presets[PATH_PRESET], place[0].name, v4, v6,
                         values=(("table", place[1]),))
     if ban.netns and not exists(ban.netns):  # a container's, by the name synwatch gave it
-        found = next((f for f in find_namespaces() if f.name == ban.netns), None)
+        found = next((f for f in namespaces() if f.name == ban.netns), None)
         if found is None:
             return None
         bind(found.name, found.path, found.ident)
@@ -75,9 +77,10 @@ def unban(config: Config, store: History, text: str, now: datetime) -> list[Unba
         store.mark_removed([b.id for b in elsewhere], now, everywhere=True)
         return [Unbanned(b, "", ()) for b in elsewhere]
     presets = load_presets()
+    namespaces = cache(find_namespaces)  # looked for once, for the containers' bans only
     done: list[Unbanned] = []
     for ban in hits:
-        fw = _firewall(ban, config, store, presets)
+        fw = _firewall(ban, config, store, presets, namespaces)
         block = ipaddress.ip_network(ban.prefix)
         rest: list[str] = []
         if fw is None:  # its namespace went, and the ban with it: the history says so

@@ -10,7 +10,6 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
 
 from synwatch.records import ActionRun, Ban, Incident, StoredPoint, endpoint
 
@@ -68,21 +67,12 @@ def _number(value: object) -> float:
         else 0.0
 
 
-def _points(samples: Sequence[StoredPoint]) -> list[dict[str, Any]]:
-    """The history's timeline, the build-up before the opening included."""
-    return [{"at": s.at, "syn_recv": s.syn_recv, "accept_queue": s.accept_queue,
-             "backlog": s.backlog, "rates": s.rates} for s in sorted(samples, key=lambda s: s.at)]
-
-
-def _rate(point: dict[str, Any], name: str) -> float | None:
-    rates = point.get("rates")
-    value = rates.get(name) if isinstance(rates, dict) else None
+def _value(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _count(point: dict[str, Any], name: str) -> float | None:
-    value = point.get(name)
-    return float(value) if isinstance(value, int | float) else None
+def _rate(point: StoredPoint, name: str) -> float | None:
+    return _value(point.rates.get(name)) if isinstance(point.rates, dict) else None
 
 
 def _markers(incident: Incident, runs: Sequence[ActionRun], bans: Sequence[Ban],
@@ -126,8 +116,8 @@ def picture(incident: Incident, samples: Sequence[StoredPoint], runs: Sequence[A
             bans: Sequence[Ban], now: datetime) -> Picture:
     """The picture of ``incident``: ``bans`` are the history's bans of it (any node's)."""
     start = incident.opened_at
-    points = _points(samples)
-    t = tuple(_seconds(p["at"], start) for p in points)
+    points = sorted(samples, key=lambda s: s.at)  # the build-up before the opening first
+    t = tuple(_seconds(p.at, start) for p in points)
 
     def series(values: list[float | None]) -> Series:
         return Series(t, tuple(values))
@@ -147,9 +137,9 @@ def picture(incident: Incident, samples: Sequence[StoredPoint], runs: Sequence[A
         span=(first, max(last, first + 1.0)),
         syns_full=series([_rate(p, "syns_overflowed") for p in points]),
         syns_all=series([_rate(p, "syns_sampled") for p in points]),
-        syn_recv=series([_count(p, "syn_recv") for p in points]),
-        accept_queue=series([_count(p, "accept_queue") for p in points]),
-        backlog=series([_count(p, "backlog") for p in points]),
+        syn_recv=series([_value(p.syn_recv) for p in points]),
+        accept_queue=series([_value(p.accept_queue) for p in points]),
+        backlog=series([_value(p.backlog) for p in points]),
         cookies_sent=series([_rate(p, "cookies_sent") for p in points]),
         cookies_recv=series([_rate(p, "cookies_recv") for p in points]),
         prefixes=tuple((str(p.get("prefix", "?")), min(1.0, max(0.0, _number(p.get("share")))))

@@ -86,9 +86,8 @@ def timeline_point(at: datetime, st: ListenerState | None, rates: dict[str, floa
     its port, its estimate of every SYN a second (``syns_sampled``: the queue-full rate is
     only those that overflowed)."""
     point_rates = dict(rates)
-    port = sampled.port(st.listener.port) if sampled is not None and st is not None else None
-    if port is not None and sampled is not None and sampled.seconds > 0:
-        point_rates["syns_sampled"] = round(port.syns / sampled.seconds, 1)
+    if st is not None and st.listener.port in (estimated := per_second(sampled)):
+        point_rates["syns_sampled"] = estimated[st.listener.port]
     return TimelinePoint(at=at, syn_recv=st.syn_recv if st else None,
                          accept_queue=st.listener.accept_queue if st else None,
                          backlog=st.listener.backlog if st else None, rates=point_rates,
@@ -106,11 +105,16 @@ class Glimpse:
     listeners: dict[tuple[int, str, int], tuple[int, int, int]]  # syn_recv, accept, backlog
 
 
+def per_second(sampled: SynSample | None) -> dict[int, float]:
+    """The sampler's estimate of every SYN a second, per port it saw."""
+    if sampled is None or sampled.seconds <= 0:
+        return {}
+    return {p.port: round(p.syns / sampled.seconds, 1) for p in sampled.ports}
+
+
 def glimpse(at: datetime, probe: ProbeDelta) -> Glimpse:
-    s = probe.sampled
     return Glimpse(at, dict(probe.rates),
-                   {p.port: round(p.syns / s.seconds, 1) for p in s.ports if p.syns}
-                   if s is not None and s.seconds > 0 else {},
+                   {port: v for port, v in per_second(probe.sampled).items() if v},
                    {listener_id(st): (st.syn_recv, st.listener.accept_queue,
                                       st.listener.backlog)
                     for st in probe.snap.listeners if st.syn_recv or st.listener.accept_queue})

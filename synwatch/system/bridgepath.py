@@ -104,14 +104,9 @@ def _links(name: str) -> list[dict[str, Any]]:
 
 def _open(found: FoundNamespace) -> int | None:
     try:
-        fd = os.open(found.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        return netns.open_nsfs(found.name, found.path, found.ident)
+    except ProbeError:  # gone since it was found, or another namespace on its path now
         return None
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != found.ident:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _addresses(link: dict[str, Any], family: str) -> tuple[str, ...]:

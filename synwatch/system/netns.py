@@ -284,6 +284,12 @@ def _open_checked(name: str, netns_dir: Path = NETNS_DIR) -> int:
     """An fd of namespace ``name``'s nsfs file, checked to be the namespace the name was
     bound to (a reused PID's /proc path is another namespace's)."""
     path, expected = _path_of(name, netns_dir)
+    return open_nsfs(name, path, expected)
+
+
+def open_nsfs(name: str, path: Path, expected: NsId | None) -> int:
+    """An fd of the nsfs file at ``path``, checked to be namespace ``expected`` (when given);
+    a ProbeError naming ``name`` when it cannot be opened or is another namespace now."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
