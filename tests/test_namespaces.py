@@ -5,6 +5,7 @@ tests/test_containers_lab.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -348,3 +349,48 @@ def test_the_netns_id_request_and_any_reply() -> None:
         assert parse_nsid(tail) is None or len(tail) >= 28
 
     any_bytes()
+
+
+def test_ip_addr_output_of_any_shape_is_links_or_a_value_error() -> None:
+    """`ip -j -d addr show` read for a bridge path: any JSON is links (or none) and veths (or
+    none), never another exception; text that is not JSON is a ValueError (said, no path)."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from synwatch.system.bridgepath import addresses_of, links_of, veths_of
+
+    real = json.dumps([{"ifindex": 2, "link_index": 7, "ifname": "eth0", "link_netnsid": 0,
+                        "linkinfo": {"info_kind": "veth"},
+                        "addr_info": [{"family": "inet", "local": "172.17.0.2",
+                                       "scope": "global"}]}])
+    [veth] = veths_of(links_of(real))
+    assert addresses_of([veth]) == (("172.17.0.2",), ())
+    values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                          lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.sampled_from(
+                              ["linkinfo", "info_kind", "link_netnsid", "link_index",
+                               "addr_info", "family", "local", "scope", "veth", "inet"]),
+                              inner, max_size=6), max_leaves=30)
+
+    address = st.fixed_dictionaries({}, optional={
+        "family": st.sampled_from(["inet", "inet6"]) | values, "local": values,
+        "scope": st.just("global") | values})
+    veth = st.fixed_dictionaries({  # a veth to another namespace: its addresses are read
+        "linkinfo": st.just({"info_kind": "veth"}), "link_netnsid": st.integers(0, 3),
+        "link_index": st.integers(1, 9)},
+        optional={"addr_info": st.lists(address | values, max_size=3) | values})
+    link = st.fixed_dictionaries({}, optional={
+        "linkinfo": st.just({"info_kind": "veth"}) | values, "link_netnsid": values,
+        "link_index": values, "addr_info": values, "ifindex": values})
+
+    @given(st.lists(veth | link | values, max_size=4) | values)
+    def any_json(value: object) -> None:
+        addresses_of(veths_of(links_of(json.dumps(value))))
+
+    @given(st.text(max_size=40))
+    def any_text(text: str) -> None:
+        with contextlib.suppress(ValueError):
+            veths_of(links_of(text))
+
+    any_json()
+    any_text()

@@ -97,9 +97,15 @@ def nsid_of(target_fd: int) -> int | None:
         return parse_nsid(s.recv(4096))
 
 
+def links_of(text: str) -> list[dict[str, Any]]:
+    """The links of `ip -j -d addr show`'s output; a ValueError when it is not JSON, and
+    nothing of what is not a list of objects."""
+    parsed = json.loads(text or "[]")
+    return [e for e in parsed if isinstance(e, dict)] if isinstance(parsed, list) else []
+
+
 def _links(name: str) -> list[dict[str, Any]]:
-    parsed = json.loads(run(["ip", "-j", "-d", "addr", "show"], netns=name) or "[]")
-    return [e for e in parsed if isinstance(e, dict)]
+    return links_of(run(["ip", "-j", "-d", "addr", "show"], netns=name))
 
 
 def _open(found: FoundNamespace) -> int | None:
@@ -110,26 +116,36 @@ def _open(found: FoundNamespace) -> int | None:
 
 
 def _addresses(link: dict[str, Any], family: str) -> tuple[str, ...]:
-    return tuple(str(a["local"]) for a in link.get("addr_info", [])
+    found = link.get("addr_info")
+    return tuple(str(a["local"]) for a in (found if isinstance(found, list) else [])
                  if isinstance(a, dict) and a.get("family") == family
                  and a.get("scope") == "global" and a.get("local"))
 
 
-def _veths(container: str) -> list[dict[str, Any]]:
-    """The container's veths whose other end is in another namespace, with an IPv4 address."""
-    return [link for link in _links(container)
+def addresses_of(links: list[dict[str, Any]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The links' own global addresses, IPv4 and IPv6."""
+    return (tuple(a for link in links for a in _addresses(link, "inet")),
+            tuple(a for link in links for a in _addresses(link, "inet6")))
+
+
+def veths_of(links: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The veths whose other end is in another namespace, with an IPv4 address."""
+    return [link for link in links
             if isinstance(link.get("linkinfo"), dict)
             and link["linkinfo"].get("info_kind") == "veth"
             and isinstance(link.get("link_netnsid"), int)
             and isinstance(link.get("link_index"), int) and _addresses(link, "inet")]
 
 
+def _veths(container: str) -> list[dict[str, Any]]:
+    return veths_of(_links(container))
+
+
 def addresses_toward(container: str, nsid: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The container's addresses now on its links to the namespace it calls ``nsid`` (they
     change with `docker network connect`/`disconnect`)."""
     links = [link for link in _veths(container) if link["link_netnsid"] == nsid]
-    return (tuple(a for link in links for a in _addresses(link, "inet")),
-            tuple(a for link in links for a in _addresses(link, "inet6")))
+    return addresses_of(links)
 
 
 def find_path(container: str, container_inode: int,
@@ -178,13 +194,9 @@ def find_path(container: str, container_inode: int,
                     and isinstance(peer.get("linkinfo"), dict)
                     and peer["linkinfo"].get("info_slave_kind") == "bridge"
                     and peer.get("master")):
-                toward = [v for v in veths if v["link_netnsid"] == nsid]
-                return BridgePath(
-                    peer_ns.name, peer_ns.ident, str(peer["master"]),
-                    str(peer.get("ifname", "?")),
-                    tuple(a for v in toward for a in _addresses(v, "inet")),
-                    tuple(a for v in toward for a in _addresses(v, "inet6")),
-                    container_inode, nsid)
+                v4, v6 = addresses_of([v for v in veths if v["link_netnsid"] == nsid])
+                return BridgePath(peer_ns.name, peer_ns.ident, str(peer["master"]),
+                                  str(peer.get("ifname", "?")), v4, v6, container_inode, nsid)
     return None
 
 
