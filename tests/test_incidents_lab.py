@@ -249,12 +249,16 @@ def test_a_line_from_another_namespace_for_a_port_listened_on_here_starts_nothin
 
         the_lab.flood(port, 300)  # the same flood, against the listener watched here
         [inc] = service.wait_incidents(port, 1, "open")
-        assert inc["trigger"] == "log" and inc["netns"] == the_lab.server_ns
+        # the line or the probe after it, whichever the service reads first (a loaded machine
+        # can read the counters' jump before the line): either way the line joins this incident
+        assert inc["trigger"] in ("log", "counters") and inc["netns"] == the_lab.server_ns
         opened = tmp_path / "hook-opened"
         eventually(lambda: "SYNWATCH_VERDICT" in (opened.read_text() if opened.exists() else "")
                    and syncookies() == 1, "the hook and the cookies", 15,
                    seen=service.log.read_text)
         assert f"SYNWATCH_NETNS={the_lab.server_ns}\n" in opened.read_text()
-        assert [e["incident_id"] for e in service.events(port)] == [None, inc["id"]]
+        eventually(lambda: [e["incident_id"] for e in service.events(port)] == [None, inc["id"]],
+                   "the second line in the incident, the first in none", 15,
+                   seen=lambda: f"{service.events(port)}\n{service.log.read_text()}")
     finally:
         service.stop()
