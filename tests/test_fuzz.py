@@ -264,10 +264,11 @@ def test_any_proc_table_is_numbers_or_nothing(text: str) -> None:
     value lines): whatever they hold, the parsers give numbers for what they understand and
     skip the rest."""
     from synwatch.probes.conntrack import parse_stat
-    from synwatch.probes.procnet import parse_snmp_style
+    from synwatch.probes.procnet import COUNTERS, counters_in
 
-    for parsed in (parse_stat(text), parse_snmp_style(text)):
+    for parsed in (parse_stat(text), counters_in(text)):
         assert all(isinstance(k, str) and isinstance(v, int) for k, v in parsed.items())
+    assert set(counters_in(text)) <= set(COUNTERS)
 
 
 @settings(max_examples=1000, deadline=None)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from synwatch.cli.snapshotview import snapshot_view as as_json
 from synwatch.detect.rules import diagnose
-from synwatch.probes.snapshot import ListenerState, Snapshot, take
+from synwatch.probes import sockdiag
+from synwatch.probes.procnet import STIRRING
+from synwatch.probes.snapshot import STILL, ListenerState, Snapshot, nothing_came_in, take
 from synwatch.probes.sockdiag import Listener
 from tests.support.cli import synwatch
 from tests.support.lab import Lab, lab, lab_port
@@ -117,6 +120,50 @@ def test_syncookies_off_is_diagnosed(the_lab: Lab) -> None:
     snap = take(the_lab.server_ns)
     assert snap.sysctls["net.ipv4.tcp_syncookies"] == 0
     assert diagnose(snap)[0].startswith("net.ipv4.tcp_syncookies is 0")
+
+
+@pytest.mark.needs_root
+def test_a_namespace_nothing_came_into_is_not_dumped_and_any_syn_dumps_it(
+        the_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request socket needs a SYN that came in: while Tcp InSegs stands still, the last
+    look's empty SYN-RECV dump stands (and, unless reread, its listeners); a SYN dumps again,
+    and so does every look while requests linger (they expire with no segment in)."""
+    dumps: list[int] = []
+    real = sockdiag.syn_recv
+
+    def counted(v4_len: int = 24, v6_len: int = 64) -> sockdiag.SynRecvSummary:
+        dumps.append(1)
+        return real(v4_len, v6_len)
+
+    monkeypatch.setattr(sockdiag, "syn_recv", counted)
+    port, later = lab_port(), lab_port()
+    the_lab.listen(port, backlog=128)
+    first = take(the_lab.server_ns)
+    assert (first.syn_recv_total, len(dumps)) == (0, 1)
+    still = take(the_lab.server_ns, previous=first, reread=False)
+    assert (still.listeners, still.counters, len(dumps)) == (first.listeners, first.counters, 1)
+    the_lab.listen(later, backlog=8)  # no segment: seen at the next reread, not dumped for
+    reread = take(the_lab.server_ns, previous=still)
+    assert {st.listener.port for st in reread.listeners} == {port, later}
+    assert (reread.syn_recv_total, len(dumps)) == (0, 1)
+    the_lab.flood(port, 5, [f"10.232.12.{i}" for i in range(1, 6)])
+    flooded = take(the_lab.server_ns, previous=reread, reread=False)
+    assert _listener(flooded, port).syn_recv == 5 and len(dumps) == 2
+    assert flooded.counters["Tcp.InSegs"] > reread.counters["Tcp.InSegs"]
+    lingering = take(the_lab.server_ns, previous=flooded, reread=False)
+    assert _listener(lingering, port).syn_recv == 5 and len(dumps) == 3
+
+
+def test_only_an_empty_dump_with_nothing_in_since_stands() -> None:
+    counters = {"Tcp.InSegs": 10, **{f"TcpExt.{n}": 1 for n in STIRRING}}
+    empty = Snapshot("", (), counters, {}, None, 0)
+    assert nothing_came_in(empty, dict(counters))
+    assert not nothing_came_in(None, counters)
+    assert not nothing_came_in(replace(empty, syn_recv_total=None), counters), "a baseline"
+    assert not nothing_came_in(replace(empty, syn_recv_total=3), counters), "requests linger"
+    for moved in STILL:
+        assert not nothing_came_in(empty, {**counters, moved: counters[moved] + 1}), moved
+    assert not nothing_came_in(empty, {k: v for k, v in counters.items() if k != "Tcp.InSegs"})
 
 
 def _snap(listener: Listener, syn_recv: int = 0, **sysctls: int) -> Snapshot:

@@ -332,3 +332,51 @@ def test_real_sampler_counts_a_lab_flood_by_port_and_prefix() -> None:
     assert set(by_prefix) == {f"{SPOOF_NET}.5.0/24", f"{SPOOF_NET}.6.0/24"}
     share = by_prefix[f"{SPOOF_NET}.5.0/24"] / syns
     assert 0.65 <= share <= 0.85, share
+
+
+def _blocked_without_timeout(tid: int) -> bool:
+    """Is the thread in poll(2) with no timeout (/proc/TID/syscall: the number, then the
+    arguments; ppoll's NULL timespec where poll is ppoll)?"""
+    import platform
+    from pathlib import Path
+
+    fields = Path(f"/proc/self/task/{tid}/syscall").read_text().split()
+    if not fields or fields[0] in ("running", "-1"):
+        return False
+    nr, args = int(fields[0]), [int(a, 16) for a in fields[1:7]]
+    poll, ppoll = {"x86_64": (7, 271), "aarch64": (-1, 73)}[platform.machine()]
+    return (nr == poll and args[2] & 0xFFFFFFFF == 0xFFFFFFFF) or (nr == ppoll and args[2] == 0)
+
+
+@pytest.mark.needs_root
+def test_an_idle_sampler_sleeps_until_a_syn_and_stops_at_once() -> None:
+    """No SYN at 1 in 1: the sampler's thread waits in poll(2) without a timeout (it woke
+    five times a second), a SYN wakes it, and stop() wakes it to end."""
+    import threading
+
+    from tests.support.lab import SPOOF_NET, lab, lab_port
+    from tests.support.wait import eventually
+
+    with lab() as the_lab:
+        port = lab_port()
+        the_lab.listen(port, backlog=16)
+        sampler = synsample.SynSampler(the_lab.server_ns).start()
+        try:
+            [tid] = [t.native_id for t in threading.enumerate()
+                     if t.name == "syn sampler" and t.native_id is not None]
+            eventually(lambda: _blocked_without_timeout(tid), "poll(2) without a timeout", 5)
+            the_lab.flood(port, 20, [f"{SPOOF_NET}.7.{i}" for i in range(1, 21)])
+            seen: list[int] = []
+
+            def all_sampled() -> bool:
+                got = sampler.read().port(port)
+                seen.append(got.syns if got is not None else 0)
+                return sum(seen) == 20
+
+            eventually(all_sampled, "the SYNs sampled", 10, seen=lambda: seen)
+            eventually(lambda: _blocked_without_timeout(tid), "asleep again", 5)
+        finally:
+            started = time.monotonic()
+            sampler.stop()
+            stopped = time.monotonic() - started
+    assert stopped < 1.0, f"stop() took {stopped:.2f} s"

@@ -31,6 +31,9 @@ log = logging.getLogger("synwatch")
 T = TypeVar("T")
 MAX_SAMPLERS = 16  # packet sockets open at once in flooded namespaces (our own's aside)
 LISTENERS_FRESH = 1.0  # seconds a namespace's listener table answers a burst of kernel lines
+# seconds a probe's look at listeners, sysctls and conntrack stands while no segment comes in
+# (synwatch.probes.snapshot): how long a closed listener may stay in /metrics on an idle host
+STILL_FOR = 10.0
 
 
 def place_of(found: FoundNamespace) -> Place:
@@ -59,6 +62,7 @@ class Watched:
     failure: str | None = None  # the last probe's failure, said once
     listeners: tuple[float, frozenset[tuple[int, str, int]]] | None = None
     gone: bool = False
+    reread_due: float = 0.0  # (monotonic) its listeners are read again then, moving or not
 
     @property
     def name(self) -> str:
@@ -78,9 +82,13 @@ class Watched:
         """A full probe (ProbeError when the namespace cannot be read); ``visiting``: entered
         on this thread (one of many namespaces), else on its own worker."""
         c = config
+        reread = clock.monotonic() >= self.reread_due
+        if reread:
+            self.reread_due = clock.monotonic() + STILL_FOR
         snap = take(self.name, v4_len=c.thresholds.ipv4_prefix, v6_len=c.thresholds.ipv6_prefix,
                     peers_for=self.correlator.ports_to_watch(),
-                    enter=netns.visit if visiting else netns.in_netns)
+                    enter=netns.visit if visiting else netns.in_netns,
+                    previous=self.correlator.last_snapshot, reread=reread)
         counted = None
         if self.accounting is not None:
             try:

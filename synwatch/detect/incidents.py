@@ -227,6 +227,11 @@ class Incidents:
         self._high_since.clear()
 
     @property
+    def last_snapshot(self) -> Snapshot | None:
+        """What the last probe read (or the baseline the next one measures from)."""
+        return None if self._last is None else self._last.snapshot
+
+    @property
     def moving(self) -> bool:
         """Did the overflow counters move over the last probe's interval?"""
         return self._last_probe is not None and self._last_probe.moving

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from synwatch.probes.procnet import proc_text
+
 STATS = ("drop", "early_drop", "insert_failed")
 
 
@@ -47,14 +49,15 @@ def parse_stat(text: str) -> dict[str, int]:
 
 def read_conntrack(proc: Path = Path("/proc"), net: str = "thread-self/net") -> Conntrack | None:
     """None where there is no connection tracking (the module is not loaded)."""
-    base = proc / "sys" / "net" / "netfilter"
-    try:
-        count = int((base / "nf_conntrack_count").read_text().split()[0])
-        limit = int((base / "nf_conntrack_max").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+    base = f"{proc}/sys/net/netfilter"
+    count_text, limit_text = proc_text(f"{base}/nf_conntrack_count"), proc_text(
+        f"{base}/nf_conntrack_max")
+    if count_text is None or limit_text is None:
         return None
     try:
-        stats = parse_stat((proc / net / "stat" / "nf_conntrack").read_text())
-    except OSError:
-        stats = {}
+        count, limit = int(count_text.split()[0]), int(limit_text.split()[0])
+    except (ValueError, IndexError):
+        return None
+    stat = proc_text(f"{proc}/{net}/stat/nf_conntrack")
+    stats = parse_stat(stat) if stat is not None else {}
     return Conntrack(count, limit, *(stats.get(name, 0) for name in STATS))

@@ -21,7 +21,9 @@ sources complete handshakes, and a ban can spare them. SYNs are also counted per
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import select
 import socket
 import struct
@@ -231,6 +233,7 @@ class SynSampler:
         # the last filter swap: began, ended (ns, CLOCK_REALTIME), the 1-in-N before it
         self._switched = (0, 0, 1)
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # stop() wakes it
         self._thread = threading.Thread(target=self._run, name="syn sampler", daemon=True)
 
     def start(self) -> SynSampler:
@@ -250,9 +253,14 @@ class SynSampler:
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _prefix(self, family: int, source: bytes) -> str:
         """The source's prefix as text, cached: a flood repeats its networks."""
@@ -327,11 +335,18 @@ class SynSampler:
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         window, seen = time.monotonic(), 0
         try:
             while not self._stop.is_set():
-                if poller.poll(200):
-                    self._stop.wait(LINGER)
+                # No SYN at 1 in 1: nothing to adapt, so sleep until one comes (or stop());
+                # otherwise look each second to lower N. Idle, the thread never wakes.
+                idle = self.one_in == 1 and not seen
+                if poller.poll(-1 if idle else 1000):
+                    if idle:  # a spell without SYNs is no window to measure a rate over
+                        window = time.monotonic()
+                    if self._stop.wait(LINGER):
+                        break
                     seen += self._drain()
                 elapsed = time.monotonic() - window
                 # faster than the target: act at once (a flood's first second at 1 in 1 would
