@@ -82,7 +82,9 @@ class Watched:
         """A full probe (ProbeError when the namespace cannot be read); ``visiting``: entered
         on this thread (one of many namespaces), else on its own worker."""
         c = config
-        reread = clock.monotonic() >= self.reread_due
+        # a kernel line waiting for this probe is about a listener that may be newer than the
+        # last read (its namespace may be another, so no segment need have come in here)
+        reread = clock.monotonic() >= self.reread_due or bool(self.correlator.held)
         if reread:
             self.reread_due = clock.monotonic() + STILL_FOR
         snap = take(self.name, v4_len=c.thresholds.ipv4_prefix, v6_len=c.thresholds.ipv6_prefix,
