@@ -99,7 +99,7 @@ def test_sampler_tables_bounded_under_an_ipv6_flood() -> None:
     completed = interval.completed.get(20000, {})
     wide = interval.completed_wide.get(20000, {})
     assert len(completed) + len(wide) <= MAX_ADDRESSES + MAX_PREFIXES
-    got = interval.summary(7, 0).port(20000)
+    got = interval.summary(7).port(20000)
     assert got is not None
     assert len(got.prefixes) <= KEPT
     assert len(got.addresses) <= KEPT_ADDRESSES
@@ -123,7 +123,7 @@ def test_recorded_line_is_bounded() -> None:
     """A recording line of a flood from everywhere: the sample's KEPT entries, not the
     interval's whole tables (a line per probe of megabytes stalled the probes)."""
     interval = _sample_interval()
-    sampled = interval.summary(7, 0)
+    sampled = interval.summary(7)
     snap = Snapshot("ns", (), {}, {})
     now = datetime.now(timezone.utc)
     line = json.dumps(evidence_line(now, Evidence(
@@ -135,7 +135,7 @@ def test_tally_bounded_under_an_ipv6_flood() -> None:
     tally = Tally(family=6, address="::", port=20000)
     snap = Snapshot("ns", (), {}, {})
     for _ in range(5):
-        sampled = _sample_interval().summary(7, 0)
+        sampled = _sample_interval().summary(7)
         probe = ProbeDelta(snap, dict.fromkeys(("syns_overflowed", "syns_dropped",
                                                 "cookies_sent", "cookies_recv",
                                                 "passive_opens", "listen_overflows"), 0),

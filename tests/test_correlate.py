@@ -304,6 +304,30 @@ def test_quiet_period_closes_and_counters_keep_it_open(corr: Correlator,
     assert closed.sample is None and corr.open == {}
 
 
+def test_a_closed_floods_request_sockets_open_no_half_open_incident_until_they_drain(
+        corr: Correlator, clock: FrozenClock) -> None:
+    """A flood's request sockets outlive it by a minute (tcp_synack_retries=5): its queue
+    stays full past the quiet period that closes its incident, and that is no slow flood. A
+    build-up after they drained is one."""
+    corr.on_event(_event(1, True, clock))
+    for i in range(1, 6):  # the flood: its queue full, the counters moving
+        _probe(corr, clock, _snap(syn_recv=1024, backlog=1024, qfull=1000 * i,
+                                  cookies=1000 * i, prefixes=(("10.1.1.0/24", 1024),)))
+    changes: list = []
+    for _ in range(40):  # over: the queue stays full for longer than quiet + half_open_for
+        changes += _probe(corr, clock, _snap(syn_recv=1024, backlog=1024, qfull=5000,
+                                             cookies=5000))
+    assert [c.change for c in changes if c.change != "updated"] == ["closed"]
+    assert corr.open == {}
+    _probe(corr, clock, _snap(backlog=1024, qfull=5000, cookies=5000))  # drained
+    opened = []
+    for _ in range(int(Thresholds().half_open_for) + 2):  # a slow flood parks it half full
+        opened += [c for c in _probe(corr, clock, _snap(syn_recv=600, backlog=1024,
+                                                        qfull=5000, cookies=5000))
+                   if c.change == "opened"]
+    assert [c.trigger for c in opened] == ["half_open"]
+
+
 def test_counters_with_no_full_queue_open_one_unattributed_incident(
         corr: Correlator, clock: FrozenClock) -> None:
     # tcp_syncookies=2: every SYN gets a cookie, no request socket, no line

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -262,14 +263,14 @@ def test_interval_counts_are_weighted_and_bounded() -> None:
     iv.add(80, "10.0.1.0/24", 5)
     iv.add(80, "10.0.2.0/24", 5)
     iv.add(443, "10.0.3.0/24", 1)
-    s = iv.summary(5, 0)
+    s = iv.summary(5)
     p80 = s.port(80)
     assert p80 is not None
     assert (p80.samples, p80.syns, p80.distinct, p80.singletons, p80.doubletons) == (3, 15, 2, 1, 1)
     assert p80.prefixes[0] == ("10.0.1.0/24", 10, 2)
     for i in range(synsample.MAX_PREFIXES + 1):
         iv.add(22, f"10.{i // 256}.{i % 256}.0/24", 1)
-    p22 = iv.summary(1, 0).port(22)
+    p22 = iv.summary(1).port(22)
     assert p22 is not None
     assert p22.distinct == synsample.MAX_PREFIXES + 1  # evicted ones still counted
     assert len(p22.prefixes) == synsample.KEPT
@@ -284,15 +285,15 @@ def test_interval_keeps_flooding_addresses_and_never_forgets_a_completing_one() 
     iv.add_completed(80, client, "10.0.1.0/24", 4)  # a port with SYNs this interval
     iv.add_completed(443, client, "10.0.1.0/24", 4)  # a port that had SYNs in the last one
     iv.add_completed(51000, client, "10.0.1.0/24", 4)  # a reply to our own connection: not kept
-    p80 = iv.summary(4, 0).port(80)
+    p80 = iv.summary(4).port(80)
     assert p80 is not None
     assert p80.addresses == (("10.0.1.5", 12), ("10.0.1.9", 4))
     assert p80.completed == (("10.0.1.9/32", 4),)
-    assert iv.summary(4, 0).port(51000) is None
+    assert iv.summary(4).port(51000) is None
     # past the bound, a completing address is kept as its prefix, never dropped
     for i in range(synsample.MAX_ADDRESSES + 10):
         iv.add_completed(80, bytes([10, 1, i // 256, i % 256]), f"10.1.{i // 256}.0/24", 1)
-    completed = dict(iv.summary(1, 0).port(80).completed)  # type: ignore[union-attr]
+    completed = dict(iv.summary(1).port(80).completed)  # type: ignore[union-attr]
     assert sum(completed.values()) == 4 + synsample.MAX_ADDRESSES + 10
     assert "10.1.16.0/24" in completed  # the last ones, folded
 
@@ -380,3 +381,67 @@ def test_an_idle_sampler_sleeps_until_a_syn_and_stops_at_once() -> None:
             sampler.stop()
             stopped = time.monotonic() - started
     assert stopped < 1.0, f"stop() took {stopped:.2f} s"
+
+
+def test_a_late_sample_weighs_the_filter_that_kept_it() -> None:
+    """Samples queue behind filter swaps, several deep when the reader falls behind: each
+    weighs the 1-in-N in force when the kernel received it."""
+    swaps = [(100, 110, 1, 50), (200, 210, 50, 400), (300, 305, 400, 90)]
+    assert synsample.weight_at(swaps, 99, 90) == 1  # before every swap
+    assert synsample.weight_at(swaps, 105, 90) == 1  # during a swap: the smaller N
+    assert synsample.weight_at(swaps, 150, 90) == 50
+    assert synsample.weight_at(swaps, 205, 90) == 50
+    assert synsample.weight_at(swaps, 250, 90) == 400
+    assert synsample.weight_at(swaps, 303, 90) == 90
+    assert synsample.weight_at(swaps, 999, 90) == 90
+    assert synsample.weight_at([], 5, 7) == 7
+
+
+def test_dropped_samples_scale_the_estimates_up() -> None:
+    iv = _Interval()
+    for i in range(100):
+        iv.add(80, "10.0.0.0/24" if i % 4 else "10.0.1.0/24", 10)
+    iv.lost, iv.lost_weight = 50, 500  # half as many again, unread
+    port = iv.summary(10).port(80)
+    assert port is not None
+    assert (port.samples, port.syns) == (100, 1500)
+    assert {p: n for p, n, _ in port.prefixes} == {"10.0.0.0/24": 1125, "10.0.1.0/24": 375}
+    assert iv.summary(10).lost == 50
+
+
+@pytest.mark.needs_root
+def test_the_sampler_is_within_a_tenth_of_the_kernel_at_this_machines_limit() -> None:
+    """trafgen on every core: the machine saturated, the sampler's thread starved as the flood
+    starts (its socket drops samples), N swapped while samples queue behind the swaps. Its
+    estimate stays within 10 % of the SYNs the kernel received, and of each /24's share."""
+    from tests.support.lab import SPOOF_NET, lab, lab_port
+
+    nets = (f"{SPOOF_NET}.5.0/24", f"{SPOOF_NET}.6.0/24")  # trafgen sends them in turn
+    with lab() as the_lab:
+        port = lab_port()
+        the_lab.listen(port, backlog=1024)
+        sampler = synsample.SynSampler(the_lab.server_ns).start()
+        seen: list[synsample.PortSample] = []
+        try:
+            before = the_lab.segments_in()
+            flood = the_lab.trafgen_flood(port, 5, nets, cpus=os.cpu_count() or 1)
+            while flood.poll() is None:
+                time.sleep(0.5)  # the service's probe reads it about this often
+                got = sampler.read().port(port)
+                seen += [got] if got else []
+            _, err = flood.communicate()
+            assert flood.returncode == 124, err  # timeout ended it: it ran its time
+            received = the_lab.segments_in() - before
+            last = sampler.read().port(port)  # what was queued when the flood ended
+            seen += [last] if last else []
+        finally:
+            sampler.stop()
+    assert received > 100_000, f"{received} SYNs: trafgen did not flood"
+    estimate = sum(p.syns for p in seen)
+    assert 0.9 <= estimate / received <= 1.1, (estimate, received)
+    by_prefix: dict[str, int] = {}
+    for p in seen:
+        for prefix, n, _ in p.prefixes:
+            by_prefix[prefix] = by_prefix.get(prefix, 0) + n
+    assert set(by_prefix) == set(nets)
+    assert 0.45 <= by_prefix[nets[0]] / estimate <= 0.55, by_prefix

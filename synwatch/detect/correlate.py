@@ -139,8 +139,7 @@ class Correlator(KernelLines):
             if is_active:
                 inc.last_activity = at
             if at - inc.last_activity >= self.quiet:
-                del self.open[inc.serial]
-                changes.append(self._change(inc, "closed", closed_at=at))
+                changes.append(self._close(inc, at))
             else:
                 changes.append(self._change(inc, "updated",
                                             sample=timeline_point(at, st, probe.rates,
@@ -174,9 +173,12 @@ class Correlator(KernelLines):
         found: set[tuple[int, str, int]] = set()
         high: dict[tuple[int, str, int], tuple[datetime, int]] = {}
         for st in snap.listeners:
-            if st.syn_recv < half_open_floor(st.listener.backlog, self.th.half_open_min):
-                continue
             key = listener_id(st)
+            if st.syn_recv < half_open_floor(st.listener.backlog, self.th.half_open_min):
+                self._residue.discard(key)  # drained: a build-up from here on is a new one
+                continue
+            if key in self._residue:
+                continue
             since, opens_then = self._high_since.get(key, (at, passive))
             high[key] = (since, opens_then)
             if (at - since).total_seconds() < self.th.half_open_for:

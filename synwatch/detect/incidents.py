@@ -160,6 +160,10 @@ class Incidents:
         self._before: deque[Glimpse] = deque(maxlen=BUILDUP)
         # listeners whose SYN-RECV is high: since when, and PassiveOpens then
         self._high_since: dict[tuple[int, str, int], tuple[datetime, int]] = {}
+        # listeners whose incident closed with their SYN queue still high: a flood's request
+        # sockets live on for a minute after it (tcp_synack_retries=5: 63 s) and are no
+        # half-open build-up of their own until they drain (correlate._half_open)
+        self._residue: set[tuple[int, str, int]] = set()
         self._moving_since: datetime | None = None
         self._untrusted: deque[tuple[datetime, int | None, int]] = deque(
             maxlen=PENDING_UNTRUSTED)  # (time, port, event id)
@@ -343,9 +347,14 @@ class Incidents:
         out = []
         for inc in list(self.open.values()):
             if now - inc.last_activity >= self.quiet:
-                del self.open[inc.serial]
-                out.append(self._change(inc, "closed", closed_at=now))
+                out.append(self._close(inc, now))
         return out
+
+    def _close(self, inc: OpenIncident, at: datetime) -> IncidentChange:
+        del self.open[inc.serial]
+        if inc.key is not None:
+            self._residue.add(inc.key)
+        return self._change(inc, "closed", closed_at=at)
 
     def close_all(self, now: datetime) -> list[IncidentChange]:
         """Close every open incident now: the namespace is gone (its container stopped), so no

@@ -29,6 +29,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -54,6 +55,10 @@ SOL_PACKET, PACKET_STATISTICS = 263, 6
 
 TARGET_RATE: Final = 1000  # samples a second userspace is asked to handle, at most
 LINGER: Final = 0.02  # after a wake-up, let samples gather so one read loop takes many
+# ... once N follows a flood (its samples at most TARGET_RATE a second, a quarter second of them
+# far below the socket's buffer): each wake-up costs more than its reads on a machine the flood
+# saturates (a thread waking 70 times a second was charged 2.5 % of a core there, 0.5 % idle)
+LINGER_ADAPTED: Final = 0.25
 PREFIX_CACHE: Final = 4096  # source prefixes kept as strings (cleared when full): a flood from
 # a few networks repeats them; one from everywhere (a new /64 every SYN) would only fill it
 MAX_PORTS: Final = 256  # ports tracked per interval; the rest are only counted
@@ -62,6 +67,7 @@ MAX_ADDRESSES: Final = 4096  # source addresses tracked per port and interval (S
 KEPT: Final = 64  # prefixes handed on per port
 KEPT_ADDRESSES: Final = 512  # flooding addresses handed on per port
 RCVBUF: Final = 4 << 20
+SWAPS_KEPT: Final = 64  # filter swaps remembered to weigh late samples: 3 s of swaps or more
 
 @dataclass(frozen=True, slots=True)
 class PortSample:
@@ -103,6 +109,9 @@ class _Interval:
         self.ports: dict[int, dict[str, list[int]]] = {}  # prefix -> [estimated SYNs, samples]
         self.evicted: dict[int, int] = {}  # prefixes dropped under the bound, per port
         self.untracked = 0
+        self.weighed = 0  # packets every sample kept stands for (its weight), all kinds
+        self.lost = 0  # samples the socket dropped (its queue was full)
+        self.lost_weight = 0  # the packets they stood for
         self.addresses: dict[int, dict[bytes, int]] = {}  # SYNs per source address
         self.completed: dict[int, dict[bytes, int]] = {}  # ACKs per source address
         self.completed_wide: dict[int, dict[str, int]] = {}  # ACKs per prefix, past the bound
@@ -111,6 +120,7 @@ class _Interval:
         self.known = known
 
     def add(self, port: int, prefix: str, weight: int, source: bytes = b"") -> None:
+        self.weighed += weight
         counts = self.ports.get(port)
         if counts is None:
             if len(self.ports) >= MAX_PORTS:
@@ -137,6 +147,7 @@ class _Interval:
 
     def add_completed(self, port: int, source: bytes, prefix: str, weight: int) -> None:
         """An ACK from ``source``: it completed a handshake (or sends data) to ``port``."""
+        self.weighed += weight
         if port not in self.known and port not in self.ports:
             return
         by_address = self.completed.setdefault(port, {})
@@ -147,7 +158,15 @@ class _Interval:
         if prefix in wide or len(wide) < MAX_PREFIXES:
             wide[prefix] = wide.get(prefix, 0) + weight
 
-    def summary(self, one_in: int, lost: int) -> SynSample:
+    def summary(self, one_in: int) -> SynSample:
+        """The interval's counts. Samples the socket dropped (the reader fell behind: a
+        saturated machine) were kept by the filter all the same: the estimates are scaled up
+        by what they stood for, spread as the samples read were."""
+        scale = (self.weighed + self.lost_weight) / self.weighed if self.weighed else 1.0
+
+        def up(n: int) -> int:
+            return round(n * scale)
+
         ports = []
         for port in sorted(set(self.ports) | set(self.completed)):
             counts = self.ports.get(port, {})
@@ -159,14 +178,32 @@ class _Interval:
             completed += self.completed_wide.get(port, {}).items()
             ports.append(PortSample(
                 port=port, samples=sum(c[1] for c in counts.values()),
-                syns=sum(c[0] for c in counts.values()),
-                prefixes=tuple((p, c[0], c[1]) for p, c in ranked[:KEPT]),
+                syns=up(sum(c[0] for c in counts.values())),
+                prefixes=tuple((p, up(c[0]), c[1]) for p, c in ranked[:KEPT]),
                 distinct=len(counts) + self.evicted.get(port, 0),
                 singletons=sum(1 for c in counts.values() if c[1] == 1),
                 doubletons=sum(1 for c in counts.values() if c[1] == 2),
-                addresses=tuple((_text(a), n) for a, n in busiest),
+                addresses=tuple((_text(a), up(n)) for a, n in busiest),
                 completed=tuple(completed)))
-        return SynSample(one_in, round(time.monotonic() - self.started, 3), tuple(ports), lost)
+        return SynSample(one_in, round(time.monotonic() - self.started, 3), tuple(ports),
+                         self.lost)
+
+
+Swap = tuple[int, int, int, int]  # began, ended (ns, CLOCK_REALTIME), 1-in-N before, after
+
+
+def weight_at(swaps: Iterable[Swap], at: int, one_in: int) -> int:
+    """The 1-in-N a sample received at ``at`` was kept under, from the filter swaps (oldest
+    first) and the 1-in-N now: samples queue behind a swap, several swaps deep when the reader
+    falls behind. During a swap, the filter that kept more (the smaller N) most likely."""
+    earliest = one_in
+    for began, ended, before, after in reversed(list(swaps)):
+        if at >= ended:
+            return after
+        if at >= began:
+            return min(before, after)
+        earliest = before
+    return earliest
 
 
 def _text(address: bytes) -> str:
@@ -228,10 +265,11 @@ class SynSampler:
         self._sock = _open(netns, self.one_in)
         self._lock = threading.Lock()
         self._interval = _Interval()
-        self._lost = 0
         self._prefixes: dict[tuple[int, bytes], str] = {}
-        # the last filter swap: began, ended (ns, CLOCK_REALTIME), the 1-in-N before it
-        self._switched = (0, 0, 1)
+        self._swaps: deque[Swap] = deque(maxlen=SWAPS_KEPT)
+        # samples read, and the packets they stood for, since the sampler thread last adapted
+        # N (either thread reads: a probe drains the socket too)
+        self._drained = self._weighed = 0
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # stop() wakes it
         self._thread = threading.Thread(target=self._run, name="syn sampler", daemon=True)
@@ -248,8 +286,7 @@ class SynSampler:
         with self._lock:
             interval = self._interval
             self._interval = _Interval(frozenset(interval.ports))
-            lost, self._lost = self._lost, 0
-            return interval.summary(self.one_in, lost)
+            return interval.summary(self.one_in)
 
     def stop(self) -> None:
         self._stop.set()
@@ -276,9 +313,11 @@ class SynSampler:
             text = self._prefixes[key] = prefix_of(af, source, self.v4_len, self.v6_len)
         return text
 
-    def _count(self, samples: Iterable[tuple[bytes, int]]) -> None:
+    def _count(self, samples: list[tuple[bytes, int]]) -> None:
         with self._lock:
+            self._drained += len(samples)
             for packet, weight in samples:
+                self._weighed += weight
                 got = parse_packet(packet)
                 if got is None:
                     continue
@@ -299,7 +338,7 @@ class SynSampler:
         kernel's receive timestamp (SO_TIMESTAMPNS, taken before the filter runs) tells which
         filter a sample went through."""
         samples: list[tuple[bytes, int]] = []
-        started, ended, before = self._switched
+        swaps, one_in = tuple(self._swaps), self.one_in
         while True:
             try:
                 data, ancillary, _flags, _addr = self._sock.recvmsg(
@@ -309,15 +348,11 @@ class SynSampler:
             except OSError as exc:
                 log.warning("SYN sampler: %s", exc)
                 break
-            weight = self.one_in
+            weight = one_in
             for level, kind, value in ancillary:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
                     sec, nsec = struct.unpack_from("qq", value)
-                    at = sec * 1_000_000_000 + nsec
-                    if at < started:
-                        weight = before
-                    elif at < ended:  # during the swap: most likely the filter that kept more
-                        weight = min(before, self.one_in)
+                    weight = weight_at(swaps, sec * 1_000_000_000 + nsec, one_in)
             samples.append((data, weight))
             if len(samples) >= 4 * self.target:
                 break
@@ -332,41 +367,53 @@ class SynSampler:
             return 0
         return int(drops)
 
+    def _adapt(self, elapsed: float) -> None:
+        """The 1-in-N for what comes next, from the packets the samples of the last
+        ``elapsed`` seconds stood for (each weighed by the filter that kept it, so a backlog
+        read late is not taken for a faster flood) and the samples the socket dropped (the
+        statistics are reset as they are read: the drops since the last look, under the N
+        in force, which is when they are counted)."""
+        lost = self._stats_lost()
+        with self._lock:
+            weighed = self._weighed + lost * self.one_in
+            self._drained = self._weighed = 0
+            self._interval.lost += lost
+            self._interval.lost_weight += lost * self.one_in
+        rate = weighed / elapsed / self.one_in  # samples a second at the N in force
+        want = next_one_in(self.one_in, rate, self.target)
+        if want < self.one_in and elapsed < 1.0:
+            want = self.one_in
+        if want != self.one_in:
+            log.debug("SYN sampler: %.0f packets/s at 1 in %d; now 1 in %d",
+                      weighed / elapsed, self.one_in, want)
+            began = time.time_ns()
+            attach_filter(self._sock, want)
+            with self._lock:  # together, so a read() on the probe's thread weighs consistently
+                self._swaps.append((began, time.time_ns(), self.one_in, want))
+                self.one_in = want
+
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        window, seen = time.monotonic(), 0
+        window = time.monotonic()
         try:
             while not self._stop.is_set():
                 # No SYN at 1 in 1: nothing to adapt, so sleep until one comes (or stop());
                 # otherwise look each second to lower N. Idle, the thread never wakes.
-                idle = self.one_in == 1 and not seen
+                idle = self.one_in == 1 and not self._drained
                 if poller.poll(-1 if idle else 1000):
                     if idle:  # a spell without SYNs is no window to measure a rate over
                         window = time.monotonic()
-                    if self._stop.wait(LINGER):
+                    if self._stop.wait(LINGER if self.one_in == 1 else LINGER_ADAPTED):
                         break
-                    seen += self._drain()
+                    self._drain()
                 elapsed = time.monotonic() - window
                 # faster than the target: act at once (a flood's first second at 1 in 1 would
                 # cost more than the rest of it); slower: wait a whole second before lowering N
-                if (seen > self.target / 10 and elapsed >= 0.05) or elapsed >= 1.0:
-                    lost = self._stats_lost()
-                    rate = (seen + lost) / elapsed
-                    want = next_one_in(self.one_in, rate, self.target)
-                    if want < self.one_in and elapsed < 1.0:
-                        want = self.one_in
-                    if want != self.one_in:
-                        log.debug("SYN sampler: %.0f samples/s at 1 in %d; now 1 in %d",
-                                  rate, self.one_in, want)
-                        started = time.time_ns()
-                        attach_filter(self._sock, want)
-                        # together, so a read() on the probe's thread weighs consistently
-                        self._switched, self.one_in = (started, time.time_ns(), self.one_in), want
-                    with self._lock:
-                        self._lost += lost
-                    window, seen = time.monotonic(), 0
+                if (self._drained > self.target / 10 and elapsed >= 0.05) or elapsed >= 1.0:
+                    self._adapt(elapsed)
+                    window = time.monotonic()
         except Exception:
             log.exception("SYN sampler stopped")
 

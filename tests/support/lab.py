@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -307,6 +308,45 @@ class Lab:
                         burst_code(SERVER_IP, port, established, attempts, spacing=spacing,
                                    hold=hold)],
                        check=True, timeout=120)
+
+
+    def trafgen_flood(self, port: int, seconds: float, nets: tuple[str, ...] = (),
+                      cpus: int = 1) -> subprocess.Popen[str]:
+        """A flood at this machine's limit: trafgen (netsniff-ng) on ``cpus`` cores writing
+        SYNs straight onto the client's veth (a packet socket's ring, no qdisc), for
+        ``seconds``, from random addresses of ``nets`` in turn ("10.232.0.0/16", /24s; by
+        default all over SPOOF_NET/16), each SYN a random source port and sequence number.
+        trafgen raises the host's socket buffer limits where it may: it runs with /proc/sys
+        read-only, so it never may (tests never change the host)."""
+        server = json.loads(self.in_server("ip", "-j", "link", "show").stdout)
+        mac = next(link["address"] for link in server if link["ifname"] != "lo")
+        client = json.loads(self.in_client("ip", "-j", "link", "show").stdout)
+        dev = next(link["ifname"] for link in client if link["ifname"] != "lo")
+        packets = []
+        for net in nets or (f"{SPOOF_NET}.0.0/16",):
+            base, length = net.split("/")
+            varied = "sa[2:2]=drnd()" if length == "16" else "sa[3]=drnd()"
+            assert length in ("16", "24"), net
+            packets.append(f"{{ eth(da={mac}), ipv4(sa={base}, {varied}, da={SERVER_IP}, "
+                           f"ttl=64, df), tcp(sp=drnd(), dp={port}, seq=drnd(), syn, "
+                           "win=64240) }")
+        conf = Path(tempfile.mkdtemp(prefix="swt-trafgen-")) / "syn.cfg"
+        conf.write_text("\n".join(packets) + "\n")
+        guarded = ("mount --bind /proc/sys /proc/sys && mount -o remount,ro,bind /proc/sys "
+                   f"&& exec timeout -s INT {seconds} trafgen --dev {dev} --conf {conf} "
+                   f"--cpus {cpus} --num 0 -q")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.client_ns, "unshare", "--mount",
+                                 "--propagation", "private", "sh", "-c", guarded],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        return proc
+
+    def segments_in(self) -> int:
+        """The server namespace's Tcp InSegs: every TCP segment it received (in a flood
+        that is all the kernel took in of it; what the veth dropped never counts)."""
+        from synwatch.probes.procnet import counters_in
+
+        return counters_in(self.in_server("cat", "/proc/net/snmp").stdout)["Tcp.InSegs"]
 
 
 def flood_rate(sender: subprocess.Popen[str], timeout: float) -> tuple[int, float]:
