@@ -20,15 +20,9 @@ from synwatch.detect.delta import MAX_PREFIXES, ProbeDelta
 from synwatch.detect.replay import evidence_line
 from synwatch.detect.tally import Tally
 from synwatch.probes.evidence import Evidence
+from synwatch.probes.sampled import KEPT, KEPT_ADDRESSES, MAX_ADDRESSES, Interval
 from synwatch.probes.snapshot import Snapshot
-from synwatch.probes.synsample import (
-    KEPT,
-    KEPT_ADDRESSES,
-    MAX_ADDRESSES,
-    PREFIX_CACHE,
-    SynSampler,
-    _Interval,
-)
+from synwatch.probes.synsample import PREFIX_CACHE, SynSampler
 from tests.support.harness import NotifySocket, Service
 from tests.support.lab import Lab, lab
 from tests.support.wait import eventually
@@ -80,9 +74,9 @@ def test_probes_of_a_named_namespace_start_no_thread(the_lab: Lab, tmp_path: Pat
         service.stop()
 
 
-def _sample_interval(ports: int = 1) -> _Interval:
+def _sample_interval(ports: int = 1) -> Interval:
     """A sampler interval fed a flood from everywhere in fd32::/16: every SYN a new /64."""
-    interval = _Interval()
+    interval = Interval()
     for i in range(40_000):
         source = bytes.fromhex("fd32") + i.to_bytes(6, "big") + bytes(8)
         prefix = f"fd32:{i >> 32 & 0xFFFF:x}:{i >> 16 & 0xFFFF:x}:{i & 0xFFFF:x}::/64"

@@ -20,6 +20,7 @@ from synwatch.detect.replay import replay
 from synwatch.detect.tally import Tally
 from synwatch.detect.verdict import judge, suggested_backlog
 from synwatch.probes.evidence import Evidence
+from synwatch.probes.sampled import PortSample, SynSample
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
 from synwatch.records import KernelEvent, LogRecord, StoredEvent
@@ -326,6 +327,34 @@ def test_a_closed_floods_request_sockets_open_no_half_open_incident_until_they_d
                                                         qfull=5000, cookies=5000))
                    if c.change == "opened"]
     assert [c.trigger for c in opened] == ["half_open"]
+
+
+def test_the_counters_that_count_a_burst_a_probe_late_are_still_its_listeners(
+        clock: FrozenClock) -> None:
+    """The packet socket sees a burst's SYNs before TCP has counted them all: the sample
+    names the new flood's port in one probe, the counters go on moving into the next, whose
+    sample holds none. A queue full of an earlier flood's request sockets beside it gets no
+    incident from that."""
+    residue, new = 8080, 9090
+
+    def two(qfull: int, new_recv: int) -> Snapshot:
+        states = tuple(ListenerState(Listener(4, "0.0.0.0", port, 16, 0), recv, (), 0)
+                       for port, recv in ((residue, 17), (new, new_recv)))
+        return Snapshot("", states, {"TcpExt.TCPReqQFullDoCookies": qfull,
+                                     "TcpExt.SyncookiesSent": qfull},
+                        {"net.ipv4.tcp_syncookies": 1, "net.core.somaxconn": 4096})
+
+    corr = Correlator("h", "", Thresholds(), 10, clock)
+    corr.on_evidence(Evidence(clock.now(), two(2000, 0)))
+    assert _probe(corr, clock, two(2000, 0)) == []  # the residue: full, still
+    burst = SynSample(1, 1.0, (PortSample(new, 400, 1600, (("10.232.10.0/24", 1600, 400),),
+                                          1, 0, 0),))
+    clock.advance(1)
+    first = corr.on_evidence(Evidence(clock.now(), two(3100, 17), sampled=burst))
+    assert [(c.change, c.port) for c in first] == [("opened", new)]
+    late = _probe(corr, clock, two(3900, 17))  # counted now, sampled before
+    assert {c.port for c in late} == {new}, late
+    assert [i.tally.port for i in corr.open.values()] == [new]
 
 
 def test_counters_with_no_full_queue_open_one_unattributed_incident(
@@ -653,7 +682,7 @@ def test_a_queue_that_just_filled_is_the_flooded_one_when_the_sample_lags(
         clock: FrozenClock) -> None:
     """A probe taken right after a log line can come before the sampler has read the burst:
     the queue that filled since the last probe is the new flood's, not the residue's."""
-    from synwatch.probes.synsample import SynSample
+    from synwatch.probes.sampled import SynSample
 
     corr = Correlator("h", "", Thresholds(), 10, clock)
 

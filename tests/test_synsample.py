@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synwatch.probes import synfilter, synsample
+from synwatch.probes import sampled, synfilter, synsample
+from synwatch.probes.sampled import Interval
 from synwatch.probes.synfilter import (
     ETH_P_IP,
     ETH_P_IPV6,
@@ -22,7 +23,7 @@ from synwatch.probes.synfilter import (
     parse_syn,
     program,
 )
-from synwatch.probes.synsample import _Interval, next_one_in
+from synwatch.probes.synsample import next_one_in
 
 PACKET_HOST = 0
 
@@ -258,7 +259,7 @@ def test_sampling_rate_follows_the_flood() -> None:
 
 
 def test_interval_counts_are_weighted_and_bounded() -> None:
-    iv = _Interval()
+    iv = Interval()
     iv.add(80, "10.0.1.0/24", 5)
     iv.add(80, "10.0.1.0/24", 5)
     iv.add(80, "10.0.2.0/24", 5)
@@ -268,16 +269,16 @@ def test_interval_counts_are_weighted_and_bounded() -> None:
     assert p80 is not None
     assert (p80.samples, p80.syns, p80.distinct, p80.singletons, p80.doubletons) == (3, 15, 2, 1, 1)
     assert p80.prefixes[0] == ("10.0.1.0/24", 10, 2)
-    for i in range(synsample.MAX_PREFIXES + 1):
+    for i in range(sampled.MAX_PREFIXES + 1):
         iv.add(22, f"10.{i // 256}.{i % 256}.0/24", 1)
     p22 = iv.summary(1).port(22)
     assert p22 is not None
-    assert p22.distinct == synsample.MAX_PREFIXES + 1  # evicted ones still counted
-    assert len(p22.prefixes) == synsample.KEPT
+    assert p22.distinct == sampled.MAX_PREFIXES + 1  # evicted ones still counted
+    assert len(p22.prefixes) == sampled.KEPT
 
 
 def test_interval_keeps_flooding_addresses_and_never_forgets_a_completing_one() -> None:
-    iv = _Interval(known=frozenset({443}))
+    iv = Interval(known=frozenset({443}))
     flood, client = bytes([10, 0, 1, 5]), bytes([10, 0, 1, 9])
     for _ in range(3):
         iv.add(80, "10.0.1.0/24", 4, flood)
@@ -291,10 +292,10 @@ def test_interval_keeps_flooding_addresses_and_never_forgets_a_completing_one() 
     assert p80.completed == (("10.0.1.9/32", 4),)
     assert iv.summary(4).port(51000) is None
     # past the bound, a completing address is kept as its prefix, never dropped
-    for i in range(synsample.MAX_ADDRESSES + 10):
+    for i in range(sampled.MAX_ADDRESSES + 10):
         iv.add_completed(80, bytes([10, 1, i // 256, i % 256]), f"10.1.{i // 256}.0/24", 1)
     completed = dict(iv.summary(1).port(80).completed)  # type: ignore[union-attr]
-    assert sum(completed.values()) == 4 + synsample.MAX_ADDRESSES + 10
+    assert sum(completed.values()) == 4 + sampled.MAX_ADDRESSES + 10
     assert "10.1.16.0/24" in completed  # the last ones, folded
 
 
@@ -387,18 +388,18 @@ def test_a_late_sample_weighs_the_filter_that_kept_it() -> None:
     """Samples queue behind filter swaps, several deep when the reader falls behind: each
     weighs the 1-in-N in force when the kernel received it."""
     swaps = [(100, 110, 1, 50), (200, 210, 50, 400), (300, 305, 400, 90)]
-    assert synsample.weight_at(swaps, 99, 90) == 1  # before every swap
-    assert synsample.weight_at(swaps, 105, 90) == 1  # during a swap: the smaller N
-    assert synsample.weight_at(swaps, 150, 90) == 50
-    assert synsample.weight_at(swaps, 205, 90) == 50
-    assert synsample.weight_at(swaps, 250, 90) == 400
-    assert synsample.weight_at(swaps, 303, 90) == 90
-    assert synsample.weight_at(swaps, 999, 90) == 90
-    assert synsample.weight_at([], 5, 7) == 7
+    assert sampled.weight_at(swaps, 99, 90) == 1  # before every swap
+    assert sampled.weight_at(swaps, 105, 90) == 1  # during a swap: the smaller N
+    assert sampled.weight_at(swaps, 150, 90) == 50
+    assert sampled.weight_at(swaps, 205, 90) == 50
+    assert sampled.weight_at(swaps, 250, 90) == 400
+    assert sampled.weight_at(swaps, 303, 90) == 90
+    assert sampled.weight_at(swaps, 999, 90) == 90
+    assert sampled.weight_at([], 5, 7) == 7
 
 
 def test_dropped_samples_scale_the_estimates_up() -> None:
-    iv = _Interval()
+    iv = Interval()
     for i in range(100):
         iv.add(80, "10.0.0.0/24" if i % 4 else "10.0.1.0/24", 10)
     iv.lost, iv.lost_weight = 50, 500  # half as many again, unread
@@ -421,7 +422,7 @@ def test_the_sampler_is_within_a_tenth_of_the_kernel_at_this_machines_limit() ->
         port = lab_port()
         the_lab.listen(port, backlog=1024)
         sampler = synsample.SynSampler(the_lab.server_ns).start()
-        seen: list[synsample.PortSample] = []
+        seen: list[sampled.PortSample] = []
         try:
             before = the_lab.segments_in()
             flood = the_lab.trafgen_flood(port, 5, nets, cpus=os.cpu_count() or 1)

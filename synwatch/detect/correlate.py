@@ -26,6 +26,7 @@ from synwatch.detect.incidents import (
     MAX_PHASES,
     ListenerKey,
     OpenIncident,
+    fresh_marks,
     glimpse,
     timeline_point,
 )
@@ -63,6 +64,7 @@ class Correlator(KernelLines):
             self._moving_since = prev.at  # they moved some time in the last interval
         self._last_probe = probe
         self._recent.append((ev.at, probe))
+        self._fresh.append((ev.at, *fresh_marks(probe)))
         self._before.append(glimpse(ev.at, probe))
         active = self._attribute(probe)
         states = {listener_id(st): st for st in probe.snap.listeners}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from synwatch.probes.evidence import Evidence
+from synwatch.probes.sampled import SynSample
 from synwatch.probes.snapshot import ListenerState, Snapshot
-from synwatch.probes.synsample import SynSample
 
 OVERFLOW = ("TcpExt.TCPReqQFullDoCookies", "TcpExt.TCPReqQFullDrop")
 # the movements an incident adds up, each the sum of these counters (docs/kernel.md §3)

@@ -14,12 +14,12 @@ from typing import Any, Literal
 from synwatch.clock import Clock
 from synwatch.config import Thresholds
 from synwatch.detect.advice import in_place
-from synwatch.detect.delta import RATES, ProbeDelta, listener_id
+from synwatch.detect.delta import RATES, ListenerId, ProbeDelta, listener_id
 from synwatch.detect.tally import Tally
 from synwatch.detect.verdict import judge
 from synwatch.probes.evidence import Evidence
+from synwatch.probes.sampled import SynSample
 from synwatch.probes.snapshot import ListenerState, Snapshot
-from synwatch.probes.synsample import SynSample
 from synwatch.records import (
     IncidentChange,
     Place,
@@ -69,6 +69,12 @@ def ports_sampled_by(probe: ProbeDelta) -> set[int]:
     """The ports the packet sample kept SYNs for in the probe's interval."""
     return ({p.port for p in probe.sampled.ports if p.samples}
             if probe.sampled is not None else set())
+
+
+def fresh_marks(probe: ProbeDelta) -> tuple[frozenset[int], frozenset[ListenerId]]:
+    """What the probe says of where a flood is: the ports sampled, the listeners that
+    dropped or whose SYN-RECV grew."""
+    return frozenset(ports_sampled_by(probe)), frozenset(probe.dropped) | probe.grew
 
 
 def full_syn_queue(st: ListenerState) -> bool:
@@ -158,6 +164,11 @@ class Incidents:
         # the last probes whatever happened: an incident's build-up (_recent is emptied
         # while nothing builds up)
         self._before: deque[Glimpse] = deque(maxlen=BUILDUP)
+        # what the last probes said of which listeners a flood fills (the ports sampled, the
+        # listeners that dropped or whose SYN-RECV grew), kept when _recent is emptied: the
+        # counters can count a burst's SYNs a probe after the sampler saw them
+        self._fresh: deque[tuple[datetime, frozenset[int], frozenset[ListenerId]]] = deque(
+            maxlen=RECENT_PROBES)
         # listeners whose SYN-RECV is high: since when, and PassiveOpens then
         self._high_since: dict[tuple[int, str, int], tuple[datetime, int]] = {}
         # listeners whose incident closed with their SYN queue still high: a flood's request
@@ -222,12 +233,14 @@ class Incidents:
         self._last = baseline
         self._last_probe = self._moving_since = None
         self._recent.clear()
+        self._fresh.clear()
         self._high_since.clear()
 
     def rebase_none(self) -> None:
         """As rebase, with nothing to measure from: the next probe is the first."""
         self._last = self._last_probe = self._moving_since = None
         self._recent.clear()
+        self._fresh.clear()
         self._high_since.clear()
 
     @property
@@ -307,11 +320,10 @@ class Incidents:
             # probe may overflow on into the next, and that interval's sample may hold none of
             # its SYNs (1 in N); the residue beside it stays still
             now = probe.at
-            recent = [p for at, p in self._recent if now is not None and now - at <= FRESH_FOR]
-            recent.append(probe)
-            fresh = [k for k in full
-                     if any(k[2] in ports_sampled_by(p) or k in p.dropped or k in p.grew
-                            for p in recent)]
+            recent = [(ports, keys) for at, ports, keys in self._fresh
+                      if now is not None and now - at <= FRESH_FOR]
+            recent.append(fresh_marks(probe))
+            fresh = [k for k in full if any(k[2] in ports or k in keys for ports, keys in recent)]
             if fresh:
                 # a queue still full of an earlier flood's request sockets (they retransmit for
                 # up to a minute) gets no new SYNs: the sample, the listener's own drop count

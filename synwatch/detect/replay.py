@@ -28,9 +28,9 @@ from synwatch.detect.delta import MAX_PREFIXES
 from synwatch.errors import UsageError
 from synwatch.probes.conntrack import Conntrack
 from synwatch.probes.evidence import Evidence
+from synwatch.probes.sampled import PortSample, SynSample
 from synwatch.probes.snapshot import ListenerState, Snapshot
 from synwatch.probes.sockdiag import Listener
-from synwatch.probes.synsample import PortSample, SynSample
 from synwatch.records import IncidentChange, KernelEvent, LogRecord, StoredEvent
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from synwatch.detect.delta import add_completed, add_counts
 
 if TYPE_CHECKING:
     from synwatch.detect.delta import ProbeDelta
+    from synwatch.probes.sampled import SynSample
     from synwatch.probes.snapshot import ListenerState
-    from synwatch.probes.synsample import SynSample
 
 
 @dataclass

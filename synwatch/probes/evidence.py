@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from synwatch.probes.sampled import SynSample
 from synwatch.probes.snapshot import Snapshot
-from synwatch.probes.synsample import SynSample
 
 
 @dataclass(frozen=True, slots=True)
