@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -74,7 +75,17 @@ def sampler_at_the_limit(the_lab: Lab, port: int, nets: tuple[str, ...]) -> dict
             "one_in": one_in}
 
 
-def service_at_the_limit(tmp: Path, nets: tuple[str, ...]) -> dict[str, object]:
+@dataclass
+class AtTheLimit:
+    rate: float  # SYNs a second the kernel received
+    cpu: list[float]  # % of a core per 10 s window
+    rss_first: float
+    rss_low: float  # MiB, from 60 s on
+    rss_high: float
+    verdicts: list[str]
+
+
+def service_at_the_limit(tmp: Path, nets: tuple[str, ...]) -> AtTheLimit:
     with lab() as the_lab:
         port = lab_port()
         the_lab.listen(port, backlog=1024)
@@ -109,12 +120,9 @@ def service_at_the_limit(tmp: Path, nets: tuple[str, ...]) -> dict[str, object]:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-    late = [r for r in rows if r[0] >= 60]
-    return {"rate": received / FLOOD, "max_cpu": max(r[1] for r in rows),
-            "mean_cpu": sum(r[1] for r in rows) / len(rows),
-            "rss_first": rows[0][2], "rss_late": (min(r[2] for r in late), max(r[2] for r in late))
-            if late else (rows[-1][2], rows[-1][2]),
-            "verdicts": [str(i["verdict"]) for i in incidents]}
+    late = [r[2] for r in rows if r[0] >= 60] or [rows[-1][2]]
+    return AtTheLimit(received / FLOOD, [r[1] for r in rows], rows[0][2], min(late), max(late),
+                      [str(i["verdict"]) for i in incidents])
 
 
 def main() -> None:
@@ -142,13 +150,12 @@ def main() -> None:
         print(f"{'flood':<28} {'SYN/s':>9} {'max CPU':>8} {'mean CPU':>8} {'RSS 10 s':>8} "
               f"{'RSS from 60 s':>14}  verdict")
         for name, nets in FLOODS.items():
-            got = service_at_the_limit(Path(tmp), nets)
-            low, high = got["rss_late"]  # type: ignore[misc]
-            verdicts = got["verdicts"]
-            right = "right" if verdicts == [WANT[name]] else "WRONG"
-            print(f"{name:<28} {got['rate']:>9,.0f} {got['max_cpu']:>7.1f}% "
-                  f"{got['mean_cpu']:>7.1f}% {got['rss_first']:>7.1f}M "
-                  f"{low:>6.1f}-{high:.1f}M  {', '.join(verdicts)} ({right})")  # type: ignore[arg-type]
+            run = service_at_the_limit(Path(tmp), nets)
+            right = "right" if run.verdicts == [WANT[name]] else "WRONG"
+            print(f"{name:<28} {run.rate:>9,.0f} {max(run.cpu):>7.1f}% "
+                  f"{sum(run.cpu) / len(run.cpu):>7.1f}% {run.rss_first:>7.1f}M "
+                  f"{run.rss_low:>6.1f}-{run.rss_high:.1f}M  {', '.join(run.verdicts)} ({right})")
+            print(f"{'':<28} CPU % per 10 s: {' '.join(f'{c:.1f}' for c in run.cpu)}")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "quiet_period": _s(duration, "60s", "an incident closes after this long without "
                            "kernel evidence"),
         "probe_interval": _s(upto_1h, "1s", "how often counters, listeners and SYN-RECV "
-                             "sockets are read (at least `0.1s`)"),
+                             "sockets are read (at least `0.1s`; while no segment comes in, "
+                             "the counters alone)"),
         "open_rate": _s(int_in(1, 10_000_000), _DEFAULTS.open_rate,
                         "SYNs/s finding a full SYN queue, or accept-queue overflows/s, that open "
                         "an incident with no log line (the kernel logs once per socket)"),
