@@ -329,6 +329,28 @@ def test_a_closed_floods_request_sockets_open_no_half_open_incident_until_they_d
     assert [c.trigger for c in opened] == ["half_open"]
 
 
+def test_a_slow_flood_after_a_fast_one_is_a_half_open_incident_without_a_drain(
+        corr: Correlator, clock: FrozenClock) -> None:
+    """The residue rule holds only while no new SYN comes: a fast flood that turns slow, its
+    queue never drained, keeps it half full with new requests (the queue grows again), and
+    that build-up opens its half_open incident; so does one after the residue's retries."""
+    corr.on_event(_event(1, True, clock))
+    for i in range(1, 4):
+        _probe(corr, clock, _snap(syn_recv=1024, backlog=1024, qfull=1000 * i,
+                                  cookies=1000 * i))
+    changes: list = []
+    for _ in range(15):  # quiet: closes with its queue full
+        changes += _probe(corr, clock, _snap(syn_recv=1024, backlog=1024, qfull=3000,
+                                             cookies=3000))
+    assert [c.change for c in changes if c.change != "updated"] == ["closed"]
+    opened = []
+    for n in range(int(Thresholds().half_open_for) + 3):  # new SYNs: SYN-RECV rises, no overflow
+        opened += [c for c in _probe(corr, clock, _snap(syn_recv=600 + n, backlog=1024,
+                                                        qfull=3000, cookies=3000))
+                   if c.change == "opened"]
+    assert [c.trigger for c in opened] == ["half_open"]
+
+
 def test_the_counters_that_count_a_burst_a_probe_late_are_still_its_listeners(
         clock: FrozenClock) -> None:
     """The packet socket sees a burst's SYNs before TCP has counted them all: the sample

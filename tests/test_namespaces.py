@@ -394,3 +394,46 @@ def test_ip_addr_output_of_any_shape_is_links_or_a_value_error() -> None:
 
     any_json()
     any_text()
+
+
+def test_a_probe_reads_listeners_again_when_its_last_look_may_not_stand(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While nothing comes in, a probe may keep its last look at the listeners and sysctls
+    (synwatch.probes.snapshot) for STILL_FOR seconds; it reads them again after that, while a
+    kernel line waits for it (the line's listener may be newer), and at every probe of an open
+    incident (its record follows the accept queue and the cookies it set)."""
+    from types import SimpleNamespace
+
+    from synwatch.daemon import watched
+    from synwatch.detect.correlate import Correlator
+    from synwatch.probes.snapshot import Snapshot
+    from synwatch.system.netnsfind import FoundNamespace
+
+    asked: list[bool] = []
+
+    def take(*_args: object, reread: bool, **_kw: object) -> Snapshot:
+        asked.append(reread)
+        return Snapshot("", (), {}, {}, None, 0)
+
+    monkeypatch.setattr(watched, "take", take)
+    clock = FrozenClock(datetime(2026, 12, 7, tzinfo=timezone.utc))
+    config = load_config(str(_config(tmp_path, '""')))
+    w = watched.Watched(FoundNamespace((0, 0), "", Path("/"), "own"),
+                        Correlator("h", "", config.thresholds, 60, clock), always=True)
+
+    def probe(after: float) -> bool:
+        clock.advance(after)
+        w.evidence(config, clock, visiting=False)
+        return asked[-1]
+
+    assert probe(0), "the first look"
+    assert [probe(1) for _ in range(9)] == [False] * 9
+    assert probe(1), "STILL_FOR later"
+    assert not probe(1)
+    w.correlator.held.append((object(), 0))  # type: ignore[arg-type]
+    assert probe(1), "a kernel line waits"
+    w.correlator.held.clear()
+    w.correlator.open[1] = SimpleNamespace(tally=SimpleNamespace(port=None))  # type: ignore[assignment]
+    assert probe(1) and probe(1), "an incident is open"
+    w.correlator.open.clear()
+    assert not probe(1)

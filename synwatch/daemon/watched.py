@@ -83,8 +83,10 @@ class Watched:
         on this thread (one of many namespaces), else on its own worker."""
         c = config
         # a kernel line waiting for this probe is about a listener that may be newer than the
-        # last read (its namespace may be another, so no segment need have come in here)
-        reread = clock.monotonic() >= self.reread_due or bool(self.correlator.held)
+        # last read (its namespace may be another, so no segment need have come in here); an
+        # open incident's record follows the accept queue and the cookies it set every probe
+        reread = (clock.monotonic() >= self.reread_due or bool(self.correlator.held)
+                  or bool(self.correlator.open))
         if reread:
             self.reread_due = clock.monotonic() + STILL_FOR
         snap = take(self.name, v4_len=c.thresholds.ipv4_prefix, v6_len=c.thresholds.ipv6_prefix,

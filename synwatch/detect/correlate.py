@@ -28,13 +28,14 @@ from synwatch.detect.incidents import (
     OpenIncident,
     fresh_marks,
     glimpse,
+    ports_sampled_by,
     timeline_point,
 )
 from synwatch.detect.kernellines import KernelLines
 from synwatch.detect.rules import half_open_floor
 from synwatch.detect.verdict import judge
 from synwatch.probes.evidence import Evidence
-from synwatch.probes.snapshot import ListenerState, Snapshot
+from synwatch.probes.snapshot import ListenerState
 from synwatch.records import (
     IncidentChange,
 )
@@ -105,7 +106,7 @@ class Correlator(KernelLines):
         """A build-up of half-open requests held long enough opens an incident whose
         evidence is the build-up."""
         changes = []
-        for key in sorted(self._half_open(at, probe.snap), key=str):
+        for key in sorted(self._half_open(at, probe), key=str):
             if self._by_key(key) is None:
                 st = states[key]
                 since, _ = self._high_since[key]
@@ -167,19 +168,29 @@ class Correlator(KernelLines):
             inc.tally = inc.window
         inc.window, inc.window_start = inc.tally.fresh(), at
 
-    def _half_open(self, at: datetime, snap: Snapshot) -> set[tuple[int, str, int]]:
+    def _half_open(self, at: datetime, probe: ProbeDelta) -> set[tuple[int, str, int]]:
         """Listeners whose SYN-RECV has stayed high for ``half_open_for`` while most of those
         requests never completed: a slow flood parks a queue at half its backlog without a log
-        line or an overflow (reqsk_timer_handler prunes old requests once half full)."""
+        line or an overflow (reqsk_timer_handler prunes old requests once half full). A
+        closed flood's request sockets are none, until new SYNs come (its residue neither
+        grows nor is sampled), they drain, or they have outlived their retries."""
+        snap = probe.snap
         passive = snap.counters.get("Tcp.PassiveOpens", 0)
         found: set[tuple[int, str, int]] = set()
         high: dict[tuple[int, str, int], tuple[datetime, int]] = {}
+        sampled = ports_sampled_by(probe)
+        self._residue = {k: until for k, until in self._residue.items() if at < until}
         for st in snap.listeners:
             key = listener_id(st)
+            until = self._residue.get(key)
+            if until is not None and (key in probe.grew or key[2] in sampled
+                                      or st.syn_recv < half_open_floor(
+                                          st.listener.backlog, self.th.half_open_min)):
+                del self._residue[key]
+                until = None
             if st.syn_recv < half_open_floor(st.listener.backlog, self.th.half_open_min):
-                self._residue.discard(key)  # drained: a build-up from here on is a new one
                 continue
-            if key in self._residue:
+            if until is not None:
                 continue
             since, opens_then = self._high_since.get(key, (at, passive))
             high[key] = (since, opens_then)

@@ -15,6 +15,7 @@ from synwatch.clock import Clock
 from synwatch.config import Thresholds
 from synwatch.detect.advice import in_place
 from synwatch.detect.delta import RATES, ListenerId, ProbeDelta, listener_id
+from synwatch.detect.rules import half_open_floor
 from synwatch.detect.tally import Tally
 from synwatch.detect.verdict import judge
 from synwatch.probes.evidence import Evidence
@@ -38,6 +39,7 @@ CORROBORATING_PROBES = 2
 MAX_PHASES = 32
 RECENT_PROBES = 120  # probes kept for an incident that opens after its build-up
 BUILDUP = 60  # probes before an opening kept as its build-up (a minute at the default interval)
+RESIDUE_SLACK = 5  # seconds a closed flood's request sockets may outlast their retries
 FRESH_FOR = timedelta(seconds=3)  # a queue filled, sampled or dropping this recently is a flood's
 
 
@@ -171,10 +173,10 @@ class Incidents:
             maxlen=RECENT_PROBES)
         # listeners whose SYN-RECV is high: since when, and PassiveOpens then
         self._high_since: dict[tuple[int, str, int], tuple[datetime, int]] = {}
-        # listeners whose incident closed with their SYN queue still high: a flood's request
-        # sockets live on for a minute after it (tcp_synack_retries=5: 63 s) and are no
-        # half-open build-up of their own until they drain (correlate._half_open)
-        self._residue: set[tuple[int, str, int]] = set()
+        # listeners whose incident closed with their SYN queue still high, and until when: a
+        # flood's request sockets live on after it (tcp_synack_retries=5: 63 s) and are no
+        # half-open build-up of their own unless new SYNs come (correlate._half_open)
+        self._residue: dict[tuple[int, str, int], datetime] = {}
         self._moving_since: datetime | None = None
         self._untrusted: deque[tuple[datetime, int | None, int]] = deque(
             maxlen=PENDING_UNTRUSTED)  # (time, port, event id)
@@ -234,6 +236,7 @@ class Incidents:
         self._last_probe = self._moving_since = None
         self._recent.clear()
         self._fresh.clear()
+        self._residue.clear()
         self._high_since.clear()
 
     def rebase_none(self) -> None:
@@ -241,6 +244,7 @@ class Incidents:
         self._last = self._last_probe = self._moving_since = None
         self._recent.clear()
         self._fresh.clear()
+        self._residue.clear()
         self._high_since.clear()
 
     @property
@@ -364,8 +368,15 @@ class Incidents:
 
     def _close(self, inc: OpenIncident, at: datetime) -> IncidentChange:
         del self.open[inc.serial]
-        if inc.key is not None:
-            self._residue.add(inc.key)
+        last = self._last.snapshot if self._last is not None else None
+        st = next((x for x in last.listeners if listener_id(x) == inc.key), None) if last else None
+        if st is not None and st.syn_recv >= half_open_floor(st.listener.backlog,
+                                                             self.th.half_open_min):
+            # a request socket lives through its SYN-ACK's retries: 2^(r+1) - 1 s (RFC 6298
+            # doubling from 1 s; tcp_synack_retries, 5 by default), and a few seconds more
+            retries = (last.sysctls.get("net.ipv4.tcp_synack_retries") if last else None) or 5
+            self._residue[st.listener.family, st.listener.address, st.listener.port] = (
+                at + timedelta(seconds=2 ** (min(retries, 10) + 1) - 1 + RESIDUE_SLACK))
         return self._change(inc, "closed", closed_at=at)
 
     def close_all(self, now: datetime) -> list[IncidentChange]:

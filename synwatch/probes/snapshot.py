@@ -49,9 +49,9 @@ class Snapshot:
 # while Tcp InSegs and the counters that move when requests overflow or go unanswered stand
 # still, a namespace whose last dump held none holds none now. Its SYN-RECV dump is skipped
 # then: inet_diag walks every bucket of the established hash for it, in each family (3.2 ms
-# here on an idle host, two thirds of an idle service's CPU). Nor can a queue have filled or
-# overflowed without a segment coming in, so the rest of the last look (listeners, sysctls,
-# conntrack: 0.5 ms more) stands as well, for as long as the caller lets it (``reread``).
+# here on an idle host, two thirds of an idle service's CPU). Nor can a listener's queue have
+# filled or overflowed without a segment coming in, so the listeners and sysctls of the last
+# look (0.4 ms more) stand as well, for as long as the caller lets it (``reread``).
 STILL = ("Tcp.InSegs", *(f"TcpExt.{name}" for name in procnet.STIRRING))
 
 
@@ -74,7 +74,8 @@ def take(netns: str = "", proc: Path = Path("/proc"), v4_len: int = 24,  # noqa:
         still = nothing_came_in(previous, counters)
         if still and not reread and not peers_for:
             assert previous is not None
-            return replace(previous, counters=counters)
+            # connection tracking fills with any flow (UDP, forwarded), not only TCP's
+            return replace(previous, counters=counters, conntrack=read_conntrack(proc))
         found = sockdiag.listeners()
         recv = (sockdiag.SynRecvSummary(Counter(), Counter()) if still
                 else sockdiag.syn_recv(v4_len, v6_len))

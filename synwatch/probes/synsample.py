@@ -119,6 +119,7 @@ class SynSampler:
         # samples read, and the packets they stood for, since the sampler thread last adapted
         # N (either thread reads: a probe drains the socket too)
         self._drained = self._weighed = 0
+        self._lost_weight = 0  # the packets dropped samples stood for, since then
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # stop() wakes it
         self._thread = threading.Thread(target=self._run, name="syn sampler", daemon=True)
@@ -133,6 +134,7 @@ class SynSampler:
         has not woken up for yet."""
         self._drain()
         with self._lock:
+            self._take_drops()  # this interval's, read before the socket drops more
             interval = self._interval
             self._interval = Interval(frozenset(interval.ports))
             return interval.summary(self.one_in)
@@ -162,10 +164,14 @@ class SynSampler:
             text = self._prefixes[key] = prefix_of(af, source, self.v4_len, self.v6_len)
         return text
 
-    def _count(self, samples: list[tuple[bytes, int]]) -> None:
+    def _count(self, samples: list[tuple[bytes, int | None]]) -> None:
+        """Each sample with its receive time (ns), weighed under the lock the swaps are
+        recorded under: a swap made while the samples were read is seen."""
         with self._lock:
             self._drained += len(samples)
-            for packet, weight in samples:
+            swaps, one_in = tuple(self._swaps), self.one_in
+            for packet, at in samples:
+                weight = one_in if at is None else weight_at(swaps, at, one_in)
                 self._weighed += weight
                 got = parse_packet(packet)
                 if got is None:
@@ -186,8 +192,7 @@ class SynSampler:
         a burst is in flight leaves samples of the old filter queued behind the swap, so the
         kernel's receive timestamp (SO_TIMESTAMPNS, taken before the filter runs) tells which
         filter a sample went through."""
-        samples: list[tuple[bytes, int]] = []
-        swaps, one_in = tuple(self._swaps), self.one_in
+        samples: list[tuple[bytes, int | None]] = []
         while True:
             try:
                 data, ancillary, _flags, _addr = self._sock.recvmsg(
@@ -197,37 +202,38 @@ class SynSampler:
             except OSError as exc:
                 log.warning("SYN sampler: %s", exc)
                 break
-            weight = one_in
+            at = None
             for level, kind, value in ancillary:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
                     sec, nsec = struct.unpack_from("qq", value)
-                    weight = weight_at(swaps, sec * 1_000_000_000 + nsec, one_in)
-            samples.append((data, weight))
+                    at = sec * 1_000_000_000 + nsec
+            samples.append((data, at))
             if len(samples) >= 4 * self.target:
                 break
         self._count(samples)
         return len(samples)
 
-    def _stats_lost(self) -> int:
+    def _take_drops(self) -> None:
+        """(Under the lock.) The samples the socket dropped since the last look (the
+        statistics are reset as they are read), charged to the interval now open and to the
+        next choice of N, at the N in force: they were dropped while it was."""
         try:
             _packets, drops = struct.unpack(
                 "II", self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
         except OSError:
-            return 0
-        return int(drops)
+            return
+        self._interval.lost += drops
+        self._interval.lost_weight += drops * self.one_in
+        self._lost_weight += drops * self.one_in
 
     def _adapt(self, elapsed: float) -> None:
         """The 1-in-N for what comes next, from the packets the samples of the last
         ``elapsed`` seconds stood for (each weighed by the filter that kept it, so a backlog
-        read late is not taken for a faster flood) and the samples the socket dropped (the
-        statistics are reset as they are read: the drops since the last look, under the N
-        in force, which is when they are counted)."""
-        lost = self._stats_lost()
+        read late is not taken for a faster flood) and the samples the socket dropped."""
         with self._lock:
-            weighed = self._weighed + lost * self.one_in
-            self._drained = self._weighed = 0
-            self._interval.lost += lost
-            self._interval.lost_weight += lost * self.one_in
+            self._take_drops()
+            weighed = self._weighed + self._lost_weight
+            self._drained = self._weighed = self._lost_weight = 0
         rate = weighed / elapsed / self.one_in  # samples a second at the N in force
         want = next_one_in(self.one_in, rate, self.target)
         if want < self.one_in and elapsed < 1.0:
@@ -235,9 +241,9 @@ class SynSampler:
         if want != self.one_in:
             log.debug("SYN sampler: %.0f packets/s at 1 in %d; now 1 in %d",
                       weighed / elapsed, self.one_in, want)
-            began = time.time_ns()
-            attach_filter(self._sock, want)
-            with self._lock:  # together, so a read() on the probe's thread weighs consistently
+            with self._lock:  # a read() on the probe's thread weighs with the swap or before it
+                began = time.time_ns()
+                attach_filter(self._sock, want)
                 self._swaps.append((began, time.time_ns(), self.one_in, want))
                 self.one_in = want
 
