@@ -182,15 +182,11 @@ class Correlator(KernelLines):
         self._residue = {k: until for k, until in self._residue.items() if at < until}
         for st in snap.listeners:
             key = listener_id(st)
-            until = self._residue.get(key)
-            if until is not None and (key in probe.grew or key[2] in sampled
-                                      or st.syn_recv < half_open_floor(
-                                          st.listener.backlog, self.th.half_open_min)):
+            floor = half_open_floor(st.listener.backlog, self.th.half_open_min)
+            if key in self._residue and (key in probe.grew or key[2] in sampled
+                                         or st.syn_recv < floor):
                 del self._residue[key]
-                until = None
-            if st.syn_recv < half_open_floor(st.listener.backlog, self.th.half_open_min):
-                continue
-            if until is not None:
+            if st.syn_recv < floor or key in self._residue:
                 continue
             since, opens_then = self._high_since.get(key, (at, passive))
             high[key] = (since, opens_then)

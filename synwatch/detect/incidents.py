@@ -375,7 +375,7 @@ class Incidents:
             # a request socket lives through its SYN-ACK's retries: 2^(r+1) - 1 s (RFC 6298
             # doubling from 1 s; tcp_synack_retries, 5 by default), and a few seconds more
             retries = (last.sysctls.get("net.ipv4.tcp_synack_retries") if last else None) or 5
-            self._residue[st.listener.family, st.listener.address, st.listener.port] = (
+            self._residue[listener_id(st)] = (
                 at + timedelta(seconds=2 ** (min(retries, 10) + 1) - 1 + RESIDUE_SLACK))
         return self._change(inc, "closed", closed_at=at)
 

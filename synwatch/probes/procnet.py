@@ -109,9 +109,8 @@ def stirring(path: Path) -> tuple[int, ...] | None:
     """The STIRRING TcpExt counters of the namespace whose netstat file ``path`` is (a
     /proc/PID/net/netstat needs no entering), or None when it cannot be read. Only the TcpExt
     pair of lines is parsed: a few microseconds, against a whole read_counters()."""
-    try:
-        text = path.read_text()
-    except OSError:
+    text = proc_text(str(path))
+    if text is None:
         return None
     header, _, rest = text.partition("\n")
     values, _, _ = rest.partition("\n")
@@ -136,9 +135,8 @@ def segments_in(path: Path) -> tuple[int, ...] | None:
     """The SEGMENTS Tcp counters of the namespace whose snmp file ``path`` is; InSegs first,
     every TCP segment it received. Still, nothing can have overflowed there (no SYN came in),
     and its netstat, three times the cost to read, is not read (RFC 1213 tcpInSegs)."""
-    try:
-        text = path.read_text()
-    except OSError:
+    text = proc_text(str(path))
+    if text is None:
         return None
     start = text.find("\nTcp:")
     parts = text[start + 1:].split("\n", 2) if start >= 0 else []

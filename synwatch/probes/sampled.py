@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -142,12 +142,12 @@ class Interval:
 Swap = tuple[int, int, int, int]  # began, ended (ns, CLOCK_REALTIME), 1-in-N before, after
 
 
-def weight_at(swaps: Iterable[Swap], at: int, one_in: int) -> int:
+def weight_at(swaps: Sequence[Swap], at: int, one_in: int) -> int:
     """The 1-in-N a sample received at ``at`` was kept under, from the filter swaps (oldest
     first) and the 1-in-N now: samples queue behind a swap, several swaps deep when the reader
     falls behind. During a swap, the filter that kept more (the smaller N) most likely."""
     earliest = one_in
-    for began, ended, before, after in reversed(list(swaps)):
+    for began, ended, before, after in reversed(swaps):
         if at >= ended:
             return after
         if at >= began:

@@ -185,8 +185,8 @@ class SynSampler:
                 else:
                     self._interval.add_completed(got.port, source, prefix, weight)
 
-    def _drain(self) -> int:
-        """Read every queued sample; returns how many there were.
+    def _drain(self) -> None:
+        """Read every queued sample.
 
         Each sample counts for the 1-in-N of the filter that kept it. A filter swapped while
         a burst is in flight leaves samples of the old filter queued behind the swap, so the
@@ -211,7 +211,6 @@ class SynSampler:
             if len(samples) >= 4 * self.target:
                 break
         self._count(samples)
-        return len(samples)
 
     def _take_drops(self) -> None:
         """(Under the lock.) The samples the socket dropped since the last look (the
