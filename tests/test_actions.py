@@ -383,3 +383,31 @@ def test_a_ban_comment_cannot_end_its_quotes() -> None:
     # one line of its own per command, the comment within its quotes
     assert rendered.count('"') == 2 and len(rendered.splitlines()) == 5, rendered
     assert "\nflush ruleset" not in rendered
+
+
+def test_a_fleet_node_looks_at_the_fleets_changes_at_its_own_random_time(
+        tmp_path: Path) -> None:
+    """The service's loop turns when the responder says an action is due: a fleet node's look
+    at the fleet's changes comes 0.75 to 1.25 s after the last, each wait drawn anew (nodes
+    started together drift apart); a node that is not a fleet's, or a retired responder, is
+    never due."""
+    responder, store, clock = _responder(
+        tmp_path, '[actions]\ndry_run = true\n[actions.ban]\nscope = "fleet"\n')
+    responder.start()
+    waits = []
+    for _ in range(20):
+        due = responder.next_due()
+        waits.append(due - clock.t)
+        clock.t = due - 0.1  # not due yet: no look, the same time
+        responder.tick()
+        assert responder.next_due() == due
+        clock.t = due
+        responder.tick()
+    assert len(set(waits[1:])) == 19 and 0.75 <= min(waits[1:]) <= max(waits) <= 1.25
+    responder.retired = True
+    assert responder.next_due() == float("inf")
+    store.close()
+    local, store, _ = _responder(tmp_path / "local", "[actions]\ndry_run = true\n")
+    local.start()
+    assert local.next_due() == float("inf")
+    store.close()

@@ -406,7 +406,7 @@ def test_the_password_file_is_read_into_the_url_quoted(
                              "@127.0.0.1:1/synwatch")
     assert c.storage.password_file == str(secret)
     # both readers of the URL get the password back: SQLAlchemy (the store) and libpq (the
-    # history reader and the fleet's LISTEN connection)
+    # history reader)
     url = make_url(c.storage_url)
     assert (url.username, url.password, url.host, url.port) == ("synwatch", PASSWORD,
                                                                 "127.0.0.1", 1)

@@ -1,13 +1,16 @@
-"""Two synwatch nodes sharing one real PostgreSQL history (tests/support/pgcluster.py), each
-watching and acting on its own network namespace (its own server, clients and nftables), as two web
-servers behind a load balancer.
+"""Two synwatch nodes sharing one real PostgreSQL history (tests/support/pgcluster.py) through a
+real pgbouncer in transaction mode (tests/support/pgbouncer.py), each watching and acting on its
+own network namespace (its own server, clients and nftables), as two web servers behind a load
+balancer.
 
-- A concentrated flood against one node is banned in both nodes' nftables (a fleet ban,
-  carried by LISTEN/NOTIFY); each node keeps its own allowlist.
+- A concentrated flood against one node is banned in both nodes' nftables (a fleet ban, read
+  from the fleet's changes); each node keeps its own allowlist.
 - `unban` on the other node lifts it on both.
 - `incidents list --all-hosts` shows both nodes' incidents.
 - Stopping PostgreSQL during a flood loses no event: every kernel line is in the history once
   the server is back, exactly once, and the node never stopped detecting.
+- Stopping the pooler during a flood, with a node joining the fleet while it is away: both go on,
+  and once it is back the late node holds every fleet ban, the one decided meanwhile too.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from typing import Any
 import pytest
 
 from synwatch.actions.fleetcopy import BATCH
-from synwatch.store.listen import BAN_CHANNEL
+from synwatch.store.writes import FLEET_LOCK
 from tests.support.cli import synwatch
 from tests.support.harness import Service
 from tests.support.lab import SPOOF_NET, Kmsg, Lab, banned_in_nft, flood_from, lab, lab_port
+from tests.support.pgbouncer import Pooler
 from tests.support.pgcluster import Cluster
 from tests.support.wait import eventually
 
@@ -68,9 +72,22 @@ def listed(service: Service, *args: str) -> list[dict[str, Any]]:
     return found
 
 
+@pytest.fixture
+def pooled_url(pg: Cluster) -> Iterator[tuple[Pooler, str]]:
+    """A new database of the session's server, reached through a pooler of its own."""
+    if not pg.running:
+        pg.start()
+    pooler = Pooler(pg, pool_size=4).start()
+    try:
+        yield pooler, pooler.url(pg.new_database_name())
+    finally:
+        pooler.destroy()
+
+
 def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
-        two_labs: tuple[Lab, Lab], tmp_path: Path, pg_url: str) -> None:
+        two_labs: tuple[Lab, Lab], tmp_path: Path, pooled_url: tuple[Pooler, str]) -> None:
     lab_a, lab_b = two_labs
+    pooler, pg_url = pooled_url
     a = node(lab_a, tmp_path, pg_url, "node-a")
     b = node(lab_b, tmp_path, pg_url, "node-b", extra=textwrap.dedent(f"""
         [allowlist]
@@ -86,8 +103,8 @@ def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
         eventually(lambda: set(banned_in_nft(lab_b)) == {ONE, TWO},
                    "node-a's bans copied by node-b")
         b.wait_log(f"({THREE}) not copied: allowlisted ({THREE})")
-        for n in (a, b):  # woken by NOTIFY (bench/fleet_bench.py measures how fast)
-            n.wait_log("fleet: listening for the other nodes' bans (PostgreSQL LISTEN")
+        for n in (a, b):  # the pooler takes no startup options: its own timeouts hold
+            n.wait_log("is a pooler that takes no startup options: statement timeout 5s")
         # and the other way round: a flood against node-b is banned on node-a too
         flood_from(lab_b, port_b, [FOUR], each=800)
         eventually(lambda: FOUR in banned_in_nft(lab_a), "node-b's ban copied by node-a")
@@ -120,9 +137,51 @@ def test_a_ban_on_one_node_is_a_ban_on_both_and_unban_lifts_both(
                                      str(a.config)).out)
         assert status["running"] and status["host"] == "node-a"
         assert {h["host"] for h in status["hosts"] if h["recent"]} == {"node-a", "node-b"}
+        # two services, each with its CLI calls, on at most the pool's server connections
+        assert 1 <= pooler.server_connections(pg_url.split("@/")[1].split("?")[0]) <= 4
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_pooler_away_during_a_flood_and_a_node_joining_meanwhile_lose_no_fleet_ban(
+        two_labs: tuple[Lab, Lab], tmp_path: Path, pooled_url: tuple[Pooler, str]) -> None:
+    """node-a bans a flood; the pooler stops; node-a bans a second flood on its own (spooled),
+    and node-b starts, with no history to read. Once the pooler is back, node-a's spool reaches
+    the history and node-b, catching up, holds both fleet bans; a third one, decided after,
+    reaches it as a change."""
+    lab_a, lab_b = two_labs
+    pooler, url = pooled_url
+    a = node(lab_a, tmp_path, url, "node-a")
+    b: Service | None = None
+    try:
+        port = lab_port()
+        lab_a.listen(port, backlog=64)
+        flood_from(lab_a, port, [ONE], each=700)
+        eventually(lambda: ONE in banned_in_nft(lab_a), "node-a's first ban")
+        eventually(lambda: any(r["prefix"] == ONE for r in listed(a, "bans", "list")),
+                   "the first ban in the history")
+        pooler.stop()
+        flood_from(lab_a, port, [TWO], each=700)
+        eventually(lambda: TWO in banned_in_nft(lab_a), "a ban with the pooler away")
+        a.wait_log("writes go to the spool")
+        b = node(lab_b, tmp_path, url, "node-b")
+        b.wait_log("starting on the spool")
+        assert banned_in_nft(lab_b) == {}
+        pooler.start()
+        a.wait_log("recording directly again", timeout=30)
+        eventually(lambda: set(banned_in_nft(lab_b)) == {ONE, TWO}, "node-b caught up",
+                   timeout=30)
+        flood_from(lab_a, port, [FOUR], each=700)
+        eventually(lambda: FOUR in banned_in_nft(lab_b), "a later ban copied as a change")
+        copies = [r for r in listed(b, "bans", "list") if r["active"]]
+        assert sorted(r["prefix"] for r in copies) == sorted([ONE, TWO, FOUR])
+        for n in (a, b):
+            assert "Traceback" not in n.log.read_text()
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
 
 
 def kernel_lines(kmsg: Kmsg, ports: set[int], want: int) -> dict[int, int]:
@@ -203,18 +262,25 @@ def the_lab_pg(pg: Cluster) -> Iterator[tuple[Lab, Cluster]]:
 
 WIDE = ["128.0.0.0/1", "2000::/3", "ff00::/8", "::ffff:0:0/96", "224.0.1.0/24",
         "169.254.7.0/24"]  # too wide, multicast, v4-mapped, link-local
-GOOD, OTHER = f"{SPOOF_NET}.31.0/24", f"{SPOOF_NET}.33.0/24"
+GOOD, OTHER, UNNUMBERED = (f"{SPOOF_NET}.{n}.0/24" for n in (31, 33, 35))
 BACKLOG, CAP = 10_000, 1_000
 
 
-def hostile(pg: Cluster, url: str, sql: str) -> None:
+def hostile(pg: Cluster, url: str, sql: str, *, numbered: bool = True) -> None:
     """Rows written straight into the shared history, as any node (or anyone with its
-    password) can, and the nodes woken as a node's own write wakes them (NOTIFY on the ban
-    channel, after the rows are committed): the node reads them at once, not at its next
-    periodic look up to FLEET_EVERY (5 s) later."""
-    with pg.connect(url.split("@/", 1)[1].split("?", maxsplit=1)[0]) as conn:
+    password) can, numbered as a node numbers its fleet bans (the next changes of the fleet),
+    so the node reads them within a second; ``numbered=False``: as an older synwatch writes
+    them, found when a node looks at every ban in force (at its start)."""
+    with pg.connect(url.split("@/", 1)[1].split("?", maxsplit=1)[0]) as conn, \
+            conn.transaction():
+        [(before,)] = conn.execute("SELECT coalesce(max(id), 0) FROM bans").fetchall()
         conn.execute(sql)  # type: ignore[arg-type]
-        conn.execute("SELECT pg_notify(%s, %s)", (BAN_CHANNEL, "node-a"))
+        if numbered:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [FLEET_LOCK])
+            conn.execute("UPDATE bans SET fleet_seq = n.seq FROM (SELECT id, (SELECT "
+                         "coalesce(max(fleet_seq), 0) FROM bans) + row_number() OVER "
+                         "(ORDER BY id) AS seq FROM bans WHERE id > %s AND scope = 'fleet' "
+                         "AND origin_id IS NULL) n WHERE bans.id = n.id", [before])
 
 
 def probe_times(service: Service) -> list[datetime]:
@@ -267,6 +333,10 @@ def test_hostile_fleet_rows_are_refused_and_a_backlog_never_blinds_the_node(
         except AssertionError as exc:  # what it decided, and why
             raise AssertionError(f"{exc}: {service.incidents(port)}\n"
                                  f"{service.log.read_text()[-4000:]}") from exc
+        # a row as an older synwatch writes it (no number): not a change, so it waits for the
+        # node's next look at every ban in force (its restart below)
+        hostile(pg, pg_url, row + f"('{UNNUMBERED}', 'nftables', '', {values}, NULL, 1, "
+                "'node-a', 'fleet')", numbered=False)
         service.wait_probes(3)
         assert set(banned_in_nft(the_lab)) == {GOOD, ONE}
         assert "Traceback" not in service.log.read_text()
@@ -302,6 +372,7 @@ def test_hostile_fleet_rows_are_refused_and_a_backlog_never_blinds_the_node(
         done = time.monotonic()
         service.wait_probes(3)
         assert len(banned_in_nft(the_lab)) == CAP
+        assert UNNUMBERED in banned_in_nft(the_lab)  # the look at every ban in force, at start
         times = [t for t in probe_times(service) if t >= inserted]
         gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)
                 if not a <= restarted <= b]  # not the stop and start

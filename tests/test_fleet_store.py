@@ -25,6 +25,7 @@ from tests.support.history import (
     check_old_history,
     event_no,
 )
+from tests.support.pgbouncer import Pooler
 from tests.support.pgcluster import Cluster
 
 
@@ -60,7 +61,7 @@ def test_postgresql_migrates_an_old_history_with_its_data(pg_url: str, old: Path
     _copy_old_history(old, pg_url, revision)
     store = History.open(pg_url)
     assert store.dialect == "postgresql"
-    assert store.schema_revision() == store.head_revision() == "0005"
+    assert store.schema_revision() == store.head_revision() == "0006"
     check_old_history(store, revision)
 
 
@@ -87,7 +88,7 @@ def test_nodes_starting_together_migrate_once(pg_url: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert History.open(pg_url).schema_revision() == "0005"
+    assert History.open(pg_url).schema_revision() == "0006"
 
 
 def test_nodes_writing_at_once_lose_nothing_and_duplicate_nothing(pg_url: str) -> None:
@@ -365,3 +366,65 @@ def test_a_database_that_is_not_there_is_an_error_not_an_outage(pg_url: str) -> 
     with pytest.raises(StoreOutage):
         History.open("postgresql+psycopg://postgres@/x?host=/nonexistent-socket-dir",
                      write=False)
+
+
+def test_the_fleets_changes_are_read_in_commit_order_through_a_pooler(pg: Cluster) -> None:
+    """Four nodes decide fleet bans one by one and lift some everywhere, through a real
+    pgbouncer in transaction mode, while a fifth polls the changes after the last it saw, as
+    every node does: it misses none and sees none twice (a number handed out before another's
+    commit would be skipped by a reader already past it), and all of it on the pool's few
+    server connections."""
+    if not pg.running:
+        pg.start()
+    pooler = Pooler(pg, pool_size=3).start()
+    try:
+        name = pg.new_database_name()
+        url = pooler.url(name)
+        History.open(url).close()
+        decided: dict[int, str] = {}
+        lifted: set[int] = set()
+        done = threading.Event()
+
+        def writer(host: str) -> None:
+            store = History.open(url, host=host)
+            for i in range(40):
+                now = datetime.now(timezone.utc)
+                [ban] = store.add_bans([Ban(prefix=f"10.{len(host)}.{i}.0/24", backend="nft",
+                                            netns="", incident_id=None, created_at=now,
+                                            expires_at=now + timedelta(hours=1),
+                                            scope="fleet")])
+                decided[ban] = host
+                if i % 5 == 4:
+                    store.mark_removed([ban], now, everywhere=True)
+                    lifted.add(ban)
+            store.close()
+
+        seen: list[tuple[int, int, bool]] = []
+
+        def reader() -> None:
+            store, cursor = History.open(url, host="reader"), 0
+            while True:
+                finished = done.is_set()
+                for seq, b in store.fleet_changes(cursor, 50):
+                    seen.append((seq, b.id or 0, b.removed_at is not None))
+                    cursor = seq
+                if finished:
+                    break
+            store.close()
+
+        threads = [threading.Thread(target=writer, args=(f"web{'x' * i}",)) for i in range(4)]
+        polling = threading.Thread(target=reader)
+        polling.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        polling.join()
+        numbers = [n for n, _, _ in seen]
+        assert numbers == list(range(1, len(decided) + len(lifted) + 1))
+        assert {i for _, i, gone in seen if not gone} == set(decided)
+        assert {i for _, i, gone in seen if gone} == lifted
+        assert 1 <= pooler.server_connections(name) <= 3
+    finally:
+        pooler.destroy()

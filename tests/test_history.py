@@ -53,7 +53,10 @@ def _script(store: Any, other: Any) -> list[Any]:
         out.append(store.active_bans(netns, NOW, backend))
     out.append(store.expired_bans("ns", later + timedelta(seconds=1), "nftables"))
     out += [store.times_banned("ns", "198.51.100.0/24"), store.incident_bans(inc)]
+    out.append(store.fleet_changes(0, 10))  # theirs, numbered
+    out.append(store.fleet_cursor())
     store.mark_removed([copy], later, everywhere=True)  # lifts theirs too
+    out.append(store.fleet_changes(out[-1], 10))  # theirs again, lifted, a number higher
     store.mark_removed([copy], later + timedelta(hours=1))  # gone already: its time stays
     out.append(other.active_bans("ns", NOW))
     store.save_setting("ns", "net.ipv4.tcp_syncookies", "0", NOW)
@@ -94,9 +97,9 @@ def test_both_databases_answer_every_call_of_the_service_alike(tmp_path: Path,
     # an id the history does not have: an SQLite file keeps it (a file deleted under the
     # service and started anew), a server's sequence hands out its own
     assert (lite[4], server[4]) == (999, 2)
-    [resumed], [theirs] = lite[19], server[19]
+    [resumed], [theirs] = lite[22], server[22]
     assert replace(theirs, incident_id=999) == resumed
-    assert lite[:4] + lite[5:19] + lite[20:] == server[:4] + server[5:19] + server[20:]
+    assert lite[:4] + lite[5:22] + lite[23:] == server[:4] + server[5:22] + server[23:]
     assert lite[0] == [1, 2, None]  # the repeated entry is recorded once
     assert lite[1] == [None, 3]
     assert lite[3] == lite[2]
@@ -105,14 +108,20 @@ def test_both_databases_answer_every_call_of_the_service_alike(tmp_path: Path,
     assert lite[10] == []  # another namespace
     assert [b.prefix for b in lite[11]] == ["198.51.100.0/24"]  # past its expiry
     assert lite[12] == 1 and lite[13] == {"198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24"}
-    assert lite[14] == []  # the fleet ban lifted everywhere: web2's too
-    assert lite[15:17] == ["2", [("ns", "net.ipv4.tcp_syncookies", "2")]]
-    assert lite[17:19] == [{"cursor": "b"}, None]
+    # the fleet's changes: both fleet bans decided, numbered in order; then web2's lifted
+    assert [(n, b.prefix, b.host) for n, b in lite[14]] == [(1, "203.0.113.0/24", "web1"),
+                                                           (2, "192.0.2.0/24", "web2")]
+    assert lite[15] == 2
+    assert [(n, b.prefix, b.removed_at) for n, b in lite[16]] == [
+        (3, "192.0.2.0/24", NOW + timedelta(minutes=5))]
+    assert lite[17] == []  # the fleet ban lifted everywhere: web2's too
+    assert lite[18:20] == ["2", [("ns", "net.ipv4.tcp_syncookies", "2")]]
+    assert lite[20:22] == [{"cursor": "b"}, None]
     assert (resumed.port, resumed.recommendations, resumed.state) == (
         80, ("ban 198.51.100.0/24",), {"tally": {"n": 3}, "reasons": ["few prefixes"]})
-    assert [(r.target, r.host) for r in lite[20]] == [("opened", "web1")]
-    assert [r.host for r in lite[21]] == ["web1", "web9"]
-    assert lite[22:] == [1, 1]
+    assert [(r.target, r.host) for r in lite[23]] == [("opened", "web1")]
+    assert [r.host for r in lite[24]] == ["web1", "web9"]
+    assert lite[25:] == [1, 1]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

@@ -32,14 +32,14 @@ def _db(path: Path) -> str:
 def test_open_creates_and_migrates_the_schema_in_wal_mode(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "dir" / "h.db"
     store = History.open(_db(db))
-    assert store.schema_revision() == store.head_revision() == "0005"
+    assert store.schema_revision() == store.head_revision() == "0006"
     tables = {r[0] for r in store.rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"events", "incidents", "evidence_samples", "action_runs", "bans",
             "source_positions", "alembic_version"} <= tables
     store.close()
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     # a second open is a no-op
-    assert History.open(_db(db)).schema_revision() == "0005"
+    assert History.open(_db(db)).schema_revision() == "0006"
 
 
 def test_migration_runs_down_and_up_with_data_kept(tmp_path: Path) -> None:

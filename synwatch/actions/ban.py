@@ -38,7 +38,6 @@ from synwatch.config import Config, Network
 from synwatch.durations import format_duration
 from synwatch.errors import CommandError, StoreError
 from synwatch.records import Ban, IncidentChange
-from synwatch.store.listen import FleetListener
 from synwatch.system.bridgepath import addresses_toward
 from synwatch.system.runner import Command, show
 
@@ -81,8 +80,8 @@ class BanAction(FleetCopies):
         self.reconcile_state = _Reconcile()
         self.drifted: dict[int, str] = {}  # ban id -> why, found at the last check (warned)
         self.kept: _Kept | None = None  # the last check's outcome, as the history has it
-        self.listener: FleetListener | None = None
         self.fleet_due = 0.0
+        self.addresses_due = 0.0  # the next look at this host's addresses (the guard's)
         self.fleet_seen: set[int] = set()  # other nodes' fleet bans decided on here
         self.fleet_scan = FleetScan()
         self.malformed_own: set[int] = set()  # this node's own rows found malformed (warned)
@@ -103,33 +102,31 @@ class BanAction(FleetCopies):
 
     def start(self) -> list[Plan]:
         self._refresh_guard()
+        self.addresses_due = self.ctx.clock.monotonic() + self.ctx.config.ban.reconcile
         plans: list[Plan] = []
         setup = self.firewall.render_setup()
         if setup:
             plans.append(Plan(self.name, f"{self.firewall.name} setup", show(setup),
                               lambda: self._apply(setup, "ready")))
-        if self.fleet and self.ctx.store.dialect == "postgresql":
-            self.listener = FleetListener(self.ctx.store.url, self.ctx.host, self.ctx.wake)
-            self.listener.start()
         return (plans + self._reconcile(setup=False)
                 + self._fleet_tick(self.ctx.clock.monotonic()))
 
-    def stop(self) -> list[Plan]:
-        if self.listener is not None:
-            self.listener.stop()
-        return []
-
     def tick(self, now: datetime) -> list[Plan]:
         mono = self.ctx.clock.monotonic()
-        woken = self.listener is not None and self.listener.woken.is_set()
-        if woken or (self.fleet and mono >= self.fleet_due):
-            return self._fleet_tick(mono)
-        if self.fleet and self.fleet_scan.busy:  # the next page or batch of a backlog
-            return self._copy_fleet()
+        plans: list[Plan] = []
+        if self.fleet and mono >= self.fleet_due:
+            plans += self._fleet_tick(mono)
+        elif self.fleet and self.fleet_scan.busy:  # the next page or batch of a backlog
+            plans += self._copy_fleet()
         if mono < self.reconcile_state.due:
-            return []
+            return plans
+        if mono < self.addresses_due:  # a reconcile brought forward to prove a new ban
+            return plans + self._reconcile()
+        # this host's addresses, read with `ip`: on the reconcile's own period, not at each
+        # ban proven (a fleet node proves a copy of every ban the fleet decides)
+        self.addresses_due = mono + self.ctx.config.ban.reconcile
         self._refresh_guard()
-        return self._follow_addresses() + self._reconcile()
+        return plans + self._follow_addresses() + self._reconcile()
 
     def _follow_addresses(self) -> list[Plan]:
         """A bridged container's addresses change (`docker network connect`, `disconnect`):

@@ -1,11 +1,24 @@
 """A fleet's bans on this node (actions.ban.scope = "fleet"): the bans other nodes decided,
-read a page per loop turn and copied into this node's firewall in batches, each row checked
-like a log line and against this node's own guards and caps (synwatch/actions/fleetcopy.py
-decides); a refusal is logged and counted, never stored."""
+copied into this node's firewall in batches, each row checked like a log line and against this
+node's own guards and caps (synwatch/actions/fleetcopy.py decides); a refusal is logged and
+counted, never stored.
+
+A node reads the fleet's *changes*: at its start every ban in force that it has not copied
+(a page per loop turn), then, about once a second, the bans decided or lifted everywhere since
+the last change it saw (``bans.fleet_seq``, an index probe when nothing changed), and every
+five minutes or so every ban in force again, for rows written without a number (a node of an
+older synwatch during an upgrade, a row written by hand). Nothing is
+held open on the database between two looks (no LISTEN session), so a transaction pooler
+(pgbouncer) can serve a thousand nodes from a few server connections; each node's wait is
+drawn at random around the second, so nodes started together, or back together after an
+outage, do not look at the same moment.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -19,29 +32,39 @@ from synwatch.actions.registry import Action, Plan
 from synwatch.durations import format_duration
 from synwatch.errors import StoreError
 from synwatch.records import ActionRun, Ban
-from synwatch.store.listen import FleetListener
 from synwatch.system.runner import Command, show
 
 log = logging.getLogger("synwatch")
-FLEET_EVERY = 5.0  # seconds: a fleet's bans are looked at this often without a notification
+FLEET_POLL = 1.0  # seconds between two looks at the fleet's changes, on average
+FLEET_CATCH_UP = 300.0  # seconds between two looks at every fleet ban in force, on average
+FLEET_JITTER = 0.25  # each wait is give or take this share of it, drawn at random
 MAX_SHOWN = 5  # refusals named in one log line (the rest as a count)
 MALFORMED_SHOWN = 20  # malformed fleet rows named, each in a warning, per loop turn
 
 
+def jittered(seconds: float) -> float:
+    """A wait of about ``seconds``, drawn at random: nodes that started together, or came back
+    together after an outage, drift apart instead of asking the database at the same moment."""
+    return seconds * random.uniform(1 - FLEET_JITTER, 1 + FLEET_JITTER)  # noqa: S311
+
+
 @dataclass
 class FleetScan:
-    """Where the reading of other nodes' fleet bans is: a page of rows per loop turn, by id
-    from ``after``, into ``pending``; the copies go in batches from there."""
+    """Where the reading of other nodes' fleet bans is: the fleet's last change read
+    (``cursor``; None until read), a look at every ban in force by id from ``after`` (at the
+    start), and the rows waiting to be copied (``pending``), a batch per loop turn."""
 
+    cursor: int | None = None
     after: int = 0
-    reading: bool = False
-    again: bool = False  # a look was asked for while reading: read from the start once more
+    reading: bool = False  # the look at every ban in force, a page per loop turn
+    more: bool = False  # the last page of changes was full: the next one at the next turn
+    catch_up_due: float = 0.0  # the next look at every ban in force
     pending: deque[Ban] = field(default_factory=deque)
     problem: str | None = None  # the store's, said once
 
     @property
     def busy(self) -> bool:
-        return self.reading or bool(self.pending)
+        return self.reading or self.more or bool(self.pending)
 
 
 class FleetCopies(Action):
@@ -49,7 +72,6 @@ class FleetCopies(Action):
 
     firewall: Firewall
     guard: Guard
-    listener: FleetListener | None
     fleet_due: float
     fleet_seen: set[int]  # other nodes' fleet bans decided on here
     fleet_scan: FleetScan
@@ -67,20 +89,60 @@ class FleetCopies(Action):
         raise NotImplementedError
 
 
+    def next_due(self) -> float:
+        return self.fleet_due if self.fleet else math.inf
+
     def _fleet_tick(self, mono: float) -> list[Plan]:
-        """Lifts what another node unbanned (the reconcile: its copy here was marked removed),
-        then looks at the bans other nodes decided since the last look."""
+        """The next look at the fleet's changes, due at a random time around FLEET_POLL from
+        now: a ban lifted everywhere is taken out at once (the reconcile), a new one waits
+        with the others to be copied."""
         if not self.fleet:
             return []
-        if self.listener is not None:
-            self.listener.woken.clear()
-        self.fleet_due = mono + FLEET_EVERY
+        self.fleet_due = mono + jittered(FLEET_POLL)
         scan = self.fleet_scan
-        if scan.reading:
-            scan.again = True
-        else:
+        try:
+            if scan.cursor is not None and mono >= scan.catch_up_due and not scan.reading:
+                scan.reading, scan.after = True, 0
+            if scan.cursor is None or scan.reading:
+                scan.catch_up_due = mono + jittered(FLEET_CATCH_UP)
+            lifted = self._read_changes()
+        except StoreError as exc:  # the database is away: looked at again when it answers
+            self._cannot_read(exc)
+            return []
+        return (self._reconcile() if lifted else []) + self._copy_fleet()
+
+    def _read_changes(self) -> bool:
+        """A page of the fleet's changes after the last one read; at the start (or until
+        the history first answers), the number of the last change, then every ban in force.
+        Returns whether a ban held here was lifted everywhere."""
+        scan, store = self.fleet_scan, self.ctx.store
+        if scan.cursor is None:
+            scan.cursor = store.fleet_cursor()  # first: a ban decided meanwhile is a change
             scan.reading, scan.after = True, 0
-        return self._reconcile() + self._copy_fleet()
+            return False
+        page = store.fleet_changes(scan.cursor, PAGE)
+        scan.more = len(page) == PAGE
+        lifted: set[int] = set()
+        for seq, b in page:
+            scan.cursor = seq
+            if b.id is None:
+                continue
+            if b.removed_at is not None:
+                if b.id in self.fleet_seen or b.host == self.ctx.host:
+                    lifted.add(b.id)
+            elif b.host != self.ctx.host and b.id not in self.fleet_seen:
+                self.fleet_seen.add(b.id)
+                scan.pending.append(b)
+        if lifted and scan.pending:  # lifted before its copy was made here
+            scan.pending = deque(b for b in scan.pending if b.id not in lifted)
+        return bool(lifted)
+
+    def _cannot_read(self, exc: StoreError) -> None:
+        scan = self.fleet_scan
+        if scan.problem != exc.why:
+            log.warning("ban: the fleet's bans cannot be read (%s); looking again every "
+                        "%.0f s", exc.why, FLEET_POLL)
+            scan.problem = exc.why
 
     def _copy_fleet(self) -> list[Plan]:
         """One loop turn's share of other nodes' fleet bans (synwatch/actions/fleetcopy.py): a
@@ -90,26 +152,24 @@ class FleetCopies(Action):
         node's own guards and caps; a refusal is logged and counted, never stored."""
         scan, store, now = self.fleet_scan, self.ctx.store, self.ctx.clock.now()
         try:
+            if scan.more and len(scan.pending) < BATCH:
+                scan.more = False
+                if self._read_changes():
+                    self._mark_due()
             if scan.reading and len(scan.pending) < BATCH:
                 page = store.fleet_bans_to_copy(now, after=scan.after, limit=PAGE)
                 scan.after = max((b.id or 0 for b in page), default=scan.after)
                 scan.pending.extend(b for b in page if b.id not in self.fleet_seen)
                 self.fleet_seen.update(b.id for b in page if b.id is not None)
-                if len(page) < PAGE:
-                    scan.reading, scan.after = scan.again, 0
-                    scan.again = False
+                scan.reading = len(page) == PAGE
             active = self._well_formed(store.active_bans(self.ctx.netns, now)) \
                 if scan.pending else []
-        except StoreError as exc:  # the database is gone: looked at again when it answers
-            if scan.problem != exc.why:
-                log.warning("ban: the fleet's bans cannot be read (%s); looking again every "
-                            "%.0f s", exc.why, FLEET_EVERY)
-                scan.problem = exc.why
-            scan.reading = scan.again = False
+        except StoreError as exc:  # the database is away: looked at again when it answers
+            self._cannot_read(exc)
             return []
         scan.problem = None
         if not scan.pending:
-            if scan.reading:
+            if scan.busy:
                 self.ctx.wake()
             return []
         picked = pick(scan.pending, now=now, settings=self.ctx.config.ban,

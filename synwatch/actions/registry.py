@@ -7,6 +7,7 @@ not at all in dry-run) and records every outcome.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -99,6 +100,11 @@ class Action:
 
     def tick(self, now: datetime) -> list[Plan]:
         return []
+
+    def next_due(self) -> float:
+        """When (monotonic) ``tick`` has work of its own next, if sooner than the loop's next
+        turn (at least once a second)."""
+        return math.inf
 
     def stop(self) -> list[Plan]:
         return []

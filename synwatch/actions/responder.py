@@ -13,6 +13,7 @@ notify action finds it in the store).
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from collections import deque
@@ -117,6 +118,13 @@ class Responder:
     @property
     def config(self) -> Config:
         return self.ctx.config
+
+    def next_due(self) -> float:
+        """When an action's own work is next due (monotonic): the service's loop turns then.
+        A retired responder ticks none: never due (the loop would turn for nothing)."""
+        if self.retired:
+            return math.inf
+        return min((a.next_due() for a in self.actions), default=math.inf)
 
     def names(self) -> list[str]:
         return [a.name for a in self.actions]

@@ -212,8 +212,8 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "widest_v6": _s(int_in(16, 128), _DEFAULTS.widest_v6,
                         "the same for IPv6"),
         "scope": _s(ban_scope, "local", '`"fleet"`: a ban decided on one node is copied by '
-                    "every node sharing the history (within seconds on PostgreSQL: "
-                    "LISTEN/NOTIFY), each within its own allowlist, caps and "
+                    "every node sharing the history (within about a second: each node reads the "
+                    "fleet's changes), each within its own allowlist, caps and "
                     "`max_duration`; `unban` on any node lifts it everywhere"),
         "fleet_from": _s(host_globs, ["*"], "the nodes whose fleet bans this node copies: "
                          'names or globs (`["web*", "db1"]`) of `storage.host`; `["*"]` = every '

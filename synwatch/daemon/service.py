@@ -6,6 +6,7 @@ Signals only set flags; the main loop does the work, so nothing runs inside a si
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import signal
 import threading
@@ -338,7 +339,10 @@ class Service:
         log.info("synwatch running (config: %s)", self.config.path)
         ping = sdnotify.watchdog_interval()
         while not self.flags.stop:
-            self._drain(timeout=min(ping or 1.0, 1.0))
+            # a turn at least once a second, and when an action's own work is due (a fleet
+            # node's look at the fleet's changes, at a time of its own around the second)
+            due = min((r.next_due() for r in self.watch.responders()), default=math.inf)
+            self._drain(timeout=max(0.0, min(ping or 1.0, 1.0, due - self.clock.monotonic())))
             if self.clock.monotonic() >= self.watch.next_due() and not self.flags.stop:
                 self._probe_due()
             for responder in self.watch.responders():

@@ -1,6 +1,6 @@
 """What differs between the two databases a history lives in: SQLite (Python's sqlite3) and
 PostgreSQL (psycopg 3). Connecting, placeholders, how times and JSON travel, which errors are
-outages, transactions and NOTIFY; nothing else in synwatch/store knows which one it speaks.
+outages, transactions and their locks; nothing else in synwatch/store knows which one it speaks.
 
 Rows are stored as the schema's SQLAlchemy models define them (synwatch/store/models.py), so a
 history written by any synwatch reads the same: on SQLite, times are naive UTC text with
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -24,8 +25,8 @@ from synwatch.config import sqlite_file
 from synwatch.config.urls import masked
 from synwatch.errors import StoreError, StoreOutage
 
+log = logging.getLogger("synwatch")
 PSYCOPG = "postgresql+psycopg://"
-BAN_CHANNEL = "synwatch_bans"  # the PostgreSQL LISTEN/NOTIFY channel of fleet bans
 BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock (the CLI, migrations)
 # Every PostgreSQL operation is bounded in time, so a server that stops answering (a network
 # partition: packets dropped, not refused) fails like one that refuses, within seconds, and the
@@ -54,6 +55,7 @@ PG_OUTAGE_CLASSES = ("08", "53", "57", "58")
 PG_OUTAGE_STATES = frozenset({"55P03", "40001", "40P01",
                               "25006"})  # read-only: a standby after a failover, for now
 # what libpq says when a server answers a connection with a refusal (no SQLSTATE comes with it)
+POOLER_REFUSAL = "unsupported startup parameter"  # pgbouncer's answer to options it does not take
 PG_REFUSALS = ("does not exist", "authentication failed", "no pg_hba.conf entry",
                "password authentication", "permission denied")
 
@@ -74,7 +76,10 @@ def pg_connect_args(url: str, *, bounded_statements: bool = False) -> dict[str, 
         args["options"] = (f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS} "
                            f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}")
     given = {k for k, _ in parse_qsl(urlsplit(url).query)}
-    return {k: v for k, v in args.items() if k not in given}
+    # no server-side prepared statements: a transaction pooler (pgbouncer's pool_mode =
+    # transaction) hands each transaction a server connection of its own, where a statement
+    # prepared on another is not (https://www.psycopg.org/psycopg3/docs/advanced/prepare.html)
+    return {**{k: v for k, v in args.items() if k not in given}, "prepare_threshold": None}
 
 
 def stamp(value: datetime) -> str:
@@ -133,8 +138,9 @@ class Dialect:
         literal as PostgreSQL's LIKE has it."""
         return f"{column} GLOB ?", pattern.replace("[", "[[]")
 
-    def notify(self, cur: Any, channel: str, payload: str) -> None:
-        """Wake LISTENers at commit (PostgreSQL only; an SQLite fleet polls)."""
+    def serialize(self, cur: Any, key: int) -> None:
+        """Hold the transaction lock ``key`` until the transaction ends (SQLite: a write
+        transaction already holds the only one there is)."""
 
     def is_error(self, exc: BaseException) -> bool:
         raise NotImplementedError
@@ -228,11 +234,30 @@ class SQLite(Dialect):
 class Postgres(Dialect):
     name = "postgresql"
 
+    pooled = False  # the server is a pooler that takes no startup options (pgbouncer < 1.20)
+
     def connect(self, *, write: bool, busy_timeout: float, bounded: bool) -> Any:
         import psycopg  # noqa: PLC0415 - only a PostgreSQL history needs the driver
 
-        return psycopg.connect(libpq_uri(self.url), autocommit=True,
-                               **pg_connect_args(self.url, bounded_statements=bounded))
+        args = pg_connect_args(self.url, bounded_statements=bounded and not self.pooled)
+        try:
+            return psycopg.connect(libpq_uri(self.url), autocommit=True, **args)
+        except psycopg.OperationalError as exc:
+            if "options" not in args or POOLER_REFUSAL not in str(exc):
+                raise
+        # pgbouncer before 1.20 refuses the options that carry the statement and lock
+        # timeouts (https://www.pgbouncer.org/config.html#ignore_startup_parameters); its
+        # query_timeout, or the role's own settings, bound the statements instead
+        self.pooled = True
+        conn = psycopg.connect(libpq_uri(self.url), autocommit=True,
+                               **pg_connect_args(self.url))
+        [(timeout,)] = conn.execute("SHOW statement_timeout").fetchall()
+        log.log(logging.INFO if timeout != "0" else logging.WARNING,
+                "store: %s is a pooler that takes no startup options: statement timeout %s "
+                "(the role's or the pooler's)%s", self.shown, timeout,
+                "" if timeout != "0" else "; set one (README: \"A fleet\") so a locked "
+                "history cannot hold the service up")
+        return conn
 
     def sql(self, statement: str) -> str:
         # psycopg's placeholders are %s, so a literal % is %%
@@ -276,10 +301,10 @@ class Postgres(Dialect):
                 .replace("*", "%").replace("?", "_"))
         return f"{column} LIKE ? ESCAPE '\\'", like
 
-    def notify(self, cur: Any, channel: str, payload: str) -> None:
-        # delivered at commit, once per transaction and payload
-        # (https://www.postgresql.org/docs/current/sql-notify.html)
-        cur.execute("SELECT pg_notify(%s, %s)", [channel, payload])
+    def serialize(self, cur: Any, key: int) -> None:
+        # released at commit or rollback, so it holds with a transaction pooler in between
+        # (https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS)
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", [key])
 
     def is_error(self, exc: BaseException) -> bool:
         import psycopg  # noqa: PLC0415

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
@@ -139,6 +140,10 @@ class ActionRunRow(Base):
     host: Mapped[str | None] = mapped_column(String(255))  # the node that ran it
 
 
+# fleet bans decided by a node and not lifted: what a node copies (0006_fleet_changes)
+FLEET_IN_FORCE = "scope = 'fleet' AND origin_id IS NULL AND removed_at IS NULL"
+
+
 class BanRow(Base):
     """A source prefix banned in a firewall backend, with its kernel-side expiry."""
 
@@ -156,9 +161,15 @@ class BanRow(Base):
     scope: Mapped[str] = mapped_column(String(8), default="local",
                                        server_default="local")  # local | fleet
     origin_id: Mapped[int | None]  # a fleet ban copied from another node: the ban it copies
+    # a fleet ban's origin row: its place in the fleet's changes (decided, lifted everywhere),
+    # which the other nodes read from the last they saw (0006_fleet_changes)
+    fleet_seq: Mapped[int | None] = mapped_column(BigInteger)
     __table_args__ = (Index("ix_bans_prefix", "prefix"), Index("ix_bans_expires", "expires_at"),
                       Index("ix_bans_host_netns", "host", "netns", "removed_at"),
-                      Index("ix_bans_origin", "origin_id"))
+                      Index("ix_bans_origin_host", "origin_id", "host"),
+                      Index("ix_bans_fleet_seq", "fleet_seq"),
+                      Index("ix_bans_fleet_in_force", "id", postgresql_where=text(FLEET_IN_FORCE),
+                            sqlite_where=text(FLEET_IN_FORCE)))
 
 
 class SourcePositionRow(Base):

@@ -265,6 +265,12 @@ class SpooledStore(SpoolingHistory):
                            limit: int | None = None) -> list[Ban]:
         return list(self._call("fleet_bans_to_copy", now, after=after, limit=limit))
 
+    def fleet_cursor(self) -> int:
+        return int(self._call("fleet_cursor"))
+
+    def fleet_changes(self, after: int, limit: int) -> list[tuple[int, Ban]]:
+        return list(self._call("fleet_changes", after, limit))
+
     def get_position(self, source: str) -> dict[str, Any] | None:
         if source in self._positions:
             return self._positions[source]

@@ -116,3 +116,17 @@ class State(HistoryBase):
             "b.origin_id IS NULL AND b.host != ? AND b.removed_at IS NULL AND "
             "b.expires_at > ? AND NOT EXISTS (SELECT 1 FROM bans m WHERE m.origin_id = b.id "
             f"AND m.host = ?){page}", [self.host, now, self.host, *more])]
+
+    def fleet_cursor(self) -> int:
+        """The number of the fleet's last change: a node that copies every ban in force now
+        reads the changes after it (``fleet_changes``)."""
+        [(last,)] = self.rows("SELECT max(fleet_seq) FROM bans")
+        return int(last or 0)
+
+    def fleet_changes(self, after: int, limit: int) -> list[tuple[int, Ban]]:
+        """The fleet's changes after number ``after``, at most ``limit``, in order: each fleet
+        ban decided (on any node, this one too) or lifted everywhere since (its origin row,
+        ``removed_at`` set), with its number. An index probe when nothing changed."""
+        return [(int(r[-1]), ban_of(r)) for r in self.rows(
+            f"SELECT {BAN_COLUMNS}, fleet_seq FROM bans WHERE fleet_seq > ? "
+            "ORDER BY fleet_seq LIMIT ?", [after, limit])]

@@ -11,10 +11,10 @@ from typing import Any
 
 from synwatch.records import ActionRun, Ban, IncidentChange, NewEvent
 from synwatch.store.base import Cursor, HistoryBase
-from synwatch.store.dialect import BAN_CHANNEL
 from synwatch.store.rows import EVENT_FIELDS
 
 PRUNE_BATCH = 2000  # events per transaction
+FLEET_LOCK = 0x73796E66  # "synf": the transaction lock that numbers the fleet's changes
 CHUNK = 500  # ids per IN (...): SQLite's default limit on variables is 999 before 3.32
 
 
@@ -121,26 +121,30 @@ class Writes(HistoryBase):
                   r.detail, r.retry_at, r.host or self.host) for r in runs])
 
     def add_bans(self, bans: Sequence[Ban]) -> list[int]:
-        """Record bans; returns their ids. A fleet ban is announced to the other nodes when
-        the transaction commits (PostgreSQL NOTIFY; they also look every few seconds)."""
+        """Record bans; returns their ids. A fleet ban decided here (no ``origin_id``) takes
+        the next number of the fleet's changes, which the other nodes poll for."""
         with self.writing() as cur:
-            ids = [cur.insert(
-                "INSERT INTO bans (prefix, backend, netns, incident_id, created_at, expires_at, "
-                "removed_at, times_banned, host, scope, origin_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [b.prefix, b.backend, b.netns, b.incident_id, b.created_at, b.expires_at,
-                 b.removed_at, b.times_banned, b.host or self.host, b.scope, b.origin_id])
-                for b in bans]
-            if any(b.scope == "fleet" and b.origin_id is None and b.removed_at is None
-                   for b in bans):
-                self._announce(cur)
+            fresh = [b.scope == "fleet" and b.origin_id is None and b.removed_at is None
+                     for b in bans]
+            seq = self._fleet_seq(cur) if any(fresh) else 0
+            ids = []
+            for b, numbered in zip(bans, fresh, strict=True):
+                seq += numbered
+                ids.append(cur.insert(
+                    "INSERT INTO bans (prefix, backend, netns, incident_id, created_at, "
+                    "expires_at, removed_at, times_banned, host, scope, origin_id, fleet_seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [b.prefix, b.backend, b.netns, b.incident_id, b.created_at, b.expires_at,
+                     b.removed_at, b.times_banned, b.host or self.host, b.scope, b.origin_id,
+                     seq if numbered else None]))
         return ids
 
     def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
                      everywhere: bool = False) -> None:
         """Bans gone from the firewall. With ``everywhere`` (`unban`), a fleet ban (an origin or
-        a copy) is lifted with every copy of it on every node, and the other nodes are woken to
-        take it out of their firewalls; an expiry lifts only the row itself."""
+        a copy) is lifted with every copy of it on every node, and its origin takes the next
+        number of the fleet's changes, so the other nodes take it out of their firewalls; an
+        expiry lifts only the row itself."""
         ids = {i for i in ban_ids if i is not None}
         if not ids:
             return
@@ -150,7 +154,8 @@ class Writes(HistoryBase):
                 cond, params = self.db.any_of("id", part)
                 fleet += cur.execute(f"SELECT id, origin_id FROM bans WHERE {cond} AND "
                                      "scope = 'fleet'", params).fetchall()
-            for part in chunks(sorted({origin or ban for ban, origin in fleet})):
+            origins = sorted({origin or ban for ban, origin in fleet})
+            for part in chunks(origins):
                 (one, ones), (other, others) = (self.db.any_of("id", part),
                                                 self.db.any_of("origin_id", part))
                 ids |= {r[0] for r in cur.execute(
@@ -160,12 +165,19 @@ class Writes(HistoryBase):
                 cond, params = self.db.any_of("id", part)
                 cur.execute(f"UPDATE bans SET removed_at = ? WHERE {cond} AND removed_at IS "
                             "NULL", [now, *params])
-            if fleet:
-                self._announce(cur)
+            if origins:
+                seq = self._fleet_seq(cur)
+                cur.executemany("UPDATE bans SET fleet_seq = ? WHERE id = ?",
+                                [(seq + n, origin) for n, origin in enumerate(origins, 1)])
 
-    def _announce(self, cur: Cursor) -> None:
-        """Wake the other nodes' fleet ban reconcile."""
-        self.db.notify(cur.cur, BAN_CHANNEL, self.host)
+    def _fleet_seq(self, cur: Cursor) -> int:
+        """The last number of the fleet's changes, with the right to take the next ones until
+        this transaction ends: numbers are handed out in commit order, so a node that has read
+        up to N never finds a change below N committed later (SQLite has one writer at a time;
+        PostgreSQL waits for the transaction lock)."""
+        self.db.serialize(cur.cur, FLEET_LOCK)
+        [(last,)] = cur.execute("SELECT max(fleet_seq) FROM bans").fetchall()
+        return int(last or 0)
 
     def heartbeat(self, pid: int, started_at: datetime, now: datetime, version: str) -> None:
         with self.writing() as cur:

@@ -42,7 +42,7 @@ def check_down_and_up(store: History) -> None:
     alembic(store, "downgrade", "base")
     assert store.schema_revision() is None
     store.migrate()
-    assert store.schema_revision() == "0005"
+    assert store.schema_revision() == "0006"
 
 
 OLD_HISTORIES = sorted((DATA / "store").glob("schema_*.db"))
