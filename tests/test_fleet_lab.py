@@ -176,6 +176,15 @@ def test_a_pooler_away_during_a_flood_and_a_node_joining_meanwhile_lose_no_fleet
         eventually(lambda: FOUR in banned_in_nft(lab_b), "a later ban copied as a change")
         copies = [r for r in listed(b, "bans", "list") if r["active"]]
         assert sorted(r["prefix"] for r in copies) == sorted([ONE, TWO, FOUR])
+        # node-b restarted knows its copies only from the history: an unban on node-a after
+        # that is lifted from node-b's firewall all the same
+        b.stop()
+        b.start()
+        b.wait_log("synwatch running")
+        r = synwatch("unban", ONE, "--config", str(a.config))
+        assert r.code == 0, r.err
+        eventually(lambda: ONE not in banned_in_nft(lab_b), "the unban on the restarted node")
+        assert set(banned_in_nft(lab_b)) == {TWO, FOUR}
         for n in (a, b):
             assert "Traceback" not in n.log.read_text()
     finally:

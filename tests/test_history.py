@@ -45,10 +45,10 @@ def _script(store: Any, other: Any) -> list[Any]:
                                    expires_at=NOW + timedelta(hours=1), **ban)]))
     [theirs] = other.add_bans([Ban(prefix="192.0.2.0/24", scope="fleet",
                                    expires_at=NOW + timedelta(hours=1), **ban)])
-    out.append(store.fleet_bans_to_copy(NOW))
+    out.append(store.fleet_bans_to_copy(NOW, netns="ns"))
     [copy] = store.add_bans([Ban(prefix="192.0.2.0/24", scope="fleet", origin_id=theirs,
                                  expires_at=NOW + timedelta(hours=1), **ban)])
-    out.append(store.fleet_bans_to_copy(NOW))
+    out.append(store.fleet_bans_to_copy(NOW, netns="ns"))
     for netns, backend in (("ns", None), ("ns", "nftables"), ("other", None)):
         out.append(store.active_bans(netns, NOW, backend))
     out.append(store.expired_bans("ns", later + timedelta(seconds=1), "nftables"))

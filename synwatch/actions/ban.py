@@ -80,7 +80,8 @@ class BanAction(FleetCopies):
         self.reconcile_state = _Reconcile()
         self.drifted: dict[int, str] = {}  # ban id -> why, found at the last check (warned)
         self.kept: _Kept | None = None  # the last check's outcome, as the history has it
-        self.fleet_due = 0.0
+        self.fleet_turn = -1
+        self.fleet_lifted: set[int] = set()
         self.addresses_due = 0.0  # the next look at this host's addresses (the guard's)
         self.fleet_seen: set[int] = set()  # other nodes' fleet bans decided on here
         self.fleet_scan = FleetScan()
@@ -109,12 +110,12 @@ class BanAction(FleetCopies):
             plans.append(Plan(self.name, f"{self.firewall.name} setup", show(setup),
                               lambda: self._apply(setup, "ready")))
         return (plans + self._reconcile(setup=False)
-                + self._fleet_tick(self.ctx.clock.monotonic()))
+                + (self._fleet_tick(self.ctx.clock.monotonic()) if self.fleet else []))
 
     def tick(self, now: datetime) -> list[Plan]:
         mono = self.ctx.clock.monotonic()
         plans: list[Plan] = []
-        if self.fleet and mono >= self.fleet_due:
+        if self._fleet_due(mono):
             plans += self._fleet_tick(mono)
         elif self.fleet and self.fleet_scan.busy:  # the next page or batch of a backlog
             plans += self._copy_fleet()
@@ -355,7 +356,7 @@ class BanAction(FleetCopies):
         """The check's outcome in the history (synwatch/actions/banproof.py): when it was, the drift
         count, and a row for each ban it found not enforced. Written when that changes, when a
         ban is newer than the check kept, and else once per reconcile period (not at every
-        fleet look, every 5 s)."""
+        reconcile a new ban brings forward)."""
         store, netns = self.ctx.store, self.ctx.netns
         try:
             if self.kept is None:  # the first check since the start: what the history has

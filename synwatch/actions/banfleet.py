@@ -49,6 +49,24 @@ def jittered(seconds: float) -> float:
 
 
 @dataclass
+class FleetTurn:
+    """The process's schedule of looks at one history's fleet changes: when the next is due,
+    its number, and the page the first namespace read at it (after which change, the rows)."""
+
+    due: float = 0.0
+    number: int = 0
+    page: tuple[int, list[tuple[int, Ban]]] | None = None
+
+
+_TURNS: dict[int, FleetTurn] = {}
+
+
+def turn_of(store: object) -> FleetTurn:
+    """The schedule of ``store`` (by identity: the service's one store lives as long as it)."""
+    return _TURNS.setdefault(id(store), FleetTurn())
+
+
+@dataclass
 class FleetScan:
     """Where the reading of other nodes' fleet bans is: the fleet's last change read
     (``cursor``; None until read), a look at every ban in force by id from ``after`` (at the
@@ -72,8 +90,9 @@ class FleetCopies(Action):
 
     firewall: Firewall
     guard: Guard
-    fleet_due: float
+    fleet_turn: int  # the turn of the fleet's schedule this node last looked at
     fleet_seen: set[int]  # other nodes' fleet bans decided on here
+    fleet_lifted: set[int]  # fleet bans read as lifted everywhere (a copy made after: lifted)
     fleet_scan: FleetScan
     malformed_own: set[int]  # this node's own rows found malformed (warned)
 
@@ -90,37 +109,50 @@ class FleetCopies(Action):
 
 
     def next_due(self) -> float:
-        return self.fleet_due if self.fleet else math.inf
+        return turn_of(self.ctx.store).due if self.fleet else math.inf
+
+    def _fleet_due(self, mono: float) -> bool:
+        """Is this node's look at the fleet's changes due? Every namespace's ban action of
+        the process looks at the same turn (one schedule per history), so a host watching
+        many namespaces turns its loop about once a second for them all, not once each."""
+        if not self.fleet:
+            return False
+        turn = turn_of(self.ctx.store)
+        if mono >= turn.due:
+            turn.due, turn.number, turn.page = mono + jittered(FLEET_POLL), turn.number + 1, None
+        return self.fleet_turn != turn.number
 
     def _fleet_tick(self, mono: float) -> list[Plan]:
-        """The next look at the fleet's changes, due at a random time around FLEET_POLL from
-        now: a ban lifted everywhere is taken out at once (the reconcile), a new one waits
-        with the others to be copied."""
-        if not self.fleet:
-            return []
-        self.fleet_due = mono + jittered(FLEET_POLL)
+        """The look at the fleet's changes of this turn: a ban lifted everywhere is taken out
+        at the next tick (the reconcile), a new one waits with the others to be copied."""
+        self.fleet_turn = turn_of(self.ctx.store).number
         scan = self.fleet_scan
         try:
             if scan.cursor is not None and mono >= scan.catch_up_due and not scan.reading:
                 scan.reading, scan.after = True, 0
             if scan.cursor is None or scan.reading:
                 scan.catch_up_due = mono + jittered(FLEET_CATCH_UP)
-            lifted = self._read_changes()
+            self._read_changes()
         except StoreError as exc:  # the database is away: looked at again when it answers
             self._cannot_read(exc)
             return []
-        return (self._reconcile() if lifted else []) + self._copy_fleet()
+        return self._copy_fleet()
 
-    def _read_changes(self) -> bool:
-        """A page of the fleet's changes after the last one read; at the start (or until
-        the history first answers), the number of the last change, then every ban in force.
-        Returns whether a ban held here was lifted everywhere."""
+    def _read_changes(self) -> None:
+        """A page of the fleet's changes after the last one read (read once per turn for all
+        the process's namespaces that are as far); at the start (or until the history first
+        answers), the number of the last change, then every ban in force."""
         scan, store = self.fleet_scan, self.ctx.store
         if scan.cursor is None:
             scan.cursor = store.fleet_cursor()  # first: a ban decided meanwhile is a change
             scan.reading, scan.after = True, 0
-            return False
-        page = store.fleet_changes(scan.cursor, PAGE)
+            return
+        turn = turn_of(store)
+        if turn.page is not None and turn.page[0] == scan.cursor:
+            page = turn.page[1]
+        else:
+            page = store.fleet_changes(scan.cursor, PAGE)
+            turn.page = (scan.cursor, page)
         scan.more = len(page) == PAGE
         lifted: set[int] = set()
         for seq, b in page:
@@ -128,14 +160,23 @@ class FleetCopies(Action):
             if b.id is None:
                 continue
             if b.removed_at is not None:
-                if b.id in self.fleet_seen or b.host == self.ctx.host:
-                    lifted.add(b.id)
+                lifted.add(b.id)
             elif b.host != self.ctx.host and b.id not in self.fleet_seen:
                 self.fleet_seen.add(b.id)
                 scan.pending.append(b)
-        if lifted and scan.pending:  # lifted before its copy was made here
-            scan.pending = deque(b for b in scan.pending if b.id not in lifted)
-        return bool(lifted)
+        if lifted:
+            self._lifted(lifted)
+
+    def _lifted(self, origins: set[int]) -> None:
+        """Fleet bans lifted everywhere: not copied if still waiting, this node's copies of
+        them marked removed (one made after the `unban` was written would stay in force: it
+        named no copy of this node's then), and the firewall reconciled at the next tick."""
+        scan = self.fleet_scan
+        if scan.pending:
+            scan.pending = deque(b for b in scan.pending if b.id not in origins)
+        self.fleet_lifted |= origins
+        self.ctx.store.lift_copies(sorted(origins), self.ctx.netns, self.ctx.clock.now())
+        self._mark_due()
 
     def _cannot_read(self, exc: StoreError) -> None:
         scan = self.fleet_scan
@@ -154,10 +195,10 @@ class FleetCopies(Action):
         try:
             if scan.more and len(scan.pending) < BATCH:
                 scan.more = False
-                if self._read_changes():
-                    self._mark_due()
+                self._read_changes()
             if scan.reading and len(scan.pending) < BATCH:
-                page = store.fleet_bans_to_copy(now, after=scan.after, limit=PAGE)
+                page = store.fleet_bans_to_copy(now, after=scan.after, limit=PAGE,
+                                                netns=self.ctx.netns)
                 scan.after = max((b.id or 0 for b in page), default=scan.after)
                 scan.pending.extend(b for b in page if b.id not in self.fleet_seen)
                 self.fleet_seen.update(b.id for b in page if b.id is not None)
@@ -225,8 +266,11 @@ class FleetCopies(Action):
                                 expires_at=now + timedelta(seconds=seconds),
                                 origin_id=origin.id)
                         for origin, seconds in copies])
+        late = sorted({o.id for o, _ in copies if o.id in self.fleet_lifted})
+        if late:  # lifted everywhere while this batch waited: its copies were not there
+            store.lift_copies([i for i in late if i is not None], self.ctx.netns, now)
         self.firewall.apply(commands)  # a failure: the reconcile puts them in from the store
-        self._mark_due()  # proven in the kernel at the next tick
+        self._mark_due()  # proven in the kernel at the next tick (and the late ones lifted)
         if len(copies) > 1:  # one plan for the batch: each copy on its origin's incident too
             store.add_action_runs([ActionRun(
                 incident_id=origin.incident_id, action=self.name, target=origin.prefix,

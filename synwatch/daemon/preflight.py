@@ -119,7 +119,7 @@ def check_store(config: Config) -> list[Check]:
     shown = masked(config.storage_url)  # the userinfo's password and ?password= (libpq's)
     db = sqlite_file(config.storage_url)
     fleet = [Check("warn", "actions.ban.scope", "fleet bans with an SQLite history reach only "
-                   "the nodes sharing this file, every 5 s (PostgreSQL wakes them at once)")
+                   "the nodes sharing this file (a fleet of servers shares PostgreSQL)")
              ] if config.ban.scope == "fleet" and db is not None else []
     if db is not None:
         if not db.exists():

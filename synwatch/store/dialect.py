@@ -42,6 +42,9 @@ PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1
 # or a slow query is given up on as well; migrations lift both for their transaction
 PG_STATEMENT_TIMEOUT_MS = 5000
 PG_LOCK_TIMEOUT_MS = 3000
+# a transaction whose client went (a node cut off halfway) ends on the server, and with it the
+# lock that numbers the fleet's changes, which every node's fleet bans wait for
+PG_IDLE_IN_TX_MS = 10000
 # SQLite's primary result codes of a file that cannot be written for now
 # (https://sqlite.org/rescode.html): busy or locked by another writer, out of memory, read-only,
 # I/O error, corrupt, full, cannot open, locking protocol, not a database. SQLITE_ERROR (a bad
@@ -74,7 +77,8 @@ def pg_connect_args(url: str, *, bounded_statements: bool = False) -> dict[str, 
                             "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS, **PG_KEEPALIVES}
     if bounded_statements:
         args["options"] = (f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS} "
-                           f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}")
+                           f"-c lock_timeout={PG_LOCK_TIMEOUT_MS} "
+                           f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TX_MS}")
     given = {k for k, _ in parse_qsl(urlsplit(url).query)}
     # no server-side prepared statements: a transaction pooler (pgbouncer's pool_mode =
     # transaction) hands each transaction a server connection of its own, where a statement
@@ -245,18 +249,22 @@ class Postgres(Dialect):
         except psycopg.OperationalError as exc:
             if "options" not in args or POOLER_REFUSAL not in str(exc):
                 raise
-        # pgbouncer before 1.20 refuses the options that carry the statement and lock
-        # timeouts (https://www.pgbouncer.org/config.html#ignore_startup_parameters); its
-        # query_timeout, or the role's own settings, bound the statements instead
+        # pgbouncer refuses the options that carry the statement and lock timeouts (unless
+        # its track_extra_parameters lists them: https://www.pgbouncer.org/config.html); its
+        # connect_query, or the role's own settings, set them on its server connections
         self.pooled = True
         conn = psycopg.connect(libpq_uri(self.url), autocommit=True,
                                **pg_connect_args(self.url))
-        [(timeout,)] = conn.execute("SHOW statement_timeout").fetchall()
+        try:
+            [(timeout,)] = conn.execute("SHOW statement_timeout").fetchall()
+        except psycopg.Error:
+            conn.close()
+            raise
         log.log(logging.INFO if timeout != "0" else logging.WARNING,
                 "store: %s is a pooler that takes no startup options: statement timeout %s "
                 "(the role's or the pooler's)%s", self.shown, timeout,
-                "" if timeout != "0" else "; set one (README: \"A fleet\") so a locked "
-                "history cannot hold the service up")
+                "" if timeout != "0" else "; set one (docs/fleet.md, \"A thousand nodes\") so "
+                "a locked history cannot hold the service up")
         return conn
 
     def sql(self, statement: str) -> str:
@@ -278,7 +286,7 @@ class Postgres(Dialect):
         return int(cur.fetchone()[0])
 
     def insert_ids(self, cur: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
-        # one round trip for them all, each the same short (prepared) statement: psycopg
+        # one round trip for them all, each the same short statement: psycopg
         # pipelines executemany and keeps each statement's result, in order
         # (https://www.psycopg.org/psycopg3/docs/api/cursors.html#psycopg.Cursor.executemany)
         if not rows:

@@ -142,6 +142,7 @@ class ActionRunRow(Base):
 
 # fleet bans decided by a node and not lifted: what a node copies (0006_fleet_changes)
 FLEET_IN_FORCE = "scope = 'fleet' AND origin_id IS NULL AND removed_at IS NULL"
+COPIES = "origin_id IS NOT NULL"
 
 
 class BanRow(Base):
@@ -166,7 +167,8 @@ class BanRow(Base):
     fleet_seq: Mapped[int | None] = mapped_column(BigInteger)
     __table_args__ = (Index("ix_bans_prefix", "prefix"), Index("ix_bans_expires", "expires_at"),
                       Index("ix_bans_host_netns", "host", "netns", "removed_at"),
-                      Index("ix_bans_origin_host", "origin_id", "host"),
+                      Index("ix_bans_origin_host", "origin_id", "host",
+                            postgresql_where=text(COPIES), sqlite_where=text(COPIES)),
                       Index("ix_bans_fleet_seq", "fleet_seq"),
                       Index("ix_bans_fleet_in_force", "id", postgresql_where=text(FLEET_IN_FORCE),
                             sqlite_where=text(FLEET_IN_FORCE)))

@@ -262,8 +262,12 @@ class SpooledStore(SpoolingHistory):
         return [] if found is FALLBACK else list(found)
 
     def fleet_bans_to_copy(self, now: datetime, after: int = 0,
-                           limit: int | None = None) -> list[Ban]:
-        return list(self._call("fleet_bans_to_copy", now, after=after, limit=limit))
+                           limit: int | None = None, netns: str = "") -> list[Ban]:
+        return list(self._call("fleet_bans_to_copy", now, after=after, limit=limit,
+                               netns=netns))
+
+    def lift_copies(self, origin_ids: Sequence[int], netns: str, now: datetime) -> None:
+        self._call("lift_copies", origin_ids, netns, now)
 
     def fleet_cursor(self) -> int:
         return int(self._call("fleet_cursor"))

@@ -103,9 +103,10 @@ class State(HistoryBase):
                                         "incident_id = ?", [self.host, incident_id])}
 
     def fleet_bans_to_copy(self, now: datetime, after: int = 0,
-                           limit: int | None = None) -> list[Ban]:
-        """Fleet bans decided on other nodes, in force, that this node has not copied yet (a
-        copy it lifted or let expire early counts as copied: it is decided). With ``limit``: a
+                           limit: int | None = None, netns: str = "") -> list[Ban]:
+        """Fleet bans decided on other nodes, in force, that this node has not copied yet into
+        ``netns`` (a copy it lifted or let expire early counts as copied: it is decided; each
+        watched namespace holds copies of its own). With ``limit``: a
         page of at most that many, by id, after the id ``after``. Times out of Python's range
         read as the bounds of rows.in_range, the prefix as written (the ban action validates
         each row like a log line)."""
@@ -115,7 +116,7 @@ class State(HistoryBase):
             f"SELECT {ban_columns('b.')} FROM bans b WHERE b.scope = 'fleet' AND "
             "b.origin_id IS NULL AND b.host != ? AND b.removed_at IS NULL AND "
             "b.expires_at > ? AND NOT EXISTS (SELECT 1 FROM bans m WHERE m.origin_id = b.id "
-            f"AND m.host = ?){page}", [self.host, now, self.host, *more])]
+            f"AND m.host = ? AND m.netns = ?){page}", [self.host, now, self.host, netns, *more])]
 
     def fleet_cursor(self) -> int:
         """The number of the fleet's last change: a node that copies every ban in force now
@@ -128,5 +129,5 @@ class State(HistoryBase):
         ban decided (on any node, this one too) or lifted everywhere since (its origin row,
         ``removed_at`` set), with its number. An index probe when nothing changed."""
         return [(int(r[-1]), ban_of(r)) for r in self.rows(
-            f"SELECT {BAN_COLUMNS}, fleet_seq FROM bans WHERE fleet_seq > ? "
-            "ORDER BY fleet_seq LIMIT ?", [after, limit])]
+            f"SELECT {BAN_COLUMNS}, fleet_seq FROM bans WHERE fleet_seq > ? AND "
+            "scope = 'fleet' AND origin_id IS NULL ORDER BY fleet_seq LIMIT ?", [after, limit])]

@@ -122,21 +122,22 @@ class Writes(HistoryBase):
 
     def add_bans(self, bans: Sequence[Ban]) -> list[int]:
         """Record bans; returns their ids. A fleet ban decided here (no ``origin_id``) takes
-        the next number of the fleet's changes, which the other nodes poll for."""
+        the next number of the fleet's changes, which the other nodes poll for (numbered
+        after the inserts: the lock that numbers is held only for the last statements)."""
         with self.writing() as cur:
-            fresh = [b.scope == "fleet" and b.origin_id is None and b.removed_at is None
-                     for b in bans]
-            seq = self._fleet_seq(cur) if any(fresh) else 0
-            ids = []
-            for b, numbered in zip(bans, fresh, strict=True):
-                seq += numbered
-                ids.append(cur.insert(
-                    "INSERT INTO bans (prefix, backend, netns, incident_id, created_at, "
-                    "expires_at, removed_at, times_banned, host, scope, origin_id, fleet_seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [b.prefix, b.backend, b.netns, b.incident_id, b.created_at, b.expires_at,
-                     b.removed_at, b.times_banned, b.host or self.host, b.scope, b.origin_id,
-                     seq if numbered else None]))
+            ids = [cur.insert(
+                "INSERT INTO bans (prefix, backend, netns, incident_id, created_at, expires_at, "
+                "removed_at, times_banned, host, scope, origin_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [b.prefix, b.backend, b.netns, b.incident_id, b.created_at, b.expires_at,
+                 b.removed_at, b.times_banned, b.host or self.host, b.scope, b.origin_id])
+                for b in bans]
+            fresh = [i for i, b in zip(ids, bans, strict=True)
+                     if b.scope == "fleet" and b.origin_id is None and b.removed_at is None]
+            if fresh:
+                seq = self._fleet_seq(cur)
+                cur.executemany("UPDATE bans SET fleet_seq = ? WHERE id = ?",
+                                [(seq + n, i) for n, i in enumerate(fresh, 1)])
         return ids
 
     def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
@@ -169,6 +170,15 @@ class Writes(HistoryBase):
                 seq = self._fleet_seq(cur)
                 cur.executemany("UPDATE bans SET fleet_seq = ? WHERE id = ?",
                                 [(seq + n, origin) for n, origin in enumerate(origins, 1)])
+
+    def lift_copies(self, origin_ids: Sequence[int], netns: str, now: datetime) -> None:
+        """This node's copies in ``netns`` of fleet bans lifted everywhere, marked removed:
+        those written after the lift (a copy made from a page read before it)."""
+        with self.writing() as cur:
+            for part in chunks(list(origin_ids)):
+                cond, params = self.db.any_of("origin_id", part)
+                cur.execute(f"UPDATE bans SET removed_at = ? WHERE host = ? AND netns = ? AND "
+                            f"{cond} AND removed_at IS NULL", [now, self.host, netns, *params])
 
     def _fleet_seq(self, cur: Cursor) -> int:
         """The last number of the fleet's changes, with the right to take the next ones until

@@ -17,7 +17,8 @@ import psycopg
 from tests.support.pgcluster import Cluster
 
 # what the service's own connections set where no pooler is between (synwatch/store/dialect.py)
-TIMEOUTS = "SET statement_timeout = 5000; SET lock_timeout = 3000"
+TIMEOUTS = ("SET statement_timeout = 5000; SET lock_timeout = 3000; "
+            "SET idle_in_transaction_session_timeout = 10000")
 PORT = 6432  # pgbouncer's own; only its socket's name (.s.PGSQL.6432), no TCP port is opened
 
 
@@ -46,7 +47,6 @@ auth_file = {self.dir / "users.txt"}
 pool_mode = transaction
 default_pool_size = {self.pool_size}
 max_client_conn = {self.clients}
-query_timeout = 10
 server_login_retry = 1
 logfile = {self.log}
 pidfile = {self.pidfile}

@@ -30,6 +30,7 @@ depends_on = None
 
 # as synwatch/store/models.py has it, written out: a migration stays as it was written
 FLEET_IN_FORCE = "scope = 'fleet' AND origin_id IS NULL AND removed_at IS NULL"
+COPIES = "origin_id IS NOT NULL"
 
 
 def upgrade() -> None:
@@ -38,7 +39,8 @@ def upgrade() -> None:
     op.execute("UPDATE bans SET fleet_seq = id WHERE scope = 'fleet' AND origin_id IS NULL")
     op.create_index("ix_bans_fleet_seq", "bans", ["fleet_seq"])
     op.drop_index("ix_bans_origin", table_name="bans")
-    op.create_index("ix_bans_origin_host", "bans", ["origin_id", "host"])
+    op.create_index("ix_bans_origin_host", "bans", ["origin_id", "host"],
+                    postgresql_where=sa.text(COPIES), sqlite_where=sa.text(COPIES))
     op.create_index("ix_bans_fleet_in_force", "bans", ["id"],
                     postgresql_where=sa.text(FLEET_IN_FORCE), sqlite_where=sa.text(FLEET_IN_FORCE))
 
