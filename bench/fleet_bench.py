@@ -3,7 +3,9 @@ connections it takes, how fast a fleet ban reaches every node's firewall, and wh
 database and each node.
 
 The nodes are bench/fleet_nodes.py's: the real node code of the fleet path (the ban action at
-scope "fleet" on a History of its own, its heartbeat, its loop), 50 to a process, through one
+scope "fleet" on a History of its own, its heartbeat, its loop), 50 to a process (at nice 10:
+the database and the pooler, which a real fleet runs on machines of their own, come first on
+this one), through one
 pgbouncer in transaction mode (tests/support/pgbouncer.py, the README's settings) in front of
 one PostgreSQL (tests/support/pgcluster.py). The first few act on an nftables set in a network
 namespace of their own, the others on a recording firewall. One more node (this script) decides

@@ -115,6 +115,9 @@ def run(url: str, hosts: list[tuple[str, str]], report: Queue[Any], ready: Any,
     service's loop ticks its responder: once a second, and when an action of it is due.
     SYNWATCH_FLEET_POLL: the nodes' look at the fleet's changes this often instead (the
     bench's "without polling" row)."""
+    # a real fleet's database and pooler run on machines of their own: the simulated nodes
+    # yield the CPU to them here rather than starve them
+    os.nice(10)
     if "SYNWATCH_FLEET_POLL" in os.environ:
         banfleet.FLEET_POLL = float(os.environ["SYNWATCH_FLEET_POLL"])
     nodes = []

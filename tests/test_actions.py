@@ -22,7 +22,7 @@ from synwatch.actions.responder import Outcome, Responder
 from synwatch.config import BanSettings, parse_config
 from synwatch.config.validators import BAN_BACKENDS
 from synwatch.errors import ActionFailed, ConfigError
-from synwatch.records import ActionRun, BanTarget, IncidentChange
+from synwatch.records import ActionRun, Ban, BanTarget, IncidentChange
 from synwatch.store import History
 from synwatch.system.runner import Command, reason, show
 
@@ -410,4 +410,34 @@ def test_a_fleet_node_looks_at_the_fleets_changes_at_its_own_random_time(
     local, store, _ = _responder(tmp_path / "local", "[actions]\ndry_run = true\n")
     local.start()
     assert local.next_due() == float("inf")
+    store.close()
+
+
+def test_the_namespaces_of_one_process_look_at_the_fleets_changes_at_one_turn(
+        tmp_path: Path) -> None:
+    """A host watching several namespaces holds a responder for each: they look at the fleet's
+    changes at the same turn, with one query for them all, so the loop turns about once a
+    second for the fleet however many namespaces it watches."""
+    store = History.open(f"sqlite:///{tmp_path}/h.db")
+    clock = _FakeClock()
+    asked: list[int] = []
+    read = store.fleet_changes
+
+    def counted(after: int, limit: int) -> list[tuple[int, Ban]]:
+        asked.append(after)
+        return read(after, limit)
+
+    store.fleet_changes = counted  # type: ignore[method-assign]
+    responders = [Responder(parse_config(
+        f'[storage]\nurl = "sqlite:///{tmp_path}/h.db"\n[watch]\nnetns = "ns{n}"\n'
+        '[actions]\ndry_run = true\n[actions.ban]\nscope = "fleet"\n', "test"), store, clock)
+        for n in range(3)]
+    for r in responders:
+        r.start()  # each reads where the fleet's changes are, then every ban in force
+    for _ in range(3):
+        [due] = {r.next_due() for r in responders}
+        clock.t = due
+        for r in responders:
+            r.tick()
+    assert asked == [0, 0, 0]  # one query a turn, for all three
     store.close()

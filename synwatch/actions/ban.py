@@ -80,8 +80,7 @@ class BanAction(FleetCopies):
         self.reconcile_state = _Reconcile()
         self.drifted: dict[int, str] = {}  # ban id -> why, found at the last check (warned)
         self.kept: _Kept | None = None  # the last check's outcome, as the history has it
-        self.fleet_turn = -1
-        self.fleet_lifted: set[int] = set()
+        self.fleet_turn, self.fleet_lifted = -1, set[int]()
         self.addresses_due = 0.0  # the next look at this host's addresses (the guard's)
         self.fleet_seen: set[int] = set()  # other nodes' fleet bans decided on here
         self.fleet_scan = FleetScan()
@@ -150,6 +149,9 @@ class BanAction(FleetCopies):
 
     def _mark_due(self) -> None:
         self.reconcile_state.due = 0.0
+
+    def _prove_by(self, mono: float) -> None:
+        self.reconcile_state.due = min(self.reconcile_state.due, mono)
 
     def _apply(self, commands: Sequence[Command], outcome: str) -> str:
         self.firewall.apply(commands)

@@ -36,6 +36,7 @@ from synwatch.system.runner import Command, show
 
 log = logging.getLogger("synwatch")
 FLEET_POLL = 1.0  # seconds between two looks at the fleet's changes, on average
+FLEET_PROOF = 5.0  # seconds, about, from a batch of copies to its proof in the kernel
 FLEET_CATCH_UP = 300.0  # seconds between two looks at every fleet ban in force, on average
 FLEET_JITTER = 0.25  # each wait is give or take this share of it, drawn at random
 MAX_SHOWN = 5  # refusals named in one log line (the rest as a count)
@@ -105,6 +106,10 @@ class FleetCopies(Action):
 
     def _mark_due(self) -> None:
         """The reconcile at the next tick (the ban action's)."""
+        raise NotImplementedError
+
+    def _prove_by(self, mono: float) -> None:
+        """The reconcile at ``mono`` at the latest (the ban action's)."""
         raise NotImplementedError
 
 
@@ -270,7 +275,13 @@ class FleetCopies(Action):
         if late:  # lifted everywhere while this batch waited: its copies were not there
             store.lift_copies([i for i in late if i is not None], self.ctx.netns, now)
         self.firewall.apply(commands)  # a failure: the reconcile puts them in from the store
-        self._mark_due()  # proven in the kernel at the next tick (and the late ones lifted)
+        if late:
+            self._mark_due()  # the late ones lifted at the next tick
+        else:
+            # proven in the kernel within seconds, at a time of this node's own: every node
+            # of the fleet copies the same ban at once, and a proof reads and writes the
+            # history (drawn apart, the proofs leave the next copies their database)
+            self._prove_by(self.ctx.clock.monotonic() + jittered(FLEET_PROOF))
         if len(copies) > 1:  # one plan for the batch: each copy on its origin's incident too
             store.add_action_runs([ActionRun(
                 incident_id=origin.incident_id, action=self.name, target=origin.prefix,

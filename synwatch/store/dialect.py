@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 from synwatch.config import sqlite_file
@@ -238,12 +238,14 @@ class SQLite(Dialect):
 class Postgres(Dialect):
     name = "postgresql"
 
-    pooled = False  # the server is a pooler that takes no startup options (pgbouncer < 1.20)
+    # URLs whose server is a pooler that takes no startup options (pgbouncer): connected to
+    # without them from then on, by every history of the process (a reconnect, a CLI call)
+    pooled: ClassVar[set[str]] = set()
 
     def connect(self, *, write: bool, busy_timeout: float, bounded: bool) -> Any:
         import psycopg  # noqa: PLC0415 - only a PostgreSQL history needs the driver
 
-        args = pg_connect_args(self.url, bounded_statements=bounded and not self.pooled)
+        args = pg_connect_args(self.url, bounded_statements=bounded and self.url not in self.pooled)
         try:
             return psycopg.connect(libpq_uri(self.url), autocommit=True, **args)
         except psycopg.OperationalError as exc:
@@ -252,7 +254,7 @@ class Postgres(Dialect):
         # pgbouncer refuses the options that carry the statement and lock timeouts (unless
         # its track_extra_parameters lists them: https://www.pgbouncer.org/config.html); its
         # connect_query, or the role's own settings, set them on its server connections
-        self.pooled = True
+        self.pooled.add(self.url)
         conn = psycopg.connect(libpq_uri(self.url), autocommit=True,
                                **pg_connect_args(self.url))
         try:

@@ -47,6 +47,7 @@ auth_file = {self.dir / "users.txt"}
 pool_mode = transaction
 default_pool_size = {self.pool_size}
 max_client_conn = {self.clients}
+listen_backlog = 4096
 server_login_retry = 1
 logfile = {self.log}
 pidfile = {self.pidfile}
