@@ -5,12 +5,12 @@ database and each node.
 The nodes are bench/fleet_nodes.py's: the real node code of the fleet path (the ban action at
 scope "fleet" on a History of its own, its heartbeat, its loop), 50 to a process (at nice 10:
 the database and the pooler, which a real fleet runs on machines of their own, come first on
-this one), through one
-pgbouncer in transaction mode (tests/support/pgbouncer.py, the README's settings) in front of
-one PostgreSQL (tests/support/pgcluster.py). The first few act on an nftables set in a network
-namespace of their own, the others on a recording firewall. One more node (this script) decides
-a fleet ban every second or so; the time from its commit to the element in each node's
-firewall is the propagation.
+this one), through one pgbouncer in transaction mode (tests/support/pgbouncer.py, the
+essentials of docs/fleet.md's) in front of one PostgreSQL (tests/support/pgcluster.py). The
+first few act on an nftables set in a network namespace of their own, the others on a recording
+firewall. One more node (this script) decides a fleet ban, waits until every node holds it,
+and 0.5 s later decides the next; the time from just before it writes the ban to the element
+in each node's firewall is the propagation.
 
 Figures, for each fleet size: the server connections PostgreSQL held (at most, sampled each
 second), ban propagation p50/p99/max over every node and ban, the CPU of PostgreSQL, of the

@@ -1,7 +1,7 @@
-"""Two synwatch nodes sharing one real PostgreSQL history (tests/support/pgcluster.py) through a
-real pgbouncer in transaction mode (tests/support/pgbouncer.py), each watching and acting on its
-own network namespace (its own server, clients and nftables), as two web servers behind a load
-balancer.
+"""Two synwatch nodes sharing one real PostgreSQL history (tests/support/pgcluster.py), the
+two-node tests through a real pgbouncer in transaction mode (tests/support/pgbouncer.py), each
+watching and acting on its own network namespace (its own server, clients and nftables), as two
+web servers behind a load balancer.
 
 - A concentrated flood against one node is banned in both nodes' nftables (a fleet ban, read
   from the fleet's changes); each node keeps its own allowlist.

@@ -1,7 +1,8 @@
 """A real pgbouncer (Debian's package) in front of a tests/support/pgcluster.py server, as a fleet
 runs it: transaction pooling, so a thousand nodes share a few server connections. It listens on a
 Unix socket in a temporary directory only, like the cluster, and runs as the ``postgres`` user
-(pgbouncer refuses root). Its settings are the README's ("A fleet") but for the paths.
+(pgbouncer refuses root). Its settings are the essentials of docs/fleet.md's ("A thousand
+nodes"), on a Unix socket and with trust for its one user.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ pool_mode = transaction
 default_pool_size = {self.pool_size}
 max_client_conn = {self.clients}
 listen_backlog = 4096
+idle_transaction_timeout = 15
 server_login_retry = 1
 logfile = {self.log}
 pidfile = {self.pidfile}
