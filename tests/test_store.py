@@ -19,6 +19,7 @@ from tests.support.history import (
     OLD_HISTORIES,
     T0,
     added,
+    alembic,
     check_down_and_up,
     check_old_history,
     event_no,
@@ -303,3 +304,33 @@ def test_the_newest_events_come_from_an_index_not_a_sort(tmp_path: Path) -> None
             plan = " ".join(str(row)
                             for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
             assert f"USING INDEX {index}" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_fleet_bans_written_before_0006_are_numbered_as_the_fleets_changes(
+        tmp_path: Path) -> None:
+    """A history of 0005 with fleet bans in it (two decided, one of them lifted, a copy and a
+    local ban): 0006 numbers the fleet bans decided by id, and only those; a node reads them as
+    changes, and the next fleet ban decided comes after them."""
+    store = History.open(_db(tmp_path / "h.db"), migrate=False)
+    alembic(store, "upgrade", "0005")
+    row = ("INSERT INTO bans (prefix, backend, netns, created_at, expires_at, removed_at, "
+           "times_banned, host, scope, origin_id) VALUES (?, 'nftables', '', ?, ?, ?, 1, ?, ?, ?)")
+    later = T0 + timedelta(hours=1)
+    with store.writing() as cur:
+        for prefix, removed, host, scope, origin in (
+                ("192.0.2.0/24", None, "web1", "fleet", None),
+                ("192.0.2.0/24", None, "web2", "fleet", 1),
+                ("198.51.100.0/24", None, "web1", "local", None),
+                ("203.0.113.0/24", T0, "web2", "fleet", None)):
+            cur.execute(row, [prefix, T0, later, removed, host, scope, origin])
+    store.migrate()
+    assert store.rows("SELECT id, fleet_seq FROM bans ORDER BY id") == [
+        (1, 1), (2, None), (3, None), (4, 4)]
+    assert [(n, b.prefix, b.removed_at) for n, b in store.fleet_changes(0, 10)] == [
+        (1, "192.0.2.0/24", None), (4, "203.0.113.0/24", T0)]
+    [new] = store.add_bans([Ban(prefix="10.0.0.0/24", backend="nftables", netns="",
+                                incident_id=None, created_at=T0, expires_at=later,
+                                scope="fleet")])
+    assert [(n, b.id) for n, b in store.fleet_changes(4, 10)] == [(5, new)]
+    assert store.fleet_cursor() == 5
+    store.close()
