@@ -226,7 +226,10 @@ def test_a_node_that_loses_the_database_keeps_acting_and_loses_no_event(
         pg.stop()
         # a concentrated flood while the database is gone: detected and banned all the same
         flood_from(the_lab, ports[1], [ONE], each=800)
-        eventually(lambda: ONE in banned_in_nft(the_lab), "a ban without the database")
+        try:
+            eventually(lambda: ONE in banned_in_nft(the_lab), "a ban without the database")
+        except AssertionError as exc:  # what it decided, and why (the history is away)
+            raise AssertionError(f"{exc}:\n{service.log.read_text()[-6000:]}") from exc
         service.wait_log("writes go to the spool")
         assert (tmp_path / "node-a" / "spool.jsonl").exists()
         # a restart while it is still gone: it starts on the spool and goes on
