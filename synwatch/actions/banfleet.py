@@ -180,8 +180,8 @@ class FleetCopies(Action):
         if scan.pending:
             scan.pending = deque(b for b in scan.pending if b.id not in origins)
         self.fleet_lifted |= origins
+        self._mark_due()  # first: the copies written before the lift are lifted whatever comes
         self.ctx.store.lift_copies(sorted(origins), self.ctx.netns, self.ctx.clock.now())
-        self._mark_due()
 
     def _cannot_read(self, exc: StoreError) -> None:
         scan = self.fleet_scan
