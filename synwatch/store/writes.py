@@ -134,10 +134,7 @@ class Writes(HistoryBase):
                 for b in bans]
             fresh = [i for i, b in zip(ids, bans, strict=True)
                      if b.scope == "fleet" and b.origin_id is None and b.removed_at is None]
-            if fresh:
-                seq = self._fleet_seq(cur)
-                cur.executemany("UPDATE bans SET fleet_seq = ? WHERE id = ?",
-                                [(seq + n, i) for n, i in enumerate(fresh, 1)])
+            self._number(cur, fresh)
         return ids
 
     def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
@@ -166,10 +163,7 @@ class Writes(HistoryBase):
                 cond, params = self.db.any_of("id", part)
                 cur.execute(f"UPDATE bans SET removed_at = ? WHERE {cond} AND removed_at IS "
                             "NULL", [now, *params])
-            if origins:
-                seq = self._fleet_seq(cur)
-                cur.executemany("UPDATE bans SET fleet_seq = ? WHERE id = ?",
-                                [(seq + n, origin) for n, origin in enumerate(origins, 1)])
+            self._number(cur, origins)
 
     def lift_copies(self, origin_ids: Sequence[int], netns: str, now: datetime) -> None:
         """This node's copies in ``netns`` of fleet bans lifted everywhere, marked removed:
@@ -180,14 +174,17 @@ class Writes(HistoryBase):
                 cur.execute(f"UPDATE bans SET removed_at = ? WHERE host = ? AND netns = ? AND "
                             f"{cond} AND removed_at IS NULL", [now, self.host, netns, *params])
 
-    def _fleet_seq(self, cur: Cursor) -> int:
-        """The last number of the fleet's changes, with the right to take the next ones until
-        this transaction ends: numbers are handed out in commit order, so a node that has read
-        up to N never finds a change below N committed later (SQLite has one writer at a time;
-        PostgreSQL waits for the transaction lock)."""
+    def _number(self, cur: Cursor, ban_ids: Sequence[int]) -> None:
+        """The next numbers of the fleet's changes for ``ban_ids``, in order, taken with the
+        right to them until this transaction ends: numbers are handed out in commit order, so
+        a node that has read up to N never finds a change below N committed later (SQLite has
+        one writer at a time; PostgreSQL waits for the transaction lock)."""
+        if not ban_ids:
+            return
         self.db.serialize(cur.cur, FLEET_LOCK)
         [(last,)] = cur.execute("SELECT max(fleet_seq) FROM bans").fetchall()
-        return int(last or 0)
+        cur.executemany("UPDATE bans SET fleet_seq = ? WHERE id = ?",
+                        [(int(last or 0) + n, i) for n, i in enumerate(ban_ids, 1)])
 
     def heartbeat(self, pid: int, started_at: datetime, now: datetime, version: str) -> None:
         with self.writing() as cur:
