@@ -72,6 +72,12 @@ def _script(store: Any, other: Any) -> list[Any]:
     out.append(store.action_runs(inc))
     out.append(store.prune_events(NOW + timedelta(seconds=2), batch=1))
     out.append(store.prune_incidents(later + timedelta(days=1), later + timedelta(days=2)))
+    # rows inserted in one statement (a batch of copies): each id is its own row's
+    ids = store.add_bans([Ban(prefix=p, backend="nftables", netns="batch", incident_id=None,
+                              created_at=NOW, expires_at=later)
+                          for p in ("10.3.0.0/16", "10.1.0.0/16", "10.2.0.0/16")])
+    out.append([(b.id == i, b.prefix) for i, b in zip(ids, store.active_bans("batch", NOW),
+                                                       strict=True)])
     return out
 
 
@@ -121,7 +127,8 @@ def test_both_databases_answer_every_call_of_the_service_alike(tmp_path: Path,
         80, ("ban 198.51.100.0/24",), {"tally": {"n": 3}, "reasons": ["few prefixes"]})
     assert [(r.target, r.host) for r in lite[23]] == [("opened", "web1")]
     assert [r.host for r in lite[24]] == ["web1", "web9"]
-    assert lite[25:] == [1, 1]
+    assert lite[25:27] == [1, 1]
+    assert lite[27] == [(True, "10.3.0.0/16"), (True, "10.1.0.0/16"), (True, "10.2.0.0/16")]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

@@ -36,6 +36,14 @@ class Cursor:
         return self.db.insert_id(self.cur, self.db.sql(sql),
                                  [self.db.param(p) for p in params])
 
+    def insert_rows(self, head: str, rows: Sequence[Sequence[Any]], *,
+                    returning: bool = True) -> list[int]:
+        """``head`` (``INSERT INTO t (a, b)``) of every row in one statement where the database
+        takes one (PostgreSQL); the new ids in the rows' order when ``returning``."""
+        return self.db.insert_rows(self.cur, self.db.sql(head),
+                                   [[self.db.param(p) for p in row] for row in rows],
+                                   returning=returning)
+
     def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
         """INSERTs of one row each; their new ids, in order."""
         return self.db.insert_ids(self.cur, self.db.sql(sql),
@@ -112,6 +120,16 @@ class HistoryBase:
             raise StoreError(self.display_url, "opened read-only")
         self.check_file()
         with self._ours(), self._lock, self.db.transaction(self.connection()) as cur:
+            yield Cursor(cur, self.db)
+
+    @contextmanager
+    def alone(self) -> Iterator[Cursor]:
+        """A write of one statement, a transaction of its own: on PostgreSQL sent as it is
+        (synwatch/store/dialect.py says why), on SQLite in a transaction as every write."""
+        if not self.write:
+            raise StoreError(self.display_url, "opened read-only")
+        self.check_file()
+        with self._ours(), self._lock, self.db.alone(self.connection()) as cur:
             yield Cursor(cur, self.db)
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -16,14 +16,15 @@ from synwatch.store.rows import EVENT_FIELDS
 PRUNE_BATCH = 2000  # events per transaction
 FLEET_LOCK = 0x73796E66  # "synf": the transaction lock that numbers the fleet's changes
 CHUNK = 500  # ids per IN (...): SQLite's default limit on variables is 999 before 3.32
+ALONE = 1000  # rows one INSERT statement takes (PostgreSQL binds at most 65,535 parameters)
 
 
 def marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
-def chunks(ids: Sequence[Any]) -> list[list[Any]]:
-    return [list(ids[i:i + CHUNK]) for i in range(0, len(ids), CHUNK)]
+def chunks(ids: Sequence[Any], size: int = CHUNK) -> list[list[Any]]:
+    return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
 
 
 class Writes(HistoryBase):
@@ -113,28 +114,28 @@ class Writes(HistoryBase):
         """Record action outcomes (all or none)."""
         if not runs:
             return
-        with self.writing() as cur:
-            cur.executemany(
-                "INSERT INTO action_runs (incident_id, action, target, status, at, rendered, "
-                "detail, retry_at, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(r.incident_id, r.action, r.target[:255], r.status, r.at, r.rendered,
-                  r.detail, r.retry_at, r.host or self.host) for r in runs])
+        rows = [(r.incident_id, r.action, r.target[:255], r.status, r.at, r.rendered, r.detail,
+                 r.retry_at, r.host or self.host) for r in runs]
+        with self.alone() if len(rows) <= ALONE else self.writing() as cur:
+            for part in chunks(rows, ALONE):
+                cur.insert_rows("INSERT INTO action_runs (incident_id, action, target, status, "
+                                "at, rendered, detail, retry_at, host)", part, returning=False)
 
     def add_bans(self, bans: Sequence[Ban]) -> list[int]:
         """Record bans; returns their ids. A fleet ban decided here (no ``origin_id``) takes
         the next number of the fleet's changes, which the other nodes poll for (numbered
         after the inserts: the lock that numbers is held only for the last statements)."""
-        with self.writing() as cur:
-            ids = [cur.insert(
-                "INSERT INTO bans (prefix, backend, netns, incident_id, created_at, expires_at, "
-                "removed_at, times_banned, host, scope, origin_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [b.prefix, b.backend, b.netns, b.incident_id, b.created_at, b.expires_at,
-                 b.removed_at, b.times_banned, b.host or self.host, b.scope, b.origin_id])
+        rows = [(b.prefix, b.backend, b.netns, b.incident_id, b.created_at, b.expires_at,
+                 b.removed_at, b.times_banned, b.host or self.host, b.scope, b.origin_id)
                 for b in bans]
-            fresh = [i for i, b in zip(ids, bans, strict=True)
-                     if b.scope == "fleet" and b.origin_id is None and b.removed_at is None]
-            self._number(cur, fresh)
+        fresh = [n for n, b in enumerate(bans)
+                 if b.scope == "fleet" and b.origin_id is None and b.removed_at is None]
+        # nothing to number (a node's copies of the fleet's bans, a local ban): one statement
+        with self.alone() if not fresh and len(rows) <= ALONE else self.writing() as cur:
+            ids = [i for part in chunks(rows, ALONE) for i in cur.insert_rows(
+                "INSERT INTO bans (prefix, backend, netns, incident_id, created_at, expires_at, "
+                "removed_at, times_banned, host, scope, origin_id)", part)]
+            self._number(cur, [ids[n] for n in fresh])
         return ids
 
     def mark_removed(self, ban_ids: Sequence[int | None], now: datetime, *,
@@ -187,7 +188,7 @@ class Writes(HistoryBase):
                         [(int(last or 0) + n, i) for n, i in enumerate(ban_ids, 1)])
 
     def heartbeat(self, pid: int, started_at: datetime, now: datetime, version: str) -> None:
-        with self.writing() as cur:
+        with self.alone() as cur:
             cur.execute("INSERT INTO nodes (host, pid, started_at, seen_at, version) VALUES "
                         "(?, ?, ?, ?, ?) ON CONFLICT (host) DO UPDATE SET pid = excluded.pid, "
                         "started_at = excluded.started_at, seen_at = excluded.seen_at, "
@@ -195,14 +196,14 @@ class Writes(HistoryBase):
                         [self.host, pid, started_at, now, version[:32]])
 
     def save_setting(self, netns: str, name: str, value: str, now: datetime) -> None:
-        with self.writing() as cur:
+        with self.alone() as cur:
             cur.execute("INSERT INTO saved_settings (host, netns, name, value, saved_at) VALUES "
                         "(?, ?, ?, ?, ?) ON CONFLICT (host, netns, name) DO UPDATE SET "
                         "value = excluded.value, saved_at = excluded.saved_at",
                         [self.host, netns, name, value, now])
 
     def forget_setting(self, netns: str, name: str) -> None:
-        with self.writing() as cur:
+        with self.alone() as cur:
             cur.execute("DELETE FROM saved_settings WHERE host = ? AND netns = ? AND name = ?",
                         [self.host, netns, name])
 
