@@ -41,7 +41,7 @@ from tests.support.pgbouncer import Pooler
 from tests.support.pgcluster import Cluster
 
 SIZES = [int(n) for n in os.environ.get("SYNWATCH_FLEET_SIZES", "100,250,500,1000").split(",")]
-PER_PROCESS = 50  # nodes per process
+PER_PROCESS = int(os.environ.get("SYNWATCH_FLEET_PER_PROCESS", "50"))  # nodes per process
 SAMPLE = 5  # nodes on a real nftables set, in a namespace of their own
 BANS = int(os.environ.get("SYNWATCH_FLEET_BANS", "10"))  # fleet bans per size
 IDLE = float(os.environ.get("SYNWATCH_FLEET_IDLE", "30"))  # seconds of the idle measurement
