@@ -156,9 +156,10 @@ def program(one_in: int, snaplen: int = SNAPLEN) -> list[Instruction]:
     return _assemble(lines)
 
 
-def parse_packet(packet: bytes) -> Packet | None:
+def parse_packet(packet: bytes | memoryview) -> Packet | None:
     """An IPv4 or IPv6 TCP SYN without ACK, or ACK without SYN or RST, read with the filter's
-    own rules; None for anything else. Every offset is checked."""
+    own rules; None for anything else. Every offset is checked. A memoryview is read in place
+    (a frame of the receive ring): only the source address is copied."""
     if len(packet) < 1:
         return None
     version = packet[0] >> 4
