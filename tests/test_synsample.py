@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synwatch.probes import sampled, synfilter, synsample
+from synwatch.probes import sampled, synfilter, synring, synsample
 from synwatch.probes.sampled import Interval
 from synwatch.probes.synfilter import (
     ETH_P_IP,
@@ -307,6 +307,7 @@ def test_real_sampler_counts_a_lab_flood_by_port_and_prefix() -> None:
         port = lab_port()
         the_lab.listen(port, backlog=16)
         sampler = synsample.SynSampler(the_lab.server_ns).start()
+        assert sampler.mapped, "the receive ring, where this kernel has one"
         try:
             sources = [f"{SPOOF_NET}.5.{i % 250 + 1}" for i in range(3000)] + \
                       [f"{SPOOF_NET}.6.{i % 250 + 1}" for i in range(1000)]
@@ -351,9 +352,11 @@ def _blocked_without_timeout(tid: int) -> bool:
 
 
 @pytest.mark.needs_root
-def test_an_idle_sampler_sleeps_until_a_syn_and_stops_at_once() -> None:
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "recvmsg"])
+def test_an_idle_sampler_sleeps_until_a_syn_and_stops_at_once(ring: bool) -> None:
     """No SYN at 1 in 1: the sampler's thread waits in poll(2) without a timeout (it woke
-    five times a second), a SYN wakes it, and stop() wakes it to end."""
+    five times a second), a SYN wakes it, and stop() wakes it to end; through the receive ring
+    and without it (a kernel that refuses the ring)."""
     import threading
 
     from tests.support.lab import SPOOF_NET, lab, lab_port
@@ -362,7 +365,8 @@ def test_an_idle_sampler_sleeps_until_a_syn_and_stops_at_once() -> None:
     with lab() as the_lab:
         port = lab_port()
         the_lab.listen(port, backlog=16)
-        sampler = synsample.SynSampler(the_lab.server_ns).start()
+        sampler = synsample.SynSampler(the_lab.server_ns, ring=ring).start()
+        assert sampler.mapped == ring
         try:
             [tid] = [t.native_id for t in threading.enumerate()
                      if t.name == "syn sampler" and t.native_id is not None]
@@ -422,6 +426,7 @@ def test_the_sampler_is_within_a_tenth_of_the_kernel_at_this_machines_limit() ->
         port = lab_port()
         the_lab.listen(port, backlog=1024)
         sampler = synsample.SynSampler(the_lab.server_ns).start()
+        assert sampler.mapped
         seen: list[sampled.PortSample] = []
         try:
             before = the_lab.segments_in()
@@ -446,3 +451,65 @@ def test_the_sampler_is_within_a_tenth_of_the_kernel_at_this_machines_limit() ->
             by_prefix[prefix] = by_prefix.get(prefix, 0) + n
     assert set(by_prefix) == set(nets)
     assert 0.45 <= by_prefix[nets[0]] / estimate <= 0.55, by_prefix
+
+
+def _frame(ring: bytearray, index: int, packet: bytes, at: int, *,
+           status: int = synring.TP_STATUS_USER, size: int = 256) -> None:
+    """A frame as the kernel fills one for a SOCK_DGRAM socket (af_packet.c, tpacket_rcv):
+    the tpacket2_hdr, then the packet at tp_net."""
+    base, net = index * size, synring.tpacket_align(synring.tpacket_align(52)) + 16
+    snaplen = min(len(packet), SNAPLEN)
+    synring.HEADER.pack_into(ring, base, status, len(packet), snaplen, net, net,
+                             at // 1_000_000_000, at % 1_000_000_000)
+    ring[base + net:base + net + snaplen] = packet[:snaplen]
+
+
+def test_the_ring_walk_takes_filled_frames_in_turn_and_gives_them_back() -> None:
+    """The frames the kernel filled (TP_STATUS_USER) in the order it filled them, round the
+    ring, each with its receive time; each frame given back (TP_STATUS_KERNEL) once read, the
+    walk stopping at the first one the kernel has not filled (one it is still writing, when a
+    later one is done already)."""
+    size, frames = synring.frame_size(SNAPLEN), 4
+    assert size == 256 and size % synring.TPACKET_ALIGNMENT == 0
+    assert size >= synring.tpacket_align(52) + 16 + SNAPLEN  # the header, sockaddr_ll, packet
+    memory = bytearray(size * frames)
+    ring = synring.RxRing(memory, size, frames)
+    assert ring.take(100) == []
+    syn = ipv4(tcp(SYN, 80), src="198.51.100.7")
+    ack = ipv6(tcp(ACK, 443), src="2001:db8:5::9")
+    second = 1_700_000_000_000_000_000
+    _frame(memory, 0, syn, second + 1)
+    _frame(memory, 1, ack, second + 999_999_999)
+    _frame(memory, 2, ipv4(tcp(SYN, 80), proto=17), second + 2_000_000_003)  # not TCP
+    _frame(memory, 3, syn, second + 4, status=synring.TP_STATUS_KERNEL)  # still the kernel's
+    got = ring.take(100)
+    assert [at for _, at in got] == [second + 1, second + 999_999_999, second + 2_000_000_003]
+    assert got[0][0] == parse_packet(syn) and got[0][0] is not None and got[0][0].syn
+    assert got[1][0] == parse_packet(ack) and got[1][0] is not None and not got[1][0].syn
+    assert got[2][0] is None
+    statuses = [synring.STATUS.unpack_from(memory, i * size)[0] for i in range(frames)]
+    assert statuses == [synring.TP_STATUS_KERNEL] * frames
+    assert ring.next == 3
+    # round the ring: frames 3, 0 and 1 filled since; at most `limit` taken at a time
+    for index, at in ((3, 10), (0, 11), (1, 12)):
+        _frame(memory, index, syn, second + at)
+    assert [at - second for _, at in ring.take(2)] == [10, 11]
+    assert ring.next == 1
+    assert [at - second for _, at in ring.take(100)] == [12]
+    assert ring.take(100) == []
+    ring.close()
+    assert ring.take(100) == []  # closed: nothing, and no error
+
+
+def test_the_ring_reads_what_the_kernel_captured_of_a_frame() -> None:
+    """tp_snaplen bytes at tp_net, never past the frame: a packet the filter cut at SNAPLEN
+    (an IPv6 SYN behind long extension headers) is read as the kernel left it."""
+    size = synring.frame_size(SNAPLEN)
+    memory = bytearray(size * 2)
+    long_chain = ipv6(tcp(SYN, 22), extensions=[(HOP, b"\0" * 62), (DEST, b"\0" * 46)])
+    assert len(long_chain) > SNAPLEN
+    _frame(memory, 0, long_chain, 5)
+    _frame(memory, 1, ipv6(tcp(SYN, 22), extensions=[(HOP, b"\0" * 6)]), 6)
+    got = synring.RxRing(memory, size, 2).take(10)
+    assert got[0] == (parse_packet(long_chain[:SNAPLEN]), 5)
+    assert got[1][0] is not None and got[1][0].port == 22

@@ -22,6 +22,7 @@ sources complete handshakes, and a ban can spare them. SYNs are also counted per
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -30,6 +31,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Final
 
 from synwatch.errors import ProbeError
@@ -40,9 +42,11 @@ from synwatch.probes.synfilter import (
     MAX_ONE_IN,
     SNAPLEN,
     V4_MAPPED,
+    Packet,
     attach_filter,
     parse_packet,
 )
+from synwatch.probes.synring import RxRing, map_ring
 from synwatch.system.netns import in_netns
 
 log = logging.getLogger(__name__)
@@ -63,28 +67,47 @@ PREFIX_CACHE: Final = 4096  # source prefixes kept as strings (cleared when full
 RCVBUF: Final = 4 << 20
 SWAPS_KEPT: Final = 64  # filter swaps remembered to weigh late samples: 3 s of swaps or more
 
-def _open(netns: str, one_in: int) -> socket.socket:
-    def make() -> socket.socket:
+@functools.cache
+def _without_ring(why: str) -> None:
+    """Said once a reason: every sampler of the process would say the same."""
+    log.debug("SYN sampler: no receive ring (%s): one recvmsg a sample", why)
+
+
+def _open(netns: str, one_in: int, *, ring: bool) -> tuple[socket.socket, RxRing | None]:
+    def make() -> tuple[socket.socket, RxRing | None]:
         # Python cannot bind a packet socket to "every interface" (ifindex 0), so the socket is
         # made with its protocol; what it queued before the filter was attached is discarded.
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
                              socket.htons(ETH_P_ALL))
+        mapped = None
         try:
             attach_filter(sock, one_in)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            # with the ring too: the kernel then stamps each packet as it comes in, before the
+            # filter runs, and the ring's frames carry that stamp (af_packet.c, tpacket_rcv:
+            # "prefer an existing software timestamp"; socket(7), SO_TIMESTAMPNS)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            if ring:
+                try:
+                    mapped = map_ring(sock)
+                except OSError as exc:
+                    _without_ring(exc.strerror or str(exc))
+            if mapped is None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            # what was queued before the filter (and the ring): from now on the ring has it all
             while True:
                 try:
                     sock.recv(1, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     break
         except BaseException:
+            if mapped is not None:
+                mapped.close()
             sock.close()
             raise
-        return sock
+        return sock, mapped
 
     try:
         return in_netns(netns, make)
@@ -108,10 +131,15 @@ class SynSampler:
     """Samples a namespace's inbound SYNs on a thread of its own until stop()."""
 
     def __init__(self, netns: str = "", v4_len: int = 24, v6_len: int = 64,
-                 target: int = TARGET_RATE) -> None:
+                 target: int = TARGET_RATE, *, ring: bool = True) -> None:
+        """``ring``: read through a receive ring (synring) where the kernel sets one up; one
+        recvmsg a sample otherwise."""
         self.netns, self.v4_len, self.v6_len, self.target = netns, v4_len, v6_len, target
         self.one_in = 1
-        self._sock = _open(netns, self.one_in)
+        self._sock, self._ring = _open(netns, self.one_in, ring=ring)
+        # the sampler thread and a probe's read() both drain: one at a time (the ring has no
+        # lock of its own), taken before _lock
+        self._draining = threading.Lock()
         self._lock = threading.Lock()
         self._interval = Interval()
         self._prefixes: dict[tuple[int, bytes], str] = {}
@@ -145,7 +173,10 @@ class SynSampler:
             os.write(self._wake_w, b"x")
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._sock.close()
+        with self._draining:  # a probe's read() may be walking the ring
+            if self._ring is not None:
+                self._ring.close()  # unmapped: the socket's close frees the ring
+            self._sock.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -164,16 +195,20 @@ class SynSampler:
             text = self._prefixes[key] = prefix_of(af, source, self.v4_len, self.v6_len)
         return text
 
-    def _count(self, samples: list[tuple[bytes, int | None]]) -> None:
+    @property
+    def mapped(self) -> bool:
+        """Does it read through a receive ring?"""
+        return self._ring is not None
+
+    def _count(self, samples: Sequence[tuple[Packet | None, int | None]]) -> None:
         """Each sample with its receive time (ns), weighed under the lock the swaps are
         recorded under: a swap made while the samples were read is seen."""
         with self._lock:
             self._drained += len(samples)
             swaps, one_in = tuple(self._swaps), self.one_in
-            for packet, at in samples:
+            for got, at in samples:
                 weight = one_in if at is None else weight_at(swaps, at, one_in)
                 self._weighed += weight
-                got = parse_packet(packet)
                 if got is None:
                     continue
                 source = got.source
@@ -186,13 +221,21 @@ class SynSampler:
                     self._interval.add_completed(got.port, source, prefix, weight)
 
     def _drain(self) -> None:
-        """Read every queued sample.
+        """Read every queued sample (at most 4 * target: the thread then adapts N).
 
         Each sample counts for the 1-in-N of the filter that kept it. A filter swapped while
         a burst is in flight leaves samples of the old filter queued behind the swap, so the
         kernel's receive timestamp (SO_TIMESTAMPNS, taken before the filter runs) tells which
         filter a sample went through."""
-        samples: list[tuple[bytes, int | None]] = []
+        with self._draining:
+            if self._ring is not None:
+                self._count(self._ring.take(4 * self.target))
+            else:
+                self._count(self._receive())
+
+    def _receive(self) -> list[tuple[Packet | None, int | None]]:
+        """Without the ring: a recvmsg a sample, its timestamp in the ancillary data."""
+        samples: list[tuple[Packet | None, int | None]] = []
         while True:
             try:
                 data, ancillary, _flags, _addr = self._sock.recvmsg(
@@ -207,10 +250,10 @@ class SynSampler:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
                     sec, nsec = struct.unpack_from("qq", value)
                     at = sec * 1_000_000_000 + nsec
-            samples.append((data, at))
+            samples.append((parse_packet(data), at))
             if len(samples) >= 4 * self.target:
                 break
-        self._count(samples)
+        return samples
 
     def _take_drops(self) -> None:
         """(Under the lock.) The samples the socket dropped since the last look (the
