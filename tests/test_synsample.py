@@ -513,3 +513,36 @@ def test_the_ring_reads_what_the_kernel_captured_of_a_frame() -> None:
     got = synring.RxRing(memory, size, 2).take(10)
     assert got[0] == (parse_packet(long_chain[:SNAPLEN]), 5)
     assert got[1][0] is not None and got[1][0].port == 22
+
+
+class _Dropping:
+    """A packet socket whose statistics say ``drops`` more dropped samples at each look
+    (PACKET_STATISTICS is reset as it is read), and takes any filter."""
+
+    def __init__(self, drops: list[int]) -> None:
+        self.drops = drops
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return struct.pack("II", 0, self.drops.pop(0) if self.drops else 0)
+
+    def setsockopt(self, level: int, option: int, value: bytes) -> None:
+        pass
+
+
+def test_samples_dropped_before_a_swap_weigh_the_filter_they_passed() -> None:
+    """A flood's first burst at 1 in 1 fills the socket; the sampler thread looks at the
+    drops, then swaps the filter, and may wait for the lock or the GIL in between while the
+    full socket drops on: those drops passed 1 in 1, not the new filter."""
+    import threading
+    from collections import deque
+
+    sampler = object.__new__(synsample.SynSampler)
+    sampler.one_in, sampler.target = 1, synsample.TARGET_RATE
+    sampler._sock = _Dropping([100, 5000])  # type: ignore[assignment]
+    sampler._lock, sampler._interval, sampler._swaps = threading.Lock(), Interval(), deque()
+    sampler._drained = sampler._weighed = 4000
+    sampler._lost_weight = 0
+    sampler._adapt(0.06)  # 4,000 samples in 60 ms: ~70,000 SYN/s
+    assert sampler.one_in > 100
+    sampler._take_drops()  # the probe's next read()
+    assert (sampler._interval.lost, sampler._interval.lost_weight) == (5100, 5100)
