@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import mmap
 import os
 import socket
 import struct
@@ -351,22 +354,39 @@ def _blocked_without_timeout(tid: int) -> bool:
     return (nr == poll and args[2] & 0xFFFFFFFF == 0xFFFFFFFF) or (nr == ppoll and args[2] == 0)
 
 
+class _RefusedMapping(mmap.mmap):
+    def __new__(cls, *args: object, **kwargs: object) -> _RefusedMapping:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+
 @pytest.mark.needs_root
-@pytest.mark.parametrize("ring", [True, False], ids=["ring", "recvmsg"])
-def test_an_idle_sampler_sleeps_until_a_syn_and_stops_at_once(ring: bool) -> None:
+@pytest.mark.parametrize("how", ["ring", "recvmsg", "mapping refused"])
+def test_an_idle_sampler_sleeps_until_a_syn_and_stops_at_once(
+        how: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """No SYN at 1 in 1: the sampler's thread waits in poll(2) without a timeout (it woke
     five times a second), a SYN wakes it, and stop() wakes it to end; through the receive ring
-    and without it (a kernel that refuses the ring)."""
+    and without it. A ring the kernel set up but that cannot be mapped is taken down again:
+    the SYNs come by recvmsg, and that is said once, at debug."""
     import threading
+    from types import SimpleNamespace
 
     from tests.support.lab import SPOOF_NET, lab, lab_port
     from tests.support.wait import eventually
 
-    with lab() as the_lab:
+    if how == "mapping refused":
+        monkeypatch.setattr(synring, "mmap", SimpleNamespace(**{**vars(mmap),
+                                                                "mmap": _RefusedMapping}))
+        synsample._without_ring.cache_clear()
+    with lab() as the_lab, caplog.at_level(logging.DEBUG, logger=synsample.__name__):
         port = lab_port()
         the_lab.listen(port, backlog=16)
-        sampler = synsample.SynSampler(the_lab.server_ns, ring=ring).start()
-        assert sampler.mapped == ring
+        sampler = synsample.SynSampler(the_lab.server_ns, ring=how != "recvmsg").start()
+        assert sampler.mapped == (how == "ring")
+        if how == "mapping refused":
+            synsample.SynSampler(the_lab.server_ns).stop()  # a second one says nothing more
+            said = [r.getMessage() for r in caplog.records if "no receive ring" in r.getMessage()]
+            assert said == ["SYN sampler: no receive ring (Operation not permitted): one "
+                            "recvmsg a sample"], said
         try:
             [tid] = [t.native_id for t in threading.enumerate()
                      if t.name == "syn sampler" and t.native_id is not None]

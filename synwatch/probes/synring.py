@@ -40,8 +40,8 @@ BLOCK_MIN: Final = 1 << 16  # a block of whole pages (packet_mmap.rst, "PACKET_M
 # About the samples the socket's 4 MiB receive buffer holds without the ring (9,620 here: the
 # kernel doubles the size asked for and charges each queued sample ~870 bytes): a flood's first
 # burst, kept 1 in 1 until N follows it, fills either, and every sample held is one Python reads
-# (16,384 frames, 4 MiB of ring, took a tenth more CPU in that first second); past it the
-# kernel counts drops, which scale the estimate up. 2 MiB of 256-byte frames.
+# (16,384 frames, 4 MiB of ring, cost a fifth more CPU over a flood's first seconds here); past
+# it the kernel counts drops, which scale the estimate up. 2 MiB of 256-byte frames.
 RING_FRAMES: Final = 8192
 
 
@@ -84,6 +84,8 @@ class RxRing:
         at, size, frames = self.next, self.frame_bytes, self.frames
         while len(samples) < limit:
             base = at * size
+            # the status first (the header is unpacked in order): the kernel sets it last, after
+            # a write barrier (af_packet.c, tpacket_rcv), and x86 keeps loads in order
             status, _len, snaplen, _mac, net, sec, nsec = HEADER.unpack_from(view, base)
             if not status & TP_STATUS_USER:
                 break
