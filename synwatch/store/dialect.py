@@ -126,8 +126,7 @@ class Dialect:
 
     @contextmanager
     def alone(self, conn: Any) -> Iterator[Any]:
-        """A cursor for one statement that is a transaction of its own (SQLite: a transaction
-        as every write, which takes the write lock at its start)."""
+        """A cursor for one statement that is a transaction of its own (SQLite: as any write)."""
         with self.transaction(conn) as cur:
             yield cur
 
