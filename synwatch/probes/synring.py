@@ -17,7 +17,9 @@ several readers; the sampler has one reader, and the filter has already kept 1 i
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
+import platform
 import socket
 import struct
 from typing import Final
@@ -43,6 +45,13 @@ BLOCK_MIN: Final = 1 << 16  # a block of whole pages (packet_mmap.rst, "PACKET_M
 # (16,384 frames, 4 MiB of ring, cost a fifth more CPU over a flood's first seconds here); past
 # it the kernel counts drops, which scale the estimate up. 2 MiB of 256-byte frames.
 RING_FRAMES: Final = 8192
+# The ring is read with plain loads and a plain store: the status first, then the frame, then the
+# status given back. x86 keeps loads in order, and stores after the loads before them (Intel SDM
+# vol. 3A, 9.2.2 "Memory Ordering in P6 and More Recent Processor Families"); arm64 and others do
+# not, and libpcap reads tp_status there with an acquire load and gives it back with a release
+# store (pcap-linux.c, packet_mmap_acquire/packet_mmap_release), which Python cannot. Elsewhere
+# the sampler reads by recvmsg.
+ORDERED_CPU: Final = platform.machine() in {"x86_64", "AMD64", "i386", "i686"}
 
 
 def tpacket_align(x: int) -> int:
@@ -85,7 +94,8 @@ class RxRing:
         while len(samples) < limit:
             base = at * size
             # the status first (the header is unpacked in order): the kernel sets it last, after
-            # a write barrier (af_packet.c, tpacket_rcv), and x86 keeps loads in order
+            # a write barrier (af_packet.c, tpacket_rcv), and the CPU keeps loads in order
+            # (ORDERED_CPU)
             status, _len, snaplen, _mac, net, sec, nsec = HEADER.unpack_from(view, base)
             if not status & TP_STATUS_USER:
                 break
@@ -110,6 +120,8 @@ def map_ring(sock: socket.socket, frames: int = RING_FRAMES, snaplen: int = SNAP
     """The socket's receive ring of at least ``frames`` frames, set up and mapped; OSError
     when the kernel refuses (one without it, no memory for the ring), the socket then as it
     was: its packets queued."""
+    if not ORDERED_CPU:
+        raise OSError(errno.EOPNOTSUPP, f"read in place on x86 only, not {platform.machine()}")
     frame = frame_size(snaplen)
     block = max(mmap.PAGESIZE, BLOCK_MIN, frame)  # whole pages: all three powers of two
     blocks = -(-frames // (block // frame))

@@ -284,13 +284,13 @@ class SynSampler:
             log.debug("SYN sampler: %.0f packets/s at 1 in %d; now 1 in %d",
                       weighed / elapsed, self.one_in, want)
             with self._lock:  # a read() on the probe's thread weighs with the swap or before it
-                began = time.time_ns()
-                attach_filter(self._sock, want)
                 # the drops since the look above were the old filter's: charged at its N. The
                 # thread may have waited for the lock or the GIL meanwhile, and a full socket at
                 # 1 in 1 drops hundreds a millisecond: charged at the new N, they made a flood
                 # at this machine's limit half as large again, 2 runs in 10
                 self._take_drops()
+                began = time.time_ns()
+                attach_filter(self._sock, want)
                 self._swaps.append((began, time.time_ns(), self.one_in, want))
                 self.one_in = want
 

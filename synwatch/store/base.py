@@ -38,8 +38,9 @@ class Cursor:
 
     def insert_rows(self, head: str, rows: Sequence[Sequence[Any]], *,
                     returning: bool = True) -> list[int]:
-        """``head`` (``INSERT INTO t (a, b)``) of every row in one statement where the database
-        takes one (PostgreSQL); the new ids in the rows' order when ``returning``."""
+        """``head`` (``INSERT INTO t (a, b)``) of every row, in one statement where the database
+        takes one; with ``returning``, the new ids in the rows' order (several rows: an INSERT
+        each, so in a transaction, never alone())."""
         return self.db.insert_rows(self.cur, self.db.sql(head),
                                    [[self.db.param(p) for p in row] for row in rows],
                                    returning=returning)

@@ -132,8 +132,7 @@ class Dialect:
 
     def insert_rows(self, cur: Any, head: str, rows: Sequence[Sequence[Any]], *,
                     returning: bool) -> list[int]:
-        """``head`` (``INSERT INTO t (a, b)``) of every row, as one statement where the
-        database takes one; with ``returning``, the new ids in the rows' order."""
+        """``head`` (``INSERT INTO t (a, b)``) of every row; with ``returning``, their ids."""
         sql = f"{head} VALUES ({', '.join('?' * len(rows[0]))})" if rows else head
         if not returning:
             cur.executemany(sql, rows)
@@ -301,10 +300,9 @@ class Postgres(Dialect):
 
     @contextmanager
     def alone(self, conn: Any) -> Iterator[Any]:
-        # the connection is in autocommit: a statement sent alone is a transaction of its own
-        # (https://www.postgresql.org/docs/current/tutorial-transactions.html), in one round
-        # trip instead of three (BEGIN, it, COMMIT); through a pooler each is a pass through
-        # pgbouncer and the server, and a fleet copying a ban pays them on every node at once
+        # in autocommit a statement sent alone is a transaction of its own, one round trip, not
+        # three (BEGIN, it, COMMIT), which a fleet copying a ban pays on every node at once
+        # (https://www.postgresql.org/docs/current/tutorial-transactions.html)
         with conn.cursor() as cur:
             yield cur
 
@@ -313,11 +311,13 @@ class Postgres(Dialect):
         if not rows:
             return []
         row = f"({', '.join(['%s'] * len(rows[0]))})"
+        if returning and len(rows) > 1:  # an INSERT a row, pipelined: PostgreSQL promises no
+            # order of RETURNING's ids (pgsql-hackers, "Enforce that INSERT...RETURNING preserves
+            # the order of multi rows", 2012)
+            return self.insert_ids(cur, f"{head} VALUES {row}", rows)
         cur.execute(f"{head} VALUES {', '.join([row] * len(rows))}"
                     + (" RETURNING id" if returning else ""), [p for r in rows for p in r])
-        # a VALUES list is inserted in its order, each row taking the sequence's next id, so
-        # the ids in order are the rows' (RETURNING itself promises no order)
-        return sorted(int(r[0]) for r in cur.fetchall()) if returning else []
+        return [int(cur.fetchone()[0])] if returning else []
 
     def insert_id(self, cur: Any, sql: str, params: Sequence[Any]) -> int:
         cur.execute(sql + " RETURNING id", params)

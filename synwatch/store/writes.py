@@ -130,8 +130,8 @@ class Writes(HistoryBase):
                 for b in bans]
         fresh = [n for n, b in enumerate(bans)
                  if b.scope == "fleet" and b.origin_id is None and b.removed_at is None]
-        # nothing to number (a node's copies of the fleet's bans, a local ban): one statement
-        with self.alone() if not fresh and len(rows) <= ALONE else self.writing() as cur:
+        # one row, nothing to number (a node's copy of a fleet ban, a local ban): sent alone
+        with self.alone() if not fresh and len(rows) == 1 else self.writing() as cur:
             ids = [i for part in chunks(rows, ALONE) for i in cur.insert_rows(
                 "INSERT INTO bans (prefix, backend, netns, incident_id, created_at, expires_at, "
                 "removed_at, times_banned, host, scope, origin_id)", part)]
